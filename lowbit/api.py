@@ -1,0 +1,29 @@
+"""The Python API: ``quantize`` a model with a recipe; ``save``/``load`` live in :mod:`lowbit.io`."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from torch import nn
+
+from .recipe import Recipe
+from .registry import get
+
+log = logging.getLogger(__name__)
+
+
+def quantize(model: nn.Module, recipe: "Recipe | str", calib=None) -> nn.Module:
+    """Apply every step of ``recipe`` (a :class:`Recipe`, a preset name or a YAML path) to ``model`` in place.
+
+    Returns the model; ``model.lowbit_recipe`` records the recipe and ``model.lowbit_quantize_seconds`` the
+    wall time, so :func:`lowbit.save` can write both to the manifest.
+    """
+    recipe = Recipe.parse(recipe)
+    start = time.perf_counter()
+    for config in recipe.steps:
+        step = get("step", config.step)(config)
+        model = step.apply(model, calib)
+    model.lowbit_recipe = recipe
+    model.lowbit_quantize_seconds = time.perf_counter() - start
+    return model

@@ -1,0 +1,257 @@
+"""``lowbit`` command line: thin calls into the Python API.
+
+Every command that reports figures takes ``--json`` and then prints exactly one JSON object on stdout;
+progress bars and logs go to stderr. Bad input exits with status 2 and one line naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LowbitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize Hugging Face causal LMs to 1-8 bits, evaluate, save, load and generate.")
+out_console = Console()
+err_console = Console(stderr=True)
+
+WINDOWS_HELP = "WikiText-2 test windows of 2048 tokens to evaluate (the first N; 0 = all)."
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _emit(payload: dict, as_json: bool, title: str) -> None:
+    """One JSON object on stdout, or a two-column table for people."""
+    if as_json:
+        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+        sys.stdout.flush()
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in payload.items():
+        if isinstance(value, float):
+            value = f"{value:,.4f}" if abs(value) < 1e6 else f"{value:,.0f}"
+        table.add_row(key, str(value))
+    out_console.print(table)
+
+
+def _windows(n: int) -> Optional[int]:
+    if n < 0:
+        _fail(f"--windows must be 0 (all) or a positive number, got {n}")
+    return n or None
+
+
+def _recipe(recipe: str, fmt, bits, group_size, granularity, symmetric):
+    """The preset/YAML recipe, with single-step overrides from the command line applied to its first step."""
+    from .recipe import Recipe
+
+    parsed = Recipe.parse(recipe)
+    overrides = {k: v for k, v in dict(format=fmt, bits=bits, group_size=group_size, granularity=granularity,
+                                       symmetric=symmetric).items() if v is not None}
+    if overrides:
+        first = dataclasses.replace(parsed.steps[0], **overrides)
+        parsed = Recipe([first, *parsed.steps[1:]], name=f"{parsed.name}+custom")
+    return parsed
+
+
+@app.command()
+def quantize(
+    model: str = typer.Option("smollm2-135m", help="Built-in name, HF model folder or .gguf file."),
+    recipe: str = typer.Option("rtn-w4g128", help="Preset name or path to a recipe YAML file."),
+    out: Path = typer.Option(..., help="Output checkpoint folder (must not exist unless --force)."),
+    windows: int = typer.Option(16, help=WINDOWS_HELP),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip both perplexity evaluations."),
+    force: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Override: int | nf | fp4 | fp8."),
+    bits: Optional[int] = typer.Option(None, help="Override: code bits, 1-8."),
+    group_size: Optional[int] = typer.Option(None, help="Override: input columns per scale (multiple of 8)."),
+    granularity: Optional[str] = typer.Option(None, help="Override: tensor | channel | group."),
+    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Override: int grid type."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Quantize a model with a recipe, evaluate FP and quantized perplexity, and save a checkpoint."""
+    _setup_logging(verbose)
+    from . import api, io
+    from .eval.perplexity import perplexity
+    from .models import load_model, resolve_source
+
+    try:
+        n = _windows(windows)
+        the_recipe = _recipe(recipe, fmt, bits, group_size, granularity, symmetric)
+        resolve_source(model)
+        if out.exists() and not force:
+            raise LowbitError(f"output folder {out} already exists; choose another --out or pass --force")
+        fp_model, tokenizer = load_model(model)
+        fp = None if no_eval else perplexity(fp_model, tokenizer, windows=n)
+        qmodel = api.quantize(fp_model, the_recipe)
+        q = None if no_eval else perplexity(qmodel, tokenizer, windows=n)
+        extra = {"eval": {"fp_ppl": fp.ppl, "ppl": q.ppl, **q.to_dict()}} if q else {}
+        io.save(qmodel, out, tokenizer=tokenizer, force=force, extra=extra)
+        manifest = io.read_manifest(out)
+    except LowbitError as e:
+        _fail(str(e))
+    summary = manifest["summary"]
+    payload = {
+        "model": model, "recipe": the_recipe.name, "out": str(out),
+        "fp_ppl": fp.ppl if fp else None, "ppl": q.ppl if q else None,
+        "windows": q.windows if q else 0, "eval": q.label() if q else "skipped",
+        "bits_per_weight": summary["bits_per_weight"], "code_bits": summary["code_bits"],
+        "size_bytes": summary["size_bytes"], "size_mb": summary["size_bytes"] / 1e6,
+        "packed_bytes": summary["packed_file_bytes"], "quantize_seconds": manifest["quantize_seconds"],
+    }
+    _emit(payload, as_json, f"lowbit quantize: {the_recipe.name}")
+
+
+@app.command("eval")
+def evaluate(
+    path: str = typer.Argument(..., help="lowbit checkpoint folder (or any model source load_model accepts)."),
+    windows: int = typer.Option(16, help=WINDOWS_HELP),
+    seq_len: int = typer.Option(2048, help="Window length in tokens."),
+    as_json: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """WikiText-2 test perplexity of a checkpoint or model."""
+    _setup_logging(verbose)
+    from .eval.perplexity import perplexity
+    from .models import load_model
+
+    try:
+        n = _windows(windows)
+        model, tokenizer = load_model(path)
+        if tokenizer is None:
+            raise LowbitError(f"{path} has no tokenizer files; re-save it with a tokenizer")
+        start = time.perf_counter()
+        result = perplexity(model, tokenizer, windows=n, seq_len=seq_len)
+    except LowbitError as e:
+        _fail(str(e))
+    _emit({**result.to_dict(), "eval": result.label(), "seconds": time.perf_counter() - start}, as_json,
+          f"lowbit eval: {path}")
+
+
+@app.command()
+def generate(
+    path: str = typer.Argument(..., help="lowbit checkpoint folder (or any model source)."),
+    prompt: str = typer.Option(..., help="Text to continue (or the user turn with --chat)."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
+    chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template."),
+    as_json: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Greedy generation from a checkpoint."""
+    _setup_logging(verbose)
+    import torch
+
+    from .models import load_model
+
+    try:
+        if max_new_tokens < 1:
+            raise LowbitError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+        model, tok = load_model(path)
+        if tok is None:
+            raise LowbitError(f"{path} has no tokenizer files; re-save it with a tokenizer")
+    except LowbitError as e:
+        _fail(str(e))
+    if chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(prompt, return_tensors="pt").input_ids
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    text = tok.decode(new, skip_special_tokens=True)
+    if as_json:
+        _emit({"prompt": prompt, "text": text, "new_tokens": int(new.numel()), "seconds": seconds,
+               "tok_s": new.numel() / seconds}, True, "")
+    else:
+        out_console.print(f"[bold]{prompt}[/]", highlight=False)
+        out_console.print(text, highlight=False)
+        err_console.print(f"{new.numel()} tokens in {seconds:.1f} s ({new.numel() / seconds:.1f} tok/s)")
+
+
+@app.command()
+def info(
+    path: Path = typer.Argument(..., help="lowbit checkpoint folder."),
+    layers: bool = typer.Option(False, "--layers", help="Also list every quantized layer."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """What a checkpoint holds: recipe, bits per weight, sizes, versions."""
+    from .io import read_manifest
+
+    try:
+        m = read_manifest(path)
+    except LowbitError as e:
+        _fail(str(e))
+    s = m["summary"]
+    payload = {
+        "path": str(path), "recipe": m["recipe"], "bits_per_weight": s["bits_per_weight"],
+        "code_bits": s["code_bits"], "quantized_layers": s["quantized_layers"],
+        "quantized_weights": s["quantized_weights"], "packed_bytes": s["packed_bytes"],
+        "packed_file_bytes": s["packed_file_bytes"],
+        "packed_file_bits_per_weight": s["packed_file_bytes"] * 8 / s["quantized_weights"]
+        if s["quantized_weights"] else None,
+        "size_bytes": s["size_bytes"], "versions": m["versions"], "eval": m.get("extra", {}).get("eval"),
+    }
+    if layers or as_json:
+        payload["layers"] = m["layers"]
+    if as_json:
+        _emit(payload, True, "")
+        return
+    recipe = m["recipe"] or {}
+    flat = {k: v for k, v in payload.items() if k not in ("layers", "recipe", "versions", "eval")}
+    flat["recipe"] = recipe.get("name")
+    _emit(flat, False, f"lowbit info: {path}")
+    if layers:
+        table = Table("layer", "format", "granularity", "group", "shape", "bits/weight")
+        for name, e in m["layers"].items():
+            table.add_row(name, e["fmt"], e["granularity"], str(e["group_size"]), "x".join(map(str, e["shape"])),
+                          f"{e['bits_per_weight']:.4f}")
+        out_console.print(table)
+
+
+@app.command()
+def recipes(as_json: bool = typer.Option(False, "--json")):
+    """List the named presets."""
+    from .presets import PRESETS
+    from .recipe import Recipe
+
+    if as_json:
+        _emit({name: Recipe.from_name(name).to_dict()["steps"] for name in PRESETS}, True, "")
+        return
+    table = Table("preset", "steps")
+    for name, steps in PRESETS.items():
+        table.add_row(name, "; ".join(f"{s.step}({s.format}{s.bits}, {s.granularity}"
+                                      + (f" {s.group_size})" if s.granularity == "group" else ")") for s in steps))
+    out_console.print(table)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

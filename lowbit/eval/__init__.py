@@ -1,0 +1,3 @@
+from .perplexity import PerplexityResult, perplexity
+
+__all__ = ["perplexity", "PerplexityResult"]

@@ -1,0 +1,78 @@
+"""WikiText-2 perplexity, the protocol of the GPTQ line of papers (methods.md §9, yardstick.md).
+
+Test split read as dataset rows, joined with "\\n\\n", tokenized once with the tokenizer's defaults, cut into
+non-overlapping windows of ``seq_len`` tokens; ``ppl = exp(mean over windows of each window's mean NLL)``.
+The first ``windows`` windows are evaluated (16 is the figure lowbit compares on).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import LowbitError
+from .data import wikitext2_text
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    ppl: float
+    windows: int  # windows evaluated
+    total_windows: int  # windows the split holds at this seq_len
+    seq_len: int
+    tokens: int  # tokens in the whole tokenized split
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def label(self) -> str:
+        return f"WikiText-2 test, windows of {self.seq_len}, first {self.windows} of {self.total_windows}"
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenized(tokenizer, split: str) -> torch.Tensor:
+    return tokenizer(wikitext2_text(split), return_tensors="pt").input_ids[0]
+
+
+@torch.inference_mode()
+def window_nll(model, input_ids: torch.Tensor) -> float:
+    """Mean next-token NLL of one window ``input_ids (1, L)``; logits are computed in chunks to bound memory."""
+    backbone = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None:
+        logits = model(input_ids).logits[0, :-1].float()
+        return F.cross_entropy(logits, input_ids[0, 1:]).item()
+    hidden = backbone(input_ids).last_hidden_state[0, :-1]
+    targets = input_ids[0, 1:]
+    total = 0.0
+    for start in range(0, hidden.shape[0], 512):
+        logits = head(hidden[start:start + 512]).float()
+        total += F.cross_entropy(logits, targets[start:start + 512], reduction="sum").item()
+    return total / targets.numel()
+
+
+def perplexity(model, tokenizer, windows: int | None = 16, seq_len: int = 2048, split: str = "test",
+               progress: bool = True) -> PerplexityResult:
+    """Perplexity over the first ``windows`` windows (None or 0 = all) of ``seq_len`` tokens."""
+    if seq_len < 2:
+        raise LowbitError(f"seq_len must be at least 2, got {seq_len}")
+    ids = _tokenized(tokenizer, split)
+    total = ids.numel() // seq_len
+    n = total if not windows else windows
+    if n < 1 or n > total:
+        raise LowbitError(f"windows must be between 1 and {total} (the split holds {total} windows of {seq_len} "
+                          f"tokens), got {windows}")
+    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    nlls = []
+    bar = tqdm(range(n), desc="perplexity", unit="window", disable=not progress, leave=False)
+    for i in bar:
+        window = ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0).to(device)
+        nlls.append(window_nll(model, window))
+        bar.set_postfix(ppl=f"{math.exp(sum(nlls) / len(nlls)):.3f}")
+    return PerplexityResult(ppl=math.exp(sum(nlls) / n), windows=n, total_windows=total, seq_len=seq_len,
+                            tokens=ids.numel())

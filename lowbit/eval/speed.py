@@ -1,0 +1,38 @@
+"""Decode speed: greedy generation at batch 1, tokens per second of wall time."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import kernels
+
+
+@dataclass(frozen=True)
+class DecodeSpeed:
+    tok_s: float  # new tokens per second (prompt processing included, it is a few tokens)
+    new_tokens: int
+    seconds: float
+    kernel: str  # which qmatmul implementations ran (empty model: "none")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def decode_speed(model, tokenizer, new_tokens: int = 128, prompt: str = "The history of the city",
+                 warmup_tokens: int = 8) -> DecodeSpeed:
+    """Greedy-decode exactly ``new_tokens`` tokens after a short prompt; a warm-up run goes first (it also
+    triggers any one-time kernel compilation, which is not part of the timing)."""
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    kwargs = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id, eos_token_id=None)
+    model.generate(ids, max_new_tokens=warmup_tokens, min_new_tokens=warmup_tokens, **kwargs)
+    kernels.reset_counts()
+    start = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    seconds = time.perf_counter() - start
+    produced = out.shape[1] - ids.shape[1]
+    return DecodeSpeed(tok_s=produced / seconds, new_tokens=produced, seconds=seconds,
+                       kernel=kernels.kernel_summary())

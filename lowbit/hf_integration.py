@@ -1,0 +1,219 @@
+"""Hugging Face integration: ``AutoModelForCausalLM.from_pretrained(DIR)`` loads a lowbit checkpoint.
+
+``import lowbit`` registers :class:`LowbitConfig` and :class:`LowbitHfQuantizer` under ``quant_method="lowbit"``
+(the value :func:`lowbit.save` writes into ``config.json``). transformers then builds the model on the meta
+device and calls :meth:`LowbitHfQuantizer.preprocess_model` with the resolved ``checkpoint_files``; the quantizer
+reads ``lowbit.json`` next to them and swaps every layer the manifest lists for a :class:`~lowbit.QLinear`
+skeleton of the stored layout. transformers' own loader then fills ``codes`` / ``scales`` / ``zeros`` as stored:
+uint8 codes and fp16 scales are never cast (only float tensors such as norms, embeddings and biases follow the
+``dtype`` passed to ``from_pretrained``), nothing is requantized, and tied embeddings are tied by transformers.
+
+What differs from :func:`lowbit.load`: file sizes of the tensor shards are checked but not their SHA-256, and no
+tokenizer is returned (use ``AutoTokenizer``). ``model.save_pretrained`` is refused (the manifest would be lost):
+save with :func:`lowbit.save`. ``model.dequantize()`` turns the model back into float ``nn.Linear`` layers.
+
+If the installed transformers lacks the quantizer registry, ``import lowbit`` still works and logs why at debug
+level; :func:`lowbit.load` is the path that always works.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+from .io import FLOAT_SHARD, FORMAT_VERSION, INDEX, MANIFEST, PACKED_SHARD, read_manifest, verify_files
+from .models import set_module
+from .nn.qlinear import QLinear
+from .qtensor import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+QUANT_METHOD = "lowbit"
+PACKED = ("codes", "scales", "zeros")
+REGISTERED = False
+
+try:
+    from transformers.quantizers.auto import register_quantization_config, register_quantizer
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.utils.quantization_config import QuantizationConfigMixin
+except (ImportError, AttributeError) as _e:  # transformers missing or without a quantizer registry
+    log.debug("lowbit: transformers quantizer registry unavailable (%s); AutoModelForCausalLM.from_pretrained "
+              "will not load lowbit checkpoints, use lowbit.load", _e)
+else:
+
+    class LowbitConfig(QuantizationConfigMixin):
+        """The ``quantization_config`` of a lowbit checkpoint (``config.json``): format version and recipe.
+
+        Built by transformers from ``config.json``; it is not a way to quantize a float model on load
+        (use :func:`lowbit.quantize`). Unknown keys are kept, so newer writers can add fields.
+        """
+
+        def __init__(self, format_version: int = FORMAT_VERSION, recipe: dict | None = None, **kwargs):
+            kwargs.pop("quant_method", None)
+            self.quant_method = QUANT_METHOD
+            self.format_version = format_version
+            self.recipe = recipe
+            for key, value in kwargs.items():
+                setattr(self, key, value)
+            self.post_init()
+
+        def post_init(self):
+            if self.format_version != FORMAT_VERSION:
+                raise CheckpointError(f"quantization_config has lowbit format_version {self.format_version!r}; "
+                                      f"this lowbit reads version {FORMAT_VERSION}. Upgrade lowbit or re-create "
+                                      "the checkpoint.")
+
+    class LowbitHfQuantizer(HfQuantizer):
+        """Loads lowbit checkpoints through ``from_pretrained``: QLinear skeletons in, packed tensors as stored."""
+
+        requires_calibration = True  # only pre-quantized checkpoints; quantize with lowbit.quantize
+
+        def __init__(self, quantization_config, **kwargs):
+            super().__init__(quantization_config, **kwargs)
+            self.folder: Path | None = None
+            self.manifest: dict | None = None
+            self.packed_names: set[str] = set()
+
+        def validate_environment(self, *args, **kwargs):
+            device_map = kwargs.get("device_map")
+            if isinstance(device_map, dict) and "disk" in device_map.values():
+                raise ValueError("lowbit checkpoints cannot be offloaded to disk; use a device_map without "
+                                 "'disk' (the packed weights are small enough to keep in memory)")
+
+        def _find_folder(self, model, checkpoint_files) -> Path:
+            candidates = []
+            if checkpoint_files:
+                candidates.append(Path(checkpoint_files[0]).parent)
+            name = getattr(model.config, "name_or_path", None)
+            if name and os.path.isdir(name):
+                candidates.append(Path(name))
+            for folder in candidates:
+                if (folder / MANIFEST).is_file():
+                    return folder
+            if name and not os.path.isdir(name):  # a Hub repo: fetch the manifest like the other files
+                try:
+                    from transformers.utils import cached_file
+
+                    found = cached_file(name, MANIFEST, _raise_exceptions_for_missing_entries=False)
+                except Exception as e:  # offline, no such repo, ...
+                    log.debug("could not fetch %s from %s: %s", MANIFEST, name, e)
+                    found = None
+                if found:
+                    return Path(found).parent
+            where = candidates[0] if candidates else name
+            raise CheckpointError(f"{MANIFEST} is missing next to the weights in {where}: config.json says "
+                                  "quant_method 'lowbit' but the folder is not a complete lowbit checkpoint; "
+                                  "re-save it with lowbit.save")
+
+        def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
+            folder = self._find_folder(model, checkpoint_files)
+            manifest = read_manifest(folder)
+            shards = {n: i for n, i in manifest.get("files", {}).items() if n in (PACKED_SHARD, FLOAT_SHARD, INDEX)}
+            verify_files(folder, {"files": shards}, hashes=False)
+            float_dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
+            with torch.device("cpu"):  # not transformers' meta-device context: formats build (and cache) CPU tables
+                self._swap_layers(model, folder, manifest, float_dtype)
+            self.folder, self.manifest = folder, manifest
+            return model
+
+        def _swap_layers(self, model, folder, manifest, float_dtype):
+            prefix = getattr(model, "base_model_prefix", "")
+            # AutoModel builds the bare base model from a causal-LM checkpoint: its names lack "model." and the
+            # head's layers have no place in it (transformers ignores their tensors as it does lm_head.weight).
+            bare = bool(prefix) and not _has_module(model, prefix)
+            for name, entry in manifest["layers"].items():
+                target = name
+                if bare and name.startswith(prefix + "."):
+                    target = name[len(prefix) + 1:]
+                elif bare:
+                    log.debug("skipping %s: not part of the bare %s", name, type(model).__name__)
+                    continue
+                if not _has_module(model, target):
+                    raise CheckpointError(f"{folder / MANIFEST} lists layer {name!r} that {type(model).__name__} "
+                                          f"built from {folder / 'config.json'} does not have")
+                qweight = QuantizedWeight.empty(entry, device="meta")
+                bias = torch.empty(entry["shape"][0], dtype=float_dtype, device="meta") if entry["bias"] else None
+                set_module(model, target, QLinear(qweight, bias))
+                self.packed_names.update(f"{target}.{leaf}" for leaf in PACKED)
+
+        def get_new_dtype(self, converter, param, dtype):
+            # The packed tensors load exactly as stored (uint8 codes and zero points, fp16 scales).
+            if any(t in self.packed_names for t in getattr(converter, "target_patterns", ())):
+                return None
+            return super().get_new_dtype(converter, param, dtype)
+
+        def _process_model_after_weight_loading(self, model, **kwargs):
+            from .recipe import Recipe
+
+            for module in model.modules():
+                if isinstance(module, QLinear) and module.bias is not None:
+                    module.bias.requires_grad_(False)  # the loader makes float params trainable; QLinear's is frozen
+            for alias, source in (self.manifest or {}).get("aliases", {}).items():
+                _share(model, alias, source)  # transformers ties the embeddings; any other alias lowbit.load would
+            manifest = self.manifest or {}
+            model.lowbit_manifest = manifest
+            model.lowbit_source = manifest.get("source")
+            if manifest.get("recipe"):
+                model.lowbit_recipe = Recipe.from_dict(manifest["recipe"])
+            return model
+
+        def _dequantize(self, model, dtype=None):
+            for name, module in list(model.named_modules()):
+                if isinstance(module, QLinear):
+                    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                                       device=module.codes.device, dtype=dtype)
+                    with torch.no_grad():
+                        linear.weight.copy_(module.qweight.dequantize(linear.weight.dtype))
+                        if module.bias is not None:
+                            linear.bias.copy_(module.bias)
+                    set_module(model, name, linear)
+            return model
+
+        def is_serializable(self, *args, **kwargs):
+            log.warning("save a lowbit model with lowbit.save(model, folder): save_pretrained would drop the "
+                        "lowbit.json manifest the checkpoint needs")
+            return False
+
+        @property
+        def is_trainable(self) -> bool:
+            return False
+
+    def _register() -> bool:
+        for register, cls in ((register_quantization_config, LowbitConfig), (register_quantizer, LowbitHfQuantizer)):
+            try:
+                register(QUANT_METHOD)(cls)
+            except ValueError as e:  # already registered, e.g. by an earlier copy of this module
+                log.debug("lowbit: %s not registered with transformers: %s", cls.__name__, e)
+                return False
+        return True
+
+    REGISTERED = _register()
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _share(model: nn.Module, alias: str, source: str) -> None:
+    """Make tensor ``alias`` the very tensor ``source`` (as :func:`lowbit.load` does), if both exist."""
+    a_owner, _, a_leaf = alias.rpartition(".")
+    s_owner, _, s_leaf = source.rpartition(".")
+    if not (_has_module(model, a_owner) and _has_module(model, s_owner)):
+        return
+    a_mod, s_mod = model.get_submodule(a_owner), model.get_submodule(s_owner)
+    a_t, s_t = getattr(a_mod, a_leaf, None), getattr(s_mod, s_leaf, None)
+    if a_t is None or s_t is None or a_t is s_t:
+        return
+    if a_leaf in a_mod._buffers:
+        a_mod._buffers[a_leaf] = s_t
+    else:
+        setattr(a_mod, a_leaf, s_t)

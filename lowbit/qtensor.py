@@ -1,0 +1,192 @@
+"""QuantizedWeight: packed codes plus the scales, zero points and metadata needed to decode them.
+
+It is a plain object holding tensors, not a tensor subclass; nothing quantizes as a side effect. Granularity is
+expressed by the shape of ``scales``: ``(rows, groups)`` with ``rows`` = 1 (one scale row shared by the whole
+tensor) or ``out_features``, and ``groups = ceil(in_features / group_size)``. When ``group_size`` does not
+divide ``in_features`` the last group of each row is shorter (GPTQ's column grouping): SmolLM2's 576 columns
+with ``group_size=128`` make four groups of 128 and one of 64.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import LowbitError
+from .formats import Format, format_from_name, pack, packed_row_bytes, unpack
+
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+def check_group_size(group_size: int) -> None:
+    """Group sizes are positive multiples of 8 (32/64/128/256 are the usual ones)."""
+    if not isinstance(group_size, int) or isinstance(group_size, bool) or group_size <= 0 or group_size % 8:
+        raise LowbitError(f"group_size must be a positive multiple of 8 (e.g. 32, 64, 128, 256), got {group_size!r}")
+
+
+def padded_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """View ``x (rows, n)`` as ``(rows, ceil(n/g), g)``, zero-padding the short last group."""
+    rows, n = x.shape
+    groups = math.ceil(n / group_size)
+    pad = groups * group_size - n
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(rows, groups, group_size)
+
+
+def fit_scales(w: torch.Tensor, fmt: Format, granularity: str, group_size: int):
+    """Scales/zeros ``(rows, groups)`` for ``w (out, in)``; a short last group is fitted on its own columns."""
+    out_f, in_f = w.shape
+    if granularity == "tensor":
+        s, z = fmt.fit(w.reshape(1, -1))
+        return s.view(1, 1), None if z is None else z.view(1, 1)
+    g = in_f if granularity == "channel" else group_size
+    full = (in_f // g) * g
+    parts = []
+    if full:
+        parts.append(fmt.fit(w[:, :full].reshape(out_f, full // g, g)))
+    if full < in_f:
+        parts.append(fmt.fit(w[:, full:].reshape(out_f, 1, in_f - full)))
+    s = torch.cat([p[0] for p in parts], dim=1)
+    z = None if parts[0][1] is None else torch.cat([p[1] for p in parts], dim=1)
+    return s, z
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized ``(out_features, in_features)`` weight.
+
+    Attributes:
+        codes: uint8 ``(out, ceil(in * bits / 8))``, rows packed by :mod:`lowbit.formats.packing`.
+        scales: fp16 ``(rows, groups)``, rows = 1 (per-tensor) or ``out``.
+        zeros: uint8 ``(rows, groups)`` integer zero points for asymmetric integer formats, else None.
+        fmt: canonical format name (``int4``, ``int3_sym``, ``nf4``, ``fp4_e2m1``, ``fp8_e4m3``).
+        granularity: ``tensor``, ``channel`` or ``group``.
+        group_size: input columns per scale (``in_features`` for tensor/channel granularity).
+        shape: ``(out_features, in_features)``.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    fmt: str
+    granularity: str
+    group_size: int
+    shape: tuple[int, int]
+
+    def __post_init__(self):
+        self.shape = tuple(int(d) for d in self.shape)
+        if self.granularity not in GRANULARITIES:
+            raise LowbitError(f"granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        out_f, in_f = self.shape
+        if self.granularity == "group":
+            check_group_size(self.group_size)
+        elif self.group_size != in_f:
+            raise LowbitError(f"{self.granularity} granularity needs group_size == in_features ({in_f}), "
+                              f"got {self.group_size!r}")
+        expect = (out_f, packed_row_bytes(in_f, self.format.bits))
+        if tuple(self.codes.shape) != expect or self.codes.dtype != torch.uint8:
+            raise LowbitError(f"codes must be uint8 {expect} for {self.fmt} {self.shape}, got "
+                              f"{self.codes.dtype} {tuple(self.codes.shape)}")
+        rows = 1 if self.granularity == "tensor" else out_f
+        expect_s = (rows, math.ceil(in_f / self.group_size))
+        if tuple(self.scales.shape) != expect_s:
+            raise LowbitError(f"scales must have shape {expect_s} for {self.granularity} granularity, "
+                              f"got {tuple(self.scales.shape)}")
+        if (self.zeros is not None) != self.format.has_zero:
+            raise LowbitError(f"format {self.fmt} {'needs' if self.format.has_zero else 'has no'} zero points")
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, fmt: Format,
+                   granularity: str, group_size: int) -> "QuantizedWeight":
+        """Pack unpacked uint8 codes ``(out, in)`` with fp32 scales/zeros ``(rows, groups)`` into storage form."""
+        return cls(
+            codes=pack(codes, fmt.bits),
+            scales=scales.to(torch.float16).contiguous(),
+            zeros=None if zeros is None else zeros.to(torch.uint8).contiguous(),
+            fmt=fmt.name,
+            granularity=granularity,
+            group_size=group_size,
+            shape=tuple(codes.shape),
+        )
+
+    # ---- metadata -----------------------------------------------------------------------------------------
+    @property
+    def format(self) -> Format:
+        return format_from_name(self.fmt)
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by flat name (``codes``, ``scales`` and, if present, ``zeros``)."""
+        out = {"codes": self.codes, "scales": self.scales}
+        if self.zeros is not None:
+            out["zeros"] = self.zeros
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """True bytes held in memory and written to disk: packed codes + fp16 scales + zero points."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Effective bits per weight, scales and zero points included (methods.md §2.6)."""
+        return self.nbytes * 8 / self.numel
+
+    def meta(self) -> dict:
+        """JSON-able description (no tensors) from which :meth:`empty` rebuilds the storage layout."""
+        return {"fmt": self.fmt, "granularity": self.granularity, "group_size": self.group_size,
+                "shape": list(self.shape)}
+
+    @classmethod
+    def empty(cls, meta: dict, device: torch.device | str = "cpu") -> "QuantizedWeight":
+        """Uninitialised storage with the layout ``meta`` describes (used when loading a checkpoint)."""
+        fmt = format_from_name(meta["fmt"])
+        out_f, in_f = meta["shape"]
+        rows = 1 if meta["granularity"] == "tensor" else out_f
+        groups = math.ceil(in_f / meta["group_size"])
+        return cls(
+            codes=torch.empty(out_f, packed_row_bytes(in_f, fmt.bits), dtype=torch.uint8, device=device),
+            scales=torch.empty(rows, groups, dtype=torch.float16, device=device),
+            zeros=torch.empty(rows, groups, dtype=torch.uint8, device=device) if fmt.has_zero else None,
+            fmt=fmt.name, granularity=meta["granularity"], group_size=int(meta["group_size"]),
+            shape=(out_f, in_f),
+        )
+
+    # ---- decoding -----------------------------------------------------------------------------------------
+    def unpacked_codes(self) -> torch.Tensor:
+        """uint8 codes ``(out, in)``."""
+        return unpack(self.codes, self.format.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``(out, in)`` in ``dtype``, computed in fp32."""
+        out_f, in_f = self.shape
+        grouped = padded_groups(self.unpacked_codes(), self.group_size)  # (out, groups, g)
+        s = self.scales.float().unsqueeze(-1)  # (rows, groups, 1)
+        z = None if self.zeros is None else self.zeros.float().unsqueeze(-1)
+        w = self.format.decode(grouped, s, z)
+        return w.reshape(out_f, -1)[:, :in_f].to(dtype)
+
+    def to(self, device: torch.device | str) -> "QuantizedWeight":
+        """A copy whose tensors live on ``device``; moves data only."""
+        moved = {k: v.to(device) for k, v in self.tensors().items()}
+        return QuantizedWeight(moved["codes"], moved["scales"], moved.get("zeros"), self.fmt, self.granularity,
+                               self.group_size, self.shape)

@@ -1,0 +1,84 @@
+"""What every weight quantizer shares: the config fields, target selection and the apply loop."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..errors import LowbitError
+from ..formats import Format, format_family_names, get_format
+from ..models import DECODER, find_linears, set_module
+from ..nn.qlinear import QLinear
+from ..qtensor import GRANULARITIES, QuantizedWeight, check_group_size
+from ..recipe import StepConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuantizerConfig(StepConfig):
+    """Fields every weight quantizer takes."""
+
+    format: str = "int"  # value grid family: int | nf | fp4 | fp8
+    bits: int = 4  # code bits per weight, 1..8
+    granularity: str = "group"  # tensor | channel | group: what shares one scale
+    group_size: int = 128  # input columns per scale when granularity == "group"; positive multiple of 8
+    symmetric: bool = False  # int only: scale-only grid (no zero point)
+    targets: tuple[str, ...] = (DECODER,)  # module-name globs / "re:" regexes; "@decoder" = Linears in blocks
+    ignore: tuple[str, ...] = ()  # patterns removed from the targets
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.format not in format_family_names():
+            raise LowbitError(f"unknown format {self.format!r}; known formats: {', '.join(format_family_names())}")
+        if self.granularity not in GRANULARITIES:
+            raise LowbitError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if self.granularity == "group":
+            check_group_size(self.group_size)
+        self.make_format()  # validates bits for the family
+        if not self.targets:
+            raise LowbitError("targets is empty: name the layers to quantize, e.g. targets=['@decoder']")
+
+    def make_format(self) -> Format:
+        return get_format(self.format, self.bits, self.symmetric)
+
+
+class Step(ABC):
+    """A recipe step: ``apply(model, calib)`` changes the model in place and returns it."""
+
+    Config: type[StepConfig]
+
+    def __init__(self, config: StepConfig):
+        self.config = config
+
+    @abstractmethod
+    def apply(self, model: nn.Module, calib=None) -> nn.Module: ...
+
+
+class Quantizer(Step):
+    """A weight quantizer: turns each target ``nn.Linear`` into a :class:`QLinear`."""
+
+    Config = QuantizerConfig
+    needs: tuple[str, ...] = ()  # calibration statistics it needs per layer (e.g. "hessian")
+
+    def __init__(self, config: QuantizerConfig):
+        super().__init__(config)
+        self.fmt = config.make_format()
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, stats=None) -> QuantizedWeight:
+        """Quantize one float weight ``(out, in)``."""
+
+    def apply(self, model: nn.Module, calib=None) -> nn.Module:
+        targets = find_linears(model, self.config.targets, self.config.ignore)
+        for name, linear in tqdm(targets, desc=f"{self.config.step} {self.fmt.name}", unit="layer", leave=False):
+            qweight = self.quantize(linear.weight.detach().float())
+            bias = None if linear.bias is None else linear.bias.detach()
+            set_module(model, name, QLinear(qweight, bias))
+        log.info("quantized %d layers with %s %s", len(targets), self.config.step, self.fmt.name)
+        return model

@@ -1,0 +1,124 @@
+"""Kernel dispatch and the C++ CPU decode kernel against the dequantize + F.linear reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit import kernels
+from lowbit.formats import get_format
+from lowbit.kernels import qmatmul_reference
+from lowbit.quantizers.rtn import rtn_quantize
+from tolerances import FP32_ATOL, FP32_RTOL, LOWP_ATOL, LOWP_RTOL
+
+OUT, IN = 24, 40  # tiny; g=16 leaves a short last group of 8
+
+
+def _qweight(family="int", bits=4, symmetric=False, granularity="group", group_size=16):
+    return rtn_quantize(torch.randn(OUT, IN), get_format(family, bits, symmetric), granularity, group_size)
+
+
+@pytest.fixture
+def auto(monkeypatch):
+    """Automatic kernel choice with fresh counters."""
+    monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
+    kernels.reset_counts()
+    yield
+    kernels.reset_counts()
+
+
+def test_cpu_gemv_kernel_matches_reference_on_single_rows(auto):
+    """Every code width and format family, ragged groups included, against the reference."""
+    cases = [*[("int", b, False, "group", 16) for b in (1, 2, 5, 6, 7, 8)],
+        ("int", 4, False, "group", 16),  # asymmetric, groups 16, 16, 8 (ragged)
+        ("int", 3, False, "group", 16),  # 3 bits: the eight-codes-per-three-bytes bitstream layout
+        ("int", 4, True, "channel", IN),  # symmetric per-channel: no zeros, offset 8
+        ("nf", 4, False, "group", 16),  # codebook level table
+        ("fp4", 4, False, "group", 16),
+        ("fp8", 8, False, "channel", IN),  # 8 bits: codes are bytes, 256-entry table
+    ]
+    for i, case in enumerate(cases, start=1):
+        qw = _qweight(*case)
+        x = torch.randn(1, IN)
+        y = kernels.qmatmul(x, qw)
+        assert kernels.calls["cpu-gemv"] == i and kernels.calls["reference"] == 0, case
+        assert y.shape == (1, OUT) and y.dtype == torch.float32
+        torch.testing.assert_close(y, qmatmul_reference(x, qw), atol=FP32_ATOL, rtol=FP32_RTOL, msg=str(case))
+    # Other single-row shapes and dtypes: (in,), (1, 1, in), bf16.
+    ref = qmatmul_reference(x, qw)
+    for shape in [(IN,), (1, 1, IN)]:
+        y = kernels.qmatmul(x.reshape(shape), qw)
+        torch.testing.assert_close(y, ref.reshape(*shape[:-1], OUT), atol=FP32_ATOL, rtol=FP32_RTOL)
+    x16 = x.to(torch.bfloat16)
+    y16 = kernels.qmatmul(x16, qw)
+    assert y16.dtype == torch.bfloat16
+    ref16 = qmatmul_reference(x16, qw).float()
+    torch.testing.assert_close(y16.float(), ref16, atol=LOWP_ATOL, rtol=LOWP_RTOL)
+    assert kernels.calls["cpu-gemv"] == len(cases) + 3 and kernels.calls["reference"] == 0
+    assert kernels.kernel_summary() == f"cpu-gemv:{len(cases) + 3}"
+
+
+@pytest.mark.parametrize("shape", [(2, IN), (3, 5, IN), (4, 1, IN)])
+def test_multi_row_inputs_use_reference(auto, shape):
+    qw = _qweight()
+    x = torch.randn(*shape)
+    y = kernels.qmatmul(x, qw)
+    assert kernels.calls == {"reference": 1}
+    assert y.shape == (*shape[:-1], OUT)
+    assert torch.equal(y, torch.nn.functional.linear(x, qw.dequantize()))
+
+
+def test_reference_is_dequantize_then_linear():
+    qw = _qweight("nf", 3)
+    x = torch.randn(3, IN, dtype=torch.float64)
+    y = qmatmul_reference(x, qw)
+    assert y.dtype == torch.float64  # returned in x's dtype, computed in fp32
+    assert torch.equal(y, (x.float() @ qw.dequantize().T).double())
+
+
+def test_force_reference_pins_reference_for_single_rows(auto):
+    qw = _qweight()
+    x = torch.randn(1, IN)
+    with kernels.force("reference"):
+        y = kernels.qmatmul(x, qw)
+        with kernels.force("auto"):  # nesting: the innermost choice wins, then the outer one comes back
+            assert kernels._choice() == "auto"
+        assert kernels._choice() == "reference"
+        kernels.qmatmul(x, qw)
+    assert kernels._choice() == "auto"
+    assert kernels.calls == {"reference": 2}
+    assert kernels.kernel_summary() == "reference:2"
+    assert torch.equal(y, qmatmul_reference(x, qw))
+
+
+def test_env_variable_pins_reference(monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNEL", "reference")
+    kernels.reset_counts()
+    assert kernels.kernel_summary() == "none"
+    kernels.qmatmul(torch.randn(1, IN), _qweight())
+    assert kernels.calls == {"reference": 1}
+    kernels.reset_counts()
+
+
+def test_unknown_kernel_names_raise(monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNEL", "triton")
+    with pytest.raises(ValueError, match="auto, reference"):
+        kernels.qmatmul(torch.randn(2, IN), _qweight())
+    with pytest.raises(ValueError, match="auto, reference"):
+        with kernels.force("cuda"):
+            pass
+    monkeypatch.delenv("LOWBIT_KERNEL")
+    assert kernels._choice() == "auto"
+
+
+def test_cpu_gemv_support_rules():
+    from lowbit.kernels.cpu import supports
+
+    qw = _qweight()
+    assert supports(torch.randn(1, IN), qw)
+    assert supports(torch.randn(IN), qw)
+    assert not supports(torch.randn(2, IN), qw)
+    assert not supports(torch.randn(1, IN, requires_grad=True), qw)
+    with torch.no_grad():
+        assert supports(torch.randn(1, IN, requires_grad=True), qw)
+    assert not supports(torch.randn(1, IN, device="meta"), qw)
