@@ -22,8 +22,8 @@ from .errors import LowbitError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize Hugging Face causal LMs to 1-8 bits, evaluate, save, load and generate.")
-out_console = Console()
-err_console = Console(stderr=True)
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 WINDOWS_HELP = "WikiText-2 test windows of 2048 tokens to evaluate (the first N; 0 = all)."
 
