@@ -16,6 +16,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import LowbitError
@@ -37,7 +38,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # paths may hold [...]
     raise typer.Exit(code=2)
 
 
@@ -47,11 +48,11 @@ def _emit(payload: dict, as_json: bool, title: str) -> None:
         sys.stdout.write(json.dumps(payload, default=str) + "\n")
         sys.stdout.flush()
         return
-    table = Table(title=title, show_header=False)
+    table = Table(title=escape(title), show_header=False)
     for key, value in payload.items():
         if isinstance(value, float):
             value = f"{value:,.4f}" if abs(value) < 1e6 else f"{value:,.0f}"
-        table.add_row(key, str(value))
+        table.add_row(key, escape(str(value)))
     out_console.print(table)
 
 
@@ -188,8 +189,8 @@ def generate(
         _emit({"prompt": prompt, "text": text, "new_tokens": int(new.numel()), "seconds": seconds,
                "tok_s": new.numel() / seconds}, True, "")
     else:
-        out_console.print(f"[bold]{prompt}[/]", highlight=False)
-        out_console.print(text, highlight=False)
+        out_console.print(f"[bold]{escape(prompt)}[/]", highlight=False)
+        out_console.print(escape(text), highlight=False)
         err_console.print(f"{new.numel()} tokens in {seconds:.1f} s ({new.numel() / seconds:.1f} tok/s)")
 
 

@@ -135,7 +135,11 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(path, old)
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)  # put the existing checkpoint back before reporting the failure
+                raise
             shutil.rmtree(old)
         else:
             os.rename(tmp, path)
@@ -158,6 +162,8 @@ def read_manifest(path: str | Path) -> dict:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{mpath} is not valid JSON ({e}); the checkpoint is damaged, re-create it") from e
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mpath} is not a JSON object; the checkpoint is damaged, re-create it")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{mpath} has format_version {version!r}; this lowbit reads version {FORMAT_VERSION}. "
@@ -211,10 +217,16 @@ def build_skeleton(path: Path, manifest: dict) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     for name, entry in manifest["layers"].items():
         try:
-            model.get_submodule(name)
+            layer = model.get_submodule(name)
         except AttributeError as e:
             raise CheckpointError(f"{path / MANIFEST} lists layer {name!r} that {path / 'config.json'} does "
                                   "not have: the config does not match the tensors") from e
+        # The packed storage is shaped from the manifest, so load_state_dict cannot notice a config that disagrees.
+        expected = [getattr(layer, "out_features", None), getattr(layer, "in_features", None)]
+        if list(entry["shape"]) != expected:
+            raise CheckpointError(f"{path / MANIFEST} stores layer {name!r} as {entry['shape']} (out, in) but "
+                                  f"{path / 'config.json'} makes it {expected}: the config does not match the "
+                                  "tensors")
         bias = torch.empty(entry["shape"][0]) if entry["bias"] else None
         set_module(model, name, QLinear(QuantizedWeight.empty(entry), bias))
     model.config.quantization_config = quant_config
