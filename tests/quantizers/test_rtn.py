@@ -29,7 +29,10 @@ def _fake_quant_int_asym(w: torch.Tensor, bits: int, group_size: int) -> torch.T
             lo = min(float(x.min()), 0.0)  # the range always includes 0
             hi = max(float(x.max()), 0.0)
             s = torch.tensor((hi - lo), dtype=torch.float32) / qmax
-            s = s.to(torch.float16).to(torch.float32)  # stored as fp16
+            h = s.to(torch.float16)  # stored as fp16, rounded up so the extremes are never clipped
+            if float(h) < float(s):
+                h = torch.nextafter(h, torch.tensor(float("inf"), dtype=torch.float16))
+            s = h.to(torch.float32)
             z = torch.clamp(torch.round(-lo / s), 0, qmax)  # integer zero point
             q = torch.clamp(torch.round(x / s) + z, 0, qmax)
             out[r, start:start + group_size] = s * (q - z)
