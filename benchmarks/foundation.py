@@ -84,7 +84,8 @@ def main() -> None:
     n = fp["windows"]
     print(f"WikiText-2 test, windows of 2048, first {n} windows; decode: greedy, batch 1, "
           f"{args.decode_tokens} new tokens; {meta['threads']} threads\n")
-    print("| recipe | ppl | ppl / FP32 | bits/weight | MB on disk | quantize s | decode tok/s | decode / FP32 | kernel |")
+    print("| recipe | ppl | ppl / FP32 | bits/weight | MB on disk | quantize s | decode tok/s | decode / FP32 "
+          "| kernel |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         q = f"{r['quantize_seconds']:.1f}" if r["quantize_seconds"] is not None else "—"

@@ -13,7 +13,7 @@ from .registry import get
 log = logging.getLogger(__name__)
 
 
-def quantize(model: nn.Module, recipe: "Recipe | str", calib=None) -> nn.Module:
+def quantize(model: nn.Module, recipe: Recipe | str, calib=None) -> nn.Module:
     """Apply every step of ``recipe`` (a :class:`Recipe`, a preset name or a YAML path) to ``model`` in place.
 
     Returns the model; ``model.lowbit_recipe`` records the recipe and ``model.lowbit_quantize_seconds`` the

@@ -12,7 +12,6 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -56,7 +55,7 @@ def _emit(payload: dict, as_json: bool, title: str) -> None:
     out_console.print(table)
 
 
-def _windows(n: int) -> Optional[int]:
+def _windows(n: int) -> int | None:
     if n < 0:
         _fail(f"--windows must be 0 (all) or a positive number, got {n}")
     return n or None
@@ -83,11 +82,11 @@ def quantize(
     windows: int = typer.Option(16, help=WINDOWS_HELP),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip both perplexity evaluations."),
     force: bool = typer.Option(False, help="Replace the output folder if it exists."),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Override: int | nf | fp4 | fp8."),
-    bits: Optional[int] = typer.Option(None, help="Override: code bits, 1-8."),
-    group_size: Optional[int] = typer.Option(None, help="Override: input columns per scale (multiple of 8)."),
-    granularity: Optional[str] = typer.Option(None, help="Override: tensor | channel | group."),
-    symmetric: Optional[bool] = typer.Option(None, "--symmetric/--asymmetric", help="Override: int grid type."),
+    fmt: str | None = typer.Option(None, "--format", help="Override: int | nf | fp4 | fp8."),
+    bits: int | None = typer.Option(None, help="Override: code bits, 1-8."),
+    group_size: int | None = typer.Option(None, help="Override: input columns per scale (multiple of 8)."),
+    granularity: str | None = typer.Option(None, help="Override: tensor | channel | group."),
+    symmetric: bool | None = typer.Option(None, "--symmetric/--asymmetric", help="Override: int grid type."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ):

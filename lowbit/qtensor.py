@@ -101,7 +101,7 @@ class QuantizedWeight:
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, fmt: Format,
-                   granularity: str, group_size: int) -> "QuantizedWeight":
+                   granularity: str, group_size: int) -> QuantizedWeight:
         """Pack unpacked uint8 codes ``(out, in)`` with fp32 scales/zeros ``(rows, groups)`` into storage form."""
         return cls(
             codes=pack(codes, fmt.bits),
@@ -157,7 +157,7 @@ class QuantizedWeight:
                 "shape": list(self.shape)}
 
     @classmethod
-    def empty(cls, meta: dict, device: torch.device | str = "cpu") -> "QuantizedWeight":
+    def empty(cls, meta: dict, device: torch.device | str = "cpu") -> QuantizedWeight:
         """Uninitialised storage with the layout ``meta`` describes (used when loading a checkpoint)."""
         fmt = format_from_name(meta["fmt"])
         out_f, in_f = meta["shape"]
@@ -185,7 +185,7 @@ class QuantizedWeight:
         w = self.format.decode(grouped, s, z)
         return w.reshape(out_f, -1)[:, :in_f].to(dtype)
 
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
+    def to(self, device: torch.device | str) -> QuantizedWeight:
         """A copy whose tensors live on ``device``; moves data only."""
         moved = {k: v.to(device) for k, v in self.tensors().items()}
         return QuantizedWeight(moved["codes"], moved["scales"], moved.get("zeros"), self.fmt, self.granularity,

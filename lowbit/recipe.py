@@ -39,7 +39,7 @@ class StepConfig:
         return out
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> "StepConfig":
+    def from_dict(data: dict[str, Any]) -> StepConfig:
         """Rebuild a config from :meth:`to_dict` output; errors name the unknown step, field or version."""
         if not isinstance(data, dict) or "step" not in data:
             raise LowbitError(f"a recipe step must be a mapping with a 'step' key, got {data!r}")
@@ -74,7 +74,7 @@ class Recipe:
         return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
         if not isinstance(data, dict) or not isinstance(data.get("steps"), list):
             raise LowbitError("a recipe must be a mapping with a 'steps' list")
         return cls([StepConfig.from_dict(s) for s in data["steps"]], name=data.get("name", "custom"))
@@ -83,7 +83,7 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     @classmethod
-    def from_yaml(cls, text: str) -> "Recipe":
+    def from_yaml(cls, text: str) -> Recipe:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -91,7 +91,7 @@ class Recipe:
         return cls.from_dict(data)
 
     @classmethod
-    def from_name(cls, name: str) -> "Recipe":
+    def from_name(cls, name: str) -> Recipe:
         """A named preset (``rtn-w4g128``, ``nf4-g64``, ...); unknown names list the known ones."""
         from .presets import PRESETS
 
@@ -100,7 +100,7 @@ class Recipe:
         return cls(list(PRESETS[name]), name=name)
 
     @classmethod
-    def parse(cls, spec: "str | Path | Recipe") -> "Recipe":
+    def parse(cls, spec: str | Path | Recipe) -> Recipe:
         """A Recipe from a preset name, a path to a YAML file, or a Recipe (returned as is)."""
         if isinstance(spec, Recipe):
             return spec

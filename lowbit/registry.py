@@ -7,7 +7,8 @@ A paper's method is one module plus one ``@register(kind, name)`` line. Lookups 
 from __future__ import annotations
 
 import difflib
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from .errors import LowbitError
 

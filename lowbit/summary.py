@@ -24,8 +24,7 @@ def bits_summary(model: nn.Module) -> dict:
     weights = sum(m.in_features * m.out_features for m in layers.values())
     packed = sum(m.qweight.nbytes for m in layers.values())
     code_bits = sum(m.qweight.bits * m.in_features * m.out_features for m in layers.values())
-    float_params = sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".bias")
-                       or n.rsplit(".", 1)[0] not in layers)
+    float_params = sum(p.numel() for p in model.parameters())  # quantized weights are buffers, not parameters
     return {
         "quantized_layers": len(layers),
         "quantized_weights": weights,

@@ -14,14 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_model
 from typer.testing import CliRunner
 
 import lowbit
 from lowbit import io as lio
 from lowbit.cli import app
 from lowbit.presets import PRESETS
-
-from conftest import tiny_model
 
 runner = CliRunner()  # click >= 8.2 keeps result.stdout and result.stderr apart (no mix_stderr)
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
 import lowbit
 from lowbit import QLinear, Recipe, RTNConfig
 from lowbit.errors import CheckpointError
-
-from conftest import tiny_model
 
 hf_integration = pytest.importorskip("lowbit.hf_integration")
 pytestmark = pytest.mark.skipif(not hf_integration.REGISTERED,

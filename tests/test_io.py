@@ -12,14 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
+from conftest import tiny_model
 
 import lowbit
 import lowbit.io as lio
 from lowbit import CheckpointError, LowbitError, QLinear, Recipe
 from lowbit.formats import LAYOUT
-
-from conftest import tiny_model
 
 IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 0, 33], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 255, 254]])
 PACKED_LEAVES = ("codes", "scales", "zeros")

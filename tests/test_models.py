@@ -6,14 +6,13 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import tiny_model
 from torch import nn
 
 import lowbit
 from lowbit import LowbitError, QLinear
 from lowbit.models import DECODER, decoder_blocks, find_linears, load_model, resolve_source
 from lowbit.quantizers import RTNConfig
-
-from conftest import tiny_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "gemma2"]
 DECODER_LINEARS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from tolerances import ROUNDING_SLACK
 
 from lowbit.errors import LowbitError
 from lowbit.formats import get_format
 from lowbit.qtensor import QuantizedWeight, check_group_size
 from lowbit.quantizers.rtn import rtn_quantize
-from tolerances import ROUNDING_SLACK
 
 CASES = [  # (family, bits, symmetric, granularity, group_size)
     ("int", 4, False, "group", 128),

@@ -31,7 +31,7 @@ class IntFormat(Format):
         self.offset = 1 << (bits - 1)  # symmetric codes are q + offset
 
     @staticmethod
-    def parse(name: str) -> "IntFormat | None":
+    def parse(name: str) -> IntFormat | None:
         m = re.fullmatch(r"int([1-8])(_sym)?", name)
         return IntFormat(int(m.group(1)), bool(m.group(2))) if m else None
 

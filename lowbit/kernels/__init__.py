@@ -2,7 +2,8 @@
 
 Implementations: ``reference`` (dequantize + F.linear; ground truth and fallback) and ``cpu-gemv``
 (C++ decode GEMV, see :mod:`.cpu`), chosen automatically where it applies. ``LOWBIT_KERNEL=reference``
-(or :func:`force`) pins the reference for debugging. :data:`calls` counts which implementation ran, so benchmarks can print it.
+(or :func:`force`) pins the reference for debugging. :data:`calls` counts which implementation ran, so
+benchmarks can print it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import os
 import torch
 
 from ..qtensor import QuantizedWeight
-from .cpu import qmatmul_cpu, supports as cpu_supports
+from .cpu import qmatmul_cpu
+from .cpu import supports as cpu_supports
 from .reference import qmatmul_reference
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def extension():
     """The compiled extension module, or None if it cannot be built here (with a warning naming the cause)."""
     from torch.utils.cpp_extension import load

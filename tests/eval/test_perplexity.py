@@ -8,12 +8,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ByteTokenizer, tiny_model
 
 from lowbit import LowbitError
 from lowbit.eval import data as data_mod
 from lowbit.eval.perplexity import perplexity
-
-from conftest import ByteTokenizer, tiny_model
 
 
 def test_rows_keep_newlines_and_blank_lines_become_empty():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import NF_TABLE_ATOL, ROUNDING_SLACK
 
 from lowbit.errors import LowbitError
 from lowbit.formats import format_family_names, format_from_name, get_format
 from lowbit.formats.base import as_storage_scale
 from lowbit.formats.codebook import CodebookFormat
-from tolerances import NF_TABLE_ATOL, ROUNDING_SLACK
 
 # methods.md §2.2, recomputed with SciPy to 6 d.p.; NF4 equals bitsandbytes' table.
 NF4 = [-1.0, -0.696193, -0.525073, -0.394917, -0.284441, -0.184773, -0.09105, 0.0,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import FP32_ATOL, FP32_RTOL, LOWP_ATOL, LOWP_RTOL
 
 from lowbit import kernels
 from lowbit.formats import get_format
 from lowbit.kernels import qmatmul_reference
 from lowbit.quantizers.rtn import rtn_quantize
-from tolerances import FP32_ATOL, FP32_RTOL, LOWP_ATOL, LOWP_RTOL
 
 OUT, IN = 24, 40  # tiny; g=16 leaves a short last group of 8
 

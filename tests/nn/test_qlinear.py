@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import FP32_ATOL, FP32_RTOL, LOWP_ATOL, LOWP_RTOL
 
 from lowbit import kernels
 from lowbit.formats import get_format
 from lowbit.nn import QLinear
 from lowbit.qtensor import QuantizedWeight
 from lowbit.quantizers.rtn import rtn_quantize
-from tolerances import FP32_ATOL, FP32_RTOL, LOWP_ATOL, LOWP_RTOL
 
 CASES = [  # (family, bits, symmetric, granularity, group_size)
     ("int", 4, False, "group", 16),  # in=40: groups 16, 16, 8

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerances import RTN_BITS_ERROR_RATIO_2_OVER_4, RTN_BITS_ERROR_RATIO_4_OVER_8, RTN_W8_LOGITS_REL
 from torch import nn
 
 import lowbit
@@ -12,7 +13,6 @@ from lowbit import QLinear, RTNConfig
 from lowbit.formats import get_format
 from lowbit.quantizers.rtn import RTN, rtn_quantize
 from lowbit.recipe import Recipe
-from tolerances import RTN_BITS_ERROR_RATIO_2_OVER_4, RTN_BITS_ERROR_RATIO_4_OVER_8, RTN_W8_LOGITS_REL
 
 
 def _rel_err(w, q):
@@ -69,7 +69,7 @@ def test_rtn_step_quantizes_one_weight_like_the_pure_function():
     q = step.quantize(w)
     ref = rtn_quantize(w, get_format("nf", 3), "group", 16)
     assert q.meta() == ref.meta() and q.fmt == "nf3"
-    assert all(torch.equal(a, b) for a, b in zip(q.tensors().values(), ref.tensors().values()))
+    assert all(torch.equal(a, b) for a, b in zip(q.tensors().values(), ref.tensors().values(), strict=True))
 
 
 def test_quantize_tiny_llama_replaces_decoder_linears_only(tiny_llama):
