@@ -87,12 +87,16 @@ def quantize(
     group_size: int | None = typer.Option(None, help="Override: input columns per scale (multiple of 8)."),
     granularity: str | None = typer.Option(None, help="Override: tensor | channel | group."),
     symmetric: bool | None = typer.Option(None, "--symmetric/--asymmetric", help="Override: int grid type."),
+    calib_windows: int = typer.Option(16, help="Calibration windows (steps that need data, e.g. gptq)."),
+    calib_seq_len: int = typer.Option(2048, help="Calibration window length in tokens."),
+    calib_file: Path | None = typer.Option(None, help="Calibration text file (default: WikiText-2 valid)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ):
     """Quantize a model with a recipe, evaluate FP and quantized perplexity, and save a checkpoint."""
     _setup_logging(verbose)
     from . import api, io
+    from .calibration import Calibration
     from .eval.perplexity import perplexity
     from .models import load_model, resolve_source
 
@@ -100,11 +104,17 @@ def quantize(
         n = _windows(windows)
         the_recipe = _recipe(recipe, fmt, bits, group_size, granularity, symmetric)
         resolve_source(model)
+        if calib_windows < 1 or calib_seq_len < 2:
+            raise LowbitError("--calib-windows must be >= 1 and --calib-seq-len >= 2")
+        if calib_file is not None and not calib_file.is_file():
+            raise LowbitError(f"calibration file {calib_file} does not exist")
         if out.exists() and not force:
             raise LowbitError(f"output folder {out} already exists; choose another --out or pass --force")
         fp_model, tokenizer = load_model(model)
         fp = None if no_eval else perplexity(fp_model, tokenizer, windows=n)
-        qmodel = api.quantize(fp_model, the_recipe)
+        calib = Calibration(tokenizer=tokenizer, n=calib_windows, seq_len=calib_seq_len,
+                            text=calib_file.read_text(encoding="utf-8") if calib_file else None)
+        qmodel = api.quantize(fp_model, the_recipe, calib=calib)
         q = None if no_eval else perplexity(qmodel, tokenizer, windows=n)
         extra = {"eval": {"fp_ppl": fp.ppl, "ppl": q.ppl, **q.to_dict()}} if q else {}
         io.save(qmodel, out, tokenizer=tokenizer, force=force, extra=extra)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .quantizers.gptq import GPTQConfig
 from .quantizers.rtn import RTNConfig
 from .recipe import StepConfig
 
@@ -20,5 +21,7 @@ for _g in (32, 64, 128):
     PRESETS[f"fp4-g{_g}"] = [RTNConfig(format="fp4", bits=4, group_size=_g)]
 PRESETS["fp8-channel"] = [RTNConfig(format="fp8", bits=8, granularity="channel")]
 PRESETS["fp8-g64"] = [RTNConfig(format="fp8", bits=8, group_size=64)]
+for _bits, _g in ((4, 128), (4, 64), (3, 128), (3, 64), (2, 128), (2, 64)):
+    PRESETS[f"gptq-w{_bits}g{_g}"] = [GPTQConfig(bits=_bits, group_size=_g)]
 
 DEFAULT_PRESET = "rtn-w4g128"

@@ -22,3 +22,7 @@ RTN_BITS_ERROR_RATIO_4_OVER_8 = 8.0
 RTN_BITS_ERROR_RATIO_2_OVER_4 = 3.0
 # Logits of tiny_llama after rtn-w8g64 vs float: relative error measured 0.0058-0.0061 over 3 input seeds.
 RTN_W8_LOGITS_REL = 1e-2
+
+# GPTQ vs RTN held-out output error on correlated synthetic inputs (tests/quantizers/test_gptq.py): measured
+# ratios 0.91-0.94 without act-order and 0.49-0.50 with it (2026-11-24); the bound only asserts a clear win.
+GPTQ_OVER_RTN = 0.97

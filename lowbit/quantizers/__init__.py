@@ -1,7 +1,8 @@
 """Weight quantizers: one file per method, each registered as a recipe step."""
 
-from . import rtn  # noqa: F401  (registers "rtn")
+from . import gptq, rtn  # noqa: F401  (registers the steps)
 from .base import Quantizer, QuantizerConfig, Step
+from .gptq import GPTQConfig, gptq_round
 from .rtn import RTNConfig, rtn_quantize
 
-__all__ = ["Quantizer", "QuantizerConfig", "Step", "RTNConfig", "rtn_quantize"]
+__all__ = ["Quantizer", "QuantizerConfig", "Step", "RTNConfig", "rtn_quantize", "GPTQConfig", "gptq_round"]

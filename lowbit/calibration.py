@@ -1,0 +1,144 @@
+"""Streaming calibration: run the model one decoder block at a time and collect what each Linear sees.
+
+The inputs of block 0 are captured once for every calibration window; then for each block in turn the
+target Linears' input statistics are accumulated online (running Hessian ``H = 2/N Σ xᵀx`` in fp32), the
+block's layers are quantized, and the *quantized* block is re-run to produce the next block's inputs (the
+sequential scheme of GPTQ's drivers). Peak memory is the float model plus one block's activations for all
+windows (N × L × d floats: 16 × 2048 × 576 × 4 B = 75 MB for SmolLM2), never a second copy of the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import LowbitError
+from .eval.data import wikitext2_rows
+from .models import decoder_blocks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one Linear's inputs over the calibration set.
+
+    Attributes:
+        hessian: fp32 ``(in, in)``, ``2/N Σ xᵀx`` over all N calibration tokens (GPTQ's convention).
+        tokens: N.
+    """
+
+    hessian: torch.Tensor
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Fold a batch of inputs ``x (..., in)`` into the running mean (accumulated in fp32)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        total = self.tokens + n
+        self.hessian.mul_(self.tokens / total).addmm_(x.t(), x, alpha=2.0 / total)
+        self.tokens = total
+
+
+def calibration_windows(tokenizer, n: int = 16, seq_len: int = 2048, seed: int = 0, text: str | None = None
+                        ) -> torch.Tensor:
+    """``n`` random windows ``(n, seq_len)`` of token ids, seeded, from ``text`` or WikiText-2 *valid*
+    (rows joined with a space; the test split is for evaluation only)."""
+    if text is None:
+        text = " ".join(wikitext2_rows("valid"))
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() <= seq_len:
+        raise LowbitError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
+                          "pass a longer file or a smaller seq_len")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=gen)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+class _Captured(Exception):
+    pass
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering block 0 for each window ``(1, L, d)``, and the keyword arguments the model passes
+    to its blocks (attention mask, rotary embeddings, positions) for one window."""
+    _, blocks = decoder_blocks(model)
+    hidden: list[torch.Tensor] = []
+    kwargs: dict = {}
+
+    def catch(module, args, kw):
+        hidden.append(args[0] if args else kw["hidden_states"])
+        kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for row in windows:
+            try:
+                model(row.unsqueeze(0), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs
+
+
+def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
+    outs = []
+    for h in hidden:
+        out = block(h, **kwargs)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+@torch.no_grad()
+def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str],
+                  quantize_block: Callable[[dict[str, LayerStats]], None], desc: str = "calibrate") -> None:
+    """For each decoder block: collect :class:`LayerStats` of the listed Linears in it, call
+    ``quantize_block(stats)`` (which replaces those Linears), then feed the quantized block's outputs on."""
+    prefix, blocks = decoder_blocks(model)
+    hidden, kwargs = block_inputs(model, windows)
+    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
+        here = f"{prefix}.{i}."
+        names = [n for n in layer_names if n.startswith(here)]
+        stats = {n: LayerStats(torch.zeros(0)) for n in names}
+        handles = []
+        for n in names:
+            linear = model.get_submodule(n)
+            stats[n].hessian = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
+            handles.append(linear.register_forward_hook(lambda m, args, out, s=stats[n]: s.add(args[0])))
+        try:
+            _run_block(block, hidden, kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        if names:
+            quantize_block(stats)
+        hidden = _run_block(block, hidden, kwargs)
+        log.debug("block %d: %d layers calibrated", i, len(names))
+
+
+@dataclass
+class Calibration:
+    """What a calibrating step reads: token windows, built lazily from a tokenizer when not given."""
+
+    windows: torch.Tensor | None = None  # (n, L) token ids
+    tokenizer: object | None = None
+    n: int = 16
+    seq_len: int = 2048
+    seed: int = 0
+    text: str | None = field(default=None, repr=False)
+
+    def get_windows(self) -> torch.Tensor:
+        if self.windows is None:
+            if self.tokenizer is None:
+                raise LowbitError("this recipe needs calibration data: pass calib=lowbit.Calibration("
+                                  "tokenizer=tok) (WikiText-2 valid by default) or token windows")
+            self.windows = calibration_windows(self.tokenizer, self.n, self.seq_len, self.seed, self.text)
+        return self.windows
