@@ -129,7 +129,10 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
             "extra": extra or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
         for p in tmp.iterdir():  # flush file contents before the rename makes them visible
+            p.chmod(0o666 & ~umask)  # safetensors writes 0600; a checkpoint is meant to be shared
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         if path.exists():
