@@ -77,8 +77,12 @@ class Quantizer(Step):
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         targets = find_linears(model, self.config.targets, self.config.ignore)
         for name, linear in tqdm(targets, desc=f"{self.config.step} {self.fmt.name}", unit="layer", leave=False):
-            qweight = self.quantize(linear.weight.detach().float())
-            bias = None if linear.bias is None else linear.bias.detach()
-            set_module(model, name, QLinear(qweight, bias))
+            self.replace(model, name, linear)
         log.info("quantized %d layers with %s %s", len(targets), self.config.step, self.fmt.name)
         return model
+
+    def replace(self, model: nn.Module, name: str, linear: nn.Linear, stats=None) -> None:
+        """Quantize ``linear`` (found at ``name``) and put a :class:`QLinear` in its place."""
+        qweight = self.quantize(linear.weight.detach().float(), stats)
+        bias = None if linear.bias is None else linear.bias.detach()
+        set_module(model, name, QLinear(qweight, bias))

@@ -9,8 +9,7 @@ import torch
 
 from ..calibration import Calibration, LayerStats, run_blockwise
 from ..formats import Format
-from ..models import find_linears, set_module
-from ..nn.qlinear import QLinear
+from ..models import find_linears
 from ..qtensor import QuantizedWeight, fit_scales
 from ..registry import register
 from .base import Quantizer, QuantizerConfig
@@ -102,10 +101,7 @@ class GPTQ(Quantizer):
 
         def quantize_block(stats: dict[str, LayerStats]) -> None:
             for name, st in stats.items():
-                linear = model.get_submodule(name)
-                qweight = self.quantize(linear.weight.detach().float(), st)
-                bias = None if linear.bias is None else linear.bias.detach()
-                set_module(model, name, QLinear(qweight, bias))
+                self.replace(model, name, model.get_submodule(name), st)
 
         run_blockwise(model, calib.get_windows(), names, quantize_block, desc=f"gptq {self.fmt.name}")
         return model
