@@ -67,7 +67,7 @@ def perplexity(model, tokenizer, windows: int | None = 16, seq_len: int = 2048, 
     if n < 1 or n > total:
         raise LowbitError(f"windows must be between 1 and {total} (the split holds {total} windows of {seq_len} "
                           f"tokens), got {windows}")
-    device = next(model.parameters()).device if any(True for _ in model.parameters()) else torch.device("cpu")
+    device = next(model.parameters(), torch.empty(0)).device
     nlls = []
     bar = tqdm(range(n), desc="perplexity", unit="window", disable=not progress, leave=False)
     for i in bar:
