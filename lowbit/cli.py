@@ -187,6 +187,9 @@ def generate(
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(prompt, return_tensors="pt").input_ids
+    from . import kernels
+
+    kernels.prepare()  # a first-time kernel build is not generation time
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,

@@ -55,6 +55,14 @@ def qmatmul(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
     return qmatmul_reference(x, qweight)
 
 
+def prepare() -> str:
+    """Build or load the compiled CPU kernel now (it is otherwise built on first use); returns what decode
+    will run: ``cpu-gemv`` or ``reference``."""
+    from .cpu import extension
+
+    return "cpu-gemv" if _choice() == "auto" and extension() is not None else "reference"
+
+
 def kernel_summary() -> str:
     """Which implementations ran since the last :func:`reset_counts`, e.g. ``cpu-gemv:4200 + reference:210``."""
     return " + ".join(f"{k}:{v}" for k, v in sorted(calls.items())) or "none"

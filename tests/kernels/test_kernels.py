@@ -122,3 +122,9 @@ def test_cpu_gemv_support_rules():
     with torch.no_grad():
         assert supports(torch.randn(1, IN, requires_grad=True), qw)
     assert not supports(torch.randn(1, IN, device="meta"), qw)
+
+
+def test_prepare_reports_what_decode_will_run(auto):
+    assert kernels.prepare() == "cpu-gemv"
+    with kernels.force("reference"):
+        assert kernels.prepare() == "reference"
