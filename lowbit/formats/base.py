@@ -8,6 +8,7 @@ what a checkpoint holds.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 
 import torch
@@ -67,8 +68,11 @@ def get_format(family: str, bits: int, symmetric: bool = False) -> Format:
     return factory(bits, symmetric)
 
 
+@functools.cache
 def format_from_name(name: str) -> Format:
-    """Parse a canonical format name as stored in a manifest (``int4``, ``int3_sym``, ``nf2``, ...)."""
+    """Parse a canonical format name as stored in a manifest (``int4``, ``int3_sym``, ``nf2``, ...).
+
+    Cached: formats are stateless, and every QLinear forward looks its format up by name."""
     for family in format_family_names():
         factory = get("format", family)
         parsed = factory.parse(name)
