@@ -107,18 +107,17 @@ def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str
     for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
         here = f"{prefix}.{i}."
         names = [n for n in layer_names if n.startswith(here)]
-        stats = {n: LayerStats(torch.zeros(0)) for n in names}
-        handles = []
-        for n in names:
-            linear = model.get_submodule(n)
-            stats[n].hessian = torch.zeros(linear.in_features, linear.in_features, device=linear.weight.device)
-            handles.append(linear.register_forward_hook(lambda m, args, out, s=stats[n]: s.add(args[0])))
-        try:
-            _run_block(block, hidden, kwargs)
-        finally:
-            for h in handles:
-                h.remove()
-        if names:
+        if names:  # a block with no targets needs only the pass that feeds the next block
+            linears = {n: model.get_submodule(n) for n in names}
+            stats = {n: LayerStats(torch.zeros(m.in_features, m.in_features, device=m.weight.device))
+                     for n, m in linears.items()}
+            handles = [m.register_forward_hook(lambda mod, args, out, s=stats[n]: s.add(args[0]))
+                       for n, m in linears.items()]
+            try:
+                _run_block(block, hidden, kwargs)
+            finally:
+                for h in handles:
+                    h.remove()
             quantize_block(stats)
         hidden = _run_block(block, hidden, kwargs)
         log.debug("block %d: %d layers calibrated", i, len(names))
