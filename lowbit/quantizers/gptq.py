@@ -46,7 +46,8 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity:
     rows = 1 if granularity == "tensor" else out_f
     scales = torch.zeros(rows, n_groups)
     zeros = torch.zeros(rows, n_groups) if fmt.has_zero else None
-    if act_order or granularity == "tensor":
+    static = act_order or granularity == "tensor"  # all scales fitted up front, on the original weight
+    if static:
         s, z = fit_scales(W, fmt, granularity, g)
         scales.copy_(s)
         if zeros is not None:
@@ -57,7 +58,7 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity:
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
-    fitted = torch.zeros(n_groups, dtype=torch.bool) if not (act_order or granularity == "tensor") else None
+    fitted = None if static else torch.zeros(n_groups, dtype=torch.bool)
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         Wb = W[:, i1:i2].clone()
