@@ -9,9 +9,11 @@ windows (N × L × d floats: 16 × 2048 × 576 × 4 B = 75 MB for SmolLM2), neve
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -54,10 +56,37 @@ def calibration_windows(tokenizer, n: int = 16, seq_len: int = 2048, seed: int =
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
     if ids.numel() <= seq_len:
         raise LowbitError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
-                          "pass a longer file or a smaller seq_len")
+                          "pass a longer file or shorter windows (seq_len, --calib-seq-len)")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=gen)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def read_calibration_text(path: str | Path) -> str:
+    """Calibration text from a file: plain text as is; ``.jsonl`` rows joined with a space, each row's ``text``
+    field or else its ``prompt`` and ``response`` (every other shape is an error naming the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"calibration file {path} does not exist; pass an existing text or .jsonl file")
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        return raw
+    rows = []
+    for i, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LowbitError(f"{path}:{i} is not valid JSON ({e.msg}); each line of a .jsonl file must be one "
+                              "object") from e
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            rows.append(row["text"])
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("response"), str):
+            rows.append(row["prompt"] + " " + row["response"])
+        else:
+            raise LowbitError(f"{path}:{i} has neither a 'text' string nor 'prompt' and 'response' strings")
+    return " ".join(rows)
 
 
 class _Captured(Exception):
@@ -97,6 +126,74 @@ def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> li
     return outs
 
 
+def _collect_stats(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, linears: dict[str, nn.Module]
+                   ) -> dict[str, LayerStats]:
+    """Run ``block`` over every window and accumulate each Linear's input Hessian.
+
+    Linears that read the very same input tensor (q/k/v, gate/up) share one :class:`LayerStats`, so its
+    ``XᵀX`` is computed once (the sharing is found on the first window by tensor identity).
+    """
+    stats: dict[str, LayerStats] = {}
+    owner: dict[str, str] = {}  # layer name -> name of the layer whose statistics it shares
+    # inputs met in the current window: (data_ptr, shape) -> (first reader, the tensor). Holding the tensor keeps
+    # its memory from being reused by a later, different input of the same shape.
+    seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+
+    def hook(name):
+        def fn(module, args, out):
+            x = args[0]
+            if name not in owner:
+                owner[name] = seen.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), (name, x))[0]
+                if owner[name] == name:
+                    stats[name] = LayerStats(torch.zeros(x.shape[-1], x.shape[-1], device=x.device))
+            if owner[name] == name:
+                stats[name].add(x)
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    try:
+        for h in hidden:
+            seen.clear()
+            _run_block(block, [h], kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: stats[owner[n]] for n in linears}
+
+
+@torch.no_grad()
+def input_power(model: nn.Module, windows: torch.Tensor, layer_names: list[str]) -> dict[str, torch.Tensor]:
+    """``diag(H) = 2/N Σ x²`` ``(in,)`` of each listed Linear's input, from one float forward over ``windows``
+    (stopped after the last decoder block: the head's logits are not needed)."""
+    _, blocks = decoder_blocks(model)
+    power = {n: None for n in layer_names}
+    tokens = 0
+
+    def hook(name):
+        def fn(module, args, out):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            p = 2 * (x * x).sum(0)
+            power[name] = p if power[name] is None else power[name] + p
+        return fn
+
+    def stop(module, args, out):
+        raise _Captured
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in layer_names]
+    handles.append(blocks[-1].register_forward_hook(stop))
+    try:
+        for row in tqdm(windows, desc="input power", unit="window", leave=False):
+            try:
+                model(row.unsqueeze(0), use_cache=False)
+            except _Captured:
+                pass
+            tokens += row.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: p / tokens for n, p in power.items()}
+
+
 @torch.no_grad()
 def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str],
                   quantize_block: Callable[[dict[str, LayerStats]], None], desc: str = "calibrate") -> None:
@@ -108,16 +205,7 @@ def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str
         here = f"{prefix}.{i}."
         names = [n for n in layer_names if n.startswith(here)]
         if names:  # a block with no targets needs only the pass that feeds the next block
-            linears = {n: model.get_submodule(n) for n in names}
-            stats = {n: LayerStats(torch.zeros(m.in_features, m.in_features, device=m.weight.device))
-                     for n, m in linears.items()}
-            handles = [m.register_forward_hook(lambda mod, args, out, s=stats[n]: s.add(args[0]))
-                       for n, m in linears.items()]
-            try:
-                _run_block(block, hidden, kwargs)
-            finally:
-                for h in handles:
-                    h.remove()
+            stats = _collect_stats(block, hidden, kwargs, {n: model.get_submodule(n) for n in names})
             quantize_block(stats)
         hidden = _run_block(block, hidden, kwargs)
         log.debug("block %d: %d layers calibrated", i, len(names))

@@ -61,13 +61,19 @@ def _windows(n: int) -> int | None:
     return n or None
 
 
-def _recipe(recipe: str, fmt, bits, group_size, granularity, symmetric):
+def _recipe(recipe: str, fmt, bits, group_size, granularity, symmetric, budget=None):
     """The preset/YAML recipe, with single-step overrides from the command line applied to its first step."""
     from .recipe import Recipe
 
     parsed = Recipe.parse(recipe)
     overrides = {k: v for k, v in dict(format=fmt, bits=bits, group_size=group_size, granularity=granularity,
-                                       symmetric=symmetric).items() if v is not None}
+                                       symmetric=symmetric, budget=budget).items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(parsed.steps[0])}
+    for key in overrides:
+        if key not in fields:
+            flag = "--" + key.replace("_", "-")
+            raise LowbitError(f"{flag} does not apply to step {parsed.steps[0].step!r} of recipe {parsed.name!r} "
+                              f"(its fields: {', '.join(sorted(fields))})")
     if overrides:
         first = dataclasses.replace(parsed.steps[0], **overrides)
         parsed = Recipe([first, *parsed.steps[1:]], name=f"{parsed.name}+custom")
@@ -87,34 +93,40 @@ def quantize(
     group_size: int | None = typer.Option(None, help="Override: input columns per scale (multiple of 8)."),
     granularity: str | None = typer.Option(None, help="Override: tensor | channel | group."),
     symmetric: bool | None = typer.Option(None, "--symmetric/--asymmetric", help="Override: int grid type."),
+    budget: float | None = typer.Option(None, help="Override (lowra): average code bits, e.g. 1.5."),
     calib_windows: int = typer.Option(16, help="Calibration windows (steps that need data, e.g. gptq)."),
     calib_seq_len: int = typer.Option(2048, help="Calibration window length in tokens."),
-    calib_file: Path | None = typer.Option(None, help="Calibration text file (default: WikiText-2 valid)."),
+    calib_file: Path | None = typer.Option(None, help="Calibration text or .jsonl file (default: WikiText-2 valid)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ):
     """Quantize a model with a recipe, evaluate FP and quantized perplexity, and save a checkpoint."""
     _setup_logging(verbose)
     from . import api, io
-    from .calibration import Calibration
+    from .calibration import Calibration, read_calibration_text
+    from .eval import memory
     from .eval.perplexity import perplexity
     from .models import load_model, resolve_source
+    from .registry import get
 
     try:
         n = _windows(windows)
-        the_recipe = _recipe(recipe, fmt, bits, group_size, granularity, symmetric)
+        the_recipe = _recipe(recipe, fmt, bits, group_size, granularity, symmetric, budget)
         resolve_source(model)
         if calib_windows < 1 or calib_seq_len < 2:
             raise LowbitError("--calib-windows must be >= 1 and --calib-seq-len >= 2")
-        if calib_file is not None and not calib_file.is_file():
-            raise LowbitError(f"calibration file {calib_file} does not exist")
+        calib_text = read_calibration_text(calib_file) if calib_file is not None else None
         if out.exists() and not force:
             raise LowbitError(f"output folder {out} already exists; choose another --out or pass --force")
         fp_model, tokenizer = load_model(model)
+        calib = Calibration(tokenizer=tokenizer, n=calib_windows, seq_len=calib_seq_len, text=calib_text)
+        if any(get("step", s.step).needs_calibration for s in the_recipe.steps):
+            calib.get_windows()  # a file too short for one window fails here, before any evaluation runs
         fp = None if no_eval else perplexity(fp_model, tokenizer, windows=n)
-        calib = Calibration(tokenizer=tokenizer, n=calib_windows, seq_len=calib_seq_len,
-                            text=calib_file.read_text(encoding="utf-8") if calib_file else None)
+        fp_bytes = sum(p.numel() * p.element_size() for p in fp_model.parameters())
+        memory.reset_peak()
         qmodel = api.quantize(fp_model, the_recipe, calib=calib)
+        quantize_peak = memory.peak_rss_mb()
         q = None if no_eval else perplexity(qmodel, tokenizer, windows=n)
         extra = {"eval": {"fp_ppl": fp.ppl, "ppl": q.ppl, **q.to_dict()}} if q else {}
         io.save(qmodel, out, tokenizer=tokenizer, force=force, extra=extra)
@@ -129,6 +141,7 @@ def quantize(
         "bits_per_weight": summary["bits_per_weight"], "code_bits": summary["code_bits"],
         "size_bytes": summary["size_bytes"], "size_mb": summary["size_bytes"] / 1e6,
         "packed_bytes": summary["packed_file_bytes"], "quantize_seconds": manifest["quantize_seconds"],
+        "quantize_peak_rss_mb": quantize_peak, "fp_model_mb": fp_bytes / 2**20,
     }
     _emit(payload, as_json, f"lowbit quantize: {the_recipe.name}")
 
@@ -257,9 +270,30 @@ def recipes(as_json: bool = typer.Option(False, "--json")):
         return
     table = Table("preset", "steps")
     for name, steps in PRESETS.items():
-        table.add_row(name, "; ".join(f"{s.step}({s.format}{s.bits}, {s.granularity}"
-                                      + (f" {s.group_size})" if s.granularity == "group" else ")") for s in steps))
+        table.add_row(name, "; ".join(s.describe() for s in steps))
     out_console.print(table)
+
+
+@app.command()
+def report(
+    results: Path = typer.Argument(Path("benchmarks/results/quantizers.json"),
+                                   help="Benchmark results JSON (rows with recipe, ppl, bits_per_weight)."),
+    out: Path = typer.Option(Path("benchmarks/results/bits_vs_ppl.png"), help="PNG to write."),
+    x: str = typer.Option("bits_per_weight", help="x axis: bits_per_weight (effective) or code_bits."),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Draw the bits-vs-perplexity curve of every method in a results file as a PNG."""
+    from .report import load_rows, method_of, plot_bits_vs_ppl
+
+    try:
+        if x not in ("bits_per_weight", "code_bits"):
+            raise LowbitError(f"--x must be bits_per_weight or code_bits, got {x!r}")
+        rows = load_rows(results)
+        path = plot_bits_vs_ppl(rows, out, x=x)
+    except LowbitError as e:
+        _fail(str(e))
+    _emit({"png": str(path), "rows": len(rows), "methods": sorted({method_of(r["recipe"]) for r in rows})}, as_json,
+          "lowbit report")
 
 
 def main() -> None:  # pragma: no cover

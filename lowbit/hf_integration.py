@@ -29,12 +29,11 @@ from .errors import CheckpointError
 from .io import FLOAT_SHARD, FORMAT_VERSION, INDEX, MANIFEST, PACKED_SHARD, read_manifest, verify_files
 from .models import set_module
 from .nn.qlinear import QLinear
-from .qtensor import QuantizedWeight
+from .qtensor import empty_weight
 
 log = logging.getLogger(__name__)
 
 QUANT_METHOD = "lowbit"
-PACKED = ("codes", "scales", "zeros")
 REGISTERED = False
 
 try:
@@ -136,10 +135,10 @@ else:
                 if not _has_module(model, target):
                     raise CheckpointError(f"{folder / MANIFEST} lists layer {name!r} that {type(model).__name__} "
                                           f"built from {folder / 'config.json'} does not have")
-                qweight = QuantizedWeight.empty(entry, device="meta")
+                qweight = empty_weight(entry, device="meta")
                 bias = torch.empty(entry["shape"][0], dtype=float_dtype, device="meta") if entry["bias"] else None
                 set_module(model, target, QLinear(qweight, bias))
-                self.packed_names.update(f"{target}.{leaf}" for leaf in PACKED)
+                self.packed_names.update(f"{target}.{leaf}" for leaf in qweight.tensors())
 
         def get_new_dtype(self, converter, param, dtype):
             # The packed tensors load exactly as stored (uint8 codes and zero points, fp16 scales).
@@ -166,7 +165,7 @@ else:
             for name, module in list(model.named_modules()):
                 if isinstance(module, QLinear):
                     linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                       device=module.codes.device, dtype=dtype)
+                                       device=getattr(module, module.packed_names[0]).device, dtype=dtype)
                     with torch.no_grad():
                         linear.weight.copy_(module.qweight.dequantize(linear.weight.dtype))
                         if module.bias is not None:

@@ -31,7 +31,7 @@ from .errors import CheckpointError, LowbitError
 from .formats import LAYOUT
 from .models import set_module
 from .nn.qlinear import QLinear
-from .qtensor import QuantizedWeight
+from .qtensor import empty_weight
 from .summary import bits_summary, layer_entry, quantized_layers
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _versions() -> dict:
 
 def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
     """``(packed, float, aliases)``: tensors of quantized layers, the rest, and tied names -> stored name."""
-    qnames = set(quantized_layers(model))
+    qlayers = quantized_layers(model)
     packed, floats, aliases, seen = {}, {}, {}, {}
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), t.shape, t.dtype)
@@ -72,7 +72,7 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
             continue
         seen[key] = name
         owner, _, leaf = name.rpartition(".")
-        target = packed if owner in qnames and leaf in ("codes", "scales", "zeros") else floats
+        target = packed if owner in qlayers and leaf in qlayers[owner].packed_names else floats
         target[name] = t.detach().contiguous().cpu()
     return packed, floats, aliases
 
@@ -231,7 +231,7 @@ def build_skeleton(path: Path, manifest: dict) -> nn.Module:
                                   f"{path / 'config.json'} makes it {expected}: the config does not match the "
                                   "tensors")
         bias = torch.empty(entry["shape"][0]) if entry["bias"] else None
-        set_module(model, name, QLinear(QuantizedWeight.empty(entry), bias))
+        set_module(model, name, QLinear(empty_weight(entry), bias))
     model.config.quantization_config = quant_config
     return model
 

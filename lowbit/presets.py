@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from .quantizers.gptq import GPTQConfig
+from .quantizers.lowra import LowRAConfig
+from .quantizers.lowra_gptq import LowRAGPTQConfig
 from .quantizers.rtn import RTNConfig
 from .recipe import StepConfig
 
@@ -23,5 +25,8 @@ PRESETS["fp8-channel"] = [RTNConfig(format="fp8", bits=8, granularity="channel")
 PRESETS["fp8-g64"] = [RTNConfig(format="fp8", bits=8, group_size=64)]
 for _bits, _g in ((4, 128), (4, 64), (3, 128), (3, 64), (2, 128), (2, 64)):
     PRESETS[f"gptq-w{_bits}g{_g}"] = [GPTQConfig(bits=_bits, group_size=_g)]
+for _budget in ("1.15", "1.5", "2.0", "2.25", "2.5", "3.0"):
+    PRESETS[f"lowra-b{_budget}"] = [LowRAConfig(budget=float(_budget))]
+    PRESETS[f"lowra-gptq-b{_budget}"] = [LowRAGPTQConfig(budget=float(_budget))]
 
 DEFAULT_PRESET = "rtn-w4g128"

@@ -15,9 +15,30 @@ from dataclasses import dataclass
 import torch
 
 from .errors import LowbitError
-from .formats import Format, format_from_name, pack, packed_row_bytes, unpack
+from .formats import Format, fit_searched, format_from_name, pack, packed_row_bytes, unpack
 
 GRANULARITIES = ("tensor", "channel", "group")
+UNIFORM = "uniform"  # storage kind of QuantizedWeight (a manifest entry without "kind" is this one)
+_WEIGHT_KINDS: dict[str, type] = {}
+
+
+def register_weight_kind(kind: str, cls: type) -> None:
+    """Make a packed-weight class loadable from a manifest entry whose ``kind`` is ``kind``."""
+    _WEIGHT_KINDS[kind] = cls
+
+
+def weight_class(meta: dict) -> type:
+    """The packed-weight class a manifest entry describes (QuantizedWeight or a registered kind)."""
+    kind = meta.get("kind", UNIFORM)
+    if kind not in _WEIGHT_KINDS:
+        raise LowbitError(f"unknown packed weight kind {kind!r} (known: {', '.join(sorted(_WEIGHT_KINDS))}); "
+                          "the checkpoint was written by a newer lowbit: upgrade lowbit")
+    return _WEIGHT_KINDS[kind]
+
+
+def empty_weight(meta: dict, device: torch.device | str = "cpu"):
+    """Uninitialised packed storage of the layout ``meta`` describes (used when loading a checkpoint)."""
+    return weight_class(meta).empty(meta, device)
 
 
 def check_group_size(group_size: int) -> None:
@@ -36,19 +57,27 @@ def padded_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.view(rows, groups, group_size)
 
 
-def fit_scales(w: torch.Tensor, fmt: Format, granularity: str, group_size: int):
-    """Scales/zeros ``(rows, groups)`` for ``w (out, in)``; a short last group is fitted on its own columns."""
+def fit_scales(w: torch.Tensor, fmt: Format, granularity: str, group_size: int, search: str = "minmax",
+               col_weight: torch.Tensor | None = None):
+    """Scales/zeros ``(rows, groups)`` for ``w (out, in)``; a short last group is fitted on its own columns.
+
+    ``search`` and ``col_weight`` (``(in,)`` importance of each input column, e.g. diag(H)) are passed to
+    :func:`lowbit.formats.fit_searched`.
+    """
     out_f, in_f = w.shape
     if granularity == "tensor":
-        s, z = fmt.fit(w.reshape(1, -1))
+        cw = None if col_weight is None else col_weight.repeat(out_f)
+        s, z = fit_searched(fmt, w.reshape(1, -1), search, cw)
         return s.view(1, 1), None if z is None else z.view(1, 1)
     g = in_f if granularity == "channel" else group_size
     full = (in_f // g) * g
     parts = []
     if full:
-        parts.append(fmt.fit(w[:, :full].reshape(out_f, full // g, g)))
+        cw = None if col_weight is None else col_weight[:full].reshape(full // g, g)
+        parts.append(fit_searched(fmt, w[:, :full].reshape(out_f, full // g, g), search, cw))
     if full < in_f:
-        parts.append(fmt.fit(w[:, full:].reshape(out_f, 1, in_f - full)))
+        cw = None if col_weight is None else col_weight[full:].reshape(1, in_f - full)
+        parts.append(fit_searched(fmt, w[:, full:].reshape(out_f, 1, in_f - full), search, cw))
     s = torch.cat([p[0] for p in parts], dim=1)
     z = None if parts[0][1] is None else torch.cat([p[1] for p in parts], dim=1)
     return s, z
@@ -114,6 +143,8 @@ class QuantizedWeight:
         )
 
     # ---- metadata -----------------------------------------------------------------------------------------
+    kind = UNIFORM
+
     @property
     def format(self) -> Format:
         return format_from_name(self.fmt)
@@ -133,6 +164,11 @@ class QuantizedWeight:
     @property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]
+
+    @property
+    def code_bits(self) -> int:
+        """Total code bits (scales and zero points not counted)."""
+        return self.bits * self.numel
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by flat name (``codes``, ``scales`` and, if present, ``zeros``)."""
@@ -155,6 +191,12 @@ class QuantizedWeight:
         """JSON-able description (no tensors) from which :meth:`empty` rebuilds the storage layout."""
         return {"fmt": self.fmt, "granularity": self.granularity, "group_size": self.group_size,
                 "shape": list(self.shape)}
+
+    @classmethod
+    def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> QuantizedWeight:
+        """Rebuild from :meth:`meta` and :meth:`tensors` (no copy)."""
+        return cls(tensors["codes"], tensors["scales"], tensors.get("zeros"), meta["fmt"], meta["granularity"],
+                   int(meta["group_size"]), tuple(meta["shape"]))
 
     @classmethod
     def empty(cls, meta: dict, device: torch.device | str = "cpu") -> QuantizedWeight:
@@ -190,3 +232,6 @@ class QuantizedWeight:
         moved = {k: v.to(device) for k, v in self.tensors().items()}
         return QuantizedWeight(moved["codes"], moved["scales"], moved.get("zeros"), self.fmt, self.granularity,
                                self.group_size, self.shape)
+
+
+register_weight_kind(UNIFORM, QuantizedWeight)

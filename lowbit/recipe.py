@@ -38,6 +38,12 @@ class StepConfig:
             out[f.name] = list(value) if isinstance(value, tuple) else value
         return out
 
+    def describe(self) -> str:
+        """One line for people: the step and the fields that differ from their defaults."""
+        changed = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                   if f.default is not dataclasses.MISSING and getattr(self, f.name) != f.default]
+        return f"{self.step}({', '.join(changed)})"
+
     @staticmethod
     def from_dict(data: dict[str, Any]) -> StepConfig:
         """Rebuild a config from :meth:`to_dict` output; errors name the unknown step, field or version."""

@@ -23,7 +23,7 @@ def bits_summary(model: nn.Module) -> dict:
     layers = quantized_layers(model)
     weights = sum(m.in_features * m.out_features for m in layers.values())
     packed = sum(m.qweight.nbytes for m in layers.values())
-    code_bits = sum(m.qweight.bits * m.in_features * m.out_features for m in layers.values())
+    code_bits = sum(m.qweight.code_bits for m in layers.values())
     float_params = sum(p.numel() for p in model.parameters())  # quantized weights are buffers, not parameters
     return {
         "quantized_layers": len(layers),

@@ -253,6 +253,9 @@ QUANTIZE_ERRORS = [
     (["--format", "int5"], ["unknown format 'int5'", "int, nf"]),
     (["--granularity", "row"], ["granularity must be one of", "'row'"]),
     (["--windows", "-1"], ["--windows must be 0 (all) or a positive number, got -1"]),
+    (["--recipe", "lowra-b2.0", "--bits", "3"], ["--bits does not apply to step 'lowra'", "budget"]),
+    (["--recipe", "lowra-b2.0", "--budget", "0.5"], ["budget of 0.5 average bits is unreachable"]),
+    (["--recipe", "gptq-w4g128", "--calib-file", "{tmp}/missing.txt"], ["calibration file {tmp}/missing.txt"]),
 ]
 
 
@@ -324,3 +327,57 @@ def test_checkpoint_without_tokenizer(tmp_path):
     for command in (["eval", path, "--json"], ["generate", path, "--prompt", "hi", "--json"]):
         line = one_error_line(invoke(*command))
         assert f"{path} has no tokenizer files" in line
+
+
+def test_bad_jsonl_calibration_file_names_the_line(hf_folder, tmp_path, no_loading):
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"text": "fine"}\n{"prompt": "no response"}\n')
+    line = one_error_line(invoke("quantize", "--model", hf_folder, "--recipe", "gptq-w4g64", "--calib-file", bad,
+                                 "--out", tmp_path / "out", "--json"))
+    assert f"{bad}:2 has neither a 'text' string" in line
+    assert no_loading == []
+
+
+def test_calibration_file_shorter_than_one_window_fails_before_evaluation(hf_folder, tmp_path, monkeypatch):
+    import sys
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("perplexity must not run")
+
+    monkeypatch.setattr(sys.modules["lowbit.eval.perplexity"], "perplexity", refuse)
+    short = tmp_path / "short.txt"
+    short.write_text("the of and " * 10)
+    result = invoke("quantize", "--model", hf_folder, "--recipe", "gptq-w4g64", "--calib-file", short,
+                    "--calib-seq-len", "64", "--out", tmp_path / "out", "--json")
+    assert result.exit_code == 2 and result.stdout == ""
+    line = result.stderr.strip().splitlines()[-1]  # after the model-loading progress bar
+    assert "calibration text has 30 tokens, fewer than one window of 64" in line and "--calib-seq-len" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantize_lowra_with_a_jsonl_file_and_budget_override(hf_folder, tmp_path):
+    calib = tmp_path / "calib.jsonl"
+    calib.write_text("\n".join(json.dumps({"prompt": "the of and in", "response": "to a is was"})
+                               for _ in range(40)))
+    payload = one_json_object(invoke("quantize", "--model", hf_folder, "--recipe", "lowra-gptq-b2.0", "--budget",
+                                     "1.5", "--calib-file", calib, "--calib-seq-len", "32", "--calib-windows", "2",
+                                     "--out", tmp_path / "q", "--no-eval", "--json"))
+    assert payload["recipe"] == "lowra-gptq-b2.0+custom"
+    assert 1.49 <= payload["code_bits"] <= 1.5 < payload["bits_per_weight"]
+    assert payload["quantize_peak_rss_mb"] > 0 and payload["fp_model_mb"] > 0
+
+
+def test_report_draws_a_png_per_results_file(tmp_path):
+    results = tmp_path / "r.json"
+    results.write_text(json.dumps({"rows": [
+        {"recipe": "fp32", "ppl": 20.7, "bits_per_weight": 32.0, "code_bits": 32.0, "windows": 16},
+        {"recipe": "rtn-w4g128", "ppl": 27.8, "bits_per_weight": 4.28, "code_bits": 4.0, "windows": 16},
+        {"recipe": "rtn-w2g64", "ppl": 5e5, "bits_per_weight": 2.38, "code_bits": 2.0, "windows": 16},
+        {"recipe": "lowra-b2.0", "ppl": 300.0, "bits_per_weight": 2.3, "code_bits": 2.0, "windows": 16}]}))
+    png = tmp_path / "plots" / "bits.png"
+    payload = one_json_object(invoke("report", results, "--out", png, "--json"))
+    assert payload == {"png": str(png), "rows": 4, "methods": ["fp32", "lowra", "rtn"]}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in png.parent.iterdir()] == ["bits.png"]  # no temporary file left behind
+    line = one_error_line(invoke("report", tmp_path / "missing.json", "--out", png))
+    assert "does not exist" in line

@@ -20,7 +20,6 @@ from lowbit import CheckpointError, LowbitError, QLinear, Recipe
 from lowbit.formats import LAYOUT
 
 IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 0, 33], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 255, 254]])
-PACKED_LEAVES = ("codes", "scales", "zeros")
 
 
 def _logits(model):
@@ -29,7 +28,8 @@ def _logits(model):
 
 
 def _packed_buffers(model) -> dict[str, torch.Tensor]:
-    return {n: b for n, b in model.named_buffers() if n.rpartition(".")[2] in PACKED_LEAVES}
+    packed = {f"{n}.{leaf}" for n, m in model.named_modules() if isinstance(m, QLinear) for leaf in m.packed_names}
+    return {n: b for n, b in model.named_buffers() if n in packed}
 
 
 def _assert_identical(loaded, original):
@@ -59,7 +59,7 @@ def _saved(tmp_path, arch="llama", recipe="rtn-w4g64", name="ckpt", **overrides)
 
 # ---- round trips ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("recipe", ["rtn-w4g64", "nf4-g64", "rtn-w4-sym-channel"])
+@pytest.mark.parametrize("recipe", ["rtn-w4g64", "nf4-g64", "rtn-w4-sym-channel", "lowra-b1.5"])
 def test_round_trip_is_bit_identical(tmp_path, recipe):
     model, path = _saved(tmp_path, recipe=recipe)
     loaded, tokenizer = lowbit.load(path)
@@ -79,7 +79,8 @@ def test_symmetric_per_channel_stores_no_zero_points(tmp_path):
     assert keys and not any(k.endswith(".zeros") for k in keys)
     assert {k.rpartition(".")[2] for k in keys} == {"codes", "scales"}
     q = lowbit.load(path)[0].model.layers[0].self_attn.q_proj
-    assert q.zeros is None and q.fmt == "int4_sym" and q.granularity == "channel" and q.scales.shape == (64, 1)
+    assert "zeros" not in q.packed_names and q.qweight.zeros is None
+    assert q.fmt == "int4_sym" and q.granularity == "channel" and q.scales.shape == (64, 1)
 
 
 def test_tied_embeddings_stay_tied_and_are_stored_once(tmp_path):

@@ -24,7 +24,7 @@ def test_every_preset_round_trips_through_yaml(name):
     assert back == recipe  # dataclass equality: same name, same configs in order
     assert [type(s) for s in back.steps] == [type(s) for s in recipe.steps]
     assert back.to_yaml() == text
-    expected_step = "gptq" if name.startswith("gptq-") else "rtn"
+    expected_step = next((s for s in ("lowra-gptq", "lowra", "gptq") if name.startswith(s + "-")), "rtn")
     assert yaml.safe_load(text)["steps"][0]["step"] == expected_step
 
 
@@ -43,7 +43,7 @@ def test_config_dict_round_trip_normalises_lists_to_tuples():
     assert cfg.targets == ("re:.*mlp.*", "@decoder") and cfg.ignore == ("*.down_proj",)
     d = cfg.to_dict()
     assert d == {"step": "rtn", "version": 1, "format": "int", "bits": 3, "granularity": "group",
-                 "group_size": 64, "symmetric": False, "targets": ["re:.*mlp.*", "@decoder"],
+                 "group_size": 64, "symmetric": False, "scale_search": "minmax", "targets": ["re:.*mlp.*", "@decoder"],
                  "ignore": ["*.down_proj"]}
     back = StepConfig.from_dict(d)
     assert back == cfg and hash(back) == hash(cfg)

@@ -55,6 +55,47 @@ def as_storage_scale(s: torch.Tensor) -> torch.Tensor:
     return h.to(torch.float32)
 
 
+SCALE_SEARCHES = ("minmax", "mse")
+CLIP_GRID = tuple(1.0 - 0.01 * i for i in range(31))  # shrink factors tried by the "mse" scale search
+
+
+def fit_searched(fmt: Format, w: torch.Tensor, search: str = "minmax", weight: torch.Tensor | None = None,
+                 grid: tuple[float, ...] = CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and zero) for groups along the last dim of ``w (..., g)``, like :meth:`Format.fit`.
+
+    ``search="minmax"`` is the plain fit. ``"mse"`` also tries clipping the group's range to ``p·[min, max]``
+    for each shrink factor ``p`` in ``grid`` and keeps, per group, the scale with the least squared error
+    ``Σ weight·(w − ŵ)²`` (``weight`` broadcasts against ``w``, e.g. the Hessian diagonal of the group's
+    columns; None = unweighted). Works for every format because every fit reads the group's range.
+    """
+    if search not in SCALE_SEARCHES:
+        raise LowbitError(f"scale search must be one of {', '.join(SCALE_SEARCHES)}, got {search!r}")
+    w = w.float()
+    best_s, best_z = fmt.fit(w)
+    if search == "minmax":
+        return best_s, best_z
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+
+    def error(s, z):
+        zz = None if z is None else z.unsqueeze(-1)
+        d = fmt.decode(fmt.encode(w, s.unsqueeze(-1), zz), s.unsqueeze(-1), zz) - w
+        d = d * d
+        return (d if weight is None else d * weight).sum(-1)
+
+    best = error(best_s, best_z)
+    for p in grid:
+        if p >= 1.0:
+            continue
+        s, z = fmt.fit(torch.minimum(torch.maximum(w, lo * p), hi * p))
+        e = error(s, z)
+        better = e < best
+        best = torch.where(better, e, best)
+        best_s = torch.where(better, s, best_s)
+        if best_z is not None:
+            best_z = torch.where(better, z, best_z)
+    return best_s, best_z
+
+
 def format_family_names() -> list[str]:
     """Families a user can name in a recipe (``int``, ``nf``, ``fp4``, ``fp8``)."""
     return known("format")
@@ -81,4 +122,5 @@ def format_from_name(name: str) -> Format:
     raise LowbitError(f"unknown format name {name!r} (known families: {', '.join(format_family_names())})")
 
 
-__all__ = ["Format", "as_storage_scale", "get_format", "format_from_name", "register", "format_family_names"]
+__all__ = ["Format", "SCALE_SEARCHES", "as_storage_scale", "fit_searched", "get_format", "format_from_name",
+           "register", "format_family_names"]

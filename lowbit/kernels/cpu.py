@@ -51,7 +51,7 @@ def _format_args(fmt_name: str) -> tuple[int, torch.Tensor | None, int]:
 def supports(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
     """True for one CPU row without autograd (the decode case), when the kernel builds here."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return (x.device.type == "cpu" and rows == 1 and qweight.codes.device.type == "cpu"
+    return (qweight.kind == "uniform" and x.device.type == "cpu" and rows == 1 and qweight.codes.device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad) and extension() is not None)
 
 

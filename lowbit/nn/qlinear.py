@@ -12,25 +12,41 @@ from ..qtensor import QuantizedWeight
 class QLinear(nn.Module):
     """``y = x Wᵀ + b`` with ``W`` stored packed.
 
-    The packed tensors are buffers (``codes``, ``scales``, ``zeros``) so ``state_dict`` and device moves see them;
-    they are never cast to another dtype (``scales`` stay fp16) and have no gradient. Gradients flow to the input.
+    ``W`` is any packed weight (a uniform :class:`QuantizedWeight`, or a registered kind such as LowRA's
+    :class:`~lowbit.qmixed.MixedCodebookWeight`). Its tensors are buffers named as the weight names them
+    (``codes``, ``scales``, ``zeros`` for uniform weights) so ``state_dict`` and device moves see them; they are
+    never cast to another dtype (fp16 scales stay fp16) and have no gradient. Gradients flow to the input.
     Input ``x (..., in_features)`` in any float dtype; output ``(..., out_features)`` in the input's dtype.
     """
 
-    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None):
+    def __init__(self, qweight, bias: torch.Tensor | None = None):
         super().__init__()
         self.in_features, self.out_features = qweight.in_features, qweight.out_features
-        self.fmt, self.granularity, self.group_size = qweight.fmt, qweight.granularity, qweight.group_size
-        self.register_buffer("codes", qweight.codes)
-        self.register_buffer("scales", qweight.scales)
-        self.register_buffer("zeros", qweight.zeros)
+        self.weight_meta = qweight.meta()
+        self._weight_cls = type(qweight)
+        self.packed_names = tuple(qweight.tensors())
+        for name, t in qweight.tensors().items():
+            self.register_buffer(name, t)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @property
+    def fmt(self) -> str:
+        return self.weight_meta["fmt"]
+
+    @property
+    def granularity(self) -> str | None:
+        """Uniform weights only (None for other kinds)."""
+        return self.weight_meta.get("granularity")
+
+    @property
+    def group_size(self) -> int | None:
+        """Uniform weights only (None for other kinds)."""
+        return self.weight_meta.get("group_size")
 
     @property
     def qweight(self) -> QuantizedWeight:
         """The packed weight, viewing this module's buffers (no copy)."""
-        return QuantizedWeight(self.codes, self.scales, self.zeros, self.fmt, self.granularity, self.group_size,
-                               (self.out_features, self.in_features))
+        return self._weight_cls.from_tensors(self.weight_meta, {n: getattr(self, n) for n in self.packed_names})
 
     @property
     def weight(self) -> torch.Tensor:
@@ -38,10 +54,12 @@ class QLinear(nn.Module):
         return self.qweight.dequantize()
 
     def _apply(self, fn, recurse=True):
-        # Device moves apply to the packed buffers, dtype casts do not: scales are fp16 by format definition.
-        scales = self.scales
+        # Device moves apply to the packed buffers, dtype casts do not: their dtypes are part of the format.
+        kept = {n: getattr(self, n) for n in self.packed_names}
         super()._apply(fn, recurse)
-        self.scales = scales.to(device=self.codes.device)
+        device = getattr(self, self.packed_names[0]).device
+        for n, t in kept.items():
+            setattr(self, n, t.to(device=device))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,6 +69,10 @@ class QLinear(nn.Module):
         return y
 
     def extra_repr(self) -> str:
-        g = f"g{self.group_size}" if self.granularity == "group" else self.granularity
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.fmt} {g}, " \
+        m = self.weight_meta
+        if "granularity" in m:
+            desc = f"{m['fmt']} " + (f"g{m['group_size']}" if m["granularity"] == "group" else m["granularity"])
+        else:
+            desc = f"{m['fmt']} {m.get('kind', '')}".strip()
+        return f"in_features={self.in_features}, out_features={self.out_features}, {desc}, " \
                f"bias={self.bias is not None}"

@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
-from ..formats import Format, format_family_names, get_format
+from ..formats import SCALE_SEARCHES, Format, format_family_names, get_format
 from ..models import DECODER, find_linears, set_module
 from ..nn.qlinear import QLinear
 from ..qtensor import GRANULARITIES, QuantizedWeight, check_group_size
@@ -29,6 +29,7 @@ class QuantizerConfig(StepConfig):
     granularity: str = "group"  # tensor | channel | group: what shares one scale
     group_size: int = 128  # input columns per scale when granularity == "group"; positive multiple of 8
     symmetric: bool = False  # int only: scale-only grid (no zero point)
+    scale_search: str = "minmax"  # minmax | mse: also try clipped ranges, keep the least-error scale per group
     targets: tuple[str, ...] = (DECODER,)  # module-name globs / "re:" regexes; "@decoder" = Linears in blocks
     ignore: tuple[str, ...] = ()  # patterns removed from the targets
 
@@ -40,18 +41,38 @@ class QuantizerConfig(StepConfig):
             raise LowbitError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if self.granularity == "group":
             check_group_size(self.group_size)
+        if self.scale_search not in SCALE_SEARCHES:
+            raise LowbitError(f"scale_search must be one of {', '.join(SCALE_SEARCHES)}, got {self.scale_search!r}")
         self.make_format()  # validates bits for the family
         if not self.targets:
             raise LowbitError("targets is empty: name the layers to quantize, e.g. targets=['@decoder']")
 
+    def describe(self) -> str:
+        where = f"g{self.group_size}" if self.granularity == "group" else self.granularity
+        rest = super().describe().partition("(")[2].rstrip(")")
+        extra = [p for p in rest.split(", ") if p and not p.startswith(("format=", "bits=", "group_size=",
+                                                                        "granularity=", "symmetric="))]
+        return f"{self.step}({', '.join([f'{self.make_format().name} {where}', *extra])})"
+
     def make_format(self) -> Format:
         return get_format(self.format, self.bits, self.symmetric)
+
+
+def check_finite(targets: list[tuple[str, nn.Linear]]) -> None:
+    """Refuse weights holding NaN or Inf before any work starts, naming the first such layer."""
+    for name, linear in targets:
+        w = linear.weight.detach()
+        if not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise LowbitError(f"layer {name!r} has {bad} NaN/Inf weight(s): quantizing it would store garbage; "
+                              "fix or reload the model (or add the layer to ignore=[...])")
 
 
 class Step(ABC):
     """A recipe step: ``apply(model, calib)`` changes the model in place and returns it."""
 
     Config: type[StepConfig]
+    needs_calibration: bool = False  # True when apply() reads calibration windows
 
     def __init__(self, config: StepConfig):
         self.config = config
@@ -76,6 +97,7 @@ class Quantizer(Step):
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         targets = find_linears(model, self.config.targets, self.config.ignore)
+        check_finite(targets)
         for name, linear in tqdm(targets, desc=f"{self.config.step} {self.fmt.name}", unit="layer", leave=False):
             self.replace(model, name, linear)
         log.info("quantized %d layers with %s %s", len(targets), self.config.step, self.fmt.name)

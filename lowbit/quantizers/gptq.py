@@ -3,84 +3,118 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..calibration import Calibration, LayerStats, run_blockwise
-from ..formats import Format
+from ..formats import Format, fit_searched
 from ..models import find_linears
 from ..qtensor import QuantizedWeight, fit_scales
 from ..registry import register
-from .base import Quantizer, QuantizerConfig
+from .base import Quantizer, QuantizerConfig, check_finite
 
 
 @dataclass(frozen=True)
 class GPTQConfig(QuantizerConfig):
-    """GPTQ: asymmetric int4, groups of 128, 1% dampening, lazy batches of 128 columns."""
+    """GPTQ: asymmetric int4, groups of 128, 1% dampening, lazy batches of 128 columns, act-order, searched clipping."""
 
     step = "gptq"
     damp: float = 0.01  # added to diag(H), as a fraction of mean(diag(H))
     block_size: int = 128  # columns per lazy-batch update
-    act_order: bool = False  # quantize columns in decreasing diag(H) order (group scales fitted up front)
+    scale_search: str = "mse"  # group clipping chosen by diag(H)-weighted error (measured: 24.58 vs 29.75 at w4g128)
+    act_order: bool = True  # quantize columns in decreasing diag(H) order (group scales fitted up front)
+    static_groups: bool = False  # fit every group's scale on the original weight before the loop
 
 
-def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity: str = "group",
-               group_size: int = 128, damp: float = 0.01, block_size: int = 128, act_order: bool = False
-               ) -> QuantizedWeight:
-    """Pure function. ``w (out, in)`` float, ``hessian (in, in)`` = 2·XᵀX/N fp32 -> QuantizedWeight.
-
-    Group scales are fitted on the error-updated columns when the first column of a group is reached; with
-    ``act_order`` all group scales are fitted on the original weight first ("static groups"), so the stored
-    layout stays in the original column order.
-    """
-    W = w.detach().clone().float()
-    out_f, in_f = W.shape
-    g = group_size if granularity == "group" else in_f
-    H = hessian.detach().clone().float()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
-    n_groups = math.ceil(in_f / g)
-    rows = 1 if granularity == "tensor" else out_f
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups) if fmt.has_zero else None
-    static = act_order or granularity == "tensor"  # all scales fitted up front, on the original weight
-    if static:
-        s, z = fit_scales(W, fmt, granularity, g)
-        scales.copy_(s)
-        if zeros is not None:
-            zeros.copy_(z)
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
-    W, H = W[:, perm], H[perm][:, perm]
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``λ = damp · mean(diag H)``), so ``(H + λI)⁻¹ = UᵀU``."""
+    H = hessian.clone()
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
-    fitted = None if static else torch.zeros(n_groups, dtype=torch.bool)
+
+def error_feedback(W: torch.Tensor, U: torch.Tensor, quantize_column: Callable, block_size: int = 128) -> None:
+    """GPTQ's column loop: quantize ``W (out, in)`` column by column (in place, in its current column order),
+    pushing each column's rounding error onto the columns not yet quantized, with lazy batches of
+    ``block_size`` columns.
+
+    ``quantize_column(i, col, ahead)`` gets the position ``i``, the current (error-updated) column ``(out,)``
+    and ``ahead(width)``, the current columns ``i .. i+width``; it returns the dequantized column.
+    """
+    in_f = W.shape[1]
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         Wb = W[:, i1:i2].clone()
         Err = torch.zeros_like(Wb)
         for j in range(i2 - i1):
-            col = int(perm[i1 + j])
-            grp = col // g
-            if fitted is not None and not fitted[grp]:  # first column of a group: fit on the updated weights
-                lo = i1 + j
-                s, z = fmt.fit(torch.cat([Wb[:, j:], W[:, i2:]], dim=1)[:, : min(g, in_f - lo)])
-                scales[:, grp] = s
-                if zeros is not None:
-                    zeros[:, grp] = z
-                fitted[grp] = True
-            s = scales[:, grp].unsqueeze(-1)
-            z = None if zeros is None else zeros[:, grp].unsqueeze(-1)
-            q = fmt.encode(Wb[:, j:j + 1], s, z)
-            codes[:, col] = q[:, 0]
-            err = (Wb[:, j] - fmt.decode(q, s, z)[:, 0]) / U[i1 + j, i1 + j]
+            def ahead(width, j=j, Wb=Wb, i2=i2):
+                return torch.cat([Wb[:, j:], W[:, i2:]], dim=1)[:, :width]
+
+            deq = quantize_column(i1 + j, Wb[:, j], ahead)
+            err = (Wb[:, j] - deq) / U[i1 + j, i1 + j]
             Wb[:, j + 1:] -= err.unsqueeze(1) * U[i1 + j, i1 + j + 1:i2].unsqueeze(0)
             Err[:, j] = err
         W[:, i2:] -= Err @ U[i1:i2, i2:]
+
+
+def prepare_hessian(w: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copies of ``w`` and ``H`` with dead inputs (``diag H == 0``) zeroed in ``w`` and set to 1 in ``H``."""
+    W = w.detach().clone().float()
+    H = hessian.detach().clone().float()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
+def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity: str = "group",
+               group_size: int = 128, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+               search: str = "minmax", static_groups: bool = False) -> QuantizedWeight:
+    """Pure function. ``w (out, in)`` float, ``hessian (in, in)`` = 2·XᵀX/N fp32 -> QuantizedWeight.
+
+    Group scales are fitted on the error-updated columns when the first column of a group is reached; with
+    ``act_order`` (or ``static_groups``) all group scales are fitted on the original weight first, so the stored
+    layout stays in the original column order. ``search="mse"`` picks each group's clipping range by the error
+    weighted with the Hessian diagonal of its columns (:func:`lowbit.formats.fit_searched`).
+    """
+    W, H = prepare_hessian(w, hessian)
+    out_f, in_f = W.shape
+    g = group_size if granularity == "group" else in_f
+    n_groups = math.ceil(in_f / g)
+    rows = 1 if granularity == "tensor" else out_f
+    scales = torch.zeros(rows, n_groups)
+    zeros = torch.zeros(rows, n_groups) if fmt.has_zero else None
+    col_weight = torch.diag(H)
+    static = static_groups or act_order or granularity == "tensor"  # scales fitted up front on the original w
+    if static:
+        s, z = fit_scales(W, fmt, granularity, g, search, col_weight)
+        scales.copy_(s)
+        if zeros is not None:
+            zeros.copy_(z)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
+    W, H = W[:, perm], H[perm][:, perm]
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+    fitted = torch.full((n_groups,), static)
+
+    def quantize_column(i, column, ahead):
+        col = int(perm[i])
+        grp = col // g
+        if not fitted[grp]:  # first column of a group (columns in order): fit on the updated weights
+            width = min(g, in_f - i)
+            s, z = fit_searched(fmt, ahead(width), search, col_weight[i:i + width])
+            scales[:, grp] = s
+            if zeros is not None:
+                zeros[:, grp] = z
+            fitted[grp] = True
+        s = scales[:, grp].unsqueeze(-1)
+        z = None if zeros is None else zeros[:, grp].unsqueeze(-1)
+        q = fmt.encode(column.unsqueeze(1), s, z)
+        codes[:, col] = q[:, 0]
+        return fmt.decode(q, s, z)[:, 0]
+
+    error_feedback(W, inverse_hessian_factor(H, damp), quantize_column, block_size)
     return QuantizedWeight.from_codes(codes, scales, zeros, fmt, granularity, g)
 
 
@@ -88,17 +122,20 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity:
 class GPTQ(Quantizer):
     Config = GPTQConfig
     needs = ("hessian",)
+    needs_calibration = True
 
     def quantize(self, weight, stats: LayerStats | None = None):
         if stats is None:
             raise ValueError("GPTQ needs calibration statistics (a Hessian per layer)")
         c = self.config
         return gptq_round(weight, stats.hessian, self.fmt, c.granularity, c.group_size, c.damp, c.block_size,
-                          c.act_order)
+                          c.act_order, c.scale_search, c.static_groups)
 
     def apply(self, model, calib=None):
         calib = calib if isinstance(calib, Calibration) else Calibration(windows=calib)
-        names = [n for n, _ in find_linears(model, self.config.targets, self.config.ignore)]
+        targets = find_linears(model, self.config.targets, self.config.ignore)
+        check_finite(targets)
+        names = [n for n, _ in targets]
 
         def quantize_block(stats: dict[str, LayerStats]) -> None:
             for name, st in stats.items():

@@ -19,12 +19,14 @@ class RTNConfig(QuantizerConfig):
     step = "rtn"
 
 
-def rtn_quantize(w: torch.Tensor, fmt: Format, granularity: str = "group", group_size: int = 128) -> QuantizedWeight:
-    """Pure function. ``w (out, in)`` float -> QuantizedWeight with scales fitted per group and nearest codes."""
+def rtn_quantize(w: torch.Tensor, fmt: Format, granularity: str = "group", group_size: int = 128,
+                 search: str = "minmax") -> QuantizedWeight:
+    """Pure function. ``w (out, in)`` float -> QuantizedWeight with scales fitted per group (min/max, or the
+    least-error clipped range with ``search="mse"``) and nearest codes."""
     w = w.float()
     out_f, in_f = w.shape
     g = group_size if granularity == "group" else in_f
-    s, z = fit_scales(w, fmt, granularity, g)  # (rows, groups)
+    s, z = fit_scales(w, fmt, granularity, g, search)  # (rows, groups)
     grouped = padded_groups(w, g)  # (out, groups, g)
     codes = fmt.encode(grouped, s.unsqueeze(-1), None if z is None else z.unsqueeze(-1))
     codes = codes.reshape(out_f, -1)[:, :in_f]
@@ -36,4 +38,5 @@ class RTN(Quantizer):
     Config = RTNConfig
 
     def quantize(self, weight, stats=None):
-        return rtn_quantize(weight, self.fmt, self.config.granularity, self.config.group_size)
+        c = self.config
+        return rtn_quantize(weight, self.fmt, c.granularity, c.group_size, c.scale_search)

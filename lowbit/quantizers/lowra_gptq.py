@@ -1,0 +1,89 @@
+"""lowra-gptq (beyond the paper, issue 3): LowRA's codebooks and widths, rounded with GPTQ's error feedback.
+
+1. One float forward over the calibration windows gives each target Linear's input power ``diag(H)``.
+2. LowRA's Lloyd–Max fits weight every weight by ``a²·diag(H)_j`` (its block scale and its input column's
+   power), so the per-group errors the precision assignment trades off estimate *output* error, not weight error.
+3. Blockwise over the decoder (:func:`lowbit.calibration.run_blockwise`, inputs from the already quantized
+   blocks), each layer is rounded column by column to its rows' codebooks with GPTQ's Hessian error feedback
+   (:func:`lowbit.quantizers.gptq.error_feedback`). Block absmax scales stay those of the original weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..calibration import Calibration, LayerStats, input_power, run_blockwise
+from ..models import find_linears, set_module
+from ..nn.qlinear import QLinear
+from ..qmixed import MixedCodebookWeight
+from ..registry import register
+from .base import check_finite
+from .gptq import error_feedback, inverse_hessian_factor, prepare_hessian
+from .lowra import LayerFit, LowRA, LowRAConfig
+
+
+@dataclass(frozen=True)
+class LowRAGPTQConfig(LowRAConfig):
+    """LowRA with Hessian-weighted codebooks/assignment and GPTQ rounding (needs calibration data)."""
+
+    step = "lowra-gptq"
+    damp: float = 0.01  # GPTQ dampening, fraction of mean(diag H)
+    gptq_block: int = 128  # columns per lazy-batch update
+
+
+def lowra_gptq_round(w: torch.Tensor, hessian: torch.Tensor, fit: LayerFit, choice: torch.Tensor,
+                     widths: tuple[int, ...], block_size: int, damp: float = 0.01, gptq_block: int = 128
+                     ) -> MixedCodebookWeight:
+    """Round ``w (out, in)`` to each row's chosen codebook (``fit``, ``choice``) with GPTQ error feedback."""
+    W, H = prepare_hessian(w, hessian)
+    out_f, in_f = W.shape
+    row_width = torch.tensor(widths)[choice].repeat_interleave(fit.group_rows)
+    books = {b: fit.levels[b].repeat_interleave(fit.group_rows, dim=0) for b in widths}
+    levels = torch.full((out_f, 2 ** max(widths)), float("inf"))  # padded slots are never nearest
+    for b in widths:
+        rows = row_width == b
+        levels[rows, : 2**b] = books[b][rows]
+    thresholds = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+    thresholds = torch.nan_to_num(thresholds, nan=float("inf"))
+    absmax = fit.absmax
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
+
+    def quantize_column(i, column, ahead):
+        a = absmax[:, i // block_size]
+        idx = torch.searchsorted(thresholds, (column / a).unsqueeze(1).contiguous())
+        codes[:, i] = idx[:, 0].to(torch.uint8)
+        return torch.gather(levels, 1, idx)[:, 0] * a
+
+    error_feedback(W, inverse_hessian_factor(H, damp), quantize_column, gptq_block)
+    return MixedCodebookWeight.from_rows(codes, row_width, books, absmax, block_size)
+
+
+@register("step", "lowra-gptq")
+class LowRAGPTQ(LowRA):
+    Config = LowRAGPTQConfig
+    needs_calibration = True
+
+    def apply(self, model: nn.Module, calib=None) -> nn.Module:
+        c: LowRAGPTQConfig = self.config
+        calib = calib if isinstance(calib, Calibration) else Calibration(windows=calib)
+        targets = find_linears(model, c.targets, c.ignore)
+        check_finite(targets)
+        windows = calib.get_windows()
+        names = [n for n, _ in targets]
+        power = input_power(model, windows, names)
+        fits = {n: self.fit(n, m.weight.detach(), power[n]) for n, m in targets}
+        choices = self.assign(fits, dict(targets))
+
+        def quantize_block(stats: dict[str, LayerStats]) -> None:
+            for name, st in stats.items():
+                linear = model.get_submodule(name)
+                qweight = lowra_gptq_round(linear.weight.detach(), st.hessian, fits[name], choices[name], c.widths,
+                                           c.block_size, c.damp, c.gptq_block)
+                bias = None if linear.bias is None else linear.bias.detach()
+                set_module(model, name, QLinear(qweight, bias))
+
+        run_blockwise(model, windows, names, quantize_block, desc=f"lowra-gptq b{c.budget}")
+        return model

@@ -1,0 +1,81 @@
+"""Reports drawn from benchmark results: the bits-vs-perplexity curve of every quantization method."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import LowbitError
+
+METHOD_PREFIXES = ("lowra-gptq", "lowra", "gptq", "rtn", "nf", "fp4", "fp8")
+
+
+def method_of(recipe: str) -> str:
+    """The method a preset name belongs to (``gptq-w4g128`` -> ``gptq``); custom names pass through."""
+    for prefix in METHOD_PREFIXES:
+        if recipe == prefix or recipe.startswith(prefix + "-") or (prefix in ("nf", "fp4", "fp8")
+                                                                   and recipe.startswith(prefix)):
+            return prefix
+    return recipe.split("+")[0]
+
+
+def load_rows(path: str | Path) -> list[dict]:
+    """Result rows (``recipe``, ``ppl``, ``bits_per_weight`` …) from a benchmark JSON file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LowbitError(f"results file {path} does not exist; run python benchmarks/quantizers.py first")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LowbitError(f"{path} is not JSON ({e.msg})") from e
+    rows = data["rows"] if isinstance(data, dict) and "rows" in data else data
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"recipe", "ppl"} <= set(r) for r in rows):
+        raise LowbitError(f"{path} holds no result rows (a list of objects with 'recipe' and 'ppl')")
+    return rows
+
+
+def plot_bits_vs_ppl(rows: list[dict], out: str | Path, x: str = "bits_per_weight", title: str | None = None) -> Path:
+    """Write a PNG: perplexity (log scale) against bits per weight, one line per method, FP32 as a level line.
+
+    ``x`` is ``bits_per_weight`` (effective: scales, zeros and codebooks included) or ``code_bits``.
+    The file is written to a temporary name and renamed, so a crash never leaves half a PNG.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["recipe"] == "fp32":
+            ax.axhline(r["ppl"], color="black", ls="--", lw=1, label=f"FP32 ({r['ppl']:.2f})")
+        elif r.get(x) is not None:
+            by_method.setdefault(method_of(r["recipe"]), []).append(r)
+    for method, pts in sorted(by_method.items()):
+        pts = sorted(pts, key=lambda r: r[x])
+        ax.plot([p[x] for p in pts], [p["ppl"] for p in pts], marker="o", label=method)
+        for p in pts:
+            ax.annotate(p["recipe"], (p[x], p["ppl"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_yscale("log")
+    ax.set_xlabel("effective bits per weight" if x == "bits_per_weight" else "average code bits per weight")
+    ax.set_ylabel("WikiText-2 test perplexity")
+    windows = {r.get("windows") for r in rows if r.get("windows")}
+    ax.set_title(title or "bits vs perplexity" + (f" (first {windows.pop()} windows of 2048)" if len(windows) == 1
+                                                  else ""))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out

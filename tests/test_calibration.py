@@ -1,0 +1,112 @@
+"""Streaming calibration: windows, block-by-block statistics, shared Hessians, quantized outputs fed forward."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import ByteTokenizer, tiny_model
+
+from lowbit import LowbitError
+from lowbit.calibration import (
+    _collect_stats,
+    block_inputs,
+    calibration_windows,
+    input_power,
+    read_calibration_text,
+    run_blockwise,
+)
+from lowbit.models import find_linears
+
+
+def _captured_inputs(model, windows):
+    """Every Linear's input over all windows, captured from a plain float forward."""
+    seen = {}
+    def hook(name):
+        return lambda mod, args, out: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1]))
+
+    hooks = [m.register_forward_hook(hook(n)) for n, m in find_linears(model, ("@decoder",), ())]
+    with torch.no_grad():
+        for row in windows:
+            model(row.unsqueeze(0))
+    for h in hooks:
+        h.remove()
+    return {n: torch.cat(xs) for n, xs in seen.items()}
+
+
+def test_block_statistics_equal_the_hessian_of_each_layers_inputs_and_readers_of_one_input_share():
+    model = tiny_model("llama")
+    windows = torch.randint(0, 256, (3, 24))
+    inputs = _captured_inputs(model, windows)
+    hidden, kwargs = block_inputs(model, windows)
+    names = [n for n in inputs if n.startswith("model.layers.0.")]
+    stats = _collect_stats(model.model.layers[0], hidden, kwargs, {n: model.get_submodule(n) for n in names})
+    for n in names:
+        x = inputs[n]
+        torch.testing.assert_close(stats[n].hessian, 2 * x.T @ x / x.shape[0], rtol=1e-4, atol=1e-5)
+        assert stats[n].tokens == 3 * 24
+    attn, mlp = "model.layers.0.self_attn.", "model.layers.0.mlp."
+    assert stats[attn + "q_proj"] is stats[attn + "k_proj"] is stats[attn + "v_proj"]
+    assert stats[mlp + "gate_proj"] is stats[mlp + "up_proj"]
+    assert stats[attn + "o_proj"] is not stats[attn + "q_proj"]
+    assert stats[mlp + "gate_proj"] is not stats[attn + "q_proj"]  # same shape, different tensor
+    assert len({id(s) for s in stats.values()}) == 4
+
+
+def test_input_power_is_the_hessian_diagonal_of_the_float_model():
+    model = tiny_model("llama")
+    windows = torch.randint(0, 256, (2, 16))
+    inputs = _captured_inputs(model, windows)
+    power = input_power(model, windows, list(inputs))
+    for n, x in inputs.items():
+        torch.testing.assert_close(power[n], 2 * (x * x).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_blockwise_feeds_the_quantized_block_outputs_to_the_next_block():
+    model = tiny_model("llama")
+    windows = torch.randint(0, 256, (2, 16))
+    names = [n for n, _ in find_linears(model, ("@decoder",), ())]
+    seen_blocks = []
+
+    def zero_block(stats):
+        # "quantize" by zeroing this block's Linears; the next block's statistics must see the change
+        block = next(iter(stats)).split(".")[2]
+        seen_blocks.append((block, {n: s.hessian.clone() for n, s in stats.items()}))
+        for n in stats:
+            model.get_submodule(n).weight.data.zero_()
+
+    reference = tiny_model("llama")
+    for m in reference.model.layers[0].modules():  # block 1's inputs if block 0's Linears had been zeroed
+        if isinstance(m, torch.nn.Linear):
+            m.weight.data.zero_()
+    expected = _captured_inputs(reference, windows)
+    run_blockwise(model, windows, names, zero_block)
+    assert [b for b, _ in seen_blocks] == ["0", "1"]
+    x = expected["model.layers.1.self_attn.q_proj"]
+    torch.testing.assert_close(seen_blocks[1][1]["model.layers.1.self_attn.q_proj"], 2 * x.T @ x / x.shape[0],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_windows_are_seeded_and_short_text_is_refused():
+    tok = ByteTokenizer()
+    text = "abcdefghij" * 50
+    a = calibration_windows(tok, n=4, seq_len=32, seed=1, text=text)
+    assert a.shape == (4, 32) and torch.equal(a, calibration_windows(tok, n=4, seq_len=32, seed=1, text=text))
+    assert not torch.equal(a, calibration_windows(tok, n=4, seq_len=32, seed=2, text=text))
+    with pytest.raises(LowbitError, match="has 20 tokens, fewer than one window of 32"):
+        calibration_windows(tok, n=4, seq_len=32, text="x" * 20)
+
+
+def test_calibration_files_text_and_jsonl(tmp_path):
+    plain = tmp_path / "c.txt"
+    plain.write_text("hello world\n")
+    assert read_calibration_text(plain) == "hello world\n"
+    rows = tmp_path / "c.jsonl"
+    rows.write_text(json.dumps({"text": "a b"}) + "\n\n" + json.dumps({"prompt": "q?", "response": "r."}) + "\n")
+    assert read_calibration_text(rows) == "a b q? r."
+    rows.write_text("{not json\n")
+    with pytest.raises(LowbitError, match=r"c.jsonl:1 is not valid JSON"):
+        read_calibration_text(rows)
+    with pytest.raises(LowbitError, match="does not exist"):
+        read_calibration_text(tmp_path / "nope.txt")
