@@ -24,14 +24,14 @@ import torch
 from .errors import LowbitError
 from .formats import pack, packed_row_bytes, unpack
 from .formats.base import as_storage_scale
-from .qtensor import padded_groups, register_weight_kind
+from .qtensor import PackedWeight, padded_groups, register_weight_kind
 
 KIND = "mixed-codebook"
 WIDTHS = (1, 2, 3, 4)
 
 
 @dataclass
-class MixedCodebookWeight:
+class MixedCodebookWeight(PackedWeight):
     """A quantized ``(out, in)`` weight with per-row widths and codebooks (see the module docstring).
 
     Attributes:
@@ -99,18 +99,6 @@ class MixedCodebookWeight:
     kind = KIND
 
     @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
     def fmt(self) -> str:
         return "lowra"
 
@@ -130,15 +118,6 @@ class MixedCodebookWeight:
             out[f"codes_b{b}"] = self.codes[b]
             out[f"codebook_b{b}"] = self.codebooks[b]
         return out
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes stored: packed codes, block absmax, codebooks and the row permutation."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.nbytes * 8 / self.numel
 
     def meta(self) -> dict:
         return {"kind": KIND, "fmt": "lowra", "block_size": self.block_size, "shape": list(self.shape),

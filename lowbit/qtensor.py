@@ -83,8 +83,39 @@ def fit_scales(w: torch.Tensor, fmt: Format, granularity: str, group_size: int, 
     return s, z
 
 
+class PackedWeight:
+    """What every packed weight kind shares: sizes from ``shape`` and byte accounting from ``tensors()``."""
+
+    shape: tuple[int, int]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """True bytes held in memory and written to disk: every stored tensor (codes, scales, zeros, codebooks)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Effective bits per weight, everything stored included (methods.md §2.6)."""
+        return self.nbytes * 8 / self.numel
+
+
 @dataclass
-class QuantizedWeight:
+class QuantizedWeight(PackedWeight):
     """A quantized ``(out_features, in_features)`` weight.
 
     Attributes:
@@ -154,18 +185,6 @@ class QuantizedWeight:
         return self.format.bits
 
     @property
-    def out_features(self) -> int:
-        return self.shape[0]
-
-    @property
-    def in_features(self) -> int:
-        return self.shape[1]
-
-    @property
-    def numel(self) -> int:
-        return self.shape[0] * self.shape[1]
-
-    @property
     def code_bits(self) -> int:
         """Total code bits (scales and zero points not counted)."""
         return self.bits * self.numel
@@ -176,16 +195,6 @@ class QuantizedWeight:
         if self.zeros is not None:
             out["zeros"] = self.zeros
         return out
-
-    @property
-    def nbytes(self) -> int:
-        """True bytes held in memory and written to disk: packed codes + fp16 scales + zero points."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    @property
-    def bits_per_weight(self) -> float:
-        """Effective bits per weight, scales and zero points included (methods.md §2.6)."""
-        return self.nbytes * 8 / self.numel
 
     def meta(self) -> dict:
         """JSON-able description (no tensors) from which :meth:`empty` rebuilds the storage layout."""
