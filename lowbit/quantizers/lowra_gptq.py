@@ -32,13 +32,20 @@ class LowRAGPTQConfig(LowRAConfig):
     step = "lowra-gptq"
     damp: float = 0.01  # GPTQ dampening, fraction of mean(diag H)
     gptq_block: int = 128  # columns per lazy-batch update
+    act_order: bool = True  # round columns in decreasing diag(H) order (scales and codebooks are static anyway)
 
 
 def lowra_gptq_round(w: torch.Tensor, hessian: torch.Tensor, fit: LayerFit, choice: torch.Tensor,
-                     widths: tuple[int, ...], block_size: int, damp: float = 0.01, gptq_block: int = 128
-                     ) -> MixedCodebookWeight:
-    """Round ``w (out, in)`` to each row's chosen codebook (``fit``, ``choice``) with GPTQ error feedback."""
+                     widths: tuple[int, ...], block_size: int, damp: float = 0.01, gptq_block: int = 128,
+                     act_order: bool = False) -> MixedCodebookWeight:
+    """Round ``w (out, in)`` to each row's chosen codebook (``fit``, ``choice``) with GPTQ error feedback.
+
+    With ``act_order`` the columns are visited in decreasing ``diag(H)`` order; codebooks and block scales are
+    fixed before the loop, so only the visiting order changes and codes are stored in the original order.
+    """
     W, H = prepare_hessian(w, hessian)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(W.shape[1])
+    W, H = W[:, perm], H[perm][:, perm]
     out_f, in_f = W.shape
     row_width = torch.tensor(widths)[choice].repeat_interleave(fit.group_rows)
     books = {b: fit.levels[b].repeat_interleave(fit.group_rows, dim=0) for b in widths}
@@ -52,9 +59,10 @@ def lowra_gptq_round(w: torch.Tensor, hessian: torch.Tensor, fit: LayerFit, choi
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
 
     def quantize_column(i, column, ahead):
-        a = absmax[:, i // block_size]
+        col = int(perm[i])
+        a = absmax[:, col // block_size]
         idx = torch.searchsorted(thresholds, (column / a).unsqueeze(1).contiguous())
-        codes[:, i] = idx[:, 0].to(torch.uint8)
+        codes[:, col] = idx[:, 0].to(torch.uint8)
         return torch.gather(levels, 1, idx)[:, 0] * a
 
     error_feedback(W, inverse_hessian_factor(H, damp), quantize_column, gptq_block)
@@ -81,7 +89,7 @@ class LowRAGPTQ(LowRA):
             for name, st in stats.items():
                 linear = model.get_submodule(name)
                 qweight = lowra_gptq_round(linear.weight.detach(), st.hessian, fits[name], choices[name], c.widths,
-                                           c.block_size, c.damp, c.gptq_block)
+                                           c.block_size, c.damp, c.gptq_block, c.act_order)
                 bias = None if linear.bias is None else linear.bias.detach()
                 set_module(model, name, QLinear(qweight, bias))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import tiny_model
 from test_gptq import _correlated_inputs
@@ -16,7 +17,8 @@ from lowbit.quantizers.precision import assign_widths
 from lowbit.summary import bits_summary
 
 
-def test_error_feedback_cuts_held_out_output_error_with_the_same_codebooks():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_error_feedback_cuts_held_out_output_error_with_the_same_codebooks(act_order):
     data = _correlated_inputs(d=128)
     x, held_out = data[:2048], data[2048:]
     w = torch.randn(64, 128)
@@ -26,7 +28,7 @@ def test_error_feedback_cuts_held_out_output_error_with_the_same_codebooks():
     fit = fit_layer(w, config)
     choice = assign_widths(fit.errors, torch.full((64,), 128), config.widths, 2.0)
     plain = encode_layer(w, fit, choice, config.widths, 32)
-    fed_back = lowra_gptq_round(w, stats.hessian, fit, choice, config.widths, 32)
+    fed_back = lowra_gptq_round(w, stats.hessian, fit, choice, config.widths, 32, act_order=act_order)
     assert fed_back.rows == plain.rows and torch.equal(fed_back.perm, plain.perm)  # same widths, same layout
     err = {name: ((held_out @ (w - q.dequantize()).T) ** 2).sum().item()
            for name, q in (("plain", plain), ("gptq", fed_back))}
