@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..qtensor import QuantizedWeight
+from ..qtensor import PackedWeight
 from .cpu import qmatmul_cpu
 from .cpu import supports as cpu_supports
 from .reference import qmatmul_reference
@@ -45,7 +45,7 @@ def force(name: str):
         _forced.pop()
 
 
-def qmatmul(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
+def qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
     """``x (..., in)`` -> ``(..., out)`` = ``x @ Wᵀ`` for a packed ``W``."""
     choice = _choice()
     if choice == "auto" and cpu_supports(x, qweight):

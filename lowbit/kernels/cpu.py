@@ -20,7 +20,8 @@ import torch
 
 from ..formats import format_from_name
 from ..formats.codebook import CodebookFormat
-from ..qtensor import QuantizedWeight
+from ..qmixed import MixedCodebookWeight
+from ..qtensor import PackedWeight, QuantizedWeight
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
@@ -48,16 +49,29 @@ def _format_args(fmt_name: str) -> tuple[int, torch.Tensor | None, int]:
     return fmt.bits, levels, offset
 
 
-def supports(x: torch.Tensor, qweight: QuantizedWeight) -> bool:
-    """True for one CPU row without autograd (the decode case), when the kernel builds here."""
+KINDS = ("uniform", "mixed-codebook")
+
+
+def supports(x: torch.Tensor, qweight: PackedWeight) -> bool:
+    """True for one CPU row without autograd (the decode case) of a uniform or mixed-codebook weight, when the
+    kernel builds here."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return (qweight.kind == "uniform" and x.device.type == "cpu" and rows == 1 and qweight.codes.device.type == "cpu"
+    device = (qweight.codes if qweight.kind == "uniform" else qweight.perm).device
+    return (qweight.kind in KINDS and x.device.type == "cpu" and rows == 1 and device.type == "cpu"
             and not (torch.is_grad_enabled() and x.requires_grad) and extension() is not None)
 
 
-def qmatmul_cpu(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
+def qmatmul_cpu(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
     """``x (..., in)`` with one row -> ``(..., out)``; equals the reference up to fp32 summation order."""
-    bits, levels, offset = _format_args(qweight.fmt)
-    y = extension().qgemv(x.reshape(-1).float().contiguous(), qweight.codes, qweight.scales, qweight.zeros, levels,
-                          bits, qweight.group_size, offset)
+    xv = x.reshape(-1).float().contiguous()
+    if isinstance(qweight, MixedCodebookWeight):
+        widths = list(qweight.rows)
+        y = extension().qgemv_mixed(xv, widths, [qweight.codes[b] for b in widths],
+                                    [qweight.codebooks[b] for b in widths], qweight.absmax, qweight.perm,
+                                    qweight.block_size)
+    else:
+        assert isinstance(qweight, QuantizedWeight)
+        bits, levels, offset = _format_args(qweight.fmt)
+        y = extension().qgemv(xv, qweight.codes, qweight.scales, qweight.zeros, levels, bits, qweight.group_size,
+                              offset)
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)

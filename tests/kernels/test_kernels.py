@@ -128,3 +128,23 @@ def test_prepare_reports_what_decode_will_run(auto):
     assert kernels.prepare() == "cpu-gemv"
     with kernels.force("reference"):
         assert kernels.prepare() == "reference"
+
+
+@pytest.mark.parametrize("budget", [1.5, 2.5])
+def test_cpu_gemv_matches_reference_on_mixed_codebook_rows(auto, budget):
+    """LowRA rows of every width 1-4 in one weight (ragged last block of 8), scattered back through perm."""
+    from lowbit.qmixed import MixedCodebookWeight
+    from lowbit.quantizers.lowra import LowRAConfig, encode_layer, fit_layer
+    from lowbit.quantizers.precision import assign_widths
+
+    w = torch.randn(OUT, IN) * torch.linspace(0.1, 3, OUT).unsqueeze(1)  # rows of unequal size get unequal widths
+    config = LowRAConfig(budget=budget, block_size=16)
+    fit = fit_layer(w, config)
+    qw = encode_layer(w, fit, assign_widths(fit.errors, torch.full((OUT,), IN), config.widths, budget),
+                      config.widths, 16)
+    assert isinstance(qw, MixedCodebookWeight) and len(qw.rows) >= 3, qw.rows
+    x = torch.randn(1, IN)
+    y = kernels.qmatmul(x, qw)
+    assert kernels.calls == {"cpu-gemv": 1}
+    torch.testing.assert_close(y, qmatmul_reference(x, qw), atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert kernels.qmatmul(torch.randn(3, IN), qw).shape == (3, OUT) and kernels.calls["reference"] == 1
