@@ -296,6 +296,43 @@ def report(
           "lowbit report")
 
 
+@app.command()
+def bench(
+    model: str = typer.Option("smollm2-135m", help="Model name or path (the FP32 reference)."),
+    recipes: str = typer.Option("rtn-w4g128,rtn-w2g64,lowra-b2.0", help="Comma-separated recipes to compare."),
+    decode_tokens: int = typer.Option(128, help="New tokens per decode measurement (greedy, batch 1)."),
+    prefill_tokens: int = typer.Option(512, help="Prompt tokens of the prefill measurement."),
+    calib_windows: int = typer.Option(16, help="Calibration windows for recipes that need calibration."),
+    out: Path = typer.Option(Path("lowbit-bench"), help="Folder for bench.md, bench.json and bench.png."),
+    as_json: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Decode and prefill speed, peak memory and the bandwidth roofline of FP32 and each recipe, in one run."""
+    from .eval.bench import BenchConfig, markdown_table, plot_bench, run_bench
+
+    _setup_logging(verbose)
+    names = [r.strip() for r in recipes.split(",") if r.strip()]
+    try:
+        if decode_tokens < 1 or prefill_tokens < 1:
+            raise LowbitError("--decode-tokens and --prefill-tokens must be positive")
+        config = BenchConfig(decode_tokens=decode_tokens, prefill_tokens=prefill_tokens)
+        rows = run_bench(model, names, config, calib_windows, log=lambda m: err_console.print(f"[dim]{m}[/]"))
+    except LowbitError as e:
+        _fail(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    for name, text in (("bench.md", table), ("bench.json", json.dumps(rows, indent=1))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out / name)
+    plot_bench(rows, out / "bench.png")
+    if as_json:
+        _emit(rows, True, "")
+    else:
+        out_console.print(table)
+        err_console.print(f"wrote {out}/bench.md, bench.json, bench.png")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

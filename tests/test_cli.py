@@ -381,3 +381,30 @@ def test_report_draws_a_png_per_results_file(tmp_path):
     assert [p.name for p in png.parent.iterdir()] == ["bits.png"]  # no temporary file left behind
     line = one_error_line(invoke("report", tmp_path / "missing.json", "--out", png))
     assert "does not exist" in line
+
+
+# ---- bench ------------------------------------------------------------------------------------------------
+
+def test_bench_json_keyed_by_recipe_with_ratios_and_files(hf_folder, tmp_path):
+    out = tmp_path / "bench"
+    payload = one_json_object(invoke("bench", "--model", hf_folder, "--recipes", "rtn-w4g64,lowra-b2.0",
+                                     "--decode-tokens", "4", "--prefill-tokens", "32", "--out", out, "--json"))
+    assert list(payload) == ["fp32", "rtn-w4g64", "lowra-b2.0"]
+    for name, row in payload.items():
+        for key in ("decode_tok_s", "decode_ratio", "prefill_tok_s", "prefill_ratio", "peak_rss_mb", "kernel",
+                    "bytes_per_token", "roofline_tok_s", "roofline_pct", "bits_per_weight"):
+            assert key in row, (name, key)
+        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["decode_ratio"] == pytest.approx(row["decode_tok_s"] / payload["fp32"]["decode_tok_s"])
+    assert payload["fp32"]["decode_ratio"] == 1.0 and payload["fp32"]["kernel"] == "none"
+    assert payload["rtn-w4g64"]["kernel"].startswith("cpu-gemv")  # decode steps ran the packed kernel
+    assert payload["lowra-b2.0"]["kernel"].startswith("cpu-gemv")
+    # packed weights are read per token instead of fp32 ones
+    assert payload["rtn-w4g64"]["bytes_per_token"] < payload["fp32"]["bytes_per_token"]
+    assert {p.name for p in out.iterdir()} == {"bench.md", "bench.json", "bench.png"}
+    assert "| rtn-w4g64 |" in (out / "bench.md").read_text()
+
+
+def test_bench_rejects_an_unknown_recipe_before_loading(hf_folder, tmp_path, no_loading):
+    line = one_error_line(invoke("bench", "--model", hf_folder, "--recipes", "rtn-w4g64,nope", "--out", tmp_path))
+    assert "nope" in line

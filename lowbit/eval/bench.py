@@ -1,0 +1,240 @@
+"""``lowbit bench``: decode/prefill speed, resident memory and the memory-bandwidth roofline, FP32 vs packed.
+
+One run measures everything side by side (issue 4): the parent loads the float model, quantizes it with each
+recipe and saves each result to a temporary checkpoint; then every model (``fp32`` first) is measured in a
+fresh child process, so each peak RSS is that model's own and no model's allocations linger in the next one's
+figures. In the child: load, settle (``gc`` + ``malloc_trim``), reset the peak-RSS mark, then
+
+* decode: greedy batch-1 generation of ``decode_tokens`` new tokens (after a warm-up) -> tokens/s;
+* prefill: one forward over a ``prefill_tokens``-token prompt (WikiText-2 valid text), last position's logits
+  only, as ``generate`` does -> prompt tokens/s (best of ``repeats``);
+* ``peak_rss_mb``: the process's peak resident memory during both (model weights included).
+
+The parent also measures this machine's memory bandwidth (a large tensor copy) and reports each model's
+roofline bound ``bandwidth / bytes read per token`` and the share of it decode reached.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..errors import LowbitError
+from . import memory
+from .speed import decode_speed
+
+FP32 = "fp32"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    decode_tokens: int = 128  # new tokens, greedy, batch 1
+    prefill_tokens: int = 512  # prompt length of the prefill measurement
+    repeats: int = 2  # prefill timings (best kept)
+    threads: int = 0  # torch intra-op threads in the children (0: torch's default)
+
+
+def memory_bandwidth_gbs(mbytes: int = 512, repeats: int = 5) -> float:
+    """This machine's memory bandwidth in GB/s (1e9 bytes): best of ``repeats`` copies of a ``mbytes`` MiB fp32
+    tensor, counting the bytes read plus the bytes written."""
+    n = mbytes * 2**20 // 4
+    src, dst = torch.ones(n), torch.empty(n)
+    dst.copy_(src)  # touch the pages first
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once (tied tensors once), except
+    the input embedding table, of which one row is read (when it is tied to the output head, the head reads
+    all of it and it counts in full)."""
+    embed = model.get_input_embeddings().weight
+    seen, total = set(), 0
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    for t in [*model.parameters(), *model.buffers()]:
+        key = (t.data_ptr(), t.numel())
+        if key in seen or t.device.type == "meta":
+            continue
+        seen.add(key)
+        if t.data_ptr() == embed.data_ptr() and not tied:
+            total += embed.shape[1] * embed.element_size()
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _settle() -> None:
+    """Give freed memory back to the OS so RSS reflects what is live (glibc only; elsewhere a no-op)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def prompt_ids(tokenizer, n: int) -> torch.Tensor:
+    """``(1, n)`` token ids of WikiText-2 valid text (never the test split)."""
+    from .data import wikitext2_text
+
+    ids = tokenizer(wikitext2_text("valid")[: 20 * n], return_tensors="pt").input_ids[:, :n]
+    if ids.shape[1] < n:
+        raise LowbitError(f"the prefill prompt needs {n} tokens; WikiText-2 valid gave {ids.shape[1]}")
+    return ids
+
+
+@torch.inference_mode()
+def prefill_speed(model: nn.Module, ids: torch.Tensor, repeats: int = 2) -> float:
+    """Prompt tokens per second of one forward over ``ids (1, n)`` (last logits only); best of ``repeats``."""
+    model(ids[:, :16], logits_to_keep=1)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        best = min(best, time.perf_counter() - start)
+    return ids.shape[1] / best
+
+
+def measure_model(source: str, config: BenchConfig) -> dict:
+    """Load ``source`` (a model name/path for FP32 or a lowbit checkpoint) and measure it; runs in a child."""
+    from .. import io
+    from ..models import load_model
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if (Path(source) / io.MANIFEST).is_file():
+        model, tok = io.load(source)
+    else:
+        model, tok = load_model(source)
+    model.eval()
+    kernels.prepare()
+    _settle()
+    memory.reset_peak()
+    rss_model = memory.rss_mb()
+    speed = decode_speed(model, tok, new_tokens=config.decode_tokens)
+    ids = prompt_ids(tok, config.prefill_tokens)
+    kernels.reset_counts()
+    prefill = prefill_speed(model, ids, config.repeats)
+    return {"decode_tok_s": speed.tok_s, "prefill_tok_s": prefill, "peak_rss_mb": memory.peak_rss_mb(),
+            "rss_after_load_mb": rss_model, "kernel": speed.kernel, "prefill_kernel": kernels.kernel_summary(),
+            "bytes_per_token": weight_bytes_per_token(model), "threads": torch.get_num_threads()}
+
+
+def _child(source: str, config: BenchConfig) -> dict:
+    cmd = [sys.executable, "-m", "lowbit.eval.bench", source, json.dumps(asdict(config))]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise LowbitError(f"measuring {source} failed (exit {done.returncode}); its error is printed above")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_bench(model: str, recipes: list[str], config: BenchConfig, calib_windows: int = 16,
+              log=lambda msg: None) -> dict[str, dict]:
+    """Rows keyed by ``fp32`` and each recipe: decode/prefill tokens/s and their ratios to FP32, peak RSS,
+    bytes per token, roofline bound and the share of it reached, which kernel ran, effective bits/weight."""
+    import copy
+
+    from .. import io
+    from ..api import quantize
+    from ..calibration import Calibration
+    from ..models import load_model
+    from ..recipe import Recipe
+    from ..summary import bits_summary
+
+    for name in recipes:
+        Recipe.parse(name)  # fail on a bad name before any work
+    bandwidth = memory_bandwidth_gbs()
+    log(f"memory bandwidth {bandwidth:.1f} GB/s")
+    rows: dict[str, dict] = {FP32: {"bits_per_weight": 32.0}}
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
+        sources = {FP32: model}
+        if recipes:
+            fp_model, tok = load_model(model)
+            for name in recipes:
+                log(f"quantizing {name}")
+                q = quantize(copy.deepcopy(fp_model), name, calib=Calibration(tokenizer=tok, n=calib_windows))
+                rows[name] = {"bits_per_weight": bits_summary(q)["bits_per_weight"]}
+                sources[name] = str(io.save(q, Path(tmp) / name.replace("/", "_"), tokenizer=tok))
+                del q
+            del fp_model
+            _settle()
+        for name, source in sources.items():
+            log(f"measuring {name}")
+            rows[name].update(_child(source, config))
+    base = rows[FP32]
+    for row in rows.values():
+        row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"]
+        row["prefill_ratio"] = row["prefill_tok_s"] / base["prefill_tok_s"]
+        row["peak_rss_ratio"] = row["peak_rss_mb"] / base["peak_rss_mb"]
+        row["bandwidth_gbs"] = bandwidth
+        row["roofline_tok_s"] = bandwidth * 1e9 / row["bytes_per_token"]
+        row["roofline_pct"] = 100 * row["decode_tok_s"] / row["roofline_tok_s"]
+    return rows
+
+
+def markdown_table(rows: dict[str, dict]) -> str:
+    head = ("| model | bits/weight | decode tok/s | decode / FP32 | prefill tok/s | prefill / FP32 | peak RSS MB | "
+            "RSS / FP32 | MB read / token | roofline tok/s | % of roofline | kernel |")
+    lines = [head, "|" + "---|" * 12]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['bits_per_weight']:.2f} | {r['decode_tok_s']:.1f} | {r['decode_ratio']:.2f}× | "
+                     f"{r['prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f}× | {r['peak_rss_mb']:.0f} | "
+                     f"{r['peak_rss_ratio']:.2f}× | {r['bytes_per_token'] / 1e6:.1f} | {r['roofline_tok_s']:.1f} | "
+                     f"{r['roofline_pct']:.0f}% | {r['kernel']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bench(rows: dict[str, dict], out: str | Path) -> Path:
+    """PNG bar chart of decode and prefill ratios to FP32 (written to a temp name, then renamed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    names = list(rows)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    for ax, key, label in zip(axes, ("decode_ratio", "prefill_ratio", "peak_rss_ratio"),
+                              ("decode tok/s ÷ FP32", "prefill tok/s ÷ FP32", "peak RSS ÷ FP32"), strict=True):
+        bars = ax.bar(names, [rows[n][key] for n in names], color="tab:blue")
+        ax.axhline(1.0, color="black", lw=1, ls="--")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, out)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+if __name__ == "__main__":  # the child: python -m lowbit.eval.bench SOURCE CONFIG_JSON
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    result = measure_model(sys.argv[1], BenchConfig(**json.loads(sys.argv[2])))
+    sys.stdout.write(json.dumps(result) + "\n")
