@@ -391,8 +391,8 @@ def test_bench_json_keyed_by_recipe_with_ratios_and_files(hf_folder, tmp_path):
                                      "--decode-tokens", "4", "--prefill-tokens", "32", "--out", out, "--json"))
     assert list(payload) == ["fp32", "rtn-w4g64", "lowra-b2.0"]
     for name, row in payload.items():
-        for key in ("decode_tok_s", "decode_ratio", "prefill_tok_s", "prefill_ratio", "peak_rss_mb", "kernel",
-                    "bytes_per_token", "roofline_tok_s", "roofline_pct", "bits_per_weight"):
+        for key in ("decode_tok_s", "decode_ratio", "prefill_tok_s", "prefill_ratio", "peak_rss_mb", "model_peak_mb",
+                    "kernel", "bytes_per_token", "roofline_tok_s", "roofline_pct", "bits_per_weight"):
             assert key in row, (name, key)
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0
         assert row["decode_ratio"] == pytest.approx(row["decode_tok_s"] / payload["fp32"]["decode_tok_s"])
