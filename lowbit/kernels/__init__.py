@@ -47,8 +47,7 @@ def force(name: str):
 
 def qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
     """``x (..., in)`` -> ``(..., out)`` = ``x @ Wᵀ`` for a packed ``W``."""
-    choice = _choice()
-    if choice == "auto" and cpu_supports(x, qweight):
+    if _choice() == "auto" and cpu_supports(x, qweight):
         calls["cpu-gemv"] += 1
         return qmatmul_cpu(x, qweight)
     calls["reference"] += 1

@@ -54,11 +54,13 @@ KINDS = ("uniform", "mixed-codebook")
 
 def supports(x: torch.Tensor, qweight: PackedWeight) -> bool:
     """True for one CPU row without autograd (the decode case) of a uniform or mixed-codebook weight, when the
-    kernel builds here."""
-    rows = x.numel() // max(x.shape[-1], 1)
+    kernel builds here. Called once per layer per decoded token: cheapest tests first."""
+    if x.device.type != "cpu" or x.numel() != x.shape[-1] or qweight.kind not in KINDS:
+        return False
+    if x.requires_grad and torch.is_grad_enabled():
+        return False
     device = (qweight.codes if qweight.kind == "uniform" else qweight.perm).device
-    return (qweight.kind in KINDS and x.device.type == "cpu" and rows == 1 and device.type == "cpu"
-            and not (torch.is_grad_enabled() and x.requires_grad) and extension() is not None)
+    return device.type == "cpu" and extension() is not None
 
 
 def qmatmul_cpu(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -45,8 +47,16 @@ class QLinear(nn.Module):
 
     @property
     def qweight(self) -> QuantizedWeight:
-        """The packed weight, viewing this module's buffers (no copy)."""
-        return self._weight_cls.from_tensors(self.weight_meta, {n: getattr(self, n) for n in self.packed_names})
+        """The packed weight, viewing this module's buffers (no copy). The view is rebuilt only when a buffer
+        was replaced (device moves, ``load_state_dict(assign=True)``): decode calls this once per layer per token,
+        and building and validating the weight object costs more than a small layer's matmul."""
+        current = [self._buffers[n] for n in self.packed_names]
+        cached = self.__dict__.get("_qweight_cache")
+        if cached is None or not all(map(operator.is_, cached[0], current)):
+            tensors = dict(zip(self.packed_names, current, strict=True))
+            qweight = self._weight_cls.from_tensors(self.weight_meta, tensors)
+            cached = self.__dict__["_qweight_cache"] = (current, qweight)
+        return cached[1]
 
     @property
     def weight(self) -> torch.Tensor:
