@@ -194,6 +194,54 @@ def input_power(model: nn.Module, windows: torch.Tensor, layer_names: list[str])
     return {n: p / tokens for n, p in power.items()}
 
 
+def output_sensitivity(model: nn.Module, windows: torch.Tensor, layer_names: list[str], chunk: int = 512,
+                       max_tokens: int = 8192) -> dict[str, torch.Tensor]:
+    """Mean squared gradient of the language-model loss with respect to each listed Linear's output,
+    ``E[(∂L/∂y_r)²]`` ``(out,)`` per output channel ``r`` (the diagonal Fisher of the layer's output).
+
+    With ``diag(H)`` of the input this gives a second-order estimate of the loss change from a weight error:
+    ``ΔL ≈ ½ Σ_r E[(∂L/∂y_r)²] · Σ_j diag(H)_j Δw_rj²``, comparable across layers and rows, which is what a global
+    precision assignment needs. The calibration windows are cut into ``chunk``-token pieces (backward memory grows
+    with length) and at most ``max_tokens`` are used. Weights get no gradients: only the activations do.
+    """
+    grads = {n: None for n in layer_names}
+    pieces = windows[:, : windows.shape[1] // chunk * chunk].reshape(-1, chunk)[: max(1, max_tokens // chunk)]
+    if pieces.numel() == 0:
+        raise LowbitError(f"sensitivity needs calibration windows of at least {chunk} tokens")
+
+    def hook(name):
+        def fn(module, args, out):
+            def accumulate(g):
+                s = (g.float() ** 2).reshape(-1, g.shape[-1]).sum(0)
+                grads[name] = s if grads[name] is None else grads[name] + s
+            if out.requires_grad:
+                out.register_hook(accumulate)
+        return fn
+
+    embed = model.get_input_embeddings()
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in layer_names]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for ids in tqdm(pieces, desc="output sensitivity", unit="chunk", leave=False):
+                ids = ids.unsqueeze(0)
+                x = embed(ids).detach().requires_grad_(True)
+                loss = model(inputs_embeds=x, labels=ids, use_cache=False).loss
+                loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    tokens = pieces.numel()
+    missing = [n for n, g in grads.items() if g is None]
+    if missing:
+        raise LowbitError(f"no gradient reached {missing[0]}; sensitivity needs a differentiable path to the loss")
+    return {n: g / tokens for n, g in grads.items()}
+
+
 @torch.no_grad()
 def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str],
                   quantize_block: Callable[[dict[str, LayerStats]], None], desc: str = "calibrate") -> None:

@@ -14,6 +14,7 @@ from lowbit.calibration import (
     block_inputs,
     calibration_windows,
     input_power,
+    output_sensitivity,
     read_calibration_text,
     run_blockwise,
 )
@@ -110,3 +111,21 @@ def test_calibration_files_text_and_jsonl(tmp_path):
         read_calibration_text(rows)
     with pytest.raises(LowbitError, match="does not exist"):
         read_calibration_text(tmp_path / "nope.txt")
+
+
+def test_output_sensitivity_is_the_mean_squared_gradient_at_each_layer_output():
+    model = tiny_model("llama")
+    windows = torch.randint(0, 256, (2, 32))
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    sens = output_sensitivity(model, windows, names, chunk=16)  # four 16-token pieces
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # no weight gradients, flags kept
+    for name in names:
+        ref = torch.zeros(model.get_submodule(name).out_features)
+        captured = []
+        handle = model.get_submodule(name).register_forward_hook(lambda m, a, o, c=captured: c.append(o))
+        for piece in windows.reshape(-1, 16):
+            loss = model(piece.unsqueeze(0), labels=piece.unsqueeze(0), use_cache=False).loss
+            (g,) = torch.autograd.grad(loss, captured[-1])
+            ref += (g**2).reshape(-1, g.shape[-1]).sum(0)
+        handle.remove()
+        torch.testing.assert_close(sens[name], ref / 64, rtol=1e-4, atol=0)

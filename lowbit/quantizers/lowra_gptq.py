@@ -3,6 +3,8 @@
 1. One float forward over the calibration windows gives each target Linear's input power ``diag(H)``.
 2. LowRA's Lloyd–Max fits weight every weight by ``a²·diag(H)_j`` (its block scale and its input column's
    power), so the per-group errors the precision assignment trades off estimate *output* error, not weight error.
+   With ``sensitivity="fisher"`` each row's error is further weighted by ``E[(∂L/∂y_r)²]`` (one backward pass,
+   :func:`lowbit.calibration.output_sensitivity`), turning it into an estimate of the loss change.
 3. Blockwise over the decoder (:func:`lowbit.calibration.run_blockwise`, inputs from the already quantized
    blocks), each layer is rounded column by column to its rows' codebooks with GPTQ's Hessian error feedback
    (:func:`lowbit.quantizers.gptq.error_feedback`). Block absmax scales stay those of the original weight.
@@ -15,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration import Calibration, LayerStats, input_power, run_blockwise
+from ..calibration import Calibration, LayerStats, input_power, output_sensitivity, run_blockwise
+from ..errors import LowbitError
 from ..models import find_linears, set_module
 from ..nn.qlinear import QLinear
 from ..qmixed import MixedCodebookWeight
@@ -33,6 +36,12 @@ class LowRAGPTQConfig(LowRAConfig):
     damp: float = 0.01  # GPTQ dampening, fraction of mean(diag H)
     gptq_block: int = 128  # columns per lazy-batch update
     act_order: bool = True  # round columns in decreasing diag(H) order (scales and codebooks are static anyway)
+    sensitivity: str = "none"  # fisher: weight each row's error by E[(dL/dy_r)^2] from a backward pass
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sensitivity not in ("none", "fisher"):
+            raise LowbitError(f"sensitivity must be 'none' or 'fisher', got {self.sensitivity!r}")
 
 
 def lowra_gptq_round(w: torch.Tensor, hessian: torch.Tensor, fit: LayerFit, choice: torch.Tensor,
@@ -83,6 +92,10 @@ class LowRAGPTQ(LowRA):
         names = [n for n, _ in targets]
         power = input_power(model, windows, names)
         fits = {n: self.fit(n, m.weight.detach(), power[n]) for n, m in targets}
+        if c.sensitivity == "fisher":  # row errors in units of loss, so layers compete on equal terms
+            fisher = output_sensitivity(model, windows, names)
+            for n, fit in fits.items():
+                fit.errors = fit.errors * fisher[n].reshape(-1, fit.group_rows).mean(1, keepdim=True)
         choices = self.assign(fits, dict(targets))
 
         def quantize_block(stats: dict[str, LayerStats]) -> None:

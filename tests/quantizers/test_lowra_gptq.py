@@ -12,7 +12,7 @@ import lowbit
 from lowbit import QLinear
 from lowbit.calibration import Calibration, LayerStats
 from lowbit.quantizers.lowra import LowRAConfig, encode_layer, fit_layer
-from lowbit.quantizers.lowra_gptq import lowra_gptq_round
+from lowbit.quantizers.lowra_gptq import LowRAGPTQConfig, lowra_gptq_round
 from lowbit.quantizers.precision import assign_widths
 from lowbit.summary import bits_summary
 
@@ -35,9 +35,11 @@ def test_error_feedback_cuts_held_out_output_error_with_the_same_codebooks(act_o
     assert err["gptq"] < GPTQ_OVER_RTN * err["plain"], err
 
 
-def test_tiny_llama_end_to_end_within_budget():
+@pytest.mark.parametrize("sensitivity", ["none", "fisher"])
+def test_tiny_llama_end_to_end_within_budget(sensitivity):
     model = tiny_model("llama")
-    lowbit.quantize(model, "lowra-gptq-b1.5", calib=Calibration(windows=torch.randint(0, 256, (4, 32))))
+    recipe = lowbit.Recipe([LowRAGPTQConfig(budget=1.5, sensitivity=sensitivity)])
+    lowbit.quantize(model, recipe, calib=Calibration(windows=torch.randint(0, 256, (4, 512))))
     assert sum(isinstance(m, QLinear) for m in model.modules()) == 14
     assert 1.49 <= bits_summary(model)["code_bits"] <= 1.5
     with torch.no_grad():
