@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import FP32_ATOL, FP32_RTOL, LOWP_ATOL, LOWP_RTOL
+from tolerances import FP32_ATOL, FP32_RTOL, KERNEL_ATOL_PER_SQRT_K, LOWP_ATOL, LOWP_RTOL
 
 from lowbit import kernels
 from lowbit.formats import get_format
@@ -148,3 +148,18 @@ def test_cpu_gemv_matches_reference_on_mixed_codebook_rows(auto, budget):
     assert kernels.calls == {"cpu-gemv": 1}
     torch.testing.assert_close(y, qmatmul_reference(x, qw), atol=FP32_ATOL, rtol=FP32_RTOL)
     assert kernels.qmatmul(torch.randn(3, IN), qw).shape == (3, OUT) and kernels.calls["reference"] == 1
+
+
+@pytest.mark.parametrize("out_f,in_f,group_size", [(7, 72, 24), (33, 200, 8), (16, 1000, 64), (5, 136, 128)])
+@pytest.mark.parametrize("family,bits", [("int", 1), ("int", 2), ("int", 3), ("int", 4), ("int", 8), ("nf", 3),
+                                         ("nf", 4), ("fp4", 4)])
+def test_cpu_gemv_on_shapes_off_the_16_lane_tiles(auto, out_f, in_f, group_size, family, bits):
+    """The vector path works on 16 codes at a time: groups of 8/24, ragged last groups, rows ending mid-tile and
+    per-channel scales all against the reference (the last row's tail reads stay inside the codes tensor)."""
+    w = torch.randn(out_f, in_f)
+    for granularity, g in (("group", group_size), ("channel", in_f)):
+        qw = rtn_quantize(w, get_format(family, bits, False), granularity, g)
+        x = torch.randn(in_f)
+        torch.testing.assert_close(kernels.qmatmul(x, qw), qmatmul_reference(x, qw),
+                                   atol=KERNEL_ATOL_PER_SQRT_K * in_f**0.5, rtol=FP32_RTOL)
+    assert kernels.calls["reference"] == 0

@@ -69,6 +69,115 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* codes, int64_t 
   }
 }
 
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#include <cstring>
+#define LOWBIT_AVX512 1
+
+// ---- AVX-512 path: 16 weights per step, never a dequantized buffer -------------------------------------------
+// 16 codes of BITS bits starting at byte p (byte aligned; chunks start at multiples of 8 codes), as int32 lanes.
+// `avail` = readable bytes from p to the end of the codes tensor: near the end the bytes are copied first.
+template <int BITS>
+inline __m512i codes16(const uint8_t* p, int64_t avail) {
+  if constexpr (BITS == 8) {
+    __m128i b;
+    if (avail >= 16) {
+      b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    } else {
+      alignas(16) uint8_t t[16] = {0};
+      std::memcpy(t, p, avail);
+      b = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
+    }
+    return _mm512_cvtepu8_epi32(b);
+  } else {
+    static_assert(BITS <= 4, "16 codes must fit in 64 bits");
+    uint64_t v = 0;
+    std::memcpy(&v, p, avail >= 8 ? 8 : avail);
+    const __m512i w = _mm512_set1_epi64(static_cast<long long>(v));
+    const __m512i lo = _mm512_srlv_epi64(w, _mm512_setr_epi64(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS,
+                                                               6 * BITS, 7 * BITS));
+    const __m512i hi = _mm512_srlv_epi64(w, _mm512_setr_epi64(8 * BITS, 9 * BITS, 10 * BITS, 11 * BITS, 12 * BITS,
+                                                               13 * BITS, 14 * BITS, 15 * BITS));
+    const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)),
+                                         _mm512_cvtepi64_epi32(hi), 1);
+    return _mm512_and_si512(c, _mm512_set1_epi32((1 << BITS) - 1));
+  }
+}
+
+// How codes become values: integers, a table of <= 16 levels in one register, or a larger table (gather).
+enum class Decode { Int, Table16, Gather };
+
+template <Decode D>
+inline __m512 decode16(__m512i q, __m512 table, const float* lut) {
+  if constexpr (D == Decode::Int) return _mm512_cvtepi32_ps(q);
+  else if constexpr (D == Decode::Table16) return _mm512_permutexvar_ps(q, table);
+  else return _mm512_i32gather_ps(q, lut, 4);
+}
+
+// sum_g scale_g * sum_{k in g} value(q_k) x_k for one packed row; groups of `gs` codes (a multiple of 8).
+template <int BITS, Decode D>
+inline __m512 row_dot(const uint8_t* row, int64_t avail, const float* x, int64_t K, int64_t gs,
+                      const at::Half* scales, __m512 table, const float* lut) {
+  __m512 acc_row = _mm512_setzero_ps();
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    const int64_t len = std::min(gs, K - k0);
+    __m512 acc = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= len; k += 16) {
+      const int64_t b = (k0 + k) * BITS / 8;
+      const __m512 v = decode16<D>(codes16<BITS>(row + b, avail - b), table, lut);
+      acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + k0 + k), acc);
+    }
+    if (k < len) {  // 8..15 codes left (len is a multiple of 8 except at the row's end)
+      const __mmask16 m = static_cast<__mmask16>((1u << (len - k)) - 1);
+      const int64_t b = (k0 + k) * BITS / 8;
+      const __m512 v = decode16<D>(codes16<BITS>(row + b, avail - b), table, lut);
+      acc = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, x + k0 + k), acc);
+    }
+    acc_row = _mm512_fmadd_ps(_mm512_set1_ps(float(scales[g])), acc, acc_row);
+  }
+  return acc_row;
+}
+
+template <int BITS, Decode D>
+void gemv_rows_simd(const float* x, const float* xsum, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
+                    const at::Half* scales, const uint8_t* zeros, bool shared_scales, const float* lut, float offset,
+                    int64_t K, int64_t group_size, int64_t groups, int64_t n0, int64_t n1, float* y) {
+  __m512 table = _mm512_setzero_ps();
+  if constexpr (D == Decode::Table16) {
+    alignas(64) float t[16] = {0};
+    std::memcpy(t, lut, sizeof(float) * std::min(16, 1 << BITS));
+    table = _mm512_load_ps(t);
+  }
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t srow = shared_scales ? 0 : n * groups;
+    const int64_t start = n * row_bytes;
+    float out = _mm512_reduce_add_ps(row_dot<BITS, D>(codes + start, total_bytes - start, x, K, group_size,
+                                                      scales + srow, table, lut));
+    if constexpr (D == Decode::Int) {  // the zero point's share: sum_g s_g z_g sum_{k in g} x_k
+      for (int64_t g = 0; g < groups; ++g)
+        out -= float(scales[srow + g]) * (zeros ? float(zeros[srow + g]) : offset) * xsum[g];
+    }
+    y[n] = out;
+  }
+}
+
+// Mixed-codebook rows (see gemv_mixed_rows): each row's levels in one register.
+template <int BITS>
+void gemv_mixed_rows_simd(const float* x, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
+                          const at::Half* books, const at::Half* absmax, const int32_t* perm, int64_t K,
+                          int64_t block, int64_t blocks, int64_t r0, int64_t n0, int64_t n1, float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    alignas(64) float t[16] = {0};
+    for (int i = 0; i < (1 << BITS); ++i) t[i] = float(books[n * (1 << BITS) + i]);
+    const int64_t start = n * row_bytes;
+    y[perm[r0 + n]] = _mm512_reduce_add_ps(row_dot<BITS, Decode::Table16>(
+        codes + start, total_bytes - start, x, K, block, absmax + (r0 + n) * blocks, _mm512_load_ps(t), nullptr));
+  }
+}
+#endif  // AVX-512
+
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                     c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset) {
   TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
@@ -97,7 +206,26 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   const uint8_t* cp = codes.data_ptr<uint8_t>();
   const at::Half* sp = scales.data_ptr<at::Half>();
   const bool shared = scales.size(0) == 1 && N != 1;
+  const int64_t total = N * row_bytes;
+  const int64_t lut_size = levels.has_value() ? levels->numel() : 0;
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+#ifdef LOWBIT_AVX512
+    switch (bits) {
+#define LOWBIT_SIMD(B)                                                                                          \
+  case B:                                                                                                     \
+    if (!lut) gemv_rows_simd<B, Decode::Int>(xp, xsum.data(), cp, row_bytes, total, sp, zp, shared, lut,     \
+                                             float(offset), K, group_size, groups, n0, n1, yp);               \
+    else if (B <= 4 && lut_size <= 16) gemv_rows_simd<B, Decode::Table16>(xp, xsum.data(), cp, row_bytes,    \
+                                             total, sp, zp, shared, lut, float(offset), K, group_size, groups, \
+                                             n0, n1, yp);                                                     \
+    else gemv_rows_simd<B, Decode::Gather>(xp, xsum.data(), cp, row_bytes, total, sp, zp, shared, lut,       \
+                                           float(offset), K, group_size, groups, n0, n1, yp);                 \
+    return;
+      LOWBIT_SIMD(1) LOWBIT_SIMD(2) LOWBIT_SIMD(3) LOWBIT_SIMD(4) LOWBIT_SIMD(8)
+#undef LOWBIT_SIMD
+      default: break;  // 5-7 bits: 16 codes do not fit one 64-bit load; the portable loop below
+    }
+#endif
     switch (bits) {
 #define LOWBIT_CASE(B) case B: gemv_rows<B>(xp, xsum.data(), cp, row_bytes, sp, zp, shared, lut, float(offset), K, group_size, groups, n0, n1, yp); break;
       LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4) LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
@@ -158,6 +286,13 @@ torch::Tensor qgemv_mixed(torch::Tensor x, std::vector<int64_t> widths, std::vec
     const uint8_t* cp = codes[s].data_ptr<uint8_t>();
     const at::Half* bp = books[s].data_ptr<at::Half>();
     at::parallel_for(0, rows, 8, [&](int64_t n0, int64_t n1) {
+#ifdef LOWBIT_AVX512
+      switch (bits) {
+#define LOWBIT_SIMD(B) case B: gemv_mixed_rows_simd<B>(xp, cp, row_bytes, rows * row_bytes, bp, absmax.data_ptr<at::Half>(), perm.data_ptr<int32_t>(), K, block, blocks, r0, n0, n1, yp); return;
+        LOWBIT_SIMD(1) LOWBIT_SIMD(2) LOWBIT_SIMD(3) LOWBIT_SIMD(4)
+#undef LOWBIT_SIMD
+      }
+#endif
       switch (bits) {
 #define LOWBIT_CASE(B) case B: gemv_mixed_rows<B>(xp, cp, row_bytes, bp, absmax.data_ptr<at::Half>(), perm.data_ptr<int32_t>(), K, block, blocks, r0, n0, n1, yp); break;
         LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
