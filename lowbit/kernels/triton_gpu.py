@@ -20,8 +20,10 @@ scale group (``BLOCK_K`` divides the group size, or there is one group per row) 
 scale (``q - z`` or ``level[q]``), multiplied on ``tl.dot`` and the fp32 partial product is scaled per output
 column; integer ``q - z`` is exact in fp16/bf16, so this loses nothing. Otherwise (group sizes like 24 or 40) the
 scale is gathered per element and applied before the dot. fp32 activations use ``input_precision="ieee"`` (no
-TF32), fp16/bf16 activations run the dot in their own dtype. Decode (M = 1) uses ``BLOCK_M = 16`` with masking:
-simple and correct; a split-K GEMV variant would be faster for fp32 activations.
+TF32), fp16/bf16 activations run the dot in their own dtype (in the interpreter bf16 is upcast to fp32 first:
+Triton 3.9's interpreter multiplies bf16 dot operands as raw bit patterns). Decode (M = 1) uses ``BLOCK_M = 16``
+with masking: simple and correct; a split-K GEMV variant would be faster for fp32 activations. Tile sizes are
+fixed heuristics (:func:`_blocks`), not autotuned: so far the kernel has only been checked in the interpreter.
 
 The interpreter: with ``TRITON_INTERPRET=1`` and CPU tensors :func:`supports` is True and the same kernel runs in
 Triton's numpy interpreter (slow; used by the tests). The kernel only uses Triton builtins (no ``tl.sum`` or other
@@ -193,7 +195,7 @@ def _launch(x2, out, codes, scales, zeros, table, perm, *, n_rows, K, group, bit
     block_m, block_n, block_k = blocks or _blocks(M, group, groups)
     tile_scale = groups == 1 or group % block_k == 0
     interpret = x2.device.type != "cuda"
-    # Triton 3.9's interpreter multiplies bf16 operands of tl.dot as raw uint16 bit patterns: upcast there.
+    # Triton 3.9's interpreter multiplies bf16 tl.dot operands as raw uint16 bit patterns: upcast there.
     dot_fp32 = x2.dtype == torch.float32 or (interpret and x2.dtype == torch.bfloat16)
     dummy = scales
     grid = (math.ceil(M / block_m), math.ceil(n_rows / block_n))

@@ -24,11 +24,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
+from ..formats.base import as_storage_scale
 from ..formats.codebook import normal_float_levels
 from ..models import DECODER, find_linears, set_module
 from ..nn.qlinear import QLinear
 from ..qmixed import WIDTHS, MixedCodebookWeight, block_absmax
-from ..qtensor import check_group_size
+from ..qtensor import check_group_size, padded_groups
 from ..recipe import StepConfig
 from ..registry import register
 from .base import Step, check_finite
@@ -48,6 +49,7 @@ class LowRAConfig(StepConfig):
     channel_group: int = 1  # consecutive rows sharing one width and codebook
     scope: str = "model"  # model: one budget across all layers | layer: each layer meets the budget on its own
     iters: int = 30  # Lloyd–Max iterations at most (stops early when the error settles)
+    scale_search: str = "none"  # none: block absmax | mse: per block, the clipped scale of least (weighted) error
     targets: tuple[str, ...] = (DECODER,)
     ignore: tuple[str, ...] = ()
 
@@ -64,6 +66,8 @@ class LowRAConfig(StepConfig):
             raise LowbitError(f"channel_group must be a positive integer, got {self.channel_group!r}")
         if self.iters < 1:
             raise LowbitError(f"iters must be at least 1, got {self.iters!r}")
+        if self.scale_search not in ("none", "mse"):
+            raise LowbitError(f"scale_search must be 'none' or 'mse', got {self.scale_search!r}")
 
 
     def describe(self) -> str:
@@ -120,19 +124,21 @@ class SortedGroups:
 
 
 def lloyd_fit(u: torch.Tensor, weight: torch.Tensor, bits: int, iters: int = 30, tol: float = 1e-6,
-              groups: SortedGroups | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              groups: SortedGroups | None = None, init: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted Lloyd–Max codebooks for each row of ``u``.
 
     Args:
         u: ``(G, N)`` normalised values of each group.
         weight: ``(G, N)`` non-negative weights ω.
         groups: ``SortedGroups(u, weight)`` when the caller fits several widths (it is built otherwise).
+        init: starting levels ``(G, 2**bits)`` (default: :func:`initial_levels`).
     Returns:
         ``levels (G, 2**bits)`` sorted, fp16-representable (as stored), and ``error (G,)`` = ``Σ ω (u − m)²``
         of nearest-level encoding with those stored levels.
     """
     groups = groups or SortedGroups(u, weight)
-    levels = initial_levels(bits, u, weight).double()
+    levels = (initial_levels(bits, u, weight) if init is None else init).double()
     prev = None
     for _ in range(iters):
         c0, c1, _ = groups.bin_sums(levels)
@@ -149,10 +155,18 @@ def lloyd_fit(u: torch.Tensor, weight: torch.Tensor, bits: int, iters: int = 30,
 class LayerFit:
     """Everything LowRA learned for one layer before widths are chosen."""
 
-    absmax: torch.Tensor  # (out, blocks) fp16-representable
+    scales: dict[int, torch.Tensor]  # width -> (out, blocks) fp16-representable block scales
     levels: dict[int, torch.Tensor]  # width -> (groups, 2**b)
     errors: torch.Tensor  # (groups, len(widths))
     group_rows: int  # rows per channel group
+
+    def row_scales(self, row_width: torch.Tensor) -> torch.Tensor:
+        """Block scales ``(out, blocks)`` of each row at its chosen width ``row_width (out,)``."""
+        out = torch.empty_like(next(iter(self.scales.values())))
+        for b, s in self.scales.items():
+            rows = row_width == b
+            out[rows] = s[rows]
+        return out
 
 
 def normalise(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,31 +178,65 @@ def normalise(w: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Ten
     return absmax, u, a * a
 
 
+SCALE_GRID = tuple(1.0 - 0.02 * i for i in range(16))  # block-scale shrink factors tried by scale_search="mse"
+
+
+def search_block_scales(w: torch.Tensor, absmax: torch.Tensor, levels: torch.Tensor, col_weight: torch.Tensor,
+                        block_size: int, grid: tuple[float, ...] = SCALE_GRID) -> torch.Tensor:
+    """Per block, the scale ``p·absmax`` (``p`` in ``grid``, fp16-representable) whose nearest-level encoding
+    with the row's codebook ``levels (out, K)`` has the least ``Σ_j col_weight_j (w − a·m)²``.
+
+    Args: ``w (out, in)``, ``absmax (out, blocks)``, ``col_weight (in,)``. Returns scales ``(out, blocks)``.
+    """
+    out_f, in_f = w.shape
+    wb = padded_groups(w.float(), block_size)  # (out, blocks, bs)
+    cw = padded_groups(col_weight.float().reshape(1, -1), block_size)  # (1, blocks, bs), zero padding
+    thresholds = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
+    best, best_err = absmax.clone(), torch.full_like(absmax, float("inf"))
+    for p in grid:
+        a = as_storage_scale(absmax * p)
+        u = (wb / a.unsqueeze(-1)).reshape(out_f, -1).contiguous()
+        m = torch.gather(levels, 1, torch.searchsorted(thresholds, u)).reshape(wb.shape)
+        err = ((wb - m * a.unsqueeze(-1)) ** 2 * cw).sum(-1)
+        better = err < best_err
+        best = torch.where(better, a, best)
+        best_err = torch.where(better, err, best_err)
+    return best
+
+
 def fit_layer(w: torch.Tensor, config: LowRAConfig, col_weight: torch.Tensor | None = None) -> LayerFit:
-    """Codebooks and errors of ``w (out, in)`` at every candidate width (``col_weight (in,)`` optional)."""
+    """Codebooks, block scales and errors of ``w (out, in)`` at every candidate width (``col_weight (in,)``
+    optional). With ``scale_search="mse"``, each width's block scales are searched for its fitted codebooks
+    (:func:`search_block_scales`) and the codebooks refitted once to the new scales."""
     out_f, in_f = w.shape
     c = config.channel_group
     if out_f % c:
         raise LowbitError(f"channel_group={c} does not divide the layer's {out_f} output rows; use a divisor")
-    absmax, u, omega = normalise(w, config.block_size)
-    if col_weight is not None:
-        omega = omega * col_weight.float().clamp(min=0).unsqueeze(0)
-    u, omega = u.reshape(out_f // c, c * in_f), omega.reshape(out_f // c, c * in_f)
-    levels, errors = {}, []
-    groups = SortedGroups(u, omega)
+    absmax, u, a2 = normalise(w, config.block_size)
+    cw = torch.ones(in_f) if col_weight is None else col_weight.float().clamp(min=0)
+    omega = a2 * cw.unsqueeze(0)
+    ug, omega = u.reshape(out_f // c, c * in_f), omega.reshape(out_f // c, c * in_f)
+    levels, errors, scales = {}, [], {}
+    groups = SortedGroups(ug, omega)
     for b in config.widths:
-        levels[b], e = lloyd_fit(u, omega, b, config.iters, groups=groups)
+        levels[b], e = lloyd_fit(ug, omega, b, config.iters, groups=groups)
+        scales[b] = absmax
+        if config.scale_search == "mse":
+            scales[b] = search_block_scales(w, absmax, levels[b].repeat_interleave(c, dim=0), cw, config.block_size)
+            a = scales[b].repeat_interleave(config.block_size, dim=1)[:, :in_f]
+            ub, wt = (w.float() / a).reshape(out_f // c, -1), (a * a * cw).reshape(out_f // c, -1)
+            levels[b], e = lloyd_fit(ub, wt, b, config.iters, init=levels[b])
         errors.append(e)
-    return LayerFit(absmax, levels, torch.stack(errors, dim=1), c)
+    return LayerFit(scales, levels, torch.stack(errors, dim=1), c)
 
 
 def encode_layer(w: torch.Tensor, fit: LayerFit, choice: torch.Tensor, widths: tuple[int, ...],
                  block_size: int) -> MixedCodebookWeight:
     """Codes of ``w`` with each group's chosen width (``choice`` indexes ``widths``) -> mixed packed weight."""
     out_f, in_f = w.shape
-    a = fit.absmax.unsqueeze(-1).expand(-1, -1, block_size).reshape(out_f, -1)[:, :in_f]
-    u = w.float() / a
     row_width = torch.tensor(widths)[choice].repeat_interleave(fit.group_rows)
+    scales = fit.row_scales(row_width)
+    u = w.float() / scales.repeat_interleave(block_size, dim=1)[:, :in_f]
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
     books = {}
     for b in widths:
@@ -197,7 +245,7 @@ def encode_layer(w: torch.Tensor, fit: LayerFit, choice: torch.Tensor, widths: t
         books[b] = book
         if rows.numel():
             codes[rows] = nearest(book[rows], u[rows]).to(torch.uint8)
-    return MixedCodebookWeight.from_rows(codes, row_width, books, fit.absmax, block_size)
+    return MixedCodebookWeight.from_rows(codes, row_width, books, scales, block_size)
 
 
 def layer_error(w: torch.Tensor, qw: MixedCodebookWeight) -> float:

@@ -64,7 +64,7 @@ def lowra_gptq_round(w: torch.Tensor, hessian: torch.Tensor, fit: LayerFit, choi
         levels[rows, : 2**b] = books[b][rows]
     thresholds = ((levels[:, 1:] + levels[:, :-1]) / 2).contiguous()
     thresholds = torch.nan_to_num(thresholds, nan=float("inf"))
-    absmax = fit.absmax
+    absmax = fit.row_scales(row_width)
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
 
     def quantize_column(i, column, ahead):

@@ -13,7 +13,7 @@ import lowbit
 from lowbit import LowbitError, QLinear
 from lowbit.formats.codebook import normal_float_levels
 from lowbit.qmixed import MixedCodebookWeight, block_absmax
-from lowbit.quantizers.lowra import LowRAConfig, lloyd_fit, nearest, normalise
+from lowbit.quantizers.lowra import LowRAConfig, encode_layer, fit_layer, lloyd_fit, nearest, normalise
 from lowbit.quantizers.precision import assign_widths
 from lowbit.summary import bits_summary
 
@@ -226,3 +226,24 @@ def test_codes_use_the_nearest_stored_level():
     u = torch.tensor([[-0.9, -0.1, 0.05, 0.6]])
     levels = torch.tensor([[-0.5, 0.0, 0.5, 1.0]])
     assert nearest(levels, u).tolist() == [[0, 1, 1, 2]]
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_scale_search_never_loses_to_absmax_and_reports_the_error_it_encodes(weighted):
+    """The search includes p = 1 (absmax) and the refit only lowers the error, so every width's error is at most
+    absmax's; the error reported for the assignment is the one the stored weight really has."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 200, generator=gen) * torch.rand(32, 1, generator=gen)
+    w[3, 17] = 8.0  # an outlier: its block is where clipping pays
+    col = torch.rand(200, generator=gen) if weighted else None
+    plain = fit_layer(w, LowRAConfig(block_size=64), col)
+    config = LowRAConfig(block_size=64, scale_search="mse")
+    searched = fit_layer(w, config, col)
+    assert (searched.errors <= plain.errors * (1 + 1e-4) + 1e-7).all()
+    assert searched.errors.sum() < plain.errors.sum()
+    choice = assign_widths(searched.errors, torch.full((32,), 200), config.widths, 2.0)
+    qw = encode_layer(w, searched, choice, config.widths, 64)
+    cw = torch.ones(200) if col is None else col
+    encoded = (((w - qw.dequantize()) ** 2) * cw).sum(1)
+    expected = searched.errors[torch.arange(32), choice]
+    torch.testing.assert_close(encoded, expected, rtol=1e-3, atol=1e-6)
