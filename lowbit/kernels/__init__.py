@@ -1,9 +1,11 @@
 """The only package that computes with packed weights. ``qmatmul`` picks an implementation per call.
 
-Implementations: ``reference`` (dequantize + F.linear; ground truth and fallback) and ``cpu-gemv``
-(C++ decode GEMV, see :mod:`.cpu`), chosen automatically where it applies. ``LOWBIT_KERNEL=reference``
-(or :func:`force`) pins the reference for debugging. :data:`calls` counts which implementation ran, so
-benchmarks can print it.
+Implementations: ``reference`` (dequantize + F.linear; ground truth and fallback), ``cpu-gemv`` (C++ decode
+GEMV, see :mod:`.cpu`) and ``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the
+``gpu`` extra), chosen automatically where they apply. ``LOWBIT_KERNEL=reference`` (or :func:`force`) pins the
+reference for debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies (with ``TRITON_INTERPRET=1``
+that includes CPU tensors, through Triton's interpreter: slow, for tests). :data:`calls` counts which
+implementation ran, so benchmarks can print it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from ..qtensor import PackedWeight
 from .cpu import qmatmul_cpu
 from .cpu import supports as cpu_supports
 from .reference import qmatmul_reference
+from .triton_gpu import qmatmul_triton
+from .triton_gpu import supports as triton_supports
 
 log = logging.getLogger(__name__)
-IMPLEMENTATIONS = ("auto", "reference")
+IMPLEMENTATIONS = ("auto", "reference", "triton")
 calls: collections.Counter = collections.Counter()
 _forced: list[str] = []
 
@@ -35,7 +39,8 @@ def _choice() -> str:
 
 @contextlib.contextmanager
 def force(name: str):
-    """Use ``reference`` (always) or ``auto`` (fastest that applies) inside the block."""
+    """Use ``reference`` (always), ``triton`` (where it applies) or ``auto`` (fastest that applies) inside the
+    block."""
     if name not in IMPLEMENTATIONS:
         raise ValueError(f"kernel {name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     _forced.append(name)
@@ -47,9 +52,14 @@ def force(name: str):
 
 def qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
     """``x (..., in)`` -> ``(..., out)`` = ``x @ Wᵀ`` for a packed ``W``."""
-    if _choice() == "auto" and cpu_supports(x, qweight):
-        calls["cpu-gemv"] += 1
-        return qmatmul_cpu(x, qweight)
+    choice = _choice()
+    if choice == "auto" and x.device.type == "cpu":
+        if cpu_supports(x, qweight):
+            calls["cpu-gemv"] += 1
+            return qmatmul_cpu(x, qweight)
+    elif choice != "reference" and triton_supports(x, qweight):  # CUDA (auto), or forced
+        calls["triton"] += 1
+        return qmatmul_triton(x, qweight)
     calls["reference"] += 1
     return qmatmul_reference(x, qweight)
 

@@ -49,16 +49,16 @@ KINDS = ("uniform", "mixed-codebook")
 MODE_INT, MODE_TABLE, MODE_ROW_BOOK = 0, 1, 2  # how a code decodes: (q - z), levels[q], codebook[row, q]
 _DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-try:  # only the kernel body below needs `tl`; it is never executed without triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where triton is absent
-    tl = None
+tl = None  # triton.language, bound by _kernel() on first use (the kernel body resolves it as a global)
 
 
 @functools.cache
 def available() -> bool:
     """True when ``triton`` can be imported here (it is not imported by this check)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # e.g. a None entry in sys.modules
+        return False
 
 
 def _interpret_requested() -> bool:
@@ -159,8 +159,11 @@ def _qmm_kernel(
 def _kernel(interpret: bool):
     """The jitted kernel: compiled for the GPU, or (``interpret``) Triton's numpy interpreter, chosen explicitly
     here rather than by the environment at import time."""
+    global tl
     import triton
+    import triton.language
 
+    tl = triton.language
     with triton.knobs.runtime.scope():
         triton.knobs.runtime.interpret = interpret
         return triton.jit(_qmm_kernel)
@@ -217,7 +220,8 @@ def qmatmul_triton(x: torch.Tensor, qweight: PackedWeight, *,
     Args:
         x: activations, any number of leading dims (flattened to M rows); fp16/bf16 run the dot in their own
             dtype, fp32 in full fp32, other float dtypes are computed in fp32 and cast back.
-        qweight: a :class:`QuantizedWeight` or :class:`MixedCodebookWeight` on ``x``'s device.
+        qweight: a :class:`QuantizedWeight` or :class:`MixedCodebookWeight` on ``x``'s device. CUDA tensors run
+            the compiled kernel; CPU tensors always run in Triton's interpreter (slow; see :func:`supports`).
         blocks: ``(BLOCK_M, BLOCK_N, BLOCK_K)`` override (powers of two, each >= 16); tests use it to cover
             multi-tile paths with small shapes.
     """
@@ -226,7 +230,7 @@ def qmatmul_triton(x: torch.Tensor, qweight: PackedWeight, *,
     N, K = qweight.out_features, qweight.in_features
     if x.shape[-1] != K:
         raise ValueError(f"x has {x.shape[-1]} input features, the weight expects {K}")
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(math.prod(x.shape[:-1]), K)
     if x2.dtype not in _DOT_DTYPES:
         x2 = x2.float()
     M = x2.shape[0]

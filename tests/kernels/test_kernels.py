@@ -101,14 +101,22 @@ def test_env_variable_pins_reference(monkeypatch):
 
 
 def test_unknown_kernel_names_raise(monkeypatch):
-    monkeypatch.setenv("LOWBIT_KERNEL", "triton")
-    with pytest.raises(ValueError, match="auto, reference"):
+    monkeypatch.setenv("LOWBIT_KERNEL", "cuda")
+    with pytest.raises(ValueError, match="auto, reference, triton"):
         kernels.qmatmul(torch.randn(2, IN), _qweight())
-    with pytest.raises(ValueError, match="auto, reference"):
+    with pytest.raises(ValueError, match="auto, reference, triton"):
         with kernels.force("cuda"):
             pass
     monkeypatch.delenv("LOWBIT_KERNEL")
     assert kernels._choice() == "auto"
+
+
+def test_forced_triton_without_interpreter_falls_back_to_reference_on_cpu(auto, monkeypatch):
+    """Auto never sends CPU tensors to Triton; forcing it on CPU needs TRITON_INTERPRET=1, else the reference runs."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with kernels.force("triton"):
+        kernels.qmatmul(torch.randn(2, IN), _qweight())
+    assert kernels.calls == {"reference": 1}
 
 
 def test_cpu_gemv_support_rules():

@@ -73,6 +73,7 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* codes, int64_t 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #include <cstring>
+#include <type_traits>
 #define LOWBIT_AVX512 1
 
 // ---- AVX-512 path: 16 weights per step, never a dequantized buffer -------------------------------------------
@@ -90,17 +91,37 @@ inline __m512i codes16(const uint8_t* p, int64_t avail) {
       b = _mm_load_si128(reinterpret_cast<const __m128i*>(t));
     }
     return _mm512_cvtepu8_epi32(b);
-  } else {
-    static_assert(BITS <= 4, "16 codes must fit in 64 bits");
+  } else if constexpr (BITS == 3) {  // 16 codes = 6 bytes: shift a 64-bit word per lane
     uint64_t v = 0;
-    std::memcpy(&v, p, avail >= 8 ? 8 : avail);
+    if (avail >= 8) std::memcpy(&v, p, 8);  // constant size: one load
+    else if (avail > 0) std::memcpy(&v, p, avail);
     const __m512i w = _mm512_set1_epi64(static_cast<long long>(v));
-    const __m512i lo = _mm512_srlv_epi64(w, _mm512_setr_epi64(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS,
-                                                               6 * BITS, 7 * BITS));
-    const __m512i hi = _mm512_srlv_epi64(w, _mm512_setr_epi64(8 * BITS, 9 * BITS, 10 * BITS, 11 * BITS, 12 * BITS,
-                                                               13 * BITS, 14 * BITS, 15 * BITS));
+    const __m512i lo = _mm512_srlv_epi64(w, _mm512_setr_epi64(0, 3, 6, 9, 12, 15, 18, 21));
+    const __m512i hi = _mm512_srlv_epi64(w, _mm512_setr_epi64(24, 27, 30, 33, 36, 39, 42, 45));
     const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(lo)),
                                          _mm512_cvtepi64_epi32(hi), 1);
+    return _mm512_and_si512(c, _mm512_set1_epi32(7));
+  } else {  // 1, 2, 4 bits: 16 codes = 2·BITS bytes; lane i takes byte i / (8/BITS), shifted by its slot
+    static_assert(BITS == 1 || BITS == 2 || BITS == 4, "1, 2, 3, 4 or 8 bits");
+    constexpr int PER = 8 / BITS, NB = 2 * BITS;
+    using Word = std::conditional_t<NB == 2, uint16_t, std::conditional_t<NB == 4, uint32_t, uint64_t>>;
+    uint64_t v = 0;
+    if (avail >= NB) {  // one load of exactly the bytes needed (a wider partial store would stall the load)
+      Word word;
+      std::memcpy(&word, p, NB);
+      v = word;
+    } else if (avail > 0) {
+      std::memcpy(&v, p, avail);
+    }
+    const __m128i bytes = _mm_cvtsi64_si128(static_cast<long long>(v));
+    const __m128i spread = _mm_shuffle_epi8(bytes, _mm_setr_epi8(0 / PER, 1 / PER, 2 / PER, 3 / PER, 4 / PER, 5 / PER,
+                                                                 6 / PER, 7 / PER, 8 / PER, 9 / PER, 10 / PER,
+                                                                 11 / PER, 12 / PER, 13 / PER, 14 / PER, 15 / PER));
+    const __m512i shifts = _mm512_setr_epi32(0 % PER * BITS, 1 % PER * BITS, 2 % PER * BITS, 3 % PER * BITS,
+                                             4 % PER * BITS, 5 % PER * BITS, 6 % PER * BITS, 7 % PER * BITS,
+                                             8 % PER * BITS, 9 % PER * BITS, 10 % PER * BITS, 11 % PER * BITS,
+                                             12 % PER * BITS, 13 % PER * BITS, 14 % PER * BITS, 15 % PER * BITS);
+    const __m512i c = _mm512_srlv_epi32(_mm512_cvtepu8_epi32(spread), shifts);
     return _mm512_and_si512(c, _mm512_set1_epi32((1 << BITS) - 1));
   }
 }
@@ -122,8 +143,16 @@ inline __m512 row_dot(const uint8_t* row, int64_t avail, const float* x, int64_t
   __m512 acc_row = _mm512_setzero_ps();
   for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
     const int64_t len = std::min(gs, K - k0);
-    __m512 acc = _mm512_setzero_ps();
+    __m512 acc = _mm512_setzero_ps(), acc2 = _mm512_setzero_ps();  // two chains hide the FMA latency
     int64_t k = 0;
+    for (; k + 32 <= len; k += 32) {
+      const int64_t b = (k0 + k) * BITS / 8, b2 = (k0 + k + 16) * BITS / 8;
+      const __m512 v = decode16<D>(codes16<BITS>(row + b, avail - b), table, lut);
+      const __m512 v2 = decode16<D>(codes16<BITS>(row + b2, avail - b2), table, lut);
+      acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + k0 + k), acc);
+      acc2 = _mm512_fmadd_ps(v2, _mm512_loadu_ps(x + k0 + k + 16), acc2);
+    }
+    acc = _mm512_add_ps(acc, acc2);
     for (; k + 16 <= len; k += 16) {
       const int64_t b = (k0 + k) * BITS / 8;
       const __m512 v = decode16<D>(codes16<BITS>(row + b, avail - b), table, lut);
