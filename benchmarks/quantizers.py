@@ -31,12 +31,15 @@ def run_one(recipe: str, windows: int, calib_windows: int, model: str) -> dict:
     fp_model, tok = lowbit.load_model(model)
     fp_mb = sum(p.numel() * p.element_size() for p in fp_model.parameters()) / 2**20
     row = {"recipe": recipe, "fp_model_mb": fp_mb, "calib_windows": calib_windows}
+    memory.release_free_memory()  # the GGUF conversion's garbage is not part of quantization's peak
+    row["rss_before_quantize_mb"] = memory.rss_mb()
     memory.reset_peak()
     start = time.perf_counter()
     if recipe != "fp32":
         lowbit.quantize(fp_model, recipe, calib=lowbit.Calibration(tokenizer=tok, n=calib_windows))
     row["quantize_seconds"] = time.perf_counter() - start
     row["quantize_peak_rss_mb"] = memory.peak_rss_mb()
+    row["quantize_extra_rss_mb"] = row["quantize_peak_rss_mb"] - row["rss_before_quantize_mb"]
     s = bits_summary(fp_model)
     row["code_bits"] = s["code_bits"] or 32.0
     row["bits_per_weight"] = s["bits_per_weight"] or 32.0
@@ -81,12 +84,14 @@ def main() -> None:
     plot_rows = [r for r in rows.values() if "@" not in r["name"]]
     plot_bits_vs_ppl(plot_rows, args.png_out)
 
-    print("| recipe | calib N | ppl | code bits | bits/weight | quantize s | quantize peak RSS MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| recipe | calib N | ppl | code bits | bits/weight | quantize s | quantize peak RSS MB | peak / FP32 size "
+          "| added by quantizing MB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows.values():
         print(f"| {r['name']} | {r['calib_windows'] if r['recipe'] != 'fp32' else '—'} | {r['ppl']:,.2f} | "
               f"{r['code_bits']:.3f} | {r['bits_per_weight']:.3f} | {r['quantize_seconds']:.0f} | "
-              f"{r['quantize_peak_rss_mb']:.0f} |")
+              f"{r['quantize_peak_rss_mb']:.0f} | {r['quantize_peak_rss_mb'] / r['fp_model_mb']:.2f}× | "
+              f"{r.get('quantize_extra_rss_mb', float('nan')):.0f} |")
 
 
 if __name__ == "__main__":

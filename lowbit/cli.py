@@ -124,6 +124,7 @@ def quantize(
             calib.get_windows()  # a file too short for one window fails here, before any evaluation runs
         fp = None if no_eval else perplexity(fp_model, tokenizer, windows=n)
         fp_bytes = sum(p.numel() * p.element_size() for p in fp_model.parameters())
+        memory.release_free_memory()
         memory.reset_peak()
         qmodel = api.quantize(fp_model, the_recipe, calib=calib)
         quantize_peak = memory.peak_rss_mb()

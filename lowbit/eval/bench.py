@@ -19,8 +19,6 @@ roofline bound ``bandwidth / bytes read per token`` and the share of it decode r
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import math
 import os
@@ -95,15 +93,6 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
-def _settle() -> None:
-    """Give freed memory back to the OS so RSS reflects what is live (glibc only; elsewhere a no-op)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def prompt_ids(tokenizer, n: int) -> torch.Tensor:
     """``(1, n)`` token ids of WikiText-2 valid text (never the test split)."""
     from .data import wikitext2_text
@@ -139,7 +128,7 @@ def measure_model(source: str, config: BenchConfig) -> dict:
         model, tok = load_model(source)
     model.eval()
     kernels.prepare()
-    _settle()
+    memory.release_free_memory()
     memory.reset_peak()
     rss_model = memory.rss_mb()
     speed = decode_speed(model, tok, new_tokens=config.decode_tokens)
@@ -191,7 +180,7 @@ def run_bench(model: str, recipes: list[str], config: BenchConfig, calib_windows
                 sources[name] = str(io.save(q, Path(tmp) / name.replace("/", "_"), tokenizer=tok))
                 del q
             del fp_model
-            _settle()
+            memory.release_free_memory()
         for name, source in sources.items():
             log(f"measuring {name}")
             rows[name].update(_child(source, config))
