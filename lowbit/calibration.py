@@ -202,12 +202,12 @@ def output_sensitivity(model: nn.Module, windows: torch.Tensor, layer_names: lis
     With ``diag(H)`` of the input this gives a second-order estimate of the loss change from a weight error:
     ``ΔL ≈ ½ Σ_r E[(∂L/∂y_r)²] · Σ_j diag(H)_j Δw_rj²``, comparable across layers and rows, which is what a global
     precision assignment needs. The calibration windows are cut into ``chunk``-token pieces (backward memory grows
-    with length) and at most ``max_tokens`` are used. Weights get no gradients: only the activations do.
+    with length; shorter windows are used whole) and at most ``max_tokens`` are used. Weights get no gradients:
+    only the activations do.
     """
     grads = {n: None for n in layer_names}
+    chunk = min(chunk, windows.shape[1])  # shorter calibration windows are used whole
     pieces = windows[:, : windows.shape[1] // chunk * chunk].reshape(-1, chunk)[: max(1, max_tokens // chunk)]
-    if pieces.numel() == 0:
-        raise LowbitError(f"sensitivity needs calibration windows of at least {chunk} tokens")
 
     def hook(name):
         def fn(module, args, out):

@@ -7,11 +7,14 @@ This is LowRA's storage (methods.md §4.2, §4.6). For a weight ``W (out, in)``:
 * each row ``r`` has a width ``b_r`` in {1, 2, 3, 4} and a sorted fp16 codebook of ``2**b_r`` levels ``m_r``;
   a weight decodes to ``a · m_r[code]``;
 * rows are stored **permuted** so that rows of equal width are contiguous: stored row ``i`` is original row
-  ``perm[i]``; segment ``b`` holds ``rows[b]`` rows packed at ``b`` bits per code (``lsb-rows-v1`` layout).
-  :meth:`dequantize` (and every kernel) returns rows in the original order.
+  ``perm[i]``, where ``perm = argsort(row_bits, stable)`` (rows by width, original order within a width); segment
+  ``b`` holds ``rows[b]`` rows packed at ``b`` bits per code (``lsb-rows-v1`` layout). :meth:`dequantize` (and
+  every kernel) returns rows in the original order.
 
-Stored tensors: ``perm`` int32 ``(out,)``, ``absmax`` fp16 ``(out, ceil(in / block_size))`` in stored order, and per
-present width ``b``: ``codes_b{b}`` uint8 ``(rows[b], ceil(in·b/8))`` and ``codebook_b{b}`` fp16 ``(rows[b], 2**b)``.
+Stored tensors: ``row_bits`` uint8 ``(out,)`` (each original row's width: the permutation is derived from it, so
+it costs 8 bits per row instead of a 32-bit index), ``absmax`` fp16 ``(out, ceil(in / block_size))`` block scales
+in stored order (the block absmax, or a clipped scale chosen by LowRA's scale search), and per present width
+``b``: ``codes_b{b}`` uint8 ``(rows[b], ceil(in·b/8))`` and ``codebook_b{b}`` fp16 ``(rows[b], 2**b)``.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ class MixedCodebookWeight(PackedWeight):
     """A quantized ``(out, in)`` weight with per-row widths and codebooks (see the module docstring).
 
     Attributes:
-        perm: int32 ``(out,)``: stored row ``i`` is original row ``perm[i]``.
+        row_bits: uint8 ``(out,)`` width of each row, original order.
+        perm: int32 ``(out,)`` (derived, not stored): stored row ``i`` is original row ``perm[i]``.
         absmax: fp16 ``(out, blocks)`` block scales, stored row order.
         codes: width -> uint8 ``(rows_b, ceil(in·b/8))`` packed codes.
         codebooks: width -> fp16 ``(rows_b, 2**b)`` sorted levels (in units of the block absmax).
@@ -43,17 +47,21 @@ class MixedCodebookWeight(PackedWeight):
         shape: ``(out_features, in_features)``.
     """
 
-    perm: torch.Tensor
+    row_bits: torch.Tensor
     absmax: torch.Tensor
     codes: dict[int, torch.Tensor]
     codebooks: dict[int, torch.Tensor]
     block_size: int
     shape: tuple[int, int]
     rows: dict[int, int] = field(init=False)
+    perm: torch.Tensor = field(init=False)
 
     def __post_init__(self):
         self.shape = tuple(int(d) for d in self.shape)
         out_f, in_f = self.shape
+        if tuple(self.row_bits.shape) != (out_f,) or self.row_bits.dtype != torch.uint8:
+            raise LowbitError(f"row_bits must be uint8 ({out_f},), got {self.row_bits.dtype} "
+                              f"{tuple(self.row_bits.shape)}")
         if set(self.codes) != set(self.codebooks) or not set(self.codes) <= set(WIDTHS):
             raise LowbitError(f"mixed weight widths must be a subset of {WIDTHS} with one codebook each, got codes "
                               f"{sorted(self.codes)} and codebooks {sorted(self.codebooks)}")
@@ -66,8 +74,11 @@ class MixedCodebookWeight(PackedWeight):
                                   f"{self.codes[b].dtype} {tuple(self.codes[b].shape)}")
             if tuple(self.codebooks[b].shape) != (n, 2**b):
                 raise LowbitError(f"codebook_b{b} must be {(n, 2 ** b)}, got {tuple(self.codebooks[b].shape)}")
-        if tuple(self.perm.shape) != (out_f,):
-            raise LowbitError(f"perm must have shape ({out_f},), got {tuple(self.perm.shape)}")
+        if self.row_bits.device.type != "meta":
+            counts = {b: int((self.row_bits == b).sum()) for b in WIDTHS}
+            if any(counts[b] != self.rows.get(b, 0) for b in WIDTHS):
+                raise LowbitError(f"row_bits count {counts} rows per width but the segments hold {self.rows}")
+        self.perm = torch.argsort(self.row_bits, stable=True).to(torch.int32)
         if tuple(self.absmax.shape) != (out_f, math.ceil(in_f / self.block_size)):
             raise LowbitError(f"absmax must have shape {(out_f, math.ceil(in_f / self.block_size))}, got "
                               f"{tuple(self.absmax.shape)}")
@@ -84,15 +95,16 @@ class MixedCodebookWeight(PackedWeight):
             codebooks: width -> float ``(out, 2**b)`` levels per row (only rows of that width are read).
             absmax: float ``(out, blocks)`` block scales (stored as fp16; pass fp16-representable values).
         """
-        perm = torch.argsort(widths, stable=True)
-        w_sorted = widths[perm]
+        row_bits = widths.to(torch.uint8)
+        perm = torch.argsort(row_bits, stable=True)  # the order __post_init__ derives
+        w_sorted = row_bits[perm]
         packed, books = {}, {}
         for b in WIDTHS:
             rows = perm[w_sorted == b]
             if rows.numel():
                 packed[b] = pack(codes[rows], b)
                 books[b] = codebooks[b][rows].to(torch.float16).contiguous()
-        return cls(perm.to(torch.int32), absmax[perm].to(torch.float16).contiguous(), packed, books, block_size,
+        return cls(row_bits, absmax[perm].to(torch.float16).contiguous(), packed, books, block_size,
                    tuple(codes.shape))
 
     # ---- metadata (the interface QLinear, io and summaries use) --------------------------------------------
@@ -113,7 +125,7 @@ class MixedCodebookWeight(PackedWeight):
         return self.code_bits / self.numel
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"perm": self.perm, "absmax": self.absmax}
+        out = {"row_bits": self.row_bits, "absmax": self.absmax}
         for b in self.rows:
             out[f"codes_b{b}"] = self.codes[b]
             out[f"codebook_b{b}"] = self.codebooks[b]
@@ -126,7 +138,7 @@ class MixedCodebookWeight(PackedWeight):
     @classmethod
     def from_tensors(cls, meta: dict, tensors: dict[str, torch.Tensor]) -> MixedCodebookWeight:
         widths = [int(b) for b in meta["rows"]]
-        return cls(tensors["perm"], tensors["absmax"], {b: tensors[f"codes_b{b}"] for b in widths},
+        return cls(tensors["row_bits"], tensors["absmax"], {b: tensors[f"codes_b{b}"] for b in widths},
                    {b: tensors[f"codebook_b{b}"] for b in widths}, int(meta["block_size"]), tuple(meta["shape"]))
 
     @classmethod
@@ -134,7 +146,8 @@ class MixedCodebookWeight(PackedWeight):
         out_f, in_f = meta["shape"]
         rows = {int(b): int(n) for b, n in meta["rows"].items()}
         blocks = math.ceil(in_f / int(meta["block_size"]))
-        return cls(torch.empty(out_f, dtype=torch.int32, device=device),
+        row_bits = torch.cat([torch.full((n,), b, dtype=torch.uint8) for b, n in sorted(rows.items())]).to(device)
+        return cls(row_bits,
                    torch.empty(out_f, blocks, dtype=torch.float16, device=device),
                    {b: torch.empty(n, packed_row_bytes(in_f, b), dtype=torch.uint8, device=device)
                     for b, n in rows.items()},
@@ -162,7 +175,7 @@ class MixedCodebookWeight(PackedWeight):
         return w
 
     def to(self, device) -> MixedCodebookWeight:
-        return MixedCodebookWeight(self.perm.to(device), self.absmax.to(device),
+        return MixedCodebookWeight(self.row_bits.to(device), self.absmax.to(device),
                                    {b: t.to(device) for b, t in self.codes.items()},
                                    {b: t.to(device) for b, t in self.codebooks.items()}, self.block_size, self.shape)
 
