@@ -52,7 +52,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--recipes", default="fp32,rtn-w4g128,gptq-w4g128,rtn-w3g128,gptq-w3g128,rtn-w2g64,gptq-w2g64,"
-                                         "lowra-b3.0,lowra-b2.5,lowra-b2.25,lowra-b2.0,lowra-b1.5,lowra-b1.15")
+                                         "lowra-b3.0,lowra-b2.5,lowra-b2.25,lowra-b2.0,lowra-b1.5,lowra-b1.15,"
+                                         "lowra-gptq-b2.0,lowra-gptq-b1.5,lowra-gptq-b1.15")
     ap.add_argument("--windows", type=int, default=16, help="first N test windows of 2048; 0 = all")
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--tag", default="", help="suffix for the row names (e.g. n32)")

@@ -49,7 +49,8 @@ class LowRAConfig(StepConfig):
     channel_group: int = 1  # consecutive rows sharing one width and codebook
     scope: str = "model"  # model: one budget across all layers | layer: each layer meets the budget on its own
     iters: int = 30  # Lloyd–Max iterations at most (stops early when the error settles)
-    scale_search: str = "none"  # none: block absmax | mse: per block, the clipped scale of least (weighted) error
+    scale_search: str = "mse"  # mse: per block, the clipped scale of least (weighted) error | none: block absmax
+    # (measured at b2.0, data-free: absmax 225,504 -> mse 34,944)
     targets: tuple[str, ...] = (DECODER,)
     ignore: tuple[str, ...] = ()
 
