@@ -24,13 +24,16 @@ PLOT = Path("benchmarks/results/bits_vs_ppl.png")
 
 def run_one(recipe: str, windows: int, calib_windows: int, model: str) -> dict:
     """Runs in the child process."""
+    import transformers.models.llama.modeling_llama  # noqa: F401  (the model code's share of RSS is not weights)
+
     import lowbit
     from lowbit.eval import memory
     from lowbit.summary import bits_summary
 
+    rss_libraries = memory.rss_mb()  # python + torch + transformers + the model code, before any weight
     fp_model, tok = lowbit.load_model(model)
     fp_mb = sum(p.numel() * p.element_size() for p in fp_model.parameters()) / 2**20
-    row = {"recipe": recipe, "fp_model_mb": fp_mb, "calib_windows": calib_windows}
+    row = {"recipe": recipe, "fp_model_mb": fp_mb, "calib_windows": calib_windows, "rss_libraries_mb": rss_libraries}
     memory.release_free_memory()  # the GGUF conversion's garbage is not part of quantization's peak
     row["rss_before_quantize_mb"] = memory.rss_mb()
     memory.reset_peak()
