@@ -255,7 +255,9 @@ def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str
         if names:  # a block with no targets needs only the pass that feeds the next block
             stats = _collect_stats(block, hidden, kwargs, {n: model.get_submodule(n) for n in names})
             quantize_block(stats)
-        hidden = _run_block(block, hidden, kwargs)
+        for j, h in enumerate(hidden):  # in place: one copy of the activations, plus one window's output
+            out = block(h, **kwargs)
+            hidden[j] = out[0] if isinstance(out, tuple) else out
         log.debug("block %d: %d layers calibrated", i, len(names))
 
 
