@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .errors import LowbitError
 from .eval.data import wikitext2_rows
+from .eval.memory import release_free_memory
 from .models import decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def calibration_windows(tokenizer, n: int = 16, seq_len: int = 2048, seed: int =
     if text is None:
         text = " ".join(wikitext2_rows("valid"))
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    release_free_memory()  # the tokenizer's working memory (~150 MB for WikiText-2 valid) goes back to the OS
     if ids.numel() <= seq_len:
         raise LowbitError(f"calibration text has {ids.numel()} tokens, fewer than one window of {seq_len}; "
                           "pass a longer file or shorter windows (seq_len, --calib-seq-len)")
@@ -258,6 +260,7 @@ def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str
         for j, h in enumerate(hidden):  # in place: one copy of the activations, plus one window's output
             out = block(h, **kwargs)
             hidden[j] = out[0] if isinstance(out, tuple) else out
+        release_free_memory()  # the replaced float weights' pages go back to the OS: RSS tracks the live set
         log.debug("block %d: %d layers calibrated", i, len(names))
 
 
