@@ -68,11 +68,20 @@ def plot_bits_vs_ppl(rows: list[dict], out: str | Path, x: str = "bits_per_weigh
                                                   else ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
+    return save_figure(fig, out, dpi=130, bbox_inches="tight")
+
+
+def save_figure(fig, out: str | Path, **savefig_kwargs) -> Path:
+    """Write a matplotlib figure as PNG to a temporary name in ``out``'s folder, then rename it over ``out`` (a
+    crash never leaves half a file), and close the figure."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight")
+        fig.savefig(tmp, **savefig_kwargs)
         os.replace(tmp, out)
     finally:
         plt.close(fig)

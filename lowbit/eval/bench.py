@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -217,7 +216,8 @@ def plot_bench(rows: dict[str, dict], out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = Path(out)
+    from ..report import save_figure
+
     names = list(rows)
     fig, axes = plt.subplots(1, 4, figsize=(15, 4))
     charts = {"decode_ratio": "decode tok/s ÷ FP32", "prefill_ratio": "prefill tok/s ÷ FP32",
@@ -229,17 +229,7 @@ def plot_bench(rows: dict[str, dict], out: str | Path) -> Path:
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 if __name__ == "__main__":  # the child: python -m lowbit.eval.bench SOURCE CONFIG_JSON
