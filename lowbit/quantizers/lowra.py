@@ -6,6 +6,8 @@ Data-free. For every target Linear ``W (out, in)``:
 2. for every channel group (``channel_group`` consecutive rows) and every candidate width ``b``, a weighted
    Lloyd–Max fit of ``2**b`` levels to the group's ``u`` with weights ``ω = a²`` (so the fitted error is the
    squared error of ``W`` itself), initialised from the NF-b codebook; the error ``E[group, b]`` is kept;
+   with ``scale_search="mse"`` (default) each block's scale is then searched among ``p·a`` (clipping) for the
+   least error with that codebook, and the codebook is refitted once to the new scales;
 3. one global precision assignment over all layers (:mod:`.precision`) that meets the average code-bit
    ``budget`` and minimises ``Σ E``;
 4. codes = nearest level of each row's codebook; stored as a :class:`~lowbit.qmixed.MixedCodebookWeight`.
