@@ -82,6 +82,9 @@ def save_figure(fig, out: str | Path, **savefig_kwargs) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, **savefig_kwargs)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a chart is an ordinary file
         os.replace(tmp, out)
     finally:
         plt.close(fig)
