@@ -120,12 +120,10 @@ def block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Te
     return hidden, kwargs
 
 
-def _run_block(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict) -> list[torch.Tensor]:
-    outs = []
-    for h in hidden:
-        out = block(h, **kwargs)
-        outs.append(out[0] if isinstance(out, tuple) else out)
-    return outs
+def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The hidden states a decoder block returns for one window's ``hidden (1, L, d)``."""
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _collect_stats(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, linears: dict[str, nn.Module]
@@ -156,7 +154,7 @@ def _collect_stats(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, l
     try:
         for h in hidden:
             seen.clear()
-            _run_block(block, [h], kwargs)
+            _block_output(block, h, kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -258,8 +256,7 @@ def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str
             stats = _collect_stats(block, hidden, kwargs, {n: model.get_submodule(n) for n in names})
             quantize_block(stats)
         for j, h in enumerate(hidden):  # in place: one copy of the activations, plus one window's output
-            out = block(h, **kwargs)
-            hidden[j] = out[0] if isinstance(out, tuple) else out
+            hidden[j] = _block_output(block, h, kwargs)
         release_free_memory()  # the replaced float weights' pages go back to the OS: RSS tracks the live set
         log.debug("block %d: %d layers calibrated", i, len(names))
 

@@ -61,26 +61,6 @@ def memory_bandwidth_gbs(mbytes: int = 512, repeats: int = 5) -> float:
     return 2 * n * 4 / best / 1e9
 
 
-def weight_bytes_per_token(model: nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter and buffer once (tied tensors once), except
-    the input embedding table, of which one row is read (when it is tied to the output head, the head reads
-    all of it and it counts in full)."""
-    embed = model.get_input_embeddings().weight
-    seen, total = set(), 0
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
-    for t in [*model.parameters(), *model.buffers()]:
-        key = (t.data_ptr(), t.numel())
-        if key in seen or t.device.type == "meta":
-            continue
-        seen.add(key)
-        if t.data_ptr() == embed.data_ptr() and not tied:
-            total += embed.shape[1] * embed.element_size()
-        else:
-            total += t.numel() * t.element_size()
-    return total
-
-
 def tensor_bytes(model: nn.Module) -> int:
     """Bytes of the model's parameters and buffers (tied or shared tensors once)."""
     seen, total = set(), 0
@@ -89,6 +69,18 @@ def tensor_bytes(model: nn.Module) -> int:
         if key not in seen and t.device.type != "meta":
             seen.add(key)
             total += t.numel() * t.element_size()
+    return total
+
+
+def weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter and buffer once (:func:`tensor_bytes`), except
+    the input embedding table, of which one row is read (when it is tied to the output head, the head reads
+    all of it and it counts in full)."""
+    embed = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    total = tensor_bytes(model)
+    if head is None or head.weight.data_ptr() != embed.data_ptr():
+        total -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
     return total
 
 

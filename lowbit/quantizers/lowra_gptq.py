@@ -7,7 +7,8 @@
    :func:`lowbit.calibration.output_sensitivity`), turning it into an estimate of the loss change.
 3. Blockwise over the decoder (:func:`lowbit.calibration.run_blockwise`, inputs from the already quantized
    blocks), each layer is rounded column by column to its rows' codebooks with GPTQ's Hessian error feedback
-   (:func:`lowbit.quantizers.gptq.error_feedback`). Block absmax scales stay those of the original weight.
+   (:func:`lowbit.quantizers.gptq.error_feedback`). Codebooks and block scales (searched in step 2 with
+   ``scale_search="mse"``) are fixed before the column loop.
 """
 
 from __future__ import annotations
