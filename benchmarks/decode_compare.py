@@ -19,13 +19,13 @@ import importlib.util
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 import lowbit
 from lowbit.eval.speed import decode_speed
 from lowbit.models import builtin_gguf_path, find_linears, set_module
+from lowbit.report import write_text_atomic
 
 
 def bnb_nf4(model: torch.nn.Module) -> torch.nn.Module:
@@ -96,11 +96,7 @@ def main() -> None:
         else:
             print(f"| {name} | {r['library']} | {r['decode_tok_s']:.1f} | {r['decode_ratio']:.2f}× | "
                   f"{r.get('kernel', '')} |")
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
-    tmp.replace(out)
+    write_text_atomic(args.json_out, json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.windows, args.calib_windows, args.model)))
         return
 
-    from lowbit.report import plot_bits_vs_ppl
+    from lowbit.report import plot_bits_vs_ppl, write_text_atomic
 
     out = Path(args.json_out)
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]} if out.is_file() else {}
@@ -81,10 +81,7 @@ def main() -> None:
         row["command"] = " ".join(["python", "benchmarks/quantizers.py", *sys.argv[1:]])
         rows[row["name"]] = row
         print(json.dumps(row), file=sys.stderr, flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"rows": list(rows.values())}, indent=1))
-        tmp.replace(out)
+        write_text_atomic(out, json.dumps({"rows": list(rows.values())}, indent=1))
     plot_rows = [r for r in rows.values() if "@" not in r["name"]]
     plot_bits_vs_ppl(plot_rows, args.png_out)
 

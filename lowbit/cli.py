@@ -310,6 +310,7 @@ def bench(
 ):
     """Decode and prefill speed, peak memory and the bandwidth roofline of FP32 and each recipe, in one run."""
     from .eval.bench import BenchConfig, markdown_table, plot_bench, run_bench
+    from .report import write_text_atomic
 
     _setup_logging(verbose)
     names = [r.strip() for r in recipes.split(",") if r.strip()]
@@ -320,12 +321,9 @@ def bench(
         rows = run_bench(model, names, config, calib_windows, log=lambda m: err_console.print(f"[dim]{m}[/]"))
     except LowbitError as e:
         _fail(str(e))
-    out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
-    for name, text in (("bench.md", table), ("bench.json", json.dumps(rows, indent=1))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(out / name)
+    write_text_atomic(out / "bench.md", table)
+    write_text_atomic(out / "bench.json", json.dumps(rows, indent=1))
     plot_bench(rows, out / "bench.png")
     if as_json:
         _emit(rows, True, "")

@@ -71,6 +71,16 @@ def plot_bits_vs_ppl(rows: list[dict], out: str | Path, x: str = "bits_per_weigh
     return save_figure(fig, out, dpi=130, bbox_inches="tight")
 
 
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (folders created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
 def save_figure(fig, out: str | Path, **savefig_kwargs) -> Path:
     """Write a matplotlib figure as PNG to a temporary name in ``out``'s folder, then rename it over ``out`` (a
     crash never leaves half a file), and close the figure."""
