@@ -15,12 +15,13 @@ from .errors import CheckpointError, LowbitError  # noqa: E402
 from .eval.perplexity import perplexity  # noqa: E402
 from .io import load, save  # noqa: E402
 from .models import load_model  # noqa: E402
-from .nn.qlinear import QLinear  # noqa: E402
+from .nn import QEmbedding, QLinear  # noqa: E402
 from .qtensor import QuantizedWeight  # noqa: E402
-from .quantizers import GPTQConfig, RTNConfig  # noqa: E402
+from .quantizers import EmbeddingsConfig, GPTQConfig, RTNConfig  # noqa: E402
 from .recipe import Recipe, StepConfig  # noqa: E402
 
 __all__ = ["quantize", "load", "save", "load_model", "perplexity", "Recipe", "StepConfig", "RTNConfig",
-           "GPTQConfig", "Calibration", "QLinear", "QuantizedWeight", "LowbitError", "CheckpointError", "__version__"]
+           "GPTQConfig", "EmbeddingsConfig", "Calibration", "QLinear", "QEmbedding", "QuantizedWeight",
+           "LowbitError", "CheckpointError", "__version__"]
 
 from . import hf_integration  # noqa: E402,F401  (registers quant_method "lowbit" with transformers)

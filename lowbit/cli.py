@@ -332,6 +332,75 @@ def bench(
         err_console.print(f"wrote {out}/bench.md, bench.json, bench.png")
 
 
+@app.command()
+def merge(
+    path: str = typer.Argument(..., help="lowbit checkpoint with adapters (from lowbit finetune)."),
+    out: Path = typer.Option(..., help="Output folder (must not exist unless --force)."),
+    requantize: bool = typer.Option(False, help="Quantize the merged layers again with their own grid (a lowbit "
+                                                "checkpoint) instead of writing a float model."),
+    windows: int = typer.Option(0, help="WikiText-2 test windows to evaluate before and after (0 = skip)."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+    as_json: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Merge adapters into the dequantized base: a float transformers model, or (--requantize) a packed one."""
+    _setup_logging(verbose)
+    from . import export, io
+    from .adapters import adapted_layers
+    from .eval.perplexity import perplexity
+
+    try:
+        if windows < 0:
+            raise LowbitError(f"--windows must be 0 (skip) or positive, got {windows}")
+        model, tok = io.load(path)
+        if not adapted_layers(model):
+            raise LowbitError(f"{path} has no adapters to merge; fine-tune it first (lowbit finetune)")
+        payload: dict = {"source": path, "out": str(out), "adapted_layers": len(adapted_layers(model))}
+        if windows:
+            payload["ppl_adapters"] = perplexity(model, tok, windows=windows).ppl
+        if requantize:
+            merged, errors = export.requantize(model)
+            io.save(merged, out, tokenizer=tok, force=force)
+            payload.update(kind="lowbit", requantize_rel_error_mean=sum(errors.values()) / len(errors),
+                           requantize_rel_error_max=max(errors.values()))
+        else:
+            merged = export.merged_float_model(model)
+            export.save_float(merged, out, tokenizer=tok, force=force)
+            payload["kind"] = "float"
+        if windows:
+            payload["ppl_merged"] = perplexity(merged, tok, windows=windows).ppl
+            payload["windows"] = windows
+    except LowbitError as e:
+        _fail(str(e))
+    _emit(payload, as_json, f"lowbit merge: {path}")
+
+
+@app.command("export")
+def export_adapters(
+    path: str = typer.Argument(..., help="lowbit checkpoint with adapters (from lowbit finetune)."),
+    out: Path = typer.Option(..., help="Output folder (must not exist unless --force)."),
+    fmt: str = typer.Option("peft", "--format", help="peft (LoRA: PEFT adapter files + the dequantized base) or "
+                                                     "native (any adapter: factors + merged float model)."),
+    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
+    as_json: bool = typer.Option(False, "--json"),
+    verbose: bool = typer.Option(False, "-v", "--verbose"),
+):
+    """Export adapters: PEFT's layout for LoRA, lowbit's own (plus a merged float model) for any adapter."""
+    _setup_logging(verbose)
+    from . import export, io
+
+    try:
+        if fmt not in ("peft", "native"):
+            raise LowbitError(f"--format must be peft or native, got {fmt!r}")
+        model, tok = io.load(path)
+        writer = export.export_peft if fmt == "peft" else export.export_native
+        writer(model, out, tokenizer=tok, force=force)
+    except LowbitError as e:
+        _fail(str(e))
+    files = sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
+    _emit({"source": path, "out": str(out), "format": fmt, "files": files}, as_json, f"lowbit export: {path}")
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .io import FLOAT_SHARD, FORMAT_VERSION, INDEX, MANIFEST, PACKED_SHARD, read_manifest, verify_files
+from .io import FLOAT_SHARD, FORMAT_VERSION, INDEX, MANIFEST, PACKED_SHARD, packed_module, read_manifest, verify_files
 from .models import set_module
+from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
-from .qtensor import empty_weight
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ else:
             # AutoModel builds the bare base model from a causal-LM checkpoint: its names lack "model." and the
             # head's layers have no place in it (transformers ignores their tensors as it does lm_head.weight).
             bare = bool(prefix) and not _has_module(model, prefix)
-            for name, entry in manifest["layers"].items():
+            for name, entry in {**manifest["layers"], **manifest.get("embeddings", {})}.items():
                 target = name
                 if bare and name.startswith(prefix + "."):
                     target = name[len(prefix) + 1:]
@@ -135,10 +135,9 @@ else:
                 if not _has_module(model, target):
                     raise CheckpointError(f"{folder / MANIFEST} lists layer {name!r} that {type(model).__name__} "
                                           f"built from {folder / 'config.json'} does not have")
-                qweight = empty_weight(entry, device="meta")
-                bias = torch.empty(entry["shape"][0], dtype=float_dtype, device="meta") if entry["bias"] else None
-                set_module(model, target, QLinear(qweight, bias))
-                self.packed_names.update(f"{target}.{leaf}" for leaf in qweight.tensors())
+                module = packed_module(entry, torch.device("meta"), float_dtype)
+                set_module(model, target, module)
+                self.packed_names.update(f"{target}.{leaf}" for leaf in module.packed_names)
 
         def get_new_dtype(self, converter, param, dtype):
             # The packed tensors load exactly as stored (uint8 codes and zero points, fp16 scales).
@@ -163,7 +162,13 @@ else:
 
         def _dequantize(self, model, dtype=None):
             for name, module in list(model.named_modules()):
-                if isinstance(module, QLinear):
+                if isinstance(module, QEmbedding):
+                    table = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
+                                         device=module.codes.device, dtype=dtype)
+                    with torch.no_grad():
+                        table.weight.copy_(module.qweight.dequantize(table.weight.dtype))
+                    set_module(model, name, table)
+                elif isinstance(module, QLinear):
                     linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                                        device=getattr(module, module.packed_names[0]).device, dtype=dtype)
                     with torch.no_grad():

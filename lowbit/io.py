@@ -4,7 +4,8 @@ Folder layout (format version 1)::
 
     config.json                          HF config with quantization_config = {"quant_method": "lowbit", ...}
     model-00001-of-00002.safetensors     packed tensors of the quantized layers (codes, scales, zeros)
-    model-00002-of-00002.safetensors     everything kept in float (embeddings, norms, biases)
+    model-00002-of-00002.safetensors     everything else: float tensors (embeddings, norms, biases) or, after
+                                         the ``embeddings`` step, the packed embedding table
     model.safetensors.index.json         HF shard index (weight name -> file)
     lowbit.json                          manifest: versions, recipe, per-layer layout and bits, file sizes/sha256
     tokenizer files, generation_config.json
@@ -16,6 +17,7 @@ Saving writes a temporary sibling folder and renames it into place; an existing 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,12 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import adapters
 from .errors import CheckpointError, LowbitError
 from .formats import LAYOUT
 from .models import set_module
+from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
 from .qtensor import empty_weight
-from .summary import bits_summary, layer_entry, quantized_layers
+from .summary import bits_summary, layer_entry, packed_embeddings, quantized_layers
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +81,11 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
     return packed, floats, aliases
 
 
-def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False, extra: dict | None = None) -> Path:
-    """Write ``model`` (quantized or not) as a lowbit checkpoint folder; atomic, refuses to overwrite unless
-    ``force``. ``extra`` (JSON-able) is stored in the manifest, e.g. the eval figures at save time."""
-    from safetensors.torch import save_file
-
+@contextlib.contextmanager
+def staged_folder(path: Path, force: bool = False):
+    """Yield a temporary sibling folder to write into; on success it is renamed to ``path`` (files fsynced
+    first, ordinary permissions), on failure removed. An existing ``path`` is refused unless ``force``, and is
+    only deleted after the new folder is in place, so a failure never loses what was there."""
     path = Path(path)
     if path.exists() and not force:
         raise LowbitError(f"output folder {path} already exists; choose another folder or pass --force "
@@ -92,6 +96,37 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        for p in tmp.rglob("*"):  # flush file contents before the rename makes them visible
+            if p.is_file():
+                p.chmod(0o666 & ~umask)  # safetensors writes 0600; a checkpoint is meant to be shared
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)  # put the existing folder back before reporting the failure
+                raise
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False, extra: dict | None = None) -> Path:
+    """Write ``model`` (quantized or not) as a lowbit checkpoint folder; atomic, refuses to overwrite unless
+    ``force``. ``extra`` (JSON-able) is stored in the manifest, e.g. the eval figures at save time."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with staged_folder(path, force) as tmp:
         packed, floats, aliases = _split_state(model)
         meta = {"format": "pt", "lowbit_format_version": str(FORMAT_VERSION)}
         save_file(packed, tmp / PACKED_SHARD, metadata=meta)
@@ -104,7 +139,8 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
         recipe_dict = recipe.to_dict() if recipe is not None else None
         config = model.config.__class__.from_dict(model.config.to_dict())
         # As save_pretrained does: from_pretrained(dtype="auto") reads it (else the fp16 scales would set it).
-        config.dtype = next((t.dtype for t in floats.values() if t.is_floating_point()), torch.float32)
+        # Parameters only: packed embedding tables keep fp16 scales among the float shard's buffers.
+        config.dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
         config.quantization_config = {"quant_method": "lowbit", "format_version": FORMAT_VERSION,
                                       "recipe": recipe_dict}
         config.save_pretrained(tmp)
@@ -124,31 +160,13 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
             "summary": {**bits_summary(model), "packed_file_bytes": files[PACKED_SHARD]["bytes"],
                         "size_bytes": sum(f["bytes"] for f in files.values())},
             "layers": {name: layer_entry(m) for name, m in quantized_layers(model).items()},
+            "embeddings": {name: layer_entry(m) for name, m in packed_embeddings(model).items()},
+            "adapters": adapters.manifest_entry(model),
             "aliases": aliases,
             "files": files,
             "extra": extra or {},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in tmp.iterdir():  # flush file contents before the rename makes them visible
-            p.chmod(0o666 & ~umask)  # safetensors writes 0600; a checkpoint is meant to be shared
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)  # put the existing checkpoint back before reporting the failure
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("saved %s", path)
     return path
 
@@ -204,6 +222,15 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def packed_module(entry: dict, device: torch.device, float_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Uninitialised QLinear or QEmbedding for a manifest entry (``role`` says which; absent means a Linear)."""
+    qweight = empty_weight(entry, device=device)
+    if entry.get("role") == "embedding":
+        return QEmbedding(qweight, entry.get("padding_idx"))
+    bias = torch.empty(entry["shape"][0], dtype=float_dtype, device=device) if entry["bias"] else None
+    return QLinear(qweight, bias, role=entry.get("role", "linear"))
+
+
 def build_skeleton(path: Path, manifest: dict) -> nn.Module:
     """The model from ``config.json`` with weights on the meta device and QLinear storage per the manifest."""
     from accelerate import init_empty_weights
@@ -218,20 +245,26 @@ def build_skeleton(path: Path, manifest: dict) -> nn.Module:
         del config.quantization_config
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for name, entry in manifest["layers"].items():
+    entries = {**manifest["layers"], **manifest.get("embeddings", {})}
+    for name, entry in entries.items():
         try:
             layer = model.get_submodule(name)
         except AttributeError as e:
             raise CheckpointError(f"{path / MANIFEST} lists layer {name!r} that {path / 'config.json'} does "
                                   "not have: the config does not match the tensors") from e
         # The packed storage is shaped from the manifest, so load_state_dict cannot notice a config that disagrees.
-        expected = [getattr(layer, "out_features", None), getattr(layer, "in_features", None)]
+        expected = [getattr(layer, "out_features", getattr(layer, "num_embeddings", None)),
+                    getattr(layer, "in_features", getattr(layer, "embedding_dim", None))]
         if list(entry["shape"]) != expected:
-            raise CheckpointError(f"{path / MANIFEST} stores layer {name!r} as {entry['shape']} (out, in) but "
+            raise CheckpointError(f"{path / MANIFEST} stores layer {name!r} as {entry['shape']} but "
                                   f"{path / 'config.json'} makes it {expected}: the config does not match the "
                                   "tensors")
-        bias = torch.empty(entry["shape"][0]) if entry["bias"] else None
-        set_module(model, name, QLinear(empty_weight(entry), bias))
+        set_module(model, name, packed_module(entry, torch.device("cpu")))
+    try:
+        adapters.attach_from_manifest(model, manifest.get("adapters", {}))
+    except (LowbitError, AttributeError, KeyError) as e:
+        raise CheckpointError(f"{path / MANIFEST} lists adapters this model cannot hold ({e}); the manifest is "
+                              "damaged or from a newer lowbit") from e
     model.config.quantization_config = quant_config
     return model
 

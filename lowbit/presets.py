@@ -1,7 +1,11 @@
-"""Named recipes (``lowbit quantize --recipe NAME``). Each entry is the list of step configs it expands to."""
+"""Named recipes (``lowbit quantize --recipe NAME``). Each entry is the list of step configs it expands to.
+
+Names join with ``+`` into one recipe whose steps run in order: ``gptq-w4g128+emb8`` is GPTQ on the decoder
+layers, then the embedding table (and the tied head) in int8."""
 
 from __future__ import annotations
 
+from .quantizers.embeddings import EmbeddingsConfig
 from .quantizers.gptq import GPTQConfig
 from .quantizers.lowra import LowRAConfig
 from .quantizers.lowra_gptq import LowRAGPTQConfig
@@ -28,5 +32,8 @@ for _bits, _g in ((4, 128), (4, 64), (3, 128), (3, 64), (2, 128), (2, 64)):
 for _budget in ("1.15", "1.5", "2.0", "2.25", "2.5", "3.0"):
     PRESETS[f"lowra-b{_budget}"] = [LowRAConfig(budget=float(_budget))]
     PRESETS[f"lowra-gptq-b{_budget}"] = [LowRAGPTQConfig(budget=float(_budget))]
+
+PRESETS["emb8"] = [EmbeddingsConfig()]  # int8, one scale per row; composes: rtn-w2g64+emb8
+PRESETS["emb4"] = [EmbeddingsConfig(bits=4, granularity="group", group_size=64, symmetric=False)]
 
 DEFAULT_PRESET = "rtn-w4g128"

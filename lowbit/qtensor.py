@@ -236,6 +236,14 @@ class QuantizedWeight(PackedWeight):
         w = self.format.decode(grouped, s, z)
         return w.reshape(out_f, -1)[:, :in_f].to(dtype)
 
+    def select_rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """The weight of rows ``index`` (1-D integer tensor, repeats allowed), still packed: an embedding lookup
+        dequantizes only the rows it needs."""
+        pick = (lambda t: t) if self.granularity == "tensor" else (lambda t: t.index_select(0, index))
+        return QuantizedWeight(self.codes.index_select(0, index), pick(self.scales),
+                               None if self.zeros is None else pick(self.zeros), self.fmt, self.granularity,
+                               self.group_size, (index.numel(), self.in_features))
+
     def to(self, device: torch.device | str) -> QuantizedWeight:
         """A copy whose tensors live on ``device``; moves data only."""
         moved = {k: v.to(device) for k, v in self.tensors().items()}

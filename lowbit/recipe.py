@@ -45,12 +45,13 @@ class StepConfig:
         return f"{self.step}({', '.join(changed)})"
 
     @staticmethod
-    def from_dict(data: dict[str, Any]) -> StepConfig:
-        """Rebuild a config from :meth:`to_dict` output; errors name the unknown step, field or version."""
+    def from_dict(data: dict[str, Any], kind: str = "step") -> StepConfig:
+        """Rebuild a config from :meth:`to_dict` output; errors name the unknown step, field or version.
+        ``kind`` is the registry the ``step`` name is looked up in (``step``, or ``adapter`` for adapters)."""
         if not isinstance(data, dict) or "step" not in data:
             raise LowbitError(f"a recipe step must be a mapping with a 'step' key, got {data!r}")
         data = dict(data)
-        cls = get("step", data.pop("step")).Config
+        cls = get(kind, data.pop("step")).Config
         version = data.pop("version", cls.version)
         if version != cls.version:
             raise LowbitError(f"step {cls.step!r} config version {version} is not supported (this lowbit "
@@ -98,12 +99,15 @@ class Recipe:
 
     @classmethod
     def from_name(cls, name: str) -> Recipe:
-        """A named preset (``rtn-w4g128``, ``nf4-g64``, ...); unknown names list the known ones."""
+        """A named preset (``rtn-w4g128``, ``nf4-g64``, ...) or presets joined by ``+`` (``rtn-w2g64+emb8``: their
+        steps in that order); unknown names list the known ones."""
         from .presets import PRESETS
 
-        if name not in PRESETS:
-            raise unknown_name_error("preset", name, sorted(PRESETS))
-        return cls(list(PRESETS[name]), name=name)
+        parts = name.split("+")
+        for part in parts:
+            if part not in PRESETS:
+                raise unknown_name_error("preset", part, sorted(PRESETS))
+        return cls([step for part in parts for step in PRESETS[part]], name=name)
 
     @classmethod
     def parse(cls, spec: str | Path | Recipe) -> Recipe:

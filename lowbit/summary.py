@@ -4,27 +4,43 @@ from __future__ import annotations
 
 from torch import nn
 
+from .nn.packed import PackedModule
+from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
 
 
 def quantized_layers(model: nn.Module) -> dict[str, QLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QLinear)}
+    """The Linear layers a quantizer replaced (bits/weight figures are over these)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QLinear) and m.role == "linear"}
 
 
-def layer_entry(layer: QLinear) -> dict:
-    """Manifest entry of one layer: storage layout plus its effective bits per weight and bytes."""
+def packed_embeddings(model: nn.Module) -> dict[str, PackedModule]:
+    """What the ``embeddings`` step packed: the input table and the output head (which may share its buffers)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, QEmbedding) or (isinstance(m, QLinear) and m.role == "head")}
+
+
+def layer_entry(layer: PackedModule) -> dict:
+    """Manifest entry of one packed module: storage layout plus its effective bits per weight and bytes."""
     qw = layer.qweight
-    return {**qw.meta(), "bias": layer.bias is not None, "bits": qw.bits,
-            "bits_per_weight": round(qw.bits_per_weight, 6), "nbytes": qw.nbytes}
+    entry = {**qw.meta(), "bias": getattr(layer, "bias", None) is not None, "bits": qw.bits,
+             "bits_per_weight": round(qw.bits_per_weight, 6), "nbytes": qw.nbytes}
+    if isinstance(layer, QEmbedding):
+        entry.update(role="embedding", padding_idx=layer.padding_idx)
+    elif layer.role != "linear":
+        entry["role"] = layer.role
+    return entry
 
 
 def bits_summary(model: nn.Module) -> dict:
-    """Totals over the quantized layers: weights, packed bytes, effective bits/weight, code bits/weight."""
+    """Totals over the quantized layers: weights, packed bytes, effective bits/weight, code bits/weight; and the
+    packed embedding table's bytes (counted once when the head shares it)."""
     layers = quantized_layers(model)
     weights = sum(m.in_features * m.out_features for m in layers.values())
     packed = sum(m.qweight.nbytes for m in layers.values())
     code_bits = sum(m.qweight.code_bits for m in layers.values())
     float_params = sum(p.numel() for p in model.parameters())  # quantized weights are buffers, not parameters
+    tables = {m.codes.data_ptr(): m.qweight for m in packed_embeddings(model).values()}
     return {
         "quantized_layers": len(layers),
         "quantized_weights": weights,
@@ -32,4 +48,7 @@ def bits_summary(model: nn.Module) -> dict:
         "bits_per_weight": packed * 8 / weights if weights else None,
         "code_bits": code_bits / weights if weights else None,
         "float_params": float_params,
+        "embedding_bytes": sum(q.nbytes for q in tables.values()),
+        "embedding_bits_per_weight": (sum(q.nbytes for q in tables.values()) * 8 / sum(q.numel for q in tables.values())
+                                      if tables else None),
     }

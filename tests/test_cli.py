@@ -7,7 +7,6 @@ word-level tokenizer of 256 entries built in-process, saved as a local Hugging F
 
 from __future__ import annotations
 
-import collections
 import json
 import math
 from pathlib import Path
@@ -23,38 +22,6 @@ from lowbit.cli import app
 from lowbit.presets import PRESETS
 
 runner = CliRunner()  # click >= 8.2 keeps result.stdout and result.stderr apart (no mix_stderr)
-
-
-def word_tokenizer():
-    """A fast tokenizer: the 253 commonest words of the start of WikiText-2 test, plus <unk>, <s>, </s>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from lowbit.eval.data import wikitext2_text
-
-    common = collections.Counter(wikitext2_text("test")[:20000].split()).most_common(253)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, (w, _) in enumerate(common)}}
-    assert len(vocab) == 256  # the tiny models' vocab_size
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-
-
-@pytest.fixture(scope="module")
-def hf_folder(tmp_path_factory) -> Path:
-    """A tiny llama and its tokenizer saved as a local Hugging Face model folder."""
-    folder = tmp_path_factory.mktemp("cli") / "tiny-llama"
-    tiny_model("llama", max_position_embeddings=2048).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, hf_folder) -> Path:
-    """A lowbit checkpoint (rtn-w4g64, with tokenizer) of the tiny llama, made with the Python API."""
-    model, tok = lowbit.load_model(hf_folder)
-    lowbit.quantize(model, "rtn-w4g64")
-    return lowbit.save(model, tmp_path_factory.mktemp("cli") / "ckpt", tokenizer=tok)
 
 
 def invoke(*args: str):

@@ -174,3 +174,13 @@ def test_check_group_size_rejects(g):
 @pytest.mark.parametrize("g", [8, 32, 64, 128, 256])
 def test_check_group_size_accepts(g):
     assert check_group_size(g) is None
+
+
+@pytest.mark.parametrize("granularity,group_size", [("tensor", 40), ("channel", 40), ("group", 16)])
+def test_select_rows_dequantizes_like_the_full_weight(granularity, group_size):
+    w = torch.randn(12, 40)
+    q = rtn_quantize(w, get_format("int", 3, False), granularity, group_size)
+    index = torch.tensor([5, 0, 5, 11])
+    part = q.select_rows(index)
+    assert part.shape == (4, 40)
+    assert torch.equal(part.dequantize(), q.dequantize()[index])

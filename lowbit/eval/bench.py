@@ -9,9 +9,10 @@ figures. In the child: load, settle (``gc`` + ``malloc_trim``), reset the peak-R
 * prefill: one forward over a ``prefill_tokens``-token prompt (WikiText-2 valid text), last position's logits
   only, as ``generate`` does -> prompt tokens/s (best of ``repeats``);
 * ``peak_rss_mb``: the process's peak resident memory during both (model weights included), and
-  ``model_peak_mb``: that peak less the process's code and libraries (python, torch, transformers: about
-  370 MB before any weight is loaded), estimated as RSS after loading minus the model's tensor bytes. The
-  second is what a smaller model saves; the first is what ``top`` shows.
+  ``model_peak_mb``: that peak less the process's code and libraries (python, torch, transformers, the
+  tokenizer: 400-450 MB, which no model size changes), estimated as RSS after loading and reading every tensor
+  once minus the model's tensor bytes. The second is what a smaller model saves; the first is what ``top``
+  shows.
 
 The parent also measures this machine's memory bandwidth (a large tensor copy) and reports each model's
 roofline bound ``bandwidth / bytes read per token`` and the share of it decode reached.
@@ -72,15 +73,26 @@ def tensor_bytes(model: nn.Module) -> int:
     return total
 
 
+def touch_tensors(model: nn.Module) -> None:
+    """Read every tensor once. Checkpoints load memory-mapped, so a table the first forward has not read yet
+    (the LM head) is not resident; after this, RSS minus the tensor bytes is the process's code and libraries."""
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.numel() and t.device.type == "cpu":
+            t.detach().reshape(-1).view(torch.uint8).max()
+
+
 def weight_bytes_per_token(model: nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer once (:func:`tensor_bytes`), except
     the input embedding table, of which one row is read (when it is tied to the output head, the head reads
-    all of it and it counts in full)."""
-    embed = model.get_input_embeddings().weight
+    all of it and it counts in full). Float or packed tables alike."""
+    embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
+    table = {t.data_ptr() for t in [*embed.parameters(), *embed.buffers()]}
+    shared = head is not None and any(t.data_ptr() in table for t in [*head.parameters(), *head.buffers()])
     total = tensor_bytes(model)
-    if head is None or head.weight.data_ptr() != embed.data_ptr():
-        total -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+    if not shared:
+        rows = getattr(embed, "num_embeddings", 1)
+        total -= tensor_bytes(embed) * (rows - 1) // rows
     return total
 
 
@@ -119,6 +131,7 @@ def measure_model(source: str, config: BenchConfig) -> dict:
         model, tok = load_model(source)
     model.eval()
     kernels.prepare()
+    touch_tensors(model)
     memory.release_free_memory()
     memory.reset_peak()
     rss_model = memory.rss_mb()

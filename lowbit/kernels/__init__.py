@@ -50,8 +50,30 @@ def force(name: str):
         _forced.pop()
 
 
+class _QMatmul(torch.autograd.Function):
+    """Gradient to the input only (the packed weight is frozen). Nothing float is saved for the backward: it
+    dequantizes the weight again, so training memory stays at the packed size plus one layer's transient copy."""
+
+    @staticmethod
+    def forward(ctx, x, qweight):
+        ctx.qweight = qweight
+        with torch.no_grad():
+            return _qmatmul(x, qweight)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        w = ctx.qweight.dequantize(grad_y.dtype)
+        return grad_y @ w, None
+
+
 def qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
-    """``x (..., in)`` -> ``(..., out)`` = ``x @ Wᵀ`` for a packed ``W``."""
+    """``x (..., in)`` -> ``(..., out)`` = ``x @ Wᵀ`` for a packed ``W``; differentiable in ``x``."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return _QMatmul.apply(x, qweight)
+    return _qmatmul(x, qweight)
+
+
+def _qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
     choice = _choice()
     if choice == "auto" and x.device.type == "cpu":
         if cpu_supports(x, qweight):

@@ -1,3 +1,4 @@
+from .qembedding import QEmbedding
 from .qlinear import QLinear
 
-__all__ = ["QLinear"]
+__all__ = ["QLinear", "QEmbedding"]

@@ -1,10 +1,11 @@
 """Weight quantizers: one file per method, each registered as a recipe step."""
 
-from . import gptq, lowra, lowra_gptq, rtn  # noqa: F401  (registers the steps)
-from .base import Quantizer, QuantizerConfig, Step
+from . import embeddings, gptq, lowra, lowra_gptq, rtn  # noqa: F401  (registers the steps)
+from .base import GridConfig, Quantizer, QuantizerConfig, Step
+from .embeddings import EmbeddingsConfig
 from .gptq import GPTQConfig, gptq_round
 from .lowra import LowRAConfig
 from .rtn import RTNConfig, rtn_quantize
 
-__all__ = ["Quantizer", "QuantizerConfig", "Step", "RTNConfig", "rtn_quantize", "GPTQConfig", "gptq_round",
-           "LowRAConfig"]
+__all__ = ["GridConfig", "EmbeddingsConfig", "Quantizer", "QuantizerConfig", "Step", "RTNConfig", "rtn_quantize",
+           "GPTQConfig", "gptq_round", "LowRAConfig"]

@@ -21,8 +21,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class QuantizerConfig(StepConfig):
-    """Fields every weight quantizer takes."""
+class GridConfig(StepConfig):
+    """The value grid and what shares one scale: fields every step that stores packed weights takes."""
 
     format: str = "int"  # value grid family: int | nf | fp4 | fp8
     bits: int = 4  # code bits per weight, 1..8
@@ -30,8 +30,6 @@ class QuantizerConfig(StepConfig):
     group_size: int = 128  # input columns per scale when granularity == "group"; positive multiple of 8
     symmetric: bool = False  # int only: scale-only grid (no zero point)
     scale_search: str = "minmax"  # minmax | mse: also try clipped ranges, keep the least-error scale per group
-    targets: tuple[str, ...] = (DECODER,)  # module-name globs / "re:" regexes; "@decoder" = Linears in blocks
-    ignore: tuple[str, ...] = ()  # patterns removed from the targets
 
     def __post_init__(self):
         super().__post_init__()
@@ -44,8 +42,6 @@ class QuantizerConfig(StepConfig):
         if self.scale_search not in SCALE_SEARCHES:
             raise LowbitError(f"scale_search must be one of {', '.join(SCALE_SEARCHES)}, got {self.scale_search!r}")
         self.make_format()  # validates bits for the family
-        if not self.targets:
-            raise LowbitError("targets is empty: name the layers to quantize, e.g. targets=['@decoder']")
 
     def describe(self) -> str:
         where = f"g{self.group_size}" if self.granularity == "group" else self.granularity
@@ -58,10 +54,23 @@ class QuantizerConfig(StepConfig):
         return get_format(self.format, self.bits, self.symmetric)
 
 
-def check_finite(targets: list[tuple[str, nn.Linear]]) -> None:
+@dataclass(frozen=True)
+class QuantizerConfig(GridConfig):
+    """Fields every weight quantizer takes: the grid plus which Linear layers it replaces."""
+
+    targets: tuple[str, ...] = (DECODER,)  # module-name globs / "re:" regexes; "@decoder" = Linears in blocks
+    ignore: tuple[str, ...] = ()  # patterns removed from the targets
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.targets:
+            raise LowbitError("targets is empty: name the layers to quantize, e.g. targets=['@decoder']")
+
+
+def check_finite(targets: list[tuple[str, nn.Module]]) -> None:
     """Refuse weights holding NaN or Inf before any work starts, naming the first such layer."""
-    for name, linear in targets:
-        w = linear.weight.detach()
+    for name, module in targets:
+        w = module.weight.detach()
         if not torch.isfinite(w).all():
             bad = int((~torch.isfinite(w)).sum())
             raise LowbitError(f"layer {name!r} has {bad} NaN/Inf weight(s): quantizing it would store garbage; "

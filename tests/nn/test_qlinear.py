@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from tolerances import FP32_ATOL, FP32_RTOL, LOWP_ATOL, LOWP_RTOL
 
-from lowbit import kernels
 from lowbit.formats import get_format
 from lowbit.nn import QLinear
 from lowbit.qtensor import QuantizedWeight
@@ -62,13 +61,12 @@ def test_gradients_flow_to_input_only():
     assert m.bias.grad is None and m.scales.grad is None
 
 
-def test_single_row_input_with_grad_uses_the_reference_path():
-    """The fused decode kernel has no backward, so an input that needs grad must not be routed to it."""
+def test_single_row_input_with_grad_gets_the_right_gradient():
+    """The kernels have no backward of their own: qmatmul's autograd function runs any of them forward and
+    dequantizes the weight again for ``dX = dY W`` (saving no float weight)."""
     m, qw, b = _qlinear()
-    kernels.reset_counts()
     x = torch.randn(1, 40, requires_grad=True)
     m(x).sum().backward()
-    assert kernels.calls["reference"] == 1 and kernels.calls["cpu-fused"] == 0
     torch.testing.assert_close(x.grad, qw.dequantize().sum(0, keepdim=True), atol=FP32_ATOL, rtol=FP32_RTOL)
 
 

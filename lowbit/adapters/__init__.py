@@ -1,0 +1,139 @@
+"""Low-rank adapters on packed layers: attach by name patterns, train, freeze, remove, merge.
+
+    from lowbit.adapters import LoRAConfig, attach
+    attach(model, LoRAConfig(rank=16))          # every decoder QLinear gets model.layers.*.adapters["default"]
+    ...train only lowbit.adapters.parameters(model)...
+
+Adapters live in ``QLinear.adapters`` (an ``nn.ModuleDict`` keyed by adapter name), so ``state_dict``,
+:func:`lowbit.save` and :func:`lowbit.load` carry them; the manifest records each name's config and layers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from ..errors import LowbitError
+from ..models import DECODER, decoder_blocks, matches
+from ..nn.qlinear import QLinear
+from ..recipe import StepConfig
+from ..registry import get
+from . import lora, lorma  # noqa: F401  (registers the adapters)
+from .base import Adapter, AdapterConfig
+from .lora import LoRA, LoRAConfig
+from .lorma import LoRMA, LoRMAConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Adapter", "AdapterConfig", "LoRA", "LoRAConfig", "LoRMA", "LoRMAConfig", "attach", "remove", "freeze",
+           "parameters", "adapted_layers", "find_qlinears", "config_from_dict", "manifest_entry",
+           "attach_from_manifest"]
+
+
+def config_from_dict(data: dict) -> AdapterConfig:
+    """An adapter config from its ``to_dict`` output (``{"step": "lora", ...}``)."""
+    return StepConfig.from_dict(data, kind="adapter")
+
+
+def find_qlinears(model: nn.Module, targets=(DECODER,), ignore=()) -> list[tuple[str, QLinear]]:
+    """Quantized layers (``role == "linear"``) matching any of ``targets`` and none of ``ignore``; a target that
+    matches nothing is an error naming it."""
+    block_prefix = decoder_blocks(model)[0] if DECODER in targets else None
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear) and m.role == "linear"]
+    if not layers:
+        raise LowbitError("the model has no quantized layers to adapt: quantize it first (lowbit quantize) or load "
+                          "a lowbit checkpoint")
+    for pattern in targets:
+        if not any(matches(n, pattern, block_prefix) for n, _ in layers):
+            raise LowbitError(f"adapter target {pattern!r} matches no quantized layer; examples of names: "
+                              f"{', '.join(n for n, _ in layers[:4])}")
+    chosen = [(n, m) for n, m in layers if any(matches(n, p, block_prefix) for p in targets)]
+    chosen = [(n, m) for n, m in chosen if not any(matches(n, p, block_prefix) for p in ignore)]
+    if not chosen:
+        raise LowbitError(f"ignore={list(ignore)} removes every layer targets={list(targets)} selects")
+    return chosen
+
+
+def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> list[str]:
+    """Give every target layer a new adapter ``name`` built from ``config``; returns the layer names.
+
+    All checks (targets, rank vs width, one multiplicative adapter per side, unused name) run before any layer
+    changes. The base stays frozen; the new adapter parameters train."""
+    cls = get("adapter", config.step)
+    if not name.isidentifier():
+        raise LowbitError(f"adapter name {name!r} must be a Python identifier (letters, digits, underscores)")
+    layers = find_qlinears(model, config.targets, config.ignore)
+    built = []
+    for layer_name, layer in layers:
+        existing = layer.adapters if "adapters" in layer._modules else {}
+        if name in existing:
+            raise LowbitError(f"layer {layer_name!r} already has an adapter named {name!r}; pick another name or "
+                              "remove it first")
+        adapter = cls(config, layer.in_features, layer.out_features)
+        if adapter.place != "add" and any(a.place == adapter.place for a in existing.values()):
+            raise LowbitError(f"layer {layer_name!r} already has a multiplicative adapter on its {adapter.place} "
+                              "side; one per side is supported")
+        built.append((layer, adapter))
+    device = next((b for b in model.buffers()), torch.empty(0)).device
+    for layer, adapter in built:
+        if "adapters" not in layer._modules:
+            layer.adapters = nn.ModuleDict()
+        layer.adapters[name] = adapter.to(device)
+    log.info("attached %s adapter %r to %d layers", config.step, name, len(built))
+    return [n for n, _ in layers]
+
+
+def adapted_layers(model: nn.Module) -> dict[str, QLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QLinear) and len(m._modules.get("adapters") or ())}
+
+
+def remove(model: nn.Module, name: str | None = None) -> int:
+    """Drop adapter ``name`` (every adapter when None) from every layer; returns how many were removed."""
+    count = 0
+    for layer in adapted_layers(model).values():
+        for key in [k for k in layer.adapters if name is None or k == name]:
+            del layer.adapters[key]
+            count += 1
+        if not len(layer.adapters):
+            del layer.adapters
+    if name is not None and not count:
+        raise LowbitError(f"no adapter named {name!r} in the model")
+    return count
+
+
+def parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
+    """The parameters of adapter ``name`` (every adapter when None), in a stable order."""
+    return [p for layer in adapted_layers(model).values() for key, a in layer.adapters.items()
+            if name is None or key == name for p in a.parameters()]
+
+
+def freeze(model: nn.Module, trainable: str | None = None) -> list[nn.Parameter]:
+    """Make only adapter ``trainable`` (every adapter when None) require gradients; returns those parameters."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = parameters(model, trainable)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def manifest_entry(model: nn.Module) -> dict:
+    """``{adapter name: {"config": ..., "layers": [...]}}`` for the checkpoint manifest."""
+    out: dict[str, dict] = {}
+    for layer_name, layer in adapted_layers(model).items():
+        for key, adapter in layer.adapters.items():
+            out.setdefault(key, {"config": adapter.config.to_dict(), "layers": []})["layers"].append(layer_name)
+    return out
+
+
+def attach_from_manifest(model: nn.Module, adapters: dict) -> None:
+    """Rebuild the adapters a manifest lists (uninitialised values; ``load_state_dict`` fills them)."""
+    for key, entry in adapters.items():
+        config = config_from_dict(entry["config"])
+        for layer_name in entry["layers"]:
+            layer = model.get_submodule(layer_name)
+            if "adapters" not in layer._modules:
+                layer.adapters = nn.ModuleDict()
+            layer.adapters[key] = get("adapter", config.step)(config, layer.in_features, layer.out_features)

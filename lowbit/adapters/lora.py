@@ -1,0 +1,45 @@
+"""LoRA: ``h += s * B (A x)`` with ``A (r, in)`` Kaiming-initialised and ``B (out, r)`` zero, so training starts
+from the base. ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``rslora``). Dropout acts on the adapter's input."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..registry import register
+from .base import Adapter, AdapterConfig, kaiming_
+
+
+@dataclass(frozen=True)
+class LoRAConfig(AdapterConfig):
+    step = "lora"
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+
+
+@register("adapter", "lora")
+class LoRA(Adapter):
+    Config = LoRAConfig
+    kind = "lora"
+    place = "add"
+
+    def __init__(self, config: LoRAConfig, in_features: int, out_features: int):
+        super().__init__(config, in_features, out_features)
+        self.check_rank(min(in_features, out_features))
+        self.A = nn.Parameter(kaiming_(torch.empty(config.rank, in_features)))
+        self.B = nn.Parameter(torch.zeros(out_features, config.rank))
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+
+    @property
+    def scale(self) -> float:
+        r = self.config.rank
+        return self.config.lora_alpha / (math.sqrt(r) if self.config.rslora else r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x).to(self.A.dtype)
+        return (x @ self.A.t()) @ self.B.t() * self.scale
+
+    def merge(self, w: torch.Tensor) -> torch.Tensor:
+        return w + self.scale * (self.B.float() @ self.A.float()).to(w.dtype)

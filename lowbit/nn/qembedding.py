@@ -1,0 +1,34 @@
+"""QEmbedding: a drop-in ``nn.Embedding`` whose table is a frozen, bit-packed weight."""
+
+from __future__ import annotations
+
+import torch
+
+from .packed import PackedModule
+
+
+class QEmbedding(PackedModule):
+    """Token embeddings stored packed: a lookup dequantizes only the rows it reads.
+
+    ``table`` is a uniform :class:`~lowbit.qtensor.QuantizedWeight` of shape ``(num_embeddings,
+    embedding_dim)``. Input ``ids (...)`` integer; output ``(..., embedding_dim)`` fp32. When the model ties its
+    output head to these embeddings, the head is a :class:`~lowbit.QLinear` holding the very same buffers.
+    """
+
+    def __init__(self, table, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = table.shape
+        self.padding_idx = padding_idx
+        self._register_packed(table)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dequantized fp32 copy of the table, for code that inspects ``.weight`` (never cached)."""
+        return self.qweight.dequantize()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.qweight.select_rows(ids.reshape(-1).to(torch.long)).dequantize()
+        return rows.view(*ids.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.layout()}"

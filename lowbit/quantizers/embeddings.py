@@ -1,0 +1,78 @@
+"""The ``embeddings`` step: token embeddings (and the output head) stored packed, by round-to-nearest.
+
+Decoder-layer quantizers leave the embedding table and the LM head in float. On small models that table is a
+large share of the weights (SmolLM2-135M: 28M of 135M parameters, 113 MB in fp32) and, tied to the head, it is
+read in full for every generated token. This step packs it (int8, one symmetric scale per row by default) into
+a :class:`~lowbit.nn.QEmbedding`; a tied head becomes a :class:`~lowbit.QLinear` (``role="head"``) holding the
+very same buffers, so the table is stored and read once. An untied head is quantized on its own with the same
+grid. Compose it with any preset: ``rtn-w2g64+emb8``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..errors import LowbitError
+from ..models import set_module
+from ..nn.qembedding import QEmbedding
+from ..nn.qlinear import QLinear
+from ..registry import register
+from .base import GridConfig, Step, check_finite
+from .rtn import rtn_quantize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddingsConfig(GridConfig):
+    """int8 with one symmetric scale per embedding row (8.03 bits/weight at width 576) unless told otherwise."""
+
+    step = "embeddings"
+    bits: int = 8
+    granularity: str = "channel"
+    symmetric: bool = True
+    head: bool = True  # also quantize the output head (shares the table when the model ties them)
+
+
+def _name_of(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+@register("step", "embeddings")
+class QuantizeEmbeddings(Step):
+    Config = EmbeddingsConfig
+
+    def apply(self, model: nn.Module, calib=None) -> nn.Module:
+        c = self.config
+        fmt = c.make_format()
+        embed = model.get_input_embeddings()
+        if isinstance(embed, QEmbedding):
+            raise LowbitError("the input embeddings are already quantized; the recipe has the embeddings step twice")
+        if type(embed) is not nn.Embedding:
+            raise LowbitError(f"the embeddings step needs an nn.Embedding input table, {type(model).__name__} has "
+                              f"{type(embed).__name__}; drop the step from the recipe")
+        head = model.get_output_embeddings()
+        head = head if type(head) is nn.Linear else None  # already quantized by a quantizer's targets, or none
+        tied = head is not None and head.weight is embed.weight
+        if tied and getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False  # lowbit ties packed buffers itself; HF must not re-tie
+        if not c.head:
+            head = None  # a tied head keeps the float table as its own weight
+        embed_name = _name_of(model, embed)
+        check_finite([(embed_name, embed)] + ([] if head is None or tied else [(_name_of(model, head), head)]))
+
+        g = c.group_size if c.granularity == "group" else embed.embedding_dim
+        table = rtn_quantize(embed.weight.detach().float(), fmt, c.granularity, g, c.scale_search)
+        if head is not None:
+            head_name = _name_of(model, head)
+            qhead = table if tied else rtn_quantize(head.weight.detach().float(), fmt, c.granularity,
+                                                    c.group_size if c.granularity == "group" else head.in_features,
+                                                    c.scale_search)
+            set_module(model, head_name, QLinear(qhead, head.bias, role="head"))  # unties the float weights
+        set_module(model, embed_name, QEmbedding(table, embed.padding_idx))
+        log.info("embeddings %s%s: %.2f bits/weight", fmt.name, " (tied head shares it)" if tied else "",
+                 table.bits_per_weight)
+        return model

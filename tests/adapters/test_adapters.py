@@ -1,0 +1,196 @@
+"""Adapters on packed layers: LoRA and LoRMA maths, attach/freeze/remove, forward order, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lowbit
+from lowbit import LowbitError, QLinear
+from lowbit import adapters as ad
+from lowbit.adapters.lorma import shifted_product
+from lowbit.formats import get_format
+from lowbit.quantizers.rtn import rtn_quantize
+
+IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 0, 33]])
+
+
+def _layer(out_f=48, in_f=32, bias=True) -> QLinear:
+    w = torch.randn(out_f, in_f)
+    return QLinear(rtn_quantize(w, get_format("int", 4, False), "group", 16), torch.randn(out_f) if bias else None)
+
+
+def _perturb(module, scale=0.1):
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * scale)
+
+
+def _with(layer: QLinear, adapter, name="a"):
+    layer.adapters = torch.nn.ModuleDict({name: adapter}) if "adapters" not in layer._modules else layer.adapters
+    layer.adapters[name] = adapter
+    return layer
+
+
+def test_lora_starts_at_the_base_and_adds_s_B_A_x():
+    layer = _layer()
+    x = torch.randn(5, 32)
+    base = layer(x)
+    lora = ad.LoRA(ad.LoRAConfig(rank=4, alpha=8), 32, 48)
+    _with(layer, lora)
+    assert torch.equal(layer(x), base)  # B = 0
+    _perturb(lora)
+    expected = base + 2.0 * x @ (lora.B @ lora.A).t()
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    rs = ad.LoRA(ad.LoRAConfig(rank=4, alpha=8, rslora=True), 32, 48)
+    assert rs.scale == pytest.approx(8 / math.sqrt(4))
+
+
+@pytest.mark.parametrize("mode", ["pre", "post"])
+@pytest.mark.parametrize("variant", ["rri", "shift"])
+def test_lorma_is_the_identity_at_init_and_matches_the_dense_formula(mode, variant):
+    layer = _layer(bias=True)
+    x = torch.randn(5, 32)
+    base = layer(x)
+    lorma = ad.LoRMA(ad.LoRMAConfig(rank=3, alpha=5, mode=mode, variant=variant), 32, 48)
+    _with(layer, lorma)
+    assert torch.allclose(layer(x), base, atol=1e-5)  # both inflations start at T = I
+    assert torch.allclose(lorma.transform_matrix(), torch.eye(lorma.width), atol=1e-6)
+    _perturb(lorma)
+    # dense reference built from the paper's equations (methods.md §6.2)
+    s, A, B = lorma.scale, lorma.A.detach(), lorma.B.detach()
+    if variant == "rri":
+        T = torch.eye(lorma.width) + s * B @ A
+    else:
+        M = B @ A
+        k = M.shape[0]
+        cols = (torch.arange(k)[None, :] - torch.arange(k)[:, None]) % k  # π(M)[i, j] = M[i, (j - i) mod k]
+        T = s * M.gather(1, cols)
+    W = layer.qweight.dequantize()
+    W_eff = T @ W if mode == "pre" else W @ T
+    expected = x @ W_eff.t() + layer.bias
+    assert torch.allclose(layer(x), expected, atol=1e-4)
+    assert torch.allclose(layer.merged_weight(), W_eff, atol=1e-5)
+
+
+def test_shifted_product_equals_the_dense_permuted_product():
+    k, r = 37, 5
+    A, B, v = torch.randn(r, k), torch.randn(k, r), torch.randn(4, k)
+    M = B @ A
+    cols = (torch.arange(k)[None, :] - torch.arange(k)[:, None]) % k
+    dense = v @ M.gather(1, cols).t()
+    assert torch.allclose(shifted_product(v, A, B), dense, atol=1e-4)
+
+
+class _Shapes(TorchDispatchMode):
+    """Records the element count of every tensor an op produces (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.numels.append((str(func), t.numel()))
+        return out
+
+
+@pytest.mark.parametrize("variant", ["rri", "shift"])
+@pytest.mark.parametrize("mode", ["pre", "post"])
+def test_lorma_never_materializes_a_dense_transform_or_adapted_weight(variant, mode):
+    """With k = 512 and 3 tokens, a k×k transform (262,144 elements) or the adapted weight would be the largest
+    tensor by far; forward + backward only make tensors of at most r·k per token (and the base's own transient
+    dequantized weight, which is out×in = 512×256 and excluded by counting only adapter ops)."""
+    k_out, k_in, r, tokens = 512, 256, 4, 3
+    layer = _layer(out_f=k_out, in_f=k_in, bias=False)
+    lorma = ad.LoRMA(ad.LoRMAConfig(rank=r, mode=mode, variant=variant), k_in, k_out)
+    _with(layer, lorma)
+    _perturb(lorma)
+    x = torch.randn(tokens, k_in, requires_grad=True)
+    width = lorma.width
+    with _Shapes() as rec:
+        y = lorma(torch.randn(tokens, width, requires_grad=True))
+        y.square().sum().backward()
+    biggest = max(n for _, n in rec.numels)
+    assert biggest <= tokens * r * width  # the FFT form's (tokens, r, k) correlations at most
+    assert biggest < width * width // 10  # never anything close to a k×k matrix
+    # the full layer: nothing larger than the base weight (out×in), which the base kernel dequantizes transiently
+    with _Shapes() as rec:
+        layer(x).square().sum().backward()
+    assert max(n for _, n in rec.numels) <= k_out * k_in
+
+
+def test_attach_freeze_train_only_adapters_and_remove():
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
+    names = ad.attach(model, ad.LoRAConfig(rank=4))
+    assert len(names) == 14
+    ad.attach(model, ad.LoRMAConfig(rank=4, targets=("*.mlp.down_proj",)), name="mul")
+    params = ad.freeze(model)
+    assert {p for p in model.parameters() if p.requires_grad} == set(params)
+    assert len(params) == 2 * 14 + 2 * 2
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    opt = torch.optim.SGD(params, lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+    assert all(torch.equal(before[n], b) for n, b in model.named_buffers())  # packed base untouched
+    assert any(p.abs().sum() > 0 for p in ad.parameters(model) if p.shape[0] != 4)  # B moved off zero
+    assert ad.remove(model, "mul") == 2
+    assert ad.remove(model) == 14 and not ad.adapted_layers(model)
+
+
+def test_bad_input_is_refused_before_any_layer_changes():
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
+    with pytest.raises(LowbitError, match="matches no quantized layer"):
+        ad.attach(model, ad.LoRAConfig(rank=4, targets=("*.nope",)))
+    with pytest.raises(LowbitError, match="rank 64 is not below"):
+        ad.attach(model, ad.LoRAConfig(rank=64))
+    assert not ad.adapted_layers(model)
+    ad.attach(model, ad.LoRMAConfig(rank=2))
+    with pytest.raises(LowbitError, match="one per side"):
+        ad.attach(model, ad.LoRMAConfig(rank=2), name="second")
+    with pytest.raises(LowbitError, match="already has an adapter named"):
+        ad.attach(model, ad.LoRAConfig(rank=2))  # name "default" is taken by the LoRMA
+    with pytest.raises(LowbitError, match="quantize it first"):
+        ad.attach(tiny_model("llama"), ad.LoRAConfig(rank=2))
+    with pytest.raises(LowbitError, match="variant"):
+        ad.LoRMAConfig(variant="spin")
+    with pytest.raises(LowbitError, match="rank"):
+        ad.LoRAConfig(rank=0)
+
+
+def test_adapters_survive_save_and_load_bit_for_bit(tmp_path):
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
+    ad.attach(model, ad.LoRAConfig(rank=4, dropout=0.1))
+    ad.attach(model, ad.LoRMAConfig(rank=3, variant="shift", targets=("*.o_proj",)), name="mul")
+    _perturb(model)
+    ad.freeze(model)
+    _perturb(model)
+    model.eval()
+    path = lowbit.save(model, tmp_path / "ckpt")
+    loaded, _ = lowbit.load(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, model(IDS).logits)
+    entry = loaded.lowbit_manifest["adapters"]
+    assert entry["default"]["config"]["step"] == "lora" and len(entry["default"]["layers"]) == 14
+    assert entry["mul"]["config"]["variant"] == "shift" and len(entry["mul"]["layers"]) == 2
+    assert len(ad.freeze(loaded)) == 2 * 14 + 2 * 2  # ready to train on
+
+
+def test_gradient_reaches_the_input_without_saving_a_float_weight():
+    layer = _layer(out_f=64, in_f=32, bias=False)
+    x = torch.randn(3, 32, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = layer(x)
+    assert (64, 32) not in saved  # the backward dequantizes again instead of keeping W
+    y.sum().backward()
+    assert torch.allclose(x.grad, layer.qweight.dequantize().sum(0).expand(3, 32), atol=1e-5)
