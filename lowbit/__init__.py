@@ -8,7 +8,7 @@
 
 __version__ = "0.1.0"
 
-from . import formats, qmixed, quantizers  # noqa: E402,F401  (registers formats, weight kinds and steps)
+from . import compensate, formats, qmixed, quantizers  # noqa: E402,F401  (registers formats, weight kinds and steps)
 from .api import quantize  # noqa: E402
 from .calibration import Calibration  # noqa: E402
 from .errors import CheckpointError, LowbitError  # noqa: E402

@@ -5,6 +5,7 @@ layers, then the embedding table (and the tied head) in int8."""
 
 from __future__ import annotations
 
+from .compensate.loftq import LoftQConfig
 from .quantizers.embeddings import EmbeddingsConfig
 from .quantizers.gptq import GPTQConfig
 from .quantizers.lowra import LowRAConfig
@@ -33,6 +34,9 @@ for _budget in ("1.15", "1.5", "2.0", "2.25", "2.5", "3.0"):
     PRESETS[f"lowra-b{_budget}"] = [LowRAConfig(budget=float(_budget))]
     PRESETS[f"lowra-gptq-b{_budget}"] = [LowRAGPTQConfig(budget=float(_budget))]
 
+for _r in (4, 8, 16, 32, 64):
+    PRESETS[f"loftq-w2g64-r{_r}"] = [LoftQConfig(rank=_r)]
+PRESETS["loftq-nf2-g64-r16"] = [LoftQConfig(quantizer={"step": "rtn", "format": "nf", "bits": 2, "group_size": 64})]
 PRESETS["emb8"] = [EmbeddingsConfig()]  # int8, one scale per row; composes: rtn-w2g64+emb8
 PRESETS["emb4"] = [EmbeddingsConfig(bits=4, granularity="group", group_size=64, symmetric=False)]
 

@@ -1,0 +1,122 @@
+"""LoftQ (methods.md §3.5): quantize and fit a LoRA to the residual, alternately, so ``Q + s·B A ≈ W``.
+
+::
+
+    B A <- 0
+    repeat T times:
+        Q   <- quantize(W - s·B A)
+        U S Vᵀ <- SVD(W - Q)
+        B <- U_r sqrt(S_r) / sqrt(s);  A <- sqrt(S_r) V_rᵀ / sqrt(s)
+
+The ``1/sqrt(s)`` (``s = alpha / rank``) is what PEFT omits: its LoRA multiplies by ``s`` afterwards, so unless
+``alpha == rank`` the initial correction there is scaled wrongly. Here ``s·B A`` equals the rank-r residual
+exactly for any alpha. The base quantizer is any data-free per-layer step (RTN in every format); each layer's
+weight error before and after the correction is logged and kept in ``model.lowbit_loftq_errors``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import LoRA, LoRAConfig
+from ..errors import LowbitError
+from ..models import find_linears, set_module
+from ..nn.qlinear import QLinear
+from ..quantizers.base import Quantizer, Step, check_finite
+from ..recipe import StepConfig
+from ..registry import get, register
+
+log = logging.getLogger(__name__)
+
+
+def _default_base() -> dict:
+    return {"step": "rtn", "bits": 2, "group_size": 64}
+
+
+@dataclass(frozen=True)
+class LoftQConfig(StepConfig):
+    """LoftQ over ``quantizer`` (a step config dict, default RTN int2 g64) with a LoRA of ``rank``."""
+
+    step = "loftq"
+    quantizer: dict = field(default_factory=_default_base)  # a data-free per-layer quantizer step
+    rank: int = 16
+    alpha: float = 0.0  # 0 means 2 * rank, as LoRAConfig
+    iterations: int = 1  # alternations; the paper uses up to 5
+    adapter: str = "default"  # adapter name on every layer
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.iterations, int) or not 1 <= self.iterations <= 20:
+            raise LowbitError(f"iterations must be an integer from 1 to 20, got {self.iterations!r}")
+        self.lora_config()  # validates rank/alpha
+        base = self.base_config()
+        cls = get("step", base.step)
+        if not issubclass(cls, Quantizer) or cls.needs:
+            raise LowbitError(f"LoftQ re-quantizes each layer on its own without data; {base.step!r} cannot (it "
+                              "needs calibration or a global bit assignment). Use an rtn quantizer, or RILQ.")
+
+    def __hash__(self):
+        return hash((self.step, tuple(sorted(self.quantizer.items())), self.rank, self.alpha, self.iterations))
+
+    def base_config(self):
+        return StepConfig.from_dict(self.quantizer)
+
+    def lora_config(self) -> LoRAConfig:
+        base = StepConfig.from_dict(self.quantizer)
+        return LoRAConfig(rank=self.rank, alpha=self.alpha, targets=base.targets, ignore=base.ignore)
+
+
+@torch.no_grad()
+def loftq_layer(weight: torch.Tensor, quantizer: Quantizer, lora: LoRA, iterations: int):
+    """Quantize ``weight (out, in)`` and set ``lora``'s factors by LoftQ; returns ``(qweight, error_q, error_qa)``,
+    the relative Frobenius errors ``‖W − Q‖/‖W‖`` and ``‖W − Q − s·BA‖/‖W‖``."""
+    w = weight.float()
+    r, s = lora.config.rank, lora.scale
+    correction = torch.zeros_like(w)
+    for _ in range(iterations):
+        q = quantizer.quantize(w - correction)
+        residual = w - q.dequantize()
+        U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+        root = S[:r].sqrt()
+        lora.B.copy_(U[:, :r] * root / math.sqrt(s))
+        lora.A.copy_(root[:, None] * Vh[:r] / math.sqrt(s))
+        correction = s * lora.B @ lora.A
+    norm = w.norm().clamp_min(1e-12)
+    return q, float(residual.norm() / norm), float((residual - correction).norm() / norm)
+
+
+@register("step", "loftq")
+class LoftQ(Step):
+    Config = LoftQConfig
+
+    def apply(self, model: nn.Module, calib=None) -> nn.Module:
+        c = self.config
+        base = c.base_config()
+        quantizer = get("step", base.step)(base)
+        lora_config = c.lora_config()
+        targets = find_linears(model, base.targets, base.ignore)
+        check_finite(targets)
+        for name, linear in targets:
+            if c.rank >= min(linear.in_features, linear.out_features):
+                raise LowbitError(f"LoftQ rank {c.rank} is not below the width of {name!r} "
+                                  f"({linear.in_features}x{linear.out_features}); choose a smaller rank")
+        errors = {}
+        for name, linear in tqdm(targets, desc=f"loftq r{c.rank}", unit="layer", leave=False):
+            lora = LoRA(lora_config, linear.in_features, linear.out_features)
+            qweight, before, after = loftq_layer(linear.weight.detach(), quantizer, lora, c.iterations)
+            layer = QLinear(qweight, None if linear.bias is None else linear.bias.detach())
+            layer.adapters = nn.ModuleDict({c.adapter: lora})
+            set_module(model, name, layer)
+            errors[name] = (before, after)
+        mean_before = sum(b for b, _ in errors.values()) / len(errors)
+        mean_after = sum(a for _, a in errors.values()) / len(errors)
+        log.info("loftq: relative weight error %.4f -> %.4f (mean over %d layers)", mean_before, mean_after,
+                 len(errors))
+        model.lowbit_loftq_errors = errors
+        return model
