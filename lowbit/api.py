@@ -21,8 +21,10 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib=None) -> nn.Module:
     """
     recipe = Recipe.parse(recipe)
     start = time.perf_counter()
-    for config in recipe.steps:
-        step = get("step", config.step)(config)
+    steps = [get("step", config.step)(config) for config in recipe.steps]
+    for step in steps:  # e.g. RILQ caches the float model's outputs before any step quantizes it
+        step.prepare(model, calib)
+    for step in steps:
         model = step.apply(model, calib)
     model.lowbit_recipe = recipe
     model.lowbit_quantize_seconds = time.perf_counter() - start

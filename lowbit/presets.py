@@ -6,6 +6,7 @@ layers, then the embedding table (and the tied head) in int8."""
 from __future__ import annotations
 
 from .compensate.loftq import LoftQConfig
+from .compensate.rilq import RILQConfig
 from .quantizers.embeddings import EmbeddingsConfig
 from .quantizers.gptq import GPTQConfig
 from .quantizers.lowra import LowRAConfig
@@ -37,6 +38,10 @@ for _budget in ("1.15", "1.5", "2.0", "2.25", "2.5", "3.0"):
 for _r in (4, 8, 16, 32, 64):
     PRESETS[f"loftq-w2g64-r{_r}"] = [LoftQConfig(rank=_r)]
 PRESETS["loftq-nf2-g64-r16"] = [LoftQConfig(quantizer={"step": "rtn", "format": "nf", "bits": 2, "group_size": 64})]
+for _r in (4, 8, 16, 32, 64):
+    PRESETS[f"rilq{_r}"] = [RILQConfig(rank=_r)]  # composes after a quantizer: rtn-w2g64+rilq16
+PRESETS["gptq-w2g64-rilq16"] = [GPTQConfig(bits=2, group_size=64), RILQConfig(rank=16)]
+PRESETS["rtn-w2g64-rilq16"] = [RTNConfig(bits=2, group_size=64), RILQConfig(rank=16)]
 PRESETS["emb8"] = [EmbeddingsConfig()]  # int8, one scale per row; composes: rtn-w2g64+emb8
 PRESETS["emb4"] = [EmbeddingsConfig(bits=4, granularity="group", group_size=64, symmetric=False)]
 

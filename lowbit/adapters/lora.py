@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..errors import LowbitError
 from ..registry import register
 from .base import Adapter, AdapterConfig, kaiming_
 
@@ -17,6 +18,12 @@ from .base import Adapter, AdapterConfig, kaiming_
 class LoRAConfig(AdapterConfig):
     step = "lora"
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    init: str = "kaiming"  # A's init: kaiming (LoRA, PEFT) or gaussian (N(0, 1/rank), RILQ); B = 0 either way
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init not in ("kaiming", "gaussian"):
+            raise LowbitError(f"LoRA init must be kaiming or gaussian, got {self.init!r}")
 
 
 @register("adapter", "lora")
@@ -28,7 +35,8 @@ class LoRA(Adapter):
     def __init__(self, config: LoRAConfig, in_features: int, out_features: int):
         super().__init__(config, in_features, out_features)
         self.check_rank(min(in_features, out_features))
-        self.A = nn.Parameter(kaiming_(torch.empty(config.rank, in_features)))
+        A = torch.empty(config.rank, in_features)
+        self.A = nn.Parameter(kaiming_(A) if config.init == "kaiming" else nn.init.normal_(A, std=1 / config.rank))
         self.B = nn.Parameter(torch.zeros(out_features, config.rank))
         self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
 

@@ -86,6 +86,10 @@ class Step(ABC):
     def __init__(self, config: StepConfig):
         self.config = config
 
+    def prepare(self, model: nn.Module, calib=None) -> None:
+        """Runs on the float model before any step of the recipe applies (default: nothing)."""
+        return None
+
     @abstractmethod
     def apply(self, model: nn.Module, calib=None) -> nn.Module: ...
 

@@ -1,0 +1,213 @@
+"""RILQ (methods.md §5): adapters trained against the float model's own outputs, a loss on the whole model.
+
+``L = λ_m · MSE(h_student, h_teacher) + λ_gt · CE(head(h_student), next token)`` where ``h`` is the final hidden
+state after the last norm (``model.get_decoder()(ids).last_hidden_state``). Teacher states are computed once
+from the float model, before any step of the recipe quantizes it (:meth:`RILQ.prepare`), and kept in bf16 on the
+CPU (64 windows × 512 tokens × 576 = 38 MB for SmolLM2), so the float model never sits beside the student. A
+checkpoint that is already quantized gets its teacher from the manifest's source model, loaded, run and freed
+before training. The student is the real packed model (gradients flow through the packed base) with LoRA
+(Gaussian init, ``B = 0``, so training starts at the base) or LoRMA adapters on every decoder layer.
+
+Calibration: WikiText-2 valid windows (or the recipe's calibration text); the first ``val_ratio`` of them
+validate. Adam, no schedule; early stopping on the validation loss (every ``eval_every`` optimizer steps,
+``patience`` evaluations without improvement); the best adapters are restored. The defaults are cut from the
+paper's (320 × 512 tokens, 10,000 micro-steps, on a GPU) to fit about 15 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .. import adapters as ad
+from ..calibration import calibration_windows
+from ..errors import LowbitError
+from ..eval.memory import release_free_memory
+from ..models import DECODER
+from ..nn.qlinear import QLinear
+from ..quantizers.base import Step
+from ..recipe import StepConfig
+from ..registry import register
+from ..train.trainer import set_checkpointing
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RILQConfig(StepConfig):
+    step = "rilq"
+    rank: int = 16
+    alpha: float = 16.0
+    adapter: str = "lora"  # lora | lorma (rri, pre mode)
+    name: str = "default"  # adapter name: fine-tuning continues the same adapters
+    lr: float = 5e-4
+    samples: int = 64  # calibration windows (train + validation)
+    seq_len: int = 512
+    val_ratio: float = 0.2
+    grad_accum: int = 4  # micro-batches (one window each) per optimizer step
+    max_steps: int = 75  # optimizer steps
+    eval_every: int = 10  # optimizer steps between validations
+    patience: int = 5  # validations without improvement before stopping
+    lambda_model: float = 0.5
+    lambda_gt: float = 0.5
+    seed: int = 42
+    gradient_checkpointing: bool = True
+    targets: tuple[str, ...] = (DECODER,)
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.adapter not in ("lora", "lorma"):
+            raise LowbitError(f"RILQ adapter must be lora or lorma, got {self.adapter!r}")
+        for name in ("samples", "seq_len", "grad_accum", "max_steps", "eval_every", "patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise LowbitError(f"RILQ {name} must be a positive integer, got {value!r}")
+        if not 0 < self.val_ratio < 1 or round(self.samples * self.val_ratio) < 1 or \
+                self.samples - round(self.samples * self.val_ratio) < 1:
+            raise LowbitError(f"val_ratio {self.val_ratio} must leave at least one validation and one training "
+                              f"window out of samples={self.samples}")
+        if self.lambda_model < 0 or self.lambda_gt < 0 or self.lambda_model + self.lambda_gt == 0:
+            raise LowbitError("lambda_model and lambda_gt must be >= 0 and not both 0")
+        self.adapter_config()
+
+    def adapter_config(self) -> ad.AdapterConfig:
+        if self.adapter == "lora":
+            return ad.LoRAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, ignore=self.ignore,
+                                 init="gaussian")
+        return ad.LoRMAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, ignore=self.ignore)
+
+
+@torch.inference_mode()
+def final_hidden_states(model: nn.Module, windows: torch.Tensor, desc: str = "teacher") -> torch.Tensor:
+    """``(n, L, d)`` bf16: the decoder's output after its last norm, one window at a time."""
+    backbone = model.get_decoder()
+    out = [backbone(input_ids=w[None]).last_hidden_state[0].to(torch.bfloat16)
+           for w in tqdm(windows, desc=desc, unit="window", leave=False)]
+    return torch.stack(out)
+
+
+@register("step", "rilq")
+class RILQ(Step):
+    Config = RILQConfig
+
+    def __init__(self, config: RILQConfig):
+        super().__init__(config)
+        self.windows: torch.Tensor | None = None
+        self.teacher: torch.Tensor | None = None
+
+    def _windows(self, calib) -> torch.Tensor:
+        c = self.config
+        tokenizer = getattr(calib, "tokenizer", None)
+        if tokenizer is None:
+            raise LowbitError("RILQ needs calibration text: pass calib=lowbit.Calibration(tokenizer=tok) "
+                              "(WikiText-2 valid by default)")
+        return calibration_windows(tokenizer, c.samples, c.seq_len, c.seed, getattr(calib, "text", None))
+
+    def prepare(self, model: nn.Module, calib=None) -> None:
+        """Cache the teacher's final hidden states from the float model, before any step quantizes it."""
+        if any(isinstance(m, QLinear) for m in model.modules()):
+            return  # already quantized: apply() loads the teacher from the source model
+        self.windows = self._windows(calib)
+        self.teacher = final_hidden_states(model, self.windows)
+
+    def _teacher_from_source(self, model: nn.Module, calib) -> None:
+        from ..models import load_model
+
+        source = getattr(model, "lowbit_source", None)
+        if not source:
+            raise LowbitError("RILQ needs the float model's outputs: run it in the same recipe as the quantizer "
+                              "(e.g. rtn-w2g64+rilq16) or on a checkpoint whose manifest names its source model")
+        log.info("rilq: computing teacher outputs from %s", source)
+        fp_model, _ = load_model(source)
+        self.windows = self._windows(calib)
+        self.teacher = final_hidden_states(fp_model, self.windows)
+        del fp_model
+        release_free_memory()
+
+    def loss(self, model: nn.Module, i: int) -> tuple[torch.Tensor, float, float]:
+        """Combined loss of window ``i`` and its two terms (MSE to the teacher, next-token CE)."""
+        c = self.config
+        ids = self.windows[i][None]
+        h = model.get_decoder()(input_ids=ids).last_hidden_state
+        mse = F.mse_loss(h.float(), self.teacher[i][None].float())
+        logits = model.get_output_embeddings()(h[0, :-1]).float()
+        ce = F.cross_entropy(logits, ids[0, 1:])
+        return c.lambda_model * mse + c.lambda_gt * ce, mse.item(), ce.item()
+
+    def validate(self, model: nn.Module, val: list[int]) -> float:
+        with torch.no_grad():
+            return sum(self.loss(model, i)[0].item() for i in val) / len(val)
+
+    def apply(self, model: nn.Module, calib=None) -> nn.Module:
+        c = self.config
+        ad.find_qlinears(model, c.targets, c.ignore)  # a clear error before the teacher pass if nothing to adapt
+        if self.teacher is None:
+            self._teacher_from_source(model, calib)
+        start = time.perf_counter()
+        n_val = round(c.samples * c.val_ratio)
+        val, train = list(range(n_val)), list(range(n_val, c.samples))
+        ad.attach(model, c.adapter_config(), name=c.name)
+        params = ad.freeze(model)
+        opt = torch.optim.Adam(params, lr=c.lr)
+        gen = torch.Generator().manual_seed(c.seed)
+        was_training = model.training
+        model.train()
+        checkpointing = c.gradient_checkpointing
+        if checkpointing:
+            set_checkpointing(model, True)
+        history = {"step": [0], "train": [math.nan], "val": [self.validate(model, val)], "mse": [], "ce": []}
+        best, best_state, bad, step = history["val"][0], None, 0, 0
+        order: list[int] = []
+        bar = tqdm(total=c.max_steps, desc=f"rilq r{c.rank}", unit="step", leave=False)
+        try:
+            while step < c.max_steps and bad < c.patience:
+                running = 0.0
+                for _ in range(c.grad_accum):
+                    if not order:
+                        order = [train[j] for j in torch.randperm(len(train), generator=gen).tolist()]
+                    loss, mse, ce = self.loss(model, order.pop())
+                    (loss / c.grad_accum).backward()
+                    running += loss.item() / c.grad_accum
+                    history["mse"].append(mse)
+                    history["ce"].append(ce)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.3f}", best_val=f"{best:.3f}")
+                if step % c.eval_every == 0 or step == c.max_steps:
+                    v = self.validate(model, val)
+                    history["step"].append(step)
+                    history["train"].append(running)
+                    history["val"].append(v)
+                    if v < best:
+                        best, bad = v, 0
+                        best_state = [p.detach().clone() for p in params]
+                    else:
+                        bad += 1
+        finally:
+            bar.close()
+            if checkpointing:
+                set_checkpointing(model, False)
+            model.train(was_training)
+        with torch.no_grad():
+            if best_state is None:  # never beat the untrained adapters: keep them as a no-op start
+                ad.remove(model, c.name)
+            else:
+                for p, b in zip(params, best_state, strict=True):
+                    p.copy_(b)
+        for p in params:
+            p.requires_grad_(False)
+        model.lowbit_rilq = {**history, "best_val": best, "steps": step, "seconds": time.perf_counter() - start,
+                             "stopped_early": bad >= c.patience}
+        log.info("rilq: %d steps, validation loss %.4f -> %.4f", step, history["val"][0], best)
+        self.windows = self.teacher = None
+        return model

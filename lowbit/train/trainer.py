@@ -1,0 +1,233 @@
+"""Fine-tune the trainable parameters (adapters) of a model: AdamW, warmup + cosine, gradient accumulation,
+activation checkpointing, chunked LM loss, seeded, resumable.
+
+Works on any causal LM whose trainable parameters are the ones to train: a packed lowbit model with adapters
+(:func:`lowbit.adapters.freeze` makes only those trainable) or, as the benchmark's baseline, a PEFT-wrapped float
+model. Batches are a pure function of (seed, step): example ``p`` of the stream is ``perm_e[p mod n]`` with
+``perm_e`` the seeded permutation of epoch ``e = p // n``; so a resumed run sees exactly the batches an
+uninterrupted one would. The training state (trainable tensors, optimizer, scheduler, RNG, losses) is written
+every ``checkpoint_every`` steps to ``state_dir/trainer_state.pt`` atomically (temp file, then rename).
+
+The LM loss is computed from the decoder's last hidden state in chunks of ``loss_chunk`` positions, each chunk's
+logits recomputed in the backward: the full ``(tokens, vocab)`` logits (200 MB for 4 × 256 tokens and a 49k
+vocabulary, plus as much again for their gradient) never exist at once. Same value as transformers' loss: the
+mean next-token cross-entropy over the positions whose label is not -100.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from ..errors import LowbitError
+from ..eval import memory
+from .data import IGNORE, TrainData
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    batch: int = 4  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 2e-4  # QLoRA's; the peak of the schedule
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03  # share of steps with a linear warmup, then cosine decay to 0
+    max_grad_norm: float = 0.3  # QLoRA's clipping
+    seed: int = 0
+    gradient_checkpointing: bool = True  # recompute decoder blocks in the backward
+    loss_chunk: int = 512  # positions per chunk of the LM loss (0 = all at once)
+    checkpoint_every: int = 50  # optimizer steps between training-state checkpoints (needs a state_dir)
+
+    def __post_init__(self):
+        for name in ("steps", "batch", "grad_accum", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise LowbitError(f"{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise LowbitError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise LowbitError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.loss_chunk < 0:
+            raise LowbitError(f"loss_chunk must be >= 0, got {self.loss_chunk!r}")
+
+
+@dataclass
+class TrainResult:
+    losses: list[float]  # per optimizer step (mean over its micro-batches)
+    steps: int
+    tokens: int  # input tokens processed
+    seconds: float  # training wall time (a resumed run: all segments)
+    peak_rss_mb: float  # of this segment
+    config: dict = field(default_factory=dict)
+
+    @property
+    def first_loss(self) -> float:
+        return self.losses[0]
+
+    @property
+    def final_loss(self) -> float:
+        """Mean of the last 10 steps' losses (one step's loss is one batch's, noisy)."""
+        tail = self.losses[-10:]
+        return sum(tail) / len(tail)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {"first_loss": self.first_loss, "final_loss": self.final_loss, "steps": self.steps,
+                "tokens": self.tokens, "seconds": self.seconds, "tokens_per_second": self.tokens_per_second,
+                "peak_rss_mb": self.peak_rss_mb, "losses": self.losses, "config": self.config}
+
+
+def set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recompute each decoder block's activations in the backward (transformers' activation checkpointing)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return
+    kwargs = {"use_reentrant": False}
+    if on and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def batch_indices(n: int, batch: int, micro_step: int, seed: int) -> torch.Tensor:
+    """Example indices of micro-batch ``micro_step`` (0-based) of the seeded, epoch-wise shuffled stream."""
+    out = []
+    for p in range(micro_step * batch, (micro_step + 1) * batch):
+        epoch, i = divmod(p, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.append(int(perm[i]))
+    return torch.tensor(out)
+
+
+def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="sum")
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``input_ids (B, L)`` against ``labels (B, L)`` shifted by one, over the
+    labels that are not -100; logits built ``chunk`` positions at a time (0 = all, via the model's own loss)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not chunk or decoder is None or head is None:
+        return model(input_ids=input_ids, labels=labels).loss
+    h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    y = labels[:, 1:].reshape(-1)
+    h = h.reshape(-1, h.shape[-1])
+    count = (y != IGNORE).sum().clamp_min(1)
+    total = h.new_zeros((), dtype=torch.float32)
+    for s in range(0, y.numel(), chunk):
+        total = total + checkpoint(_chunk_ce, head, h[s:s + chunk], y[s:s + chunk], use_reentrant=False)
+    return total / count
+
+
+def _save_state(state_dir: Path, state: dict) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = state_dir / f".{STATE_FILE}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, state_dir / STATE_FILE)
+
+
+def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str | Path | None = None,
+          resume: bool = False, progress: bool = True,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train ``model``'s parameters that require grad on ``data`` for ``config.steps`` optimizer steps.
+
+    ``state_dir``: where the resumable training state goes (every ``checkpoint_every`` steps and at the end).
+    ``resume``: continue from ``state_dir/trainer_state.pt`` (same data, config and seed give the same losses as
+    an uninterrupted run). ``on_step(step, loss)`` is called after every optimizer step (tests use it to stop)."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise LowbitError("the model has no trainable parameters: attach adapters first (lowbit.adapters.attach)")
+    params = [p for _, p in named]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(config.warmup_ratio * config.steps), config.steps)
+    state_dir = None if state_dir is None else Path(state_dir)
+    losses: list[float] = []
+    step, tokens, seconds = 0, 0, 0.0
+    if resume:
+        path = None if state_dir is None else state_dir / STATE_FILE
+        if path is None or not path.is_file():
+            raise LowbitError(f"nothing to resume: {path} does not exist (a run writes it every "
+                              f"{config.checkpoint_every} steps)")
+        state = torch.load(path, weights_only=False)
+        if state["config"] != asdict(config):
+            raise LowbitError(f"{path} was written by a run with other settings ({state['config']}); resume with "
+                              "the same settings or start a new run")
+        if list(state["params"]) != [n for n, _ in named]:
+            raise LowbitError(f"{path} holds other trainable parameters than this model; resume with the same "
+                              "model and adapters")
+        with torch.no_grad():
+            for (_, p), t in zip(named, state["params"].values(), strict=True):
+                p.copy_(t)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        losses, step, tokens, seconds = state["losses"], state["step"], state["tokens"], state["seconds"]
+        log.info("resumed at step %d of %d", step, config.steps)
+
+    def checkpoint_state():
+        if state_dir is not None:
+            _save_state(state_dir, {"config": asdict(config), "step": step, "losses": losses, "tokens": tokens,
+                                    "seconds": seconds, "rng": torch.get_rng_state(),
+                                    "params": {n: p.detach().clone() for n, p in named},
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+
+    was_training = model.training
+    model.train()
+    if config.gradient_checkpointing:
+        set_checkpointing(model, True)
+    memory.release_free_memory()
+    memory.reset_peak()
+    bar = tqdm(total=config.steps, initial=step, desc="finetune", unit="step", disable=not progress, leave=False)
+    try:
+        while step < config.steps:
+            start = time.perf_counter()
+            running = 0.0
+            for micro in range(config.grad_accum):
+                idx = batch_indices(len(data), config.batch, step * config.grad_accum + micro, config.seed)
+                ids, labels = data.input_ids[idx], data.labels[idx]
+                loss = lm_loss(model, ids, labels, config.loss_chunk)
+                (loss / config.grad_accum).backward()
+                running += loss.item() / config.grad_accum
+                tokens += ids.numel()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            seconds += time.perf_counter() - start
+            losses.append(running)
+            bar.update(1)
+            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{tokens / seconds:.0f}")
+            if step % config.checkpoint_every == 0 or step == config.steps:
+                checkpoint_state()
+            if on_step is not None:
+                on_step(step, running)
+    finally:
+        bar.close()
+        if config.gradient_checkpointing:
+            set_checkpointing(model, False)
+        model.train(was_training)
+    return TrainResult(losses=losses, steps=step, tokens=tokens, seconds=seconds,
+                       peak_rss_mb=memory.peak_rss_mb(), config=asdict(config))

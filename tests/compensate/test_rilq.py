@@ -1,0 +1,97 @@
+"""RILQ: teacher cached from the float model before quantization, adapters trained on the model-level loss,
+early stopping on held-out windows, the best adapters kept; ``lowbit compensate`` end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_model, word_tokenizer
+from test_cli import invoke, one_error_line, one_json_object
+
+import lowbit
+from lowbit import LowbitError, Recipe, RTNConfig
+from lowbit import adapters as ad
+from lowbit.compensate import RILQConfig
+from lowbit.compensate.rilq import RILQ, final_hidden_states
+
+SMALL = dict(rank=4, samples=10, seq_len=64, grad_accum=2, max_steps=24, eval_every=4, lr=5e-3)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return word_tokenizer()
+
+
+def test_teacher_is_the_float_models_final_hidden_state_and_training_lowers_the_loss(tok):
+    model = tiny_model("llama", max_position_embeddings=2048)
+    step = RILQ(RILQConfig(**SMALL))
+    calib = lowbit.Calibration(tokenizer=tok)
+    step.prepare(model, calib)
+    with torch.no_grad():
+        expected = model.model(input_ids=step.windows[:1]).last_hidden_state[0]
+    assert torch.allclose(step.teacher[0].float(), expected, atol=2e-2 * expected.abs().max())  # bf16 cache
+    lowbit.quantize(model, "rtn-w2g64")
+    step.apply(model, calib)
+    history = model.lowbit_rilq
+    assert history["best_val"] < history["val"][0]  # better than the no-op start on held-out windows
+    assert history["steps"] <= SMALL["max_steps"] and len(history["val"]) >= 2
+    layers = ad.adapted_layers(model)
+    assert len(layers) == 14 and not any(p.requires_grad for p in ad.parameters(model))
+    assert step.teacher is None  # the cache is dropped once training ends
+
+
+def test_in_a_recipe_the_teacher_comes_from_before_the_quantizer(tok):
+    fp = tiny_model("llama", max_position_embeddings=2048)
+    recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL)])
+    model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), recipe,
+                            calib=lowbit.Calibration(tokenizer=tok))
+    windows = lowbit.calibration.calibration_windows(tok, SMALL["samples"], SMALL["seq_len"], 42)
+    teacher = final_hidden_states(fp, windows[:2]).float()
+    with torch.no_grad():
+        student = model.model(input_ids=windows[:2]).last_hidden_state
+        rtn = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), "rtn-w2g64")
+        plain = rtn.model(input_ids=windows[:2]).last_hidden_state
+    assert (student - teacher).square().mean() < (plain - teacher).square().mean()
+
+
+def test_early_stopping_restores_the_best_adapters(tok):
+    model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), "rtn-w2g64")
+    model.lowbit_source = None
+    step = RILQ(RILQConfig(**{**SMALL, "lr": 0.3, "patience": 2, "eval_every": 2, "max_steps": 30}))  # diverges
+    fp = tiny_model("llama", max_position_embeddings=2048)
+    step.prepare(fp, lowbit.Calibration(tokenizer=tok))
+    step.apply(model, lowbit.Calibration(tokenizer=tok))
+    history = model.lowbit_rilq
+    assert history["stopped_early"] and history["steps"] < 30
+    if ad.adapted_layers(model):  # the kept adapters are those of the best validation
+        assert history["best_val"] == min(history["val"])
+    else:  # none beat the start: the no-op adapters are removed
+        assert history["best_val"] == history["val"][0]
+
+
+def test_bad_input(tok):
+    with pytest.raises(LowbitError, match="adapter"):
+        RILQConfig(adapter="dora")
+    with pytest.raises(LowbitError, match="val_ratio"):
+        RILQConfig(samples=2, val_ratio=0.1)
+    with pytest.raises(LowbitError, match="quantize it first"):
+        lowbit.quantize(tiny_model("llama"), Recipe([RILQConfig(**SMALL)]), calib=lowbit.Calibration(tokenizer=tok))
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w2g64")
+    with pytest.raises(LowbitError, match="source model"):
+        RILQ(RILQConfig(**SMALL)).apply(model, lowbit.Calibration(tokenizer=tok))
+
+
+def test_compensate_command(ckpt, tmp_path):
+    payload = one_json_object(invoke("compensate", ckpt, "--method", "rilq", "--rank", "4", "--max-steps", "3",
+                                     "--windows", "1", "--out", tmp_path / "rilq", "--json"))
+    assert payload["rilq_steps"] == 3 and payload["ppl"] > 0 and payload["peak_rss_mb"] > 0
+    curve = json.loads(open(payload["loss_curve"]).read())
+    assert len(curve["val"]) >= 2
+    loaded, _ = lowbit.load(tmp_path / "rilq")
+    assert loaded.lowbit_recipe.name.endswith("+rilq4")
+    payload = one_json_object(invoke("compensate", ckpt, "--method", "loftq", "--rank", "4", "--windows", "1",
+                                     "--out", tmp_path / "loftq", "--json"))
+    assert len(ad.adapted_layers(lowbit.load(tmp_path / "loftq")[0])) == 14
+    assert "--method" in one_error_line(invoke("compensate", ckpt, "--method", "svd", "--out", tmp_path / "x"))
