@@ -281,11 +281,33 @@ def report(
                                    help="Benchmark results JSON (rows with recipe, ppl, bits_per_weight)."),
     out: Path = typer.Option(Path("benchmarks/results/bits_vs_ppl.png"), help="PNG to write."),
     x: str = typer.Option("bits_per_weight", help="x axis: bits_per_weight (effective) or code_bits."),
+    train_logs: str = typer.Option("", help="Comma-separated train_log.json files of lowbit finetune: overlay their "
+                                            "loss curves (e.g. LoRA vs LoRMA) instead."),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """Draw the bits-vs-perplexity curve of every method in a results file as a PNG."""
+    """Draw the bits-vs-perplexity curve of every method in a results file, or overlay fine-tuning loss curves."""
     from .report import load_rows, method_of, plot_bits_vs_ppl
 
+    if train_logs:
+        from .train import plot_losses
+
+        try:
+            curves = {}
+            for item in (t.strip() for t in train_logs.split(",") if t.strip()):
+                log_path = Path(item)
+                try:
+                    log_data = json.loads(log_path.read_text())
+                except (OSError, json.JSONDecodeError) as e:
+                    raise LowbitError(f"cannot read {log_path} as a train_log.json of lowbit finetune ({e})") from e
+                if not isinstance(log_data, dict) or not isinstance(log_data.get("losses"), list):
+                    raise LowbitError(f"{log_path} has no 'losses' list: not a train_log.json of lowbit finetune")
+                label = f"{log_data.get('adapter', '?')} r{log_data.get('rank', '?')} ({log_path.parent.name})"
+                curves[label] = log_data["losses"]
+            path = plot_losses(curves, out)
+        except LowbitError as e:
+            _fail(str(e))
+        _emit({"png": str(path), "curves": list(curves)}, as_json, "lowbit report")
+        return
     try:
         if x not in ("bits_per_weight", "code_bits"):
             raise LowbitError(f"--x must be bits_per_weight or code_bits, got {x!r}")

@@ -20,7 +20,7 @@ import torch
 from ..qtensor import PackedWeight
 from .cpu import qmatmul_cpu
 from .cpu import supports as cpu_supports
-from .reference import qmatmul_reference
+from .reference import input_grad_reference, qmatmul_reference
 from .triton_gpu import qmatmul_triton
 from .triton_gpu import supports as triton_supports
 
@@ -62,8 +62,7 @@ class _QMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        w = ctx.qweight.dequantize(grad_y.dtype)
-        return grad_y @ w, None
+        return input_grad_reference(grad_y, ctx.qweight), None
 
 
 def qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:

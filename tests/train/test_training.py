@@ -127,6 +127,10 @@ def test_finetune_command_end_to_end(ckpt, tmp_path):
     lorma = one_json_object(invoke("finetune", ckpt, "--out", tmp_path / "m", "--adapter", "lorma", "--steps", "2",
                                    "--batch", "1", "--seq-len", "16", "--rank", "2", "--json"))
     assert lorma["steps"] == 2
+    overlay = one_json_object(invoke("report", "--train-logs", f"{out}/train_log.json,{tmp_path}/m/train_log.json",
+                                     "--out", tmp_path / "overlay.png", "--json"))
+    assert len(overlay["curves"]) == 2 and (tmp_path / "overlay.png").stat().st_size > 0
+    assert "not a train_log.json" in one_error_line(invoke("report", "--train-logs", out / "lowbit.json"))
     assert "matches no quantized layer" in one_error_line(
         invoke("finetune", ckpt, "--out", tmp_path / "x", "--targets", "*.nope", "--steps", "1"))
     assert "rank 64 is not below" in one_error_line(
