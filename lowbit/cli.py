@@ -422,14 +422,14 @@ def finetune(
         result = train(model, train_data, config, state_dir=state_dir, resume=resume)
         payload = {"source": path, "out": str(out), "adapter": adapter, "rank": rank, **result.to_dict(),
                    "data": train_data.source, "examples": len(train_data)}
-        payload.pop("losses")
+        curves = {k: payload.pop(k) for k in ("losses", "step_tokens_per_second")}
         model.eval()
         if windows:
             ppl = perplexity(model, tok, windows=windows)
             payload.update(ppl=ppl.ppl, windows=ppl.windows)
         io.save(model, out, tokenizer=tok, force=force, extra={"finetune": {k: v for k, v in payload.items()
                                                                             if k != "config"}})
-        write_log(out / "train_log.json", {**payload, "losses": result.losses})
+        write_log(out / "train_log.json", {**payload, **curves})
         plot_losses({adapter: result.losses}, out / "loss.png", title=f"{adapter} r{rank} over {path}")
         shutil.rmtree(state_dir, ignore_errors=True)  # the checkpoint is saved: nothing left to resume
     except LowbitError as e:

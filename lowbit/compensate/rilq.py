@@ -52,7 +52,7 @@ class RILQConfig(StepConfig):
     seq_len: int = 512
     val_ratio: float = 0.2
     grad_accum: int = 4  # micro-batches (one window each) per optimizer step
-    max_steps: int = 75  # optimizer steps
+    max_steps: int = 60  # optimizer steps
     eval_every: int = 10  # optimizer steps between validations
     patience: int = 5  # validations without improvement before stopping
     lambda_model: float = 0.5

@@ -2,11 +2,13 @@
 
 Both give ``TrainData(input_ids (n, L) int64, labels (n, L) int64)``; labels are ``-100`` where no loss is taken
 (the prompt of a pair, padding). The model shifts labels by one position itself (transformers' convention).
-Default: WikiText-2 *valid* (the test split is for evaluation only).
+Default: WikiText-2 *valid* (the test split is for evaluation only). The seeded, epoch-wise shuffled batches are
+drawn by the trainer (:func:`lowbit.train.trainer.batch_indices`), as a pure function of (seed, step).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,13 @@ class TrainData:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def fingerprint(self) -> list:
+        """``[examples, seq_len, sha1 of the token ids and labels]``: a resumed run checks it trains on the same
+        data."""
+        digest = hashlib.sha1(self.input_ids.numpy().tobytes())
+        digest.update(self.labels.numpy().tobytes())
+        return [len(self), int(self.input_ids.shape[1]), digest.hexdigest()[:16]]
 
     @property
     def loss_tokens(self) -> int:
@@ -51,7 +60,7 @@ def jsonl_pairs(tokenizer, path: Path, seq_len: int, prompt_key: str = "prompt",
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows, labels = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -78,6 +87,14 @@ def jsonl_pairs(tokenizer, path: Path, seq_len: int, prompt_key: str = "prompt",
     return data
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to "
+                          "UTF-8") from e
+
+
 def load_data(tokenizer, path: str | Path | None, seq_len: int) -> TrainData:
     """Text file (``.txt`` or anything not ``.jsonl``) or jsonl pairs; None = WikiText-2 valid."""
     if seq_len < 2:
@@ -87,10 +104,12 @@ def load_data(tokenizer, path: str | Path | None, seq_len: int) -> TrainData:
 
         return text_windows(tokenizer, " ".join(wikitext2_rows("valid")), seq_len, "WikiText-2 valid")
     path = Path(path)
+    if not path.exists():
+        raise LowbitError(f"data file {path} does not exist; pass an existing .txt or .jsonl file to --data")
     if not path.is_file():
-        raise LowbitError(f"data file {path} does not exist")
+        raise LowbitError(f"data file {path} is not a file; pass a .txt or .jsonl file to --data")
     if path.stat().st_size == 0:
         raise LowbitError(f"data file {path} is empty")
     if path.suffix == ".jsonl":
         return jsonl_pairs(tokenizer, path, seq_len)
-    return text_windows(tokenizer, path.read_text(encoding="utf-8"), seq_len, str(path))
+    return text_windows(tokenizer, _read_text(path), seq_len, str(path))

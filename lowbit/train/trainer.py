@@ -5,8 +5,11 @@ Works on any causal LM whose trainable parameters are the ones to train: a packe
 (:func:`lowbit.adapters.freeze` makes only those trainable) or, as the benchmark's baseline, a PEFT-wrapped float
 model. Batches are a pure function of (seed, step): example ``p`` of the stream is ``perm_e[p mod n]`` with
 ``perm_e`` the seeded permutation of epoch ``e = p // n``; so a resumed run sees exactly the batches an
-uninterrupted one would. The training state (trainable tensors, optimizer, scheduler, RNG, losses) is written
-every ``checkpoint_every`` steps to ``state_dir/trainer_state.pt`` atomically (temp file, then rename).
+uninterrupted one would. The training state (trainable tensors, optimizer, scheduler, RNG, losses, step timings)
+is written every ``checkpoint_every`` steps to ``state_dir/trainer_state.pt`` atomically (temp file, then rename).
+Activation checkpointing is transformers' non-reentrant one on the decoder blocks, so the frozen embedding needs
+no ``enable_input_require_grads``; a model that had it on keeps it on afterwards, one that had it off gets it off.
+The JSON log and loss PNG are written by the caller (``lowbit finetune``; :mod:`lowbit.train.report`).
 
 The LM loss is computed from the decoder's last hidden state in chunks of ``loss_chunk`` positions, each chunk's
 logits recomputed in the backward: the full ``(tokens, vocab)`` logits (200 MB for 4 × 256 tokens and a 49k
@@ -36,6 +39,7 @@ from .data import IGNORE, TrainData
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass(frozen=True)
@@ -43,14 +47,17 @@ class TrainConfig:
     steps: int = 200  # optimizer steps
     batch: int = 4  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 2e-4  # QLoRA's; the peak of the schedule
+    lr: float = 2e-4  # QLoRA's (methods.md §3.4); the peak of the schedule
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.03  # share of steps with a linear warmup, then cosine decay to 0
-    max_grad_norm: float = 0.3  # QLoRA's clipping
+    warmup_ratio: float = 0.03  # share of steps with a linear warmup from 0 (QLoRA's 3 %)
+    warmup_steps: int | None = None  # warmup length in steps; overrides warmup_ratio when set
+    schedule: str = "cosine"  # after the warmup: cosine (decay to 0), linear (to 0) or constant (QLoRA's script)
+    max_grad_norm: float = 0.3  # QLoRA's clipping (0 = none)
     seed: int = 0
     gradient_checkpointing: bool = True  # recompute decoder blocks in the backward
     loss_chunk: int = 512  # positions per chunk of the LM loss (0 = all at once)
     checkpoint_every: int = 50  # optimizer steps between training-state checkpoints (needs a state_dir)
+    log_every: int = 0  # optimizer steps between INFO log lines (step, loss, lr, tokens/s); 0 = none
 
     def __post_init__(self):
         for name in ("steps", "batch", "grad_accum", "checkpoint_every"):
@@ -63,6 +70,17 @@ class TrainConfig:
             raise LowbitError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.loss_chunk < 0:
             raise LowbitError(f"loss_chunk must be >= 0, got {self.loss_chunk!r}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps < self.steps:
+            raise LowbitError(f"warmup_steps must be in [0, steps={self.steps}), got {self.warmup_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise LowbitError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.log_every < 0 or self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise LowbitError("log_every, max_grad_norm and weight_decay must be >= 0")
+
+    @property
+    def warmup(self) -> int:
+        """Warmup length in optimizer steps."""
+        return self.warmup_steps if self.warmup_steps is not None else math.ceil(self.warmup_ratio * self.steps)
 
 
 @dataclass
@@ -73,6 +91,12 @@ class TrainResult:
     seconds: float  # training wall time (a resumed run: all segments)
     peak_rss_mb: float  # of this segment
     config: dict = field(default_factory=dict)
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Input tokens per optimizer step (batch x grad_accum x seq_len, padding included)."""
+        return self.tokens // self.steps if self.steps else 0
 
     @property
     def first_loss(self) -> float:
@@ -91,7 +115,8 @@ class TrainResult:
     def to_dict(self) -> dict:
         return {"first_loss": self.first_loss, "final_loss": self.final_loss, "steps": self.steps,
                 "tokens": self.tokens, "seconds": self.seconds, "tokens_per_second": self.tokens_per_second,
-                "peak_rss_mb": self.peak_rss_mb, "losses": self.losses, "config": self.config}
+                "peak_rss_mb": self.peak_rss_mb, "losses": self.losses, "config": self.config,
+                "step_tokens_per_second": [self.tokens_per_step / s if s else 0.0 for s in self.step_seconds]}
 
 
 def set_checkpointing(model: nn.Module, on: bool) -> None:
@@ -105,6 +130,15 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     else:
         (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
+def checkpointing_on(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on already (so the trainer leaves it on afterwards)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5.x, 4.x
+        value = getattr(model, name, None)
+        if value is not None:
+            return bool(value)
+    return False
 
 
 def batch_indices(n: int, batch: int, micro_step: int, seed: int) -> torch.Tensor:
@@ -127,7 +161,7 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chu
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not chunk or decoder is None or head is None:
-        return model(input_ids=input_ids, labels=labels).loss
+        return model(input_ids=input_ids, labels=labels, use_cache=False).loss
     h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     y = labels[:, 1:].reshape(-1)
     h = h.reshape(-1, h.shape[-1])
@@ -136,6 +170,17 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chu
     for s in range(0, y.numel(), chunk):
         total = total + checkpoint(_chunk_ce, head, h[s:s + chunk], y[s:s + chunk], use_reentrant=False)
     return total / count
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """Linear warmup over ``config.warmup`` steps, then ``config.schedule`` (transformers' schedulers)."""
+    import transformers
+
+    if config.schedule == "constant":
+        return transformers.get_constant_schedule_with_warmup(optimizer, config.warmup)
+    make = (transformers.get_cosine_schedule_with_warmup if config.schedule == "cosine" else
+            transformers.get_linear_schedule_with_warmup)
+    return make(optimizer, config.warmup, config.steps)
 
 
 def _save_state(state_dir: Path, state: dict) -> None:
@@ -153,16 +198,16 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
     ``state_dir``: where the resumable training state goes (every ``checkpoint_every`` steps and at the end).
     ``resume``: continue from ``state_dir/trainer_state.pt`` (same data, config and seed give the same losses as
     an uninterrupted run). ``on_step(step, loss)`` is called after every optimizer step (tests use it to stop)."""
-    from transformers import get_cosine_schedule_with_warmup
-
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise LowbitError("the model has no trainable parameters: attach adapters first (lowbit.adapters.attach)")
     params = [p for _, p in named]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(config.warmup_ratio * config.steps), config.steps)
+    sched = make_scheduler(opt, config)
     state_dir = None if state_dir is None else Path(state_dir)
     losses: list[float] = []
+    step_seconds: list[float] = []
+    fingerprint = data.fingerprint()
     step, tokens, seconds = 0, 0, 0.0
     if resume:
         path = None if state_dir is None else state_dir / STATE_FILE
@@ -173,6 +218,10 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
         if state["config"] != asdict(config):
             raise LowbitError(f"{path} was written by a run with other settings ({state['config']}); resume with "
                               "the same settings or start a new run")
+        if state.get("data", fingerprint) != fingerprint:
+            raise LowbitError(f"{path} was written for other training data than {data.source} "
+                              f"({state['data']} vs {fingerprint}); resume with the same --data and --seq-len or "
+                              "start a new run")
         if list(state["params"]) != [n for n, _ in named]:
             raise LowbitError(f"{path} holds other trainable parameters than this model; resume with the same "
                               "model and adapters")
@@ -183,18 +232,20 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         losses, step, tokens, seconds = state["losses"], state["step"], state["tokens"], state["seconds"]
+        step_seconds = state.get("step_seconds", [])
         log.info("resumed at step %d of %d", step, config.steps)
 
     def checkpoint_state():
         if state_dir is not None:
-            _save_state(state_dir, {"config": asdict(config), "step": step, "losses": losses, "tokens": tokens,
-                                    "seconds": seconds, "rng": torch.get_rng_state(),
+            _save_state(state_dir, {"config": asdict(config), "data": fingerprint, "step": step, "losses": losses,
+                                    "tokens": tokens, "seconds": seconds, "step_seconds": step_seconds,
+                                    "rng": torch.get_rng_state(),
                                     "params": {n: p.detach().clone() for n, p in named},
                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
 
-    was_training = model.training
+    was_training, was_checkpointing = model.training, checkpointing_on(model)
     model.train()
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing and not was_checkpointing:
         set_checkpointing(model, True)
     memory.release_free_memory()
     memory.reset_peak()
@@ -216,18 +267,23 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            seconds += time.perf_counter() - start
+            elapsed = time.perf_counter() - start
+            seconds += elapsed
             losses.append(running)
+            step_seconds.append(elapsed)
             bar.update(1)
             bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{tokens / seconds:.0f}")
+            if config.log_every and step % config.log_every == 0:
+                log.info("step %d/%d loss %.4f lr %.3g %.0f tokens/s", step, config.steps, running,
+                         sched.get_last_lr()[0], tokens / seconds)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpoint_state()
             if on_step is not None:
                 on_step(step, running)
     finally:
         bar.close()
-        if config.gradient_checkpointing:
+        if config.gradient_checkpointing and not was_checkpointing:
             set_checkpointing(model, False)
         model.train(was_training)
     return TrainResult(losses=losses, steps=step, tokens=tokens, seconds=seconds,
-                       peak_rss_mb=memory.peak_rss_mb(), config=asdict(config))
+                       peak_rss_mb=memory.peak_rss_mb(), config=asdict(config), step_seconds=step_seconds)
