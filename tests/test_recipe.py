@@ -24,8 +24,9 @@ def test_every_preset_round_trips_through_yaml(name):
     assert back == recipe  # dataclass equality: same name, same configs in order
     assert [type(s) for s in back.steps] == [type(s) for s in recipe.steps]
     assert back.to_yaml() == text
-    expected_step = next((s for s in ("lowra-gptq", "lowra", "gptq") if name.startswith(s + "-")),
-                         "embeddings" if name.startswith("emb") else "rtn")
+    prefixes = {"lowra-gptq-": "lowra-gptq", "lowra-": "lowra", "gptq-": "gptq", "loftq-": "loftq", "rilq": "rilq",
+                "emb": "embeddings"}
+    expected_step = next((step for prefix, step in prefixes.items() if name.startswith(prefix)), "rtn")
     assert yaml.safe_load(text)["steps"][0]["step"] == expected_step
 
 
