@@ -382,6 +382,7 @@ def finetune(
 ):
     """Fine-tune adapters over the packed, frozen base; the result is a checkpoint eval/generate/bench accept.
 
+    A checkpoint that already holds adapters (lowbit compensate, an earlier finetune) continues training them.
     The resumable training state lives in OUT.trainer/ (beside OUT) until the checkpoint is saved."""
     _setup_logging(verbose)
     import shutil
@@ -417,7 +418,14 @@ def finetune(
             apply_recipe(model, recipe, Calibration(tokenizer=tok))
         train_data = load_data(tok, data, seq_len)
         torch.manual_seed(seed)
-        ad.attach(model, adapter_config)
+        existing = ad.manifest_entry(model)
+        if existing:  # e.g. a RILQ or LoftQ checkpoint: its adapters are the initialisation, train them on
+            err_console.print(f"[dim]continuing the adapters already in {path}: {', '.join(existing)} "
+                              "(--adapter/--rank/--alpha/--targets are not used)[/]")
+            first = next(iter(existing.values()))["config"]
+            adapter, rank = first["step"], first["rank"]
+        else:
+            ad.attach(model, adapter_config)
         ad.freeze(model)
         result = train(model, train_data, config, state_dir=state_dir, resume=resume)
         payload = {"source": path, "out": str(out), "adapter": adapter, "rank": rank, **result.to_dict(),

@@ -122,6 +122,10 @@ def test_finetune_command_end_to_end(ckpt, tmp_path):
     assert not (tmp_path / "tuned.trainer").exists()  # the resumable state goes once the checkpoint is saved
     loaded, _ = lowbit.load(out)
     assert len(ad.adapted_layers(loaded)) == 14
+    again = one_json_object(invoke("finetune", out, "--out", tmp_path / "again", "--steps", "2", "--batch", "1",
+                                   "--seq-len", "16", "--adapter", "lorma", "--json"))
+    assert again["adapter"] == "lora" and again["rank"] == 4  # the checkpoint's adapters go on training
+    assert len(ad.adapted_layers(lowbit.load(tmp_path / "again")[0])) == 14
     evaluated = one_json_object(invoke("eval", out, "--windows", "1", "--json"))
     assert evaluated["ppl"] == pytest.approx(payload["ppl"], rel=1e-5)
     lorma = one_json_object(invoke("finetune", ckpt, "--out", tmp_path / "m", "--adapter", "lorma", "--steps", "2",
