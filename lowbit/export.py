@@ -40,29 +40,40 @@ def _float_config(model: nn.Module):
 
 
 @torch.no_grad()
-def merged_float_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A float copy of ``model`` with adapters merged (see the module docstring); ``model`` is not changed.
-
-    A head that shares the packed embedding table becomes tied float embeddings again."""
-    out = copy.deepcopy(model)
-    embed = out.get_input_embeddings()
-    head = out.get_output_embeddings()
+def float_modules_(model: nn.Module, dtype: torch.dtype = torch.float32, merge_adapters: bool = True) -> nn.Module:
+    """In place: every QLinear becomes an ``nn.Linear`` holding its effective weight (adapters merged, or just the
+    dequantized base with ``merge_adapters=False``), every QEmbedding an ``nn.Embedding``; a head that shared the
+    packed table is tied to the float table again. Tensors stay on the device the packed buffers were on."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = isinstance(embed, QEmbedding) and isinstance(head, QLinear) and head.codes is embed.codes \
         and not len(head._modules.get("adapters") or ())
-    for name, module in list(out.named_modules()):
+    for name, module in list(model.named_modules()):
         if isinstance(module, QLinear):
-            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype)
-            linear.weight.copy_(module.merged_weight(dtype))
+            device = getattr(module, module.packed_names[0]).device
+            linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype,
+                               device=device)
+            linear.weight.copy_(module.merged_weight(dtype) if merge_adapters else module.qweight.dequantize(dtype))
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
-            set_module(out, name, linear)
+            set_module(model, name, linear)
         elif isinstance(module, QEmbedding):
-            table = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, dtype=dtype)
+            table = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, dtype=dtype,
+                                 device=module.codes.device)
             table.weight.copy_(module.qweight.dequantize(dtype))
-            set_module(out, name, table)
-    out.config = _float_config(out)
+            set_module(model, name, table)
     if tied:
-        out.get_output_embeddings().weight = out.get_input_embeddings().weight
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return model
+
+
+def merged_float_model(model: nn.Module, dtype: torch.dtype = torch.float32, merge_adapters: bool = True
+                       ) -> nn.Module:
+    """A float copy of ``model`` with adapters merged (see the module docstring; ``merge_adapters=False``: the
+    dequantized base alone); ``model`` is not changed. A head that shares the packed embedding table becomes tied
+    float embeddings again."""
+    out = float_modules_(copy.deepcopy(model), dtype, merge_adapters)
+    out.config = _float_config(out)
+    if out.get_output_embeddings().weight is out.get_input_embeddings().weight:
         out.config.tie_word_embeddings = True
     for attr in ("lowbit_recipe", "lowbit_manifest"):
         out.__dict__.pop(attr, None)
@@ -135,7 +146,7 @@ def export_peft(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
     if len(configs) > 1:
         raise LowbitError("the LoRA layers have different configs; PEFT export needs one config")
     (config,) = configs
-    base = merged_float_model(_without_adapters(model))
+    base = merged_float_model(model, merge_adapters=False)
     path = Path(path)
     with staged_folder(path, force) as tmp:
         base.save_pretrained(tmp / "base")
@@ -156,13 +167,6 @@ def export_peft(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
         cfg["base_model_name_or_path"] = str((path / "base").resolve())
         cfg_path.write_text(json.dumps(cfg, indent=2))
     return path
-
-
-def _without_adapters(model: nn.Module) -> nn.Module:
-    bare = copy.deepcopy(model)
-    if ad.adapted_layers(bare):
-        ad.remove(bare)
-    return bare
 
 
 @torch.no_grad()

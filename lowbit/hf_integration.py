@@ -28,7 +28,6 @@ from torch import nn
 from .errors import CheckpointError
 from .io import FLOAT_SHARD, FORMAT_VERSION, INDEX, MANIFEST, PACKED_SHARD, packed_module, read_manifest, verify_files
 from .models import set_module
-from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
 
 log = logging.getLogger(__name__)
@@ -161,22 +160,9 @@ else:
             return model
 
         def _dequantize(self, model, dtype=None):
-            for name, module in list(model.named_modules()):
-                if isinstance(module, QEmbedding):
-                    table = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx,
-                                         device=module.codes.device, dtype=dtype)
-                    with torch.no_grad():
-                        table.weight.copy_(module.qweight.dequantize(table.weight.dtype))
-                    set_module(model, name, table)
-                elif isinstance(module, QLinear):
-                    linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                                       device=getattr(module, module.packed_names[0]).device, dtype=dtype)
-                    with torch.no_grad():
-                        linear.weight.copy_(module.qweight.dequantize(linear.weight.dtype))
-                        if module.bias is not None:
-                            linear.bias.copy_(module.bias)
-                    set_module(model, name, linear)
-            return model
+            from .export import float_modules_
+
+            return float_modules_(model, dtype or torch.get_default_dtype())
 
         def is_serializable(self, *args, **kwargs):
             log.warning("save a lowbit model with lowbit.save(model, folder): save_pretrained would drop the "

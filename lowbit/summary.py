@@ -41,6 +41,7 @@ def bits_summary(model: nn.Module) -> dict:
     code_bits = sum(m.qweight.code_bits for m in layers.values())
     float_params = sum(p.numel() for p in model.parameters())  # quantized weights are buffers, not parameters
     tables = {m.codes.data_ptr(): m.qweight for m in packed_embeddings(model).values()}
+    table_bytes = sum(q.nbytes for q in tables.values())
     return {
         "quantized_layers": len(layers),
         "quantized_weights": weights,
@@ -48,7 +49,6 @@ def bits_summary(model: nn.Module) -> dict:
         "bits_per_weight": packed * 8 / weights if weights else None,
         "code_bits": code_bits / weights if weights else None,
         "float_params": float_params,
-        "embedding_bytes": sum(q.nbytes for q in tables.values()),
-        "embedding_bits_per_weight": (sum(q.nbytes for q in tables.values()) * 8 / sum(q.numel for q in tables.values())
-                                      if tables else None),
+        "embedding_bytes": table_bytes,
+        "embedding_bits_per_weight": table_bytes * 8 / sum(q.numel for q in tables.values()) if tables else None,
     }
