@@ -50,6 +50,7 @@ def run(base: str, method: str, rank: int, overrides: dict, threads: int, window
     from lowbit.compensate.rilq import RILQConfig
     from lowbit.eval import memory
     from lowbit.recipe import Recipe
+    from lowbit.summary import bits_summary
 
     model, tok = lowbit.load_model("smollm2-135m")
     base_steps = [] if base == "none" else Recipe.parse(base).steps
@@ -70,8 +71,11 @@ def run(base: str, method: str, rank: int, overrides: dict, threads: int, window
     peak = memory.peak_rss_mb()
     model.eval()
     ppl = lowbit.perplexity(model, tok, windows=windows, progress=False).ppl
+    bits = bits_summary(model)
     out = {"base": base, "method": method, "rank": rank, "overrides": overrides, "ppl": ppl, "windows": windows,
-           "seconds": seconds, "peak_rss_mb": peak, "threads": threads or torch.get_num_threads()}
+           "seconds": seconds, "peak_rss_mb": peak, "threads": threads or torch.get_num_threads(),
+           "bits_per_weight": bits["bits_per_weight"], "adapter_bytes": bits["adapter_bytes"],
+           "bits_per_weight_with_adapters": bits["bits_per_weight_with_adapters"]}
     history = getattr(model, "lowbit_rilq", None)
     if history is not None:
         out["rilq"] = {k: history[k] for k in ("step", "train", "val", "val_mse", "val_ce", "best_val", "steps",

@@ -7,8 +7,9 @@
 Each preset runs in a fresh process: load the float model, ``lowbit.quantize`` with the preset (calibration:
 WikiText-2 valid), perplexity over ``--windows`` windows of 2048, effective weight bits of the decoder Linears
 (packed codes, scales and QUAD's float outlier columns) and the activation bits (readers / writers).
-``--peft P``: preset P, then QUAD's PEFT: only the full-precision outlier columns train (``--peft-steps`` steps,
-batch 4 x 256 tokens of WikiText-2 valid, AdamW, warmup + cosine), perplexity after. ``--tasks``: zero-shot
+``--peft P``: preset P, then QUAD's PEFT: only the full-precision outlier columns and the per-channel scales of
+the packed weights train (``--peft-steps`` steps, batch 4 x 256 tokens of WikiText-2 valid, AdamW, warmup +
+cosine), perplexity after. ``--tasks``: zero-shot
 accuracy (``lowbit.eval.tasks``, first ``--limit`` examples of each) for every run. Results: OUT/results.json
 (OUT = benchmarks/results/w4a4) and one JSON line per run on stdout.
 """

@@ -52,7 +52,7 @@ def float_modules_(model: nn.Module, dtype: torch.dtype = torch.float32, merge_a
             device = getattr(module, module.packed_names[0]).device
             linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype,
                                device=device)
-            linear.weight.copy_(module.merged_weight(dtype) if merge_adapters else module.qweight.dequantize(dtype))
+            linear.weight.copy_(module.merged_weight(dtype, adapters=merge_adapters))
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
             set_module(model, name, linear)

@@ -77,9 +77,26 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
             continue
         seen[key] = name
         owner, _, leaf = name.rpartition(".")
-        target = packed if owner in qlayers and leaf in qlayers[owner].packed_names else floats
-        target[name] = t.detach().contiguous().cpu()
+        layer = qlayers.get(owner)
+        if layer is not None and leaf == "channel_scale":
+            continue  # folded into the packed scales below
+        t = t.detach()
+        if layer is not None and leaf == "scales" and getattr(layer, "channel_scale", None) is not None:
+            t = fold_channel_scale(t, layer.channel_scale.detach())
+        elif layer is not None and leaf == "outlier":
+            t = t.to(torch.float16)  # QUAD's storage (methods.md §7.3), also after PEFT trained an fp32 copy
+        target = packed if layer is not None and leaf in layer.packed_names else floats
+        target[name] = t.contiguous().cpu()
     return packed, floats, aliases
+
+
+def fold_channel_scale(scales: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
+    """fp16 ``scales (out, groups)`` of a packed weight times a trained per-row ``channel_scale (out,)``: the
+    same weight with one scale set (``(q - z) · s · c = (q - z) · (s c)``)."""
+    if scales.shape[0] != channel_scale.shape[0]:
+        raise LowbitError(f"cannot fold {channel_scale.shape[0]} channel scales into a weight with "
+                          f"{scales.shape[0]} scale rows (per-tensor scales have one)")
+    return (scales.float() * channel_scale.float()[:, None]).to(scales.dtype)
 
 
 @contextlib.contextmanager

@@ -35,13 +35,16 @@ def layer_entry(layer: PackedModule) -> dict:
 
 
 def bits_summary(model: nn.Module) -> dict:
-    """Totals over the quantized layers: weights, packed bytes, effective bits/weight, code bits/weight; and the
-    packed embedding table's bytes (counted once when the head shares it)."""
+    """Totals over the quantized layers: weights, packed bytes, effective bits/weight (packed weights and QUAD's
+    outlier columns; ``bits_per_weight_with_adapters`` adds the attached adapters' bytes), code bits/weight; and
+    the packed embedding table's bytes (counted once when the head shares it)."""
     layers = quantized_layers(model)
     weights = sum(m.in_features * m.out_features for m in layers.values())
     packed = sum(m.qweight.nbytes for m in layers.values())
-    outliers = sum(m.outlier.numel() * m.outlier.element_size() for m in layers.values()
-                   if getattr(m, "outlier", None) is not None)  # QUAD's float columns, stored as they are
+    outliers = sum(m.outlier.numel() * 2 for m in layers.values()
+                   if getattr(m, "outlier", None) is not None)  # QUAD's float columns, stored in fp16
+    adapter_bytes = sum(p.numel() * p.element_size() for m in layers.values()
+                        for p in (m._modules.get("adapters") or nn.ModuleDict()).parameters())  # stored as they are
     code_bits = sum(m.qweight.code_bits for m in layers.values())
     float_params = sum(p.numel() for p in model.parameters())  # quantized weights are buffers, not parameters
     tables = {m.codes.data_ptr(): m.qweight for m in packed_embeddings(model).values()}
@@ -52,6 +55,8 @@ def bits_summary(model: nn.Module) -> dict:
         "packed_bytes": packed,
         "outlier_bytes": outliers,
         "bits_per_weight": (packed + outliers) * 8 / weights if weights else None,
+        "adapter_bytes": adapter_bytes,  # low-rank adapters (LoRA, LoRMA, RILQ, LoftQ) beside the packed weights
+        "bits_per_weight_with_adapters": (packed + outliers + adapter_bytes) * 8 / weights if weights else None,
         "code_bits": code_bits / weights if weights else None,
         "float_params": float_params,
         "embedding_bytes": table_bytes,

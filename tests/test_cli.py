@@ -64,9 +64,9 @@ def test_info_json(ckpt):
 def test_info_table_for_people(ckpt, monkeypatch):
     from rich.console import Console
 
-    import lowbit.cli
+    import lowbit.cli.common
 
-    monkeypatch.setattr(lowbit.cli, "out_console", Console(width=200, soft_wrap=True))  # no cropped cells
+    monkeypatch.setattr(lowbit.cli.common, "out_console", Console(width=200, soft_wrap=True))  # no cropped cells
     result = invoke("info", ckpt)
     assert result.exit_code == 0, result.stderr
     out = result.stdout
@@ -84,9 +84,9 @@ def test_info_table_prints_bracketed_paths_as_typed(ckpt, tmp_path, monkeypatch)
 
     from rich.console import Console
 
-    import lowbit.cli
+    import lowbit.cli.common
 
-    monkeypatch.setattr(lowbit.cli, "out_console", Console(width=300, soft_wrap=True))
+    monkeypatch.setattr(lowbit.cli.common, "out_console", Console(width=300, soft_wrap=True))
     odd = Path(shutil.copytree(ckpt, tmp_path / "run[1]" / "[red]ckpt"))
     result = invoke("info", odd)
     assert result.exit_code == 0, (result.stderr, result.exception)

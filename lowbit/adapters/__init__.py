@@ -119,18 +119,43 @@ def freeze(model: nn.Module, trainable: str | None = None) -> list[nn.Parameter]
     return params
 
 
-def train_outliers(model: nn.Module) -> int:
-    """QUAD's PEFT (methods.md §7.4): make the float outlier columns ``(out, r)`` of every QLinear trainable, on
-    top of whatever already trains (adapters attached and frozen with :func:`freeze` keep training). Returns the
-    number of trainable outlier weights, now fp32 (they are stored in fp16 until trained). The paper also trains
-    the 4-bit weights' per-channel scales; lowbit's packed scales are buffers and stay frozen."""
+def has_row_scales(layer: QLinear) -> bool:
+    """Whether the layer's packed weight has one scale row per output channel (uniform channel- or group-wise
+    weights), so a per-channel multiplier folds into it exactly."""
+    return layer.weight_meta.get("granularity") in ("channel", "group")
+
+
+def train_channel_scales(layers: list[QLinear]) -> int:
+    """Make a per-output-channel scale ``(out,)`` (initialised to 1, or kept if already there) of each layer
+    trainable: ``y = c ⊙ Q(W) x``, the gradient of ``c`` costs one product with the output, no weight gradient.
+    Layers whose weight has no row-wise scales (:func:`has_row_scales`) are an error. Returns the count."""
+    for m in layers:
+        if not has_row_scales(m):
+            raise LowbitError(f"{m.layout()} weights have no per-channel scales to train (per-tensor or codebook "
+                              "scales); use channel- or group-wise uniform weights")
+        if m.channel_scale is None:
+            m.channel_scale = nn.Parameter(torch.ones(m.out_features, device=m.scales.device))
+        m.channel_scale.requires_grad_(True)
+    return sum(m.out_features for m in layers)
+
+
+def train_outliers(model: nn.Module, scales: bool = True) -> int:
+    """QUAD's PEFT (methods.md §7.4): make the float outlier columns ``(out, r)`` of every QLinear trainable and,
+    with ``scales``, the per-output-channel scales (:func:`train_channel_scales`) of every W4A4 layer with
+    row-wise scales; on top of whatever already trains (adapters attached and frozen with :func:`freeze` keep
+    training). Returns the number of trainable weights added. The outliers train in fp32 (stored in fp16 before
+    and after); a checkpoint folds the channel scales into the packed scales."""
     layers = [m for m in model.modules() if isinstance(m, QLinear) and m.outlier is not None]
     if not layers:
         raise LowbitError("the model has no full-precision outlier columns to train: quantize it with a QUAD "
                           "recipe first (e.g. quad-w4a4a8)")
-    for m in layers:  # stored fp16; trained (and then saved) as fp32
+    for m in layers:
         m.outlier = nn.Parameter(m.outlier.detach().float(), requires_grad=True)
-    return sum(m.outlier.numel() for m in layers)
+    added = sum(m.outlier.numel() for m in layers)
+    if scales:
+        added += train_channel_scales([m for m in model.modules() if isinstance(m, QLinear) and m.spec is not None
+                                       and has_row_scales(m)])
+    return added
 
 
 def manifest_entry(model: nn.Module) -> dict:

@@ -3,7 +3,7 @@
 ``L = λ_m · MSE(h_student, h_teacher) + λ_gt · CE(head(h_student), next token)`` where ``h`` is the final hidden
 state after the last norm (``model.get_decoder()(ids).last_hidden_state``). Teacher states are computed once
 from the float model, before any step of the recipe quantizes it (:meth:`RILQ.prepare`), and kept in bf16 on the
-CPU (160 windows × 256 tokens × 576 = 47 MB for SmolLM2), so the float model never sits beside the student. A
+CPU (320 windows × 256 tokens × 576 = 94 MB for SmolLM2), so the float model never sits beside the student. A
 checkpoint that is already quantized gets its teacher from the manifest's source model, loaded, run and freed
 before training. The student is the real packed model (gradients flow through the packed base) with LoRA
 (Gaussian init, ``B = 0``, so training starts at the base) or LoRMA adapters on every decoder layer.
@@ -12,12 +12,14 @@ Calibration: WikiText-2 valid windows (or the recipe's calibration text); the fi
 validate. Adam; early stopping on the validation loss (every ``eval_every`` optimizer steps, ``patience``
 evaluations without improvement); the best adapters are restored. Adapters a previous step attached under the
 same name (``[loftq(...), rilq]``: LoftQ's SVD of the residual) are trained from where they are instead of new
-Gaussian ones.
+Gaussian ones. ``scales=True`` (beyond the paper) also trains a per-output-channel scale of every uniform
+channel- or group-wise packed weight (:func:`lowbit.adapters.train_channel_scales`), saved folded into the
+packed scales.
 
 The defaults differ from the paper's (320 × 512 tokens, lr 1e-4 constant, 10,000 micro-steps on a GPU) to fit
-2 CPU cores (SmolLM2-135M: 1,007 s of training): 160 windows of 256 tokens, 250 steps of 4 windows, lr 2e-3
-with a cosine decay, matmuls in bf16 where the CPU has native bf16 (benchmarks/rilq.py; BENCHMARKS.md has the
-experiments).
+2 CPU cores (SmolLM2-135M: 1,323 s of training, measured beside other jobs): 320 windows of 256 tokens, 250 steps
+of 4 windows, lr 2e-3 with a cosine decay, matmuls (teacher and student) in bf16 where the CPU has native bf16
+(benchmarks/rilq.py; BENCHMARKS.md has the experiments).
 """
 
 from __future__ import annotations
@@ -55,16 +57,17 @@ class RILQConfig(StepConfig):
     name: str = "default"  # adapter name: fine-tuning continues the same adapters
     lr: float = 2e-3
     schedule: str = "cosine"  # cosine (decay to 0 over max_steps) | constant (the paper's)
-    samples: int = 160  # calibration windows (train + validation)
+    samples: int = 320  # calibration windows (train + validation), the paper's count
     seq_len: int = 256
     val_ratio: float = 0.2
     grad_accum: int = 4  # micro-batches (one window each) per optimizer step
     max_steps: int = 250  # optimizer steps
-    eval_every: int = 20  # optimizer steps between validations
+    eval_every: int = 25  # optimizer steps between validations (the paper's)
     patience: int = 4  # validations without improvement before stopping
     lambda_model: float = 0.5
     lambda_gt: float = 0.5
     seed: int = 42
+    scales: bool = False  # beyond the paper: also train each packed weight's per-output-channel scale (nearly free)
     gradient_checkpointing: bool = False  # 256-token windows of a small model: memory is not the limit, time is
     precision: str = "auto"  # matmul precision of the student: auto (bf16 where the CPU/GPU has it) | bf16 | fp32
     targets: tuple[str, ...] = (DECODER,)
@@ -97,11 +100,15 @@ class RILQConfig(StepConfig):
 
 
 @torch.inference_mode()
-def final_hidden_states(model: nn.Module, windows: torch.Tensor, desc: str = "teacher") -> torch.Tensor:
-    """``(n, L, d)`` bf16: the decoder's output after its last norm, one window at a time."""
+def final_hidden_states(model: nn.Module, windows: torch.Tensor, desc: str = "teacher",
+                        precision: str = "fp32") -> torch.Tensor:
+    """``(n, L, d)`` bf16: the decoder's output after its last norm, one window at a time, matmuls in
+    ``precision`` (the paper's teacher is the bf16 model; on SmolLM2 bf16 differs from fp32 by 0.9% relative,
+    2.8e-4 MSE, and runs 2.5x faster on a CPU with AVX512-BF16)."""
     backbone = model.get_decoder()
-    out = [backbone(input_ids=w[None]).last_hidden_state[0].to(torch.bfloat16)
-           for w in tqdm(windows, desc=desc, unit="window", leave=False)]
+    with autocast(precision, windows.device):
+        out = [backbone(input_ids=w[None]).last_hidden_state[0].to(torch.bfloat16)
+               for w in tqdm(windows, desc=desc, unit="window", leave=False)]
     return torch.stack(out)
 
 
@@ -127,7 +134,7 @@ class RILQ(Step):
         if any(isinstance(m, QLinear) for m in model.modules()):
             return  # already quantized: apply() loads the teacher from the source model
         self.windows = self._windows(calib)
-        self.teacher = final_hidden_states(model, self.windows)
+        self.teacher = final_hidden_states(model, self.windows, precision=self.config.precision)
 
     def _teacher_from_source(self, model: nn.Module, calib) -> None:
         from ..models import load_model
@@ -139,7 +146,7 @@ class RILQ(Step):
         log.info("rilq: computing teacher outputs from %s", source)
         fp_model, _ = load_model(source)
         self.windows = self._windows(calib)
-        self.teacher = final_hidden_states(fp_model, self.windows)
+        self.teacher = final_hidden_states(fp_model, self.windows, precision=self.config.precision)
         del fp_model
         release_free_memory()
 
@@ -174,7 +181,13 @@ class RILQ(Step):
         else:
             ad.attach(model, c.adapter_config(), name=c.name)
         params = ad.freeze(model, c.name)
-        initial = [p.detach().clone() for p in params] if continuing else None
+        if c.scales:
+            layers = [m for _, m in ad.find_qlinears(model, c.targets, c.ignore) if ad.has_row_scales(m)]
+            if not layers:
+                raise LowbitError("scales=True needs channel- or group-wise uniform weights; this model has none")
+            ad.train_channel_scales(layers)
+            params += [m.channel_scale for m in layers]
+        initial = [p.detach().clone() for p in params]
         opt = torch.optim.Adam(params, lr=c.lr)
         import transformers  # on use, as the trainer's make_scheduler: not at lowbit's import
 
@@ -225,15 +238,11 @@ class RILQ(Step):
             if checkpointing:
                 set_checkpointing(model, False)
             model.train(was_training)
-        with torch.no_grad():
-            if best_state is None and not continuing:  # never beat the untrained (no-op) adapters: drop them
+        with torch.no_grad():  # the best validated state; never beaten: the state it started from
+            for p, b in zip(params, initial if best_state is None else best_state, strict=True):
+                p.copy_(b)
+            if best_state is None and not continuing:  # untrained (no-op) adapters: drop them
                 ad.remove(model, c.name)
-            elif best_state is None:  # never beat the adapters it started from: keep those
-                for p, b in zip(params, initial, strict=True):
-                    p.copy_(b)
-            else:
-                for p, b in zip(params, best_state, strict=True):
-                    p.copy_(b)
         for p in params:
             p.requires_grad_(False)
         model.lowbit_rilq = {**history, "best_val": best, "steps": step, "seconds": time.perf_counter() - start,

@@ -30,6 +30,10 @@ class QLinear(PackedModule):
     ``spec`` (:class:`~lowbit.nn.input_transform.InputSpec`, W4A4 models): the input is Hadamard-rotated online,
     its first ``r`` coordinates multiply the float ``outlier (out, r)`` weight (QUAD; trainable) and the rest is
     activation-quantized per token before the packed GEMM, whose weight then has ``in_features - r`` columns.
+
+    ``channel_scale`` (``(out,)`` fp32 Parameter or None): a trainable multiplier of each output row of the packed
+    weight, i.e. its per-output-channel scale (QUAD's PEFT, methods.md §7.4; gradient ``Σ_k dW_jk · Q(W)_jk``).
+    Attached by :func:`lowbit.adapters.train_outliers`; a checkpoint stores it folded into the packed scales.
     """
 
     def __init__(self, qweight, bias: torch.Tensor | None = None, role: str = "linear", spec: InputSpec | None = None,
@@ -47,6 +51,7 @@ class QLinear(PackedModule):
         # a checkpoint then stores as fp32 (loading assigns the stored tensor)
         self.outlier = None if outlier is None else nn.Parameter(outlier.detach().to(torch.float16).clone(),
                                                                  requires_grad=False)
+        self.register_parameter("channel_scale", None)
 
     @property
     def granularity(self) -> str | None:
@@ -65,10 +70,10 @@ class QLinear(PackedModule):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The quantized GEMM of the (rotated) input: activation quantization and the outlier columns if any."""
-        if self.spec is None:
-            return kernels.qmatmul(x, self.qweight)
-        x_out, x_q = split_input(x, self.spec)
+        x_out, x_q = (None, x) if self.spec is None else split_input(x, self.spec)
         y = kernels.qmatmul(x_q, self.qweight)
+        if self.channel_scale is not None:
+            y = y * self.channel_scale.to(y.dtype)
         return y if x_out is None else y + F.linear(x_out, self.outlier.to(x_out.dtype)).to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,18 +93,21 @@ class QLinear(PackedModule):
             y = y + self.bias.to(y.dtype)
         return y
 
-    def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def merged_weight(self, dtype: torch.dtype = torch.float32, adapters: bool = True) -> torch.Tensor:
         """The effective float weight ``(out, in)``: ``T_out (Q(W) + sum dW) T_in`` of the attached adapters
-        (just the dequantized weight without adapters), relative to the layer's own input: QUAD's outlier columns
-        come first and an online Hadamard is folded in (``W Hᵀ``). Activation quantization has no float-weight
-        form and is left out. Exact up to fp32 rounding; never cached."""
+        (just the dequantized base with ``adapters=False`` or none attached; trained channel scales included),
+        relative to the layer's own input: QUAD's outlier columns come first and an online Hadamard is folded in
+        (``W Hᵀ``). Activation quantization has no float-weight form and is left out. Exact up to fp32 rounding;
+        never cached."""
         with torch.no_grad():
             w = self.qweight.dequantize()
+            if self.channel_scale is not None:
+                w = w * self.channel_scale.float()[:, None]
             if self.outlier is not None:
                 w = torch.cat([self.outlier.float(), w], dim=1)
-            adapters = list((self._modules.get("adapters") or {}).values())
+            attached = list((self._modules.get("adapters") or {}).values()) if adapters else []
             for place in ("add", "input", "output"):
-                for a in adapters:
+                for a in attached:
                     if a.place == place:
                         w = a.merge(w)
             if self.spec is not None and self.spec.hadamard:  # y = (x H) Wᵀ = x (W Hᵀ)ᵀ

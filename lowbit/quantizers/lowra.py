@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
+from ..eval.memory import trim_heap
 from ..formats.base import as_storage_scale
 from ..formats.codebook import normal_float_levels
 from ..models import DECODER, find_linears, set_module
@@ -267,13 +268,16 @@ class LowRA(Step):
         c: LowRAConfig = self.config
         targets = find_linears(model, c.targets, c.ignore)
         check_finite(targets)
-        fits = {name: self.fit(name, linear.weight.detach())
-                for name, linear in tqdm(targets, desc=f"lowra fit b{c.budget}", unit="layer", leave=False)}
+        fits = {}
+        for name, linear in tqdm(targets, desc=f"lowra fit b{c.budget}", unit="layer", leave=False):
+            fits[name] = self.fit(name, linear.weight.detach())
+            trim_heap()  # the fit's sorted copies are many times the layer: keep the heap from growing
         choices = self.assign(fits, dict(targets))
         for name, linear in targets:
             qweight = encode_layer(linear.weight.detach(), fits[name], choices[name], c.widths, c.block_size)
             bias = None if linear.bias is None else linear.bias.detach()
             set_module(model, name, QLinear(qweight, bias))
+            trim_heap()  # the float weight just replaced
         return model
 
     def assign(self, fits: dict[str, LayerFit], linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:

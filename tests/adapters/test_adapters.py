@@ -194,3 +194,18 @@ def test_gradient_reaches_the_input_without_saving_a_float_weight():
     assert (64, 32) not in saved  # the backward dequantizes again instead of keeping W
     y.sum().backward()
     assert torch.allclose(x.grad, layer.qweight.dequantize().sum(0).expand(3, 32), atol=1e-5)
+
+
+def test_bits_summary_counts_adapter_bytes_beside_the_packed_weights():
+    from lowbit.summary import bits_summary
+
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
+    before = bits_summary(model)
+    assert before["adapter_bytes"] == 0
+    assert before["bits_per_weight_with_adapters"] == before["bits_per_weight"]
+    ad.attach(model, ad.LoRAConfig(rank=4))
+    after = bits_summary(model)
+    lora = sum(p.numel() * 4 for p in ad.parameters(model))  # fp32
+    assert after["adapter_bytes"] == lora > 0 and after["bits_per_weight"] == before["bits_per_weight"]
+    assert after["bits_per_weight_with_adapters"] == pytest.approx(
+        before["bits_per_weight"] + lora * 8 / before["quantized_weights"])

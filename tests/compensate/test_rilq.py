@@ -56,6 +56,27 @@ def test_in_a_recipe_the_teacher_comes_from_before_the_quantizer(tok):
     assert (student - teacher).square().mean() < (plain - teacher).square().mean()
 
 
+def test_channel_scales_train_beside_the_adapters_and_save_folded(tok, tmp_path):
+    fp = tiny_model("llama", max_position_embeddings=2048)
+    recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL, scales=True)])
+    model = lowbit.quantize(fp, recipe, calib=lowbit.Calibration(tokenizer=tok))
+    history = model.lowbit_rilq
+    assert history["best_val"] < history["val"][0]
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.channel_scale.shape == (layer.out_features,) and not layer.channel_scale.requires_grad
+    assert not torch.equal(layer.channel_scale, torch.ones_like(layer.channel_scale))
+    scales = layer.scales.clone()
+    lowbit.save(model, tmp_path / "ck", tokenizer=tok)
+    loaded, _ = lowbit.load(tmp_path / "ck")
+    loaded_layer = loaded.model.layers[0].mlp.down_proj
+    assert loaded_layer.channel_scale is None
+    assert torch.equal(loaded_layer.scales, (scales.float() * layer.channel_scale[:, None]).half())
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        ref, out = model(ids).logits, loaded(ids).logits
+    assert (out - ref).norm() / ref.norm() < 1e-2  # only the fp16 rounding of the folded scales differs
+
+
 def test_early_stopping_restores_the_best_adapters(tok):
     model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), "rtn-w2g64")
     model.lowbit_source = None

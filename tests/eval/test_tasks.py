@@ -230,9 +230,9 @@ def test_cli_missing_task_file_fails_before_loading(ckpt, no_loading, tmp_path, 
 def test_cli_tasks_table_for_people(ckpt, monkeypatch):
     from rich.console import Console
 
-    import lowbit.cli
+    import lowbit.cli.common
 
-    monkeypatch.setattr(lowbit.cli, "out_console", Console(width=200, soft_wrap=True))
+    monkeypatch.setattr(lowbit.cli.common, "out_console", Console(width=200, soft_wrap=True))
     result = invoke("eval", ckpt, "--tasks", "boolq,piqa", "--limit", "2")
     assert result.exit_code == 0, (result.stderr, result.exception)
     rows = [line for line in result.stdout.splitlines() if "boolq" in line or "piqa" in line]

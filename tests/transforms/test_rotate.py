@@ -155,22 +155,69 @@ def test_quad_checkpoint_loads_through_transformers(tmp_path):
     assert torch.equal(hf(ids).logits, ref)
 
 
-def test_quad_peft_trains_only_the_outlier_columns():
+def test_quad_peft_trains_outlier_columns_and_channel_scales_and_saves_them_folded(tmp_path):
     from lowbit.adapters import train_outliers
     from lowbit.train import TrainConfig, train
     from lowbit.train.data import TrainData
 
     m = _quantized([RotateConfig(outliers=16), RTNConfig(**W4), ActivationsConfig()])
+    bits = lowbit.summary.bits_summary(m)["bits_per_weight"]
     layer = m.model.layers[0].mlp.up_proj
     before = layer.outlier.detach().clone()
-    codes = layer.codes.clone()
+    codes, scales = layer.codes.clone(), layer.scales.clone()
     for p in m.parameters():
         p.requires_grad_(False)
-    assert train_outliers(m) == 2 * 16 * (96 + 32 + 32 + 192 + 192)  # q, k, v, gate, up rows x r, 2 blocks
+    outliers = 2 * 16 * (96 + 32 + 32 + 192 + 192)  # q, k, v, gate, up rows x r, 2 blocks
+    rows = 2 * (96 + 32 + 32 + 112 + 192 + 192 + 112)  # every packed weight's rows (writers: 96 + 16 wide)
+    assert train_outliers(m) == outliers + rows
     ids = torch.randint(0, 256, (8, 32))
     result = train(m, TrainData(ids, ids.clone(), "random"), TrainConfig(steps=3, batch=2, lr=1e-2), progress=False)
     assert result.steps == 3
     assert not torch.equal(layer.outlier, before) and torch.equal(layer.codes, codes)
+    assert not torch.equal(layer.channel_scale, torch.ones_like(layer.channel_scale))
+    assert torch.equal(layer.scales, scales)  # trained beside the packed scales, folded only when saved
+    lowbit.save(m, tmp_path / "ck")
+    loaded, _ = lowbit.load(tmp_path / "ck")
+    lq = loaded.model.layers[0].mlp.up_proj
+    assert lq.channel_scale is None and lq.outlier.dtype == torch.float16
+    assert torch.equal(lq.scales, (scales.float() * layer.channel_scale.detach()[:, None]).half())
+    assert loaded.lowbit_manifest["summary"]["bits_per_weight"] == pytest.approx(bits)  # nothing added
+    with torch.no_grad():  # the trained model with its scales folded and outliers in fp16 by hand = the checkpoint
+        for q in m.modules():
+            if isinstance(q, QLinear):
+                q.scales = (q.scales.float() * q.channel_scale[:, None]).half()
+                q.channel_scale = None
+                q.outlier = None if q.outlier is None else torch.nn.Parameter(q.outlier.half())
+        assert torch.equal(loaded(ids[:1]).logits, m(ids[:1]).logits)
+
+
+def test_quad_peft_composes_with_lora_adapters():
+    from lowbit import adapters as ad
+    from lowbit.adapters import train_outliers
+
+    m = _quantized([RotateConfig(outliers=16), RTNConfig(**W4), ActivationsConfig(writer_bits=8)])
+    ad.attach(m, ad.LoRAConfig(rank=4))
+    ad.freeze(m)
+    train_outliers(m)
+    trainable = {n.rsplit(".", 1)[-1] for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {"A", "B", "outlier", "channel_scale"}
+    m(torch.randint(0, 256, (2, 16))).logits.float().pow(2).mean().backward()
+    layer = m.model.layers[0].self_attn.q_proj
+    lora_b = layer.adapters["default"].B  # B starts at 0, so only B (not A) gets a gradient on the first step
+    assert all(g is not None and g.abs().sum() > 0 for g in (layer.outlier.grad, layer.channel_scale.grad, lora_b.grad))
+
+
+def test_channel_scales_fold_into_the_merged_weight():
+    from lowbit.adapters import train_outliers
+
+    m = _quantized([RotateConfig(outliers=16), RTNConfig(**W4), ActivationsConfig()])
+    train_outliers(m)
+    layer = m.model.layers[1].self_attn.o_proj
+    before = layer.merged_weight()
+    with torch.no_grad():
+        layer.channel_scale.copy_(torch.linspace(0.5, 1.5, layer.out_features))
+    assert torch.allclose(layer.merged_weight(), before * torch.linspace(0.5, 1.5, layer.out_features)[:, None],
+                          atol=1e-6)
 
 
 def test_cli_finetune_trains_outliers_of_a_quad_checkpoint(tmp_path, hf_folder):
@@ -182,7 +229,8 @@ def test_cli_finetune_trains_outliers_of_a_quad_checkpoint(tmp_path, hf_folder):
     ck = lowbit.save(model, tmp_path / "quad", tokenizer=tok)
     out = one_json_object(invoke("finetune", ck, "--out", tmp_path / "ft", "--adapter", "none", "--train-outliers",
                                  "--steps", "2", "--seq-len", "32", "--json"))
-    assert out["outlier_weights"] == 2 * 8 * (64 + 32 + 32 + 128 + 128) and out["steps"] == 2
+    rows = 2 * (64 + 32 + 32 + 72 + 128 + 128 + 72)  # one channel scale per packed row (writers: 64 + 8 wide)
+    assert out["outlier_weights"] == 2 * 8 * (64 + 32 + 32 + 128 + 128) + rows and out["steps"] == 2
     tuned, _ = lowbit.load(tmp_path / "ft")
     q = "model.layers.0.self_attn.q_proj.outlier"
     assert not torch.equal(tuned.state_dict()[q], model.state_dict()[q])
