@@ -11,7 +11,8 @@ warmup 3% + cosine), perplexity after. Runs go in fresh processes, ``--jobs`` at
 Results merge into OUT/quality.json (OUT = benchmarks/results/finetune); losses.png overlays the curves and the
 step at which each run first reaches lora-w3's final loss (running mean of 10 steps) is reported. Runs
 ``loftq-init-w2`` and ``rilq-init-w2`` (issue 6) train the adapters their recipe initialised instead of new ones,
-to compare with ``lora-w2`` (zero-init LoRA over the same RTN w2g64 base).
+to compare with ``lora-w2`` (zero-init LoRA over the same RTN w2g64 base); ``rilq100-init-w2`` cuts RILQ to 100
+steps (a run's recipe ``PRESET@KEY=VALUE,...`` overrides the preset's last step).
 
 ``speed``: in one run, one process after the other: LoRA r=16 (alpha 32) on every decoder Linear through PEFT
 over the FP32 model, and lowbit LoRA r=16 over the packed ``--recipe`` base (rtn-w2g64 with the int8 embedding
@@ -41,6 +42,7 @@ RUNS = {  # name: (recipe, adapter)
     # issue 6: the same LoRA r16 run over RTN w2g64 from three starts: zero-init (lora-w2), LoftQ, RILQ
     "loftq-init-w2": ("loftq-w2g64-r16", "continue"),
     "rilq-init-w2": ("rtn-w2g64-rilq16", "continue"),
+    "rilq100-init-w2": ("rtn-w2g64-rilq16@max_steps=100", "continue"),  # RILQ cut to 100 steps (time)
 }
 PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,6 +52,20 @@ def _setup(threads: int):
 
     if threads:
         torch.set_num_threads(threads)
+
+
+def _recipe(spec: str):
+    """``PRESET`` or ``PRESET@KEY=VALUE,...`` (the overrides go to the preset's last step, e.g. RILQ's)."""
+    import dataclasses
+
+    from lowbit.recipe import Recipe
+
+    name, _, overrides = spec.partition("@")
+    recipe = Recipe.parse(name)
+    if not overrides:
+        return recipe
+    values = {k: (int(v) if v.isdigit() else float(v)) for k, v in (kv.split("=") for kv in overrides.split(","))}
+    return Recipe([*recipe.steps[:-1], dataclasses.replace(recipe.steps[-1], **values)], name=spec)
 
 
 def quality_child(name: str, steps: int, threads: int, windows: int) -> dict:
@@ -62,7 +78,7 @@ def quality_child(name: str, steps: int, threads: int, windows: int) -> dict:
 
     recipe, adapter = RUNS[name]
     model, tok = lowbit.load_model("smollm2-135m")
-    lowbit.quantize(model, recipe, calib=lowbit.Calibration(tokenizer=tok))
+    lowbit.quantize(model, _recipe(recipe), calib=lowbit.Calibration(tokenizer=tok))
     before = lowbit.perplexity(model, tok, windows=windows, progress=False).ppl
     torch.manual_seed(0)
     if adapter != "continue":  # "continue": train the adapters the recipe initialised (LoftQ, RILQ)
