@@ -210,7 +210,7 @@ def main() -> None:
                                                                                                lora_final)
     write_text_atomic(path, json.dumps(results, indent=1))
     plot_losses({n: r["losses"] for n, r in results.items()}, out / "losses.png",
-                title="LoRA vs LoRMA, r=16, batch 4 x 256 (SmolLM2-135M)")
+                title="adapter fine-tuning, r=16, batch 4 x 256 (SmolLM2-135M)")
     print(json.dumps({n: {k: r[k] for k in ("ppl_before", "ppl_after", "first_loss", "final_loss",
                                             "tokens_per_second", "step_reaching_lora_w3_final_loss")}
                       for n, r in results.items()}))

@@ -28,17 +28,19 @@ def _row_tiles(qweight: PackedWeight):
         yield r0, r1, qweight.select_rows(index).dequantize(torch.float32)
 
 
-def qmatmul_reference(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
-    """``x (..., in)`` -> ``(..., out)`` = ``x @ dequantize(W)ᵀ`` computed in fp32, returned in ``x.dtype``."""
-    xf = x.float()
+def qmatmul_reference(x: torch.Tensor, qweight: PackedWeight,
+                      compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x (..., in)`` -> ``(..., out)`` = ``x @ dequantize(W)ᵀ`` computed in ``compute_dtype`` (fp32 unless an
+    autocast region asks for bf16/fp16, as it would of ``nn.Linear``), returned in ``x.dtype``."""
+    xf = x.to(compute_dtype)
     tiles = _row_tiles(qweight)
     r0, r1, w = next(tiles)
     if r1 == qweight.shape[0]:
-        return F.linear(xf, w).to(x.dtype)
+        return F.linear(xf, w.to(compute_dtype)).to(x.dtype)
     y = xf.new_empty(*x.shape[:-1], qweight.shape[0])
-    y[..., r0:r1] = F.linear(xf, w)
+    y[..., r0:r1] = F.linear(xf, w.to(compute_dtype))
     for r0, r1, w in tiles:
-        y[..., r0:r1] = F.linear(xf, w)
+        y[..., r0:r1] = F.linear(xf, w.to(compute_dtype))
     return y.to(x.dtype)
 
 

@@ -16,7 +16,7 @@ from lowbit import adapters as ad
 from lowbit.compensate import RILQConfig
 from lowbit.compensate.rilq import RILQ, final_hidden_states
 
-SMALL = dict(rank=4, samples=10, seq_len=64, grad_accum=2, max_steps=24, eval_every=4, lr=5e-3)
+SMALL = dict(rank=4, samples=10, seq_len=64, micro_batch=1, grad_accum=2, max_steps=24, eval_every=4, lr=5e-3)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,22 @@ def test_teacher_is_the_float_models_final_hidden_state_and_training_lowers_the_
     layers = ad.adapted_layers(model)
     assert len(layers) == 14 and not any(p.requires_grad for p in ad.parameters(model))
     assert step.teacher is None  # the cache is dropped once training ends
+
+
+def test_a_batched_loss_and_validation_equal_the_mean_over_single_windows(tok):
+    model = tiny_model("llama", max_position_embeddings=2048)
+    step = RILQ(RILQConfig(**{**SMALL, "micro_batch": 3, "precision": "fp32"}))
+    step.prepare(model, lowbit.Calibration(tokenizer=tok))
+    lowbit.quantize(model, "rtn-w2g64")
+    with torch.no_grad():
+        batched = step.loss(model, [1, 4, 6])
+        single = [step.loss(model, [i]) for i in (1, 4, 6)]
+        for k in range(3):  # loss, MSE, CE: equal-length windows, so the batch mean is the mean of the means
+            expected = sum(float(s[k]) for s in single) / 3
+            assert float(batched[k]) == pytest.approx(expected, rel=1e-4)
+        val = step.validate(model, [0, 1, 2, 3])  # batches of 3 and 1, weighted by their sizes
+        per_window = [step.loss(model, [i]) for i in range(4)]
+        assert val[0] == pytest.approx(sum(float(s[0]) for s in per_window) / 4, rel=1e-4)
 
 
 def test_in_a_recipe_the_teacher_comes_from_before_the_quantizer(tok):

@@ -58,6 +58,22 @@ def test_cpu_gemv_kernel_matches_reference_on_single_rows(auto):
     assert kernels.kernel_summary() == f"cpu-gemv:{len(cases) + 3}"
 
 
+def test_under_autocast_multi_row_inputs_multiply_in_the_autocast_dtype_as_linear_does(auto):
+    qw = _qweight()
+    x = torch.randn(6, IN, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = kernels.qmatmul(x, qw)  # the differentiable path (RILQ and the trainer)
+        expected = torch.nn.functional.linear(x, qw.dequantize())  # nn.Linear's autocast: bf16 in, bf16 out
+        with torch.no_grad():
+            y_eval = kernels.qmatmul(x, qw)
+    assert y.dtype == y_eval.dtype == expected.dtype == torch.bfloat16
+    assert torch.equal(y, expected) and torch.equal(y_eval, expected)
+    y.float().sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    y32 = kernels.qmatmul(x.detach(), qw)  # outside autocast: fp32, as before
+    assert y32.dtype == torch.float32 and torch.equal(y32, torch.nn.functional.linear(x.detach(), qw.dequantize()))
+
+
 @pytest.mark.parametrize("shape", [(2, IN), (3, 5, IN), (4, 1, IN)])
 def test_multi_row_inputs_use_reference(auto, shape):
     qw = _qweight()
