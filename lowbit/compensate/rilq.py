@@ -61,7 +61,7 @@ class RILQConfig(StepConfig):
     samples: int = 640  # calibration windows (train + validation); the paper uses 320 of 512 tokens
     seq_len: int = 256
     val_ratio: float = 0.2
-    micro_batch: int = 4  # windows per forward pass (one padded-free batch: 35% faster than one at a time)
+    micro_batch: int = 4  # windows per forward pass (one batch, no padding: 35% faster than one at a time)
     grad_accum: int = 1  # micro-batches per optimizer step (an optimizer step sees micro_batch × grad_accum windows)
     max_steps: int = 400  # optimizer steps
     eval_every: int = 80  # optimizer steps between validations (the paper: 25; 128 windows cost ~20 s here)
