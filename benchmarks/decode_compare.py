@@ -1,8 +1,10 @@
 """Decode speed against other CPU 4-bit libraries, side by side in one process (issue 4).
 
 For SmolLM2-135M: greedy batch-1 decode tokens/s (128 new tokens after a short prompt, one warm-up run first) of
-FP32, lowbit recipes, and — where installed — bitsandbytes NF4 (its CPU path) and llama.cpp (llama-cpp-python,
-on the same GGUF file lowbit loads). None of those is a lowbit dependency; install them for the comparison:
+FP32, FP32 with every Linear on lowbit's fp32 GEMV (the kernel a packed model's float head uses: how much of the
+packed models' lead is that GEMV alone), lowbit recipes, and — where installed — bitsandbytes NF4 (its CPU
+path) and llama.cpp (llama-cpp-python, on the same GGUF file lowbit loads). None of those is a lowbit
+dependency; install them for the comparison:
 
     pip install --no-deps bitsandbytes==0.50.2
     pip install llama-cpp-python==0.3.36          # compiles llama.cpp: minutes
@@ -25,6 +27,7 @@ import torch
 import lowbit
 from lowbit.eval.speed import decode_speed
 from lowbit.models import builtin_gguf_path, find_linears, set_module
+from lowbit.nn import GEMVLinear
 from lowbit.report import write_text_atomic
 
 
@@ -39,6 +42,14 @@ def bnb_nf4(model: torch.nn.Module) -> torch.nn.Module:
         if lin.bias is not None:
             q.bias = lin.bias
         set_module(model, name, q.to("cpu"))
+    return model
+
+
+def fp32_on_lowbit_gemv(model: torch.nn.Module) -> torch.nn.Module:
+    """Every plain ``nn.Linear`` (decoder and head) switched to :class:`GEMVLinear`, parameters unchanged."""
+    for m in model.modules():
+        if type(m) is torch.nn.Linear:
+            m.__class__ = GEMVLinear
     return model
 
 
@@ -71,6 +82,7 @@ def main() -> None:
         print(f"{name}: {s.tok_s:.1f} tok/s ({s.kernel})", file=sys.stderr, flush=True)
 
     record("fp32", fp_model, "transformers")
+    record("fp32, Linears on lowbit's fp32 GEMV", fp32_on_lowbit_gemv(copy.deepcopy(fp_model)), "lowbit kernel")
     for recipe in [r for r in args.recipes.split(",") if r]:
         record(f"lowbit {recipe}", lowbit.quantize(copy.deepcopy(fp_model), recipe), "lowbit")
     if importlib.util.find_spec("bitsandbytes"):

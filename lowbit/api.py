@@ -7,6 +7,7 @@ import time
 
 from torch import nn
 
+from .nn import use_gemv_head
 from .recipe import Recipe
 from .registry import get
 
@@ -26,6 +27,7 @@ def quantize(model: nn.Module, recipe: Recipe | str, calib=None) -> nn.Module:
         step.prepare(model, calib)
     for step in steps:
         model = step.apply(model, calib)
+    use_gemv_head(model)  # decode reads a float head through lowbit's fp32 GEMV (same parameters)
     model.lowbit_recipe = recipe
     model.lowbit_quantize_seconds = time.perf_counter() - start
     return model

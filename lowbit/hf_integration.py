@@ -28,6 +28,7 @@ from torch import nn
 from .errors import CheckpointError
 from .io import FLOAT_SHARD, FORMAT_VERSION, INDEX, MANIFEST, PACKED_SHARD, packed_module, read_manifest, verify_files
 from .models import set_module
+from .nn.gemv_linear import use_gemv_head
 from .nn.qlinear import QLinear
 
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ else:
                     module.bias.requires_grad_(False)  # the loader makes float params trainable; QLinear's is frozen
             for alias, source in (self.manifest or {}).get("aliases", {}).items():
                 _share(model, alias, source)  # transformers ties the embeddings; any other alias lowbit.load would
+            use_gemv_head(model)  # as lowbit.load: a float head's decode step through lowbit's fp32 GEMV
             manifest = self.manifest or {}
             model.lowbit_manifest = manifest
             model.lowbit_source = manifest.get("source")

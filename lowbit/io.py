@@ -33,6 +33,7 @@ from . import adapters
 from .errors import CheckpointError, LowbitError
 from .formats import LAYOUT
 from .models import set_module
+from .nn.gemv_linear import use_gemv_head
 from .nn.input_transform import InputSpec, TransformedLinear
 from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
@@ -327,6 +328,7 @@ def load(path: str | Path, verify: bool = True):
                               f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
+    use_gemv_head(model)  # a float head's decode step through lowbit's fp32 GEMV (same parameters)
     model.eval()
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)

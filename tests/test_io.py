@@ -18,6 +18,7 @@ import lowbit
 import lowbit.io as lio
 from lowbit import CheckpointError, LowbitError, QLinear, Recipe
 from lowbit.formats import LAYOUT
+from lowbit.nn import GEMVLinear
 
 IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 0, 33], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 255, 254]])
 
@@ -146,6 +147,7 @@ def test_float_model_round_trips(tmp_path, tied):
 def test_loaded_model_still_generates_like_the_original(tmp_path):
     model, path = _saved(tmp_path)
     loaded, _ = lowbit.load(path)
+    assert type(loaded.lm_head) is GEMVLinear  # the float head's decode steps run lowbit's fp32 GEMV
     kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(loaded.generate(IDS[:1], **kwargs), model.generate(IDS[:1], **kwargs))

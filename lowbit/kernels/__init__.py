@@ -1,11 +1,12 @@
 """The only package that computes with packed weights. ``qmatmul`` picks an implementation per call.
 
 Implementations: ``reference`` (dequantize + F.linear; ground truth and fallback), ``cpu-gemv`` (C++ decode
-GEMV, see :mod:`.cpu`) and ``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the
-``gpu`` extra), chosen automatically where they apply. ``LOWBIT_KERNEL=reference`` (or :func:`force`) pins the
-reference for debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies (with ``TRITON_INTERPRET=1``
-that includes CPU tensors, through Triton's interpreter: slow, for tests). :data:`calls` counts which
-implementation ran, so benchmarks can print it.
+GEMV, see :mod:`.cpu`; ``cpu-gemv-f32`` is its fp32 GEMV for a packed model's float LM head, :func:`linear`)
+and ``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra), chosen
+automatically where they apply. ``LOWBIT_KERNEL=reference`` (or :func:`force`) pins the reference for
+debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies (with ``TRITON_INTERPRET=1`` that includes
+CPU tensors, through Triton's interpreter: slow, for tests). :data:`calls` counts which implementation ran, so
+benchmarks can print it.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
 
 from ..qtensor import PackedWeight
-from .cpu import qmatmul_cpu
+from .cpu import float_supports, linear_cpu, qmatmul_cpu
 from .cpu import supports as cpu_supports
 from .reference import input_grad_reference, qmatmul_reference
 from .triton_gpu import qmatmul_triton
@@ -84,6 +86,15 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
     calls["reference"] += 1
     dtype = _autocast_dtype(x)
     return qmatmul_reference(x.to(dtype) if dtype != torch.float32 else x, qweight, dtype)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for the float layers a packed model keeps (its LM head): one fp32 CPU row without autograd
+    (a decode step) runs lowbit's fp32 GEMV, anything else ``F.linear``; ``reference`` pins ``F.linear``."""
+    if _choice() == "auto" and float_supports(x, weight):
+        calls["cpu-gemv-f32"] += 1
+        return linear_cpu(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:

@@ -55,7 +55,7 @@ class QuantizeEmbeddings(Step):
             raise LowbitError(f"the embeddings step needs an nn.Embedding input table, {type(model).__name__} has "
                               f"{type(embed).__name__}; drop the step from the recipe")
         head = model.get_output_embeddings()
-        head = head if type(head) is nn.Linear else None  # already quantized by a quantizer's targets, or none
+        head = head if isinstance(head, nn.Linear) else None  # a QLinear: quantized by a quantizer's targets; or none
         tied = head is not None and head.weight is embed.weight
         if tied and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # lowbit ties packed buffers itself; HF must not re-tie

@@ -106,7 +106,7 @@ def _layout(model: nn.Module) -> tuple[nn.Embedding, list[_Block], nn.Module, nn
             _check_norm(b.post_attention_layernorm)
     backbone = model.get_decoder()
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or not hasattr(backbone, "norm"):
+    if not isinstance(head, nn.Linear) or not hasattr(backbone, "norm"):
         raise LowbitError("rotation needs a float nn.Linear LM head and a final norm: run the rotate step before "
                           "any quantizer (and before the embeddings step)")
     for b in out:

@@ -187,3 +187,61 @@ def test_cpu_gemv_on_shapes_off_the_16_lane_tiles(auto, out_f, in_f, group_size,
         torch.testing.assert_close(kernels.qmatmul(x, qw), qmatmul_reference(x, qw),
                                    atol=KERNEL_ATOL_PER_SQRT_K * in_f**0.5, rtol=FP32_RTOL)
     assert kernels.calls["reference"] == 0
+
+
+# ---- the fp32 GEMV for a packed model's float head --------------------------------------------------------
+
+@pytest.mark.parametrize("out_f,in_f", [(13, 37), (64, 576), (5, 16), (130, 200)])
+def test_float_gemv_matches_f_linear_off_the_tiles(auto, out_f, in_f):
+    """Rows not a multiple of the 4-row tile, columns not a multiple of 16 lanes; with and without a bias."""
+    from lowbit.kernels.cpu import float_supports
+
+    w, x, bias = torch.randn(out_f, in_f), torch.randn(1, 1, in_f), torch.randn(out_f)
+    assert float_supports(x, w)
+    for b in (None, bias):
+        y = kernels.linear(x, w, b)
+        assert y.shape == (1, 1, out_f) and y.dtype == torch.float32
+        atol = KERNEL_ATOL_PER_SQRT_K * in_f ** 0.5
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=atol, rtol=FP32_RTOL)
+    assert kernels.calls == {"cpu-gemv-f32": 2}
+
+
+def test_float_gemv_applies_only_to_a_decode_step(auto):
+    from lowbit.kernels.cpu import float_supports
+
+    w = torch.randn(8, 32)
+    assert not float_supports(torch.randn(2, 32), w)  # prefill / batch: F.linear
+    assert not float_supports(torch.randn(1, 32).bfloat16(), w)
+    assert not float_supports(torch.randn(1, 32), w.bfloat16())
+    assert not float_supports(torch.randn(1, 32), w.t())  # not contiguous
+    assert not float_supports(torch.randn(1, 32, requires_grad=True), w)
+    assert not float_supports(torch.randn(1, 32), w.requires_grad_())
+    with torch.no_grad():
+        assert float_supports(torch.randn(1, 32), w)
+    with kernels.force("reference"):
+        kernels.linear(torch.randn(1, 32), w.detach())
+    assert kernels.calls["cpu-gemv-f32"] == 0
+
+
+def test_gemv_head_keeps_parameters_tying_and_logits(auto):
+    """use_gemv_head switches the class only: same Parameter objects (still tied), same state-dict keys, greedy
+    decode identical, and the decode steps went through the fp32 GEMV."""
+    from conftest import tiny_model
+
+    from lowbit.nn import GEMVLinear, use_gemv_head
+
+    model = tiny_model("llama", tie_word_embeddings=True)
+    ids = torch.randint(0, 256, (1, 6))
+    kwargs = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        logits = model(ids).logits
+        before = model.generate(ids, **kwargs)
+    keys, weight = list(model.state_dict()), model.lm_head.weight
+    assert use_gemv_head(model) and not use_gemv_head(model)
+    assert type(model.lm_head) is GEMVLinear and model.lm_head.weight is weight
+    assert model.lm_head.weight is model.model.embed_tokens.weight and list(model.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, logits, atol=FP32_ATOL, rtol=FP32_RTOL)  # 6 rows: F.linear
+        assert kernels.calls["cpu-gemv-f32"] == 0
+        assert torch.equal(model.generate(ids, **kwargs), before)
+    assert kernels.calls["cpu-gemv-f32"] == 5  # one row each: the prompt's last position, then 4 single tokens

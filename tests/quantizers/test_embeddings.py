@@ -53,7 +53,7 @@ def test_head_false_keeps_a_float_head_with_the_original_weights():
     table_fp = model.get_input_embeddings().weight.detach().clone()
     lowbit.quantize(model, Recipe([EmbeddingsConfig(head=False)]))
     head = model.get_output_embeddings()
-    assert type(head) is nn.Linear and torch.equal(head.weight, table_fp)
+    assert isinstance(head, nn.Linear) and torch.equal(head.weight, table_fp)
     assert isinstance(model.get_input_embeddings(), QEmbedding) and not model.config.tie_word_embeddings
 
 

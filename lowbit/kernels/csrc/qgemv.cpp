@@ -70,7 +70,7 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* codes, int64_t 
 }
 
 
-#if defined(__AVX512F__) && defined(__AVX512BW__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #include <cstring>
 #include <type_traits>
@@ -184,9 +184,16 @@ void gemv_rows_simd(const float* x, const float* xsum, const uint8_t* codes, int
     const int64_t start = n * row_bytes;
     float out = _mm512_reduce_add_ps(row_dot<BITS, D>(codes + start, total_bytes - start, x, K, group_size,
                                                       scales + srow, table, lut));
-    if constexpr (D == Decode::Int) {  // the zero point's share: sum_g s_g z_g sum_{k in g} x_k
-      for (int64_t g = 0; g < groups; ++g)
-        out -= float(scales[srow + g]) * (zeros ? float(zeros[srow + g]) : offset) * xsum[g];
+    if constexpr (D == Decode::Int) {  // the zero point's share: sum_g s_g z_g sum_{k in g} x_k, 16 groups a step
+      __m512 corr = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; g += 16) {
+        const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
+        const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scales + srow + g));
+        const __m512 z = zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zeros + srow + g)))
+                               : _mm512_set1_ps(offset);
+        corr = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(m, xsum + g), corr);
+      }
+      out -= _mm512_reduce_add_ps(corr);
     }
     y[n] = out;
   }
@@ -335,9 +342,62 @@ torch::Tensor qgemv_mixed(torch::Tensor x, std::vector<int64_t> widths, std::vec
   return y;
 }
 
+
+// Float GEMV y = W x for one fp32 input row and a row-major fp32 W (N, K): the float LM head a packed model keeps.
+// Memory-bound; four rows share each load of x. torch's fp32 matrix-vector product reached about a third of this
+// CPU's read bandwidth on the 49152 x 576 head (6.8 ms vs 2.3 ms, 2 threads).
+torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(1) == x.size(0), "w must be contiguous fp32 (N, K)");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto y = torch::empty({N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+#ifdef LOWBIT_AVX512
+    for (; n + 4 <= n1; n += 4) {
+      const float* r = wp + n * K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+        const __m512 xv = _mm512_maskz_loadu_ps(m, xp + k);
+        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + k), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + K + k), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + 2 * K + k), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + 3 * K + k), xv, a3);
+      }
+      yp[n] = _mm512_reduce_add_ps(a0);
+      yp[n + 1] = _mm512_reduce_add_ps(a1);
+      yp[n + 2] = _mm512_reduce_add_ps(a2);
+      yp[n + 3] = _mm512_reduce_add_ps(a3);
+    }
+#endif
+    for (; n < n1; ++n) {
+      const float* r = wp + n * K;
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += r[k] * xp[k];
+      yp[n] = acc;
+    }
+  });
+  return y;
+}
+
+bool simd() {
+#ifdef LOWBIT_AVX512
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemv", &qgemv, "packed low-bit GEMV (one input row)");
   m.def("qgemv_mixed", &qgemv_mixed, "mixed-width per-row-codebook GEMV (one input row, LowRA)");
+  m.def("gemv_f32", &gemv_f32, "fp32 GEMV (one input row) for the float layers a packed model keeps");
+  m.def("simd", &simd, "whether the AVX-512 paths were compiled in");
 }
