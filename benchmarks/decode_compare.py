@@ -7,6 +7,7 @@ path) and llama.cpp (llama-cpp-python, on the same GGUF file lowbit loads). None
 dependency; install them for the comparison:
 
     pip install --no-deps bitsandbytes==0.50.2
+    pip install --no-deps hqq==0.2.8.post1 einops termcolor
     pip install llama-cpp-python==0.3.36          # compiles llama.cpp: minutes
     python benchmarks/decode_compare.py --recipes rtn-w4g128,nf4-g64 --json-out benchmarks/results/decode_compare.json
 
@@ -42,6 +43,17 @@ def bnb_nf4(model: torch.nn.Module) -> torch.nn.Module:
         if lin.bias is not None:
             q.bias = lin.bias
         set_module(model, name, q.to("cpu"))
+    return model
+
+
+def hqq_linears(model: torch.nn.Module, bits: int = 4, group_size: int = 64) -> torch.nn.Module:
+    """The decoder Linears replaced by HQQ's ``HQQLinear`` (calibration-free, fp32 compute, its default backend,
+    which is the one that runs on CPU)."""
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    config = BaseQuantizeConfig(nbits=bits, group_size=group_size)
+    for name, lin in find_linears(model):
+        set_module(model, name, HQQLinear(lin, config, compute_dtype=torch.float32, device="cpu"))
     return model
 
 
@@ -89,6 +101,10 @@ def main() -> None:
         record("bitsandbytes nf4 g64", bnb_nf4(copy.deepcopy(fp_model)), "bitsandbytes")
     else:
         rows["bitsandbytes nf4 g64"] = {"skipped": "pip install --no-deps bitsandbytes==0.50.2"}
+    if importlib.util.find_spec("hqq"):
+        record("hqq 4-bit g64", hqq_linears(copy.deepcopy(fp_model)), "hqq")
+    else:
+        rows["hqq 4-bit g64"] = {"skipped": "pip install --no-deps hqq==0.2.8.post1 einops termcolor"}
     if importlib.util.find_spec("llama_cpp"):
         for threads in (1, torch.get_num_threads()):
             rows[f"llama.cpp Q4_1 ({threads} thread{'s' if threads > 1 else ''})"] = {

@@ -245,3 +245,17 @@ def test_gemv_head_keeps_parameters_tying_and_logits(auto):
         assert kernels.calls["cpu-gemv-f32"] == 0
         assert torch.equal(model.generate(ids, **kwargs), before)
     assert kernels.calls["cpu-gemv-f32"] == 5  # one row each: the prompt's last position, then 4 single tokens
+
+
+def test_a_gemv_head_can_still_be_quantized():
+    """A loaded checkpoint's float head is a GEMVLinear; recipes that target it still find it."""
+    from conftest import tiny_model
+
+    import lowbit
+    from lowbit import QLinear, Recipe, RTNConfig
+    from lowbit.nn import use_gemv_head
+
+    model = tiny_model("llama")
+    assert use_gemv_head(model)
+    lowbit.quantize(model, Recipe([RTNConfig(targets=("@decoder", "lm_head"))]))
+    assert isinstance(model.lm_head, QLinear)
