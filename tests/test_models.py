@@ -12,6 +12,7 @@ from torch import nn
 import lowbit
 from lowbit import LowbitError, QLinear
 from lowbit.models import DECODER, decoder_blocks, find_linears, load_model, resolve_source
+from lowbit.nn import GEMVLinear
 from lowbit.quantizers import RTNConfig
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma", "gemma2"]
@@ -32,7 +33,7 @@ def test_every_architecture_quantizes_its_decoder_linears_only(arch):
     assert {n.rsplit(".", 1)[1] for n in quantized} == DECODER_LINEARS
     assert all(n.startswith(prefix + ".") for n in quantized)
     assert isinstance(model.get_input_embeddings(), nn.Embedding)
-    assert type(model.get_output_embeddings()) is nn.Linear  # lm_head stays float by default
+    assert type(model.get_output_embeddings()) is GEMVLinear  # lm_head stays float by default (decode on the GEMV)
     with torch.no_grad():
         out = model(ids).logits
     rel = (out - ref).norm() / ref.norm()

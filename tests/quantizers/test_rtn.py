@@ -11,6 +11,7 @@ from torch import nn
 import lowbit
 from lowbit import QLinear, RTNConfig
 from lowbit.formats import get_format
+from lowbit.nn import GEMVLinear
 from lowbit.quantizers.rtn import RTN, rtn_quantize
 from lowbit.recipe import Recipe
 
@@ -82,7 +83,7 @@ def test_quantize_tiny_llama_replaces_decoder_linears_only(tiny_llama):
     assert all(n.startswith("model.layers.") for n in qlinears)
     assert all(m.fmt == "int4" and m.group_size == 64 and m.granularity == "group" for m in qlinears.values())
     assert not any(type(m) is nn.Linear for n, m in model.named_modules() if n.startswith("model.layers."))
-    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert type(model.lm_head) is GEMVLinear and model.lm_head.weight.dtype == torch.float32  # float, decode GEMV
     assert type(model.model.embed_tokens) is nn.Embedding
     assert model.lowbit_recipe == Recipe.from_name("rtn-w4g64")
     assert model.lowbit_quantize_seconds >= 0
