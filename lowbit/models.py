@@ -130,10 +130,10 @@ def find_linears(model: nn.Module, targets=(DECODER,), ignore=()) -> list[tuple[
     A target pattern that selects nothing is an error, so a typo never silently skips quantization.
     """
     block_prefix = decoder_blocks(model)[0] if DECODER in targets else None
-    from .nn.gemv_linear import GEMVLinear
+    from .nn.gemv_linear import FLOAT_LINEARS
     from .nn.input_transform import TransformedLinear
 
-    kinds = (nn.Linear, GEMVLinear, TransformedLinear)  # a loaded checkpoint's float head is a GEMVLinear
+    kinds = (*FLOAT_LINEARS, TransformedLinear)
     linears = [(n, m) for n, m in model.named_modules() if type(m) in kinds]
     for pattern in targets:
         if not any(matches(n, pattern, block_prefix) for n, _ in linears):

@@ -1,5 +1,5 @@
-from .gemv_linear import GEMVLinear, use_gemv_head
+from .gemv_linear import FLOAT_LINEARS, GEMVLinear, is_float_linear, use_gemv_head
 from .qembedding import QEmbedding
 from .qlinear import QLinear
 
-__all__ = ["QLinear", "QEmbedding", "GEMVLinear", "use_gemv_head"]
+__all__ = ["QLinear", "QEmbedding", "GEMVLinear", "FLOAT_LINEARS", "is_float_linear", "use_gemv_head"]

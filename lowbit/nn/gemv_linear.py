@@ -22,6 +22,15 @@ class GEMVLinear(nn.Linear):
         return kernels.linear(x, self.weight, self.bias)
 
 
+FLOAT_LINEARS = (nn.Linear, GEMVLinear)  # the exact classes of an unquantized float Linear that lowbit handles
+
+
+def is_float_linear(module: nn.Module | None) -> bool:
+    """Whether ``module`` is a plain float Linear (``nn.Linear`` or a switched head); exact classes, so a
+    QLinear, a TransformedLinear or another library's Linear subclass is not one."""
+    return type(module) in FLOAT_LINEARS
+
+
 def use_gemv_head(model: nn.Module) -> bool:
     """Route ``model``'s float output head (an exact ``nn.Linear``) through :class:`GEMVLinear`, in place.
     Returns whether it did (a packed or already switched head is left alone)."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..models import DECODER, decoder_blocks, matches, set_module
-from ..nn.gemv_linear import GEMVLinear
+from ..nn.gemv_linear import FLOAT_LINEARS
 from ..nn.input_transform import InputSpec, TransformedLinear
 from ..nn.qlinear import QLinear
 from ..recipe import StepConfig
@@ -49,7 +49,7 @@ class ActivationsConfig(StepConfig):
 
 def _layers(model: nn.Module, c: ActivationsConfig) -> list[tuple[str, nn.Module]]:
     prefix = decoder_blocks(model)[0] if DECODER in c.targets else None
-    kinds = (nn.Linear, GEMVLinear, TransformedLinear, QLinear)
+    kinds = (*FLOAT_LINEARS, TransformedLinear, QLinear)
     layers = [(n, m) for n, m in model.named_modules() if type(m) in kinds and getattr(m, "role", "linear") == "linear"]
     chosen = [(n, m) for n, m in layers if any(matches(n, p, prefix) for p in c.targets)
               and not any(matches(n, p, prefix) for p in c.ignore)]

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..models import set_module
+from ..nn.gemv_linear import is_float_linear
 from ..nn.qembedding import QEmbedding
 from ..nn.qlinear import QLinear
 from ..registry import register
@@ -55,7 +56,7 @@ class QuantizeEmbeddings(Step):
             raise LowbitError(f"the embeddings step needs an nn.Embedding input table, {type(model).__name__} has "
                               f"{type(embed).__name__}; drop the step from the recipe")
         head = model.get_output_embeddings()
-        head = head if isinstance(head, nn.Linear) else None  # a QLinear: quantized by a quantizer's targets; or none
+        head = head if is_float_linear(head) else None  # already quantized by a quantizer's targets, or none
         tied = head is not None and head.weight is embed.weight
         if tied and getattr(model.config, "tie_word_embeddings", False):
             model.config.tie_word_embeddings = False  # lowbit ties packed buffers itself; HF must not re-tie

@@ -28,6 +28,7 @@ from torch import nn
 from ..calibration import calibration_windows
 from ..errors import LowbitError
 from ..models import decoder_blocks
+from ..nn.gemv_linear import is_float_linear
 from ..nn.input_transform import InputSpec, TransformedLinear
 from ..quantizers.base import Step
 from ..recipe import StepConfig
@@ -106,7 +107,7 @@ def _layout(model: nn.Module) -> tuple[nn.Embedding, list[_Block], nn.Module, nn
             _check_norm(b.post_attention_layernorm)
     backbone = model.get_decoder()
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear) or not hasattr(backbone, "norm"):
+    if not is_float_linear(head) or not hasattr(backbone, "norm"):
         raise LowbitError("rotation needs a float nn.Linear LM head and a final norm: run the rotate step before "
                           "any quantizer (and before the embeddings step)")
     for b in out:
