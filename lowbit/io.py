@@ -79,11 +79,14 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
         seen[key] = name
         owner, _, leaf = name.rpartition(".")
         layer = qlayers.get(owner)
-        if layer is not None and leaf == "channel_scale":
+        if layer is not None and leaf in ("channel_scale", "group_scale"):
             continue  # folded into the packed scales below
         t = t.detach()
-        if layer is not None and leaf == "scales" and getattr(layer, "channel_scale", None) is not None:
-            t = fold_channel_scale(t, layer.channel_scale.detach())
+        if layer is not None and leaf == "scales":
+            if getattr(layer, "group_scale", None) is not None:
+                t = (t.float() * layer.group_scale.detach().float()).to(t.dtype)  # same shape as the scales
+            if getattr(layer, "channel_scale", None) is not None:
+                t = fold_channel_scale(t, layer.channel_scale.detach())
         elif layer is not None and leaf == "outlier":
             t = t.to(torch.float16)  # QUAD's storage (methods.md §7.3), also after PEFT trained an fp32 copy
         target = packed if layer is not None and leaf in layer.packed_names else floats

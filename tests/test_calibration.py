@@ -12,7 +12,9 @@ from lowbit import LowbitError
 from lowbit.calibration import (
     _collect_stats,
     block_inputs,
+    Calibration,
     calibration_windows,
+    generated_windows,
     input_power,
     output_sensitivity,
     read_calibration_text,
@@ -129,3 +131,32 @@ def test_output_sensitivity_is_the_mean_squared_gradient_at_each_layer_output():
             ref += (g**2).reshape(-1, g.shape[-1]).sum(0)
         handle.remove()
         torch.testing.assert_close(sens[name], ref / 64, rtol=1e-4, atol=0)
+
+
+def test_self_generated_windows_are_sampled_from_the_model_seeded_without_repeats():
+    model = tiny_model("llama")
+    tok = ByteTokenizer()
+    state = torch.random.get_rng_state()
+    a = generated_windows(model, tok, n=3, seq_len=40, seed=1, tokens_per_sequence=15, batch=4)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    b = generated_windows(model, tok, n=3, seq_len=40, seed=1, tokens_per_sequence=15, batch=4)
+    c = generated_windows(model, tok, n=3, seq_len=40, seed=2, tokens_per_sequence=15, batch=4)
+    assert a.shape == (3, 40) and torch.equal(a, b) and not torch.equal(a, c)
+    flat = a.reshape(-1)
+    assert (flat[::16] == tok.eos_token_id).all()  # sequences of 1 start token + 15 sampled, laid end to end
+    assert len(set(flat.tolist())) > 20  # sampled at temperature 1, not a greedy loop
+
+
+def test_self_generated_calibration_quantizes_with_gptq_and_refuses_text_beside_it():
+    import lowbit
+
+    tok = ByteTokenizer()
+    model = tiny_model("llama")
+    calib = Calibration(tokenizer=tok, n=4, seq_len=64, self_generated=True)
+    with pytest.raises(LowbitError, match="needs the float model"):
+        calib.get_windows()
+    q = lowbit.quantize(model, "gptq-w4g128", calib=calib)
+    assert calib.windows.shape == (4, 64)
+    assert any(type(m).__name__ == "QLinear" for m in q.modules())
+    with pytest.raises(LowbitError, match="not both"):
+        Calibration(tokenizer=tok, text="some text", self_generated=True)

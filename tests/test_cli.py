@@ -223,6 +223,8 @@ QUANTIZE_ERRORS = [
     (["--recipe", "lowra-b2.0", "--bits", "3"], ["--bits does not apply to step 'lowra'", "budget"]),
     (["--recipe", "lowra-b2.0", "--budget", "0.5"], ["budget of 0.5 average bits is unreachable"]),
     (["--recipe", "gptq-w4g128", "--calib-file", "{tmp}/missing.txt"], ["calibration file {tmp}/missing.txt"]),
+    (["--recipe", "gptq-w4g128", "--calib-self", "--calib-file", "{tmp}/x.txt"],
+     ["--calib-self and --calib-file both set"]),
 ]
 
 
@@ -332,6 +334,14 @@ def test_quantize_lowra_with_a_jsonl_file_and_budget_override(hf_folder, tmp_pat
     assert payload["recipe"] == "lowra-gptq-b2.0+custom"
     assert 1.49 <= payload["code_bits"] <= 1.5 < payload["bits_per_weight"]
     assert payload["quantize_peak_rss_mb"] > 0 and payload["fp_model_mb"] > 0
+
+
+def test_quantize_with_self_generated_calibration(hf_folder, tmp_path):
+    payload = one_json_object(invoke("quantize", "--model", hf_folder, "--recipe", "gptq-w4g64", "--calib-self",
+                                     "--calib-seq-len", "32", "--calib-windows", "2", "--out", tmp_path / "q",
+                                     "--no-eval", "--json"))
+    assert payload["recipe"] == "gptq-w4g64" and payload["bits_per_weight"] > 4
+    assert (tmp_path / "q").is_dir()
 
 
 def test_report_draws_a_png_per_results_file(tmp_path):

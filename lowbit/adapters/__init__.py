@@ -139,6 +139,22 @@ def train_channel_scales(layers: list[QLinear]) -> int:
     return sum(m.out_features for m in layers)
 
 
+def train_group_scales(layers: list[QLinear]) -> int:
+    """Make a multiplier ``(out, groups)`` of every quantization group's scale (initialised to 1, or kept) of
+    each layer trainable: ``W = g ⊙ Q(W)``, i.e. the packed scales themselves train (gradient: group sums of
+    ``dW ⊙ Q(W)``, one more GEMM per layer in the backward). A checkpoint stores them folded into the fp16
+    scales, so they add no bits. Layers without row-wise scales (:func:`has_row_scales`) are an error. Returns
+    the count of trainable multipliers."""
+    for m in layers:
+        if not has_row_scales(m):
+            raise LowbitError(f"{m.layout()} weights have no group scales to train (per-tensor or codebook "
+                              "scales); use channel- or group-wise uniform weights")
+        if m.group_scale is None:
+            m.group_scale = nn.Parameter(torch.ones(m.scales.shape, device=m.scales.device))
+        m.group_scale.requires_grad_(True)
+    return sum(m.group_scale.numel() for m in layers)
+
+
 def train_outliers(model: nn.Module, scales: bool = True) -> int:
     """QUAD's PEFT (methods.md §7.4): make the float outlier columns ``(out, r)`` of every QLinear trainable and,
     with ``scales``, the per-output-channel scales (:func:`train_channel_scales`) of every W4A4 layer with

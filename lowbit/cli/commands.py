@@ -41,6 +41,8 @@ def quantize(
     calib_windows: int = typer.Option(16, help="Calibration windows (steps that need data, e.g. gptq)."),
     calib_seq_len: int = typer.Option(2048, help="Calibration window length in tokens."),
     calib_file: Path | None = typer.Option(None, help="Calibration text or .jsonl file (default: WikiText-2 valid)."),
+    calib_self: bool = typer.Option(False, "--calib-self", help="Data-free calibration: text the float model "
+                                    "samples itself (64 sequences of 512 tokens per 16 x 2048 windows)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
     verbose: bool = typer.Option(False, "-v", "--verbose"),
 ):
@@ -59,13 +61,16 @@ def quantize(
         resolve_source(model)
         if calib_windows < 1 or calib_seq_len < 2:
             raise LowbitError("--calib-windows must be >= 1 and --calib-seq-len >= 2")
+        if calib_self and calib_file is not None:
+            raise LowbitError("--calib-self and --calib-file both set: calibrate on one of them")
         calib_text = read_calibration_text(calib_file) if calib_file is not None else None
         if out.exists() and not force:
             raise LowbitError(f"output folder {out} already exists; choose another --out or pass --force")
         fp_model, tokenizer = load_model(model)
-        calib = Calibration(tokenizer=tokenizer, n=calib_windows, seq_len=calib_seq_len, text=calib_text)
+        calib = Calibration(tokenizer=tokenizer, n=calib_windows, seq_len=calib_seq_len, text=calib_text,
+                            self_generated=calib_self)
         if any(get("step", s.step).needs_calibration for s in the_recipe.steps):
-            calib.get_windows()  # a file too short for one window fails here, before any evaluation runs
+            calib.get_windows(fp_model)  # a file too short for one window fails here, before any evaluation
         fp = None if no_eval else perplexity(fp_model, tokenizer, windows=n)
         fp_bytes = sum(p.numel() * p.element_size() for p in fp_model.parameters())
         memory.release_free_memory()

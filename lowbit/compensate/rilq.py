@@ -12,9 +12,11 @@ Calibration: WikiText-2 valid windows (or the recipe's calibration text); the fi
 validate. Adam; early stopping on the validation loss (every ``eval_every`` optimizer steps, ``patience``
 evaluations without improvement); the best adapters are restored. Adapters a previous step attached under the
 same name (``[loftq(...), rilq]``: LoftQ's SVD of the residual) are trained from where they are instead of new
-Gaussian ones. ``scales=True`` (beyond the paper) also trains a per-output-channel scale of every uniform
-channel- or group-wise packed weight (:func:`lowbit.adapters.train_channel_scales`), saved folded into the
-packed scales.
+Gaussian ones. Beyond the paper, ``scales`` also trains the packed base's scales of every uniform channel- or
+group-wise weight: ``"channel"`` (or ``True``) one multiplier per output row
+(:func:`lowbit.adapters.train_channel_scales`, nearly free), ``"group"`` one per quantization group
+(:func:`lowbit.adapters.train_group_scales`: capacity that does not depend on the rank, one more GEMM per layer
+in the backward); either is saved folded into the packed fp16 scales, so it adds no stored bits.
 
 The defaults differ from the paper's (320 × 512 tokens, lr 1e-4 constant, 10,000 micro-steps on a GPU) to fit
 2 CPU cores: 640 windows of 256 tokens (128 of them validate), 400 steps of one batch of 4 windows, lr 2e-3 with a
@@ -69,7 +71,7 @@ class RILQConfig(StepConfig):
     lambda_model: float = 0.5
     lambda_gt: float = 0.5
     seed: int = 42
-    scales: bool = False  # beyond the paper: also train each packed weight's per-output-channel scale (nearly free)
+    scales: bool | str = False  # beyond the paper: also train the packed scales: False | "channel" (True) | "group"
     gradient_checkpointing: bool = False  # 256-token windows of a small model: memory is not the limit, time is
     precision: str = "auto"  # matmul precision of the student: auto (bf16 where the CPU/GPU has it) | bf16 | fp32
     targets: tuple[str, ...] = (DECODER,)
@@ -90,6 +92,8 @@ class RILQConfig(StepConfig):
         if self.lambda_model < 0 or self.lambda_gt < 0 or self.lambda_model + self.lambda_gt == 0:
             raise LowbitError("lambda_model and lambda_gt must be >= 0 and not both 0")
         check_precision(self.precision)
+        if self.scales not in (False, True, "none", "channel", "group"):
+            raise LowbitError(f"RILQ scales must be false, channel or group, got {self.scales!r}")
         if self.schedule not in ("constant", "cosine"):
             raise LowbitError(f"RILQ schedule must be constant or cosine, got {self.schedule!r}")
         self.adapter_config()
@@ -185,12 +189,18 @@ class RILQ(Step):
         else:
             ad.attach(model, c.adapter_config(), name=c.name)
         params = ad.freeze(model, c.name)
-        if c.scales:
+        scales = {True: "channel", False: "none"}.get(c.scales, c.scales)
+        if scales != "none":
             layers = [m for _, m in ad.find_qlinears(model, c.targets, c.ignore) if ad.has_row_scales(m)]
             if not layers:
-                raise LowbitError("scales=True needs channel- or group-wise uniform weights; this model has none")
-            ad.train_channel_scales(layers)
-            params += [m.channel_scale for m in layers]
+                raise LowbitError(f"scales={c.scales!r} needs channel- or group-wise uniform weights; this model "
+                                  "has none")
+            if scales == "group":
+                ad.train_group_scales(layers)
+                params += [m.group_scale for m in layers]
+            else:
+                ad.train_channel_scales(layers)
+                params += [m.channel_scale for m in layers]
         initial = [p.detach().clone() for p in params]
         opt = torch.optim.Adam(params, lr=c.lr)
         import transformers  # on use, as the trainer's make_scheduler: not at lowbit's import

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from ..qtensor import PackedWeight
 from .cpu import float_supports, linear_cpu, qmatmul_cpu
 from .cpu import supports as cpu_supports
+from .group_scaled import group_scaled_weight as group_scaled_weight
+from .group_scaled import qmatmul_group_scaled as _qmatmul_group_scaled
 from .reference import input_grad_reference, qmatmul_reference
 from .triton_gpu import qmatmul_triton
 from .triton_gpu import supports as triton_supports
@@ -72,6 +74,14 @@ def qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled():
         return _QMatmul.apply(x, qweight)
     return _qmatmul(x, qweight)
+
+
+def qmatmul_group_scaled(x: torch.Tensor, qweight: PackedWeight, group_scale: torch.Tensor) -> torch.Tensor:
+    """``x (..., in)`` -> ``(..., out)`` = ``x (g ⊙ Q(W))ᵀ`` with ``g = group_scale (out, groups)`` multiplying
+    each quantization group (:mod:`.group_scaled`); differentiable in ``x`` and ``g``. Multiplies in bf16/fp16
+    inside an autocast region, as ``qmatmul`` does; always the dequantizing reference (it exists for training)."""
+    calls["reference"] += 1
+    return _qmatmul_group_scaled(x, qweight, group_scale, _autocast_dtype(x))
 
 
 def _qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:

@@ -34,6 +34,10 @@ class QLinear(PackedModule):
     ``channel_scale`` (``(out,)`` fp32 Parameter or None): a trainable multiplier of each output row of the packed
     weight, i.e. its per-output-channel scale (QUAD's PEFT, methods.md §7.4; gradient ``Σ_k dW_jk · Q(W)_jk``).
     Attached by :func:`lowbit.adapters.train_outliers`; a checkpoint stores it folded into the packed scales.
+
+    ``group_scale`` (``(out, groups)`` fp32 Parameter or None, the packed scales' shape): a trainable multiplier of
+    every quantization group's scale (RILQ's ``scales="group"``, :func:`lowbit.adapters.train_group_scales`);
+    the GEMM then runs through :func:`lowbit.kernels.qmatmul_group_scaled`. Also folded into the packed scales.
     """
 
     def __init__(self, qweight, bias: torch.Tensor | None = None, role: str = "linear", spec: InputSpec | None = None,
@@ -52,6 +56,7 @@ class QLinear(PackedModule):
         self.outlier = None if outlier is None else nn.Parameter(outlier.detach().to(torch.float16).clone(),
                                                                  requires_grad=False)
         self.register_parameter("channel_scale", None)
+        self.register_parameter("group_scale", None)
 
     @property
     def granularity(self) -> str | None:
@@ -71,7 +76,10 @@ class QLinear(PackedModule):
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The quantized GEMM of the (rotated) input: activation quantization and the outlier columns if any."""
         x_out, x_q = (None, x) if self.spec is None else split_input(x, self.spec)
-        y = kernels.qmatmul(x_q, self.qweight)
+        if self.group_scale is None:
+            y = kernels.qmatmul(x_q, self.qweight)
+        else:
+            y = kernels.qmatmul_group_scaled(x_q, self.qweight, self.group_scale)
         if self.channel_scale is not None:
             y = y * self.channel_scale.to(y.dtype)
         return y if x_out is None else y + F.linear(x_out, self.outlier.to(x_out.dtype)).to(y.dtype)
@@ -100,7 +108,8 @@ class QLinear(PackedModule):
         (``W Hᵀ``). Activation quantization has no float-weight form and is left out. Exact up to fp32 rounding;
         never cached."""
         with torch.no_grad():
-            w = self.qweight.dequantize()
+            w = self.qweight.dequantize() if self.group_scale is None else \
+                kernels.group_scaled_weight(self.qweight, self.group_scale)
             if self.channel_scale is not None:
                 w = w * self.channel_scale.float()[:, None]
             if self.outlier is not None:

@@ -141,5 +141,5 @@ class GPTQ(Quantizer):
             for name, st in stats.items():
                 self.replace(model, name, model.get_submodule(name), st)
 
-        run_blockwise(model, calib.get_windows(), names, quantize_block, desc=f"gptq {self.fmt.name}")
+        run_blockwise(model, calib.get_windows(model), names, quantize_block, desc=f"gptq {self.fmt.name}")
         return model

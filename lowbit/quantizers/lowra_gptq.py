@@ -90,7 +90,7 @@ class LowRAGPTQ(LowRA):
         calib = calib if isinstance(calib, Calibration) else Calibration(windows=calib)
         targets = find_linears(model, c.targets, c.ignore)
         check_finite(targets)
-        windows = calib.get_windows()
+        windows = calib.get_windows(model)
         names = [n for n, _ in targets]
         power = input_power(model, windows, names)
         fits = {n: self.fit(n, m.weight.detach(), power[n]) for n, m in targets}

@@ -72,25 +72,35 @@ def test_in_a_recipe_the_teacher_comes_from_before_the_quantizer(tok):
     assert (student - teacher).square().mean() < (plain - teacher).square().mean()
 
 
-def test_channel_scales_train_beside_the_adapters_and_save_folded(tok, tmp_path):
+@pytest.mark.parametrize("scales", ["channel", "group"])
+def test_scales_train_beside_the_adapters_and_save_folded(tok, tmp_path, scales):
     fp = tiny_model("llama", max_position_embeddings=2048)
-    recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL, scales=True)])
+    recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL, scales=scales)])
     model = lowbit.quantize(fp, recipe, calib=lowbit.Calibration(tokenizer=tok))
     history = model.lowbit_rilq
     assert history["best_val"] < history["val"][0]
     layer = model.model.layers[0].mlp.down_proj
-    assert layer.channel_scale.shape == (layer.out_features,) and not layer.channel_scale.requires_grad
-    assert not torch.equal(layer.channel_scale, torch.ones_like(layer.channel_scale))
-    scales = layer.scales.clone()
+    trained = layer.channel_scale if scales == "channel" else layer.group_scale
+    other = layer.group_scale if scales == "channel" else layer.channel_scale
+    shape = (layer.out_features,) if scales == "channel" else tuple(layer.scales.shape)
+    assert other is None and trained.shape == shape and not trained.requires_grad
+    assert not torch.equal(trained, torch.ones_like(trained))
+    scales_before = layer.scales.clone()
     lowbit.save(model, tmp_path / "ck", tokenizer=tok)
     loaded, _ = lowbit.load(tmp_path / "ck")
     loaded_layer = loaded.model.layers[0].mlp.down_proj
-    assert loaded_layer.channel_scale is None
-    assert torch.equal(loaded_layer.scales, (scales.float() * layer.channel_scale[:, None]).half())
+    assert loaded_layer.channel_scale is None and loaded_layer.group_scale is None
+    factor = trained[:, None] if scales == "channel" else trained
+    assert torch.equal(loaded_layer.scales, (scales_before.float() * factor).half())
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         ref, out = model(ids).logits, loaded(ids).logits
     assert (out - ref).norm() / ref.norm() < 1e-2  # only the fp16 rounding of the folded scales differs
+
+
+def test_scales_option_rejects_unknown_values():
+    with pytest.raises(LowbitError, match="scales must be false, channel or group"):
+        RILQConfig(scales="row")
 
 
 def test_early_stopping_restores_the_best_adapters(tok):

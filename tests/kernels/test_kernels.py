@@ -259,3 +259,31 @@ def test_a_gemv_head_can_still_be_quantized():
     assert use_gemv_head(model)
     lowbit.quantize(model, Recipe([RTNConfig(targets=("@decoder", "lm_head"))]))
     assert isinstance(model.lm_head, QLinear)
+
+
+@pytest.mark.parametrize("granularity, group_size, in_f", [("group", 16, 40), ("group", 64, 576), ("channel", 40, 40)])
+def test_group_scaled_qmatmul_matches_autograd_of_the_scaled_dense_weight(granularity, group_size, in_f):
+    torch.manual_seed(0)
+    w = torch.randn(24, in_f)
+    qw = rtn_quantize(w, get_format("int", 2, symmetric=False), granularity=granularity, group_size=group_size)
+    g = (1 + 0.1 * torch.randn(qw.scales.shape)).requires_grad_(True)
+    x = torch.randn(3, 5, in_f, requires_grad=True)
+    y = kernels.qmatmul_group_scaled(x, qw, g)
+    dy = torch.randn_like(y)
+    dx, dg = torch.autograd.grad(y, (x, g), dy)
+    # reference: autograd through the dense weight g ⊙ Q(W) (group columns repeated, the last group shorter)
+    g_ref = g.detach().clone().requires_grad_(True)
+    cols = torch.arange(in_f) // qw.group_size
+    w_ref = qw.dequantize() * g_ref[:, cols]
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = x_ref @ w_ref.T
+    dx_ref, dg_ref = torch.autograd.grad(y_ref, (x_ref, g_ref), dy)
+    torch.testing.assert_close(y, y_ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+    torch.testing.assert_close(dx, dx_ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+    torch.testing.assert_close(dg, dg_ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = kernels.qmatmul_group_scaled(x, qw, g)
+    assert y16.dtype == torch.bfloat16
+    assert ((y16.float() - y_ref).norm() / y_ref.norm()).item() < LOWP_RTOL  # bf16 rounding of x and W only
+    with pytest.raises(ValueError, match="must match the packed scales"):
+        kernels.qmatmul_group_scaled(x, qw, g[:, :1] if g.shape[1] > 1 else g[:1])
