@@ -10,9 +10,9 @@ from conftest import ByteTokenizer, tiny_model
 
 from lowbit import LowbitError
 from lowbit.calibration import (
+    Calibration,
     _collect_stats,
     block_inputs,
-    Calibration,
     calibration_windows,
     generated_windows,
     input_power,
