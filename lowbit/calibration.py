@@ -72,7 +72,7 @@ def generated_windows(model: nn.Module, tokenizer, n: int = 16, seq_len: int = 2
     follow the model's own distribution), ``tokens_per_sequence`` new tokens each, ``batch`` at a time, in bf16
     where the CPU has it; they are laid end to end and cut into the windows, so no token repeats. Short
     sequences keep generation cheap (the KV cache makes each step's cost grow with the length): 64 × 512 tokens
-    take ~2 minutes for SmolLM2-135M on 2 cores. Seeded; the global RNG is left as it was."""
+    take ~3.5 minutes for SmolLM2-135M on 2 cores. Seeded; the global RNG is left as it was."""
     from .kernels import native_bf16
 
     start = getattr(tokenizer, "bos_token_id", None)

@@ -83,10 +83,9 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
             continue  # folded into the packed scales below
         t = t.detach()
         if layer is not None and leaf == "scales":
-            if getattr(layer, "group_scale", None) is not None:
-                t = (t.float() * layer.group_scale.detach().float()).to(t.dtype)  # same shape as the scales
-            if getattr(layer, "channel_scale", None) is not None:
-                t = fold_channel_scale(t, layer.channel_scale.detach())
+            for trained in ("group_scale", "channel_scale"):
+                if getattr(layer, trained, None) is not None:
+                    t = fold_scale_multiplier(t, getattr(layer, trained).detach())
         elif layer is not None and leaf == "outlier":
             t = t.to(torch.float16)  # QUAD's storage (methods.md §7.3), also after PEFT trained an fp32 copy
         target = packed if layer is not None and leaf in layer.packed_names else floats
@@ -94,13 +93,15 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
     return packed, floats, aliases
 
 
-def fold_channel_scale(scales: torch.Tensor, channel_scale: torch.Tensor) -> torch.Tensor:
-    """fp16 ``scales (out, groups)`` of a packed weight times a trained per-row ``channel_scale (out,)``: the
-    same weight with one scale set (``(q - z) · s · c = (q - z) · (s c)``)."""
-    if scales.shape[0] != channel_scale.shape[0]:
-        raise LowbitError(f"cannot fold {channel_scale.shape[0]} channel scales into a weight with "
-                          f"{scales.shape[0]} scale rows (per-tensor scales have one)")
-    return (scales.float() * channel_scale.float()[:, None]).to(scales.dtype)
+def fold_scale_multiplier(scales: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """fp16 ``scales (out, groups)`` of a packed weight times a trained multiplier, per row ``(out,)``
+    (``channel_scale``) or per group ``(out, groups)`` (``group_scale``): the same weight with one scale set
+    (``(q - z) · s · c = (q - z) · (s c)``), rounded once to the scales' dtype."""
+    if scales.shape[0] != multiplier.shape[0] or (multiplier.dim() == 2 and multiplier.shape != scales.shape):
+        raise LowbitError(f"cannot fold trained scales of shape {tuple(multiplier.shape)} into packed scales of "
+                          f"shape {tuple(scales.shape)} (per-tensor scales have one row)")
+    factor = multiplier.float()[:, None] if multiplier.dim() == 1 else multiplier.float()
+    return (scales.float() * factor).to(scales.dtype)
 
 
 @contextlib.contextmanager

@@ -489,3 +489,27 @@ def test_config_with_other_layer_widths_names_the_layer(ckpt):
     msg = _load_error(ckpt, verify=False)
     assert "'model.layers.0.mlp.gate_proj'" in msg and "[128, 64]" in msg and "[256, 64]" in msg
     assert str(ckpt / "config.json") in msg
+
+
+def test_attached_group_scales_are_stored_folded_into_the_packed_scales(tmp_path):
+    from lowbit import adapters as ad
+    from lowbit.io import fold_scale_multiplier
+
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w2g64")
+    layer = model.model.layers[0].mlp.down_proj
+    ad.train_group_scales([layer])
+    with torch.no_grad():
+        layer.group_scale.uniform_(0.8, 1.2)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        ref = model(ids).logits
+    lowbit.save(model, tmp_path / "ck")
+    loaded, _ = lowbit.load(tmp_path / "ck")
+    stored = loaded.model.layers[0].mlp.down_proj
+    assert stored.group_scale is None
+    assert torch.equal(stored.scales, fold_scale_multiplier(layer.scales, layer.group_scale.detach()))
+    with torch.no_grad():
+        out = loaded(ids).logits
+    assert (out - ref).norm() / ref.norm() < 1e-2  # only the fp16 rounding of the folded scales differs
+    with pytest.raises(lowbit.LowbitError, match="cannot fold trained scales"):
+        fold_scale_multiplier(layer.scales, torch.ones(3, 2))

@@ -16,7 +16,8 @@ Gaussian ones. Beyond the paper, ``scales`` also trains the packed base's scales
 group-wise weight: ``"channel"`` (or ``True``) one multiplier per output row
 (:func:`lowbit.adapters.train_channel_scales`, nearly free), ``"group"`` one per quantization group
 (:func:`lowbit.adapters.train_group_scales`: capacity that does not depend on the rank, one more GEMM per layer
-in the backward); either is saved folded into the packed fp16 scales, so it adds no stored bits.
+in the backward, folded into the packed scales when training ends); either is stored folded into the packed fp16
+scales, so it adds no bits.
 
 The defaults differ from the paper's (320 × 512 tokens, lr 1e-4 constant, 10,000 micro-steps on a GPU) to fit
 2 CPU cores: 640 windows of 256 tokens (128 of them validate), 400 steps of one batch of 4 windows, lr 2e-3 with a
@@ -41,6 +42,7 @@ from .. import adapters as ad
 from ..calibration import calibration_windows
 from ..errors import LowbitError
 from ..eval.memory import release_free_memory
+from ..io import fold_scale_multiplier
 from ..models import DECODER
 from ..nn.qlinear import QLinear
 from ..quantizers.base import Step
@@ -262,6 +264,10 @@ class RILQ(Step):
                 ad.remove(model, c.name)
         for p in params:
             p.requires_grad_(False)
+        if scales == "group":  # into the packed scales now, so decode runs the packed kernels and equals the save
+            for m in layers:
+                m.scales = fold_scale_multiplier(m.scales, m.group_scale.detach())
+                m.group_scale = None
         model.lowbit_rilq = {**history, "best_val": best, "steps": step, "seconds": time.perf_counter() - start,
                              "stopped_early": bad >= c.patience}
         log.info("rilq: %d steps, validation loss %.4f -> %.4f", step, history["val"][0], best)

@@ -3,6 +3,7 @@ early stopping on held-out windows, the best adapters kept; ``lowbit compensate`
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -72,30 +73,44 @@ def test_in_a_recipe_the_teacher_comes_from_before_the_quantizer(tok):
     assert (student - teacher).square().mean() < (plain - teacher).square().mean()
 
 
-@pytest.mark.parametrize("scales", ["channel", "group"])
-def test_scales_train_beside_the_adapters_and_save_folded(tok, tmp_path, scales):
+def test_channel_scales_train_beside_the_adapters_and_save_folded(tok, tmp_path):
     fp = tiny_model("llama", max_position_embeddings=2048)
-    recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL, scales=scales)])
+    recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL, scales=True)])
     model = lowbit.quantize(fp, recipe, calib=lowbit.Calibration(tokenizer=tok))
     history = model.lowbit_rilq
     assert history["best_val"] < history["val"][0]
     layer = model.model.layers[0].mlp.down_proj
-    trained = layer.channel_scale if scales == "channel" else layer.group_scale
-    other = layer.group_scale if scales == "channel" else layer.channel_scale
-    shape = (layer.out_features,) if scales == "channel" else tuple(layer.scales.shape)
-    assert other is None and trained.shape == shape and not trained.requires_grad
-    assert not torch.equal(trained, torch.ones_like(trained))
-    scales_before = layer.scales.clone()
+    assert layer.channel_scale.shape == (layer.out_features,) and not layer.channel_scale.requires_grad
+    assert not torch.equal(layer.channel_scale, torch.ones_like(layer.channel_scale))
+    scales = layer.scales.clone()
     lowbit.save(model, tmp_path / "ck", tokenizer=tok)
     loaded, _ = lowbit.load(tmp_path / "ck")
     loaded_layer = loaded.model.layers[0].mlp.down_proj
-    assert loaded_layer.channel_scale is None and loaded_layer.group_scale is None
-    factor = trained[:, None] if scales == "channel" else trained
-    assert torch.equal(loaded_layer.scales, (scales_before.float() * factor).half())
+    assert loaded_layer.channel_scale is None
+    assert torch.equal(loaded_layer.scales, (scales.float() * layer.channel_scale[:, None]).half())
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         ref, out = model(ids).logits, loaded(ids).logits
     assert (out - ref).norm() / ref.norm() < 1e-2  # only the fp16 rounding of the folded scales differs
+
+
+def test_group_scales_train_and_are_folded_into_the_packed_scales_when_training_ends(tok, tmp_path):
+    fp = tiny_model("llama", max_position_embeddings=2048)
+    plain = lowbit.quantize(copy.deepcopy(fp), "rtn-w2g64")
+    recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL, scales="group")])
+    model = lowbit.quantize(fp, recipe, calib=lowbit.Calibration(tokenizer=tok))
+    assert model.lowbit_rilq["best_val"] < model.lowbit_rilq["val"][0]
+    layer, before = model.model.layers[0].mlp.down_proj, plain.model.layers[0].mlp.down_proj
+    assert layer.group_scale is None  # folded: decode runs the packed kernels
+    assert torch.equal(layer.codes, before.codes) and torch.equal(layer.zeros, before.zeros)
+    ratio = layer.scales.float() / before.scales.float()
+    assert ratio.shape == (layer.out_features, layer.in_features // 64) and (ratio - 1).abs().max() > 1e-3
+    lowbit.save(model, tmp_path / "ck", tokenizer=tok)
+    loaded, _ = lowbit.load(tmp_path / "ck")
+    assert torch.equal(loaded.model.layers[0].mlp.down_proj.scales, layer.scales)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
 def test_scales_option_rejects_unknown_values():
