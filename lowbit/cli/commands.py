@@ -63,6 +63,10 @@ def quantize(
             raise LowbitError("--calib-windows must be >= 1 and --calib-seq-len >= 2")
         if calib_self and calib_file is not None:
             raise LowbitError("--calib-self and --calib-file both set: calibrate on one of them")
+        own_data = sorted({s.step for s in the_recipe.steps} & {"rilq", "rotate"})
+        if calib_self and own_data:
+            raise LowbitError(f"--calib-self applies to gptq and lowra-gptq; step {own_data[0]!r} of this recipe "
+                              "does not use it yet; drop --calib-self or pass --calib-file")
         calib_text = read_calibration_text(calib_file) if calib_file is not None else None
         if out.exists() and not force:
             raise LowbitError(f"output folder {out} already exists; choose another --out or pass --force")

@@ -135,6 +135,9 @@ class RILQ(Step):
         if tokenizer is None:
             raise LowbitError("RILQ needs calibration text: pass calib=lowbit.Calibration(tokenizer=tok) "
                               "(WikiText-2 valid by default)")
+        if getattr(calib, "self_generated", False):
+            raise LowbitError("RILQ does not train on self-generated calibration (--calib-self) yet: it would "
+                              "silently fall back to WikiText-2; drop --calib-self or pass --calib-file")
         return calibration_windows(tokenizer, c.samples, c.seq_len, c.seed, getattr(calib, "text", None))
 
     def prepare(self, model: nn.Module, calib=None) -> None:

@@ -216,6 +216,9 @@ class Rotate(Step):
         windows = None
         if c.outliers:  # samples x seq_len windows of the calibration text, or the calibration's own windows
             tokenizer = getattr(calib, "tokenizer", None)
+            if getattr(calib, "self_generated", False):
+                raise LowbitError("QUAD does not use self-generated calibration (--calib-self) yet: it would "
+                                  "silently fall back to WikiText-2; drop --calib-self or pass --calib-file")
             if tokenizer is not None:
                 windows = calibration_windows(tokenizer, c.samples, c.seq_len, c.seed, getattr(calib, "text", None))
             elif getattr(calib, "windows", None) is not None:

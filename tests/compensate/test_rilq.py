@@ -185,3 +185,10 @@ def test_precision_bf16_autocasts_the_student_and_still_learns(tok, precision):
     assert all(p.dtype == torch.float32 for p in ad.parameters(model))  # master weights stay fp32
     with pytest.raises(LowbitError, match="precision"):
         RILQConfig(precision="fp8")
+
+
+def test_self_generated_calibration_is_refused_instead_of_silently_using_wikitext(tok):
+    recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL)])
+    calib = lowbit.Calibration(tokenizer=tok, self_generated=True)
+    with pytest.raises(LowbitError, match="RILQ does not train on self-generated calibration"):
+        lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), recipe, calib=calib)
