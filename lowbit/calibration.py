@@ -103,6 +103,14 @@ def generated_windows(model: nn.Module, tokenizer, n: int = 16, seq_len: int = 2
     return flat.view(n, seq_len)
 
 
+def check_text_source(calib, step: str) -> None:
+    """For a step that draws its own windows from the calibration text: refuse self-generated calibration,
+    which would otherwise fall back to WikiText-2 without a word."""
+    if getattr(calib, "self_generated", False):
+        raise LowbitError(f"{step} does not use self-generated calibration (--calib-self) yet: it would silently "
+                          "fall back to WikiText-2; drop --calib-self or pass --calib-file")
+
+
 def read_calibration_text(path: str | Path) -> str:
     """Calibration text from a file: plain text as is; ``.jsonl`` rows joined with a space, each row's ``text``
     field or else its ``prompt`` and ``response`` (every other shape is an error naming the line)."""

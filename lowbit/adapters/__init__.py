@@ -125,18 +125,24 @@ def has_row_scales(layer: QLinear) -> bool:
     return layer.weight_meta.get("granularity") in ("channel", "group")
 
 
+def _train_multipliers(layers: list[QLinear], attr: str, kind: str, shape) -> int:
+    """Make ``layer.<attr>`` (initialised to ones of ``shape(layer)``, or kept if already there) of each layer
+    trainable; layers without row-wise scales (:func:`has_row_scales`) are an error. Returns the count."""
+    for m in layers:
+        if not has_row_scales(m):
+            raise LowbitError(f"{m.layout()} weights have no {kind} scales to train (per-tensor or codebook "
+                              "scales); use channel- or group-wise uniform weights")
+        if getattr(m, attr) is None:
+            setattr(m, attr, nn.Parameter(torch.ones(shape(m), device=m.scales.device)))
+        getattr(m, attr).requires_grad_(True)
+    return sum(getattr(m, attr).numel() for m in layers)
+
+
 def train_channel_scales(layers: list[QLinear]) -> int:
     """Make a per-output-channel scale ``(out,)`` (initialised to 1, or kept if already there) of each layer
     trainable: ``y = c ⊙ Q(W) x``, the gradient of ``c`` costs one product with the output, no weight gradient.
     Layers whose weight has no row-wise scales (:func:`has_row_scales`) are an error. Returns the count."""
-    for m in layers:
-        if not has_row_scales(m):
-            raise LowbitError(f"{m.layout()} weights have no per-channel scales to train (per-tensor or codebook "
-                              "scales); use channel- or group-wise uniform weights")
-        if m.channel_scale is None:
-            m.channel_scale = nn.Parameter(torch.ones(m.out_features, device=m.scales.device))
-        m.channel_scale.requires_grad_(True)
-    return sum(m.out_features for m in layers)
+    return _train_multipliers(layers, "channel_scale", "per-channel", lambda m: m.out_features)
 
 
 def train_group_scales(layers: list[QLinear]) -> int:
@@ -145,14 +151,7 @@ def train_group_scales(layers: list[QLinear]) -> int:
     ``dW ⊙ Q(W)``, one more GEMM per layer in the backward). A checkpoint stores them folded into the fp16
     scales, so they add no bits. Layers without row-wise scales (:func:`has_row_scales`) are an error. Returns
     the count of trainable multipliers."""
-    for m in layers:
-        if not has_row_scales(m):
-            raise LowbitError(f"{m.layout()} weights have no group scales to train (per-tensor or codebook "
-                              "scales); use channel- or group-wise uniform weights")
-        if m.group_scale is None:
-            m.group_scale = nn.Parameter(torch.ones(m.scales.shape, device=m.scales.device))
-        m.group_scale.requires_grad_(True)
-    return sum(m.group_scale.numel() for m in layers)
+    return _train_multipliers(layers, "group_scale", "group", lambda m: m.scales.shape)
 
 
 def train_outliers(model: nn.Module, scales: bool = True) -> int:

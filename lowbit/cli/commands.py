@@ -63,7 +63,7 @@ def quantize(
             raise LowbitError("--calib-windows must be >= 1 and --calib-seq-len >= 2")
         if calib_self and calib_file is not None:
             raise LowbitError("--calib-self and --calib-file both set: calibrate on one of them")
-        own_data = sorted({s.step for s in the_recipe.steps} & {"rilq", "rotate"})
+        own_data = [s.step for s in the_recipe.steps if get("step", s.step).own_windows]
         if calib_self and own_data:
             raise LowbitError(f"--calib-self applies to gptq and lowra-gptq; step {own_data[0]!r} of this recipe "
                               "does not use it yet; drop --calib-self or pass --calib-file")

@@ -39,7 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import adapters as ad
-from ..calibration import calibration_windows
+from ..calibration import calibration_windows, check_text_source
 from ..errors import LowbitError
 from ..eval.memory import release_free_memory
 from ..io import fold_scale_multiplier
@@ -123,6 +123,7 @@ def final_hidden_states(model: nn.Module, windows: torch.Tensor, desc: str = "te
 @register("step", "rilq")
 class RILQ(Step):
     Config = RILQConfig
+    own_windows = True
 
     def __init__(self, config: RILQConfig):
         super().__init__(config)
@@ -135,9 +136,7 @@ class RILQ(Step):
         if tokenizer is None:
             raise LowbitError("RILQ needs calibration text: pass calib=lowbit.Calibration(tokenizer=tok) "
                               "(WikiText-2 valid by default)")
-        if getattr(calib, "self_generated", False):
-            raise LowbitError("RILQ does not train on self-generated calibration (--calib-self) yet: it would "
-                              "silently fall back to WikiText-2; drop --calib-self or pass --calib-file")
+        check_text_source(calib, "RILQ")
         return calibration_windows(tokenizer, c.samples, c.seq_len, c.seed, getattr(calib, "text", None))
 
     def prepare(self, model: nn.Module, calib=None) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration import calibration_windows
+from ..calibration import calibration_windows, check_text_source
 from ..errors import LowbitError
 from ..models import decoder_blocks
 from ..nn.gemv_linear import is_float_linear
@@ -210,15 +210,14 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
 class Rotate(Step):
     Config = RotateConfig
     needs_calibration = True
+    own_windows = True
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c = self.config
         windows = None
         if c.outliers:  # samples x seq_len windows of the calibration text, or the calibration's own windows
             tokenizer = getattr(calib, "tokenizer", None)
-            if getattr(calib, "self_generated", False):
-                raise LowbitError("QUAD does not use self-generated calibration (--calib-self) yet: it would "
-                                  "silently fall back to WikiText-2; drop --calib-self or pass --calib-file")
+            check_text_source(calib, "QUAD")
             if tokenizer is not None:
                 windows = calibration_windows(tokenizer, c.samples, c.seq_len, c.seed, getattr(calib, "text", None))
             elif getattr(calib, "windows", None) is not None:

@@ -190,5 +190,5 @@ def test_precision_bf16_autocasts_the_student_and_still_learns(tok, precision):
 def test_self_generated_calibration_is_refused_instead_of_silently_using_wikitext(tok):
     recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL)])
     calib = lowbit.Calibration(tokenizer=tok, self_generated=True)
-    with pytest.raises(LowbitError, match="RILQ does not train on self-generated calibration"):
+    with pytest.raises(LowbitError, match="RILQ does not use self-generated calibration"):
         lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), recipe, calib=calib)
