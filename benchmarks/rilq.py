@@ -10,11 +10,12 @@ compensation step (RILQ: :class:`lowbit.compensate.rilq.RILQConfig` with ``--ran
 e.g. ``--set lr=1e-3 --set max_steps=120``; LoftQ: the same quantizer inside :class:`LoftQConfig`), then
 WikiText-2 test perplexity over ``--windows`` windows of 2048. The result (ppl, seconds for the step, peak RSS,
 RILQ's loss curve) goes to OUT/NAME.json (OUT = benchmarks/results/rilq). ``--base none`` with ``--method rilq``
-measures only the base.
+measures only the base; ``--base DIR`` (a saved lowbit checkpoint, e.g. from ``lowbit quantize --no-eval``) trains
+RILQ over it without quantizing again.
 
 ``ranks``: ``run`` at every rank for every method, ``--jobs`` processes at a time with ``--threads`` each, then
-``plot``. ``plot``: ranks.png (perplexity vs rank, one line per method) from the rank runs in OUT, and the spread
-of each method ((worst - best) / best) printed as JSON.
+``plot`` (give each base its own ``--out``). ``plot``: ranks.png (perplexity vs rank, one line per method and
+setting) from the rank runs in OUT, and the spread of each method ((worst - best) / best) printed as JSON.
 """
 
 from __future__ import annotations
@@ -52,8 +53,14 @@ def run(base: str, method: str, rank: int, overrides: dict, threads: int, window
     from lowbit.recipe import Recipe
     from lowbit.summary import bits_summary
 
-    model, tok = lowbit.load_model("smollm2-135m")
-    base_steps = [] if base == "none" else Recipe.parse(base).steps
+    if Path(base).is_dir():  # a saved lowbit checkpoint: compensate it as `lowbit compensate` does
+        if method != "rilq":
+            raise SystemExit(f"--base {base} is a checkpoint: only --method rilq trains over a saved base")
+        model, tok = lowbit.io.load(base)
+        base_steps = []
+    else:
+        model, tok = lowbit.load_model("smollm2-135m")
+        base_steps = [] if base == "none" else Recipe.parse(base).steps
     if method == "loftq":
         if len(base_steps) != 1:
             raise SystemExit(f"LoftQ wraps one quantizer step; {base} has {len(base_steps)}")
@@ -105,12 +112,15 @@ def plot(out: Path) -> dict:
         ranks, ppls = zip(*pts, strict=True)
         best, worst = min(ppls), max(ppls)
         spread[method] = {"ranks": list(ranks), "ppl": list(ppls), "spread": (worst - best) / best}
-        ax.plot(ranks, ppls, marker="o", label=f"{method} (spread {100 * (worst - best) / best:.0f}%)")
+        settings = sorted({f"{k}={v}" for r in runs if r["method"] == method for k, v in r["overrides"].items()})
+        label = " ".join([method, *settings])
+        ax.plot(ranks, ppls, marker="o", label=f"{label} (spread {100 * (worst - best) / best:.0f}%)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("adapter rank")
     ax.set_ylabel("WikiText-2 ppl (16 windows of 2048)")
-    ax.set_title("SmolLM2-135M, RTN w2g64 + compensation")
+    bases = sorted({Path(r["base"]).name for r in runs})
+    ax.set_title(f"SmolLM2-135M, {' / '.join(bases)} + compensation")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "ranks.png", dpi=120)

@@ -20,10 +20,11 @@ in the backward, folded into the packed scales when training ends); either is st
 scales, so it adds no bits.
 
 The defaults differ from the paper's (320 × 512 tokens, lr 1e-4 constant, 10,000 micro-steps on a GPU) to fit
-2 CPU cores: 640 windows of 256 tokens (128 of them validate), 400 steps of one batch of 4 windows, lr 2e-3 with a
-cosine decay, validation every 80 steps, matmuls (teacher and student, the packed base included) in bf16 where
-the CPU has native bf16. SmolLM2-135M over RTN w2g64: 972 s of training, 1,062 s for the whole LoftQ + RILQ
-recipe, ppl 60.39 (benchmarks/rilq.py; BENCHMARKS.md has the experiments).
+2 CPU cores: 640 windows of 256 tokens (128 of them validate), 400 steps of one batch of 4 windows, lr 5e-4 for
+new Gaussian adapters and 2e-3 for LoftQ-initialised ones (:meth:`RILQConfig.learning_rate`) with a cosine decay,
+validation every 80 steps, matmuls (teacher and student, the packed base included) in bf16 where the CPU has
+native bf16. SmolLM2-135M over RTN w2g64: 972 s of training, 1,062 s for the whole LoftQ + RILQ recipe, ppl 60.39;
+over lowra-gptq-b2.0 ranks 4–64 give 30.88–32.64 (benchmarks/rilq.py; BENCHMARKS.md has the experiments).
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class RILQConfig(StepConfig):
     alpha: float = 16.0
     adapter: str = "lora"  # lora | lorma (rri, pre mode)
     name: str = "default"  # adapter name: fine-tuning continues the same adapters
-    lr: float = 2e-3
+    lr: float | None = None  # None: 5e-4 for new (Gaussian) adapters, 2e-3 to continue LoftQ's (see learning_rate)
     schedule: str = "cosine"  # cosine (decay to 0 over max_steps) | constant (the paper's)
     samples: int = 640  # calibration windows (train + validation); the paper uses 320 of 512 tokens
     seq_len: int = 256
@@ -94,11 +95,23 @@ class RILQConfig(StepConfig):
         if self.lambda_model < 0 or self.lambda_gt < 0 or self.lambda_model + self.lambda_gt == 0:
             raise LowbitError("lambda_model and lambda_gt must be >= 0 and not both 0")
         check_precision(self.precision)
+        if self.lr is not None and not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise LowbitError(f"RILQ lr must be a positive number (or None for the default), got {self.lr!r}")
         if self.scales not in (False, True, "none", "channel", "group"):
             raise LowbitError(f"RILQ scales must be false, channel or group, got {self.scales!r}")
         if self.schedule not in ("constant", "cosine"):
             raise LowbitError(f"RILQ schedule must be constant or cosine, got {self.schedule!r}")
         self.adapter_config()
+
+    def learning_rate(self, continuing: bool) -> float:
+        """Adam's peak lr: ``lr`` if given, else 2e-3 when training adapters a previous step initialised (LoftQ's
+        SVD, alpha = 2r: measured best there) and 5e-4 for new Gaussian ones. With ``s = alpha / r`` and
+        ``A ~ N(0, 1/r)`` a step of B moves the output by about ``alpha · lr · r^-1.5``, so low ranks take the
+        largest steps: over lowra-gptq-b2.0, rank 4 gives 38.53 at 2e-3 and 32.64 at 5e-4, rank 16 31.85 and
+        30.88 (BENCHMARKS.md)."""
+        if self.lr is not None:
+            return float(self.lr)
+        return 2e-3 if continuing else 5e-4
 
     def adapter_config(self) -> ad.AdapterConfig:
         if self.adapter == "lora":
@@ -206,7 +219,8 @@ class RILQ(Step):
                 ad.train_channel_scales(layers)
                 params += [m.channel_scale for m in layers]
         initial = [p.detach().clone() for p in params]
-        opt = torch.optim.Adam(params, lr=c.lr)
+        lr = c.learning_rate(continuing)
+        opt = torch.optim.Adam(params, lr=lr)
         import transformers  # on use, as the trainer's make_scheduler: not at lowbit's import
 
         sched = transformers.get_scheduler(c.schedule, opt, num_warmup_steps=0, num_training_steps=c.max_steps)
@@ -270,8 +284,8 @@ class RILQ(Step):
             for m in layers:
                 m.scales = fold_scale_multiplier(m.scales, m.group_scale.detach())
                 m.group_scale = None
-        model.lowbit_rilq = {**history, "best_val": best, "steps": step, "seconds": time.perf_counter() - start,
-                             "stopped_early": bad >= c.patience}
+        model.lowbit_rilq = {**history, "lr": lr, "best_val": best, "steps": step,
+                             "seconds": time.perf_counter() - start, "stopped_early": bad >= c.patience}
         log.info("rilq: %d steps, validation loss %.4f -> %.4f", step, history["val"][0], best)
         self.windows = self.teacher = None
         return model

@@ -192,3 +192,20 @@ def test_self_generated_calibration_is_refused_instead_of_silently_using_wikitex
     calib = lowbit.Calibration(tokenizer=tok, self_generated=True)
     with pytest.raises(LowbitError, match="RILQ does not use self-generated calibration"):
         lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), recipe, calib=calib)
+
+
+def test_default_lr_is_5e_4_for_new_adapters_and_2e_3_for_loftq_initialised_ones(tok):
+    from lowbit.compensate import LoftQConfig
+
+    assert RILQConfig().learning_rate(continuing=False) == 5e-4
+    assert RILQConfig().learning_rate(continuing=True) == 2e-3
+    assert RILQConfig(lr=1e-3).learning_rate(continuing=True) == 1e-3  # a given lr wins
+    for bad in (0, -1e-3, "fast"):
+        with pytest.raises(LowbitError, match="lr must be a positive number"):
+            RILQConfig(lr=bad)
+    quick = {**SMALL, "lr": None, "max_steps": 1}
+    calib = lowbit.Calibration(tokenizer=tok)
+    for first, lr in (([RTNConfig(bits=2, group_size=64)], 5e-4), ([LoftQConfig(rank=4)], 2e-3)):
+        model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048),
+                                Recipe([*first, RILQConfig(**quick)]), calib=calib)
+        assert model.lowbit_rilq["lr"] == lr  # the lr the optimizer ran with
