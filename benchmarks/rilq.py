@@ -113,7 +113,7 @@ def plot(out: Path) -> dict:
         best, worst = min(ppls), max(ppls)
         spread[method] = {"ranks": list(ranks), "ppl": list(ppls), "spread": (worst - best) / best}
         settings = sorted({f"{k}={v}" for r in runs if r["method"] == method for k, v in r["overrides"].items()})
-        label = " ".join([method, *settings])
+        label = " ".join([*sorted({Path(r["base"]).name for r in runs if r["method"] == method}), method, *settings])
         ax.plot(ranks, ppls, marker="o", label=f"{label} (spread {100 * (worst - best) / best:.0f}%)")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
