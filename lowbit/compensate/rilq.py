@@ -24,7 +24,7 @@ The defaults differ from the paper's (320 × 512 tokens, lr 1e-4 constant, 10,00
 new Gaussian adapters and 2e-3 for LoftQ-initialised ones (:meth:`RILQConfig.learning_rate`) with a cosine decay,
 validation every 80 steps, matmuls (teacher and student, the packed base included) in bf16 where the CPU has
 native bf16. SmolLM2-135M over RTN w2g64: 972 s of training, 1,062 s for the whole LoftQ + RILQ recipe, ppl 60.39;
-over lowra-gptq-b2.0 ranks 4–64 give 30.88–32.64 (benchmarks/rilq.py; BENCHMARKS.md has the experiments).
+over lowra-gptq-b2.0 ranks 4–64 give 30.79–32.64 (benchmarks/rilq.py; BENCHMARKS.md has the experiments).
 """
 
 from __future__ import annotations
