@@ -97,7 +97,7 @@ def speed_child(kind: str, steps: int, threads: int, recipe: str) -> dict:
 
     import lowbit
     from lowbit import adapters as ad
-    from lowbit.eval import memory
+    from lowbit import memory
     from lowbit.train import TrainConfig, load_data, train
 
     model, tok = lowbit.load_model("smollm2-135m")

@@ -27,7 +27,7 @@ def run_one(recipe: str, windows: int, calib_windows: int, model: str) -> dict:
     import transformers.models.llama.modeling_llama  # noqa: F401  (the model code's share of RSS is not weights)
 
     import lowbit
-    from lowbit.eval import memory
+    from lowbit import memory
     from lowbit.summary import bits_summary
 
     rss_libraries = memory.rss_mb()  # python + torch + transformers + the model code, before any weight

@@ -49,7 +49,7 @@ def run(base: str, method: str, rank: int, overrides: dict, threads: int, window
     import lowbit
     from lowbit.compensate.loftq import LoftQConfig
     from lowbit.compensate.rilq import RILQConfig
-    from lowbit.eval import memory
+    from lowbit import memory
     from lowbit.recipe import Recipe
     from lowbit.summary import bits_summary
 

@@ -6,7 +6,7 @@
     lowbit.save(model, "out/", tokenizer=tok)
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from . import compensate, formats, qmixed, quantizers  # noqa: E402,F401  (registers formats, weight kinds and steps)
 from .api import quantize  # noqa: E402
@@ -14,11 +14,12 @@ from .calibration import Calibration  # noqa: E402
 from .errors import CheckpointError, LowbitError  # noqa: E402
 from .eval.perplexity import perplexity  # noqa: E402
 from .io import load, save  # noqa: E402
-from .models import load_model  # noqa: E402
+from .io import load_model  # noqa: E402
 from .nn import QEmbedding, QLinear  # noqa: E402
 from .qtensor import QuantizedWeight  # noqa: E402
 from .quantizers import EmbeddingsConfig, GPTQConfig, RTNConfig  # noqa: E402
-from .recipe import Recipe, StepConfig  # noqa: E402
+from .config import StepConfig  # noqa: E402
+from .recipe import Recipe  # noqa: E402
 from .transforms import rotate  # noqa: E402,F401  (registers the rotate step)
 
 __all__ = ["quantize", "load", "save", "load_model", "perplexity", "Recipe", "StepConfig", "RTNConfig",

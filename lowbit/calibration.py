@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import LowbitError
-from .eval.data import wikitext2_rows
-from .eval.memory import release_free_memory
+from .data import wikitext2_rows
+from .memory import release_free_memory
 from .models import decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -213,7 +213,8 @@ def _collect_stats(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, l
 
 @torch.no_grad()
 def input_power(model: nn.Module, windows: torch.Tensor, layer_names: list[str]) -> dict[str, torch.Tensor]:
-    """``diag(H) = 2/N Σ x²`` ``(in,)`` of each listed Linear's input, from one float forward over ``windows``
+    """``diag(H) = 2/N Σ x²`` ``(in - r,)`` of the input each listed Linear's packed columns see (after its input
+    transform, as :func:`run_blockwise`'s Hessians), from one float forward over ``windows``
     (stopped after the last decoder block: the head's logits are not needed)."""
     _, blocks = decoder_blocks(model)
     power = {n: None for n in layer_names}
@@ -221,7 +222,10 @@ def input_power(model: nn.Module, windows: torch.Tensor, layer_names: list[str])
 
     def hook(name):
         def fn(module, args, out):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            x = args[0]
+            if hasattr(module, "calibration_input"):  # rotated / QUAD-split input: what the packed columns see
+                x = module.calibration_input(x)
+            x = x.reshape(-1, x.shape[-1]).float()
             p = 2 * (x * x).sum(0)
             power[name] = p if power[name] is None else power[name] + p
         return fn

@@ -27,7 +27,7 @@ from .errors import LowbitError
 from .io import staged_folder
 from .models import set_module
 from .nn.qembedding import QEmbedding
-from .nn.qlinear import QLinear
+from .nn.qlinear import QLinear, carried_parts, packed_linear
 
 log = logging.getLogger(__name__)
 
@@ -106,11 +106,15 @@ def requantize(model: nn.Module) -> tuple[nn.Module, dict[str, float]]:
         if layer.qweight.kind != "uniform":
             raise LowbitError(f"layer {name!r} is stored as {layer.qweight.kind} (e.g. LowRA): requantizing it is not "
                               "supported; merge to float instead (lowbit merge without --requantize)")
+        if layer.spec is not None:  # its merged weight folds the online Hadamard in: no packed form keeps the spec
+            raise LowbitError(f"layer {name!r} has an input transform ({layer.spec.describe()}): requantizing a "
+                              "rotated or W4A4 layer is not supported; merge to float instead (lowbit merge "
+                              "without --requantize)")
         w = layer.merged_weight()
         meta = layer.weight_meta
         q = rtn_quantize(w, format_from_name(meta["fmt"]), meta["granularity"], int(meta["group_size"]))
         errors[name] = float((q.dequantize() - w).norm() / w.norm().clamp_min(1e-12))
-        set_module(out, name, QLinear(q, layer.bias, role=layer.role))
+        set_module(out, name, packed_linear(q, **{**carried_parts(layer), "adapters": None}, role=layer.role))
     return out, errors
 
 

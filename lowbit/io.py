@@ -30,13 +30,14 @@ import torch
 from torch import nn
 
 from . import adapters
+from ._version import __version__
 from .errors import CheckpointError, LowbitError
 from .formats import LAYOUT
-from .models import set_module
+from .models import DEFAULT_MODEL, load_float_model, resolve_source, set_module
 from .nn.gemv_linear import use_gemv_head
 from .nn.input_transform import InputSpec, TransformedLinear
 from .nn.qembedding import QEmbedding
-from .nn.qlinear import QLinear
+from .nn.qlinear import fold_scale_multiplier, packed_linear
 from .qtensor import empty_weight
 from .summary import bits_summary, layer_entry, packed_embeddings, quantized_layers
 
@@ -61,7 +62,6 @@ def _versions() -> dict:
     import safetensors
     import transformers
 
-    from . import __version__
 
     return {"lowbit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__}
@@ -91,17 +91,6 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
         target = packed if layer is not None and leaf in layer.packed_names else floats
         target[name] = t.contiguous().cpu()
     return packed, floats, aliases
-
-
-def fold_scale_multiplier(scales: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """fp16 ``scales (out, groups)`` of a packed weight times a trained multiplier, per row ``(out,)``
-    (``channel_scale``) or per group ``(out, groups)`` (``group_scale``): the same weight with one scale set
-    (``(q - z) · s · c = (q - z) · (s c)``), rounded once to the scales' dtype."""
-    if scales.shape[0] != multiplier.shape[0] or (multiplier.dim() == 2 and multiplier.shape != scales.shape):
-        raise LowbitError(f"cannot fold trained scales of shape {tuple(multiplier.shape)} into packed scales of "
-                          f"shape {tuple(scales.shape)} (per-tensor scales have one row)")
-    factor = multiplier.float()[:, None] if multiplier.dim() == 1 else multiplier.float()
-    return (scales.float() * factor).to(scales.dtype)
 
 
 @contextlib.contextmanager
@@ -260,7 +249,7 @@ def packed_module(entry: dict, device: torch.device, float_dtype: torch.dtype = 
     spec = InputSpec.from_dict(entry["spec"]) if entry.get("spec") else None
     r = spec.outliers if spec is not None else 0
     outlier = torch.empty(entry["shape"][0], r, device=device) if r else None
-    return QLinear(qweight, bias, role=entry.get("role", "linear"), spec=spec, outlier=outlier)
+    return packed_linear(qweight, bias=bias, spec=spec, outlier=outlier, role=entry.get("role", "linear"))
 
 
 def build_skeleton(path: Path, manifest: dict) -> nn.Module:
@@ -346,3 +335,12 @@ def load(path: str | Path, verify: bool = True):
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
+
+
+def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from any model source: a lowbit checkpoint (:func:`load`), or a built-in name, GGUF
+    file or HF folder (:func:`lowbit.models.load_float_model`, weights in ``dtype``). Nothing is fetched from a hub."""
+    kind, path = resolve_source(source)
+    if kind == "lowbit":
+        return load(path)
+    return load_float_model(source, dtype)

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from .errors import LowbitError
+from .nn.gemv_linear import FLOAT_LINEARS
+from .nn.input_transform import TransformedLinear
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +73,9 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
                       "file or folder. Pass a built-in name, a local HF model folder, or a .gguf file.")
 
 
-def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` from a built-in name, a GGUF file, an HF folder or a lowbit checkpoint.
+def load_float_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` from a built-in name, a GGUF file or an HF folder (a float model; lowbit
+    checkpoints load through :func:`lowbit.load_model`, which dispatches here for the others).
 
     GGUF weights are dequantized to ``dtype`` (float32 by default): that float model is the FP reference.
     Nothing is fetched from a hub.
@@ -81,9 +84,8 @@ def load_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.fl
 
     kind, path = resolve_source(source)
     if kind == "lowbit":
-        from .io import load
-
-        return load(path)
+        raise LowbitError(f"{path} is a lowbit checkpoint, not a float model; load it with lowbit.load_model or "
+                          "lowbit.load")
     if kind in ("builtin", "gguf"):
         kwargs = {"gguf_file": path.name}
         folder = path.parent
@@ -124,23 +126,29 @@ def matches(name: str, pattern: str, block_prefix: str | None) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-def find_linears(model: nn.Module, targets=(DECODER,), ignore=()) -> list[tuple[str, nn.Linear]]:
-    """Float ``nn.Linear`` modules whose names match any of ``targets`` and none of ``ignore``, in model order.
-
-    A target pattern that selects nothing is an error, so a typo never silently skips quantization.
-    """
+def select_layers(model: nn.Module, targets=(DECODER,), ignore=(), kinds: tuple[type, ...] = (),
+                  accept=lambda module: True, what: str = "layer") -> list[tuple[str, nn.Module]]:
+    """Modules of exactly one of the classes ``kinds`` (and ``accept``-ed) whose names match any of ``targets``
+    and none of ``ignore``, in model order. The one error rule of every step: a target pattern that matches no
+    such module, or an ``ignore`` that removes all of them, is an error naming it, so a typo never silently skips
+    a layer."""
     block_prefix = decoder_blocks(model)[0] if DECODER in targets else None
-    from .nn.gemv_linear import FLOAT_LINEARS
-    from .nn.input_transform import TransformedLinear
-
-    kinds = (*FLOAT_LINEARS, TransformedLinear)
-    linears = [(n, m) for n, m in model.named_modules() if type(m) in kinds]
+    layers = [(n, m) for n, m in model.named_modules() if type(m) in kinds and accept(m)]
     for pattern in targets:
-        if not any(matches(n, pattern, block_prefix) for n, _ in linears):
-            raise LowbitError(f"target pattern {pattern!r} matches no float nn.Linear in {type(model).__name__}; "
-                              f"examples of names: {', '.join(n for n, _ in linears[:4]) or '(none)'}")
-    chosen = [(n, m) for n, m in linears if any(matches(n, p, block_prefix) for p in targets)]
-    return [(n, m) for n, m in chosen if not any(matches(n, p, block_prefix) for p in ignore)]
+        if not any(matches(n, pattern, block_prefix) for n, _ in layers):
+            raise LowbitError(f"target pattern {pattern!r} matches no {what} in {type(model).__name__}; examples "
+                              f"of names: {', '.join(n for n, _ in layers[:4]) or '(none)'}")
+    chosen = [(n, m) for n, m in layers if any(matches(n, p, block_prefix) for p in targets)]
+    kept = [(n, m) for n, m in chosen if not any(matches(n, p, block_prefix) for p in ignore)]
+    if chosen and not kept:
+        raise LowbitError(f"ignore={list(ignore)} removes every {what} targets={list(targets)} selects")
+    return kept
+
+
+def find_linears(model: nn.Module, targets=(DECODER,), ignore=()) -> list[tuple[str, nn.Linear]]:
+    """Float Linears (``nn.Linear``, a switched head, a rotated :class:`TransformedLinear`) selected by
+    :func:`select_layers`: what a weight quantizer replaces."""
+    return select_layers(model, targets, ignore, (*FLOAT_LINEARS, TransformedLinear), what="float nn.Linear")
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -13,7 +13,7 @@ from .quantizers.gptq import GPTQConfig
 from .quantizers.lowra import LowRAConfig
 from .quantizers.lowra_gptq import LowRAGPTQConfig
 from .quantizers.rtn import RTNConfig
-from .recipe import StepConfig
+from .config import StepConfig
 from .transforms.rotate import RotateConfig
 
 PRESETS: dict[str, list[StepConfig]] = {}

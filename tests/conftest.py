@@ -74,7 +74,7 @@ def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from lowbit.eval.data import wikitext2_text
+    from lowbit.data import wikitext2_text
 
     common = collections.Counter(wikitext2_text("test")[:20000].split()).most_common(253)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{w: i + 3 for i, (w, _) in enumerate(common)}}

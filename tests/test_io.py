@@ -493,7 +493,7 @@ def test_config_with_other_layer_widths_names_the_layer(ckpt):
 
 def test_attached_group_scales_are_stored_folded_into_the_packed_scales(tmp_path):
     from lowbit import adapters as ad
-    from lowbit.io import fold_scale_multiplier
+    from lowbit.nn.qlinear import fold_scale_multiplier
 
     model = lowbit.quantize(tiny_model("llama"), "rtn-w2g64")
     layer = model.model.layers[0].mlp.down_proj

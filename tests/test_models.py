@@ -11,7 +11,8 @@ from torch import nn
 
 import lowbit
 from lowbit import LowbitError, QLinear
-from lowbit.models import DECODER, decoder_blocks, find_linears, load_model, resolve_source
+from lowbit.models import DECODER, decoder_blocks, find_linears, resolve_source
+from lowbit.models import load_float_model as load_model
 from lowbit.nn import GEMVLinear
 from lowbit.quantizers import RTNConfig
 

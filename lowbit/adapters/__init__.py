@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
-from ..models import DECODER, decoder_blocks, matches
+from ..models import DECODER, select_layers
 from ..nn.qlinear import QLinear
-from ..recipe import StepConfig
+from ..config import StepConfig
 from ..registry import get
 from . import lora, lorma  # noqa: F401  (registers the adapters)
 from .base import Adapter, AdapterConfig
@@ -38,22 +38,11 @@ def config_from_dict(data: dict) -> AdapterConfig:
 
 
 def find_qlinears(model: nn.Module, targets=(DECODER,), ignore=()) -> list[tuple[str, QLinear]]:
-    """Quantized layers (``role == "linear"``) matching any of ``targets`` and none of ``ignore``; a target that
-    matches nothing is an error naming it."""
-    block_prefix = decoder_blocks(model)[0] if DECODER in targets else None
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear) and m.role == "linear"]
-    if not layers:
+    """Quantized layers (``role == "linear"``) selected by :func:`lowbit.models.select_layers`."""
+    if not any(isinstance(m, QLinear) and m.role == "linear" for m in model.modules()):
         raise LowbitError("the model has no quantized layers to adapt: quantize it first (lowbit quantize) or load "
                           "a lowbit checkpoint")
-    for pattern in targets:
-        if not any(matches(n, pattern, block_prefix) for n, _ in layers):
-            raise LowbitError(f"adapter target {pattern!r} matches no quantized layer; examples of names: "
-                              f"{', '.join(n for n, _ in layers[:4])}")
-    chosen = [(n, m) for n, m in layers if any(matches(n, p, block_prefix) for p in targets)]
-    chosen = [(n, m) for n, m in chosen if not any(matches(n, p, block_prefix) for p in ignore)]
-    if not chosen:
-        raise LowbitError(f"ignore={list(ignore)} removes every layer targets={list(targets)} selects")
-    return chosen
+    return select_layers(model, targets, ignore, (QLinear,), lambda m: m.role == "linear", what="quantized layer")
 
 
 def attach(model: nn.Module, config: AdapterConfig, name: str = "default") -> list[str]:

@@ -24,10 +24,7 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..models import DECODER
-from ..recipe import StepConfig
-
-PLACES = ("input", "add", "output")
-
+from ..config import StepConfig
 
 @dataclass(frozen=True)
 class AdapterConfig(StepConfig):

@@ -50,9 +50,10 @@ def quantize(
     setup_logging(verbose)
     from .. import api, io
     from ..calibration import Calibration, read_calibration_text
-    from ..eval import memory
+    from .. import memory
     from ..eval.perplexity import perplexity
-    from ..models import load_model, resolve_source
+    from ..io import load_model
+    from ..models import resolve_source
     from ..registry import get
 
     try:
@@ -114,7 +115,7 @@ def evaluate(
     """WikiText-2 test perplexity of a checkpoint or model, or zero-shot task accuracy with --tasks."""
     setup_logging(verbose)
     from ..eval.perplexity import perplexity
-    from ..models import load_model
+    from ..io import load_model
 
     if tasks or limit is not None:
         _evaluate_tasks(path, tasks, limit, as_json)
@@ -136,7 +137,7 @@ def _evaluate_tasks(path: str, tasks: str, limit: int | None, as_json: bool) -> 
     """``lowbit eval --tasks``: names, limit and data files are checked before the model loads; with --json the
     one object holds only the task keys, ``{"piqa": {"acc", "acc_norm", "n"}, ...}``."""
     from ..eval.tasks import evaluate_tasks, load_task, resolve_tasks
-    from ..models import load_model
+    from ..io import load_model
 
     try:
         if not tasks:
@@ -177,7 +178,7 @@ def generate(
     setup_logging(verbose)
     import torch
 
-    from ..models import load_model
+    from ..io import load_model
 
     try:
         if max_new_tokens < 1:
@@ -322,7 +323,7 @@ def bench(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Decode and prefill speed, peak memory and the bandwidth roofline of FP32 and each recipe, in one run."""
-    from ..eval.bench import BenchConfig, markdown_table, plot_bench, run_bench
+    from ..bench import BenchConfig, markdown_table, plot_bench, run_bench
     from ..report import write_text_atomic
 
     setup_logging(verbose)

@@ -57,7 +57,7 @@ def finetune(
     from ..api import quantize as apply_recipe
     from ..calibration import Calibration
     from ..eval.perplexity import perplexity
-    from ..models import load_model
+    from ..io import load_model
     from ..train import TrainConfig, load_data, plot_losses, train, write_log
 
     state_dir = out.parent / f"{out.name}.trainer"
@@ -178,9 +178,9 @@ def compensate(
     from ..api import quantize as apply_recipe
     from ..calibration import Calibration
     from ..compensate import LoftQConfig, RILQConfig
-    from ..eval import memory
+    from .. import memory
     from ..eval.perplexity import perplexity
-    from ..models import load_model
+    from ..io import load_model
     from ..recipe import Recipe
 
     try:

@@ -26,10 +26,8 @@ from tqdm.auto import tqdm
 
 from ..adapters import LoRA, LoRAConfig
 from ..errors import LowbitError
-from ..models import find_linears, set_module
-from ..nn.qlinear import QLinear
-from ..quantizers.base import Quantizer, Step, check_finite
-from ..recipe import StepConfig
+from ..quantizers.base import Quantizer, Step, install, select_targets
+from ..config import StepConfig
 from ..registry import get, register
 
 log = logging.getLogger(__name__)
@@ -73,19 +71,23 @@ class LoftQConfig(StepConfig):
 
 
 @torch.no_grad()
-def loftq_layer(weight: torch.Tensor, quantizer: Quantizer, lora: LoRA, iterations: int):
+def loftq_layer(weight: torch.Tensor, quantizer: Quantizer, lora: LoRA, iterations: int, float_columns: int = 0):
     """Quantize ``weight (out, in)`` and set ``lora``'s factors by LoftQ; returns ``(qweight, error_q, error_qa)``,
-    the relative Frobenius errors ``‖W − Q‖/‖W‖`` and ``‖W − Q − s·BA‖/‖W‖``."""
+    the relative Frobenius errors ``‖W − Q‖/‖W‖`` and ``‖W − Q − s·BA‖/‖W‖``.
+
+    The first ``float_columns`` input columns (QUAD's outlier columns, ``r``) stay in float: only ``W[:, r:]`` is
+    packed (``qweight`` is ``(out, in - r)``) and the residual the adapter fits is zero there. The adapter reads
+    the layer's whole (transformed) input, as :class:`~lowbit.nn.QLinear` applies it."""
     w = weight.float()
-    r, s = lora.config.rank, lora.scale
+    r_cols, (rank, s) = float_columns, (lora.config.rank, lora.scale)
     correction = torch.zeros_like(w)
     for _ in range(iterations):
-        q = quantizer.quantize(w - correction)
-        residual = w - q.dequantize()
+        q = quantizer.quantize((w - correction)[:, r_cols:])
+        residual = w - torch.cat([w[:, :r_cols], q.dequantize()], dim=1)
         U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
-        root = S[:r].sqrt()
-        lora.B.copy_(U[:, :r] * root / math.sqrt(s))
-        lora.A.copy_(root[:, None] * Vh[:r] / math.sqrt(s))
+        root = S[:rank].sqrt()
+        lora.B.copy_(U[:, :rank] * root / math.sqrt(s))
+        lora.A.copy_(root[:, None] * Vh[:rank] / math.sqrt(s))
         correction = s * lora.B @ lora.A
     norm = w.norm().clamp_min(1e-12)
     return q, float(residual.norm() / norm), float((residual - correction).norm() / norm)
@@ -100,20 +102,18 @@ class LoftQ(Step):
         base = c.base_config()
         quantizer = get("step", base.step)(base)
         lora_config = c.lora_config()
-        targets = find_linears(model, base.targets, base.ignore)
-        check_finite(targets)
-        for name, linear in targets:
-            if c.rank >= min(linear.in_features, linear.out_features):
-                raise LowbitError(f"LoftQ rank {c.rank} is not below the width of {name!r} "
-                                  f"({linear.in_features}x{linear.out_features}); choose a smaller rank")
+        targets = select_targets(model, base.targets, base.ignore)
+        for t in targets:
+            if c.rank >= min(t.layer.in_features, t.layer.out_features):
+                raise LowbitError(f"LoftQ rank {c.rank} is not below the width of {t.name!r} "
+                                  f"({t.layer.in_features}x{t.layer.out_features}); choose a smaller rank")
         errors = {}
-        for name, linear in tqdm(targets, desc=f"loftq r{c.rank}", unit="layer", leave=False):
-            lora = LoRA(lora_config, linear.in_features, linear.out_features)
-            qweight, before, after = loftq_layer(linear.weight.detach(), quantizer, lora, c.iterations)
-            layer = QLinear(qweight, None if linear.bias is None else linear.bias.detach())
-            layer.adapters = nn.ModuleDict({c.adapter: lora})
-            set_module(model, name, layer)
-            errors[name] = (before, after)
+        for t in tqdm(targets, desc=f"loftq r{c.rank}", unit="layer", leave=False):
+            lora = LoRA(lora_config, t.layer.in_features, t.layer.out_features)
+            float_columns = t.layer.in_features - t.columns
+            qweight, before, after = loftq_layer(t.layer.weight.detach(), quantizer, lora, c.iterations, float_columns)
+            install(model, t, qweight, adapters=nn.ModuleDict({c.adapter: lora}))
+            errors[t.name] = (before, after)
         mean_before = sum(b for b, _ in errors.values()) / len(errors)
         mean_after = sum(a for _, a in errors.values()) / len(errors)
         log.info("loftq: relative weight error %.4f -> %.4f (mean over %d layers)", mean_before, mean_after,

@@ -42,12 +42,11 @@ from tqdm.auto import tqdm
 from .. import adapters as ad
 from ..calibration import calibration_windows, check_text_source
 from ..errors import LowbitError
-from ..eval.memory import release_free_memory
-from ..io import fold_scale_multiplier
+from ..memory import release_free_memory
 from ..models import DECODER
-from ..nn.qlinear import QLinear
+from ..nn.qlinear import QLinear, fold_scale_multiplier
 from ..quantizers.base import Step
-from ..recipe import StepConfig
+from ..config import StepConfig
 from ..registry import register
 from ..train.trainer import autocast, check_precision, set_checkpointing
 
@@ -160,7 +159,7 @@ class RILQ(Step):
         self.teacher = final_hidden_states(model, self.windows, precision=self.config.precision)
 
     def _teacher_from_source(self, model: nn.Module, calib) -> None:
-        from ..models import load_model
+        from ..models import load_float_model as load_model
 
         source = getattr(model, "lowbit_source", None)
         if not source:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
-from .data import wikitext2_text
+from ..data import wikitext2_text
 
 
 @dataclass(frozen=True)

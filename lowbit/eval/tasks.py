@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
-from .data import DATA_ENV, data_dir
+from ..data import DATA_ENV, data_dir
 
 MAX_LENGTH = 2048  # tokens of context + continuation the model sees (left truncation beyond it)
 

@@ -14,17 +14,14 @@ the input the packed weight really sees (:meth:`TransformedLinear.calibration_in
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LowbitError
-from ..transforms.hadamard import hadamard_transform
-
-if TYPE_CHECKING:
-    from ..quantizers.act import ActQuantConfig
+from ..formats.act import ActQuantConfig, fake_quantize
+from ..kernels.hadamard import hadamard_transform
 
 
 @dataclass(frozen=True)
@@ -51,8 +48,6 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> InputSpec:
-        from ..quantizers.act import ActQuantConfig  # lowbit.quantizers imports this module
-
         act = d.get("act")
         return cls(hadamard=bool(d.get("hadamard", False)), outliers=int(d.get("outliers", 0)),
                    act=None if act is None else ActQuantConfig.from_dict(act))
@@ -72,8 +67,6 @@ def rotate_input(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
 def split_input(x: torch.Tensor, spec: InputSpec) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``x (..., in)`` (already rotated) -> ``(x_out (..., r) or None when r = 0, x_q (..., in - r))``: the
     full-precision outlier coordinates and the activation-quantized rest."""
-    from ..quantizers.act import fake_quantize  # lowbit.quantizers imports this module
-
     r = spec.outliers
     x_out, rest = (x[..., :r], x[..., r:]) if r else (None, x)
     return x_out, rest if spec.act is None else fake_quantize(rest, spec.act)

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from ..transforms.hadamard import hadamard_matrix
-from .input_transform import InputSpec, rotate_input, split_input
+from ..errors import LowbitError
+from ..kernels.hadamard import hadamard_matrix
+from .input_transform import InputSpec, TransformedLinear, rotate_input, split_input
 from .packed import PackedModule
 
 
@@ -128,3 +129,48 @@ class QLinear(PackedModule):
         spec = "" if self.spec is None else f", {self.spec.describe()}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.layout()}, " \
                f"bias={self.bias is not None}{role}{spec}"
+
+
+def fold_scale_multiplier(scales: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
+    """fp16 ``scales (out, groups)`` of a packed weight times a trained multiplier, per row ``(out,)``
+    (``channel_scale``) or per group ``(out, groups)`` (``group_scale``): the same weight with one scale set
+    (``(q - z) · s · c = (q - z) · (s c)``), rounded once to the scales' dtype."""
+    if scales.shape[0] != multiplier.shape[0] or (multiplier.dim() == 2 and multiplier.shape != scales.shape):
+        raise LowbitError(f"cannot fold trained scales of shape {tuple(multiplier.shape)} into packed scales of "
+                          f"shape {tuple(scales.shape)} (per-tensor scales have one row)")
+    factor = multiplier.float()[:, None] if multiplier.dim() == 1 else multiplier.float()
+    return (scales.float() * factor).to(scales.dtype)
+
+
+def packed_linear(qweight, *, bias: torch.Tensor | None = None, spec: InputSpec | None = None,
+                  outlier: torch.Tensor | None = None, role: str = "linear",
+                  adapters: nn.ModuleDict | None = None) -> QLinear:
+    """The one place a :class:`QLinear` is built from a packed weight (quantizers, checkpoint loading, export).
+
+    ``qweight`` holds the packed ``(out, in - r)`` columns; ``spec``/``outlier`` the input transform and QUAD's
+    float ``(out, r)`` columns; ``adapters`` (a ``ModuleDict``) are carried over as they are."""
+    layer = QLinear(qweight, bias, role=role, spec=spec, outlier=outlier)
+    if adapters is not None and len(adapters):
+        layer.adapters = adapters
+    return layer
+
+
+def carried_parts(layer: nn.Module) -> dict:
+    """What a packed replacement of ``layer`` keeps, as :func:`packed_linear` keywords: the bias, and for a
+    :class:`TransformedLinear` or a :class:`QLinear` the input spec and float outlier columns, for a QLinear
+    also its adapters. A float ``nn.Linear`` carries only its bias."""
+    bias = None if layer.bias is None else layer.bias.detach()
+    if isinstance(layer, TransformedLinear):
+        outlier = layer.outlier_weight()
+        return {"bias": bias, "spec": layer.spec, "outlier": None if outlier is None else outlier.detach()}
+    if isinstance(layer, QLinear):
+        return {"bias": bias, "spec": layer.spec, "outlier": None if layer.outlier is None else layer.outlier.detach(),
+                "adapters": layer._modules.get("adapters")}
+    return {"bias": bias}
+
+
+def packable_weight(layer: nn.Module) -> torch.Tensor:
+    """``(out, in - r)`` fp32: the columns of a float layer that a weight quantizer packs (all of them for an
+    ``nn.Linear``; the transformed basis without QUAD's outlier columns for a :class:`TransformedLinear`)."""
+    w = layer.quantizable_weight() if isinstance(layer, TransformedLinear) else layer.weight
+    return w.detach().float()

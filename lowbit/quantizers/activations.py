@@ -1,7 +1,7 @@
 """The ``act`` recipe step: per-token activation quantization of every decoder Linear's input (W4A4, W4A4/A8).
 
 It runs after the transform and weight steps (``[rotate, gptq(w4 channel sym), act]``) and sets the
-:class:`~lowbit.quantizers.act.ActQuantConfig` of each selected layer's :class:`InputSpec`: ``bits`` for the
+:class:`~lowbit.formats.act.ActQuantConfig` of each selected layer's :class:`InputSpec`: ``bits`` for the
 residual readers (q/k/v, gate/up), ``writer_bits`` for the inputs of the writers (o_proj, down_proj; 8 in QUAD's
 W4A4/A8 mode). QUAD's full-precision outlier coordinates are never quantized. A float layer (no weight step
 before) becomes a :class:`TransformedLinear`, so activations can be quantized alone.
@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import LowbitError
-from ..models import DECODER, decoder_blocks, matches, set_module
+from ..models import DECODER, matches, select_layers, set_module
 from ..nn.gemv_linear import FLOAT_LINEARS
 from ..nn.input_transform import InputSpec, TransformedLinear
 from ..nn.qlinear import QLinear
-from ..recipe import StepConfig
+from ..config import StepConfig
 from ..registry import register
-from .act import ActQuantConfig
+from ..formats.act import ActQuantConfig
 from .base import Step
 
 log = logging.getLogger(__name__)
@@ -48,14 +48,8 @@ class ActivationsConfig(StepConfig):
 
 
 def _layers(model: nn.Module, c: ActivationsConfig) -> list[tuple[str, nn.Module]]:
-    prefix = decoder_blocks(model)[0] if DECODER in c.targets else None
-    kinds = (*FLOAT_LINEARS, TransformedLinear, QLinear)
-    layers = [(n, m) for n, m in model.named_modules() if type(m) in kinds and getattr(m, "role", "linear") == "linear"]
-    chosen = [(n, m) for n, m in layers if any(matches(n, p, prefix) for p in c.targets)
-              and not any(matches(n, p, prefix) for p in c.ignore)]
-    if not chosen:
-        raise LowbitError(f"act: targets={list(c.targets)} select no Linear layer")
-    return chosen
+    return select_layers(model, c.targets, c.ignore, (*FLOAT_LINEARS, TransformedLinear, QLinear),
+                         lambda m: getattr(m, "role", "linear") == "linear", what="Linear layer")
 
 
 @register("step", "act")

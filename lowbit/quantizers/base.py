@@ -14,9 +14,9 @@ from ..errors import LowbitError
 from ..formats import SCALE_SEARCHES, Format, format_family_names, get_format
 from ..models import DECODER, find_linears, set_module
 from ..nn.input_transform import TransformedLinear
-from ..nn.qlinear import QLinear
+from ..nn.qlinear import QLinear, carried_parts, packable_weight, packed_linear
 from ..qtensor import GRANULARITIES, QuantizedWeight, check_group_size
-from ..recipe import StepConfig
+from ..config import StepConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,42 @@ def check_finite(targets: list[tuple[str, nn.Module]]) -> None:
                               "fix or reload the model (or add the layer to ignore=[...])")
 
 
+@dataclass
+class Target:
+    """One float Linear a step turns into a packed layer (the driver's unit of work)."""
+
+    name: str
+    layer: nn.Module  # nn.Linear, a switched head, or a TransformedLinear (rotated / QUAD-split input)
+
+    def weight(self) -> torch.Tensor:
+        """``(out, in - r)`` fp32: the columns the packed weight holds (:func:`lowbit.nn.qlinear.packable_weight`)."""
+        return packable_weight(self.layer)
+
+    @property
+    def columns(self) -> int:
+        """Input columns the packed weight holds (``in - r``)."""
+        return self.layer.in_features - (self.layer.spec.outliers if isinstance(self.layer, TransformedLinear) else 0)
+
+
+def select_targets(model: nn.Module, targets, ignore) -> list[Target]:
+    """The float Linears a step replaces (:func:`lowbit.models.find_linears`: one selection rule), checked finite."""
+    chosen = find_linears(model, targets, ignore)
+    check_finite(chosen)
+    return [Target(n, m) for n, m in chosen]
+
+
+def install(model: nn.Module, target: Target, qweight, role: str = "linear",
+            adapters: nn.ModuleDict | None = None) -> QLinear:
+    """Put the packed replacement of ``target`` in its place: the packed weight plus whatever the layer carried
+    (bias, input transform, QUAD's float columns; :func:`lowbit.nn.qlinear.carried_parts`) and ``adapters``."""
+    parts = carried_parts(target.layer)
+    if adapters is not None:
+        parts["adapters"] = adapters
+    layer = packed_linear(qweight, role=role, **parts)
+    set_module(model, target.name, layer)
+    return layer
+
+
 class Step(ABC):
     """A recipe step: ``apply(model, calib)`` changes the model in place and returns it."""
 
@@ -113,21 +149,8 @@ class Quantizer(Step):
         """Quantize one float weight ``(out, in)``."""
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
-        targets = find_linears(model, self.config.targets, self.config.ignore)
-        check_finite(targets)
-        for name, linear in tqdm(targets, desc=f"{self.config.step} {self.fmt.name}", unit="layer", leave=False):
-            self.replace(model, name, linear)
+        targets = select_targets(model, self.config.targets, self.config.ignore)
+        for target in tqdm(targets, desc=f"{self.config.step} {self.fmt.name}", unit="layer", leave=False):
+            install(model, target, self.quantize(target.weight()))
         log.info("quantized %d layers with %s %s", len(targets), self.config.step, self.fmt.name)
         return model
-
-    def replace(self, model: nn.Module, name: str, linear: nn.Linear, stats=None) -> None:
-        """Quantize ``linear`` (found at ``name``) and put a :class:`QLinear` in its place."""
-        bias = None if linear.bias is None else linear.bias.detach()
-        if isinstance(linear, TransformedLinear):  # rotated / QUAD-split input: pack only the rest columns
-            qweight = self.quantize(linear.quantizable_weight().detach().float(), stats)
-            outlier = linear.outlier_weight()
-            set_module(model, name, QLinear(qweight, bias, spec=linear.spec,
-                                            outlier=None if outlier is None else outlier.detach()))
-            return
-        qweight = self.quantize(linear.weight.detach().float(), stats)
-        set_module(model, name, QLinear(qweight, bias))

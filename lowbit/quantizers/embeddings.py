@@ -19,9 +19,8 @@ from ..errors import LowbitError
 from ..models import set_module
 from ..nn.gemv_linear import is_float_linear
 from ..nn.qembedding import QEmbedding
-from ..nn.qlinear import QLinear
 from ..registry import register
-from .base import GridConfig, Step, check_finite
+from .base import GridConfig, Step, Target, check_finite, install
 from .rtn import rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ class QuantizeEmbeddings(Step):
             qhead = table if tied else rtn_quantize(head.weight.detach().float(), fmt, c.granularity,
                                                     c.group_size if c.granularity == "group" else head.in_features,
                                                     c.scale_search)
-            set_module(model, head_name, QLinear(qhead, head.bias, role="head"))  # unties the float weights
+            install(model, Target(head_name, head), qhead, role="head")  # unties the float weights
         set_module(model, embed_name, QEmbedding(table, embed.padding_idx))
         log.info("embeddings %s%s: %.2f bits/weight", fmt.name, " (tied head shares it)" if tied else "",
                  table.bits_per_weight)

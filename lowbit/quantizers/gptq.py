@@ -10,10 +10,9 @@ import torch
 
 from ..calibration import Calibration, LayerStats, run_blockwise
 from ..formats import Format, fit_searched
-from ..models import find_linears
 from ..qtensor import QuantizedWeight, fit_scales
 from ..registry import register
-from .base import Quantizer, QuantizerConfig, check_finite
+from .base import Quantizer, QuantizerConfig, install, select_targets
 
 
 @dataclass(frozen=True)
@@ -133,13 +132,11 @@ class GPTQ(Quantizer):
 
     def apply(self, model, calib=None):
         calib = calib if isinstance(calib, Calibration) else Calibration(windows=calib)
-        targets = find_linears(model, self.config.targets, self.config.ignore)
-        check_finite(targets)
-        names = [n for n, _ in targets]
+        targets = {t.name: t for t in select_targets(model, self.config.targets, self.config.ignore)}
 
         def quantize_block(stats: dict[str, LayerStats]) -> None:
             for name, st in stats.items():
-                self.replace(model, name, model.get_submodule(name), st)
+                install(model, targets[name], self.quantize(targets[name].weight(), st))
 
-        run_blockwise(model, calib.get_windows(model), names, quantize_block, desc=f"gptq {self.fmt.name}")
+        run_blockwise(model, calib.get_windows(model), list(targets), quantize_block, desc=f"gptq {self.fmt.name}")
         return model

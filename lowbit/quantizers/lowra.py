@@ -26,16 +26,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
-from ..eval.memory import trim_heap
+from ..memory import trim_heap
 from ..formats.base import as_storage_scale
 from ..formats.codebook import normal_float_levels
-from ..models import DECODER, find_linears, set_module
-from ..nn.qlinear import QLinear
+from ..models import DECODER
 from ..qmixed import WIDTHS, MixedCodebookWeight, block_absmax
 from ..qtensor import check_group_size, padded_groups
-from ..recipe import StepConfig
+from ..config import StepConfig
 from ..registry import register
-from .base import Step, check_finite
+from .base import Step, install, select_targets
 from .precision import assign_widths, check_budget
 
 log = logging.getLogger(__name__)
@@ -252,11 +251,6 @@ def encode_layer(w: torch.Tensor, fit: LayerFit, choice: torch.Tensor, widths: t
     return MixedCodebookWeight.from_rows(codes, row_width, books, scales, block_size)
 
 
-def layer_error(w: torch.Tensor, qw: MixedCodebookWeight) -> float:
-    """``‖W − Ŵ‖²`` (for reports and tests)."""
-    return float(((w.float() - qw.dequantize()) ** 2).sum())
-
-
 @register("step", "lowra")
 class LowRA(Step):
     Config = LowRAConfig
@@ -266,27 +260,25 @@ class LowRA(Step):
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c: LowRAConfig = self.config
-        targets = find_linears(model, c.targets, c.ignore)
-        check_finite(targets)
+        targets = select_targets(model, c.targets, c.ignore)
         fits = {}
-        for name, linear in tqdm(targets, desc=f"lowra fit b{c.budget}", unit="layer", leave=False):
-            fits[name] = self.fit(name, linear.weight.detach())
+        for t in tqdm(targets, desc=f"lowra fit b{c.budget}", unit="layer", leave=False):
+            fits[t.name] = self.fit(t.name, t.weight())
             trim_heap()  # the fit's sorted copies are many times the layer: keep the heap from growing
-        choices = self.assign(fits, dict(targets))
-        for name, linear in targets:
-            qweight = encode_layer(linear.weight.detach(), fits[name], choices[name], c.widths, c.block_size)
-            bias = None if linear.bias is None else linear.bias.detach()
-            set_module(model, name, QLinear(qweight, bias))
+        choices = self.assign(fits, {t.name: t.columns for t in targets})
+        for t in targets:
+            install(model, t, encode_layer(t.weight(), fits[t.name], choices[t.name], c.widths, c.block_size))
             trim_heap()  # the float weight just replaced
         return model
 
-    def assign(self, fits: dict[str, LayerFit], linears: dict[str, nn.Linear]) -> dict[str, torch.Tensor]:
-        """Chosen width index per channel group of every layer, within the budget (model- or layer-wide)."""
+    def assign(self, fits: dict[str, LayerFit], columns: dict[str, int]) -> dict[str, torch.Tensor]:
+        """Chosen width index per channel group of every layer (``columns``: each layer's packed input columns),
+        within the budget (model- or layer-wide)."""
         c: LowRAConfig = self.config
 
         def sizes(name):
             f = fits[name]
-            return torch.full((f.errors.shape[0],), f.group_rows * linears[name].in_features)
+            return torch.full((f.errors.shape[0],), f.group_rows * columns[name])
 
         if c.scope == "layer":
             return {n: assign_widths(f.errors, sizes(n), c.widths, c.budget) for n, f in fits.items()}
@@ -295,7 +287,7 @@ class LowRA(Step):
         choice = assign_widths(errors, torch.cat([sizes(n) for n in names]), c.widths, c.budget)
         bits = float((torch.tensor(c.widths)[choice] * torch.cat([sizes(n) for n in names])).sum())
         log.info("lowra: %d layers, average code bits %.4f (budget %s)", len(names),
-                 bits / sum(fits[n].errors.shape[0] * fits[n].group_rows * linears[n].in_features for n in names),
+                 bits / sum(fits[n].errors.shape[0] * fits[n].group_rows * columns[n] for n in names),
                  c.budget)
         out, start = {}, 0
         for n in names:

@@ -20,11 +20,9 @@ from torch import nn
 
 from ..calibration import Calibration, LayerStats, input_power, output_sensitivity, run_blockwise
 from ..errors import LowbitError
-from ..models import find_linears, set_module
-from ..nn.qlinear import QLinear
 from ..qmixed import MixedCodebookWeight
 from ..registry import register
-from .base import check_finite
+from .base import install, select_targets
 from .gptq import error_feedback, inverse_hessian_factor, prepare_hessian
 from .lowra import LayerFit, LowRA, LowRAConfig
 
@@ -88,25 +86,22 @@ class LowRAGPTQ(LowRA):
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c: LowRAGPTQConfig = self.config
         calib = calib if isinstance(calib, Calibration) else Calibration(windows=calib)
-        targets = find_linears(model, c.targets, c.ignore)
-        check_finite(targets)
+        targets = {t.name: t for t in select_targets(model, c.targets, c.ignore)}
         windows = calib.get_windows(model)
-        names = [n for n, _ in targets]
-        power = input_power(model, windows, names)
-        fits = {n: self.fit(n, m.weight.detach(), power[n]) for n, m in targets}
+        names = list(targets)
+        power = input_power(model, windows, names)  # of the input the packed columns see (rotation applied)
+        fits = {n: self.fit(n, t.weight(), power[n]) for n, t in targets.items()}
         if c.sensitivity == "fisher":  # row errors in units of loss, so layers compete on equal terms
             fisher = output_sensitivity(model, windows, names)
             for n, fit in fits.items():
                 fit.errors = fit.errors * fisher[n].reshape(-1, fit.group_rows).mean(1, keepdim=True)
-        choices = self.assign(fits, dict(targets))
+        choices = self.assign(fits, {n: t.columns for n, t in targets.items()})
 
         def quantize_block(stats: dict[str, LayerStats]) -> None:
             for name, st in stats.items():
-                linear = model.get_submodule(name)
-                qweight = lowra_gptq_round(linear.weight.detach(), st.hessian, fits[name], choices[name], c.widths,
+                qweight = lowra_gptq_round(targets[name].weight(), st.hessian, fits[name], choices[name], c.widths,
                                            c.block_size, c.damp, c.gptq_block, c.act_order)
-                bias = None if linear.bias is None else linear.bias.detach()
-                set_module(model, name, QLinear(qweight, bias))
+                install(model, targets[name], qweight)
 
         run_blockwise(model, windows, names, quantize_block, desc=f"lowra-gptq b{c.budget}")
         return model

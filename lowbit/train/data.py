@@ -100,7 +100,7 @@ def load_data(tokenizer, path: str | Path | None, seq_len: int) -> TrainData:
     if seq_len < 2:
         raise LowbitError(f"--seq-len must be at least 2, got {seq_len}")
     if path is None:
-        from ..eval.data import wikitext2_rows
+        from ..data import wikitext2_rows
 
         return text_windows(tokenizer, " ".join(wikitext2_rows("valid")), seq_len, "WikiText-2 valid")
     path = Path(path)

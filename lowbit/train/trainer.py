@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
-from ..eval import memory
+from .. import memory
 from ..kernels import native_bf16
 from .data import IGNORE, TrainData
 

@@ -31,9 +31,9 @@ from ..models import decoder_blocks
 from ..nn.gemv_linear import is_float_linear
 from ..nn.input_transform import InputSpec, TransformedLinear
 from ..quantizers.base import Step
-from ..recipe import StepConfig
+from ..config import StepConfig
 from ..registry import register
-from .hadamard import hadamard_matrix, rotation_matrix
+from ..kernels.hadamard import hadamard_matrix, rotation_matrix
 from .quad import ResidualRMSNorm, norm_gram, projection, residual_norms
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from torch import nn
 import lowbit
 from lowbit import LowbitError
 from lowbit.eval import tasks as T
-from lowbit.eval.data import data_dir
+from lowbit.data import data_dir
 
 # ---- data ---------------------------------------------------------------------------------------------------
 

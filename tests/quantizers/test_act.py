@@ -8,9 +8,8 @@ import torch
 from tolerances import ROUNDING_SLACK
 
 from lowbit.errors import LowbitError
-from lowbit.quantizers.act import (
+from lowbit.formats.act import (
     ActQuantConfig,
-    ActQuantizer,
     QuantizedActivations,
     dequantize,
     fake_quantize,
@@ -94,17 +93,10 @@ def test_dtype_and_shape_preserved(dtype):
 def test_straight_through_gradient(dtype):
     x = torch.randn(4, 64).to(dtype).requires_grad_()
     cfg = ActQuantConfig(bits=4)
-    y = ActQuantizer(cfg)(x)
+    y = fake_quantize(x, cfg)
     assert torch.equal(y.detach(), fake_quantize(x.detach(), cfg))  # forward is exactly the quantized value
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
-
-
-def test_module_disabled_and_repr():
-    m = ActQuantizer(ActQuantConfig(bits=8, clip_ratio=0.9), enabled=False)
-    x = torch.randn(3, 16)
-    assert m(x) is x
-    assert "bits=8" in repr(m) and "clip_ratio=0.9" in repr(m)
 
 
 def _pow2(shape):

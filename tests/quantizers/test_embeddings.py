@@ -9,7 +9,7 @@ from torch import nn
 
 import lowbit
 from lowbit import EmbeddingsConfig, LowbitError, QEmbedding, QLinear, Recipe, RTNConfig
-from lowbit.eval.bench import weight_bytes_per_token
+from lowbit.bench import weight_bytes_per_token
 from lowbit.summary import bits_summary
 
 IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 0, 33]])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.transforms.hadamard import (
+from lowbit.kernels.hadamard import (
     BASE_ORDERS,
     factorize,
     fwht,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import LowbitError
 
@@ -114,19 +114,3 @@ def int_matmul(a_codes: Tensor, a_scale: Tensor, w_codes: Tensor, w_scale: Tenso
     if a_zero is not None:  # Σ_k (q - z) w = Σ_k q w - z Σ_k w
         acc = acc - a_zero.to(acc_dtype) * w_codes.to(acc_dtype).sum(-1)
     return (acc.double() * a_scale.double() * w_scale.double().reshape(1, -1)).float()
-
-
-class ActQuantizer(nn.Module):
-    """Fake-quantizes its input per token (STE gradient) when ``enabled``; otherwise passes it through."""
-
-    def __init__(self, config: ActQuantConfig | None = None, enabled: bool = True):
-        super().__init__()
-        self.config = config or ActQuantConfig()
-        self.enabled = enabled
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fake_quantize(x, self.config) if self.enabled else x
-
-    def extra_repr(self) -> str:
-        c = self.config
-        return f"bits={c.bits}, clip_ratio={c.clip_ratio}, symmetric={c.symmetric}, enabled={self.enabled}"

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import kernels
-from ..errors import LowbitError
+from . import kernels
+from .errors import LowbitError
 from . import memory
-from .speed import decode_speed
+from .eval.speed import decode_speed
 
 FP32 = "fp32"
 
@@ -120,8 +120,8 @@ def prefill_speed(model: nn.Module, ids: torch.Tensor, repeats: int = 2) -> floa
 
 def measure_model(source: str, config: BenchConfig) -> dict:
     """Load ``source`` (a model name/path for FP32 or a lowbit checkpoint) and measure it; runs in a child."""
-    from .. import io
-    from ..models import load_model
+    from . import io
+    from .io import load_model
 
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -148,7 +148,7 @@ def measure_model(source: str, config: BenchConfig) -> dict:
 
 
 def _child(source: str, config: BenchConfig) -> dict:
-    cmd = [sys.executable, "-m", "lowbit.eval.bench", source, json.dumps(asdict(config))]
+    cmd = [sys.executable, "-m", "lowbit.bench", source, json.dumps(asdict(config))]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise LowbitError(f"measuring {source} failed (exit {done.returncode}); its error is printed above")
@@ -161,12 +161,12 @@ def run_bench(model: str, recipes: list[str], config: BenchConfig, calib_windows
     bytes per token, roofline bound and the share of it reached, which kernel ran, effective bits/weight."""
     import copy
 
-    from .. import io
-    from ..api import quantize
-    from ..calibration import Calibration
-    from ..models import load_model
-    from ..recipe import Recipe
-    from ..summary import bits_summary
+    from . import io
+    from .api import quantize
+    from .calibration import Calibration
+    from .io import load_model
+    from .recipe import Recipe
+    from .summary import bits_summary
 
     for name in recipes:
         Recipe.parse(name)  # fail on a bad name before any work
@@ -221,7 +221,7 @@ def plot_bench(rows: dict[str, dict], out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..report import save_figure
+    from .report import save_figure
 
     names = list(rows)
     fig, axes = plt.subplots(1, 4, figsize=(15, 4))
@@ -237,7 +237,7 @@ def plot_bench(rows: dict[str, dict], out: str | Path) -> Path:
     return save_figure(fig, out, dpi=120)
 
 
-if __name__ == "__main__":  # the child: python -m lowbit.eval.bench SOURCE CONFIG_JSON
+if __name__ == "__main__":  # the child: python -m lowbit.bench SOURCE CONFIG_JSON
     import transformers
 
     transformers.logging.set_verbosity_error()

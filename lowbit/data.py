@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..errors import LowbitError
+from .errors import LowbitError
 
 DATA_ENV = "LOWBIT_DATA"
 
