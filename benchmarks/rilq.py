@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from lowbit.state import state_of
+
 OUT = Path("benchmarks/results/rilq")
 
 
@@ -47,9 +49,9 @@ def run(base: str, method: str, rank: int, overrides: dict, threads: int, window
     if threads:
         torch.set_num_threads(threads)
     import lowbit
+    from lowbit import memory
     from lowbit.compensate.loftq import LoftQConfig
     from lowbit.compensate.rilq import RILQConfig
-    from lowbit import memory
     from lowbit.recipe import Recipe
     from lowbit.summary import bits_summary
 
@@ -83,7 +85,7 @@ def run(base: str, method: str, rank: int, overrides: dict, threads: int, window
            "seconds": seconds, "peak_rss_mb": peak, "threads": threads or torch.get_num_threads(),
            "bits_per_weight": bits["bits_per_weight"], "adapter_bytes": bits["adapter_bytes"],
            "bits_per_weight_with_adapters": bits["bits_per_weight_with_adapters"]}
-    history = getattr(model, "lowbit_rilq", None)
+    history = state_of(model).history.get("rilq")
     if history is not None:
         out["rilq"] = {k: history[k] for k in ("step", "train", "val", "val_mse", "val_ce", "best_val", "steps",
                                                  "seconds", "stopped_early")}

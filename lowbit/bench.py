@@ -32,10 +32,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import kernels
+from . import kernels, memory
 from .errors import LowbitError
-from . import memory
 from .eval.speed import decode_speed
+from .models import DEFAULT_MODEL
+from .protocol import CALIB_WINDOWS
 
 FP32 = "fp32"
 
@@ -155,17 +156,17 @@ def _child(source: str, config: BenchConfig) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run_bench(model: str, recipes: list[str], config: BenchConfig, calib_windows: int = 16,
+def run_bench(model: str, recipes: list[str], config: BenchConfig, calib_windows: int = CALIB_WINDOWS,
               log=lambda msg: None) -> dict[str, dict]:
     """Rows keyed by ``fp32`` and each recipe: decode/prefill tokens/s and their ratios to FP32, peak RSS,
     bytes per token, roofline bound and the share of it reached, which kernel ran, effective bits/weight."""
     import copy
 
     from . import io
-    from .api import quantize
     from .calibration import Calibration
     from .io import load_model
     from .recipe import Recipe
+    from .recipe import apply_recipe as quantize
     from .summary import bits_summary
 
     for name in recipes:
@@ -198,6 +199,42 @@ def run_bench(model: str, recipes: list[str], config: BenchConfig, calib_windows
         row["roofline_tok_s"] = bandwidth * 1e9 / row["bytes_per_token"]
         row["roofline_pct"] = 100 * row["decode_tok_s"] / row["roofline_tok_s"]
     return rows
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """``lowbit bench``: FP32 ``model`` and each of ``recipes`` measured side by side; ``bench.md``, ``bench.json``
+    and ``bench.png`` written to ``out``."""
+
+    model: str = DEFAULT_MODEL
+    recipes: tuple[str, ...] = ("rtn-w4g128", "rtn-w2g64", "lowra-b2.0")
+    measure: BenchConfig = BenchConfig()
+    calib_windows: int = CALIB_WINDOWS
+    out: Path = Path("lowbit-bench")
+
+
+@dataclass
+class BenchResult:
+    rows: dict[str, dict]
+    table: str  # the markdown table of bench.md
+
+    def to_dict(self) -> dict:
+        return self.rows
+
+
+def bench(job: BenchJob, log=lambda msg: None) -> BenchResult:
+    """Run :func:`run_bench` and write its three files."""
+    from .fileio import atomic_write
+
+    c = job.measure
+    if c.decode_tokens < 1 or c.prefill_tokens < 1:
+        raise LowbitError("--decode-tokens and --prefill-tokens must be positive")
+    rows = run_bench(job.model, list(job.recipes), c, job.calib_windows, log=log)
+    table = markdown_table(rows)
+    atomic_write(Path(job.out) / "bench.md", table)
+    atomic_write(Path(job.out) / "bench.json", json.dumps(rows, indent=1))
+    plot_bench(rows, Path(job.out) / "bench.png")
+    return BenchResult(rows, table)
 
 
 def markdown_table(rows: dict[str, dict]) -> str:

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import LowbitError
 from .data import wikitext2_rows
+from .errors import LowbitError
 from .memory import release_free_memory
 from .models import decoder_blocks
+from .protocol import CALIB_SEQ_LEN, CALIB_WINDOWS, LOGITS_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ class LayerStats:
         self.tokens = total
 
 
-def calibration_windows(tokenizer, n: int = 16, seq_len: int = 2048, seed: int = 0, text: str | None = None
-                        ) -> torch.Tensor:
+def calibration_windows(tokenizer, n: int = CALIB_WINDOWS, seq_len: int = CALIB_SEQ_LEN, seed: int = 0,
+                        text: str | None = None) -> torch.Tensor:
     """``n`` random windows ``(n, seq_len)`` of token ids, seeded, from ``text`` or WikiText-2 *valid*
     (rows joined with a space; the test split is for evaluation only)."""
     if text is None:
@@ -64,7 +65,7 @@ def calibration_windows(tokenizer, n: int = 16, seq_len: int = 2048, seed: int =
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
 
 
-def generated_windows(model: nn.Module, tokenizer, n: int = 16, seq_len: int = 2048, seed: int = 0,
+def generated_windows(model: nn.Module, tokenizer, n: int = CALIB_WINDOWS, seq_len: int = CALIB_SEQ_LEN, seed: int = 0,
                       tokens_per_sequence: int = 512, batch: int = 64) -> torch.Tensor:
     """``(n, seq_len)`` token ids the float ``model`` samples itself: data-free calibration.
 
@@ -248,7 +249,7 @@ def input_power(model: nn.Module, windows: torch.Tensor, layer_names: list[str])
     return {n: p / tokens for n, p in power.items()}
 
 
-def output_sensitivity(model: nn.Module, windows: torch.Tensor, layer_names: list[str], chunk: int = 512,
+def output_sensitivity(model: nn.Module, windows: torch.Tensor, layer_names: list[str], chunk: int = LOGITS_CHUNK,
                        max_tokens: int = 8192) -> dict[str, torch.Tensor]:
     """Mean squared gradient of the language-model loss with respect to each listed Linear's output,
     ``E[(∂L/∂y_r)²]`` ``(out,)`` per output channel ``r`` (the diagonal Fisher of the layer's output).
@@ -324,8 +325,8 @@ class Calibration:
 
     windows: torch.Tensor | None = None  # (n, L) token ids
     tokenizer: object | None = None
-    n: int = 16
-    seq_len: int = 2048
+    n: int = CALIB_WINDOWS
+    seq_len: int = CALIB_SEQ_LEN
     seed: int = 0
     text: str | None = field(default=None, repr=False)
     self_generated: bool = False

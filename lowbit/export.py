@@ -24,10 +24,11 @@ from torch import nn
 
 from . import adapters as ad
 from .errors import LowbitError
-from .io import staged_folder
+from .fileio import staged_folder
 from .models import set_module
 from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear, carried_parts, packed_linear
+from .state import state_of
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,7 @@ def merged_float_model(model: nn.Module, dtype: torch.dtype = torch.float32, mer
     out.config = _float_config(out)
     if out.get_output_embeddings().weight is out.get_input_embeddings().weight:
         out.config.tie_word_embeddings = True
-    for attr in ("lowbit_recipe", "lowbit_manifest"):
-        out.__dict__.pop(attr, None)
+    state_of(out).recipe = state_of(out).manifest = None  # a float model: no recipe, no checkpoint
     return out.requires_grad_(False).eval()
 
 

@@ -30,6 +30,7 @@ from .io import FLOAT_SHARD, FORMAT_VERSION, INDEX, MANIFEST, PACKED_SHARD, pack
 from .models import set_module
 from .nn.gemv_linear import use_gemv_head
 from .nn.qlinear import QLinear
+from .state import state_of
 
 log = logging.getLogger(__name__)
 
@@ -162,10 +163,10 @@ else:
                 _share(model, alias, source)  # transformers ties the embeddings; any other alias lowbit.load would
             use_gemv_head(model)  # as lowbit.load: a float head's decode step through lowbit's fp32 GEMV
             manifest = self.manifest or {}
-            model.lowbit_manifest = manifest
-            model.lowbit_source = manifest.get("source")
+            state_of(model).manifest = manifest
+            state_of(model).source = manifest.get("source")
             if manifest.get("recipe"):
-                model.lowbit_recipe = Recipe.from_dict(manifest["recipe"])
+                state_of(model).recipe = Recipe.from_dict(manifest["recipe"])
             return model
 
         def _dequantize(self, model, dtype=None):

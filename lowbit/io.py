@@ -17,13 +17,8 @@ Saving writes a temporary sibling folder and renames it into place; an existing 
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -32,6 +27,7 @@ from torch import nn
 from . import adapters
 from ._version import __version__
 from .errors import CheckpointError, LowbitError
+from .fileio import sha256, staged_folder
 from .formats import LAYOUT
 from .models import DEFAULT_MODEL, load_float_model, resolve_source, set_module
 from .nn.gemv_linear import use_gemv_head
@@ -39,6 +35,7 @@ from .nn.input_transform import InputSpec, TransformedLinear
 from .nn.qembedding import QEmbedding
 from .nn.qlinear import fold_scale_multiplier, packed_linear
 from .qtensor import empty_weight
+from .state import state_of
 from .summary import bits_summary, layer_entry, packed_embeddings, quantized_layers
 
 log = logging.getLogger(__name__)
@@ -48,14 +45,6 @@ MANIFEST = "lowbit.json"
 PACKED_SHARD = "model-00001-of-00002.safetensors"
 FLOAT_SHARD = "model-00002-of-00002.safetensors"
 INDEX = "model.safetensors.index.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _versions() -> dict:
@@ -93,45 +82,6 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
     return packed, floats, aliases
 
 
-@contextlib.contextmanager
-def staged_folder(path: Path, force: bool = False):
-    """Yield a temporary sibling folder to write into; on success it is renamed to ``path`` (files fsynced
-    first, ordinary permissions), on failure removed. An existing ``path`` is refused unless ``force``, and is
-    only deleted after the new folder is in place, so a failure never loses what was there."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise LowbitError(f"output folder {path} already exists; choose another folder or pass --force "
-                          "(force=True) to replace it")
-    if path.exists() and not path.is_dir():
-        raise LowbitError(f"{path} exists and is not a folder; choose another output path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in tmp.rglob("*"):  # flush file contents before the rename makes them visible
-            if p.is_file():
-                p.chmod(0o666 & ~umask)  # safetensors writes 0600; a checkpoint is meant to be shared
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-            try:
-                os.rename(tmp, path)
-            except BaseException:
-                os.rename(old, path)  # put the existing folder back before reporting the failure
-                raise
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False, extra: dict | None = None) -> Path:
     """Write ``model`` (quantized or not) as a lowbit checkpoint folder; atomic, refuses to overwrite unless
     ``force``. ``extra`` (JSON-able) is stored in the manifest, e.g. the eval figures at save time."""
@@ -152,7 +102,7 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
         total = sum(t.numel() * t.element_size() for t in [*packed.values(), *floats.values()])
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
-        recipe = getattr(model, "lowbit_recipe", None)
+        recipe = state_of(model).recipe
         recipe_dict = recipe.to_dict() if recipe is not None else None
         config = model.config.__class__.from_dict(model.config.to_dict())
         # As save_pretrained does: from_pretrained(dtype="auto") reads it (else the fp16 scales would set it).
@@ -166,20 +116,20 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {
             "format_version": FORMAT_VERSION,
             "packing_layout": LAYOUT,
             "versions": _versions(),
-            "source": getattr(model, "lowbit_source", None),
+            "source": state_of(model).source,
             "recipe": recipe_dict,
-            "quantize_seconds": getattr(model, "lowbit_quantize_seconds", None),
+            "quantize_seconds": state_of(model).quantize_seconds,
             "summary": {**bits_summary(model), "packed_file_bytes": files[PACKED_SHARD]["bytes"],
                         "size_bytes": sum(f["bytes"] for f in files.values())},
             "layers": {name: layer_entry(m) for name, m in quantized_layers(model).items()},
             "embeddings": {name: layer_entry(m) for name, m in packed_embeddings(model).items()},
             "adapters": adapters.manifest_entry(model),
-            "rotation": getattr(model, "lowbit_rotation", None),
+            "rotation": state_of(model).rotation,
             "aliases": aliases,
             "files": files,
             "extra": extra or {},
@@ -223,7 +173,7 @@ def verify_files(path: Path, manifest: dict, hashes: bool = True) -> None:
         if size != info["bytes"]:
             raise CheckpointError(f"{fp} is {size} bytes but the manifest says {info['bytes']}: the file is "
                                   "truncated or was replaced; re-save the checkpoint")
-        if hashes and _sha256(fp) != info["sha256"]:
+        if hashes and sha256(fp) != info["sha256"]:
             raise CheckpointError(f"{fp} does not match its SHA-256 in {MANIFEST}: the file was modified or "
                                   "corrupted; re-save the checkpoint")
 
@@ -325,12 +275,12 @@ def load(path: str | Path, verify: bool = True):
     model.eval()
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    model.lowbit_manifest = manifest
-    model.lowbit_source = manifest.get("source")
+    state_of(model).manifest = manifest
+    state_of(model).source = manifest.get("source")
     if manifest.get("rotation"):
-        model.lowbit_rotation = manifest["rotation"]
+        state_of(model).rotation = manifest["rotation"]
     if manifest.get("recipe"):
-        model.lowbit_recipe = Recipe.from_dict(manifest["recipe"])
+        state_of(model).recipe = Recipe.from_dict(manifest["recipe"])
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -19,6 +19,7 @@ from torch import nn
 from .errors import LowbitError
 from .nn.gemv_linear import FLOAT_LINEARS
 from .nn.input_transform import TransformedLinear
+from .state import state_of
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def load_float_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = to
         # The weights are now plain floats; the GGUF marker would make saved configs lie.
         del model.config.quantization_config
     model.eval()
-    model.lowbit_source = str(source)
+    state_of(model).source = str(source)
     return model, tokenizer
 
 

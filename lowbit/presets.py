@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from .compensate.loftq import LoftQConfig
 from .compensate.rilq import RILQConfig
+from .config import StepConfig
 from .quantizers.activations import ActivationsConfig
 from .quantizers.embeddings import EmbeddingsConfig
 from .quantizers.gptq import GPTQConfig
 from .quantizers.lowra import LowRAConfig
 from .quantizers.lowra_gptq import LowRAGPTQConfig
 from .quantizers.rtn import RTNConfig
-from .config import StepConfig
 from .transforms.rotate import RotateConfig
 
 PRESETS: dict[str, list[StepConfig]] = {}

@@ -6,6 +6,8 @@ preset name (``Recipe.from_name("rtn-w4g128")``). Every config round-trips throu
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +16,12 @@ import yaml
 
 from .config import StepConfig
 from .errors import LowbitError
+from .nn import use_gemv_head
 from .presets import PRESETS
-from .registry import unknown_name_error
+from .registry import get, unknown_name_error
+from .state import state_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,3 +83,23 @@ class Recipe:
             return recipe
         return cls.from_name(str(spec))
 
+
+def apply_recipe(model, recipe: Recipe | str | Path, calib=None):
+    """Apply every step of ``recipe`` (a :class:`Recipe`, a preset name or a YAML path) to ``model`` in place, in
+    memory (``lowbit.quantize``). ``calib`` is a :class:`lowbit.Calibration` (or token windows) for the steps that
+    read data.
+
+    Returns the model; its :func:`~lowbit.state.state_of` records the recipe and the wall time, so
+    :func:`lowbit.save` writes both to the manifest.
+    """
+    recipe = Recipe.parse(recipe)
+    start = time.perf_counter()
+    steps = [get("step", config.step)(config) for config in recipe.steps]
+    for step in steps:  # e.g. RILQ caches the float model's outputs before any step quantizes it
+        step.prepare(model, calib)
+    for step in steps:
+        model = step.apply(model, calib)
+    use_gemv_head(model)  # decode reads a float head through lowbit's fp32 GEMV (same parameters)
+    state_of(model).recipe = recipe
+    state_of(model).quantize_seconds = time.perf_counter() - start
+    return model

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import LowbitError
+from .fileio import atomic_write
+from .protocol import EVAL_SEQ_LEN
 
 METHOD_PREFIXES = ("lowra-gptq", "lowra", "gptq", "rtn", "nf", "fp4", "fp8")
 
@@ -64,40 +64,23 @@ def plot_bits_vs_ppl(rows: list[dict], out: str | Path, x: str = "bits_per_weigh
     ax.set_xlabel("effective bits per weight" if x == "bits_per_weight" else "average code bits per weight")
     ax.set_ylabel("WikiText-2 test perplexity")
     windows = {r.get("windows") for r in rows if r.get("windows")}
-    ax.set_title(title or "bits vs perplexity" + (f" (first {windows.pop()} windows of 2048)" if len(windows) == 1
-                                                  else ""))
+    first = f" (first {windows.pop()} windows of {EVAL_SEQ_LEN})" if len(windows) == 1 else ""
+    ax.set_title(title or "bits vs perplexity" + first)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, out, dpi=130, bbox_inches="tight")
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename (folders created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    """Write ``text`` to ``path`` atomically (:func:`lowbit.fileio.atomic_write`)."""
+    return atomic_write(path, text)
 
 
 def save_figure(fig, out: str | Path, **savefig_kwargs) -> Path:
-    """Write a matplotlib figure as PNG to a temporary name in ``out``'s folder, then rename it over ``out`` (a
-    crash never leaves half a file), and close the figure."""
+    """Write a matplotlib figure as PNG to ``out`` atomically (a crash never leaves half a file), then close it."""
     import matplotlib.pyplot as plt
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, **savefig_kwargs)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a chart is an ordinary file
-        os.replace(tmp, out)
+        return atomic_write(out, lambda tmp: fig.savefig(tmp, format="png", **savefig_kwargs))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out

@@ -20,6 +20,7 @@ import lowbit
 from lowbit import io as lio
 from lowbit.cli import app
 from lowbit.presets import PRESETS
+from lowbit.state import state_of
 
 runner = CliRunner()  # click >= 8.2 keeps result.stdout and result.stderr apart (no mix_stderr)
 
@@ -122,7 +123,7 @@ def test_quantize_json(hf_folder, tmp_path):
     assert payload["ppl"] != payload["fp_ppl"]  # the second figure is of the quantized model
 
     model, tok = lowbit.load(out)  # the checkpoint loads, and its perplexity is the one printed
-    assert tok is not None and model.lowbit_recipe.name == "rtn-w4g64"
+    assert tok is not None and state_of(model).recipe.name == "rtn-w4g64"
     assert lowbit.perplexity(model, tok, windows=1, progress=False).ppl == pytest.approx(payload["ppl"], rel=1e-6)
     extra = lio.read_manifest(out)["extra"]["eval"]
     assert extra["fp_ppl"] == payload["fp_ppl"] and extra["ppl"] == payload["ppl"]
@@ -186,10 +187,9 @@ def no_loading(monkeypatch):
     """Record (and refuse) every way a model could be loaded; ``calls`` must stay empty."""
     import transformers
 
-    import lowbit.models
 
     calls = []
-    real_load_model = lowbit.models.load_model
+    real_load_model = lio.load_model
 
     def load_model(source, *args, **kwargs):
         calls.append(("load_model", str(source)))
@@ -201,7 +201,7 @@ def no_loading(monkeypatch):
             raise AssertionError(f"{what} must not be called")
         return fn
 
-    monkeypatch.setattr(lowbit.models, "load_model", load_model)
+    monkeypatch.setattr(lio, "load_model", load_model)
     monkeypatch.setattr(lio, "load", refuse("lowbit.io.load"))
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse("from_pretrained"))
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse("tokenizer"))
@@ -217,9 +217,10 @@ QUANTIZE_ERRORS = [
     (["--bits", "0"], ["bits must be an integer in 1..8, got 0"]),
     (["--bits", "9"], ["bits must be an integer in 1..8, got 9"]),
     (["--recipe", "rtn-w4-g128"], ["unknown preset 'rtn-w4-g128'", "Did you mean 'rtn-w4g128'?"]),
-    (["--format", "int5"], ["unknown format 'int5'", "int, nf"]),
+    (["--number-format", "int5"], ["unknown format 'int5'", "int, nf"]),
     (["--granularity", "row"], ["granularity must be one of", "'row'"]),
-    (["--windows", "-1"], ["--windows must be 0 (all) or a positive number, got -1"]),
+    (["--windows", "-1"], ["--windows must be 'all' or a whole number >= 0 (skip), got -1"]),
+    (["--windows", "many"], ["--windows must be 'all' or a whole number", "'many'"]),
     (["--recipe", "lowra-b2.0", "--bits", "3"], ["--bits does not apply to step 'lowra'", "budget"]),
     (["--recipe", "lowra-b2.0", "--budget", "0.5"], ["budget of 0.5 average bits is unreachable"]),
     (["--recipe", "gptq-w4g128", "--calib-file", "{tmp}/missing.txt"], ["calibration file {tmp}/missing.txt"]),

@@ -14,6 +14,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import ByteTokenizer, tiny_model
 
 import lowbit
 from lowbit import registry
@@ -24,8 +25,6 @@ from lowbit.quantizers import ActivationsConfig, EmbeddingsConfig, GPTQConfig, R
 from lowbit.quantizers.lowra import LowRAConfig
 from lowbit.quantizers.lowra_gptq import LowRAGPTQConfig
 from lowbit.transforms.rotate import RotateConfig
-
-from conftest import ByteTokenizer, tiny_model
 
 # One test config per registered step (QUAD is the rotate step with outlier columns): high precision, so a wrong
 # function stands out from rounding.

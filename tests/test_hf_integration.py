@@ -10,6 +10,7 @@ import lowbit
 from lowbit import QLinear, Recipe, RTNConfig
 from lowbit.errors import CheckpointError
 from lowbit.nn import GEMVLinear
+from lowbit.state import state_of
 
 hf_integration = pytest.importorskip("lowbit.hf_integration")
 pytestmark = pytest.mark.skipif(not hf_integration.REGISTERED,
@@ -48,7 +49,7 @@ def test_from_pretrained_matches_lowbit_load_bit_for_bit(checkpoint):
     loaded, _ = lowbit.load(path)
 
     names = {n for n, m in hf.named_modules() if isinstance(m, QLinear)}
-    assert names == set(loaded.lowbit_manifest["layers"])
+    assert names == set(state_of(loaded).manifest["layers"])
     assert all(name.startswith("model.layers.") for name in names) and len(names) == 14
     q = hf.model.layers[0].self_attn.q_proj
     assert (q.codes.dtype, q.scales.dtype, q.zeros.dtype) == (torch.uint8, torch.float16, torch.uint8)
@@ -56,7 +57,7 @@ def test_from_pretrained_matches_lowbit_load_bit_for_bit(checkpoint):
         if name.rpartition(".")[2] in ("codes", "scales", "zeros"):
             assert torch.equal(buf, loaded.get_buffer(name)), name
     assert hf.is_quantized and hf.config.quantization_config.quant_method == "lowbit"
-    assert hf.lowbit_recipe.to_dict() == quantized.lowbit_recipe.to_dict()
+    assert state_of(hf).recipe.to_dict() == state_of(quantized).recipe.to_dict()
 
     # tied embeddings stay tied and the (float) head is the embedding
     assert type(hf.lm_head) is GEMVLinear  # a plain Linear's parameters; decode steps on lowbit's fp32 GEMV

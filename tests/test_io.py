@@ -19,6 +19,7 @@ import lowbit.io as lio
 from lowbit import CheckpointError, LowbitError, QLinear, Recipe
 from lowbit.formats import LAYOUT
 from lowbit.nn import GEMVLinear
+from lowbit.state import state_of
 
 IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 0, 33], [9, 8, 7, 6, 5, 4, 3, 2, 1, 0, 255, 254]])
 
@@ -66,7 +67,7 @@ def test_round_trip_is_bit_identical(tmp_path, recipe):
     loaded, tokenizer = lowbit.load(path)
     assert tokenizer is None  # none was saved
     _assert_identical(loaded, model)
-    assert loaded.lowbit_recipe == Recipe.from_name(recipe) == model.lowbit_recipe
+    assert state_of(loaded).recipe == Recipe.from_name(recipe) == state_of(model).recipe
     assert loaded.config.quantization_config["quant_method"] == "lowbit"
     assert not loaded.training
 
@@ -137,7 +138,7 @@ def test_float_model_round_trips(tmp_path, tied):
     loaded, _ = lowbit.load(path)
     _assert_identical(loaded, model)
     assert not any(isinstance(m, QLinear) for m in loaded.modules())
-    assert not hasattr(loaded, "lowbit_recipe")
+    assert state_of(loaded).recipe is None
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tied
     manifest = lio.read_manifest(path)
     assert manifest["recipe"] is None and manifest["layers"] == {}
@@ -161,7 +162,7 @@ def w4g64(tmp_path_factory):
     torch.manual_seed(0)
     model = tiny_model("llama")
     lowbit.quantize(model, "rtn-w4g64")
-    model.lowbit_source = "tiny-llama (test)"
+    state_of(model).source = "tiny-llama (test)"
     path = lowbit.save(model, tmp_path_factory.mktemp("io") / "ckpt", extra={"note": "from the test"})
     return model, path
 
@@ -181,7 +182,7 @@ def test_manifest_versions_recipe_and_layers(w4g64):
     assert manifest["versions"]["torch"] == torch.__version__
     assert manifest["source"] == "tiny-llama (test)" and manifest["extra"] == {"note": "from the test"}
     assert Recipe.from_dict(manifest["recipe"]) == Recipe.from_name("rtn-w4g64")
-    assert manifest["quantize_seconds"] == model.lowbit_quantize_seconds
+    assert manifest["quantize_seconds"] == state_of(model).quantize_seconds
 
     qlinears = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     assert len(qlinears) == 14 and manifest["layers"].keys() == qlinears.keys()
@@ -197,7 +198,7 @@ def test_manifest_versions_recipe_and_layers(w4g64):
     files = manifest["files"]
     assert sorted(files) == sorted(n for n in _siblings(path) if n != lio.MANIFEST)
     for name, info in files.items():
-        assert info["bytes"] == (path / name).stat().st_size and info["sha256"] == lio._sha256(path / name)
+        assert info["bytes"] == (path / name).stat().st_size and info["sha256"] == lio.sha256(path / name)
     index = json.loads((path / lio.INDEX).read_text())
     assert index["weight_map"]["model.layers.0.self_attn.q_proj.codes"] == lio.PACKED_SHARD
     assert index["weight_map"]["model.embed_tokens.weight"] == lio.FLOAT_SHARD
@@ -224,9 +225,9 @@ def test_manifest_summary_matches_the_packed_buffers(w4g64):
 def test_model_carries_its_manifest_after_load(w4g64):
     model, path = w4g64
     loaded, _ = lowbit.load(path)
-    assert loaded.lowbit_manifest == lio.read_manifest(path)
-    assert loaded.lowbit_source == "tiny-llama (test)"
-    assert loaded.lowbit_recipe.to_dict() == model.lowbit_recipe.to_dict()
+    assert state_of(loaded).manifest == lio.read_manifest(path)
+    assert state_of(loaded).source == "tiny-llama (test)"
+    assert state_of(loaded).recipe.to_dict() == state_of(model).recipe.to_dict()
 
 
 # ---- atomic saves -----------------------------------------------------------------------------------------
@@ -259,7 +260,7 @@ def test_force_replaces_the_folder_and_leaves_no_siblings(ckpt):
     assert _siblings(ckpt.parent) == ["ckpt"]  # no .ckpt.tmp-* or .ckpt.old-* left behind
     loaded, _ = lowbit.load(ckpt)
     _assert_identical(loaded, other)
-    assert loaded.lowbit_recipe.name == "nf4-g64"
+    assert state_of(loaded).recipe.name == "nf4-g64"
 
 
 def test_save_creates_missing_parents_and_leaves_no_temp_folder(tmp_path):

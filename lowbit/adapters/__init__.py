@@ -15,10 +15,10 @@ import logging
 import torch
 from torch import nn
 
+from ..config import StepConfig
 from ..errors import LowbitError
 from ..models import DECODER, select_layers
 from ..nn.qlinear import QLinear
-from ..config import StepConfig
 from ..registry import get
 from . import lora, lorma  # noqa: F401  (registers the adapters)
 from .base import Adapter, AdapterConfig

@@ -22,9 +22,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..config import StepConfig
 from ..errors import LowbitError
 from ..models import DECODER
-from ..config import StepConfig
+
 
 @dataclass(frozen=True)
 class AdapterConfig(StepConfig):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import logging
 import sys
@@ -13,14 +13,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..errors import LowbitError
+from ..protocol import EVAL_SEQ_LEN
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize Hugging Face causal LMs to 1-8 bits, evaluate, save, load and generate.")
 out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
-
-WINDOWS_HELP = "WikiText-2 test windows of 2048 tokens to evaluate (the first N; 0 = all)."
-
 
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
@@ -49,26 +47,34 @@ def emit(payload: dict, as_json: bool, title: str) -> None:
     out_console.print(table)
 
 
-def window_count(n: int) -> int | None:
-    if n < 0:
-        fail(f"--windows must be 0 (all) or a positive number, got {n}")
-    return n or None
+WINDOWS_HELP = f"WikiText-2 test windows of {EVAL_SEQ_LEN} tokens to evaluate: N (the first N), all, or 0 (skip)."
+MODEL_HELP = "Built-in name (smollm2-135m), Hugging Face model folder, .gguf file or lowbit checkpoint."
 
 
-def recipe_with_overrides(recipe: str, fmt, bits, group_size, granularity, symmetric, budget=None):
-    """The preset/YAML recipe, with single-step overrides from the command line applied to its first step."""
-    from ..recipe import Recipe
+def parse_windows(text: str, flag: str = "--windows") -> int | None:
+    """``all`` -> None (every window), a whole number -> itself (0 = skip); the range is the API's to check."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise LowbitError(f"{flag} must be 'all' or a whole number (0 skips the evaluation), got {text!r}") from None
 
-    parsed = Recipe.parse(recipe)
-    overrides = {k: v for k, v in dict(format=fmt, bits=bits, group_size=group_size, granularity=granularity,
-                                       symmetric=symmetric, budget=budget).items() if v is not None}
-    fields = {f.name for f in dataclasses.fields(parsed.steps[0])}
-    for key in overrides:
-        if key not in fields:
-            flag = "--" + key.replace("_", "-")
-            raise LowbitError(f"{flag} does not apply to step {parsed.steps[0].step!r} of recipe {parsed.name!r} "
-                              f"(its fields: {', '.join(sorted(fields))})")
-    if overrides:
-        first = dataclasses.replace(parsed.steps[0], **overrides)
-        parsed = Recipe([first, *parsed.steps[1:]], name=f"{parsed.name}+custom")
-    return parsed
+
+def model_source(argument: str | None, option: str | None, default: str | None = None) -> str:
+    """The model source, given as the first argument (every command) or, for old scripts, ``--model``."""
+    if argument and option and argument != option:
+        raise LowbitError(f"two model sources given ({argument!r} and --model {option!r}); pass one")
+    source = argument or option or default
+    if not source:
+        raise LowbitError("no model given: pass a model source as the first argument")
+    return source
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """Every :class:`LowbitError` inside becomes one line on stderr and exit status 2 (no traceback)."""
+    try:
+        yield
+    except LowbitError as e:
+        fail(str(e))

@@ -11,7 +11,7 @@
 The ``1/sqrt(s)`` (``s = alpha / rank``) is what PEFT omits: its LoRA multiplies by ``s`` afterwards, so unless
 ``alpha == rank`` the initial correction there is scaled wrongly. Here ``s·B A`` equals the rank-r residual
 exactly for any alpha. The base quantizer is any data-free per-layer step (RTN in every format); each layer's
-weight error before and after the correction is logged and kept in ``model.lowbit_loftq_errors``.
+weight error before and after the correction is logged and kept in ``state_of(model).history["loftq"]``.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import LoRA, LoRAConfig
+from ..config import StepConfig
 from ..errors import LowbitError
 from ..quantizers.base import Quantizer, Step, install, select_targets
-from ..config import StepConfig
 from ..registry import get, register
+from ..state import state_of
 
 log = logging.getLogger(__name__)
 
@@ -118,5 +119,5 @@ class LoftQ(Step):
         mean_after = sum(a for _, a in errors.values()) / len(errors)
         log.info("loftq: relative weight error %.4f -> %.4f (mean over %d layers)", mean_before, mean_after,
                  len(errors))
-        model.lowbit_loftq_errors = errors
+        state_of(model).history["loftq"] = errors
         return model

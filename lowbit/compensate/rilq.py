@@ -41,13 +41,14 @@ from tqdm.auto import tqdm
 
 from .. import adapters as ad
 from ..calibration import calibration_windows, check_text_source
+from ..config import StepConfig
 from ..errors import LowbitError
 from ..memory import release_free_memory
 from ..models import DECODER
 from ..nn.qlinear import QLinear, fold_scale_multiplier
 from ..quantizers.base import Step
-from ..config import StepConfig
 from ..registry import register
+from ..state import state_of
 from ..train.trainer import autocast, check_precision, set_checkpointing
 
 log = logging.getLogger(__name__)
@@ -161,7 +162,7 @@ class RILQ(Step):
     def _teacher_from_source(self, model: nn.Module, calib) -> None:
         from ..models import load_float_model as load_model
 
-        source = getattr(model, "lowbit_source", None)
+        source = state_of(model).source
         if not source:
             raise LowbitError("RILQ needs the float model's outputs: run it in the same recipe as the quantizer "
                               "(e.g. rtn-w2g64+rilq16) or on a checkpoint whose manifest names its source model")
@@ -283,7 +284,7 @@ class RILQ(Step):
             for m in layers:
                 m.scales = fold_scale_multiplier(m.scales, m.group_scale.detach())
                 m.group_scale = None
-        model.lowbit_rilq = {**history, "lr": lr, "best_val": best, "steps": step,
+        state_of(model).history["rilq"] = {**history, "lr": lr, "best_val": best, "steps": step,
                              "seconds": time.perf_counter() - start, "stopped_early": bad >= c.patience}
         log.info("rilq: %d steps, validation loss %.4f -> %.4f", step, history["val"][0], best)
         self.windows = self.teacher = None

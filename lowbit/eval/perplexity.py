@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..errors import LowbitError
 from ..data import wikitext2_text
+from ..errors import LowbitError
+from ..protocol import EVAL_SEQ_LEN, EVAL_WINDOWS, LOGITS_CHUNK
 
 
 @dataclass(frozen=True)
@@ -50,13 +51,13 @@ def window_nll(model, input_ids: torch.Tensor) -> float:
     hidden = backbone(input_ids).last_hidden_state[0, :-1]
     targets = input_ids[0, 1:]
     total = 0.0
-    for start in range(0, hidden.shape[0], 512):
-        logits = head(hidden[start:start + 512]).float()
-        total += F.cross_entropy(logits, targets[start:start + 512], reduction="sum").item()
+    for start in range(0, hidden.shape[0], LOGITS_CHUNK):
+        logits = head(hidden[start:start + LOGITS_CHUNK]).float()
+        total += F.cross_entropy(logits, targets[start:start + LOGITS_CHUNK], reduction="sum").item()
     return total / targets.numel()
 
 
-def perplexity(model, tokenizer, windows: int | None = 16, seq_len: int = 2048, split: str = "test",
+def perplexity(model, tokenizer, windows: int | None = EVAL_WINDOWS, seq_len: int = EVAL_SEQ_LEN, split: str = "test",
                progress: bool = True) -> PerplexityResult:
     """Perplexity over the first ``windows`` windows (None or 0 = all) of ``seq_len`` tokens."""
     if seq_len < 2:

@@ -39,8 +39,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import LowbitError
 from ..data import DATA_ENV, data_dir
+from ..errors import LowbitError
 
 MAX_LENGTH = 2048  # tokens of context + continuation the model sees (left truncation beyond it)
 

@@ -1,7 +1,7 @@
 """Weight quantizers: one file per method, each registered as a recipe step."""
 
-from . import activations, embeddings, gptq, lowra, lowra_gptq, rtn  # noqa: F401  (registers the steps)
 from ..formats.act import ActQuantConfig
+from . import activations, embeddings, gptq, lowra, lowra_gptq, rtn  # noqa: F401  (registers the steps)
 from .activations import ActivationsConfig
 from .base import GridConfig, Quantizer, QuantizerConfig, Step
 from .embeddings import EmbeddingsConfig

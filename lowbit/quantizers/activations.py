@@ -14,14 +14,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..errors import LowbitError
+from ..config import StepConfig
+from ..formats.act import ActQuantConfig
 from ..models import DECODER, matches, select_layers, set_module
 from ..nn.gemv_linear import FLOAT_LINEARS
 from ..nn.input_transform import InputSpec, TransformedLinear
 from ..nn.qlinear import QLinear
-from ..config import StepConfig
 from ..registry import register
-from ..formats.act import ActQuantConfig
 from .base import Step
 
 log = logging.getLogger(__name__)

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import StepConfig
 from ..errors import LowbitError
 from ..formats import SCALE_SEARCHES, Format, format_family_names, get_format
 from ..models import DECODER, find_linears, set_module
 from ..nn.input_transform import TransformedLinear
 from ..nn.qlinear import QLinear, carried_parts, packable_weight, packed_linear
 from ..qtensor import GRANULARITIES, QuantizedWeight, check_group_size
-from ..config import StepConfig
 
 log = logging.getLogger(__name__)
 

@@ -25,14 +25,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import StepConfig
 from ..errors import LowbitError
-from ..memory import trim_heap
 from ..formats.base import as_storage_scale
 from ..formats.codebook import normal_float_levels
+from ..memory import trim_heap
 from ..models import DECODER
 from ..qmixed import WIDTHS, MixedCodebookWeight, block_absmax
 from ..qtensor import check_group_size, padded_groups
-from ..config import StepConfig
 from ..registry import register
 from .base import Step, install, select_targets
 from .precision import assign_widths, check_budget

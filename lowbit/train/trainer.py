@@ -6,7 +6,8 @@ Works on any causal LM whose trainable parameters are the ones to train: a packe
 model. Batches are a pure function of (seed, step): example ``p`` of the stream is ``perm_e[p mod n]`` with
 ``perm_e`` the seeded permutation of epoch ``e = p // n``; so a resumed run sees exactly the batches an
 uninterrupted one would. The training state (trainable tensors, optimizer, scheduler, RNG, losses, step timings)
-is written every ``checkpoint_every`` steps to ``state_dir/trainer_state.pt`` atomically (temp file, then rename).
+is written every ``checkpoint_every`` steps to ``state_dir`` (:mod:`.state`: safetensors + JSON, no pickle,
+replaced atomically).
 Activation checkpointing is transformers' non-reentrant one on the decoder blocks, so the frozen embedding needs
 no ``enable_input_require_grads``; a model that had it on keeps it on afterwards, one that had it off gets it off.
 The JSON log and loss PNG are written by the caller (``lowbit finetune``; :mod:`lowbit.train.report`).
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,13 +34,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from ..errors import LowbitError
 from .. import memory
+from ..errors import LowbitError
 from ..kernels import native_bf16
+from ..protocol import LOGITS_CHUNK
 from .data import IGNORE, TrainData
+from .state import load_state, save_state
 
 log = logging.getLogger(__name__)
-STATE_FILE = "trainer_state.pt"
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 
@@ -74,7 +75,7 @@ class TrainConfig:
     max_grad_norm: float = 0.3  # QLoRA's clipping (0 = none)
     seed: int = 0
     gradient_checkpointing: bool = True  # recompute decoder blocks in the backward
-    loss_chunk: int = 512  # positions per chunk of the LM loss (0 = all at once)
+    loss_chunk: int = LOGITS_CHUNK  # positions per chunk of the LM loss (0 = all at once)
     checkpoint_every: int = 50  # optimizer steps between training-state checkpoints (needs a state_dir)
     log_every: int = 0  # optimizer steps between INFO log lines (step, loss, lr, tokens/s); 0 = none
     precision: str = "auto"  # matmul precision: auto (bf16 where native) | bf16 | fp32 (see autocast())
@@ -176,7 +177,7 @@ def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="sum")
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
     """Mean next-token cross-entropy of ``input_ids (B, L)`` against ``labels (B, L)`` shifted by one, over the
     labels that are not -100; logits built ``chunk`` positions at a time (0 = all, via the model's own loss)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -204,20 +205,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
     return make(optimizer, config.warmup, config.steps)
 
 
-def _save_state(state_dir: Path, state: dict) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = state_dir / f".{STATE_FILE}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, state_dir / STATE_FILE)
-
-
 def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str | Path | None = None,
           resume: bool = False, progress: bool = True,
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train ``model``'s parameters that require grad on ``data`` for ``config.steps`` optimizer steps.
 
     ``state_dir``: where the resumable training state goes (every ``checkpoint_every`` steps and at the end).
-    ``resume``: continue from ``state_dir/trainer_state.pt`` (same data, config and seed give the same losses as
+    ``resume``: continue from the state in ``state_dir`` (same data, config and seed give the same losses as
     an uninterrupted run). ``on_step(step, loss)`` is called after every optimizer step (tests use it to stop)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -231,11 +225,10 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
     fingerprint = data.fingerprint()
     step, tokens, seconds = 0, 0, 0.0
     if resume:
-        path = None if state_dir is None else state_dir / STATE_FILE
-        if path is None or not path.is_file():
-            raise LowbitError(f"nothing to resume: {path} does not exist (a run writes it every "
-                              f"{config.checkpoint_every} steps)")
-        state = torch.load(path, weights_only=False)
+        if state_dir is None:
+            raise LowbitError("nothing to resume: no state_dir was given")
+        path = state_dir
+        state = load_state(state_dir)
         if state["config"] != asdict(config):
             raise LowbitError(f"{path} was written by a run with other settings ({state['config']}); resume with "
                               "the same settings or start a new run")
@@ -251,14 +244,14 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
                 p.copy_(t)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].to(torch.uint8))
         losses, step, tokens, seconds = state["losses"], state["step"], state["tokens"], state["seconds"]
         step_seconds = state.get("step_seconds", [])
         log.info("resumed at step %d of %d", step, config.steps)
 
     def checkpoint_state():
         if state_dir is not None:
-            _save_state(state_dir, {"config": asdict(config), "data": fingerprint, "step": step, "losses": losses,
+            save_state(state_dir, {"config": asdict(config), "data": fingerprint, "step": step, "losses": losses,
                                     "tokens": tokens, "seconds": seconds, "step_seconds": step_seconds,
                                     "rng": torch.get_rng_state(),
                                     "params": {n: p.detach().clone() for n, p in named},

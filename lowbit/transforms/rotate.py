@@ -26,14 +26,15 @@ import torch
 from torch import nn
 
 from ..calibration import calibration_windows, check_text_source
+from ..config import StepConfig
 from ..errors import LowbitError
+from ..kernels.hadamard import hadamard_matrix, rotation_matrix
 from ..models import decoder_blocks
 from ..nn.gemv_linear import is_float_linear
 from ..nn.input_transform import InputSpec, TransformedLinear
 from ..quantizers.base import Step
-from ..config import StepConfig
 from ..registry import register
-from ..kernels.hadamard import hadamard_matrix, rotation_matrix
+from ..state import state_of
 from .quad import ResidualRMSNorm, norm_gram, projection, residual_norms
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
                     setattr(parent, name, TransformedLinear(getattr(parent, name), InputSpec(outliers=r)))
     if r:  # config.hidden_size stays d (transformers checks it against the heads); the manifest records r
         residual_norms(model, d)
-    model.lowbit_rotation = {"outliers": r, "hidden_size": d, "rotation": config.rotation, "online": config.online,
+    state_of(model).rotation = {"outliers": r, "hidden_size": d, "rotation": config.rotation, "online": config.online,
                              "seed": config.seed}
     log.info("rotated the residual stream (%s, %d outlier dims, online Hadamards %s)", config.rotation, r,
              config.online)

@@ -15,6 +15,7 @@ from lowbit import adapters as ad
 from lowbit.adapters.lorma import shifted_product
 from lowbit.formats import get_format
 from lowbit.quantizers.rtn import rtn_quantize
+from lowbit.state import state_of
 
 IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 0, 33]])
 
@@ -179,7 +180,7 @@ def test_adapters_survive_save_and_load_bit_for_bit(tmp_path):
     loaded, _ = lowbit.load(path)
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, model(IDS).logits)
-    entry = loaded.lowbit_manifest["adapters"]
+    entry = state_of(loaded).manifest["adapters"]
     assert entry["default"]["config"]["step"] == "lora" and len(entry["default"]["layers"]) == 14
     assert entry["mul"]["config"]["variant"] == "shift" and len(entry["mul"]["layers"]) == 2
     assert len(ad.freeze(loaded)) == 2 * 14 + 2 * 2  # ready to train on

@@ -11,6 +11,7 @@ from lowbit import LowbitError, QLinear
 from lowbit.adapters import LoRA, LoRAConfig
 from lowbit.compensate import LoftQConfig, loftq_layer
 from lowbit.quantizers.rtn import RTN, RTNConfig
+from lowbit.state import state_of
 
 IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 0, 33]])
 
@@ -50,7 +51,7 @@ def test_loftq_step_on_a_tiny_model_beats_plain_rtn_and_round_trips(tmp_path):
     recipe = lowbit.Recipe([LoftQConfig(rank=8)])
     assert recipe.steps[0].base_config() == RTNConfig(bits=2, group_size=64)
     model = lowbit.quantize(tiny_model("llama"), recipe)
-    errors = model.lowbit_loftq_errors
+    errors = state_of(model).history["loftq"]
     assert len(errors) == 14 and all(after < before for before, after in errors.values())
     with torch.no_grad():
         err_rtn = (rtn(IDS).logits - ref).norm()

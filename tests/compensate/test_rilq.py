@@ -16,6 +16,7 @@ from lowbit import LowbitError, Recipe, RTNConfig
 from lowbit import adapters as ad
 from lowbit.compensate import RILQConfig
 from lowbit.compensate.rilq import RILQ, final_hidden_states
+from lowbit.state import state_of
 
 SMALL = dict(rank=4, samples=10, seq_len=64, micro_batch=1, grad_accum=2, max_steps=24, eval_every=4, lr=5e-3)
 
@@ -35,7 +36,7 @@ def test_teacher_is_the_float_models_final_hidden_state_and_training_lowers_the_
     assert torch.allclose(step.teacher[0].float(), expected, atol=2e-2 * expected.abs().max())  # bf16 cache
     lowbit.quantize(model, "rtn-w2g64")
     step.apply(model, calib)
-    history = model.lowbit_rilq
+    history = state_of(model).history["rilq"]
     assert history["best_val"] < history["val"][0]  # better than the no-op start on held-out windows
     assert history["steps"] <= SMALL["max_steps"] and len(history["val"]) >= 2
     layers = ad.adapted_layers(model)
@@ -77,7 +78,7 @@ def test_channel_scales_train_beside_the_adapters_and_save_folded(tok, tmp_path)
     fp = tiny_model("llama", max_position_embeddings=2048)
     recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL, scales=True)])
     model = lowbit.quantize(fp, recipe, calib=lowbit.Calibration(tokenizer=tok))
-    history = model.lowbit_rilq
+    history = state_of(model).history["rilq"]
     assert history["best_val"] < history["val"][0]
     layer = model.model.layers[0].mlp.down_proj
     assert layer.channel_scale.shape == (layer.out_features,) and not layer.channel_scale.requires_grad
@@ -99,7 +100,7 @@ def test_group_scales_train_and_are_folded_into_the_packed_scales_when_training_
     plain = lowbit.quantize(copy.deepcopy(fp), "rtn-w2g64")
     recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL, scales="group")])
     model = lowbit.quantize(fp, recipe, calib=lowbit.Calibration(tokenizer=tok))
-    assert model.lowbit_rilq["best_val"] < model.lowbit_rilq["val"][0]
+    assert state_of(model).history["rilq"]["best_val"] < state_of(model).history["rilq"]["val"][0]
     layer, before = model.model.layers[0].mlp.down_proj, plain.model.layers[0].mlp.down_proj
     assert layer.group_scale is None  # folded: decode runs the packed kernels
     assert torch.equal(layer.codes, before.codes) and torch.equal(layer.zeros, before.zeros)
@@ -120,12 +121,12 @@ def test_scales_option_rejects_unknown_values():
 
 def test_early_stopping_restores_the_best_adapters(tok):
     model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), "rtn-w2g64")
-    model.lowbit_source = None
+    state_of(model).source = None
     step = RILQ(RILQConfig(**{**SMALL, "lr": 0.3, "patience": 2, "eval_every": 2, "max_steps": 30}))  # diverges
     fp = tiny_model("llama", max_position_embeddings=2048)
     step.prepare(fp, lowbit.Calibration(tokenizer=tok))
     step.apply(model, lowbit.Calibration(tokenizer=tok))
-    history = model.lowbit_rilq
+    history = state_of(model).history["rilq"]
     assert history["stopped_early"] and history["steps"] < 30
     if ad.adapted_layers(model):  # the kept adapters are those of the best validation
         assert history["best_val"] == min(history["val"])
@@ -152,7 +153,7 @@ def test_compensate_command(ckpt, tmp_path):
     curve = json.loads(open(payload["loss_curve"]).read())
     assert len(curve["val"]) >= 2
     loaded, _ = lowbit.load(tmp_path / "rilq")
-    assert loaded.lowbit_recipe.name.endswith("+rilq4")
+    assert state_of(loaded).recipe.name.endswith("+rilq4")
     payload = one_json_object(invoke("compensate", ckpt, "--method", "loftq", "--rank", "4", "--windows", "1",
                                      "--out", tmp_path / "loftq", "--json"))
     assert len(ad.adapted_layers(lowbit.load(tmp_path / "loftq")[0])) == 14
@@ -170,7 +171,7 @@ def test_after_loftq_rilq_trains_the_loftq_adapters_from_their_init(tok):
     assert names == {"default"}  # continued, not a second adapter beside LoftQ's
     trained, init = ad.parameters(model), ad.parameters(start)
     assert len(trained) == len(init) and not all(torch.equal(a, b) for a, b in zip(trained, init, strict=True))
-    history = model.lowbit_rilq
+    history = state_of(model).history["rilq"]
     assert history["best_val"] < history["val"][0]
     assert len(history["val_mse"]) == len(history["val_ce"]) == len(history["val"])
 
@@ -180,7 +181,7 @@ def test_precision_bf16_autocasts_the_student_and_still_learns(tok, precision):
     model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048),
                             Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL, precision=precision)]),
                             calib=lowbit.Calibration(tokenizer=tok))
-    history = model.lowbit_rilq
+    history = state_of(model).history["rilq"]
     assert history["best_val"] < history["val"][0]
     assert all(p.dtype == torch.float32 for p in ad.parameters(model))  # master weights stay fp32
     with pytest.raises(LowbitError, match="precision"):
@@ -208,4 +209,4 @@ def test_default_lr_is_5e_4_for_new_adapters_and_2e_3_for_loftq_initialised_ones
     for first, lr in (([RTNConfig(bits=2, group_size=64)], 5e-4), ([LoftQConfig(rank=4)], 2e-3)):
         model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048),
                                 Recipe([*first, RILQConfig(**quick)]), calib=calib)
-        assert model.lowbit_rilq["lr"] == lr  # the lr the optimizer ran with
+        assert state_of(model).history["rilq"]["lr"] == lr  # the lr the optimizer ran with

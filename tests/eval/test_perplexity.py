@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from conftest import ByteTokenizer, tiny_model
 
 from lowbit import LowbitError
-from lowbit.eval import data as data_mod
+from lowbit import data as data_mod
 from lowbit.eval.perplexity import perplexity
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 import lowbit
 from lowbit import LowbitError
-from lowbit.eval import tasks as T
 from lowbit.data import data_dir
+from lowbit.eval import tasks as T
 
 # ---- data ---------------------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from torch import nn
 import lowbit
 from lowbit import EmbeddingsConfig, LowbitError, QEmbedding, QLinear, Recipe, RTNConfig
 from lowbit.bench import weight_bytes_per_token
+from lowbit.state import state_of
 from lowbit.summary import bits_summary
 
 IDS = torch.tensor([[1, 17, 42, 99, 3, 250, 7, 64, 128, 5, 0, 33]])
@@ -80,7 +81,7 @@ def test_save_load_round_trip_is_bit_identical_and_keeps_the_table_shared(tmp_pa
     embed, head = loaded.get_input_embeddings(), loaded.get_output_embeddings()
     assert isinstance(embed, QEmbedding) and isinstance(head, QLinear) and head.role == "head"
     assert (head.codes.data_ptr() == embed.codes.data_ptr()) == tied
-    manifest = loaded.lowbit_manifest
+    manifest = state_of(loaded).manifest
     assert {e["role"] for e in manifest["embeddings"].values()} == {"embedding", "head"}
     assert set(manifest["layers"]) == {n for n, m in loaded.named_modules() if isinstance(m, QLinear)} - {"lm_head"}
     assert ("lm_head.codes" in manifest["aliases"]) == tied

@@ -13,6 +13,7 @@ from lowbit.calibration import Calibration, LayerStats
 from lowbit.formats import get_format
 from lowbit.quantizers.gptq import gptq_round
 from lowbit.quantizers.rtn import rtn_quantize
+from lowbit.state import state_of
 
 
 def _correlated_inputs(n=4096, d=96, seed=0):
@@ -65,6 +66,6 @@ def test_gptq_end_to_end_on_a_tiny_model(tmp_path):
     assert rel < 0.1
     lowbit.save(model, tmp_path / "g")
     loaded, _ = lowbit.load(tmp_path / "g")
-    assert loaded.lowbit_recipe.steps[0].step == "gptq"
+    assert state_of(loaded).recipe.steps[0].step == "gptq"
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)

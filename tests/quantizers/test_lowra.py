@@ -15,6 +15,7 @@ from lowbit.formats.codebook import normal_float_levels
 from lowbit.qmixed import MixedCodebookWeight, block_absmax
 from lowbit.quantizers.lowra import LowRAConfig, encode_layer, fit_layer, lloyd_fit, nearest, normalise
 from lowbit.quantizers.precision import assign_widths
+from lowbit.state import state_of
 from lowbit.summary import bits_summary
 
 
@@ -196,7 +197,7 @@ def test_lowra_round_trips_through_save_and_load(lowra_tiny, tmp_path):
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
-    assert loaded.lowbit_manifest["summary"]["code_bits"] == pytest.approx(bits_summary(model)["code_bits"])
+    assert state_of(loaded).manifest["summary"]["code_bits"] == pytest.approx(bits_summary(model)["code_bits"])
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(path)

@@ -14,6 +14,7 @@ from lowbit.formats import get_format
 from lowbit.nn import GEMVLinear
 from lowbit.quantizers.rtn import RTN, rtn_quantize
 from lowbit.recipe import Recipe
+from lowbit.state import state_of
 
 
 def _rel_err(w, q):
@@ -85,8 +86,8 @@ def test_quantize_tiny_llama_replaces_decoder_linears_only(tiny_llama):
     assert not any(type(m) is nn.Linear for n, m in model.named_modules() if n.startswith("model.layers."))
     assert type(model.lm_head) is GEMVLinear and model.lm_head.weight.dtype == torch.float32  # float, decode GEMV
     assert type(model.model.embed_tokens) is nn.Embedding
-    assert model.lowbit_recipe == Recipe.from_name("rtn-w4g64")
-    assert model.lowbit_quantize_seconds >= 0
+    assert state_of(model).recipe == Recipe.from_name("rtn-w4g64")
+    assert state_of(model).quantize_seconds >= 0
 
 
 def test_quantized_layer_holds_rtn_of_the_float_weight(tiny_llama):

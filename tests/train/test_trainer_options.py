@@ -119,7 +119,7 @@ def test_finetune_resume_continues_a_killed_command_to_the_same_curve(ckpt, tmp_
     out = tmp_path / "resumed"
     killed = invoke("finetune", ckpt, "--out", out, *args)
     assert isinstance(killed.exception, Killed) and not out.exists()
-    assert (tmp_path / "resumed.trainer" / "trainer_state.pt").is_file()  # written at step 2
+    assert (tmp_path / "resumed.trainer" / "state.json").is_file()  # written at step 2: safetensors + JSON, no pickle
     monkeypatch.setattr(lowbit.train, "train", real_train)
     assert "other settings" in one_error_line(invoke("finetune", ckpt, "--out", out, *args[:-1], "--seed", "1",
                                                      "--resume"))

@@ -13,6 +13,7 @@ from lowbit.nn.input_transform import InputSpec, TransformedLinear
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantizers import ActivationsConfig, GPTQConfig, RTNConfig
 from lowbit.recipe import Recipe
+from lowbit.state import state_of
 from lowbit.transforms.quad import ResidualRMSNorm, projection
 from lowbit.transforms.rotate import RotateConfig, rotate_model
 
@@ -106,7 +107,7 @@ def test_quad_checkpoint_round_trip(tmp_path):
     lowbit.save(m, tmp_path / "ck")
     loaded, _ = lowbit.load(tmp_path / "ck")
     assert torch.equal(loaded(ids).logits, ref)
-    summary = loaded.lowbit_manifest["summary"]
+    summary = state_of(loaded).manifest["summary"]
     outliers = [mod.outlier for mod in loaded.modules() if isinstance(mod, QLinear) and mod.outlier is not None]
     assert len(outliers) == 10  # q, k, v, gate, up in 2 blocks
     assert summary["outlier_bytes"] == sum(o.numel() * o.element_size() for o in outliers)
@@ -181,7 +182,7 @@ def test_quad_peft_trains_outlier_columns_and_channel_scales_and_saves_them_fold
     lq = loaded.model.layers[0].mlp.up_proj
     assert lq.channel_scale is None and lq.outlier.dtype == torch.float16
     assert torch.equal(lq.scales, (scales.float() * layer.channel_scale.detach()[:, None]).half())
-    assert loaded.lowbit_manifest["summary"]["bits_per_weight"] == pytest.approx(bits)  # nothing added
+    assert state_of(loaded).manifest["summary"]["bits_per_weight"] == pytest.approx(bits)  # nothing added
     with torch.no_grad():  # the trained model with its scales folded and outliers in fp16 by hand = the checkpoint
         for q in m.modules():
             if isinstance(q, QLinear):

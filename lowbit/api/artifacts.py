@@ -1,0 +1,153 @@
+"""Jobs on saved checkpoints and results: ``merge``, ``export``, ``info``, ``recipes`` and ``report``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import io
+from ..errors import LowbitError
+from ..eval.perplexity import perplexity
+from ..io import read_manifest, save
+from .common import Result, check_windows
+
+EXPORT_LAYOUTS = ("peft", "native")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    """``lowbit merge``: adapters merged into the dequantized base, written as a float transformers model or
+    (``requantize``) a packed lowbit checkpoint; ``windows`` > 0 evaluates before and after."""
+
+    model: str
+    out: Path
+    requantize: bool = False
+    windows: int | None = 0
+    force: bool = False
+
+
+@dataclass
+class MergeResult(Result):
+    source: str
+    out: str
+    adapted_layers: int
+    kind: str
+    ppl_adapters: float | None = None
+    ppl_merged: float | None = None
+    windows: int | None = None
+    requantize_rel_error_mean: float | None = None
+    requantize_rel_error_max: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in super().to_dict().items() if v is not None}
+
+
+def merge(config: MergeConfig) -> MergeResult:
+    from .. import export
+    from ..adapters import adapted_layers
+
+    check_windows(config.windows)
+    model, tok = io.load(config.model)
+    if not adapted_layers(model):
+        raise LowbitError(f"{config.model} has no adapters to merge; fine-tune it first (lowbit finetune)")
+    result = MergeResult(str(config.model), str(config.out), len(adapted_layers(model)), "float")
+    evaluate = config.windows != 0
+    if evaluate:
+        result.ppl_adapters = perplexity(model, tok, windows=config.windows).ppl
+    if config.requantize:
+        merged, errors = export.requantize(model)
+        save(merged, config.out, tokenizer=tok, force=config.force)
+        result.kind = "lowbit"
+        result.requantize_rel_error_mean = sum(errors.values()) / len(errors)
+        result.requantize_rel_error_max = max(errors.values())
+    else:
+        merged = export.merged_float_model(model)
+        export.save_float(merged, config.out, tokenizer=tok, force=config.force)
+    if evaluate:
+        ppl = perplexity(merged, tok, windows=config.windows)
+        result.ppl_merged, result.windows = ppl.ppl, ppl.windows
+    return result
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``lowbit export``: adapters in PEFT's layout (LoRA; plus the dequantized base) or lowbit's ``native`` one
+    (any adapter: factors plus the merged float model)."""
+
+    model: str
+    out: Path
+    layout: str = "peft"
+    force: bool = False
+
+
+@dataclass
+class ExportResult(Result):
+    source: str
+    out: str
+    format: str
+    files: list[str]
+
+
+def export(config: ExportConfig) -> ExportResult:
+    from .. import export as exporters
+
+    if config.layout not in EXPORT_LAYOUTS:
+        raise LowbitError(f"--format must be peft or native, got {config.layout!r}")
+    model, tok = io.load(config.model)
+    writer = exporters.export_peft if config.layout == "peft" else exporters.export_native
+    writer(model, config.out, tokenizer=tok, force=config.force)
+    files = sorted(str(p.relative_to(config.out)) for p in Path(config.out).rglob("*") if p.is_file())
+    return ExportResult(str(config.model), str(config.out), config.layout, files)
+
+
+def info(path: str | Path, layers: bool = False) -> dict:
+    """``lowbit info``: what a checkpoint holds (recipe, bits per weight, sizes, versions; ``layers``: each
+    quantized layer's layout), read from its manifest alone."""
+    m = read_manifest(path)
+    s = m["summary"]
+    out = {
+        "path": str(path), "recipe": m["recipe"], "bits_per_weight": s["bits_per_weight"],
+        "code_bits": s["code_bits"], "quantized_layers": s["quantized_layers"],
+        "quantized_weights": s["quantized_weights"], "packed_bytes": s["packed_bytes"],
+        "packed_file_bytes": s["packed_file_bytes"],
+        "packed_file_bits_per_weight": s["packed_file_bytes"] * 8 / s["quantized_weights"]
+        if s["quantized_weights"] else None,
+        "size_bytes": s["size_bytes"], "versions": m["versions"], "eval": m.get("extra", {}).get("eval"),
+    }
+    if layers:
+        out["layers"] = m["layers"]
+    return out
+
+
+def recipes() -> dict[str, list[dict]]:
+    """``lowbit recipes``: every named preset and the step configs it expands to."""
+    from ..presets import PRESETS
+    from ..recipe import Recipe
+
+    return {name: Recipe.from_name(name).to_dict()["steps"] for name in PRESETS}
+
+
+def report(results: Path, out: Path, x: str = "bits_per_weight", train_logs: tuple[Path, ...] = ()) -> dict:
+    """``lowbit report``: the bits-vs-perplexity chart of a results file, or the loss curves of
+    ``train_log.json`` files of ``lowbit finetune`` overlaid."""
+    from ..report import load_rows, method_of, plot_bits_vs_ppl
+    from ..train import plot_losses
+
+    if train_logs:
+        curves = {}
+        for log_path in map(Path, train_logs):
+            try:
+                log_data = json.loads(log_path.read_text())
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LowbitError(f"cannot read {log_path} as a train_log.json of lowbit finetune ({e})") from e
+            if not isinstance(log_data, dict) or not isinstance(log_data.get("losses"), list):
+                raise LowbitError(f"{log_path} has no 'losses' list: not a train_log.json of lowbit finetune")
+            curves[f"{log_data.get('adapter', '?')} r{log_data.get('rank', '?')} ({log_path.parent.name})"] = \
+                log_data["losses"]
+        return {"png": str(plot_losses(curves, out)), "curves": list(curves)}
+    if x not in ("bits_per_weight", "code_bits"):
+        raise LowbitError(f"--x must be bits_per_weight or code_bits, got {x!r}")
+    rows = load_rows(results)
+    path = plot_bits_vs_ppl(rows, out, x=x)
+    return {"png": str(path), "rows": len(rows), "methods": sorted({method_of(r["recipe"]) for r in rows})}

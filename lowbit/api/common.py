@@ -1,0 +1,61 @@
+"""What every API job shares: the evaluation-window rule, the calibration settings, output-folder checks and
+the conversion of a result dataclass to the one JSON object the CLI prints."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..calibration import Calibration, read_calibration_text
+from ..errors import LowbitError
+from ..protocol import CALIB_SEQ_LEN, CALIB_WINDOWS
+
+ALL = None  # windows=ALL: every window of the split
+
+
+def check_windows(windows: int | None, flag: str = "--windows", allow_skip: bool = True) -> None:
+    """One meaning everywhere: ``N`` > 0 evaluates the first N windows, ``None`` (``all`` on the command line) all
+    of them, ``0`` skips the evaluation where a command can skip it."""
+    if windows is None:
+        return
+    if isinstance(windows, bool) or not isinstance(windows, int) or windows < 0 or (windows == 0 and not allow_skip):
+        least = "0 (skip)" if allow_skip else "1"
+        raise LowbitError(f"{flag} must be 'all' or a whole number >= {least}, got {windows!r}")
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an existing output folder unless ``force`` (checked before any work; the save checks again)."""
+    if Path(out).exists() and not force:
+        raise LowbitError(f"output folder {out} already exists; choose another folder or pass --force (force=True)")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where calibration windows come from: WikiText-2 *valid* by default, a text/.jsonl ``file``, or text the float
+    model samples itself (``self_generated``). ``windows``/``seq_len`` size the windows of the steps that take
+    the recipe's calibration size (GPTQ, lowra-gptq); RILQ and QUAD size theirs in their own configs."""
+
+    windows: int = CALIB_WINDOWS
+    seq_len: int = CALIB_SEQ_LEN
+    file: Path | None = None
+    self_generated: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.windows < 1 or self.seq_len < 2:
+            raise LowbitError("--calib-windows must be >= 1 and --calib-seq-len >= 2")
+        if self.self_generated and self.file is not None:
+            raise LowbitError("--calib-self and --calib-file both set: calibrate on one of them")
+
+    def build(self, tokenizer) -> Calibration:
+        text = read_calibration_text(self.file) if self.file is not None else None
+        return Calibration(tokenizer=tokenizer, n=self.windows, seq_len=self.seq_len, seed=self.seed, text=text,
+                           self_generated=self.self_generated)
+
+
+class Result:
+    """Mixin of every result dataclass: ``to_dict()`` is the JSON object ``--json`` prints."""
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}

@@ -1,0 +1,111 @@
+"""``api.evaluate`` (perplexity, or zero-shot tasks) and ``api.generate`` on any model source."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from .. import io
+from ..errors import LowbitError
+from ..eval.perplexity import PerplexityResult, perplexity
+from ..protocol import EVAL_SEQ_LEN, EVAL_WINDOWS
+from .common import Result, check_windows
+
+
+def _load_with_tokenizer(source: str):
+    model, tokenizer = io.load_model(source)
+    if tokenizer is None:
+        raise LowbitError(f"{source} has no tokenizer files; re-save it with a tokenizer")
+    return model, tokenizer
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``lowbit eval``: WikiText-2 test perplexity over the first ``windows`` windows (None = all) of ``seq_len``
+    tokens, or with ``tasks`` zero-shot accuracy on those tasks (``limit``: the first N examples of each)."""
+
+    model: str
+    windows: int | None = EVAL_WINDOWS
+    seq_len: int = EVAL_SEQ_LEN
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+
+
+@dataclass
+class EvalResult(Result):
+    """Perplexity (``perplexity``) or task accuracies (``tasks``: ``{"piqa": {"acc", "acc_norm", "n"}, ...}``)."""
+
+    perplexity: PerplexityResult | None
+    tasks: dict | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        if self.tasks is not None:
+            return dict(self.tasks)  # only the task keys, as lm-evaluation-harness users expect
+        return {**self.perplexity.to_dict(), "eval": self.perplexity.label(), "seconds": self.seconds}
+
+
+def evaluate(config: EvalConfig) -> EvalResult:
+    """Names, limits and data files are checked before the model loads."""
+    from ..eval.tasks import evaluate_tasks, load_task, resolve_tasks
+
+    if config.tasks or config.limit is not None:
+        if not config.tasks:
+            raise LowbitError("--limit applies only with --tasks (e.g. --tasks piqa,arc_easy,boolq)")
+        if config.limit is not None and config.limit < 1:
+            raise LowbitError(f"--limit must be a positive number of examples, got {config.limit}")
+        names = resolve_tasks(list(config.tasks))
+        for name in names:
+            load_task(name, config.limit)  # a missing or malformed file fails here, before the model loads
+        model, tokenizer = _load_with_tokenizer(config.model)
+        start = time.perf_counter()
+        results = evaluate_tasks(model, tokenizer, names, limit=config.limit)
+        return EvalResult(None, results, time.perf_counter() - start)
+    check_windows(config.windows, allow_skip=False)
+    model, tokenizer = _load_with_tokenizer(config.model)
+    start = time.perf_counter()
+    result = perplexity(model, tokenizer, windows=config.windows, seq_len=config.seq_len)
+    return EvalResult(result, None, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """``lowbit generate``: greedy continuation of ``prompt`` (wrapped in the chat template when ``chat``)."""
+
+    model: str
+    prompt: str
+    max_new_tokens: int = 64
+    chat: bool = True
+
+
+@dataclass
+class GenerateResult(Result):
+    prompt: str
+    text: str
+    new_tokens: int
+    seconds: float
+    tok_s: float
+
+
+def generate(config: GenerateConfig) -> GenerateResult:
+    import torch
+
+    from .. import kernels
+
+    if config.max_new_tokens < 1:
+        raise LowbitError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
+    model, tok = _load_with_tokenizer(config.model)
+    if config.chat and getattr(tok, "chat_template", None):
+        ids = tok.apply_chat_template([{"role": "user", "content": config.prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tok(config.prompt, return_tensors="pt").input_ids
+    kernels.prepare()  # a first-time kernel build is not generation time
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    seconds = time.perf_counter() - start
+    new = out[0, ids.shape[1]:]
+    return GenerateResult(config.prompt, tok.decode(new, skip_special_tokens=True), int(new.numel()), seconds,
+                          new.numel() / seconds)

@@ -1,0 +1,105 @@
+"""``api.quantize``: load a model, evaluate it, apply a recipe, evaluate again, save a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import io, memory
+from ..errors import LowbitError
+from ..eval.perplexity import perplexity
+from ..io import read_manifest, save
+from ..models import DEFAULT_MODEL, resolve_source
+from ..presets import DEFAULT_PRESET
+from ..protocol import EVAL_WINDOWS
+from ..recipe import Recipe, apply_recipe
+from ..registry import get
+from .common import CalibrationConfig, Result, check_out, check_windows
+
+OVERRIDABLE = ("format", "bits", "group_size", "granularity", "symmetric", "budget")
+
+
+def recipe_with_overrides(recipe: str | Path | Recipe, overrides: dict[str, Any]) -> Recipe:
+    """The preset/YAML recipe with single-step overrides (``format``, ``bits``, ``group_size``, ``granularity``,
+    ``symmetric``, ``budget``) applied to its first step; a field the step does not have is an error."""
+    parsed = Recipe.parse(recipe)
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    fields = {f.name for f in dataclasses.fields(parsed.steps[0])}
+    for key in overrides:
+        if key not in OVERRIDABLE or key not in fields:
+            flag = "--number-format" if key == "format" else "--" + key.replace("_", "-")
+            raise LowbitError(f"{flag} does not apply to step {parsed.steps[0].step!r} of recipe {parsed.name!r} "
+                              f"(its fields: {', '.join(sorted(fields))})")
+    if overrides:
+        first = dataclasses.replace(parsed.steps[0], **overrides)
+        parsed = Recipe([first, *parsed.steps[1:]], name=f"{parsed.name}+custom")
+    return parsed
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """``lowbit quantize``: ``model`` (built-in name, HF folder or .gguf) through ``recipe`` into ``out``."""
+
+    out: Path
+    model: str = DEFAULT_MODEL
+    recipe: str | Recipe = DEFAULT_PRESET
+    windows: int | None = EVAL_WINDOWS  # test windows evaluated before and after; 0 = skip, None = all
+    force: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # first-step fields: format, bits, group_size, ...
+    calibration: CalibrationConfig = CalibrationConfig()
+
+
+@dataclass
+class QuantizeResult(Result):
+    model: str
+    recipe: str
+    out: str
+    fp_ppl: float | None
+    ppl: float | None
+    windows: int
+    eval: str
+    bits_per_weight: float | None
+    code_bits: float | None
+    size_bytes: int
+    size_mb: float
+    packed_bytes: int
+    quantize_seconds: float
+    quantize_peak_rss_mb: float
+    fp_model_mb: float
+
+
+def quantize(config: QuantizeConfig) -> QuantizeResult:
+    """Run the job; every bad input fails with a :class:`LowbitError` before the model loads."""
+    check_windows(config.windows)
+    recipe = recipe_with_overrides(config.recipe, config.overrides)
+    resolve_source(config.model)
+    own_data = [s.step for s in recipe.steps if get("step", s.step).own_windows]
+    if config.calibration.self_generated and own_data:
+        raise LowbitError(f"--calib-self applies to gptq and lowra-gptq; step {own_data[0]!r} of this recipe does not "
+                          "use it yet; drop --calib-self or pass --calib-file")
+    check_out(config.out, config.force)
+    calib_text_check = config.calibration.build(None)  # reads --calib-file now: a bad file fails before loading
+    fp_model, tokenizer = io.load_model(config.model)
+    calib = dataclasses.replace(calib_text_check, tokenizer=tokenizer)
+    if any(get("step", s.step).needs_calibration for s in recipe.steps):
+        calib.get_windows(fp_model)  # a file too short for one window fails here, before any evaluation
+    evaluate = config.windows != 0
+    fp = perplexity(fp_model, tokenizer, windows=config.windows) if evaluate else None
+    fp_bytes = sum(p.numel() * p.element_size() for p in fp_model.parameters())
+    memory.release_free_memory()
+    memory.reset_peak()
+    qmodel = apply_recipe(fp_model, recipe, calib=calib)
+    peak = memory.peak_rss_mb()
+    q = perplexity(qmodel, tokenizer, windows=config.windows) if evaluate else None
+    extra = {"eval": {"fp_ppl": fp.ppl, "ppl": q.ppl, **q.to_dict()}} if q else {}
+    save(qmodel, config.out, tokenizer=tokenizer, force=config.force, extra=extra)
+    manifest = read_manifest(config.out)
+    s = manifest["summary"]
+    return QuantizeResult(
+        model=str(config.model), recipe=recipe.name, out=str(config.out), fp_ppl=fp.ppl if fp else None,
+        ppl=q.ppl if q else None, windows=q.windows if q else 0, eval=q.label() if q else "skipped",
+        bits_per_weight=s["bits_per_weight"], code_bits=s["code_bits"], size_bytes=s["size_bytes"],
+        size_mb=s["size_bytes"] / 1e6, packed_bytes=s["packed_file_bytes"],
+        quantize_seconds=manifest["quantize_seconds"], quantize_peak_rss_mb=peak, fp_model_mb=fp_bytes / 2**20)

@@ -1,0 +1,215 @@
+"""``api.finetune`` (adapters over the packed base) and ``api.compensate`` (RILQ or LoftQ on a checkpoint)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .. import adapters as ad
+from .. import io, memory
+from ..calibration import Calibration
+from ..compensate import LoftQConfig, RILQConfig
+from ..errors import LowbitError
+from ..eval.perplexity import perplexity
+from ..fileio import atomic_write
+from ..io import save
+from ..models import DECODER
+from ..protocol import EVAL_WINDOWS
+from ..recipe import Recipe, apply_recipe
+from ..state import state_of
+from ..train import TrainConfig, load_data, plot_losses, write_log
+from .common import Result, check_out, check_windows
+
+log = logging.getLogger(__name__)
+ADAPTERS = ("lora", "lorma", "none")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """``lowbit finetune``: train adapters (and with ``train_outliers`` QUAD's float columns and channel scales)
+    over the packed, frozen base of ``model`` (a checkpoint; a float model with ``recipe``). A checkpoint that
+    already holds adapters continues training them. The resumable state lives in ``OUT.trainer/``."""
+
+    model: str
+    out: Path
+    adapter: str = "lora"  # lora | lorma | none (with train_outliers)
+    rank: int = 16
+    alpha: float = 0.0  # 0 = 2 x rank
+    targets: tuple[str, ...] = (DECODER,)
+    lorma_variant: str = "rri"
+    lorma_mode: str = "pre"
+    train_outliers: bool = False
+    recipe: str = ""  # quantize a float model with this recipe first
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(checkpoint_every=25))
+    seq_len: int = 256
+    data: Path | None = None  # text file or .jsonl prompt/response pairs; None = WikiText-2 valid
+    resume: bool = False
+    windows: int | None = 0  # test windows evaluated after training; 0 = skip, None = all
+    force: bool = False
+
+    def adapter_config(self) -> ad.AdapterConfig | None:
+        if self.adapter == "lora":
+            return ad.LoRAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)
+        if self.adapter == "lorma":
+            return ad.LoRMAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, variant=self.lorma_variant,
+                                  mode=self.lorma_mode)
+        return None
+
+
+@dataclass
+class FinetuneResult(Result):
+    source: str
+    out: str
+    adapter: str
+    rank: int
+    outlier_weights: int
+    first_loss: float
+    final_loss: float
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: float
+    peak_rss_mb: float
+    config: dict
+    data: str
+    examples: int
+    ppl: float | None = None
+    windows: int | None = None
+    losses: list[float] = field(default_factory=list, repr=False)
+    step_tokens_per_second: list[float] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        return out if self.ppl is not None else {k: v for k, v in out.items() if k not in ("ppl", "windows")}
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    import torch
+
+    from .. import train as training  # looked up at call time, so a test can wrap training.train
+
+    out = Path(config.out)
+    state_dir = out.parent / f"{out.name}.trainer"
+    check_out(out, config.force)
+    check_windows(config.windows)
+    if config.adapter not in ADAPTERS:
+        raise LowbitError(f"--adapter must be lora, lorma or none, got {config.adapter!r}")
+    if config.adapter == "none" and not config.train_outliers:
+        raise LowbitError("--adapter none trains nothing: add --train-outliers (QUAD's PEFT) or pick an adapter")
+    adapter_config = config.adapter_config()
+    model, tok = io.load_model(config.model)
+    if tok is None:
+        raise LowbitError(f"{config.model} has no tokenizer files; re-save it with a tokenizer")
+    if config.recipe:
+        apply_recipe(model, config.recipe, Calibration(tokenizer=tok))
+    train_data = load_data(tok, config.data, config.seq_len)
+    torch.manual_seed(config.train.seed)
+    adapter, rank = config.adapter, config.rank
+    existing = ad.manifest_entry(model)
+    if existing:  # e.g. a RILQ or LoftQ checkpoint: its adapters are the initialisation, train them on
+        first = next(iter(existing.values()))["config"]
+        adapter, rank = first["step"], first["rank"]
+        log.warning("continuing the adapters already in %s: %s (adapter, rank, alpha and targets are not used)",
+                    config.model, ", ".join(existing))
+    elif adapter_config is not None:
+        ad.attach(model, adapter_config)
+    ad.freeze(model)
+    outlier_weights = ad.train_outliers(model) if config.train_outliers else 0
+    if outlier_weights:
+        log.warning("training %d outlier weights and channel scales (QUAD PEFT)", outlier_weights)
+    trained = training.train(model, train_data, config.train, state_dir=state_dir, resume=config.resume)
+    stats = trained.to_dict()
+    result = FinetuneResult(source=str(config.model), out=str(out), adapter=adapter, rank=rank,
+                            outlier_weights=outlier_weights, **stats, data=train_data.source,
+                            examples=len(train_data))
+    model.eval()
+    if config.windows != 0:
+        ppl = perplexity(model, tok, windows=config.windows)
+        result.ppl, result.windows = ppl.ppl, ppl.windows
+    summary = {k: v for k, v in result.to_dict().items() if k != "config"}
+    save(model, out, tokenizer=tok, force=config.force, extra={"finetune": summary})
+    write_log(out / "train_log.json", {**result.to_dict(), "losses": result.losses,
+                                       "step_tokens_per_second": result.step_tokens_per_second})
+    plot_losses({adapter: result.losses}, out / "loss.png", title=f"{adapter} r{rank} over {config.model}")
+    shutil.rmtree(state_dir, ignore_errors=True)  # the checkpoint is saved: nothing left to resume
+    return result
+
+
+@dataclass(frozen=True)
+class CompensateConfig:
+    """``lowbit compensate``: RILQ (adapters trained against the float source's outputs) or LoftQ (re-quantize
+    the float source with the checkpoint's own single quantizer step, fitting the residual) on a checkpoint."""
+
+    model: str
+    out: Path
+    method: str = "rilq"  # rilq | loftq
+    rank: int = 16
+    max_steps: int = 0  # RILQ optimizer steps; 0 = its default
+    windows: int | None = EVAL_WINDOWS  # test windows evaluated after; 0 = skip, None = all
+    force: bool = False
+
+
+@dataclass
+class CompensateResult(Result):
+    source: str
+    method: str
+    rank: int
+    seconds: float
+    peak_rss_mb: float
+    out: str
+    ppl: float | None = None
+    windows: int | None = None
+    loss_curve: str | None = None
+    rilq_steps: int | None = None
+    best_val_loss: float | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in super().to_dict().items() if v is not None}
+
+
+def compensate(config: CompensateConfig) -> CompensateResult:
+    if config.method not in ("rilq", "loftq"):
+        raise LowbitError(f"--method must be rilq or loftq, got {config.method!r}")
+    if config.max_steps < 0:
+        raise LowbitError("--max-steps must be >= 0")
+    check_windows(config.windows)
+    check_out(config.out, config.force)
+    memory.reset_peak()
+    start = time.perf_counter()
+    model, tok = io.load(config.model)
+    if tok is None:
+        raise LowbitError(f"{config.model} has no tokenizer files; re-save it with a tokenizer")
+    out = Path(config.out)
+    result = CompensateResult(source=str(config.model), method=config.method, rank=config.rank, seconds=0.0,
+                              peak_rss_mb=0.0, out=str(out))
+    previous = state_of(model).recipe
+    if config.method == "rilq":
+        rilq = RILQConfig(rank=config.rank, **({"max_steps": config.max_steps} if config.max_steps else {}))
+        apply_recipe(model, Recipe([rilq], name="rilq"), Calibration(tokenizer=tok))
+        recipe = Recipe([*(previous.steps if previous else []), rilq],
+                        name=f"{getattr(previous, 'name', 'custom')}+rilq{config.rank}")
+        history = state_of(model).history["rilq"]
+        curve = atomic_write(out.parent / f"{out.name}.rilq.json", json.dumps(history, indent=1))
+        result = replace(result, loss_curve=str(curve), rilq_steps=history["steps"], best_val_loss=history["best_val"])
+    else:
+        steps = getattr(previous, "steps", [])
+        if len(steps) != 1:
+            raise LowbitError(f"{config.model} was not made by a single quantizer step; LoftQ re-quantizes from the "
+                              "float source with that step")
+        recipe = Recipe([LoftQConfig(quantizer=steps[0].to_dict(), rank=config.rank)], name=f"loftq-r{config.rank}")
+        source = state_of(model).source
+        del model
+        model, _ = io.load_model(source)
+        apply_recipe(model, recipe)
+    state_of(model).recipe = recipe
+    result = replace(result, seconds=time.perf_counter() - start, peak_rss_mb=memory.peak_rss_mb())
+    if config.windows != 0:
+        ppl = perplexity(model, tok, windows=config.windows)
+        result = replace(result, ppl=ppl.ppl, windows=ppl.windows)
+    save(model, out, tokenizer=tok, force=config.force,
+         extra={k: v for k, v in (("ppl", result.ppl), ("windows", result.windows)) if v is not None})
+    return result
