@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lowbit quantize --model $(MODEL) --recipe $(RECIPE) --windows $(WINDOWS) --out $(OUT) --force
+	$(BIN)/lowbit quantize $(MODEL) --recipe $(RECIPE) --windows $(WINDOWS) --out $(OUT) --force
 	$(BIN)/lowbit eval $(OUT) --windows $(WINDOWS)
 	$(BIN)/lowbit generate $(OUT) --prompt "What is the capital of France?" --max-new-tokens 48
 

@@ -29,6 +29,7 @@ class MergeConfig:
 
 @dataclass
 class MergeResult(Result):
+    omit_none = True
     source: str
     out: str
     adapted_layers: int
@@ -38,9 +39,6 @@ class MergeResult(Result):
     windows: int | None = None
     requantize_rel_error_mean: float | None = None
     requantize_rel_error_max: float | None = None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in super().to_dict().items() if v is not None}
 
 
 def merge(config: MergeConfig) -> MergeResult:

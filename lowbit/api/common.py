@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from ..calibration import Calibration, read_calibration_text
 from ..errors import LowbitError
@@ -55,7 +56,11 @@ class CalibrationConfig:
 
 
 class Result:
-    """Mixin of every result dataclass: ``to_dict()`` is the JSON object ``--json`` prints."""
+    """Mixin of every result dataclass: ``to_dict()`` is the JSON object ``--json`` prints: every field shown in
+    its repr, and with ``omit_none`` only those that hold a value (a skipped evaluation prints no ``ppl`` key)."""
+
+    omit_none: ClassVar[bool] = False
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
+        return {k: v for k, v in out.items() if v is not None} if self.omit_none else out

@@ -62,6 +62,7 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult(Result):
+    omit_none = True
     source: str
     out: str
     adapter: str
@@ -81,10 +82,6 @@ class FinetuneResult(Result):
     windows: int | None = None
     losses: list[float] = field(default_factory=list, repr=False)
     step_tokens_per_second: list[float] = field(default_factory=list, repr=False)
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        return out if self.ppl is not None else {k: v for k, v in out.items() if k not in ("ppl", "windows")}
 
 
 def finetune(config: FinetuneConfig) -> FinetuneResult:
@@ -155,6 +152,7 @@ class CompensateConfig:
 
 @dataclass
 class CompensateResult(Result):
+    omit_none = True
     source: str
     method: str
     rank: int
@@ -166,9 +164,6 @@ class CompensateResult(Result):
     loss_curve: str | None = None
     rilq_steps: int | None = None
     best_val_loss: float | None = None
-
-    def to_dict(self) -> dict:
-        return {k: v for k, v in super().to_dict().items() if v is not None}
 
 
 def compensate(config: CompensateConfig) -> CompensateResult:

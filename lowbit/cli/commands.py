@@ -14,7 +14,10 @@ from ..presets import DEFAULT_PRESET
 from ..protocol import CALIB_SEQ_LEN, CALIB_WINDOWS, EVAL_SEQ_LEN, EVAL_WINDOWS
 from . import common  # its out_console is read at call time (tests replace it)
 from .common import (
+    FORCE_OPTION,
+    JSON_OPTION,
     MODEL_HELP,
+    VERBOSE_OPTION,
     WINDOWS_HELP,
     app,
     emit,
@@ -33,7 +36,7 @@ def quantize(
     out: Path = typer.Option(..., help="Output checkpoint folder (must not exist unless --force)."),
     windows: str = typer.Option(str(EVAL_WINDOWS), help=WINDOWS_HELP),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip both perplexity evaluations (same as --windows 0)."),
-    force: bool = typer.Option(False, help="Replace the output folder if it exists."),
+    force: bool = FORCE_OPTION,
     number_format: str | None = typer.Option(None, "--number-format", help="Override: int | nf | fp4 | fp8."),
     bits: int | None = typer.Option(None, help="Override: code bits, 1-8."),
     group_size: int | None = typer.Option(None, help="Override: input columns per scale (multiple of 8)."),
@@ -46,8 +49,8 @@ def quantize(
     calib_self: bool = typer.Option(False, "--calib-self", help="Data-free calibration: text the float model "
                                     "samples itself (64 sequences of 512 tokens per 16 x 2048 windows)."),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    as_json: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Quantize a model with a recipe, evaluate FP and quantized perplexity, and save a checkpoint."""
     setup_logging(verbose)
@@ -73,8 +76,8 @@ def evaluate(
     tasks: str = typer.Option("", help="Comma-separated zero-shot tasks (piqa, arc_easy, boolq): report their "
                                        "acc and acc_norm instead of perplexity."),
     limit: int | None = typer.Option(None, help="With --tasks: only the first N examples of each."),
-    as_json: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    as_json: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ):
     """WikiText-2 test perplexity of a checkpoint or model, or zero-shot task accuracy with --tasks."""
     setup_logging(verbose)
@@ -100,8 +103,8 @@ def generate(
     prompt: str = typer.Option(..., help="Text to continue (or the user turn with --chat)."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template."),
-    as_json: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    as_json: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Greedy generation from a checkpoint or model."""
     setup_logging(verbose)
@@ -121,7 +124,7 @@ def generate(
 def info(
     model: Path = typer.Argument(..., help="lowbit checkpoint folder."),
     layers: bool = typer.Option(False, "--layers", help="Also list every quantized layer."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ):
     """What a checkpoint holds: recipe, bits per weight, sizes, versions."""
     from .. import api
@@ -143,7 +146,7 @@ def info(
 
 
 @app.command()
-def recipes(as_json: bool = typer.Option(False, "--json")):
+def recipes(as_json: bool = JSON_OPTION):
     """List the named presets."""
     from .. import api
     from ..config import StepConfig
@@ -166,7 +169,7 @@ def report(
     x: str = typer.Option("bits_per_weight", help="x axis: bits_per_weight (effective) or code_bits."),
     train_logs: str = typer.Option("", help="Comma-separated train_log.json files of lowbit finetune: overlay their "
                                             "loss curves (e.g. LoRA vs LoRMA) instead."),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = JSON_OPTION,
 ):
     """Draw the bits-vs-perplexity curve of every method in a results file, or overlay fine-tuning loss curves."""
     from .. import api
@@ -187,8 +190,8 @@ def bench(
     calib_windows: int = typer.Option(CALIB_WINDOWS, help="Calibration windows for recipes that need calibration."),
     out: Path = typer.Option(Path("lowbit-bench"), help="Folder for bench.md, bench.json and bench.png."),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),
-    as_json: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    as_json: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Decode and prefill speed, peak memory and the bandwidth roofline of FP32 and each recipe, in one run."""
     setup_logging(verbose)

@@ -48,6 +48,9 @@ def emit(payload: dict, as_json: bool, title: str) -> None:
 
 
 WINDOWS_HELP = f"WikiText-2 test windows of {EVAL_SEQ_LEN} tokens to evaluate: N (the first N), all, or 0 (skip)."
+JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout.")
+VERBOSE_OPTION = typer.Option(False, "-v", "--verbose", help="Log progress to stderr.")
+FORCE_OPTION = typer.Option(False, "--force", help="Replace the output folder if it exists.")
 MODEL_HELP = "Built-in name (smollm2-135m), Hugging Face model folder, .gguf file or lowbit checkpoint."
 
 

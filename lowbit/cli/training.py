@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 
 from ..protocol import EVAL_WINDOWS
-from .common import app, emit, one_line_errors, parse_windows, setup_logging
+from .common import FORCE_OPTION, JSON_OPTION, VERBOSE_OPTION, app, emit, one_line_errors, parse_windows, setup_logging
 
 SKIP_HELP = "WikiText-2 test windows to evaluate after: N (the first N), all, or 0 (skip)."
 
@@ -40,9 +40,9 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.trainer/."),
     checkpoint_every: int = typer.Option(25, help="Steps between resumable training-state saves."),
     windows: str = typer.Option("0", help=SKIP_HELP),
-    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
-    as_json: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    force: bool = FORCE_OPTION,
+    as_json: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Fine-tune adapters over the packed, frozen base; the result is a checkpoint eval/generate/bench accept.
 
@@ -72,9 +72,9 @@ def merge(
                                                 "checkpoint) instead of writing a float model."),
     windows: str = typer.Option("0", help="WikiText-2 test windows to evaluate before and after: N, all, or 0 "
                                           "(skip)."),
-    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
-    as_json: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    force: bool = FORCE_OPTION,
+    as_json: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Merge adapters into the dequantized base: a float transformers model, or (--requantize) a packed one."""
     setup_logging(verbose)
@@ -94,9 +94,9 @@ def compensate(
     out: Path = typer.Option(..., help="Output checkpoint folder (must not exist unless --force)."),
     windows: str = typer.Option(str(EVAL_WINDOWS), help=SKIP_HELP),
     max_steps: int = typer.Option(0, help="RILQ: optimizer steps (0 = the default)."),
-    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
-    as_json: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    force: bool = FORCE_OPTION,
+    as_json: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Win back 2-bit quality with adapters: RILQ trains them against the float model, LoftQ fits the residual."""
     setup_logging(verbose)
@@ -115,9 +115,9 @@ def export_adapters(
     out: Path = typer.Option(..., help="Output folder (must not exist unless --force)."),
     fmt: str = typer.Option("peft", "--format", help="peft (LoRA: PEFT adapter files + the dequantized base) or "
                                                      "native (any adapter: factors + merged float model)."),
-    force: bool = typer.Option(False, "--force", help="Replace the output folder if it exists."),
-    as_json: bool = typer.Option(False, "--json"),
-    verbose: bool = typer.Option(False, "-v", "--verbose"),
+    force: bool = FORCE_OPTION,
+    as_json: bool = JSON_OPTION,
+    verbose: bool = VERBOSE_OPTION,
 ):
     """Export adapters: PEFT's layout for LoRA, lowbit's own (plus a merged float model) for any adapter."""
     setup_logging(verbose)

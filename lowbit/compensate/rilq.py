@@ -29,6 +29,7 @@ over lowra-gptq-b2.0 ranks 4–64 give 30.79–32.64 (benchmarks/rilq.py; BENCHM
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -49,7 +50,8 @@ from ..nn.qlinear import QLinear, fold_scale_multiplier
 from ..quantizers.base import Step
 from ..registry import register
 from ..state import state_of
-from ..train.trainer import autocast, check_precision, set_checkpointing
+from ..train.engine import Engine, OptimConfig
+from ..train.trainer import autocast, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -220,58 +222,47 @@ class RILQ(Step):
                 params += [m.channel_scale for m in layers]
         initial = [p.detach().clone() for p in params]
         lr = c.learning_rate(continuing)
-        opt = torch.optim.Adam(params, lr=lr)
-        import transformers  # on use, as the trainer's make_scheduler: not at lowbit's import
-
-        sched = transformers.get_scheduler(c.schedule, opt, num_warmup_steps=0, num_training_steps=c.max_steps)
+        # Adam without weight decay (AdamW with 0 decay is exactly Adam); no warmup, the schedule over max_steps
+        engine = Engine(model, params, OptimConfig(steps=c.max_steps, lr=lr, schedule=c.schedule,
+                                                   grad_accum=c.grad_accum),
+                        gradient_checkpointing=c.gradient_checkpointing, desc=f"rilq r{c.rank}")
         gen = torch.Generator().manual_seed(c.seed)
         was_training = model.training
         model.train()
-        checkpointing = c.gradient_checkpointing
-        if checkpointing:
-            set_checkpointing(model, True)
         v, v_mse, v_ce = self.validate(model, val)
         history = {"step": [0], "train": [math.nan], "val": [v], "val_mse": [v_mse], "val_ce": [v_ce], "mse": [],
                    "ce": []}
         best, best_state, bad, step = history["val"][0], None, 0, 0
         order: list[int] = []
-        bar = tqdm(total=c.max_steps, desc=f"rilq r{c.rank}", unit="step", leave=False)
+
+        def micro_loss(at: int, micro: int) -> torch.Tensor:
+            batch = []
+            while len(batch) < c.micro_batch:  # a fresh shuffle of the training windows every epoch
+                if not order:
+                    order.extend(train[j] for j in torch.randperm(len(train), generator=gen).tolist())
+                batch.append(order.pop())
+            loss, mse, ce = self.loss(model, batch)
+            history["mse"].append(mse)
+            history["ce"].append(ce)
+            return loss
+
         try:
-            while step < c.max_steps and bad < c.patience:
-                running = 0.0
-                for _ in range(c.grad_accum):
-                    batch = []
-                    while len(batch) < c.micro_batch:  # a fresh shuffle of the training windows every epoch
-                        if not order:
-                            order = [train[j] for j in torch.randperm(len(train), generator=gen).tolist()]
-                        batch.append(order.pop())
-                    loss, mse, ce = self.loss(model, batch)
-                    (loss / c.grad_accum).backward()
-                    running += loss.item() / c.grad_accum
-                    history["mse"].append(mse)
-                    history["ce"].append(ce)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.3f}", best_val=f"{best:.3f}")
-                if step % c.eval_every == 0 or step == c.max_steps:
-                    v, v_mse, v_ce = self.validate(model, val)
-                    history["step"].append(step)
-                    history["train"].append(running)
-                    history["val"].append(v)
-                    history["val_mse"].append(v_mse)
-                    history["val_ce"].append(v_ce)
-                    if v < best:
-                        best, bad = v, 0
-                        best_state = [p.detach().clone() for p in params]
-                    else:
-                        bad += 1
+            with contextlib.closing(engine.run(micro_loss)) as steps:
+                for step, running, _ in steps:
+                    engine.bar.set_postfix(loss=f"{running:.3f}", best_val=f"{best:.3f}")
+                    if step % c.eval_every == 0 or step == c.max_steps:
+                        v, v_mse, v_ce = self.validate(model, val)
+                        for key, value in (("step", step), ("train", running), ("val", v), ("val_mse", v_mse),
+                                           ("val_ce", v_ce)):
+                            history[key].append(value)
+                        if v < best:
+                            best, bad = v, 0
+                            best_state = [p.detach().clone() for p in params]
+                        else:
+                            bad += 1
+                    if bad >= c.patience:
+                        break
         finally:
-            bar.close()
-            if checkpointing:
-                set_checkpointing(model, False)
             model.train(was_training)
         with torch.no_grad():  # the best validated state; never beaten: the state it started from
             for p, b in zip(params, initial if best_state is None else best_state, strict=True):

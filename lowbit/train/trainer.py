@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,17 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from tqdm.auto import tqdm
 
 from .. import memory
 from ..errors import LowbitError
 from ..kernels import native_bf16
 from ..protocol import LOGITS_CHUNK
 from .data import IGNORE, TrainData
+from .engine import SCHEDULES, Engine, OptimConfig
 from .state import load_state, save_state
 
 log = logging.getLogger(__name__)
-SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 
 
@@ -104,6 +102,11 @@ class TrainConfig:
         """Warmup length in optimizer steps."""
         return self.warmup_steps if self.warmup_steps is not None else math.ceil(self.warmup_ratio * self.steps)
 
+    def optim(self) -> OptimConfig:
+        """What the engine needs of this config."""
+        return OptimConfig(steps=self.steps, lr=self.lr, warmup=self.warmup, schedule=self.schedule,
+                           weight_decay=self.weight_decay, max_grad_norm=self.max_grad_norm, grad_accum=self.grad_accum)
+
 
 @dataclass
 class TrainResult:
@@ -141,28 +144,6 @@ class TrainResult:
                 "step_tokens_per_second": [self.tokens_per_step / s if s else 0.0 for s in self.step_seconds]}
 
 
-def set_checkpointing(model: nn.Module, on: bool) -> None:
-    """Recompute each decoder block's activations in the backward (transformers' activation checkpointing)."""
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        return
-    kwargs = {"use_reentrant": False}
-    if on and hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    elif on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    else:
-        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
-
-
-def checkpointing_on(model: nn.Module) -> bool:
-    """Whether activation checkpointing is on already (so the trainer leaves it on afterwards)."""
-    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers 5.x, 4.x
-        value = getattr(model, name, None)
-        if value is not None:
-            return bool(value)
-    return False
-
-
 def batch_indices(n: int, batch: int, micro_step: int, seed: int) -> torch.Tensor:
     """Example indices of micro-batch ``micro_step`` (0-based) of the seeded, epoch-wise shuffled stream."""
     out = []
@@ -194,17 +175,6 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chu
     return total / count
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
-    """Linear warmup over ``config.warmup`` steps, then ``config.schedule`` (transformers' schedulers)."""
-    import transformers
-
-    if config.schedule == "constant":
-        return transformers.get_constant_schedule_with_warmup(optimizer, config.warmup)
-    make = (transformers.get_cosine_schedule_with_warmup if config.schedule == "cosine" else
-            transformers.get_linear_schedule_with_warmup)
-    return make(optimizer, config.warmup, config.steps)
-
-
 def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str | Path | None = None,
           resume: bool = False, progress: bool = True,
           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
@@ -217,8 +187,8 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
     if not named:
         raise LowbitError("the model has no trainable parameters: attach adapters first (lowbit.adapters.attach)")
     params = [p for _, p in named]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sched = make_scheduler(opt, config)
+    engine = Engine(model, params, config.optim(), gradient_checkpointing=config.gradient_checkpointing,
+                    desc="finetune", progress=progress)
     state_dir = None if state_dir is None else Path(state_dir)
     losses: list[float] = []
     step_seconds: list[float] = []
@@ -227,23 +197,21 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
     if resume:
         if state_dir is None:
             raise LowbitError("nothing to resume: no state_dir was given")
-        path = state_dir
         state = load_state(state_dir)
         if state["config"] != asdict(config):
-            raise LowbitError(f"{path} was written by a run with other settings ({state['config']}); resume with "
-                              "the same settings or start a new run")
+            raise LowbitError(f"{state_dir} was written by a run with other settings ({state['config']}); resume "
+                              "with the same settings or start a new run")
         if state.get("data", fingerprint) != fingerprint:
-            raise LowbitError(f"{path} was written for other training data than {data.source} "
+            raise LowbitError(f"{state_dir} was written for other training data than {data.source} "
                               f"({state['data']} vs {fingerprint}); resume with the same --data and --seq-len or "
                               "start a new run")
         if list(state["params"]) != [n for n, _ in named]:
-            raise LowbitError(f"{path} holds other trainable parameters than this model; resume with the same "
+            raise LowbitError(f"{state_dir} holds other trainable parameters than this model; resume with the same "
                               "model and adapters")
         with torch.no_grad():
             for (_, p), t in zip(named, state["params"].values(), strict=True):
                 p.copy_(t)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        engine.load_state_dict(state)
         torch.set_rng_state(state["rng"].to(torch.uint8))
         losses, step, tokens, seconds = state["losses"], state["step"], state["tokens"], state["seconds"]
         step_seconds = state.get("step_seconds", [])
@@ -252,53 +220,32 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
     def checkpoint_state():
         if state_dir is not None:
             save_state(state_dir, {"config": asdict(config), "data": fingerprint, "step": step, "losses": losses,
-                                    "tokens": tokens, "seconds": seconds, "step_seconds": step_seconds,
-                                    "rng": torch.get_rng_state(),
-                                    "params": {n: p.detach().clone() for n, p in named},
-                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+                                   "tokens": tokens, "seconds": seconds, "step_seconds": step_seconds,
+                                   "rng": torch.get_rng_state(),
+                                   "params": {n: p.detach().clone() for n, p in named}, **engine.state_dict()})
 
-    was_training, was_checkpointing = model.training, checkpointing_on(model)
-    model.train()
-    if config.gradient_checkpointing and not was_checkpointing:
-        set_checkpointing(model, True)
+    def micro_loss(at: int, micro: int) -> torch.Tensor:
+        nonlocal tokens
+        idx = batch_indices(len(data), config.batch, at * config.grad_accum + micro, config.seed)
+        ids, labels = data.input_ids[idx], data.labels[idx]
+        tokens += ids.numel()
+        with autocast(config.precision, ids.device):
+            return lm_loss(model, ids, labels, config.loss_chunk)
+
     memory.release_free_memory()
     memory.reset_peak()
-    bar = tqdm(total=config.steps, initial=step, desc="finetune", unit="step", disable=not progress, leave=False)
-    try:
-        while step < config.steps:
-            start = time.perf_counter()
-            running = 0.0
-            for micro in range(config.grad_accum):
-                idx = batch_indices(len(data), config.batch, step * config.grad_accum + micro, config.seed)
-                ids, labels = data.input_ids[idx], data.labels[idx]
-                with autocast(config.precision, ids.device):
-                    loss = lm_loss(model, ids, labels, config.loss_chunk)
-                (loss / config.grad_accum).backward()
-                running += loss.item() / config.grad_accum
-                tokens += ids.numel()
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - start
+    with contextlib.closing(engine.run(micro_loss, start=step)) as steps:
+        for step, running, elapsed in steps:
             seconds += elapsed
             losses.append(running)
             step_seconds.append(elapsed)
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{tokens / seconds:.0f}")
+            engine.bar.set_postfix(loss=f"{running:.3f}", tok_s=f"{tokens / seconds:.0f}")
             if config.log_every and step % config.log_every == 0:
-                log.info("step %d/%d loss %.4f lr %.3g %.0f tokens/s", step, config.steps, running,
-                         sched.get_last_lr()[0], tokens / seconds)
+                log.info("step %d/%d loss %.4f lr %.3g %.0f tokens/s", step, config.steps, running, engine.lr,
+                         tokens / seconds)
             if step % config.checkpoint_every == 0 or step == config.steps:
                 checkpoint_state()
             if on_step is not None:
                 on_step(step, running)
-    finally:
-        bar.close()
-        if config.gradient_checkpointing and not was_checkpointing:
-            set_checkpointing(model, False)
-        model.train(was_training)
     return TrainResult(losses=losses, steps=step, tokens=tokens, seconds=seconds,
                        peak_rss_mb=memory.peak_rss_mb(), config=asdict(config), step_seconds=step_seconds)
