@@ -104,14 +104,6 @@ def generated_windows(model: nn.Module, tokenizer, n: int = CALIB_WINDOWS, seq_l
     return flat.view(n, seq_len)
 
 
-def check_text_source(calib, step: str) -> None:
-    """For a step that draws its own windows from the calibration text: refuse self-generated calibration,
-    which would otherwise fall back to WikiText-2 without a word."""
-    if getattr(calib, "self_generated", False):
-        raise LowbitError(f"{step} does not use self-generated calibration (--calib-self) yet: it would silently "
-                          "fall back to WikiText-2; drop --calib-self or pass --calib-file")
-
-
 def read_calibration_text(path: str | Path) -> str:
     """Calibration text from a file: plain text as is; ``.jsonl`` rows joined with a space, each row's ``text``
     field or else its ``prompt`` and ``response`` (every other shape is an error naming the line)."""
@@ -336,16 +328,22 @@ class Calibration:
             raise LowbitError("calibration is either self-generated or read from text, not both; drop one")
 
     def get_windows(self, model: nn.Module | None = None) -> torch.Tensor:
-        """``(n, seq_len)`` token ids; ``model`` (the float model) is needed only for self-generated ones."""
+        """The recipe's calibration windows ``(n, seq_len)`` (drawn once, then kept); ``model`` (the float model)
+        is needed only for self-generated ones."""
         if self.windows is None:
-            if self.tokenizer is None:
-                raise LowbitError("this recipe needs calibration data: pass calib=lowbit.Calibration("
-                                  "tokenizer=tok) (WikiText-2 valid by default) or token windows")
-            if self.self_generated:
-                if model is None:
-                    raise LowbitError("self-generated calibration needs the float model: call "
-                                      "get_windows(model) before quantizing")
-                self.windows = generated_windows(model, self.tokenizer, self.n, self.seq_len, self.seed)
-            else:
-                self.windows = calibration_windows(self.tokenizer, self.n, self.seq_len, self.seed, self.text)
+            self.windows = self.draw(self.n, self.seq_len, self.seed, model)
         return self.windows
+
+    def draw(self, n: int, seq_len: int, seed: int, model: nn.Module | None = None) -> torch.Tensor:
+        """``(n, seq_len)`` token ids from this calibration's source, for a step that sizes its own windows (RILQ,
+        QUAD): WikiText-2 valid or the given text, or text the float ``model`` samples itself. The one source of
+        calibration windows every step reads, so ``--calib-file`` and ``--calib-self`` reach all of them."""
+        if self.tokenizer is None:
+            raise LowbitError("this recipe needs calibration data: pass calib=lowbit.Calibration(tokenizer=tok) "
+                              "(WikiText-2 valid by default) or token windows")
+        if self.self_generated:
+            if model is None:
+                raise LowbitError("self-generated calibration needs the float model: call get_windows(model) "
+                                  "before quantizing")
+            return generated_windows(model, self.tokenizer, n, seq_len, seed)
+        return calibration_windows(self.tokenizer, n, seq_len, seed, self.text)

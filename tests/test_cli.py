@@ -226,7 +226,6 @@ QUANTIZE_ERRORS = [
     (["--recipe", "gptq-w4g128", "--calib-file", "{tmp}/missing.txt"], ["calibration file {tmp}/missing.txt"]),
     (["--recipe", "gptq-w4g128", "--calib-self", "--calib-file", "{tmp}/x.txt"],
      ["--calib-self and --calib-file both set"]),
-    (["--recipe", "gptq-w2g64-rilq16", "--calib-self"], ["--calib-self applies to gptq and lowra-gptq", "'rilq'"]),
 ]
 
 

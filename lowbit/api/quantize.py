@@ -75,10 +75,6 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     check_windows(config.windows)
     recipe = recipe_with_overrides(config.recipe, config.overrides)
     resolve_source(config.model)
-    own_data = [s.step for s in recipe.steps if get("step", s.step).own_windows]
-    if config.calibration.self_generated and own_data:
-        raise LowbitError(f"--calib-self applies to gptq and lowra-gptq; step {own_data[0]!r} of this recipe does not "
-                          "use it yet; drop --calib-self or pass --calib-file")
     check_out(config.out, config.force)
     calib_text_check = config.calibration.build(None)  # reads --calib-file now: a bad file fails before loading
     fp_model, tokenizer = io.load_model(config.model)

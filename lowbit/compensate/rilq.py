@@ -41,7 +41,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import adapters as ad
-from ..calibration import calibration_windows, check_text_source
 from ..config import StepConfig
 from ..errors import LowbitError
 from ..memory import release_free_memory
@@ -138,27 +137,26 @@ def final_hidden_states(model: nn.Module, windows: torch.Tensor, desc: str = "te
 @register("step", "rilq")
 class RILQ(Step):
     Config = RILQConfig
-    own_windows = True
 
     def __init__(self, config: RILQConfig):
         super().__init__(config)
         self.windows: torch.Tensor | None = None
         self.teacher: torch.Tensor | None = None
 
-    def _windows(self, calib) -> torch.Tensor:
+    def _windows(self, calib, model: nn.Module) -> torch.Tensor:
+        """``samples`` windows of ``seq_len`` from the recipe's calibration source (``model``: the float model,
+        which samples them itself under ``--calib-self``)."""
         c = self.config
-        tokenizer = getattr(calib, "tokenizer", None)
-        if tokenizer is None:
+        if getattr(calib, "tokenizer", None) is None:
             raise LowbitError("RILQ needs calibration text: pass calib=lowbit.Calibration(tokenizer=tok) "
                               "(WikiText-2 valid by default)")
-        check_text_source(calib, "RILQ")
-        return calibration_windows(tokenizer, c.samples, c.seq_len, c.seed, getattr(calib, "text", None))
+        return calib.draw(c.samples, c.seq_len, c.seed, model)
 
     def prepare(self, model: nn.Module, calib=None) -> None:
         """Cache the teacher's final hidden states from the float model, before any step quantizes it."""
         if any(isinstance(m, QLinear) for m in model.modules()):
             return  # already quantized: apply() loads the teacher from the source model
-        self.windows = self._windows(calib)
+        self.windows = self._windows(calib, model)
         self.teacher = final_hidden_states(model, self.windows, precision=self.config.precision)
 
     def _teacher_from_source(self, model: nn.Module, calib) -> None:
@@ -170,7 +168,7 @@ class RILQ(Step):
                               "(e.g. rtn-w2g64+rilq16) or on a checkpoint whose manifest names its source model")
         log.info("rilq: computing teacher outputs from %s", source)
         fp_model, _ = load_model(source)
-        self.windows = self._windows(calib)
+        self.windows = self._windows(calib, fp_model)
         self.teacher = final_hidden_states(fp_model, self.windows, precision=self.config.precision)
         del fp_model
         release_free_memory()

@@ -119,9 +119,6 @@ class Step(ABC):
 
     Config: type[StepConfig]
     needs_calibration: bool = False  # True when apply() reads calibration windows
-    # True when the step draws windows of its own from the calibration *text* (RILQ, QUAD): self-generated
-    # windows (Calibration.self_generated) do not reach it, so it refuses them (calibration.check_text_source)
-    own_windows: bool = False
 
     def __init__(self, config: StepConfig):
         self.config = config

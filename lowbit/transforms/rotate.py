@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration import calibration_windows, check_text_source
 from ..config import StepConfig
 from ..errors import LowbitError
 from ..kernels.hadamard import hadamard_matrix, rotation_matrix
@@ -211,16 +210,13 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
 class Rotate(Step):
     Config = RotateConfig
     needs_calibration = True
-    own_windows = True
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c = self.config
         windows = None
-        if c.outliers:  # samples x seq_len windows of the calibration text, or the calibration's own windows
-            tokenizer = getattr(calib, "tokenizer", None)
-            check_text_source(calib, "QUAD")
-            if tokenizer is not None:
-                windows = calibration_windows(tokenizer, c.samples, c.seq_len, c.seed, getattr(calib, "text", None))
+        if c.outliers:  # samples x seq_len windows of the calibration's source, or the windows it was given
+            if getattr(calib, "tokenizer", None) is not None:
+                windows = calib.draw(c.samples, c.seq_len, c.seed, model)
             elif getattr(calib, "windows", None) is not None:
                 windows = calib.windows
             else:

@@ -188,11 +188,18 @@ def test_precision_bf16_autocasts_the_student_and_still_learns(tok, precision):
         RILQConfig(precision="fp8")
 
 
-def test_self_generated_calibration_is_refused_instead_of_silently_using_wikitext(tok):
-    recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL)])
-    calib = lowbit.Calibration(tokenizer=tok, self_generated=True)
-    with pytest.raises(LowbitError, match="RILQ does not use self-generated calibration"):
-        lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), recipe, calib=calib)
+def test_self_generated_calibration_reaches_rilq(tok):
+    """--calib-self feeds RILQ too: its windows are text the float model samples itself, not WikiText-2."""
+    from lowbit.calibration import generated_windows
+
+    config = RILQConfig(**{**SMALL, "samples": 4, "seq_len": 32, "max_steps": 1})
+    step = RILQ(config)
+    float_model = tiny_model("llama", max_position_embeddings=2048)
+    step.prepare(float_model, lowbit.Calibration(tokenizer=tok, self_generated=True))
+    expected = generated_windows(float_model, tok, config.samples, config.seq_len, config.seed)
+    assert torch.equal(step.windows, expected)
+    wikitext = lowbit.Calibration(tokenizer=tok).draw(config.samples, config.seq_len, config.seed)
+    assert not torch.equal(step.windows, wikitext)
 
 
 def test_default_lr_is_5e_4_for_new_adapters_and_2e_3_for_loftq_initialised_ones(tok):

@@ -13,7 +13,7 @@ from test_cli import invoke, one_error_line, one_json_object
 import lowbit.train
 from lowbit import LowbitError
 from lowbit.train import TrainConfig, load_data, train
-from lowbit.train.trainer import checkpointing_on, make_scheduler, set_checkpointing
+from lowbit.train.engine import checkpointing_on, make_scheduler, set_checkpointing
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_checkpointing_that_was_on_stays_on(data):
 
 def _lrs(config: TrainConfig) -> list[float]:
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.lr)
-    sched = make_scheduler(opt, config)
+    sched = make_scheduler(opt, config.optim())
     out = []
     for _ in range(config.steps):
         out.append(sched.get_last_lr()[0])
