@@ -47,7 +47,8 @@ def quantize(
     calib_seq_len: int = typer.Option(CALIB_SEQ_LEN, help="Calibration window length in tokens."),
     calib_file: Path | None = typer.Option(None, help="Calibration text or .jsonl file (default: WikiText-2 valid)."),
     calib_self: bool = typer.Option(False, "--calib-self", help="Data-free calibration: text the float model "
-                                    "samples itself (64 sequences of 512 tokens per 16 x 2048 windows; RILQ and QUAD sample theirs too)."),
+                                    "samples itself (64 sequences of 512 tokens per 16 x 2048 windows; RILQ and "
+                                    "QUAD sample theirs too)."),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
