@@ -27,9 +27,9 @@ import torch
 
 import lowbit
 from lowbit.eval.speed import decode_speed
+from lowbit.fileio import atomic_write
 from lowbit.models import builtin_gguf_path, find_linears, set_module
 from lowbit.nn import GEMVLinear
-from lowbit.report import write_text_atomic
 
 
 def bnb_nf4(model: torch.nn.Module) -> torch.nn.Module:
@@ -124,7 +124,7 @@ def main() -> None:
         else:
             print(f"| {name} | {r['library']} | {r['decode_tok_s']:.1f} | {r['decode_ratio']:.2f}× | "
                   f"{r.get('kernel', '')} |")
-    write_text_atomic(args.json_out, json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    atomic_write(args.json_out, json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -172,7 +172,7 @@ def main() -> None:
         print(json.dumps(row))
         return
 
-    from lowbit.report import write_text_atomic
+    from lowbit.fileio import atomic_write
     from lowbit.train import plot_losses
 
     out = args.out
@@ -188,7 +188,7 @@ def main() -> None:
         summary = {"rows": rows, "tokens_per_second_ratio": packed["tokens_per_second"] / base["tokens_per_second"],
                    "peak_rss_ratio": packed["peak_rss_mb"] / base["peak_rss_mb"]}
         name = f"speed-mmap{args.mmap_threshold}.json" if args.mmap_threshold else "speed.json"
-        write_text_atomic(out / name, json.dumps(summary, indent=1))
+        atomic_write(out / name, json.dumps(summary, indent=1))
         print(json.dumps(summary))
         return
 
@@ -208,7 +208,7 @@ def main() -> None:
     for row in results.values():
         row["step_reaching_lora_w3_final_loss"] = None if lora_final is None else first_reach(row["losses"],
                                                                                                lora_final)
-    write_text_atomic(path, json.dumps(results, indent=1))
+    atomic_write(path, json.dumps(results, indent=1))
     plot_losses({n: r["losses"] for n, r in results.items()}, out / "losses.png",
                 title="adapter fine-tuning, r=16, batch 4 x 256 (SmolLM2-135M)")
     print(json.dumps({n: {k: r[k] for k in ("ppl_before", "ppl_after", "first_loss", "final_loss",

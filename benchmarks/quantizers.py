@@ -68,7 +68,8 @@ def main() -> None:
         print(json.dumps(run_one(args.one, args.windows, args.calib_windows, args.model)))
         return
 
-    from lowbit.report import plot_bits_vs_ppl, write_text_atomic
+    from lowbit.fileio import atomic_write
+    from lowbit.report import plot_bits_vs_ppl
 
     out = Path(args.json_out)
     rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]} if out.is_file() else {}
@@ -81,7 +82,7 @@ def main() -> None:
         row["command"] = " ".join(["python", "benchmarks/quantizers.py", *sys.argv[1:]])
         rows[row["name"]] = row
         print(json.dumps(row), file=sys.stderr, flush=True)
-        write_text_atomic(out, json.dumps({"rows": list(rows.values())}, indent=1))
+        atomic_write(out, json.dumps({"rows": list(rows.values())}, indent=1))
     plot_rows = [r for r in rows.values() if "@" not in r["name"]]
     plot_bits_vs_ppl(plot_rows, args.png_out)
 

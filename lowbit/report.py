@@ -71,11 +71,6 @@ def plot_bits_vs_ppl(rows: list[dict], out: str | Path, x: str = "bits_per_weigh
     return save_figure(fig, out, dpi=130, bbox_inches="tight")
 
 
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically (:func:`lowbit.fileio.atomic_write`)."""
-    return atomic_write(path, text)
-
-
 def save_figure(fig, out: str | Path, **savefig_kwargs) -> Path:
     """Write a matplotlib figure as PNG to ``out`` atomically (a crash never leaves half a file), then close it."""
     import matplotlib.pyplot as plt

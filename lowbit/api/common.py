@@ -55,6 +55,14 @@ class CalibrationConfig:
                            self_generated=self.self_generated)
 
 
+@dataclass(kw_only=True)
+class Evaluated:
+    """The evaluation a job ran after its work, if any: WikiText-2 test perplexity over ``windows`` windows."""
+
+    ppl: float | None = None
+    windows: int | None = None
+
+
 class Result:
     """Mixin of every result dataclass: ``to_dict()`` is the JSON object ``--json`` prints: every field shown in
     its repr, and with ``omit_none`` only those that hold a value (a skipped evaluation prints no ``ppl`` key)."""

@@ -22,7 +22,7 @@ from ..protocol import EVAL_WINDOWS
 from ..recipe import Recipe, apply_recipe
 from ..state import state_of
 from ..train import TrainConfig, load_data, plot_losses, write_log
-from .common import Result, check_out, check_windows
+from .common import Evaluated, Result, check_out, check_windows
 
 log = logging.getLogger(__name__)
 ADAPTERS = ("lora", "lorma", "none")
@@ -61,7 +61,7 @@ class FinetuneConfig:
 
 
 @dataclass
-class FinetuneResult(Result):
+class FinetuneResult(Result, Evaluated):
     omit_none = True
     source: str
     out: str
@@ -78,8 +78,6 @@ class FinetuneResult(Result):
     config: dict
     data: str
     examples: int
-    ppl: float | None = None
-    windows: int | None = None
     losses: list[float] = field(default_factory=list, repr=False)
     step_tokens_per_second: list[float] = field(default_factory=list, repr=False)
 
@@ -151,16 +149,14 @@ class CompensateConfig:
 
 
 @dataclass
-class CompensateResult(Result):
+class CompensateResult(Result, Evaluated):
     omit_none = True
     source: str
     method: str
     rank: int
-    seconds: float
-    peak_rss_mb: float
     out: str
-    ppl: float | None = None
-    windows: int | None = None
+    seconds: float = 0.0  # loading, compensating and the teacher pass; not the evaluation
+    peak_rss_mb: float = 0.0
     loss_curve: str | None = None
     rilq_steps: int | None = None
     best_val_loss: float | None = None
@@ -179,8 +175,7 @@ def compensate(config: CompensateConfig) -> CompensateResult:
     if tok is None:
         raise LowbitError(f"{config.model} has no tokenizer files; re-save it with a tokenizer")
     out = Path(config.out)
-    result = CompensateResult(source=str(config.model), method=config.method, rank=config.rank, seconds=0.0,
-                              peak_rss_mb=0.0, out=str(out))
+    result = CompensateResult(source=str(config.model), method=config.method, rank=config.rank, out=str(out))
     previous = state_of(model).recipe
     if config.method == "rilq":
         rilq = RILQConfig(rank=config.rank, **({"max_steps": config.max_steps} if config.max_steps else {}))

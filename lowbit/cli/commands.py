@@ -17,15 +17,15 @@ from .common import (
     FORCE_OPTION,
     JSON_OPTION,
     MODEL_HELP,
+    OUT_OPTION,
     VERBOSE_OPTION,
     WINDOWS_HELP,
     app,
     emit,
     err_console,
     model_source,
-    one_line_errors,
     parse_windows,
-    setup_logging,
+    run_job,
 )
 
 
@@ -33,7 +33,7 @@ from .common import (
 def quantize(
     model: str | None = typer.Argument(None, help=f"{MODEL_HELP} Default: {DEFAULT_MODEL}.", show_default=False),
     recipe: str = typer.Option(DEFAULT_PRESET, help="Preset name (join with +) or path to a recipe YAML file."),
-    out: Path = typer.Option(..., help="Output checkpoint folder (must not exist unless --force)."),
+    out: Path = OUT_OPTION,
     windows: str = typer.Option(str(EVAL_WINDOWS), help=WINDOWS_HELP),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip both perplexity evaluations (same as --windows 0)."),
     force: bool = FORCE_OPTION,
@@ -54,10 +54,8 @@ def quantize(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Quantize a model with a recipe, evaluate FP and quantized perplexity, and save a checkpoint."""
-    setup_logging(verbose)
-    from .. import api
 
-    with one_line_errors():
+    def job(api):
         config = api.QuantizeConfig(
             out=out, model=model_source(model, model_option, DEFAULT_MODEL), recipe=recipe, force=force,
             windows=0 if no_eval else parse_windows(windows),
@@ -65,7 +63,9 @@ def quantize(
                            symmetric=symmetric, budget=budget),
             calibration=api.CalibrationConfig(windows=calib_windows, seq_len=calib_seq_len, file=calib_file,
                                               self_generated=calib_self))
-        result = api.quantize(config)
+        return api.quantize(config)
+
+    result = run_job(verbose, job)
     emit(result.to_dict(), as_json, f"lowbit quantize: {result.recipe}")
 
 
@@ -81,13 +81,13 @@ def evaluate(
     verbose: bool = VERBOSE_OPTION,
 ):
     """WikiText-2 test perplexity of a checkpoint or model, or zero-shot task accuracy with --tasks."""
-    setup_logging(verbose)
-    from .. import api
 
-    with one_line_errors():
+    def job(api):
         names = tuple(tasks.split(",")) if tasks else ()  # blanks reach the API, which names the problem
-        result = api.evaluate(api.EvalConfig(model=model, windows=parse_windows(windows), seq_len=seq_len,
+        return api.evaluate(api.EvalConfig(model=model, windows=parse_windows(windows), seq_len=seq_len,
                                              tasks=names, limit=limit))
+
+    result = run_job(verbose, job)
     if result.tasks is None or as_json:
         emit(result.to_dict(), as_json, f"lowbit eval: {model}")
         return
@@ -108,11 +108,8 @@ def generate(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Greedy generation from a checkpoint or model."""
-    setup_logging(verbose)
-    from .. import api
-
-    with one_line_errors():
-        result = api.generate(api.GenerateConfig(model=model, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat))
+    result = run_job(verbose, lambda api: api.generate(api.GenerateConfig(
+        model=model, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat)))
     if as_json:
         emit(result.to_dict(), True, "")
         return
@@ -128,10 +125,7 @@ def info(
     as_json: bool = JSON_OPTION,
 ):
     """What a checkpoint holds: recipe, bits per weight, sizes, versions."""
-    from .. import api
-
-    with one_line_errors():
-        payload = api.info(model, layers=layers or as_json)
+    payload = run_job(False, lambda api: api.info(model, layers=layers or as_json))
     if as_json:
         emit(payload, True, "")
         return
@@ -173,11 +167,8 @@ def report(
     as_json: bool = JSON_OPTION,
 ):
     """Draw the bits-vs-perplexity curve of every method in a results file, or overlay fine-tuning loss curves."""
-    from .. import api
-
-    with one_line_errors():
-        logs = tuple(Path(t.strip()) for t in train_logs.split(",") if t.strip())
-        payload = api.report(results, out, x=x, train_logs=logs)
+    logs = tuple(Path(t.strip()) for t in train_logs.split(",") if t.strip())
+    payload = run_job(False, lambda api: api.report(results, out, x=x, train_logs=logs))
     emit(payload, as_json, "lowbit report")
 
 
@@ -195,15 +186,15 @@ def bench(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Decode and prefill speed, peak memory and the bandwidth roofline of FP32 and each recipe, in one run."""
-    setup_logging(verbose)
-    from .. import api
 
-    with one_line_errors():
-        job = api.BenchJob(model=model_source(model, model_option, DEFAULT_MODEL),
-                           recipes=tuple(r.strip() for r in recipes.split(",") if r.strip()),
-                           measure=api.BenchConfig(decode_tokens=decode_tokens, prefill_tokens=prefill_tokens),
-                           calib_windows=calib_windows, out=out)
-        result = api.bench(job, log=lambda m: err_console.print(f"[dim]{escape(m)}[/]"))
+    def job(api):
+        bench_job = api.BenchJob(model=model_source(model, model_option, DEFAULT_MODEL),
+                                 recipes=tuple(r.strip() for r in recipes.split(",") if r.strip()),
+                                 measure=api.BenchConfig(decode_tokens=decode_tokens, prefill_tokens=prefill_tokens),
+                                 calib_windows=calib_windows, out=out)
+        return api.bench(bench_job, log=lambda m: err_console.print(f"[dim]{escape(m)}[/]"))
+
+    result = run_job(verbose, job)
     if as_json:
         emit(result.to_dict(), True, "")
     else:

@@ -51,6 +51,7 @@ WINDOWS_HELP = f"WikiText-2 test windows of {EVAL_SEQ_LEN} tokens to evaluate: N
 JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdout.")
 VERBOSE_OPTION = typer.Option(False, "-v", "--verbose", help="Log progress to stderr.")
 FORCE_OPTION = typer.Option(False, "--force", help="Replace the output folder if it exists.")
+OUT_OPTION = typer.Option(..., help="Output folder (must not exist unless --force).")
 MODEL_HELP = "Built-in name (smollm2-135m), Hugging Face model folder, .gguf file or lowbit checkpoint."
 
 
@@ -81,3 +82,13 @@ def one_line_errors():
         yield
     except LowbitError as e:
         fail(str(e))
+
+
+def run_job(verbose: bool, job):
+    """What every command does around its API call: set up logging, then ``job(lowbit.api)`` with every
+    :class:`LowbitError` as one line on stderr and exit status 2. Returns the job's result."""
+    setup_logging(verbose)
+    from .. import api
+
+    with one_line_errors():
+        return job(api)

@@ -8,7 +8,16 @@ from pathlib import Path
 import typer
 
 from ..protocol import EVAL_WINDOWS
-from .common import FORCE_OPTION, JSON_OPTION, VERBOSE_OPTION, app, emit, one_line_errors, parse_windows, setup_logging
+from .common import (
+    FORCE_OPTION,
+    JSON_OPTION,
+    OUT_OPTION,
+    VERBOSE_OPTION,
+    app,
+    emit,
+    parse_windows,
+    run_job,
+)
 
 SKIP_HELP = "WikiText-2 test windows to evaluate after: N (the first N), all, or 0 (skip)."
 
@@ -48,11 +57,8 @@ def finetune(
 
     A checkpoint that already holds adapters (lowbit compensate, an earlier finetune) continues training them.
     The resumable training state lives in OUT.trainer/ (beside OUT) until the checkpoint is saved."""
-    setup_logging(verbose)
-    from .. import api
     from ..train import TrainConfig
-
-    with one_line_errors():
+    def job(api):
         train = TrainConfig(steps=steps, batch=batch, grad_accum=grad_accum, lr=lr, seed=seed,
                             checkpoint_every=checkpoint_every, precision=precision)
         config = api.FinetuneConfig(
@@ -60,14 +66,16 @@ def finetune(
             targets=tuple(t.strip() for t in targets.split(",") if t.strip()), lorma_variant=lorma_variant,
             lorma_mode=lorma_mode, train_outliers=train_outliers, recipe=recipe, train=train, seq_len=seq_len,
             data=data, resume=resume, windows=parse_windows(windows), force=force)
-        result = api.finetune(config)
+        return api.finetune(config)
+
+    result = run_job(verbose, job)
     emit(result.to_dict(), as_json, f"lowbit finetune: {model}")
 
 
 @app.command()
 def merge(
     model: str = typer.Argument(..., help="lowbit checkpoint with adapters (from lowbit finetune)."),
-    out: Path = typer.Option(..., help="Output folder (must not exist unless --force)."),
+    out: Path = OUT_OPTION,
     requantize: bool = typer.Option(False, help="Quantize the merged layers again with their own grid (a lowbit "
                                                 "checkpoint) instead of writing a float model."),
     windows: str = typer.Option("0", help="WikiText-2 test windows to evaluate before and after: N, all, or 0 "
@@ -77,12 +85,8 @@ def merge(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Merge adapters into the dequantized base: a float transformers model, or (--requantize) a packed one."""
-    setup_logging(verbose)
-    from .. import api
-
-    with one_line_errors():
-        result = api.merge(api.MergeConfig(model=model, out=out, requantize=requantize,
-                                           windows=parse_windows(windows), force=force))
+    result = run_job(verbose, lambda api: api.merge(api.MergeConfig(
+        model=model, out=out, requantize=requantize, windows=parse_windows(windows), force=force)))
     emit(result.to_dict(), as_json, f"lowbit merge: {model}")
 
 
@@ -91,7 +95,7 @@ def compensate(
     model: str = typer.Argument(..., help="lowbit checkpoint to compensate (its manifest names the float source)."),
     method: str = typer.Option("rilq", help="rilq (model-level loss, trains adapters) or loftq (residual SVD)."),
     rank: int = typer.Option(16, help="Adapter rank."),
-    out: Path = typer.Option(..., help="Output checkpoint folder (must not exist unless --force)."),
+    out: Path = OUT_OPTION,
     windows: str = typer.Option(str(EVAL_WINDOWS), help=SKIP_HELP),
     max_steps: int = typer.Option(0, help="RILQ: optimizer steps (0 = the default)."),
     force: bool = FORCE_OPTION,
@@ -99,20 +103,16 @@ def compensate(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Win back 2-bit quality with adapters: RILQ trains them against the float model, LoftQ fits the residual."""
-    setup_logging(verbose)
-    from .. import api
-
-    with one_line_errors():
-        result = api.compensate(api.CompensateConfig(model=model, out=out, method=method, rank=rank,
-                                                     max_steps=max_steps, windows=parse_windows(windows),
-                                                     force=force))
+    result = run_job(verbose, lambda api: api.compensate(api.CompensateConfig(
+        model=model, out=out, method=method, rank=rank, max_steps=max_steps, windows=parse_windows(windows),
+        force=force)))
     emit(result.to_dict(), as_json, f"lowbit compensate: {model}")
 
 
 @app.command("export")
 def export_adapters(
     model: str = typer.Argument(..., help="lowbit checkpoint with adapters (from lowbit finetune)."),
-    out: Path = typer.Option(..., help="Output folder (must not exist unless --force)."),
+    out: Path = OUT_OPTION,
     fmt: str = typer.Option("peft", "--format", help="peft (LoRA: PEFT adapter files + the dequantized base) or "
                                                      "native (any adapter: factors + merged float model)."),
     force: bool = FORCE_OPTION,
@@ -120,9 +120,5 @@ def export_adapters(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Export adapters: PEFT's layout for LoRA, lowbit's own (plus a merged float model) for any adapter."""
-    setup_logging(verbose)
-    from .. import api
-
-    with one_line_errors():
-        result = api.export(api.ExportConfig(model=model, out=out, layout=fmt, force=force))
+    result = run_job(verbose, lambda api: api.export(api.ExportConfig(model=model, out=out, layout=fmt, force=force)))
     emit(result.to_dict(), as_json, f"lowbit export: {model}")

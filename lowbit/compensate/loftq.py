@@ -96,12 +96,13 @@ def loftq_layer(weight: torch.Tensor, quantizer: Quantizer, lora: LoRA, iteratio
 
 @register("step", "loftq")
 class LoftQ(Step):
+    """Each target layer packed by the base quantizer, with a LoRA that starts at the SVD of the residual."""
+
     Config = LoftQConfig
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
-        c = self.config
-        base = c.base_config()
-        quantizer = get("step", base.step)(base)
+        base = self.config.base_config()
+        c, quantizer = self.config, get("step", base.step)(base)
         lora_config = c.lora_config()
         targets = select_targets(model, base.targets, base.ignore)
         for t in targets:

@@ -81,21 +81,18 @@ def nf_format(bits: int, symmetric: bool = False) -> CodebookFormat:
 nf_format.parse = lambda name: nf_format(int(name[2])) if name in ("nf2", "nf3", "nf4") else None
 
 
-@register("format", "fp4")
-def fp4_format(bits: int = 4, symmetric: bool = True) -> CodebookFormat:
-    if bits != 4:
-        raise LowbitError(f"fp4 (E2M1) is a 4-bit format, got bits={bits}; use bits=4")
-    return CodebookFormat("fp4_e2m1", 4, fp4_e2m1_levels())
+def _fixed_width(family: str, bits: int, name: str, kind: str, levels):
+    """Register a format that exists at one width only (``fp4`` = E2M1, ``fp8`` = E4M3), as ``family``."""
+
+    def make(bits: int = bits, symmetric: bool = True) -> CodebookFormat:
+        if bits != make.width:
+            raise LowbitError(f"{family} ({kind}) is a {make.width}-bit format, got bits={bits}; use bits={make.width}")
+        return CodebookFormat(name, make.width, levels())
+
+    make.width = bits
+    make.parse = lambda text: make() if text == name else None
+    return register("format", family)(make)
 
 
-fp4_format.parse = lambda name: fp4_format() if name == "fp4_e2m1" else None
-
-
-@register("format", "fp8")
-def fp8_format(bits: int = 8, symmetric: bool = True) -> CodebookFormat:
-    if bits != 8:
-        raise LowbitError(f"fp8 (E4M3) is an 8-bit format, got bits={bits}; use bits=8")
-    return CodebookFormat("fp8_e4m3", 8, fp8_e4m3_levels())
-
-
-fp8_format.parse = lambda name: fp8_format() if name == "fp8_e4m3" else None
+fp4_format = _fixed_width("fp4", 4, "fp4_e2m1", "E2M1", fp4_e2m1_levels)
+fp8_format = _fixed_width("fp8", 8, "fp8_e4m3", "E4M3", fp8_e4m3_levels)

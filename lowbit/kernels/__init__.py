@@ -19,6 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from ..errors import LowbitError
 from ..qtensor import PackedWeight
 from .cpu import float_supports, linear_cpu, qmatmul_cpu
 from .cpu import supports as cpu_supports
@@ -37,7 +38,7 @@ _forced: list[str] = []
 def _choice() -> str:
     choice = _forced[-1] if _forced else os.environ.get("LOWBIT_KERNEL", "auto")
     if choice not in IMPLEMENTATIONS:
-        raise ValueError(f"LOWBIT_KERNEL={choice!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+        raise LowbitError(f"LOWBIT_KERNEL={choice!r} is not one of {', '.join(IMPLEMENTATIONS)}; unset it or pick one")
     return choice
 
 
@@ -46,7 +47,7 @@ def force(name: str):
     """Use ``reference`` (always), ``triton`` (where it applies) or ``auto`` (fastest that applies) inside the
     block."""
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"kernel {name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+        raise LowbitError(f"kernel {name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     _forced.append(name)
     try:
         yield

@@ -46,7 +46,7 @@ class QLinear(PackedModule):
         super().__init__()
         r = 0 if spec is None else spec.outliers
         if (outlier is None) != (r == 0) or (outlier is not None and tuple(outlier.shape) != (qweight.out_features, r)):
-            raise ValueError(f"outlier weight must be ({qweight.out_features}, {r}) exactly when spec.outliers={r}")
+            raise LowbitError(f"outlier weight must be ({qweight.out_features}, {r}) exactly when spec.outliers={r}")
         self.in_features, self.out_features = qweight.in_features + r, qweight.out_features
         self.role = role
         self.spec = None if spec is None or spec.is_identity else spec

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calibration import Calibration, LayerStats, run_blockwise
+from ..errors import LowbitError
 from ..formats import Format, fit_searched
 from ..qtensor import QuantizedWeight, fit_scales
 from ..registry import register
@@ -125,7 +126,8 @@ class GPTQ(Quantizer):
 
     def quantize(self, weight, stats: LayerStats | None = None):
         if stats is None:
-            raise ValueError("GPTQ needs calibration statistics (a Hessian per layer)")
+            raise LowbitError("GPTQ needs calibration statistics (a Hessian per layer): run it through a recipe with "
+                              "calib=lowbit.Calibration(tokenizer=tok)")
         c = self.config
         return gptq_round(weight, stats.hessian, self.fmt, c.granularity, c.group_size, c.damp, c.block_size,
                           c.act_order, c.scale_search, c.static_groups)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..report import save_figure, write_text_atomic
+from ..fileio import atomic_write
+from ..report import save_figure
 
 
 def write_log(path: str | Path, payload: dict) -> Path:
     """``payload`` (a TrainResult dict plus whatever the caller adds) as indented JSON, atomically."""
-    return write_text_atomic(Path(path), json.dumps(payload, indent=1, default=str))
+    return atomic_write(Path(path), json.dumps(payload, indent=1, default=str))
 
 
 def plot_losses(curves: dict[str, list[float]], path: str | Path, title: str = "fine-tuning loss") -> Path:
