@@ -91,3 +91,22 @@ def test_bad_input_is_one_line(command, ckpt, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_windows_mean_the_same_everywhere(hf_folder, ckpt, tmp_path):
+    """N = the first N test windows, all = every one, 0 = skip (quantize, finetune, compensate, merge); eval needs
+    at least one."""
+    skipped = cli_json("quantize", hf_folder, "--recipe", "rtn-w4g64", "--windows", "0", "--out", tmp_path / "q",
+                       "--json")
+    assert skipped["ppl"] is None and skipped["eval"] == "skipped"
+    every = cli_json("eval", ckpt, "--windows", "all", "--json")
+    assert every["windows"] == every["total_windows"] > 1
+
+
+def test_model_source_is_the_first_argument_and_the_old_option_still_works(hf_folder, tmp_path):
+    new = cli_json("quantize", hf_folder, "--recipe", "rtn-w4g64", "--windows", "0", "--out", tmp_path / "a", "--json")
+    old = cli_json("quantize", "--model", hf_folder, "--recipe", "rtn-w4g64", "--windows", "0", "--out", tmp_path / "b",
+                   "--json")
+    assert new["model"] == old["model"] == str(hf_folder)
+    result = runner.invoke(app, ["quantize", str(hf_folder), "--model", "smollm2-135m", "--out", str(tmp_path / "c")])
+    assert result.exit_code == 2 and "two model sources" in result.stderr

@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model, word_tokenizer
+from conftest import ByteTokenizer, tiny_model, word_tokenizer
 from test_cli import invoke, one_error_line, one_json_object
 
 import lowbit.train
 from lowbit import LowbitError
-from lowbit.train import TrainConfig, load_data, train
+from lowbit import adapters as ad
+from lowbit.train import TrainConfig, load_data, text_windows, train
 from lowbit.train.engine import checkpointing_on, make_scheduler, set_checkpointing
 
 
@@ -131,3 +132,31 @@ def test_finetune_resume_continues_a_killed_command_to_the_same_curve(ckpt, tmp_
     assert not (tmp_path / "resumed.trainer").exists()
     assert "nothing to resume" in one_error_line(invoke("finetune", ckpt, "--out", tmp_path / "new", *args,
                                                         "--resume"))
+
+
+def test_resume_never_unpickles_and_the_package_has_no_pickle_loads(tmp_path):
+    """The training state is safetensors + JSON: a pickle planted where the old state lived is never read."""
+    import pickle
+    from pathlib import Path
+
+    import lowbit
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "ran"))
+
+    state_dir = tmp_path / "run.trainer"
+    state_dir.mkdir()
+    (state_dir / "trainer_state.pt").write_bytes(pickle.dumps(Payload()))
+    model = tiny_model("llama")
+    lowbit.quantize(model, "rtn-w4g64")
+    ad.attach(model, ad.LoRAConfig(rank=2))
+    ad.freeze(model)
+    data = text_windows(ByteTokenizer(), "abc " * 200, 16)
+    with pytest.raises(LowbitError, match="nothing to resume"):
+        train(model, data, TrainConfig(steps=2, batch=2), state_dir=state_dir, resume=True, progress=False)
+    assert not marker.exists()
+    sources = [p.read_text() for p in Path(lowbit.__file__).parent.rglob("*.py")]
+    assert not any("torch.load(" in s or "import pickle" in s for s in sources)
