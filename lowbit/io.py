@@ -51,7 +51,6 @@ def _versions() -> dict:
     import safetensors
     import transformers
 
-
     return {"lowbit": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__}
 
