@@ -155,21 +155,16 @@ class MixedCodebookWeight(PackedWeight):
                    int(meta["block_size"]), (out_f, in_f))
 
     # ---- decoding -----------------------------------------------------------------------------------------
-    def dequantize_stored(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight ``(out, in)`` in *stored* (permuted) row order, computed in fp32."""
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``(out, in)`` in the original row order, computed in fp32."""
         out_f, in_f = self.shape
         parts = []
-        for b in self.rows:
+        for b in self.rows:  # stored (permuted) row order: segment by segment
             codes = unpack(self.codes[b], b, in_f).long()
             parts.append(torch.gather(self.codebooks[b].float(), 1, codes))
         u = torch.cat(parts) if parts else torch.empty(0, in_f)
         a = self.absmax.float().unsqueeze(-1)  # (out, blocks, 1)
-        w = (padded_groups(u, self.block_size) * a).reshape(out_f, -1)[:, :in_f]
-        return w.to(dtype)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight ``(out, in)`` in the original row order."""
-        stored = self.dequantize_stored(dtype)
+        stored = (padded_groups(u, self.block_size) * a).reshape(out_f, -1)[:, :in_f].to(dtype)
         w = torch.empty_like(stored)
         w[self.perm.long()] = stored
         return w
