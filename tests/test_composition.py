@@ -56,6 +56,8 @@ REFUSED = {
     **{(a, "rilq"): "RILQ needs packed layers" for a in ("embeddings", "act", *TRANSFORMS)},
     ("embeddings", "embeddings"): "embeddings quantized twice",
 }
+# A smaller model than conftest's default: 100 pairs, each a whole recipe and a save/load round trip.
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
 TEXT = " ".join(f"the {w} of a city is a place where people live and work" for w in range(400))
 
 
@@ -81,7 +83,7 @@ def error(model, reference, ids) -> float:
 @pytest.fixture(scope="module")
 def reference():
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
-    return ids, logits(tiny_model("llama"), ids)
+    return ids, logits(tiny_model("llama", **SMALL), ids)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +95,7 @@ def first(reference):
     out = {}
     for name in STEPS:
         try:
-            model = apply(tiny_model("llama"), (name,))
+            model = apply(tiny_model("llama", **SMALL), (name,))
             out[name] = (model, error(model, ref, ids))
         except LowbitError as e:
             out[name] = e
@@ -111,7 +113,7 @@ def test_pair(pair, reference, first, tmp_path):
     try:
         if isinstance(first[a], LowbitError):
             raise first[a]
-        model = apply(tiny_model("llama"), pair) if b == "rilq" else apply(copy.deepcopy(first[a][0]), (b,))
+        model = apply(tiny_model("llama", **SMALL), pair) if b == "rilq" else apply(copy.deepcopy(first[a][0]), (b,))
     except LowbitError as e:
         assert pair in REFUSED, f"{pair} was refused ({e}) but should compose"
         assert "\n" not in str(e) and len(str(e)) > 20
