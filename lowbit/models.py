@@ -6,9 +6,12 @@ No per-architecture code: decoder blocks are the ``nn.ModuleList`` whose length 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
 import importlib.util
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +77,29 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
                       "file or folder. Pass a built-in name, a local HF model folder, or a .gguf file.")
 
 
+@contextlib.contextmanager
+def gguf_parsed_once():
+    """Within one ``from_pretrained(gguf_file=...)``: parse the GGUF file once instead of three times (tokenizer,
+    config and weights each open a new ``gguf.GGUFReader``) and build gguf's tensor-name map once instead of once
+    per tensor. Same tensors; SmolLM2-135M loads in about a third of the time. Restores ``gguf`` afterwards."""
+    import gguf
+
+    reader_cls, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    readers: dict = {}
+
+    def reader(path, mode="r"):
+        key = (os.fspath(path), mode)
+        if key not in readers:
+            readers[key] = reader_cls(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
+
+
 def load_float_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)`` from a built-in name, a GGUF file or an HF folder (a float model; lowbit
     checkpoints load through :func:`lowbit.load_model`, which dispatches here for the others).
@@ -94,11 +120,12 @@ def load_float_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = to
         kwargs, folder = {}, path
     log.info("loading %s (%s)", path, kind)
     tokenizer = None
-    if kind != "hf" or any((folder / f).is_file() for f in TOKENIZER_FILES):
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
-    else:  # a weights-only folder: the model is still usable
-        log.warning("no tokenizer files in %s; perplexity and generate need one", folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
+    with gguf_parsed_once() if kwargs else contextlib.nullcontext():
+        if kind != "hf" or any((folder / f).is_file() for f in TOKENIZER_FILES):
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+        else:  # a weights-only folder: the model is still usable
+            log.warning("no tokenizer files in %s; perplexity and generate need one", folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
     if kind in ("builtin", "gguf") and hasattr(model.config, "quantization_config"):
         # The weights are now plain floats; the GGUF marker would make saved configs lie.
         del model.config.quantization_config

