@@ -31,16 +31,16 @@ from lowbit.transforms.rotate import RotateConfig
 STEPS = {
     "rtn": RTNConfig(bits=8, group_size=32),
     "gptq": GPTQConfig(bits=8, group_size=32),
-    "lowra": LowRAConfig(budget=4.0, block_size=32, iters=5),
-    "lowra-gptq": LowRAGPTQConfig(budget=4.0, block_size=32, iters=5),
+    "lowra": LowRAConfig(budget=4.0, block_size=32, iters=3),
+    "lowra-gptq": LowRAGPTQConfig(budget=4.0, block_size=32, iters=3),
     "loftq": LoftQConfig(quantizer={"step": "rtn", "bits": 8, "group_size": 32}, rank=4),
     "embeddings": EmbeddingsConfig(),
     "act": ActivationsConfig(bits=8),
     "rotate": RotateConfig(),
     "quad": RotateConfig(outliers=8, samples=4, seq_len=32),
     # the teacher term alone: on a random model, next-token loss on real text pulls away from the float function
-    "rilq": RILQConfig(rank=4, samples=8, seq_len=32, max_steps=2, eval_every=1, micro_batch=2, lambda_gt=0.0,
-                       lambda_model=1.0),
+    "rilq": RILQConfig(rank=4, samples=4, seq_len=32, val_ratio=0.25, max_steps=2, eval_every=2, micro_batch=2,
+                       lambda_gt=0.0, lambda_model=1.0),
 }
 QUANTIZERS = ("rtn", "gptq", "lowra", "lowra-gptq", "loftq")
 TRANSFORMS = ("rotate", "quad")
