@@ -76,9 +76,9 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     recipe = recipe_with_overrides(config.recipe, config.overrides)
     resolve_source(config.model)
     check_out(config.out, config.force)
-    calib_text_check = config.calibration.build(None)  # reads --calib-file now: a bad file fails before loading
+    calib = config.calibration.build(tokenizer=None)  # reads --calib-file now: a bad file fails before loading
     fp_model, tokenizer = io.load_model(config.model)
-    calib = dataclasses.replace(calib_text_check, tokenizer=tokenizer)
+    calib.tokenizer = tokenizer
     if any(get("step", s.step).needs_calibration for s in recipe.steps):
         calib.get_windows(fp_model)  # a file too short for one window fails here, before any evaluation
     evaluate = config.windows != 0
