@@ -274,7 +274,7 @@ class RILQ(Step):
                 m.scales = fold_scale_multiplier(m.scales, m.group_scale.detach())
                 m.group_scale = None
         state_of(model).history["rilq"] = {**history, "lr": lr, "best_val": best, "steps": step,
-                             "seconds": time.perf_counter() - start, "stopped_early": bad >= c.patience}
+                                           "seconds": time.perf_counter() - start, "stopped_early": bad >= c.patience}
         log.info("rilq: %d steps, validation loss %.4f -> %.4f", step, history["val"][0], best)
         self.windows = self.teacher = None
         return model

@@ -199,8 +199,8 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
                     setattr(parent, name, TransformedLinear(getattr(parent, name), InputSpec(outliers=r)))
     if r:  # config.hidden_size stays d (transformers checks it against the heads); the manifest records r
         residual_norms(model, d)
-    state_of(model).rotation = {"outliers": r, "hidden_size": d, "rotation": config.rotation, "online": config.online,
-                             "seed": config.seed}
+    state_of(model).rotation = {"outliers": r, "hidden_size": d, "rotation": config.rotation,
+                                "online": config.online, "seed": config.seed}
     log.info("rotated the residual stream (%s, %d outlier dims, online Hadamards %s)", config.rotation, r,
              config.online)
     return model
