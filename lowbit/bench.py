@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,9 +34,10 @@ import torch
 from torch import nn
 
 from . import kernels, memory
+from .data import DATA_ENV
 from .errors import LowbitError
 from .eval.speed import decode_speed
-from .models import DEFAULT_MODEL
+from .models import DEFAULT_MODEL, resolve_source
 from .protocol import CALIB_WINDOWS
 
 FP32 = "fp32"
@@ -149,8 +151,18 @@ def measure_model(source: str, config: BenchConfig) -> dict:
 
 
 def _child(source: str, config: BenchConfig) -> dict:
+    """Measure ``source`` in a fresh process that runs in an empty folder, so a ``lowbit/`` (or any module) in the
+    caller's current folder is never imported in its place; the source is an absolute path or a built-in name."""
+    from .data import data_dir
+
+    env = dict(os.environ)
+    try:
+        env.setdefault(DATA_ENV, str(data_dir()))  # found from the caller's folder: hand it over explicitly
+    except LowbitError:
+        pass  # the child reports it if it needs the data
     cmd = [sys.executable, "-m", "lowbit.bench", source, json.dumps(asdict(config))]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    with tempfile.TemporaryDirectory(prefix="lowbit-bench-child-") as empty:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=empty, env=env)
     if done.returncode != 0:
         raise LowbitError(f"measuring {source} failed (exit {done.returncode}); its error is printed above")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -175,7 +187,8 @@ def run_bench(model: str, recipes: list[str], config: BenchConfig, calib_windows
     log(f"memory bandwidth {bandwidth:.1f} GB/s")
     rows: dict[str, dict] = {FP32: {"bits_per_weight": 32.0}}
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
-        sources = {FP32: model}
+        kind, path = resolve_source(model)
+        sources = {FP32: model if kind == "builtin" else str(path.resolve())}
         if recipes:
             fp_model, tok = load_model(model)
             for name in recipes:

@@ -113,8 +113,7 @@ else:
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
             folder = self._find_folder(model, checkpoint_files)
             manifest = read_manifest(folder)
-            shards = {n: i for n, i in manifest.get("files", {}).items() if n in (PACKED_SHARD, FLOAT_SHARD, INDEX)}
-            verify_files(folder, {"files": shards}, hashes=False)
+            verify_files(folder, manifest, hashes=False, names=(PACKED_SHARD, FLOAT_SHARD, INDEX))
             float_dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
             with torch.device("cpu"):  # not transformers' meta-device context: formats build (and cache) CPU tables
                 self._swap_layers(model, folder, manifest, float_dtype)

@@ -162,11 +162,34 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def verify_files(path: Path, manifest: dict, hashes: bool = True) -> None:
-    """Check every file the manifest lists: present, same size (else truncated), same SHA-256 (else tampered)."""
-    for name, info in manifest.get("files", {}).items():
+def listed_files(path: Path, manifest: dict) -> dict[str, dict]:
+    """The manifest's ``files`` table, refused unless it is there, covers the tensor shards and names only plain
+    files inside ``path`` (no ``..``, no absolute path, no sub-folder, no link out): loading never reads or reports
+    on anything outside the checkpoint folder."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not {PACKED_SHARD, FLOAT_SHARD} <= set(files):
+        raise CheckpointError(f"{path / MANIFEST} has no list of the checkpoint's files (or it misses a tensor "
+                              "shard), so nothing could be verified; re-save the checkpoint")
+    root = Path(path).resolve()
+    for name, info in files.items():
+        inside = (root / name).resolve()
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or inside.parent != root:
+            raise CheckpointError(f"{path / MANIFEST} lists {name!r}, which is not a file of the checkpoint folder; "
+                                  "the manifest is damaged or crafted: do not use this checkpoint")
+        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or \
+                not isinstance(info.get("sha256"), str):
+            raise CheckpointError(f"{path / MANIFEST} has no size and SHA-256 for {name!r}; re-save the checkpoint")
+    return files
+
+
+def verify_files(path: Path, manifest: dict, hashes: bool = True, names: tuple[str, ...] | None = None) -> None:
+    """Check every file the manifest lists (or only ``names`` of them): present, same size (else truncated), same
+    SHA-256 (else tampered). The list itself is checked first (:func:`listed_files`)."""
+    for name, info in listed_files(path, manifest).items():
+        if names is not None and name not in names:
+            continue
         fp = path / name
-        if not fp.is_file():
+        if not fp.is_file() or fp.is_symlink():
             raise CheckpointError(f"{fp} is missing from the checkpoint; re-save it")
         size = fp.stat().st_size
         if size != info["bytes"]:

@@ -130,7 +130,8 @@ def load_float_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = to
         # The weights are now plain floats; the GGUF marker would make saved configs lie.
         del model.config.quantization_config
     model.eval()
-    state_of(model).source = str(source)
+    # a path is recorded absolute: RILQ and LoftQ reload it later, possibly from another folder
+    state_of(model).source = str(source) if kind == "builtin" else str(path.resolve())
     return model, tokenizer
 
 

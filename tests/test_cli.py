@@ -386,3 +386,25 @@ def test_bench_json_keyed_by_recipe_with_ratios_and_files(hf_folder, tmp_path):
 def test_bench_rejects_an_unknown_recipe_before_loading(hf_folder, tmp_path, no_loading):
     line = one_error_line(invoke("bench", "--model", hf_folder, "--recipes", "rtn-w4g64,nope", "--out", tmp_path))
     assert "nope" in line
+
+
+def test_bench_children_run_in_an_empty_folder(monkeypatch, tmp_path):
+    """A ``lowbit/`` in the caller's folder is never imported by the measuring child: it runs in an empty folder
+    and gets the data folder explicitly."""
+    import subprocess
+
+    import lowbit.bench as bench
+
+    seen = {}
+
+    def run(cmd, **kwargs):
+        seen.update(kwargs, listing=list(Path(kwargs["cwd"]).iterdir()))
+
+        class Done:
+            returncode, stdout = 0, '{"decode_tok_s": 1}\n'
+        return Done()
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert bench._child("/abs/model", bench.BenchConfig()) == {"decode_tok_s": 1}
+    assert seen["listing"] == [] and Path(seen["cwd"]) != Path.cwd()
+    assert seen["env"]["LOWBIT_DATA"]

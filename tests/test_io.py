@@ -514,3 +514,36 @@ def test_attached_group_scales_are_stored_folded_into_the_packed_scales(tmp_path
     assert (out - ref).norm() / ref.norm() < 1e-2  # only the fp16 rounding of the folded scales differs
     with pytest.raises(lowbit.LowbitError, match="cannot fold trained scales"):
         fold_scale_multiplier(layer.scales, torch.ones(3, 2))
+
+
+@pytest.mark.parametrize("name", ["../outside.txt", "/etc/passwd", "sub/file", "..", ""])
+def test_manifest_paths_outside_the_folder_are_refused(tmp_path, name):
+    """A crafted ``files`` entry is never opened, hashed or reported on: both loaders refuse the manifest."""
+    model = tiny_model("llama")
+    lowbit.quantize(model, "rtn-w4g64")
+    path = lowbit.save(model, tmp_path / "ck")
+    (tmp_path / "outside.txt").write_text("secret")
+    manifest = json.loads((path / lio.MANIFEST).read_text())
+    manifest["files"][name] = {"bytes": 6, "sha256": "0" * 64}
+    (path / lio.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(lowbit.CheckpointError, match="not a file of the checkpoint folder"):
+        lowbit.load(path)
+    with pytest.raises(lowbit.CheckpointError, match="not a file of the checkpoint folder"):
+        lio.verify_files(path, manifest, hashes=False, names=(lio.PACKED_SHARD,))
+
+
+def test_a_manifest_without_its_file_list_is_refused(tmp_path):
+    model = tiny_model("llama")
+    lowbit.quantize(model, "rtn-w4g64")
+    path = lowbit.save(model, tmp_path / "ck")
+    manifest = json.loads((path / lio.MANIFEST).read_text())
+    del manifest["files"]
+    (path / lio.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(lowbit.CheckpointError, match="no list of the checkpoint's files"):
+        lowbit.load(path)
+
+
+def test_a_path_source_is_recorded_absolute(tmp_path, monkeypatch, hf_folder):
+    monkeypatch.chdir(hf_folder.parent)
+    model, _ = lowbit.load_model(hf_folder.name)  # relative to the current folder
+    assert lowbit.state_of(model).source == str(hf_folder.resolve())
