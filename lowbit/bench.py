@@ -33,10 +33,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import kernels, memory
 from .data import DATA_ENV
 from .errors import LowbitError
 from .eval.speed import decode_speed
+from .kernels import kernel_summary, prepare, reset_counts
+from .memory import peak_rss_mb, release_free_memory, reset_peak, rss_mb
 from .models import DEFAULT_MODEL, resolve_source
 from .protocol import CALIB_WINDOWS
 
@@ -123,30 +124,29 @@ def prefill_speed(model: nn.Module, ids: torch.Tensor, repeats: int = 2) -> floa
 
 def measure_model(source: str, config: BenchConfig) -> dict:
     """Load ``source`` (a model name/path for FP32 or a lowbit checkpoint) and measure it; runs in a child."""
-    from . import io
-    from .io import load_model
+    from .io import MANIFEST, load, load_model
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    if (Path(source) / io.MANIFEST).is_file():
-        model, tok = io.load(source)
+    if (Path(source) / MANIFEST).is_file():
+        model, tok = load(source)
     else:
         model, tok = load_model(source)
     model.eval()
-    kernels.prepare()
+    prepare()
     touch_tensors(model)
-    memory.release_free_memory()
-    memory.reset_peak()
-    rss_model = memory.rss_mb()
+    release_free_memory()
+    reset_peak()
+    rss_model = rss_mb()
     speed = decode_speed(model, tok, new_tokens=config.decode_tokens)
     ids = prompt_ids(tok, config.prefill_tokens)
-    kernels.reset_counts()
+    reset_counts()
     prefill = prefill_speed(model, ids, config.repeats)
-    peak = memory.peak_rss_mb()
+    peak = peak_rss_mb()
     libraries_mb = rss_model - tensor_bytes(model) / 2**20
     return {"decode_tok_s": speed.tok_s, "prefill_tok_s": prefill, "peak_rss_mb": peak,
             "model_peak_mb": peak - libraries_mb, "libraries_mb": libraries_mb, "kernel": speed.kernel,
-            "prefill_kernel": kernels.kernel_summary(),
+            "prefill_kernel": kernel_summary(),
             "bytes_per_token": weight_bytes_per_token(model), "threads": torch.get_num_threads()}
 
 
@@ -174,9 +174,8 @@ def run_bench(model: str, recipes: list[str], config: BenchConfig, calib_windows
     bytes per token, roofline bound and the share of it reached, which kernel ran, effective bits/weight."""
     import copy
 
-    from . import io
     from .calibration import Calibration
-    from .io import load_model
+    from .io import load_model, save
     from .recipe import Recipe
     from .recipe import apply_recipe as quantize
     from .summary import bits_summary
@@ -195,10 +194,10 @@ def run_bench(model: str, recipes: list[str], config: BenchConfig, calib_windows
                 log(f"quantizing {name}")
                 q = quantize(copy.deepcopy(fp_model), name, calib=Calibration(tokenizer=tok, n=calib_windows))
                 rows[name] = {"bits_per_weight": bits_summary(q)["bits_per_weight"]}
-                sources[name] = str(io.save(q, Path(tmp) / name.replace("/", "_"), tokenizer=tok))
+                sources[name] = str(save(q, Path(tmp) / name.replace("/", "_"), tokenizer=tok))
                 del q
             del fp_model
-            memory.release_free_memory()
+            release_free_memory()
         for name, source in sources.items():
             log(f"measuring {name}")
             rows[name].update(_child(source, config))

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapters as ad
+from .adapters import LoRA, adapted_layers, manifest_entry
 from .errors import LowbitError
 from .fileio import staged_folder
 from .models import set_module
@@ -102,7 +102,7 @@ def requantize(model: nn.Module) -> tuple[nn.Module, dict[str, float]]:
 
     out = copy.deepcopy(model)
     errors = {}
-    for name, layer in ad.adapted_layers(out).items():
+    for name, layer in adapted_layers(out).items():
         if layer.qweight.kind != "uniform":
             raise LowbitError(f"layer {name!r} is stored as {layer.qweight.kind} (e.g. LowRA): requantizing it is not "
                               "supported; merge to float instead (lowbit merge without --requantize)")
@@ -118,10 +118,10 @@ def requantize(model: nn.Module) -> tuple[nn.Module, dict[str, float]]:
     return out, errors
 
 
-def lora_layers(model: nn.Module) -> dict[str, ad.LoRA]:
+def lora_layers(model: nn.Module) -> dict[str, LoRA]:
     """``{layer name: LoRA}`` for the single LoRA adapter the PEFT export needs (error if none or several)."""
     found: dict[str, dict[str, nn.Module]] = {}
-    for name, layer in ad.adapted_layers(model).items():
+    for name, layer in adapted_layers(model).items():
         for key, a in layer.adapters.items():
             found.setdefault(key, {})[name] = a
     if not found:
@@ -180,7 +180,7 @@ def export_native(model: nn.Module, path: str | Path, tokenizer=None, force: boo
     ``merged/``, the float model with every adapter merged."""
     from safetensors.torch import save_file
 
-    layers = ad.adapted_layers(model)
+    layers = adapted_layers(model)
     if not layers:
         raise LowbitError("the model has no adapters to export; fine-tune one first (lowbit finetune)")
     tensors = {f"{name}.{key}.{p}": t.detach().contiguous().cpu()
@@ -190,7 +190,7 @@ def export_native(model: nn.Module, path: str | Path, tokenizer=None, force: boo
     path = Path(path)
     with staged_folder(path, force) as tmp:
         save_file(tensors, tmp / "adapters.safetensors")
-        (tmp / "adapters.json").write_text(json.dumps(ad.manifest_entry(model), indent=1))
+        (tmp / "adapters.json").write_text(json.dumps(manifest_entry(model), indent=1))
         merged.save_pretrained(tmp / "merged")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp / "merged")

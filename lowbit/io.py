@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import adapters
 from ._version import __version__
+from .adapters import attach_from_manifest, manifest_entry
 from .errors import CheckpointError, LowbitError
 from .fileio import sha256, staged_folder
 from .formats import LAYOUT
@@ -127,7 +127,7 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
                         "size_bytes": sum(f["bytes"] for f in files.values())},
             "layers": {name: layer_entry(m) for name, m in quantized_layers(model).items()},
             "embeddings": {name: layer_entry(m) for name, m in packed_embeddings(model).items()},
-            "adapters": adapters.manifest_entry(model),
+            "adapters": manifest_entry(model),
             "rotation": state_of(model).rotation,
             "aliases": aliases,
             "files": files,
@@ -261,7 +261,7 @@ def build_skeleton(path: Path, manifest: dict) -> nn.Module:
                                   "tensors")
         set_module(model, name, packed_module(entry, torch.device("cpu")))
     try:
-        adapters.attach_from_manifest(model, manifest.get("adapters", {}))
+        attach_from_manifest(model, manifest.get("adapters", {}))
     except (LowbitError, AttributeError, KeyError) as e:
         raise CheckpointError(f"{path / MANIFEST} lists adapters this model cannot hold ({e}); the manifest is "
                               "damaged or from a newer lowbit") from e

@@ -6,7 +6,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import io
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..io import read_manifest, save
@@ -42,11 +41,12 @@ class MergeResult(Result):
 
 
 def merge(config: MergeConfig) -> MergeResult:
-    from .. import export
     from ..adapters import adapted_layers
+    from ..export import merged_float_model, requantize, save_float
+    from ..io import load
 
     check_windows(config.windows)
-    model, tok = io.load(config.model)
+    model, tok = load(config.model)
     if not adapted_layers(model):
         raise LowbitError(f"{config.model} has no adapters to merge; fine-tune it first (lowbit finetune)")
     result = MergeResult(str(config.model), str(config.out), len(adapted_layers(model)), "float")
@@ -54,14 +54,14 @@ def merge(config: MergeConfig) -> MergeResult:
     if evaluate:
         result.ppl_adapters = perplexity(model, tok, windows=config.windows).ppl
     if config.requantize:
-        merged, errors = export.requantize(model)
+        merged, errors = requantize(model)
         save(merged, config.out, tokenizer=tok, force=config.force)
         result.kind = "lowbit"
         result.requantize_rel_error_mean = sum(errors.values()) / len(errors)
         result.requantize_rel_error_max = max(errors.values())
     else:
-        merged = export.merged_float_model(model)
-        export.save_float(merged, config.out, tokenizer=tok, force=config.force)
+        merged = merged_float_model(model)
+        save_float(merged, config.out, tokenizer=tok, force=config.force)
     if evaluate:
         ppl = perplexity(merged, tok, windows=config.windows)
         result.ppl_merged, result.windows = ppl.ppl, ppl.windows
@@ -88,12 +88,13 @@ class ExportResult(Result):
 
 
 def export(config: ExportConfig) -> ExportResult:
-    from .. import export as exporters
+    from ..export import export_native, export_peft
+    from ..io import load
 
     if config.layout not in EXPORT_LAYOUTS:
         raise LowbitError(f"--format must be peft or native, got {config.layout!r}")
-    model, tok = io.load(config.model)
-    writer = exporters.export_peft if config.layout == "peft" else exporters.export_native
+    model, tok = load(config.model)
+    writer = export_peft if config.layout == "peft" else export_native
     writer(model, config.out, tokenizer=tok, force=config.force)
     files = sorted(str(p.relative_to(config.out)) for p in Path(config.out).rglob("*") if p.is_file())
     return ExportResult(str(config.model), str(config.out), config.layout, files)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from .. import io
 from ..errors import LowbitError
 from ..eval.perplexity import PerplexityResult, perplexity
 from ..protocol import EVAL_SEQ_LEN, EVAL_WINDOWS
@@ -13,7 +12,9 @@ from .common import Result, check_windows
 
 
 def _load_with_tokenizer(source: str):
-    model, tokenizer = io.load_model(source)
+    from ..io import load_model  # read at call time (tests watch what loads)
+
+    model, tokenizer = load_model(source)
     if tokenizer is None:
         raise LowbitError(f"{source} has no tokenizer files; re-save it with a tokenizer")
     return model, tokenizer
@@ -90,7 +91,7 @@ class GenerateResult(Result):
 def generate(config: GenerateConfig) -> GenerateResult:
     import torch
 
-    from .. import kernels
+    from ..kernels import prepare
 
     if config.max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
@@ -100,7 +101,7 @@ def generate(config: GenerateConfig) -> GenerateResult:
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(config.prompt, return_tensors="pt").input_ids
-    kernels.prepare()  # a first-time kernel build is not generation time
+    prepare()  # a first-time kernel build is not generation time
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False,

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import io, memory
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..io import read_manifest, save
+from ..memory import peak_rss_mb, release_free_memory, reset_peak
 from ..models import DEFAULT_MODEL, resolve_source
 from ..presets import DEFAULT_PRESET
 from ..protocol import EVAL_WINDOWS
@@ -77,17 +77,19 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     resolve_source(config.model)
     check_out(config.out, config.force)
     calib = config.calibration.build(tokenizer=None)  # reads --calib-file now: a bad file fails before loading
-    fp_model, tokenizer = io.load_model(config.model)
+    from ..io import load_model  # read at call time (tests watch what loads)
+
+    fp_model, tokenizer = load_model(config.model)
     calib.tokenizer = tokenizer
     if any(get("step", s.step).needs_calibration for s in recipe.steps):
         calib.get_windows(fp_model)  # a file too short for one window fails here, before any evaluation
     evaluate = config.windows != 0
     fp = perplexity(fp_model, tokenizer, windows=config.windows) if evaluate else None
     fp_bytes = sum(p.numel() * p.element_size() for p in fp_model.parameters())
-    memory.release_free_memory()
-    memory.reset_peak()
+    release_free_memory()
+    reset_peak()
     qmodel = apply_recipe(fp_model, recipe, calib=calib)
-    peak = memory.peak_rss_mb()
+    peak = peak_rss_mb()
     q = perplexity(qmodel, tokenizer, windows=config.windows) if evaluate else None
     extra = {"eval": {"fp_ppl": fp.ppl, "ppl": q.ppl, **q.to_dict()}} if q else {}
     save(qmodel, config.out, tokenizer=tokenizer, force=config.force, extra=extra)

@@ -9,14 +9,14 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .. import adapters as ad
-from .. import io, memory
+from ..adapters import AdapterConfig, LoRAConfig, LoRMAConfig, attach, freeze, manifest_entry, train_outliers
 from ..calibration import Calibration
 from ..compensate import LoftQConfig, RILQConfig
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..fileio import atomic_write
 from ..io import save
+from ..memory import peak_rss_mb, reset_peak
 from ..models import DECODER
 from ..protocol import EVAL_WINDOWS
 from ..recipe import Recipe, apply_recipe
@@ -51,11 +51,11 @@ class FinetuneConfig:
     windows: int | None = 0  # test windows evaluated after training; 0 = skip, None = all
     force: bool = False
 
-    def adapter_config(self) -> ad.AdapterConfig | None:
+    def adapter_config(self) -> AdapterConfig | None:
         if self.adapter == "lora":
-            return ad.LoRAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)
+            return LoRAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets)
         if self.adapter == "lorma":
-            return ad.LoRMAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, variant=self.lorma_variant,
+            return LoRMAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, variant=self.lorma_variant,
                                   mode=self.lorma_mode)
         return None
 
@@ -85,7 +85,8 @@ class FinetuneResult(Result, Evaluated):
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     import torch
 
-    from .. import train as training  # looked up at call time, so a test can wrap training.train
+    from ..io import load_model
+    from ..train import train as train_loop  # read at call time, so a test can wrap lowbit.train.train
 
     out = Path(config.out)
     state_dir = out.parent / f"{out.name}.trainer"
@@ -96,7 +97,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if config.adapter == "none" and not config.train_outliers:
         raise LowbitError("--adapter none trains nothing: add --train-outliers (QUAD's PEFT) or pick an adapter")
     adapter_config = config.adapter_config()
-    model, tok = io.load_model(config.model)
+    model, tok = load_model(config.model)
     if tok is None:
         raise LowbitError(f"{config.model} has no tokenizer files; re-save it with a tokenizer")
     if config.recipe:
@@ -104,19 +105,19 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     train_data = load_data(tok, config.data, config.seq_len)
     torch.manual_seed(config.train.seed)
     adapter, rank = config.adapter, config.rank
-    existing = ad.manifest_entry(model)
+    existing = manifest_entry(model)
     if existing:  # e.g. a RILQ or LoftQ checkpoint: its adapters are the initialisation, train them on
         first = next(iter(existing.values()))["config"]
         adapter, rank = first["step"], first["rank"]
         log.warning("continuing the adapters already in %s: %s (adapter, rank, alpha and targets are not used)",
                     config.model, ", ".join(existing))
     elif adapter_config is not None:
-        ad.attach(model, adapter_config)
-    ad.freeze(model)
-    outlier_weights = ad.train_outliers(model) if config.train_outliers else 0
+        attach(model, adapter_config)
+    freeze(model)
+    outlier_weights = train_outliers(model) if config.train_outliers else 0
     if outlier_weights:
         log.warning("training %d outlier weights and channel scales (QUAD PEFT)", outlier_weights)
-    trained = training.train(model, train_data, config.train, state_dir=state_dir, resume=config.resume)
+    trained = train_loop(model, train_data, config.train, state_dir=state_dir, resume=config.resume)
     stats = trained.to_dict()
     result = FinetuneResult(source=str(config.model), out=str(out), adapter=adapter, rank=rank,
                             outlier_weights=outlier_weights, **stats, data=train_data.source,
@@ -163,15 +164,17 @@ class CompensateResult(Result, Evaluated):
 
 
 def compensate(config: CompensateConfig) -> CompensateResult:
+    from ..io import load, load_model  # read at call time (tests watch what loads)
+
     if config.method not in ("rilq", "loftq"):
         raise LowbitError(f"--method must be rilq or loftq, got {config.method!r}")
     if config.max_steps < 0:
         raise LowbitError("--max-steps must be >= 0")
     check_windows(config.windows)
     check_out(config.out, config.force)
-    memory.reset_peak()
+    reset_peak()
     start = time.perf_counter()
-    model, tok = io.load(config.model)
+    model, tok = load(config.model)
     if tok is None:
         raise LowbitError(f"{config.model} has no tokenizer files; re-save it with a tokenizer")
     out = Path(config.out)
@@ -193,10 +196,10 @@ def compensate(config: CompensateConfig) -> CompensateResult:
         recipe = Recipe([LoftQConfig(quantizer=steps[0].to_dict(), rank=config.rank)], name=f"loftq-r{config.rank}")
         source = state_of(model).source
         del model
-        model, _ = io.load_model(source)
+        model, _ = load_model(source)
         apply_recipe(model, recipe)
     state_of(model).recipe = recipe
-    result = replace(result, seconds=time.perf_counter() - start, peak_rss_mb=memory.peak_rss_mb())
+    result = replace(result, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
     if config.windows != 0:
         ppl = perplexity(model, tok, windows=config.windows)
         result = replace(result, ppl=ppl.ppl, windows=ppl.windows)

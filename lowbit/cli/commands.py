@@ -12,7 +12,6 @@ from rich.table import Table
 from ..models import DEFAULT_MODEL
 from ..presets import DEFAULT_PRESET
 from ..protocol import CALIB_SEQ_LEN, CALIB_WINDOWS, EVAL_SEQ_LEN, EVAL_WINDOWS
-from . import common  # its out_console is read at call time (tests replace it)
 from .common import (
     FORCE_OPTION,
     JSON_OPTION,
@@ -25,6 +24,7 @@ from .common import (
     err_console,
     model_source,
     parse_windows,
+    print_out,
     run_job,
 )
 
@@ -54,16 +54,18 @@ def quantize(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Quantize a model with a recipe, evaluate FP and quantized perplexity, and save a checkpoint."""
+    from ..api import CalibrationConfig, QuantizeConfig, quantize
 
-    def job(api):
-        config = api.QuantizeConfig(
+
+    def job():
+        config = QuantizeConfig(
             out=out, model=model_source(model, model_option, DEFAULT_MODEL), recipe=recipe, force=force,
             windows=0 if no_eval else parse_windows(windows),
             overrides=dict(format=number_format, bits=bits, group_size=group_size, granularity=granularity,
                            symmetric=symmetric, budget=budget),
-            calibration=api.CalibrationConfig(windows=calib_windows, seq_len=calib_seq_len, file=calib_file,
+            calibration=CalibrationConfig(windows=calib_windows, seq_len=calib_seq_len, file=calib_file,
                                               self_generated=calib_self))
-        return api.quantize(config)
+        return quantize(config)
 
     result = run_job(verbose, job)
     emit(result.to_dict(), as_json, f"lowbit quantize: {result.recipe}")
@@ -81,10 +83,12 @@ def evaluate(
     verbose: bool = VERBOSE_OPTION,
 ):
     """WikiText-2 test perplexity of a checkpoint or model, or zero-shot task accuracy with --tasks."""
+    from ..api import EvalConfig, evaluate
 
-    def job(api):
+
+    def job():
         names = tuple(tasks.split(",")) if tasks else ()  # blanks reach the API, which names the problem
-        return api.evaluate(api.EvalConfig(model=model, windows=parse_windows(windows), seq_len=seq_len,
+        return evaluate(EvalConfig(model=model, windows=parse_windows(windows), seq_len=seq_len,
                                              tasks=names, limit=limit))
 
     result = run_job(verbose, job)
@@ -94,7 +98,7 @@ def evaluate(
     table = Table("task", "acc", "acc_norm", "n", title=escape(f"lowbit eval: {model}"))
     for name, r in result.tasks.items():
         table.add_row(name, f"{r['acc']:.4f}", f"{r['acc_norm']:.4f}", str(r["n"]))
-    common.out_console.print(table)
+    print_out(table)
     err_console.print(f"{result.seconds:.1f} s")
 
 
@@ -108,13 +112,15 @@ def generate(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Greedy generation from a checkpoint or model."""
-    result = run_job(verbose, lambda api: api.generate(api.GenerateConfig(
+    from ..api import GenerateConfig, generate
+
+    result = run_job(verbose, lambda: generate(GenerateConfig(
         model=model, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat)))
     if as_json:
         emit(result.to_dict(), True, "")
         return
-    common.out_console.print(f"[bold]{escape(prompt)}[/]", highlight=False)
-    common.out_console.print(escape(result.text), highlight=False)
+    print_out(f"[bold]{escape(prompt)}[/]", highlight=False)
+    print_out(escape(result.text), highlight=False)
     err_console.print(f"{result.new_tokens} tokens in {result.seconds:.1f} s ({result.tok_s:.1f} tok/s)")
 
 
@@ -125,7 +131,9 @@ def info(
     as_json: bool = JSON_OPTION,
 ):
     """What a checkpoint holds: recipe, bits per weight, sizes, versions."""
-    payload = run_job(False, lambda api: api.info(model, layers=layers or as_json))
+    from ..api import info
+
+    payload = run_job(False, lambda: info(model, layers=layers or as_json))
     if as_json:
         emit(payload, True, "")
         return
@@ -137,23 +145,23 @@ def info(
         for name, e in payload["layers"].items():
             table.add_row(name, e["fmt"], str(e.get("granularity", "")), str(e.get("group_size", "")),
                           "x".join(map(str, e["shape"])), f"{e['bits_per_weight']:.4f}")
-        common.out_console.print(table)
+        print_out(table)
 
 
 @app.command()
 def recipes(as_json: bool = JSON_OPTION):
     """List the named presets."""
-    from .. import api
+    from ..api import recipes
     from ..config import StepConfig
 
-    presets = api.recipes()
+    presets = recipes()
     if as_json:
         emit(presets, True, "")
         return
     table = Table("preset", "steps")
     for name, steps in presets.items():
         table.add_row(name, "; ".join(StepConfig.from_dict(s).describe() for s in steps))
-    common.out_console.print(table)
+    print_out(table)
 
 
 @app.command()
@@ -167,8 +175,10 @@ def report(
     as_json: bool = JSON_OPTION,
 ):
     """Draw the bits-vs-perplexity curve of every method in a results file, or overlay fine-tuning loss curves."""
+    from ..api import report
+
     logs = tuple(Path(t.strip()) for t in train_logs.split(",") if t.strip())
-    payload = run_job(False, lambda api: api.report(results, out, x=x, train_logs=logs))
+    payload = run_job(False, lambda: report(results, out, x=x, train_logs=logs))
     emit(payload, as_json, "lowbit report")
 
 
@@ -186,17 +196,19 @@ def bench(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Decode and prefill speed, peak memory and the bandwidth roofline of FP32 and each recipe, in one run."""
+    from ..api import BenchConfig, BenchJob, bench
 
-    def job(api):
-        bench_job = api.BenchJob(model=model_source(model, model_option, DEFAULT_MODEL),
+
+    def job():
+        bench_job = BenchJob(model=model_source(model, model_option, DEFAULT_MODEL),
                                  recipes=tuple(r.strip() for r in recipes.split(",") if r.strip()),
-                                 measure=api.BenchConfig(decode_tokens=decode_tokens, prefill_tokens=prefill_tokens),
+                                 measure=BenchConfig(decode_tokens=decode_tokens, prefill_tokens=prefill_tokens),
                                  calib_windows=calib_windows, out=out)
-        return api.bench(bench_job, log=lambda m: err_console.print(f"[dim]{escape(m)}[/]"))
+        return bench(bench_job, log=lambda m: err_console.print(f"[dim]{escape(m)}[/]"))
 
     result = run_job(verbose, job)
     if as_json:
         emit(result.to_dict(), True, "")
     else:
-        common.out_console.print(result.table)
+        print_out(result.table)
         err_console.print(f"wrote {out}/bench.md, bench.json, bench.png")

@@ -85,10 +85,13 @@ def one_line_errors():
 
 
 def run_job(verbose: bool, job):
-    """What every command does around its API call: set up logging, then ``job(lowbit.api)`` with every
+    """What every command does around its API call: set up logging, then ``job()`` with every
     :class:`LowbitError` as one line on stderr and exit status 2. Returns the job's result."""
     setup_logging(verbose)
-    from .. import api
-
     with one_line_errors():
-        return job(api)
+        return job()
+
+
+def print_out(*args, **kwargs) -> None:
+    """Print on stdout through ``out_console`` as it is at call time (tests replace it)."""
+    out_console.print(*args, **kwargs)

@@ -57,16 +57,17 @@ def finetune(
 
     A checkpoint that already holds adapters (lowbit compensate, an earlier finetune) continues training them.
     The resumable training state lives in OUT.trainer/ (beside OUT) until the checkpoint is saved."""
+    from ..api import FinetuneConfig, finetune
     from ..train import TrainConfig
-    def job(api):
+    def job():
         train = TrainConfig(steps=steps, batch=batch, grad_accum=grad_accum, lr=lr, seed=seed,
                             checkpoint_every=checkpoint_every, precision=precision)
-        config = api.FinetuneConfig(
+        config = FinetuneConfig(
             model=model, out=out, adapter=adapter, rank=rank, alpha=alpha,
             targets=tuple(t.strip() for t in targets.split(",") if t.strip()), lorma_variant=lorma_variant,
             lorma_mode=lorma_mode, train_outliers=train_outliers, recipe=recipe, train=train, seq_len=seq_len,
             data=data, resume=resume, windows=parse_windows(windows), force=force)
-        return api.finetune(config)
+        return finetune(config)
 
     result = run_job(verbose, job)
     emit(result.to_dict(), as_json, f"lowbit finetune: {model}")
@@ -85,7 +86,9 @@ def merge(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Merge adapters into the dequantized base: a float transformers model, or (--requantize) a packed one."""
-    result = run_job(verbose, lambda api: api.merge(api.MergeConfig(
+    from ..api import MergeConfig, merge
+
+    result = run_job(verbose, lambda: merge(MergeConfig(
         model=model, out=out, requantize=requantize, windows=parse_windows(windows), force=force)))
     emit(result.to_dict(), as_json, f"lowbit merge: {model}")
 
@@ -103,7 +106,9 @@ def compensate(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Win back 2-bit quality with adapters: RILQ trains them against the float model, LoftQ fits the residual."""
-    result = run_job(verbose, lambda api: api.compensate(api.CompensateConfig(
+    from ..api import CompensateConfig, compensate
+
+    result = run_job(verbose, lambda: compensate(CompensateConfig(
         model=model, out=out, method=method, rank=rank, max_steps=max_steps, windows=parse_windows(windows),
         force=force)))
     emit(result.to_dict(), as_json, f"lowbit compensate: {model}")
@@ -120,5 +125,7 @@ def export_adapters(
     verbose: bool = VERBOSE_OPTION,
 ):
     """Export adapters: PEFT's layout for LoRA, lowbit's own (plus a merged float model) for any adapter."""
-    result = run_job(verbose, lambda api: api.export(api.ExportConfig(model=model, out=out, layout=fmt, force=force)))
+    from ..api import ExportConfig, export
+
+    result = run_job(verbose, lambda: export(ExportConfig(model=model, out=out, layout=fmt, force=force)))
     emit(result.to_dict(), as_json, f"lowbit export: {model}")

@@ -40,7 +40,19 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import adapters as ad
+from ..adapters import (
+    AdapterConfig,
+    LoRAConfig,
+    LoRMAConfig,
+    attach,
+    find_qlinears,
+    freeze,
+    has_row_scales,
+    parameters,
+    remove,
+    train_channel_scales,
+    train_group_scales,
+)
 from ..config import StepConfig
 from ..errors import LowbitError
 from ..memory import release_free_memory
@@ -114,11 +126,11 @@ class RILQConfig(StepConfig):
             return float(self.lr)
         return 2e-3 if continuing else 5e-4
 
-    def adapter_config(self) -> ad.AdapterConfig:
+    def adapter_config(self) -> AdapterConfig:
         if self.adapter == "lora":
-            return ad.LoRAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, ignore=self.ignore,
+            return LoRAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, ignore=self.ignore,
                                  init="gaussian")
-        return ad.LoRMAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, ignore=self.ignore)
+        return LoRMAConfig(rank=self.rank, alpha=self.alpha, targets=self.targets, ignore=self.ignore)
 
 
 @torch.inference_mode()
@@ -194,29 +206,29 @@ class RILQ(Step):
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c = self.config
-        ad.find_qlinears(model, c.targets, c.ignore)  # a clear error before the teacher pass if nothing to adapt
+        find_qlinears(model, c.targets, c.ignore)  # a clear error before the teacher pass if nothing to adapt
         if self.teacher is None:
             self._teacher_from_source(model, calib)
         start = time.perf_counter()
         n_val = round(c.samples * c.val_ratio)
         val, train = list(range(n_val)), list(range(n_val, c.samples))
-        continuing = bool(ad.parameters(model, c.name))
+        continuing = bool(parameters(model, c.name))
         if continuing:  # e.g. [loftq(...), rilq]: RILQ trains the adapters the previous step initialised
             log.info("rilq: continuing the existing adapters %r", c.name)
         else:
-            ad.attach(model, c.adapter_config(), name=c.name)
-        params = ad.freeze(model, c.name)
+            attach(model, c.adapter_config(), name=c.name)
+        params = freeze(model, c.name)
         scales = {True: "channel", False: "none"}.get(c.scales, c.scales)
         if scales != "none":
-            layers = [m for _, m in ad.find_qlinears(model, c.targets, c.ignore) if ad.has_row_scales(m)]
+            layers = [m for _, m in find_qlinears(model, c.targets, c.ignore) if has_row_scales(m)]
             if not layers:
                 raise LowbitError(f"scales={c.scales!r} needs channel- or group-wise uniform weights; this model "
                                   "has none")
             if scales == "group":
-                ad.train_group_scales(layers)
+                train_group_scales(layers)
                 params += [m.group_scale for m in layers]
             else:
-                ad.train_channel_scales(layers)
+                train_channel_scales(layers)
                 params += [m.channel_scale for m in layers]
         initial = [p.detach().clone() for p in params]
         lr = c.learning_rate(continuing)
@@ -266,7 +278,7 @@ class RILQ(Step):
             for p, b in zip(params, initial if best_state is None else best_state, strict=True):
                 p.copy_(b)
             if best_state is None and not continuing:  # untrained (no-op) adapters: drop them
-                ad.remove(model, c.name)
+                remove(model, c.name)
         for p in params:
             p.requires_grad_(False)
         if scales == "group":  # into the packed scales now, so decode runs the packed kernels and equals the save

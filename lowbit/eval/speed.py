@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import kernels
+from ..kernels import kernel_summary, reset_counts
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,10 @@ def decode_speed(model, tokenizer, new_tokens: int = 128, prompt: str = "The his
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     kwargs = dict(do_sample=False, pad_token_id=tokenizer.eos_token_id, eos_token_id=None)
     model.generate(ids, max_new_tokens=warmup_tokens, min_new_tokens=warmup_tokens, **kwargs)
-    kernels.reset_counts()
+    reset_counts()
     start = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
     seconds = time.perf_counter() - start
     produced = out.shape[1] - ids.shape[1]
     return DecodeSpeed(tok_s=produced / seconds, new_tokens=produced, seconds=seconds,
-                       kernel=kernels.kernel_summary())
+                       kernel=kernel_summary())

@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import kernels
+from ..kernels import linear
 
 
 class GEMVLinear(nn.Linear):
-    """``nn.Linear`` with the same parameters; ``x (..., in)`` -> ``(..., out)`` through :func:`kernels.linear`."""
+    """``nn.Linear`` with the same parameters; ``x (..., in)`` -> ``(..., out)`` through :func:`linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 FLOAT_LINEARS = (nn.Linear, GEMVLinear)  # the exact classes of an unquantized float Linear that lowbit handles

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import kernels
 from ..errors import LowbitError
+from ..kernels import group_scaled_weight, qmatmul, qmatmul_group_scaled
 from ..kernels.hadamard import hadamard_matrix
 from .input_transform import InputSpec, TransformedLinear, rotate_input, split_input
 from .packed import PackedModule
@@ -78,9 +78,9 @@ class QLinear(PackedModule):
         """The quantized GEMM of the (rotated) input: activation quantization and the outlier columns if any."""
         x_out, x_q = (None, x) if self.spec is None else split_input(x, self.spec)
         if self.group_scale is None:
-            y = kernels.qmatmul(x_q, self.qweight)
+            y = qmatmul(x_q, self.qweight)
         else:
-            y = kernels.qmatmul_group_scaled(x_q, self.qweight, self.group_scale)
+            y = qmatmul_group_scaled(x_q, self.qweight, self.group_scale)
         if self.channel_scale is not None:
             y = y * self.channel_scale.to(y.dtype)
         return y if x_out is None else y + F.linear(x_out, self.outlier.to(x_out.dtype)).to(y.dtype)
@@ -110,7 +110,7 @@ class QLinear(PackedModule):
         never cached."""
         with torch.no_grad():
             w = self.qweight.dequantize() if self.group_scale is None else \
-                kernels.group_scaled_weight(self.qweight, self.group_scale)
+                group_scaled_weight(self.qweight, self.group_scale)
             if self.channel_scale is not None:
                 w = w * self.channel_scale.float()[:, None]
             if self.outlier is not None:

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import memory
 from ..errors import LowbitError
 from ..kernels import native_bf16
+from ..memory import peak_rss_mb, release_free_memory, reset_peak
 from ..protocol import LOGITS_CHUNK
 from .data import IGNORE, TrainData
 from .engine import SCHEDULES, Engine, OptimConfig
@@ -232,8 +232,8 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
         with autocast(config.precision, ids.device):
             return lm_loss(model, ids, labels, config.loss_chunk)
 
-    memory.release_free_memory()
-    memory.reset_peak()
+    release_free_memory()
+    reset_peak()
     with contextlib.closing(engine.run(micro_loss, start=step)) as steps:
         for step, running, elapsed in steps:
             seconds += elapsed
@@ -248,4 +248,4 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
             if on_step is not None:
                 on_step(step, running)
     return TrainResult(losses=losses, steps=step, tokens=tokens, seconds=seconds,
-                       peak_rss_mb=memory.peak_rss_mb(), config=asdict(config), step_seconds=step_seconds)
+                       peak_rss_mb=peak_rss_mb(), config=asdict(config), step_seconds=step_seconds)

@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 
 import lowbit
-from lowbit import kernels
+import lowbit.nn.qlinear as qlinear_module
 from lowbit.errors import LowbitError
 from lowbit.nn.input_transform import InputSpec, TransformedLinear
 from lowbit.nn.qlinear import QLinear
@@ -77,8 +77,8 @@ def _quantized(steps):
 def test_w4a4_matmul_inputs_take_at_most_16_values_per_token(monkeypatch):
     m = _quantized([RotateConfig(outliers=16), GPTQConfig(**W4), ActivationsConfig(writer_bits=8)])
     seen = []
-    real = kernels.qmatmul
-    monkeypatch.setattr(kernels, "qmatmul", lambda x, w: seen.append((w.shape, x.detach())) or real(x, w))
+    real = qlinear_module.qmatmul  # what QLinear calls
+    monkeypatch.setattr(qlinear_module, "qmatmul", lambda x, w: seen.append((w.shape, x.detach())) or real(x, w))
     m(torch.randint(0, 256, (1, 20)))
     assert len(seen) == 14  # 7 quantized Linears x 2 blocks
     for shape, x in seen:
