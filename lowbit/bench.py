@@ -236,11 +236,14 @@ class BenchResult:
 
 def bench(job: BenchJob, log=lambda msg: None) -> BenchResult:
     """Run :func:`run_bench` and write its three files."""
-    from .fileio import atomic_write
+    from .fileio import atomic_write, check_output
+    from .models import check_source
 
     c = job.measure
     if c.decode_tokens < 1 or c.prefill_tokens < 1:
         raise LowbitError("--decode-tokens and --prefill-tokens must be positive")
+    check_source(job.model)
+    check_output(job.out, kind="into")
     rows = run_bench(job.model, list(job.recipes), c, job.calib_windows, log=log)
     table = markdown_table(rows)
     atomic_write(Path(job.out) / "bench.md", table)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import wikitext2_rows
 from .errors import LowbitError
+from .fileio import read_text
 from .memory import release_free_memory
 from .models import decoder_blocks
 from .protocol import CALIB_SEQ_LEN, CALIB_WINDOWS, LOGITS_CHUNK
@@ -110,7 +111,7 @@ def read_calibration_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise LowbitError(f"calibration file {path} does not exist; pass an existing text or .jsonl file")
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path, "calibration file")
     if path.suffix != ".jsonl":
         return raw
     rows = []

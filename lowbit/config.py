@@ -7,11 +7,57 @@ is an ordered list of them. Lookups go through :mod:`lowbit.registry`, so this m
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from .errors import LowbitError
 from .registry import get
+
+
+def _matches(value, hint) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or hint is dict or origin is dict:
+        return hint is Any or isinstance(value, dict)
+    if origin in (types.UnionType, typing.Union):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        items = args[:1] if len(args) == 2 and args[1] is Ellipsis else args
+        return isinstance(value, tuple) and all(_matches(v, items[0] if len(items) == 1 else t)
+                                                for v, t in zip(value, items * len(value) if len(items) == 1
+                                                                else items, strict=False))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return not isinstance(hint, type) or isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        return " or ".join(_describe(a) for a in args)
+    if origin is tuple:
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_types(config) -> None:
+    """Refuse a field whose value has another type than its annotation says (a recipe from YAML can hold
+    anything): one line naming the step, the field, what it must be and what it got."""
+    try:
+        hints = typing.get_type_hints(type(config))
+    except (NameError, TypeError):  # an annotation this Python cannot resolve: leave the checks to the step
+        return
+    for f in dataclasses.fields(config):
+        value, hint = getattr(config, f.name), hints.get(f.name, Any)
+        if not _matches(value, hint):
+            raise LowbitError(f"{getattr(config, 'step', '') or type(config).__name__}: {f.name} must be "
+                              f"{_describe(hint)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -27,6 +73,7 @@ class StepConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
+        check_types(self)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"step": self.step, "version": self.version}

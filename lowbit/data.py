@@ -35,8 +35,13 @@ def wikitext2_path(split: str = "test") -> Path:
 
 def wikitext2_rows(split: str = "test") -> list[str]:
     """The split as the usual dataset rows: each line keeps its trailing newline, blank lines become ""."""
-    with open(wikitext2_path(split), encoding="utf-8", newline="") as f:
-        return ["" if line.strip() == "" else line for line in f]
+    path = wikitext2_path(split)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return ["" if line.strip() == "" else line for line in f]
+    except UnicodeDecodeError as e:
+        raise LowbitError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); restore the WikiText-2 raw "
+                          f"files in {path.parent}") from e
 
 
 def wikitext2_text(split: str = "test") -> str:

@@ -8,9 +8,11 @@ skeleton of the stored layout. transformers' own loader then fills ``codes`` / `
 uint8 codes and fp16 scales are never cast (only float tensors such as norms, embeddings and biases follow the
 ``dtype`` passed to ``from_pretrained``), nothing is requantized, and tied embeddings are tied by transformers.
 
-What differs from :func:`lowbit.load`: file sizes of the tensor shards are checked but not their SHA-256, and no
-tokenizer is returned (use ``AutoTokenizer``). ``model.save_pretrained`` is refused (the manifest would be lost):
-save with :func:`lowbit.save`. ``model.dequantize()`` turns the model back into float ``nn.Linear`` layers.
+The checkpoint is checked exactly as :func:`lowbit.load` checks it (:func:`lowbit.io.verify_files`: manifest
+checksum, file list, sizes, SHA-256 unless ``LOWBIT_VERIFY=sizes``, shard headers against the index) before any
+tensor is read. What differs: no tokenizer is returned (use ``AutoTokenizer``). ``model.save_pretrained`` is
+refused (the manifest would be lost): save with :func:`lowbit.save`. ``model.dequantize()`` turns the model back
+into float ``nn.Linear`` layers.
 
 If the installed transformers lacks the quantizer registry, ``import lowbit`` still works and logs why at debug
 level; :func:`lowbit.load` is the path that always works.
@@ -26,7 +28,8 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
-from .io import FLOAT_SHARD, FORMAT_VERSION, INDEX, MANIFEST, PACKED_SHARD, packed_module, read_manifest, verify_files
+from .io import crafted_entries, packed_module
+from .manifest import FORMAT_VERSION, MANIFEST, hashes_by_default, manifest_recipe, read_manifest, verify_files
 from .models import set_module
 from .nn.gemv_linear import use_gemv_head
 from .nn.qlinear import QLinear
@@ -78,6 +81,7 @@ else:
             self.folder: Path | None = None
             self.manifest: dict | None = None
             self.packed_names: set[str] = set()
+            self.recipe = None
 
         def validate_environment(self, *args, **kwargs):
             device_map = kwargs.get("device_map")
@@ -113,10 +117,13 @@ else:
         def _process_model_before_weight_loading(self, model, checkpoint_files=None, dtype=None, **kwargs):
             folder = self._find_folder(model, checkpoint_files)
             manifest = read_manifest(folder)
-            verify_files(folder, manifest, hashes=False, names=(PACKED_SHARD, FLOAT_SHARD, INDEX))
+            verify_files(folder, manifest, hashes=hashes_by_default(), essential_only=True)
             float_dtype = dtype if isinstance(dtype, torch.dtype) else torch.get_default_dtype()
-            with torch.device("cpu"):  # not transformers' meta-device context: formats build (and cache) CPU tables
-                self._swap_layers(model, folder, manifest, float_dtype)
+            # not transformers' meta-device context: formats build (and cache) CPU tables
+            with torch.device("cpu"):
+                self.recipe = manifest_recipe(folder, manifest)
+                with crafted_entries(folder):
+                    self._swap_layers(model, folder, manifest, float_dtype)
             self.folder, self.manifest = folder, manifest
             return model
 
@@ -153,8 +160,6 @@ else:
             return super().get_new_dtype(converter, param, dtype)
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from .recipe import Recipe
-
             for module in model.modules():
                 if isinstance(module, QLinear) and module.bias is not None:
                     module.bias.requires_grad_(False)  # the loader makes float params trainable; QLinear's is frozen
@@ -164,8 +169,7 @@ else:
             manifest = self.manifest or {}
             state_of(model).manifest = manifest
             state_of(model).source = manifest.get("source")
-            if manifest.get("recipe"):
-                state_of(model).recipe = Recipe.from_dict(manifest["recipe"])
+            state_of(model).recipe = self.recipe
             return model
 
         def _dequantize(self, model, dtype=None):

@@ -11,12 +11,15 @@ Folder layout (format version 1)::
     tokenizer files, generation_config.json
 
 The quantized layers get a shard of their own so their bits per weight can be checked from a file size.
-Saving writes a temporary sibling folder and renames it into place; an existing folder is only replaced with
-``force=True``. Loading verifies sizes and SHA-256 of every file the manifest lists before reading tensors.
+Saving writes a temporary sibling folder and renames it into place (:func:`lowbit.fileio.staged_folder`); an
+existing folder is only replaced with ``force=True``.
+
+Loading checks every file against the manifest first (:mod:`lowbit.manifest`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -29,6 +32,18 @@ from .adapters import attach_from_manifest, manifest_entry
 from .errors import CheckpointError, LowbitError
 from .fileio import sha256, staged_folder
 from .formats import LAYOUT
+from .manifest import (
+    FLOAT_SHARD,
+    FORMAT_VERSION,
+    INDEX,
+    MANIFEST,
+    PACKED_SHARD,
+    hashes_by_default,
+    manifest_digest,
+    manifest_recipe,
+    read_manifest,
+    verify_files,
+)
 from .models import DEFAULT_MODEL, load_float_model, resolve_source, set_module
 from .nn.gemv_linear import use_gemv_head
 from .nn.input_transform import InputSpec, TransformedLinear
@@ -40,11 +55,6 @@ from .summary import bits_summary, layer_entry, packed_embeddings, quantized_lay
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST = "lowbit.json"
-PACKED_SHARD = "model-00001-of-00002.safetensors"
-FLOAT_SHARD = "model-00002-of-00002.safetensors"
-INDEX = "model.safetensors.index.json"
 
 
 def _versions() -> dict:
@@ -133,71 +143,10 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
             "files": files,
             "extra": extra or {},
         }
+        manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     log.info("saved %s", path)
     return path
-
-
-def read_manifest(path: str | Path) -> dict:
-    """The manifest of checkpoint ``path``; errors name the file that is missing or unreadable."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise CheckpointError(f"{mpath} is missing: {path} is not a lowbit checkpoint (make one with lowbit quantize)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{mpath} is not valid JSON ({e}); the checkpoint is damaged, re-create it") from e
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{mpath} is not a JSON object; the checkpoint is damaged, re-create it")
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{mpath} has format_version {version!r}; this lowbit reads version {FORMAT_VERSION}. "
-                              "Upgrade lowbit or re-create the checkpoint.")
-    if manifest.get("packing_layout") != LAYOUT:
-        raise CheckpointError(f"{mpath} uses packing layout {manifest.get('packing_layout')!r}; this lowbit "
-                              f"reads {LAYOUT!r}")
-    return manifest
-
-
-def listed_files(path: Path, manifest: dict) -> dict[str, dict]:
-    """The manifest's ``files`` table, refused unless it is there, covers the tensor shards and names only plain
-    files inside ``path`` (no ``..``, no absolute path, no sub-folder, no link out): loading never reads or reports
-    on anything outside the checkpoint folder."""
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not {PACKED_SHARD, FLOAT_SHARD} <= set(files):
-        raise CheckpointError(f"{path / MANIFEST} has no list of the checkpoint's files (or it misses a tensor "
-                              "shard), so nothing could be verified; re-save the checkpoint")
-    root = Path(path).resolve()
-    for name, info in files.items():
-        inside = (root / name).resolve()
-        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", "..") or inside.parent != root:
-            raise CheckpointError(f"{path / MANIFEST} lists {name!r}, which is not a file of the checkpoint folder; "
-                                  "the manifest is damaged or crafted: do not use this checkpoint")
-        if not isinstance(info, dict) or not isinstance(info.get("bytes"), int) or \
-                not isinstance(info.get("sha256"), str):
-            raise CheckpointError(f"{path / MANIFEST} has no size and SHA-256 for {name!r}; re-save the checkpoint")
-    return files
-
-
-def verify_files(path: Path, manifest: dict, hashes: bool = True, names: tuple[str, ...] | None = None) -> None:
-    """Check every file the manifest lists (or only ``names`` of them): present, same size (else truncated), same
-    SHA-256 (else tampered). The list itself is checked first (:func:`listed_files`)."""
-    for name, info in listed_files(path, manifest).items():
-        if names is not None and name not in names:
-            continue
-        fp = path / name
-        if not fp.is_file() or fp.is_symlink():
-            raise CheckpointError(f"{fp} is missing from the checkpoint; re-save it")
-        size = fp.stat().st_size
-        if size != info["bytes"]:
-            raise CheckpointError(f"{fp} is {size} bytes but the manifest says {info['bytes']}: the file is "
-                                  "truncated or was replaced; re-save the checkpoint")
-        if hashes and sha256(fp) != info["sha256"]:
-            raise CheckpointError(f"{fp} does not match its SHA-256 in {MANIFEST}: the file was modified or "
-                                  "corrupted; re-save the checkpoint")
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -210,6 +159,19 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         except Exception as e:  # safetensors raises its own error types for damaged headers
             raise CheckpointError(f"{path / name} cannot be read as safetensors ({e})") from e
     return tensors
+
+
+@contextlib.contextmanager
+def crafted_entries(path: Path):
+    """Turn what a crafted manifest (one with a valid checksum but impossible entries) makes the layer builders
+    raise into one :class:`CheckpointError` naming the manifest."""
+    try:
+        yield
+    except LowbitError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{path / MANIFEST} has a layer entry this lowbit cannot build ({type(e).__name__}: "
+                              f"{e}); the manifest is damaged or crafted: do not use this checkpoint") from e
 
 
 def packed_module(entry: dict, device: torch.device, float_dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -239,50 +201,54 @@ def build_skeleton(path: Path, manifest: dict) -> nn.Module:
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rotation = manifest.get("rotation") or {}
-    if rotation.get("outliers"):  # QUAD: a d + r wide residual stream whose norms divide by d
-        from .transforms.rotate import widen_skeleton
+    with crafted_entries(path):
+        if rotation.get("outliers"):  # QUAD: a d + r wide residual stream whose norms divide by d
+            from .transforms.rotate import widen_skeleton
 
-        with init_empty_weights(include_buffers=False):
-            widen_skeleton(model, rotation["outliers"])
-    entries = {**manifest["layers"], **manifest.get("embeddings", {})}
-    for name, entry in entries.items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError as e:
-            raise CheckpointError(f"{path / MANIFEST} lists layer {name!r} that {path / 'config.json'} does "
-                                  "not have: the config does not match the tensors") from e
-        # The packed storage is shaped from the manifest, so load_state_dict cannot notice a config that disagrees.
-        expected = [getattr(layer, "out_features", getattr(layer, "num_embeddings", None)),
-                    getattr(layer, "in_features", getattr(layer, "embedding_dim", None))]
-        stored = [entry["shape"][0], entry["shape"][1] + (entry.get("spec") or {}).get("outliers", 0)]
-        if stored != expected:
-            raise CheckpointError(f"{path / MANIFEST} stores layer {name!r} as {entry['shape']} but "
-                                  f"{path / 'config.json'} makes it {expected}: the config does not match the "
-                                  "tensors")
-        set_module(model, name, packed_module(entry, torch.device("cpu")))
+            with init_empty_weights(include_buffers=False):
+                widen_skeleton(model, rotation["outliers"])
+        entries = {**manifest["layers"], **manifest.get("embeddings", {})}
+        for name, entry in entries.items():
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError as e:
+                raise CheckpointError(f"{path / MANIFEST} lists layer {name!r} that {path / 'config.json'} does "
+                                      "not have: the config does not match the tensors") from e
+            # The packed storage is shaped from the manifest: load_state_dict cannot notice a config that disagrees.
+            expected = [getattr(layer, "out_features", getattr(layer, "num_embeddings", None)),
+                        getattr(layer, "in_features", getattr(layer, "embedding_dim", None))]
+            stored = [entry["shape"][0], entry["shape"][1] + (entry.get("spec") or {}).get("outliers", 0)]
+            if stored != expected:
+                raise CheckpointError(f"{path / MANIFEST} stores layer {name!r} as {entry['shape']} but "
+                                      f"{path / 'config.json'} makes it {expected}: the config does not match the "
+                                      "tensors")
+            set_module(model, name, packed_module(entry, torch.device("cpu")))
     try:
         attach_from_manifest(model, manifest.get("adapters", {}))
-    except (LowbitError, AttributeError, KeyError) as e:
+    except (LowbitError, AttributeError, KeyError, TypeError, ValueError, IndexError) as e:
         raise CheckpointError(f"{path / MANIFEST} lists adapters this model cannot hold ({e}); the manifest is "
                               "damaged or from a newer lowbit") from e
     model.config.quantization_config = quant_config
     return model
 
 
-def load(path: str | Path, verify: bool = True):
+def load(path: str | Path, verify: bool | None = None):
     """Load a checkpoint saved by :func:`save`: ``(model, tokenizer)`` with bit-identical tensors.
 
-    ``verify`` checks file sizes and SHA-256 first (about a second for a 135M model)."""
+    Every file is checked first (:func:`verify_files`); ``verify=False`` (or ``LOWBIT_VERIFY=sizes``, the default
+    when ``verify`` is None) skips only the SHA-256 of the tensor shards, about a second per 135M parameters."""
     from transformers import AutoTokenizer, GenerationConfig
-
-    from .recipe import Recipe
 
     path = Path(path)
     manifest = read_manifest(path)
-    verify_files(path, manifest, hashes=verify)
+    verify_files(path, manifest, hashes=hashes_by_default() if verify is None else verify)
+    recipe = manifest_recipe(path, manifest)
     model = build_skeleton(path, manifest)
     tensors = _read_tensors(path)
     for alias, source in manifest.get("aliases", {}).items():
+        if source not in tensors:
+            raise CheckpointError(f"{path / MANIFEST} makes {alias!r} an alias of {source!r}, which is not stored; "
+                                  "the manifest is damaged or crafted: do not use this checkpoint")
         tensors[alias] = tensors[source]
     try:
         result = model.load_state_dict(tensors, strict=False, assign=True)
@@ -301,8 +267,7 @@ def load(path: str | Path, verify: bool = True):
     state_of(model).source = manifest.get("source")
     if manifest.get("rotation"):
         state_of(model).rotation = manifest["rotation"]
-    if manifest.get("recipe"):
-        state_of(model).recipe = Recipe.from_dict(manifest["recipe"])
+    state_of(model).recipe = recipe
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)

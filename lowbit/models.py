@@ -100,6 +100,78 @@ def gguf_parsed_once():
         gguf.GGUFReader, gguf.get_tensor_name_map = reader_cls, name_map
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_source(source: str | Path) -> tuple[str, Path]:
+    """:func:`resolve_source`, then what can be checked of a float source without loading it: a GGUF file's magic
+    and version, an HF folder's ``config.json`` (UTF-8 JSON object of a model type transformers knows), its
+    weight files present and their safetensors headers readable. A lowbit checkpoint is checked by its loader."""
+    import json
+
+    kind, path = resolve_source(source)
+    if kind in ("builtin", "gguf"):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(8)
+        except OSError as e:
+            raise LowbitError(f"{path} cannot be read ({e.strerror}); check its permissions") from e
+        version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+        if head[:4] != b"GGUF" or version not in (2, 3):
+            raise LowbitError(f"{path} is not a GGUF v2/v3 file (it starts with {head[:8]!r}); pass a complete .gguf "
+                              "file, a Hugging Face model folder or a lowbit checkpoint")
+    elif kind == "hf":
+        from .fileio import read_text
+
+        try:
+            config = json.loads(read_text(path / "config.json", "model config"))
+        except json.JSONDecodeError as e:
+            raise LowbitError(f"{path / 'config.json'} is not valid JSON ({e.msg} at line {e.lineno}); fix or "
+                              "replace the file") from e
+        if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+            raise LowbitError(f"{path / 'config.json'} has no model_type; it is not a Hugging Face model config")
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # unknown model type, wrong field types, ...: transformers' own error types
+            raise LowbitError(f"{path / 'config.json'} is not a config this transformers can use: "
+                              f"{_first_line(e)}") from e
+        weights = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
+        if not weights:
+            raise LowbitError(f"{path} has no weights ({' or '.join(WEIGHT_FILES[:3])}); copy the model's weight files "
+                              "into it")
+        _check_safetensors(path)
+    return kind, path
+
+
+def _check_safetensors(folder: Path) -> None:
+    from safetensors import safe_open
+
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(file, "pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own error types for damaged headers and truncation
+            raise LowbitError(f"{file} is not a readable safetensors file ({_first_line(e)}); it is truncated or "
+                              "damaged: copy it again") from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def source_bytes(source: str | Path) -> int:
+    """Bytes of a model source's weight files (a GGUF file, an HF folder's weights, a checkpoint's files): what
+    the output estimates of :func:`lowbit.fileio.check_output` start from."""
+    kind, path = resolve_source(source)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin"))
+
+
 def load_float_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
     """Load ``(model, tokenizer)`` from a built-in name, a GGUF file or an HF folder (a float model; lowbit
     checkpoints load through :func:`lowbit.load_model`, which dispatches here for the others).
@@ -109,7 +181,7 @@ def load_float_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = to
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kind, path = resolve_source(source)
+    kind, path = check_source(source)
     if kind == "lowbit":
         raise LowbitError(f"{path} is a lowbit checkpoint, not a float model; load it with lowbit.load_model or "
                           "lowbit.load")
@@ -122,10 +194,18 @@ def load_float_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = to
     tokenizer = None
     with gguf_parsed_once() if kwargs else contextlib.nullcontext():
         if kind != "hf" or any((folder / f).is_file() for f in TOKENIZER_FILES):
-            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, **kwargs)
+            except Exception as e:  # transformers' and tokenizers' own error types
+                raise LowbitError(f"the tokenizer in {path} cannot be loaded ({_first_line(e)}); copy the model's "
+                                  "tokenizer files again") from e
         else:  # a weights-only folder: the model is still usable
             log.warning("no tokenizer files in %s; perplexity and generate need one", folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True, **kwargs)
+        except Exception as e:  # a source that passed check_source can still hold weights that do not fit
+            raise LowbitError(f"the model in {path} cannot be loaded ({_first_line(e)}); check that its weights "
+                              "match its config.json") from e
     if kind in ("builtin", "gguf") and hasattr(model.config, "quantization_config"):
         # The weights are now plain floats; the GGUF marker would make saved configs lie.
         del model.config.quantization_config
@@ -133,6 +213,21 @@ def load_float_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = to
     # a path is recorded absolute: RILQ and LoftQ reload it later, possibly from another folder
     state_of(model).source = str(source) if kind == "builtin" else str(path.resolve())
     return model, tokenizer
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``), where its config states one."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return context if isinstance(context, int) and not isinstance(context, bool) else None
+
+
+def check_seq_len(model: nn.Module, seq_len: int, flag: str = "--seq-len") -> None:
+    """Refuse windows longer than the model's context (:func:`context_length`): positions past it were never
+    trained, so figures there would be silently meaningless."""
+    context = context_length(model)
+    if context is not None and seq_len > context:
+        raise LowbitError(f"{flag} {seq_len} is longer than the model's context of {context} tokens; use at most "
+                          f"{context}")
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:

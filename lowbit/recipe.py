@@ -16,6 +16,7 @@ import yaml
 
 from .config import StepConfig
 from .errors import LowbitError
+from .fileio import read_text
 from .nn import use_gemv_head
 from .presets import PRESETS
 from .registry import get, unknown_name_error
@@ -37,6 +38,8 @@ class Recipe:
         for s in self.steps:
             if not isinstance(s, StepConfig):
                 raise LowbitError(f"recipe steps must be step configs (e.g. lowbit.RTNConfig()), got {s!r}")
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise LowbitError(f"a recipe's name must be a non-empty string, got {self.name!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "steps": [s.to_dict() for s in self.steps]}
@@ -55,7 +58,7 @@ class Recipe:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise LowbitError(f"recipe is not valid YAML: {e}") from e
+            raise LowbitError(f"recipe is not valid YAML: {' '.join(str(e).split())}") from e
         return cls.from_dict(data)
 
     @classmethod
@@ -77,7 +80,7 @@ class Recipe:
         if path.suffix in (".yaml", ".yml"):
             if not path.is_file():
                 raise LowbitError(f"recipe file {path} does not exist")
-            recipe = cls.from_yaml(path.read_text())
+            recipe = cls.from_yaml(read_text(path, "recipe file"))
             if recipe.name == "custom":
                 recipe.name = path.stem
             return recipe

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .errors import LowbitError
-from .fileio import atomic_write
+from .fileio import atomic_write, read_text
 from .protocol import EVAL_SEQ_LEN
 
 METHOD_PREFIXES = ("lowra-gptq", "lowra", "gptq", "rtn", "nf", "fp4", "fp8")
@@ -21,18 +22,32 @@ def method_of(recipe: str) -> str:
     return recipe.split("+")[0]
 
 
-def load_rows(path: str | Path) -> list[dict]:
-    """Result rows (``recipe``, ``ppl``, ``bits_per_weight`` …) from a benchmark JSON file."""
+def is_number(value) -> bool:
+    """A finite int or float (not a bool, not NaN): something a chart can place."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_rows(path: str | Path, x: str = "bits_per_weight") -> list[dict]:
+    """Result rows (``recipe``, ``ppl``, ``bits_per_weight`` …) from a benchmark JSON file: a list of objects (or
+    ``{"rows": [...]}``) each with a ``recipe`` string and a positive ``ppl``, ``x`` a number where present, and at
+    least one row with an ``x`` to draw. Anything else is an error naming the file and the first bad row."""
     path = Path(path)
     if not path.is_file():
         raise LowbitError(f"results file {path} does not exist; run python benchmarks/quantizers.py first")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, "results file"))
     except json.JSONDecodeError as e:
         raise LowbitError(f"{path} is not JSON ({e.msg})") from e
     rows = data["rows"] if isinstance(data, dict) and "rows" in data else data
-    if not isinstance(rows, list) or not all(isinstance(r, dict) and {"recipe", "ppl"} <= set(r) for r in rows):
-        raise LowbitError(f"{path} holds no result rows (a list of objects with 'recipe' and 'ppl')")
+    shape = "a list of objects with a 'recipe' string and a positive 'ppl' number"
+    if not isinstance(rows, list) or not rows:
+        raise LowbitError(f"{path} holds no result rows ({shape})")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not isinstance(r.get("recipe"), str) or not is_number(r.get("ppl")) or \
+                r["ppl"] <= 0 or (r.get(x) is not None and not is_number(r[x])):
+            raise LowbitError(f"{path} row {i} is not a result row ({shape}, {x!r} a number or absent): {r!r:.120}")
+    if not any(r.get(x) is not None for r in rows):
+        raise LowbitError(f"no row of {path} has {x!r}: nothing to draw; pick another --x or a results file with it")
     return rows
 
 

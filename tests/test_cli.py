@@ -132,9 +132,13 @@ def test_quantize_json(hf_folder, tmp_path):
 def test_quantize_no_eval_table_and_force(hf_folder, tmp_path):
     out = tmp_path / "q"
     out.mkdir()
-    (out / "old.txt").write_text("replaced by --force")
-    result = invoke("quantize", "--model", hf_folder, "--recipe", "nf4-g64", "--bits", "3", "--out", out,
-                    "--no-eval", "--force")
+    (out / "old.txt").write_text("a user's file: --force must not delete it")
+    args = ("quantize", "--model", hf_folder, "--recipe", "nf4-g64", "--bits", "3", "--out", out, "--no-eval",
+            "--force")
+    refused = invoke(*args)
+    assert refused.exit_code == 2 and "lowbit did not write" in refused.stderr and (out / "old.txt").is_file()
+    (out / ".lowbit").touch()  # now a folder lowbit wrote: --force replaces it
+    result = invoke(*args)
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert "bits_per_weight" in result.stdout and "skipped" in result.stdout and "nf4-g64+custom" in result.stdout
     assert not (out / "old.txt").exists()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
+from transformers import AutoModelForCausalLM
 
 import lowbit
 import lowbit.io as lio
@@ -328,9 +329,13 @@ def test_failed_forced_save_keeps_the_existing_checkpoint(ckpt, w4g64, monkeypat
 
 
 def test_failed_final_rename_restores_the_existing_checkpoint(ckpt, w4g64, monkeypatch):
-    """The swap moves the old folder aside first; if moving the new one in fails, the old one goes back."""
+    """Without an atomic exchange (another OS or file system), the swap moves the old folder aside first; if
+    moving the new one in fails, the old one goes back."""
+    import lowbit.fileio
+
     before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     real_rename = os.rename
+    monkeypatch.setattr(lowbit.fileio, "_exchange", lambda a, b: False)
 
     def rename(src, dst):
         if ".tmp-" in Path(src).name:
@@ -444,6 +449,25 @@ def test_unreadable_shard_header(ckpt):
     assert str(shard) in msg and "safetensors" in msg
 
 
+def craft(path: Path, edit=None) -> dict:
+    """What a crafted (or consistently damaged) checkpoint looks like: ``edit(manifest)``, then every recorded size
+    and hash made to agree with the files again and the manifest re-signed, so only the deeper checks can tell."""
+    from lowbit.fileio import sha256
+    from lowbit.manifest import manifest_digest
+
+    manifest = json.loads((path / lio.MANIFEST).read_text())
+    if edit is not None:
+        edit(manifest)
+    files = manifest.get("files")
+    for name, info in (files.items() if isinstance(files, dict) else ()):
+        fp = path / name
+        if isinstance(info, dict) and name and "/" not in name and ".." not in name and fp.is_file():
+            info.update(bytes=fp.stat().st_size, sha256=sha256(fp))
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (path / lio.MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
 def _edit_config(path: Path, key: str, old, new) -> None:
     """Change one value in config.json keeping the file's byte size (so only the hash or the shapes can tell)."""
     cfg = path / "config.json"
@@ -457,23 +481,26 @@ def _edit_config(path: Path, key: str, old, new) -> None:
                                          ("num_hidden_layers", 2, 3), ("intermediate_size", 128, 256)])
 def test_config_that_does_not_match_the_tensors(ckpt, key, old, new):
     _edit_config(ckpt, key, old, new)
-    msg = _load_error(ckpt)  # config.json's hash is in the manifest
+    msg = _load_error(ckpt, verify=False)  # config.json's hash is in the manifest and always checked
     assert str(ckpt / "config.json") in msg and "SHA-256" in msg
-    msg = _load_error(ckpt, verify=False)  # the shape / layer check itself
+    craft(ckpt)
+    msg = _load_error(ckpt)  # the shape / layer check itself
     assert str(ckpt / "config.json") in msg and "not match" in msg
 
 
 def test_config_with_fewer_layers_names_the_missing_layer(ckpt):
     _edit_config(ckpt, "num_hidden_layers", 2, 1)
-    msg = _load_error(ckpt, verify=False)
+    craft(ckpt)
+    msg = _load_error(ckpt)
     assert "'model.layers.1." in msg and str(ckpt / lio.MANIFEST) in msg
 
 
 def test_config_that_is_not_json(ckpt):
     cfg = ckpt / "config.json"
-    cfg.write_text("x" * cfg.stat().st_size)  # same size: only the hash notices
-    assert "SHA-256" in _load_error(ckpt)
-    msg = _load_error(ckpt, verify=False)
+    cfg.write_text("x" * cfg.stat().st_size)  # same size: only the hash notices, which is always checked
+    assert "SHA-256" in _load_error(ckpt) and "SHA-256" in _load_error(ckpt, verify=False)
+    craft(ckpt)
+    msg = _load_error(ckpt)
     assert str(cfg) in msg
 
 
@@ -487,7 +514,8 @@ def test_a_good_checkpoint_still_loads_after_the_copy(ckpt, w4g64):
 def test_config_with_other_layer_widths_names_the_layer(ckpt):
     """Packed layers are shaped from the manifest, so a config whose widths differ must be caught explicitly."""
     _edit_config(ckpt, "intermediate_size", 128, 256)
-    msg = _load_error(ckpt, verify=False)
+    craft(ckpt)
+    msg = _load_error(ckpt)
     assert "'model.layers.0.mlp.gate_proj'" in msg and "[128, 64]" in msg and "[256, 64]" in msg
     assert str(ckpt / "config.json") in msg
 
@@ -523,24 +551,24 @@ def test_manifest_paths_outside_the_folder_are_refused(tmp_path, name):
     lowbit.quantize(model, "rtn-w4g64")
     path = lowbit.save(model, tmp_path / "ck")
     (tmp_path / "outside.txt").write_text("secret")
-    manifest = json.loads((path / lio.MANIFEST).read_text())
-    manifest["files"][name] = {"bytes": 6, "sha256": "0" * 64}
-    (path / lio.MANIFEST).write_text(json.dumps(manifest))
+    manifest = craft(path, lambda m: m["files"].update({name: {"bytes": 6, "sha256": "0" * 64}}))
     with pytest.raises(lowbit.CheckpointError, match="not a file of the checkpoint folder"):
         lowbit.load(path)
     with pytest.raises(lowbit.CheckpointError, match="not a file of the checkpoint folder"):
-        lio.verify_files(path, manifest, hashes=False, names=(lio.PACKED_SHARD,))
+        lio.verify_files(path, manifest, hashes=False)
+    with pytest.raises(lowbit.CheckpointError, match="not a file of the checkpoint folder"):
+        AutoModelForCausalLM.from_pretrained(path)
 
 
 def test_a_manifest_without_its_file_list_is_refused(tmp_path):
     model = tiny_model("llama")
     lowbit.quantize(model, "rtn-w4g64")
     path = lowbit.save(model, tmp_path / "ck")
-    manifest = json.loads((path / lio.MANIFEST).read_text())
-    del manifest["files"]
-    (path / lio.MANIFEST).write_text(json.dumps(manifest))
+    craft(path, lambda m: m.pop("files"))
     with pytest.raises(lowbit.CheckpointError, match="no list of the checkpoint's files"):
         lowbit.load(path)
+    with pytest.raises(lowbit.CheckpointError, match="no list of the checkpoint's files"):
+        AutoModelForCausalLM.from_pretrained(path)
 
 
 def test_a_path_source_is_recorded_absolute(tmp_path, monkeypatch, hf_folder):

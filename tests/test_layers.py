@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("data", "calibration", "adapters", "train", "eval")),
     ("steps", ("steps", "quantizers", "transforms", "compensate")),
     ("recipe", ("presets", "recipe")),
-    ("checkpoints", ("io", "hf_integration", "export")),
+    ("checkpoints", ("manifest", "io", "hf_integration", "export")),
     ("api", ("api", "bench")),
     ("cli", ("cli", "__main__", "")),  # "" = the package root, lowbit/__init__.py, which re-exports the API
 ]

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
-from ..io import read_manifest, save
-from .common import Result, check_windows
+from ..fileio import MARKER, check_output, read_text
+from ..io import save
+from ..manifest import hashes_by_default, read_manifest, verify_files
+from .common import Result, check_out, check_windows
 
 EXPORT_LAYOUTS = ("peft", "native")
 
@@ -46,6 +48,7 @@ def merge(config: MergeConfig) -> MergeResult:
     from ..io import load
 
     check_windows(config.windows)
+    check_out(config.out, config.force, config.model, size_ratio=1.0 if config.requantize else 2.0)
     model, tok = load(config.model)
     if not adapted_layers(model):
         raise LowbitError(f"{config.model} has no adapters to merge; fine-tune it first (lowbit finetune)")
@@ -93,17 +96,21 @@ def export(config: ExportConfig) -> ExportResult:
 
     if config.layout not in EXPORT_LAYOUTS:
         raise LowbitError(f"--format must be peft or native, got {config.layout!r}")
+    check_out(config.out, config.force, config.model, size_ratio=2.0)
     model, tok = load(config.model)
     writer = export_peft if config.layout == "peft" else export_native
     writer(model, config.out, tokenizer=tok, force=config.force)
-    files = sorted(str(p.relative_to(config.out)) for p in Path(config.out).rglob("*") if p.is_file())
+    files = sorted(str(p.relative_to(config.out)) for p in Path(config.out).rglob("*") if p.is_file()
+                   and p.name != MARKER)
     return ExportResult(str(config.model), str(config.out), config.layout, files)
 
 
 def info(path: str | Path, layers: bool = False) -> dict:
     """``lowbit info``: what a checkpoint holds (recipe, bits per weight, sizes, versions; ``layers``: each
-    quantized layer's layout), read from its manifest alone."""
+    quantized layer's layout), read from its manifest after every file is checked against it (as a loader would:
+    a truncated, missing or modified file is an error)."""
     m = read_manifest(path)
+    verify_files(Path(path), m, hashes=hashes_by_default())
     s = m["summary"]
     out = {
         "path": str(path), "recipe": m["recipe"], "bits_per_weight": s["bits_per_weight"],
@@ -130,23 +137,26 @@ def recipes() -> dict[str, list[dict]]:
 def report(results: Path, out: Path, x: str = "bits_per_weight", train_logs: tuple[Path, ...] = ()) -> dict:
     """``lowbit report``: the bits-vs-perplexity chart of a results file, or the loss curves of
     ``train_log.json`` files of ``lowbit finetune`` overlaid."""
-    from ..report import load_rows, method_of, plot_bits_vs_ppl
+    from ..report import is_number, load_rows, method_of, plot_bits_vs_ppl
     from ..train import plot_losses
 
+    check_output(out, what="--out", kind="file")
     if train_logs:
         curves = {}
         for log_path in map(Path, train_logs):
             try:
-                log_data = json.loads(log_path.read_text())
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+                log_data = json.loads(read_text(log_path, "training log"))
+            except json.JSONDecodeError as e:
                 raise LowbitError(f"cannot read {log_path} as a train_log.json of lowbit finetune ({e})") from e
-            if not isinstance(log_data, dict) or not isinstance(log_data.get("losses"), list):
-                raise LowbitError(f"{log_path} has no 'losses' list: not a train_log.json of lowbit finetune")
+            losses = log_data.get("losses") if isinstance(log_data, dict) else None
+            if not isinstance(losses, list) or not losses or not all(is_number(v) for v in losses):
+                raise LowbitError(f"{log_path} has no 'losses' list of numbers: not a train_log.json of lowbit "
+                                  "finetune")
             curves[f"{log_data.get('adapter', '?')} r{log_data.get('rank', '?')} ({log_path.parent.name})"] = \
                 log_data["losses"]
         return {"png": str(plot_losses(curves, out)), "curves": list(curves)}
     if x not in ("bits_per_weight", "code_bits"):
         raise LowbitError(f"--x must be bits_per_weight or code_bits, got {x!r}")
-    rows = load_rows(results)
+    rows = load_rows(results, x)
     path = plot_bits_vs_ppl(rows, out, x=x)
     return {"png": str(path), "rows": len(rows), "methods": sorted({method_of(r["recipe"]) for r in rows})}

@@ -10,6 +10,8 @@ from typing import ClassVar
 
 from ..calibration import Calibration, read_calibration_text
 from ..errors import LowbitError
+from ..fileio import check_output
+from ..models import source_bytes
 from ..protocol import CALIB_SEQ_LEN, CALIB_WINDOWS
 
 ALL = None  # windows=ALL: every window of the split
@@ -25,10 +27,12 @@ def check_windows(windows: int | None, flag: str = "--windows", allow_skip: bool
         raise LowbitError(f"{flag} must be 'all' or a whole number >= {least}, got {windows!r}")
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an existing output folder unless ``force`` (checked before any work; the save checks again)."""
-    if Path(out).exists() and not force:
-        raise LowbitError(f"output folder {out} already exists; choose another folder or pass --force (force=True)")
+def check_out(out: Path, force: bool, source: str | Path | None = None, size_ratio: float = 0.0) -> None:
+    """Check an output folder before any work (:func:`lowbit.fileio.check_output`; the save checks again), with
+    free space for about ``size_ratio`` x the bytes of ``source``'s weight files: a lower bound of what the job
+    writes (4-bit codes of a bf16 source are 0.25 of it)."""
+    need = int(source_bytes(source) * size_ratio) if source is not None and size_ratio else 0
+    check_output(out, force, need)
 
 
 @dataclass(frozen=True)

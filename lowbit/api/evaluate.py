@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..errors import LowbitError
 from ..eval.perplexity import PerplexityResult, perplexity
+from ..models import context_length
 from ..protocol import EVAL_SEQ_LEN, EVAL_WINDOWS
 from .common import Result, check_windows
 
@@ -95,12 +96,22 @@ def generate(config: GenerateConfig) -> GenerateResult:
 
     if config.max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
+    if not config.prompt.strip():
+        raise LowbitError("--prompt is empty; give the text to continue, e.g. --prompt \"What is the capital of "
+                          "France?\"")
     model, tok = _load_with_tokenizer(config.model)
     if config.chat and getattr(tok, "chat_template", None):
         ids = tok.apply_chat_template([{"role": "user", "content": config.prompt}], add_generation_prompt=True,
                                       return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tok(config.prompt, return_tensors="pt").input_ids
+    if ids.numel() == 0:
+        raise LowbitError(f"--prompt {config.prompt!r} encodes to no tokens with this tokenizer; give other text")
+    context, prompt_tokens = context_length(model), ids.shape[1]
+    if context is not None and prompt_tokens + config.max_new_tokens > context:
+        raise LowbitError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {config.max_new_tokens} is more "
+                          f"than the model's context of {context} tokens; use --max-new-tokens "
+                          f"{max(context - prompt_tokens, 0)} or less, or a shorter prompt")
     prepare()  # a first-time kernel build is not generation time
     start = time.perf_counter()
     with torch.inference_mode():

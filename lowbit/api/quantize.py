@@ -11,7 +11,7 @@ from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..io import read_manifest, save
 from ..memory import peak_rss_mb, release_free_memory, reset_peak
-from ..models import DEFAULT_MODEL, resolve_source
+from ..models import DEFAULT_MODEL, check_seq_len, check_source
 from ..presets import DEFAULT_PRESET
 from ..protocol import EVAL_WINDOWS
 from ..recipe import Recipe, apply_recipe
@@ -74,12 +74,13 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     """Run the job; every bad input fails with a :class:`LowbitError` before the model loads."""
     check_windows(config.windows)
     recipe = recipe_with_overrides(config.recipe, config.overrides)
-    resolve_source(config.model)
-    check_out(config.out, config.force)
+    check_source(config.model)
+    check_out(config.out, config.force, config.model, size_ratio=0.25)
     calib = config.calibration.build(tokenizer=None)  # reads --calib-file now: a bad file fails before loading
     from ..io import load_model  # read at call time (tests watch what loads)
 
     fp_model, tokenizer = load_model(config.model)
+    check_seq_len(fp_model, config.calibration.seq_len, "--calib-seq-len")
     calib.tokenizer = tokenizer
     if any(get("step", s.step).needs_calibration for s in recipe.steps):
         calib.get_windows(fp_model)  # a file too short for one window fails here, before any evaluation

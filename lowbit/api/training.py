@@ -14,10 +14,10 @@ from ..calibration import Calibration
 from ..compensate import LoftQConfig, RILQConfig
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
-from ..fileio import atomic_write
+from ..fileio import atomic_write, check_output
 from ..io import save
 from ..memory import peak_rss_mb, reset_peak
-from ..models import DECODER
+from ..models import DECODER, check_seq_len, check_source
 from ..protocol import EVAL_WINDOWS
 from ..recipe import Recipe, apply_recipe
 from ..state import state_of
@@ -82,6 +82,14 @@ class FinetuneResult(Result, Evaluated):
     step_tokens_per_second: list[float] = field(default_factory=list, repr=False)
 
 
+def base_identity(model, recipe=None) -> str:
+    """What a resumed run must find again: the checkpoint's manifest hash (it covers every file's SHA-256), or a
+    float source's path, plus the recipe applied on load."""
+    manifest = state_of(model).manifest or {}
+    identity = manifest.get("manifest_sha256") or f"float:{state_of(model).source}"
+    return f"{identity}+{recipe}" if recipe else identity
+
+
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     import torch
 
@@ -90,7 +98,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     out = Path(config.out)
     state_dir = out.parent / f"{out.name}.trainer"
-    check_out(out, config.force)
+    check_source(config.model)
+    check_out(out, config.force, config.model, size_ratio=1.0)
+    if not config.resume:  # a new run replaces the state a killed run left, but only a lowbit training state
+        check_output(state_dir, force=True, what="training state folder")
     check_windows(config.windows)
     if config.adapter not in ADAPTERS:
         raise LowbitError(f"--adapter must be lora, lorma or none, got {config.adapter!r}")
@@ -100,6 +111,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     model, tok = load_model(config.model)
     if tok is None:
         raise LowbitError(f"{config.model} has no tokenizer files; re-save it with a tokenizer")
+    check_seq_len(model, config.seq_len)
     if config.recipe:
         apply_recipe(model, config.recipe, Calibration(tokenizer=tok))
     train_data = load_data(tok, config.data, config.seq_len)
@@ -117,7 +129,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     outlier_weights = train_outliers(model) if config.train_outliers else 0
     if outlier_weights:
         log.warning("training %d outlier weights and channel scales (QUAD PEFT)", outlier_weights)
-    trained = train_loop(model, train_data, config.train, state_dir=state_dir, resume=config.resume)
+    trained = train_loop(model, train_data, config.train, state_dir=state_dir, resume=config.resume,
+                         base=base_identity(model, config.recipe))
     stats = trained.to_dict()
     result = FinetuneResult(source=str(config.model), out=str(out), adapter=adapter, rank=rank,
                             outlier_weights=outlier_weights, **stats, data=train_data.source,
@@ -171,13 +184,16 @@ def compensate(config: CompensateConfig) -> CompensateResult:
     if config.max_steps < 0:
         raise LowbitError("--max-steps must be >= 0")
     check_windows(config.windows)
-    check_out(config.out, config.force)
+    check_source(config.model)
+    check_out(config.out, config.force, config.model, size_ratio=1.0)
+    out = Path(config.out)
+    if config.method == "rilq":
+        check_output(out.parent / f"{out.name}.rilq.json", what="RILQ loss curve", kind="file")
     reset_peak()
     start = time.perf_counter()
     model, tok = load(config.model)
     if tok is None:
         raise LowbitError(f"{config.model} has no tokenizer files; re-save it with a tokenizer")
-    out = Path(config.out)
     result = CompensateResult(source=str(config.model), method=config.method, rank=config.rank, out=str(out))
     previous = state_of(model).recipe
     if config.method == "rilq":

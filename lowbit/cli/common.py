@@ -5,17 +5,44 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sys
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from ..errors import LowbitError
+from ..fileio import os_error_line
 from ..protocol import EVAL_SEQ_LEN
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class OneLineUsageErrors(TyperGroup):
+    """The command group whose usage errors (an unknown option, a missing one, a value of the wrong type) print as
+    one ``error:`` line naming the command's ``--help``, exit 2, like every other error; help is shown as usual."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except typer.TyperException as e:  # typer vendors click: its usage errors are TyperExceptions
+            if type(e).__name__ == "NoArgsIsHelpError":  # a bare `lowbit`: the help, as click would show it
+                e.show()
+                sys.exit(e.exit_code)
+            ctx = getattr(e, "ctx", None)
+            hint = f"; see {ctx.command_path} --help" if ctx is not None else ""
+            err_console.print(f"[bold red]error:[/] {escape(e.format_message())}{escape(hint)}", highlight=False)
+            sys.exit(getattr(e, "exit_code", 2))
+        except typer.Abort:
+            err_console.print("[bold red]error:[/] aborted", highlight=False)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Quantize Hugging Face causal LMs to 1-8 bits, evaluate, save, load and generate.")
 out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -33,10 +60,21 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def finite(value):
+    """``value`` with every NaN or infinity replaced by None: JSON has no NaN, and a bare ``NaN`` breaks parsers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def emit(payload: dict, as_json: bool, title: str) -> None:
     """One JSON object on stdout, or a two-column table for people."""
     if as_json:
-        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+        sys.stdout.write(json.dumps(finite(payload), default=str, allow_nan=False) + "\n")
         sys.stdout.flush()
         return
     table = Table(title=escape(title), show_header=False)
@@ -77,11 +115,14 @@ def model_source(argument: str | None, option: str | None, default: str | None =
 
 @contextlib.contextmanager
 def one_line_errors():
-    """Every :class:`LowbitError` inside becomes one line on stderr and exit status 2 (no traceback)."""
+    """Every :class:`LowbitError` inside, and every refusal of the file system (``OSError``), becomes one line on
+    stderr and exit status 2 (no traceback)."""
     try:
         yield
     except LowbitError as e:
         fail(str(e))
+    except OSError as e:  # the file system said no: disk full, read-only, permissions, a path that vanished
+        fail(os_error_line(e))
 
 
 def run_job(verbose: bool, job):

@@ -108,8 +108,8 @@ class RILQConfig(StepConfig):
         if self.lambda_model < 0 or self.lambda_gt < 0 or self.lambda_model + self.lambda_gt == 0:
             raise LowbitError("lambda_model and lambda_gt must be >= 0 and not both 0")
         check_precision(self.precision)
-        if self.lr is not None and not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise LowbitError(f"RILQ lr must be a positive number (or None for the default), got {self.lr!r}")
+        if self.lr is not None and not (isinstance(self.lr, int | float) and 0 < self.lr < float("inf")):
+            raise LowbitError(f"RILQ lr must be a positive finite number (or None for the default), got {self.lr!r}")
         if self.scales not in (False, True, "none", "channel", "group"):
             raise LowbitError(f"RILQ scales must be false, channel or group, got {self.scales!r}")
         if self.schedule not in ("constant", "cosine"):

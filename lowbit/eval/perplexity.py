@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..data import wikitext2_text
 from ..errors import LowbitError
+from ..models import check_seq_len
 from ..protocol import EVAL_SEQ_LEN, EVAL_WINDOWS, LOGITS_CHUNK
 
 
@@ -62,6 +63,7 @@ def perplexity(model, tokenizer, windows: int | None = EVAL_WINDOWS, seq_len: in
     """Perplexity over the first ``windows`` windows (None or 0 = all) of ``seq_len`` tokens."""
     if seq_len < 2:
         raise LowbitError(f"seq_len must be at least 2, got {seq_len}")
+    check_seq_len(model, seq_len)
     ids = _tokenized(tokenizer, split)
     total = ids.numel() // seq_len
     n = total if not windows else windows

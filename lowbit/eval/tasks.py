@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from ..data import DATA_ENV, data_dir
 from ..errors import LowbitError
+from ..fileio import read_text
 
 MAX_LENGTH = 2048  # tokens of context + continuation the model sees (left truncation beyond it)
 
@@ -73,14 +74,15 @@ def task_file(relative: str) -> Path:
 
 def _jsonl(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise LowbitError(f"{path}:{number} is not valid JSON ({e})") from e
+    for number, line in enumerate(read_text(path, "task file").split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise LowbitError(f"{path}:{number} is not valid JSON ({e})") from e
+        if not isinstance(rows[-1], dict):
+            raise LowbitError(f"{path}:{number} is not a JSON object; restore the task file")
     return rows
 
 
@@ -94,7 +96,7 @@ def load_piqa() -> list[Example]:
     """PIQA validation: ``piqa/valid.jsonl`` ``{goal, sol1, sol2}`` and ``piqa/valid-labels.lst`` (0/1 per line)."""
     path, labels_path = task_file("piqa/valid.jsonl"), task_file("piqa/valid-labels.lst")
     rows = _jsonl(path)
-    labels = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    labels = [line.strip() for line in read_text(labels_path, "task labels file").splitlines() if line.strip()]
     if len(labels) != len(rows):
         raise LowbitError(f"{labels_path} has {len(labels)} labels for the {len(rows)} rows of {path}")
     out = []

@@ -27,6 +27,9 @@ def check_budget(budget: float, widths: tuple[int, ...]) -> None:
     if not min(widths) <= budget:
         raise LowbitError(f"budget of {budget} average bits is unreachable: the narrowest width is {min(widths)} "
                           f"bit(s); choose a budget between {min(widths)} and {max(widths)}")
+    if not budget <= max(widths):
+        raise LowbitError(f"budget of {budget} average bits is more than the widest width, {max(widths)} bits, "
+                          f"gives; choose a budget between {min(widths)} and {max(widths)} (or add wider widths)")
 
 
 def assign_widths(errors: torch.Tensor, sizes: torch.Tensor, widths: tuple[int, ...], budget: float,

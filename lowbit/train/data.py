@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LowbitError
+from ..fileio import read_text
 
 IGNORE = -100
 
@@ -60,7 +61,7 @@ def jsonl_pairs(tokenizer, path: Path, seq_len: int, prompt_key: str = "prompt",
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     rows, labels = [], []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+    for number, line in enumerate(read_text(path, "data file").splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -87,14 +88,6 @@ def jsonl_pairs(tokenizer, path: Path, seq_len: int, prompt_key: str = "prompt",
     return data
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise LowbitError(f"data file {path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to "
-                          "UTF-8") from e
-
-
 def load_data(tokenizer, path: str | Path | None, seq_len: int) -> TrainData:
     """Text file (``.txt`` or anything not ``.jsonl``) or jsonl pairs; None = WikiText-2 valid."""
     if seq_len < 2:
@@ -112,4 +105,4 @@ def load_data(tokenizer, path: str | Path | None, seq_len: int) -> TrainData:
         raise LowbitError(f"data file {path} is empty")
     if path.suffix == ".jsonl":
         return jsonl_pairs(tokenizer, path, seq_len)
-    return text_windows(tokenizer, _read_text(path), seq_len, str(path))
+    return text_windows(tokenizer, read_text(path, "data file"), seq_len, str(path))

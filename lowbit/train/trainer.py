@@ -83,8 +83,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise LowbitError(f"{name} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise LowbitError(f"lr must be positive, got {self.lr!r}")
+        if not 0 < self.lr < math.inf:
+            raise LowbitError(f"lr must be a positive finite number, got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise LowbitError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         if self.loss_chunk < 0:
@@ -177,12 +177,15 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chu
 
 def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str | Path | None = None,
           resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+          on_step: Callable[[int, float], None] | None = None, base: str | None = None) -> TrainResult:
     """Train ``model``'s parameters that require grad on ``data`` for ``config.steps`` optimizer steps.
 
     ``state_dir``: where the resumable training state goes (every ``checkpoint_every`` steps and at the end).
-    ``resume``: continue from the state in ``state_dir`` (same data, config and seed give the same losses as
-    an uninterrupted run). ``on_step(step, loss)`` is called after every optimizer step (tests use it to stop)."""
+    ``resume``: continue from the state in ``state_dir``, only onto the same ``base`` (an identity of the frozen
+    model, e.g. its checkpoint's manifest hash), settings, data and trainable shapes (then the losses are those of
+    an uninterrupted run). A non-finite loss or parameter stops the run with a :class:`LowbitError`; the state
+    in ``state_dir`` is then still the last good one. ``on_step(step, loss)`` is called after every optimizer
+    step (tests use it to stop)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise LowbitError("the model has no trainable parameters: attach adapters first (lowbit.adapters.attach)")
@@ -198,6 +201,9 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
         if state_dir is None:
             raise LowbitError("nothing to resume: no state_dir was given")
         state = load_state(state_dir)
+        if state.get("base") != base:
+            raise LowbitError(f"{state_dir} was written by a run over another base model ({state.get('base')!r}, not "
+                              f"{base!r}); resume from the same model or start a new run without --resume")
         if state["config"] != asdict(config):
             raise LowbitError(f"{state_dir} was written by a run with other settings ({state['config']}); resume "
                               "with the same settings or start a new run")
@@ -205,9 +211,9 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
             raise LowbitError(f"{state_dir} was written for other training data than {data.source} "
                               f"({state['data']} vs {fingerprint}); resume with the same --data and --seq-len or "
                               "start a new run")
-        if list(state["params"]) != [n for n, _ in named]:
-            raise LowbitError(f"{state_dir} holds other trainable parameters than this model; resume with the same "
-                              "model and adapters")
+        if [(n, list(t.shape)) for n, t in state["params"].items()] != [(n, list(p.shape)) for n, p in named]:
+            raise LowbitError(f"{state_dir} holds other trainable parameters than this model (names or shapes: "
+                              "another --rank, adapter or targets); resume with the same settings or start a new run")
         with torch.no_grad():
             for (_, p), t in zip(named, state["params"].values(), strict=True):
                 p.copy_(t)
@@ -218,8 +224,13 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
         log.info("resumed at step %d of %d", step, config.steps)
 
     def checkpoint_state():
+        bad = next((n for n, p in named if not torch.isfinite(p).all()), None)
+        if bad is not None:
+            raise LowbitError(f"parameter {bad} became non-finite at step {step} (the run diverged; --lr "
+                              f"{config.lr} is too high?): stopped{kept()}; lower --lr or raise --warmup")
         if state_dir is not None:
-            save_state(state_dir, {"config": asdict(config), "data": fingerprint, "step": step, "losses": losses,
+            save_state(state_dir, {"base": base, "config": asdict(config), "data": fingerprint, "step": step,
+                                   "losses": losses,
                                    "tokens": tokens, "seconds": seconds, "step_seconds": step_seconds,
                                    "rng": torch.get_rng_state(),
                                    "params": {n: p.detach().clone() for n, p in named}, **engine.state_dict()})
@@ -234,8 +245,15 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
 
     release_free_memory()
     reset_peak()
+    def kept() -> str:
+        saved = load_state(state_dir)["step"] if state_dir is not None and (state_dir / "state.json").is_file() else 0
+        return f", the last good state (step {saved}) is kept in {state_dir}" if saved else ", nothing saved"
+
     with contextlib.closing(engine.run(micro_loss, start=step)) as steps:
         for step, running, elapsed in steps:
+            if not math.isfinite(running):
+                raise LowbitError(f"the loss became {running} at step {step} (the run diverged; --lr {config.lr} is "
+                                  f"too high?): stopped{kept()}; lower --lr or raise --warmup")
             seconds += elapsed
             losses.append(running)
             step_seconds.append(elapsed)
