@@ -236,7 +236,7 @@ class BenchResult:
 
 def bench(job: BenchJob, log=lambda msg: None) -> BenchResult:
     """Run :func:`run_bench` and write its three files."""
-    from .fileio import atomic_write, check_output
+    from .fileio import atomic_write, check_output, json_text
     from .models import check_source
 
     c = job.measure
@@ -247,7 +247,7 @@ def bench(job: BenchJob, log=lambda msg: None) -> BenchResult:
     rows = run_bench(job.model, list(job.recipes), c, job.calib_windows, log=log)
     table = markdown_table(rows)
     atomic_write(Path(job.out) / "bench.md", table)
-    atomic_write(Path(job.out) / "bench.json", json.dumps(rows, indent=1))
+    atomic_write(Path(job.out) / "bench.json", json_text(rows, indent=1))
     plot_bench(rows, Path(job.out) / "bench.png")
     return BenchResult(rows, table)
 

@@ -21,6 +21,8 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import json
+import math
 import os
 import shutil
 import tempfile
@@ -59,6 +61,23 @@ def read_text(path: str | Path, what: str = "file") -> str:
         raise LowbitError(f"{what} {path} does not exist; check the path") from e
     except OSError as e:
         raise LowbitError(f"{what} {path} cannot be read ({e.strerror}); check its permissions") from e
+
+
+def finite(value):
+    """``value`` (nested dicts, lists, tuples) with every NaN or infinity replaced by None: JSON has no NaN, and a
+    bare ``NaN`` breaks strict parsers (``jq``, JavaScript, Go)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_text(value, **kwargs) -> str:
+    """Strict JSON of ``value``: non-finite floats become null (:func:`finite`), never a bare ``NaN``."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
 def os_error_line(e: OSError) -> str:

@@ -30,7 +30,7 @@ from torch import nn
 from ._version import __version__
 from .adapters import attach_from_manifest, manifest_entry
 from .errors import CheckpointError, LowbitError
-from .fileio import sha256, staged_folder
+from .fileio import finite, json_text, sha256, staged_folder
 from .formats import LAYOUT
 from .manifest import (
     FLOAT_SHARD,
@@ -143,8 +143,9 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
             "files": files,
             "extra": extra or {},
         }
+        manifest = finite(manifest)  # strict JSON: a diverged model's inf perplexity is stored as null
         manifest["manifest_sha256"] = manifest_digest(manifest)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        (tmp / MANIFEST).write_text(json_text(manifest, indent=1))
     log.info("saved %s", path)
     return path
 

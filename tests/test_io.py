@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import types
 from pathlib import Path
 
 import pytest
@@ -292,14 +291,15 @@ def _fail_on_manifest(monkeypatch):
     """Make writing lowbit.json (the very last file) fail, after the shards and config were written."""
     calls = []
 
-    def dumps(obj, *args, **kwargs):
+    real = lio.json_text
+
+    def json_text(obj, *args, **kwargs):
         if isinstance(obj, dict) and "format_version" in obj:
             calls.append(obj)
             raise DiskFull("no space left on device")
-        return json.dumps(obj, *args, **kwargs)
+        return real(obj, *args, **kwargs)
 
-    monkeypatch.setattr(lio, "json", types.SimpleNamespace(dumps=dumps, loads=json.loads,
-                                                           JSONDecodeError=json.JSONDecodeError))
+    monkeypatch.setattr(lio, "json_text", json_text)
     return calls
 
 

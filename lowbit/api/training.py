@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -14,7 +13,7 @@ from ..calibration import Calibration
 from ..compensate import LoftQConfig, RILQConfig
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
-from ..fileio import atomic_write, check_output
+from ..fileio import atomic_write, check_output, json_text
 from ..io import save
 from ..memory import peak_rss_mb, reset_peak
 from ..models import DECODER, check_seq_len, check_source
@@ -202,7 +201,7 @@ def compensate(config: CompensateConfig) -> CompensateResult:
         recipe = Recipe([*(previous.steps if previous else []), rilq],
                         name=f"{getattr(previous, 'name', 'custom')}+rilq{config.rank}")
         history = state_of(model).history["rilq"]
-        curve = atomic_write(out.parent / f"{out.name}.rilq.json", json.dumps(history, indent=1))
+        curve = atomic_write(out.parent / f"{out.name}.rilq.json", json_text(history, indent=1))
         result = replace(result, loss_curve=str(curve), rilq_steps=history["steps"], best_val_loss=history["best_val"])
     else:
         steps = getattr(previous, "steps", [])

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import sys
 
 import typer
@@ -15,7 +13,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from ..errors import LowbitError
-from ..fileio import os_error_line
+from ..fileio import json_text, os_error_line
 from ..protocol import EVAL_SEQ_LEN
 
 
@@ -60,21 +58,10 @@ def fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def finite(value):
-    """``value`` with every NaN or infinity replaced by None: JSON has no NaN, and a bare ``NaN`` breaks parsers."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
-
-
 def emit(payload: dict, as_json: bool, title: str) -> None:
     """One JSON object on stdout, or a two-column table for people."""
     if as_json:
-        sys.stdout.write(json.dumps(finite(payload), default=str, allow_nan=False) + "\n")
+        sys.stdout.write(json_text(payload, default=str) + "\n")
         sys.stdout.flush()
         return
     table = Table(title=escape(title), show_header=False)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, json_text
 from ..report import save_figure
 
 
 def write_log(path: str | Path, payload: dict) -> Path:
     """``payload`` (a TrainResult dict plus whatever the caller adds) as indented JSON, atomically."""
-    return atomic_write(Path(path), json.dumps(payload, indent=1, default=str))
+    return atomic_write(Path(path), json_text(payload, indent=1, default=str))
 
 
 def plot_losses(curves: dict[str, list[float]], path: str | Path, title: str = "fine-tuning loss") -> Path:
