@@ -1,14 +1,16 @@
 """kill -9 at random points of ``lowbit quantize --force`` over an existing checkpoint (issue "Trust").
 
 Each round starts the real command on a tiny random llama folder, writing over the checkpoint the previous round
-left, and kills it with SIGKILL after a random delay: half the delays uniform over a whole uninterrupted run,
-half over its last 40 % (where the save is). After every kill the output must hold a complete checkpoint that
-loads and passes every check (old or new: rounds alternate 2- and 4-bit so we can tell which), and after every
-save that completes no staging folder may remain next to it.
+left, and kills it with SIGKILL at a random point: a third of the rounds uniform over a whole uninterrupted run,
+a third over its last 40 %, and a third inside the save itself (the moment its staging folder appears, plus 0-40
+ms: writing shards, fsync, the exchange, removing the old folder). After every kill the output must hold a
+complete checkpoint that loads and passes every check (old or new: rounds alternate 2- and 4-bit so we can tell
+which), and after every save that completes no staging folder may remain next to it.
 
     python benchmarks/kill_saves.py --rounds 200 [--seed 0]
 
-Prints one JSON object (rounds, how many kept the old checkpoint or hold the new one, failures).
+Prints one JSON object: rounds, how many kept the old checkpoint or hold the new one, how many ran to the end,
+how many kills left a staging folder behind (each cleaned by the next round's save), and the failures.
 """
 
 from __future__ import annotations
@@ -66,14 +68,19 @@ def main() -> None:
         start = time.perf_counter()
         subprocess.run(command(source, out, 2), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         full = time.perf_counter() - start
-        counts = {"old": 0, "new": 0, "completed": 0}
+        counts = {"old": 0, "new": 0, "completed": 0, "killed_leaving_staging": 0}
         failures = []
         bits = 2
         for i in range(args.rounds):
             new_bits = 6 - bits
-            delay = rng.uniform(0, full) if i % 2 == 0 else rng.uniform(0.6 * full, full)
+            mode = ("run", "end", "save")[i % 3]
+            delay = {"run": rng.uniform(0, full), "end": rng.uniform(0.6 * full, full),
+                     "save": rng.uniform(0, 0.04)}[mode]
             child = subprocess.Popen(command(source, out, new_bits), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
+            if mode == "save":  # wait for this child's staging folder, then kill within the save
+                while child.poll() is None and not list(out.parent.glob(f".{out.name}.tmp-{child.pid}-*")):
+                    time.sleep(0.0005)
             try:
                 child.wait(timeout=delay)
             except subprocess.TimeoutExpired:
@@ -87,6 +94,7 @@ def main() -> None:
                 break
             counts["new" if found == new_bits else "old"] += 1
             counts["completed"] += completed
+            counts["killed_leaving_staging"] += bool(not completed and leftovers(out))  # the next round cleans it
             if completed and leftovers(out):
                 failures.append(f"round {i}: a completed save left {leftovers(out)}")
             bits = found
