@@ -4,7 +4,8 @@
 (the value :func:`lowbit.save` writes into ``config.json``). transformers then builds the model on the meta
 device and calls :meth:`LowbitHfQuantizer.preprocess_model` with the resolved ``checkpoint_files``; the quantizer
 reads ``lowbit.json`` next to them and swaps every layer the manifest lists for a :class:`~lowbit.QLinear`
-skeleton of the stored layout. transformers' own loader then fills ``codes`` / ``scales`` / ``zeros`` as stored:
+skeleton of the stored layout, and builds the adapters the manifest lists (LoRA, LoRMA: a fine-tune's, RILQ's,
+LoftQ's). transformers' own loader then fills ``codes`` / ``scales`` / ``zeros`` as stored:
 uint8 codes and fp16 scales are never cast (only float tensors such as norms, embeddings and biases follow the
 ``dtype`` passed to ``from_pretrained``), nothing is requantized, and tied embeddings are tied by transformers.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import attach_from_manifest
 from .errors import CheckpointError
 from .io import crafted_entries, packed_module
 from .manifest import FORMAT_VERSION, MANIFEST, hashes_by_default, manifest_recipe, read_manifest, verify_files
@@ -139,12 +141,17 @@ else:
                 from .transforms.rotate import widen_skeleton
 
                 widen_skeleton(model, manifest["rotation"]["outliers"])
+            def target_of(name: str) -> str | None:
+                if not bare:
+                    return name
+                if name.startswith(prefix + "."):
+                    return name[len(prefix) + 1:]
+                log.debug("skipping %s: not part of the bare %s", name, type(model).__name__)
+                return None
+
             for name, entry in {**manifest["layers"], **manifest.get("embeddings", {})}.items():
-                target = name
-                if bare and name.startswith(prefix + "."):
-                    target = name[len(prefix) + 1:]
-                elif bare:
-                    log.debug("skipping %s: not part of the bare %s", name, type(model).__name__)
+                target = target_of(name)
+                if target is None:
                     continue
                 if not _has_module(model, target):
                     raise CheckpointError(f"{folder / MANIFEST} lists layer {name!r} that {type(model).__name__} "
@@ -152,6 +159,12 @@ else:
                 module = packed_module(entry, torch.device("meta"), float_dtype)
                 set_module(model, target, module)
                 self.packed_names.update(f"{target}.{leaf}" for leaf in module.packed_names)
+            # Adapters (LoRA, LoRMA; RILQ's, LoftQ's, a fine-tune's) are part of the model's function: build them
+            # as lowbit.load does, on the meta device, so transformers' loader fills them from the float shard.
+            adapters = {key: {**entry, "layers": [t for t in map(target_of, entry["layers"]) if t is not None]}
+                        for key, entry in manifest.get("adapters", {}).items()}
+            with torch.device("meta"):
+                attach_from_manifest(model, adapters)
 
         def get_new_dtype(self, converter, param, dtype):
             # The packed tensors load exactly as stored (uint8 codes and zero points, fp16 scales).

@@ -111,3 +111,27 @@ def test_missing_manifest_is_a_clear_error(checkpoint, tmp_path):
     (broken / "lowbit.json").unlink()
     with pytest.raises(CheckpointError, match="lowbit.json is missing"):
         AutoModelForCausalLM.from_pretrained(broken)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "lorma"])
+def test_adapters_load_through_transformers_too(tmp_path, adapter):
+    """A checkpoint with trained adapters (a fine-tune's, RILQ's, LoftQ's) computes the same function through
+    from_pretrained as through lowbit.load: the adapters are built and filled, not dropped as unexpected keys."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit import adapters as ad
+
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
+    config = ad.LoRAConfig(rank=4) if adapter == "lora" else ad.LoRMAConfig(rank=4)
+    ad.attach(model, config)
+    with torch.no_grad():
+        for p in (p for n, p in model.named_parameters() if ".adapters." in n):
+            p.normal_(0, 0.05)  # trained, non-zero factors: dropping them would change the logits
+    path = lowbit.save(model, tmp_path / "ck")
+    ids = torch.randint(0, 256, (2, 16))
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    ours, _ = lowbit.load(path)
+    assert {n for n, _ in loaded.named_parameters() if ".adapters." in n} == \
+        {n for n, _ in ours.named_parameters() if ".adapters." in n} != set()
+    assert torch.equal(_logits(loaded, ids), _logits(ours, ids))
+    assert not torch.equal(_logits(loaded, ids), _logits(lowbit.quantize(tiny_model("llama"), "rtn-w4g64"), ids))
