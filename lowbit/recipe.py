@@ -21,6 +21,7 @@ from .nn import use_gemv_head
 from .presets import PRESETS
 from .registry import get, unknown_name_error
 from .state import state_of
+from .summary import float_expert_weights, quantized_layers
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,14 @@ def apply_recipe(model, recipe: Recipe | str | Path, calib=None):
         step.prepare(model, calib)
     for step in steps:
         model = step.apply(model, calib)
+    experts = float_expert_weights(model)
+    if experts and quantized_layers(model):
+        total = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features
+                                                                  for m in quantized_layers(model).values())
+        log.warning("%d fused MoE expert tensors (%s, ...; %.1f%% of the model's weights) stay in float: lowbit "
+                    "cannot pack transformers' fused expert layout yet; bits_per_weight counts the packed layers "
+                    "only, float_expert_weights in the summary counts these", len(experts), next(iter(experts)),
+                    100 * sum(experts.values()) / total)
     use_gemv_head(model)  # decode reads a float head through lowbit's fp32 GEMV (same parameters)
     state_of(model).recipe = recipe
     state_of(model).quantize_seconds = time.perf_counter() - start

@@ -34,6 +34,12 @@ def layer_entry(layer: PackedModule) -> dict:
     return entry
 
 
+def float_expert_weights(model: nn.Module) -> dict[str, int]:
+    """Fused mixture-of-experts tensors still in float (transformers' 3-D ``experts.*`` parameters, one slice per
+    expert): ``{name: weights}``. No weight quantizer packs them yet, so they are reported, never silently kept."""
+    return {n: p.numel() for n, p in model.named_parameters() if p.dim() == 3}
+
+
 def bits_summary(model: nn.Module) -> dict:
     """Totals over the quantized layers: weights, packed bytes, effective bits/weight (packed weights and QUAD's
     outlier columns; ``bits_per_weight_with_adapters`` adds the attached adapters' bytes), code bits/weight; and
@@ -59,6 +65,7 @@ def bits_summary(model: nn.Module) -> dict:
         "bits_per_weight_with_adapters": (packed + outliers + adapter_bytes) * 8 / weights if weights else None,
         "code_bits": code_bits / weights if weights else None,
         "float_params": float_params,
+        "float_expert_weights": sum(float_expert_weights(model).values()),  # counted in float_params too
         "embedding_bytes": table_bytes,
         "embedding_bits_per_weight": table_bytes * 8 / sum(q.numel for q in tables.values()) if tables else None,
     }

@@ -119,7 +119,8 @@ def info(path: str | Path, layers: bool = False) -> dict:
         "packed_file_bytes": s["packed_file_bytes"],
         "packed_file_bits_per_weight": s["packed_file_bytes"] * 8 / s["quantized_weights"]
         if s["quantized_weights"] else None,
-        "size_bytes": s["size_bytes"], "versions": m["versions"], "eval": m.get("extra", {}).get("eval"),
+        "size_bytes": s["size_bytes"], "float_expert_weights": s.get("float_expert_weights", 0),
+        "versions": m["versions"], "eval": m.get("extra", {}).get("eval"),
     }
     if layers:
         out["layers"] = m["layers"]
