@@ -18,15 +18,18 @@ from .registry import get
 
 def _matches(value, hint) -> bool:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any or hint is dict or origin is dict:
-        return hint is Any or isinstance(value, dict)
+    if hint is Any:
+        return True
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
     if origin in (types.UnionType, typing.Union):
         return any(_matches(value, a) for a in args)
     if origin is tuple:
-        items = args[:1] if len(args) == 2 and args[1] is Ellipsis else args
-        return isinstance(value, tuple) and all(_matches(v, items[0] if len(items) == 1 else t)
-                                                for v, t in zip(value, items * len(value) if len(items) == 1
-                                                                else items, strict=False))
+        if not isinstance(value, tuple):
+            return False
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]
+            return all(_matches(v, args[0]) for v in value)
+        return all(_matches(v, t) for v, t in zip(value, args, strict=False))
     if hint is type(None):
         return value is None
     if hint is float:

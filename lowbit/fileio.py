@@ -250,7 +250,7 @@ def _replace_folder(tmp: Path, path: Path) -> None:
 def staged_folder(path: Path, force: bool = False):
     """Yield a temporary sibling folder to write into; on success it takes ``path``'s place (files fsynced first,
     ordinary permissions), on failure it is removed. It starts with an empty ``.lowbit`` marker file, which makes
-it a folder a later ``force`` save may replace.
+    it a folder a later ``force`` save may replace.
 
     An existing ``path`` is refused unless ``force``, and even then unless lowbit wrote it or it is empty
     (:func:`owned`); it is checked when the save starts and again just before the rename (a folder that appeared

@@ -150,28 +150,29 @@ def cases(t: Path, hf: Path, ck: Path) -> dict[str, tuple[list, str]]:
     }
 
 
+def one_error(result) -> str:
+    """The one ``error:`` line of a refused command: exit 2, nothing on stdout, no traceback, the error line last
+    (progress bars may come before it)."""
+    lines = result.stderr.strip().replace("\r", "\n").splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert (result.exit_code == 2 and len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in result.stderr
+            and result.stdout == ""), (result.exit_code, result.exception, result.stderr[-300:])
+    return errors[0]
+
+
 def test_every_bad_input_is_one_clear_line(hf_folder, ckpt, tmp_path):
     table = cases(tmp_path, hf_folder, ckpt)
     failures = []
     for name, (args, phrase) in table.items():
-        result = runner.invoke(app, [str(a) for a in args])
-        lines = result.stderr.strip().replace("\r", "\n").splitlines()
-        errors = [line for line in lines if line.startswith("error: ")]  # the rest may be progress bars
-        ok = (result.exit_code == 2 and len(errors) == 1 and lines[-1] == errors[0] and phrase in errors[0]
-              and "Traceback" not in result.stderr and result.stdout == "")
-        if not ok:
-            failures.append(f"{name}: exit {result.exit_code}, {result.exception!r}, {result.stderr[-300:]!r}")
+        try:
+            line = one_error(runner.invoke(app, [str(a) for a in args]))
+            assert phrase in line, line
+        except AssertionError as e:
+            failures.append(f"{name}: {e}")
     assert not failures, "\n".join(failures)
     assert (tmp_path / "mine" / "keep.txt").read_text() == "keep"  # --force never touched the user's folder
     assert not (tmp_path / "o").exists()  # every case failed before writing anything
     assert len(table) >= 50
-
-
-def _one_error(result) -> str:
-    lines = result.stderr.strip().replace("\r", "\n").splitlines()
-    assert result.exit_code == 2 and lines[-1].startswith("error: ") and "Traceback" not in result.stderr, \
-        (result.exit_code, result.exception, result.stderr)
-    return lines[-1]
 
 
 def test_no_space_is_found_before_any_work(hf_folder, tmp_path, monkeypatch):
@@ -182,7 +183,7 @@ def test_no_space_is_found_before_any_work(hf_folder, tmp_path, monkeypatch):
 
     monkeypatch.setattr(lowbit.fileio.shutil, "disk_usage", lambda p: sh._ntuple_diskusage(10, 10, 1))
     monkeypatch.setattr(lowbit.io, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
-    line = _one_error(runner.invoke(app, ["quantize", str(hf_folder), "--out", str(tmp_path / "o")]))
+    line = one_error(runner.invoke(app, ["quantize", str(hf_folder), "--out", str(tmp_path / "o")]))
     assert "MiB free" in line and "free some space" in line
 
 
@@ -197,7 +198,7 @@ def test_a_read_only_place_is_found_before_any_work(hf_folder, tmp_path, monkeyp
 
     monkeypatch.setattr(lowbit.fileio.tempfile, "TemporaryFile", refuse)
     monkeypatch.setattr(lowbit.io, "load_model", lambda *a, **k: pytest.fail("loaded before the check"))
-    line = _one_error(runner.invoke(app, ["quantize", str(hf_folder), "--out", str(tmp_path / "o")]))
+    line = one_error(runner.invoke(app, ["quantize", str(hf_folder), "--out", str(tmp_path / "o")]))
     assert "Read-only file system" in line and "writable" in line
 
 
@@ -215,7 +216,7 @@ def test_a_disk_that_fills_during_the_save_loses_nothing(hf_folder, ckpt, tmp_pa
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
     monkeypatch.setattr(safetensors.torch, "save_file", full)
-    line = _one_error(runner.invoke(app, ["quantize", str(hf_folder), "--recipe", "rtn-w4g64", "--out", str(out),
+    line = one_error(runner.invoke(app, ["quantize", str(hf_folder), "--recipe", "rtn-w4g64", "--out", str(out),
                                           "--force", "--windows", "0"]))
     assert "No space left on device" in line and "free some space" in line
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -436,7 +436,7 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_state(train_data, tmp_pat
     with pytest.raises(LowbitError, match="diverged") as e:
         train(_adapted(), train_data, TrainConfig(steps=6, batch=2, lr=1e30, warmup_steps=0, checkpoint_every=10,
                                                   max_grad_norm=0), state_dir=state, progress=False)
-    assert "lower --lr" in str(e.value)
+    assert "lower --lr" in str(e.value) and f"last good state (step {good['step']})" in str(e.value)
     kept = load_state(state)
     assert kept["step"] == good["step"] and all(torch.isfinite(t).all() for t in kept["params"].values())
 

@@ -38,7 +38,7 @@ from ..memory import peak_rss_mb, release_free_memory, reset_peak
 from ..protocol import LOGITS_CHUNK
 from .data import IGNORE, TrainData
 from .engine import SCHEDULES, Engine, OptimConfig
-from .state import load_state, save_state
+from .state import JSON, load_state, save_state
 
 log = logging.getLogger(__name__)
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -223,16 +223,22 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
         step_seconds = state.get("step_seconds", [])
         log.info("resumed at step %d of %d", step, config.steps)
 
+    def diverged(what: str) -> LowbitError:
+        """The error that stops a diverged run, naming the state left in ``state_dir`` (written before it went bad,
+        by this run or the one it continues)."""
+        saved = load_state(state_dir)["step"] if state_dir is not None and (state_dir / JSON).is_file() else None
+        kept = f", the last good state (step {saved}) is kept in {state_dir}" if saved else ", nothing saved"
+        return LowbitError(f"{what} at step {step} (the run diverged; --lr {config.lr} is too high?): "
+                           f"stopped{kept}; lower --lr or raise --warmup")
+
     def checkpoint_state():
         bad = next((n for n, p in named if not torch.isfinite(p).all()), None)
         if bad is not None:
-            raise LowbitError(f"parameter {bad} became non-finite at step {step} (the run diverged; --lr "
-                              f"{config.lr} is too high?): stopped{kept()}; lower --lr or raise --warmup")
+            raise diverged(f"parameter {bad} became non-finite")
         if state_dir is not None:
             save_state(state_dir, {"base": base, "config": asdict(config), "data": fingerprint, "step": step,
-                                   "losses": losses,
-                                   "tokens": tokens, "seconds": seconds, "step_seconds": step_seconds,
-                                   "rng": torch.get_rng_state(),
+                                   "losses": losses, "tokens": tokens, "seconds": seconds,
+                                   "step_seconds": step_seconds, "rng": torch.get_rng_state(),
                                    "params": {n: p.detach().clone() for n, p in named}, **engine.state_dict()})
 
     def micro_loss(at: int, micro: int) -> torch.Tensor:
@@ -245,15 +251,10 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
 
     release_free_memory()
     reset_peak()
-    def kept() -> str:
-        saved = load_state(state_dir)["step"] if state_dir is not None and (state_dir / "state.json").is_file() else 0
-        return f", the last good state (step {saved}) is kept in {state_dir}" if saved else ", nothing saved"
-
     with contextlib.closing(engine.run(micro_loss, start=step)) as steps:
         for step, running, elapsed in steps:
             if not math.isfinite(running):
-                raise LowbitError(f"the loss became {running} at step {step} (the run diverged; --lr {config.lr} is "
-                                  f"too high?): stopped{kept()}; lower --lr or raise --warmup")
+                raise diverged(f"the loss became {running}")
             seconds += elapsed
             losses.append(running)
             step_seconds.append(elapsed)
