@@ -19,12 +19,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .architectures import expert_lists
 from .data import wikitext2_rows
 from .errors import LowbitError
 from .fileio import read_text
 from .memory import release_free_memory
 from .models import decoder_blocks
+from .nn.experts import EXPERT_INPUT
 from .protocol import CALIB_SEQ_LEN, CALIB_WINDOWS, LOGITS_CHUNK
+from .state import state_of
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +205,31 @@ def _collect_stats(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, l
     finally:
         for h in handles:
             h.remove()
-    return {n: stats[owner[n]] for n in linears}
+    return {n: stats[owner[n]] if n in owner else _unseen(m) for n, m in linears.items()}
+
+
+def _unseen(layer: nn.Module) -> LayerStats:
+    """Empty statistics of a layer no calibration token reached (an MoE expert the router never chose)."""
+    x = torch.zeros(1, layer.in_features)
+    if hasattr(layer, "calibration_input"):
+        x = layer.calibration_input(x)
+    return LayerStats(torch.zeros(x.shape[-1], x.shape[-1]))
+
+
+def shrink_routed(stats: dict[str, LayerStats], routed: set[str]) -> dict[str, int]:
+    """For the layers of MoE experts (``routed`` names), which see only the tokens routed to them: an expert that
+    received fewer tokens than its input width has a rank-deficient Hessian, so it is shrunk towards the identity
+    (``H + mean(diag H)·I``; ``I`` when no token came), which moves GPTQ towards plain rounding instead of fitting
+    a few tokens. Returns ``{name: tokens}`` of those layers, in place on ``stats``."""
+    tokens = {}
+    for name in sorted(routed & set(stats)):
+        st = stats[name]
+        tokens[name] = st.tokens
+        width = st.hessian.shape[0]
+        if st.tokens < width:
+            level = float(st.hessian.diagonal().mean()) if st.tokens else 1.0
+            st.hessian = st.hessian + level * torch.eye(width, device=st.hessian.device)
+    return tokens
 
 
 @torch.no_grad()
@@ -297,16 +324,34 @@ def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str
     ``quantize_block(stats)`` (which replaces those Linears), then feed the quantized block's outputs on."""
     prefix, blocks = decoder_blocks(model)
     hidden, kwargs = block_inputs(model, windows)
+    routed = {n for n in layer_names if any(n.startswith(e + ".") for e in expert_lists(model))}
+    routed_tokens: dict[str, int] = {}
     for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
         here = f"{prefix}.{i}."
         names = [n for n in layer_names if n.startswith(here)]
         if names:  # a block with no targets needs only the pass that feeds the next block
             stats = _collect_stats(block, hidden, kwargs, {n: model.get_submodule(n) for n in names})
+            routed_tokens.update(shrink_routed(stats, routed))
             quantize_block(stats)
         for j, h in enumerate(hidden):  # in place: one copy of the activations, plus one window's output
             hidden[j] = _block_output(block, h, kwargs)
         release_free_memory()  # the replaced float weights' pages go back to the OS: RSS tracks the live set
         log.debug("block %d: %d layers calibrated", i, len(names))
+    if routed_tokens:
+        report_expert_tokens(model, routed_tokens)
+
+
+def report_expert_tokens(model: nn.Module, tokens: dict[str, int]) -> None:
+    """Record the calibration tokens routed to each expert layer (the manifest's ``expert_tokens``) and warn
+    about the experts that received fewer tokens than their input width (their Hessians were shrunk)."""
+    state_of(model).history["expert_tokens"] = dict(tokens)
+    inputs = {n: t for n, t in tokens.items() if n.endswith("." + EXPERT_INPUT)}  # one per expert
+    few = {n: t for n, t in inputs.items() if t < model.get_submodule(n).in_features}
+    if few:
+        log.warning("%d of %d experts received fewer calibration tokens than their input width (%s); their "
+                    "Hessians were shrunk towards plain rounding. More or longer calibration windows reach more "
+                    "experts", len(few), len(inputs),
+                    ", ".join(f"{n}: {t}" for n, t in list(few.items())[:4]) + (", ..." if len(few) > 4 else ""))
 
 
 @dataclass

@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from .adapters import LoRA, adapted_layers, manifest_entry
+from .architectures import fuse_experts
 from .errors import LowbitError
 from .fileio import staged_folder
 from .models import set_module
-from .nn.qembedding import QEmbedding
+from .nn.qembedding import QEmbedding, ScaledEmbedding
 from .nn.qlinear import QLinear, carried_parts, packed_linear
 from .state import state_of
 
@@ -58,12 +59,15 @@ def float_modules_(model: nn.Module, dtype: torch.dtype = torch.float32, merge_a
                 linear.bias.copy_(module.bias)
             set_module(model, name, linear)
         elif isinstance(module, QEmbedding):
-            table = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, dtype=dtype,
-                                 device=module.codes.device)
+            scaled = {"embed_scale": module.scale} if module.scale != 1.0 else {}
+            table = (ScaledEmbedding if scaled else nn.Embedding)(
+                module.num_embeddings, module.embedding_dim, module.padding_idx, dtype=dtype,
+                device=module.codes.device, **scaled)
             table.weight.copy_(module.qweight.dequantize(dtype))
             set_module(model, name, table)
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    fuse_experts(model)
     return model
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .adapters import attach_from_manifest
+from .architectures import unfuse_experts
 from .errors import CheckpointError
 from .io import crafted_entries, packed_module
 from .manifest import FORMAT_VERSION, MANIFEST, hashes_by_default, manifest_recipe, read_manifest, verify_files
@@ -134,6 +135,8 @@ else:
             # AutoModel builds the bare base model from a causal-LM checkpoint: its names lack "model." and the
             # head's layers have no place in it (transformers ignores their tensors as it does lm_head.weight).
             bare = bool(prefix) and not _has_module(model, prefix)
+            if manifest.get("experts"):  # saved with one Linear per expert
+                unfuse_experts(model)
             if (manifest.get("rotation") or {}).get("outliers"):  # QUAD: a d + r wide residual stream
                 if bare:
                     raise CheckpointError(f"{folder} is a QUAD checkpoint (widened residual stream): load it with "

@@ -29,6 +29,7 @@ from torch import nn
 
 from ._version import __version__
 from .adapters import attach_from_manifest, manifest_entry
+from .architectures import expert_lists, unfuse_experts
 from .errors import CheckpointError, LowbitError
 from .fileio import finite, json_text, sha256, staged_folder
 from .formats import LAYOUT
@@ -139,6 +140,8 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
             "embeddings": {name: layer_entry(m) for name, m in packed_embeddings(model).items()},
             "adapters": manifest_entry(model),
             "rotation": state_of(model).rotation,
+            "experts": {name: len(m) for name, m in expert_lists(model).items()},  # unfused MoE experts
+            "expert_tokens": state_of(model).history.get("expert_tokens"),  # calibration tokens routed to each
             "aliases": aliases,
             "files": files,
             "extra": extra or {},
@@ -179,7 +182,7 @@ def packed_module(entry: dict, device: torch.device, float_dtype: torch.dtype = 
     """Uninitialised QLinear or QEmbedding for a manifest entry (``role`` says which; absent means a Linear)."""
     qweight = empty_weight(entry, device=device)
     if entry.get("role") == "embedding":
-        return QEmbedding(qweight, entry.get("padding_idx"))
+        return QEmbedding(qweight, entry.get("padding_idx"), entry.get("scale", 1.0))
     bias = torch.empty(entry["shape"][0], dtype=float_dtype, device=device) if entry["bias"] else None
     spec = InputSpec.from_dict(entry["spec"]) if entry.get("spec") else None
     r = spec.outliers if spec is not None else 0
@@ -203,6 +206,8 @@ def build_skeleton(path: Path, manifest: dict) -> nn.Module:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rotation = manifest.get("rotation") or {}
     with crafted_entries(path):
+        if manifest.get("experts"):  # saved with one Linear per expert
+            unfuse_experts(model)
         if rotation.get("outliers"):  # QUAD: a d + r wide residual stream whose norms divide by d
             from .transforms.rotate import widen_skeleton
 

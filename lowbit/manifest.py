@@ -40,7 +40,8 @@ def manifest_digest(manifest: dict) -> str:
 # Manifest fields the loaders read, with the JSON type each must have (None allowed where a save writes None).
 _FIELD_TYPES = {"layers": (dict,), "embeddings": (dict,), "adapters": (dict,), "aliases": (dict,),
                 "rotation": (dict, type(None)), "recipe": (dict, type(None)), "summary": (dict,),
-                "source": (str, type(None)), "versions": (dict,), "extra": (dict,)}
+                "source": (str, type(None)), "versions": (dict,), "extra": (dict,), "experts": (dict,),
+                "expert_tokens": (dict, type(None))}
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -77,6 +78,10 @@ def read_manifest(path: str | Path) -> dict:
     for name, types in _FIELD_TYPES.items():
         if name in manifest and not isinstance(manifest[name], types):
             raise CheckpointError(f"{mpath} field {name!r} is a {type(manifest[name]).__name__}; the manifest is "
+                                  "damaged or crafted: do not use this checkpoint")
+    for name in ("experts", "expert_tokens"):  # {name: count}
+        if any(type(v) is not int or v < 0 for v in (manifest.get(name) or {}).values()):
+            raise CheckpointError(f"{mpath} field {name!r} holds something other than counts; the manifest is "
                                   "damaged or crafted: do not use this checkpoint")
     entries = {**manifest.get("layers", {}), **manifest.get("embeddings", {})}
     if not all(isinstance(e, dict) for e in entries.values()) or \

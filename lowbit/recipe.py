@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from .architectures import architecture, expert_lists, unfuse_experts
 from .config import StepConfig
 from .errors import LowbitError
 from .fileio import read_text
@@ -21,7 +22,6 @@ from .nn import use_gemv_head
 from .presets import PRESETS
 from .registry import get, unknown_name_error
 from .state import state_of
-from .summary import float_expert_weights, quantized_layers
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +99,13 @@ def apply_recipe(model, recipe: Recipe | str | Path, calib=None):
     recipe = Recipe.parse(recipe)
     start = time.perf_counter()
     steps = [get("step", config.step)(config) for config in recipe.steps]
+    architecture(model)  # an unsupported family is refused before any step changes it
+    if unfuse_experts(model):  # MoE: one Linear per expert, so every step packs, calibrates and adapts each one
+        log.info("%d experts held as Linears (the router stays float)", sum(map(len, expert_lists(model).values())))
     for step in steps:  # e.g. RILQ caches the float model's outputs before any step quantizes it
         step.prepare(model, calib)
     for step in steps:
         model = step.apply(model, calib)
-    experts = float_expert_weights(model)
-    if experts and quantized_layers(model):
-        total = sum(p.numel() for p in model.parameters()) + sum(m.in_features * m.out_features
-                                                                  for m in quantized_layers(model).values())
-        log.warning("%d fused MoE expert tensors (%s, ...; %.1f%% of the model's weights) stay in float: lowbit "
-                    "cannot pack transformers' fused expert layout yet; bits_per_weight counts the packed layers "
-                    "only, float_expert_weights in the summary counts these", len(experts), next(iter(experts)),
-                    100 * sum(experts.values()) / total)
     use_gemv_head(model)  # decode reads a float head through lowbit's fp32 GEMV (same parameters)
     state_of(model).recipe = recipe
     state_of(model).quantize_seconds = time.perf_counter() - start

@@ -27,6 +27,8 @@ def layer_entry(layer: PackedModule) -> dict:
              "bits_per_weight": round(qw.bits_per_weight, 6), "nbytes": qw.nbytes}
     if isinstance(layer, QEmbedding):
         entry.update(role="embedding", padding_idx=layer.padding_idx)
+        if layer.scale != 1.0:
+            entry["scale"] = layer.scale
     elif layer.role != "linear":
         entry["role"] = layer.role
     if getattr(layer, "spec", None) is not None:

@@ -23,23 +23,31 @@ TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=128)
 
 
+# Each family of lowbit's architecture table: (config class, model class, what a tiny config needs beyond TINY).
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 64}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16}),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+}
+
+
 def tiny_model(arch: str = "llama", **overrides):
-    """A tiny random causal LM of architecture ``arch`` (llama, qwen2, mistral, gemma, gemma2), in eval mode."""
+    """A tiny random causal LM of family ``arch`` (a key of :data:`FAMILIES`), in eval mode."""
     import transformers as tf
 
-    classes = {
-        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
-        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
-        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
-        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
-        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
-    }
-    config_cls, model_cls = classes[arch]
-    kwargs = {**TINY, **overrides}
-    if arch.startswith("gemma"):
-        kwargs.setdefault("head_dim", 16)
+    config_name, model_name, extra = FAMILIES[arch]
+    kwargs = {**TINY, **extra, **overrides}
     torch.manual_seed(0)
-    return model_cls(config_cls(**kwargs)).eval()
+    return getattr(tf, model_name)(getattr(tf, config_name)(**kwargs)).eval()
 
 
 @pytest.fixture

@@ -119,26 +119,3 @@ def test_gguf_is_parsed_once_per_load_and_gguf_is_restored(monkeypatch):
         assert gguf.get_tensor_name_map("llama", 30) is gguf.get_tensor_name_map("llama", 30)
     assert opened == [("/x/model.gguf", "r"), ("/x/other.gguf", "r")] and maps == [("llama", 30)]
     assert gguf.GGUFReader is real_reader and gguf.get_tensor_name_map is real_map
-
-
-def test_fused_moe_experts_left_in_float_are_reported_not_silent(tmp_path, caplog):
-    """transformers' fused 3-D expert tensors are not packed yet (issue 20): quantizing says so, with their share
-    of the weights, and the manifest and ``lowbit info`` count them."""
-    import transformers as tf
-
-    from lowbit.api import info
-
-    torch.manual_seed(0)
-    config = tf.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
-                              num_experts_per_tok=2, max_position_embeddings=128)
-    model = tf.MixtralForCausalLM(config).eval()
-    experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)
-    assert experts > 0
-    lowbit.quantize(model, "rtn-w4g64")
-    assert "fused MoE expert tensors" in caplog.text and "stay in float" in caplog.text
-    path = lowbit.save(model, tmp_path / "moe")
-    from lowbit.manifest import read_manifest
-
-    assert read_manifest(path)["summary"]["float_expert_weights"] == experts
-    assert info(path)["float_expert_weights"] == experts

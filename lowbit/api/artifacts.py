@@ -120,10 +120,12 @@ def info(path: str | Path, layers: bool = False) -> dict:
         "packed_file_bits_per_weight": s["packed_file_bytes"] * 8 / s["quantized_weights"]
         if s["quantized_weights"] else None,
         "size_bytes": s["size_bytes"], "float_expert_weights": s.get("float_expert_weights", 0),
+        "experts": sum((m.get("experts") or {}).values()),  # MoE experts held (and packed) one Linear each
         "versions": m["versions"], "eval": m.get("extra", {}).get("eval"),
     }
     if layers:
         out["layers"] = m["layers"]
+        out["expert_tokens"] = m.get("expert_tokens")  # calibration tokens routed to each expert layer
     return out
 
 

@@ -137,14 +137,17 @@ def info(
     if as_json:
         emit(payload, True, "")
         return
-    flat = {k: v for k, v in payload.items() if k not in ("layers", "recipe", "versions", "eval")}
+    flat = {k: v for k, v in payload.items() if k not in ("layers", "recipe", "versions", "eval", "expert_tokens")}
     flat["recipe"] = (payload["recipe"] or {}).get("name")
     emit(flat, False, f"lowbit info: {model}")
     if layers:
-        table = Table("layer", "format", "granularity", "group", "shape", "bits/weight")
+        tokens = payload.get("expert_tokens") or {}
+        table = Table("layer", "format", "granularity", "group", "shape", "bits/weight",
+                      *(["calibration tokens"] if tokens else []))
         for name, e in payload["layers"].items():
             table.add_row(name, e["fmt"], str(e.get("granularity", "")), str(e.get("group_size", "")),
-                          "x".join(map(str, e["shape"])), f"{e['bits_per_weight']:.4f}")
+                          "x".join(map(str, e["shape"])), f"{e['bits_per_weight']:.4f}",
+                          *([str(tokens.get(name, ""))] if tokens else []))
         print_out(table)
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..architectures import architecture
 from ..config import StepConfig
 from ..formats.act import ActQuantConfig
 from ..models import DECODER, matches, select_layers, set_module
@@ -32,7 +33,7 @@ class ActivationsConfig(StepConfig):
     bits: int = 4  # per-token bits of the readers' inputs
     writer_bits: int = 0  # per-token bits of the writers' inputs (0 = same as bits; 8 = W4A4/A8)
     clip_ratio: float = 0.9
-    writers: tuple[str, ...] = ("*.o_proj", "*.down_proj")  # name globs of the residual writers
+    writers: tuple[str, ...] = ()  # name globs of the residual writers (empty: the architecture table's)
     targets: tuple[str, ...] = (DECODER,)
     ignore: tuple[str, ...] = ()
 
@@ -58,8 +59,9 @@ class Activations(Step):
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c = self.config
         layers = _layers(model, c)
+        writers = c.writers or architecture(model).writer_globs()
         for name, m in layers:
-            act = c.quantizer(writer=any(matches(name, p, None) for p in c.writers))
+            act = c.quantizer(writer=any(matches(name, p, None) for p in writers))
             if isinstance(m, QLinear):
                 m.spec = (m.spec or InputSpec()).with_act(act)
             elif isinstance(m, TransformedLinear):

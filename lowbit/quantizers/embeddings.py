@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
+from ..architectures import architecture
 from ..errors import LowbitError
 from ..models import set_module
 from ..nn.gemv_linear import is_float_linear
@@ -37,6 +39,22 @@ class EmbeddingsConfig(GridConfig):
     head: bool = True  # also quantize the output head (shares the table when the model ties them)
 
 
+def embedding_scale(model: nn.Module, embed: nn.Module) -> float:
+    """The constant the input embeddings are multiplied by (the architecture table says whether there is one:
+    Gemma's ``embed_scale``); anything but an ``nn.Embedding`` (scaled or not) is refused."""
+    scaled = architecture(model).embed_scale
+    if not isinstance(embed, nn.Embedding) or (type(embed) is not nn.Embedding and not scaled):
+        raise LowbitError(f"the embeddings step needs an nn.Embedding input table, {type(model).__name__} has "
+                          f"{type(embed).__name__}; drop the step from the recipe")
+    if not scaled:
+        return 1.0
+    value = getattr(embed, "embed_scale", None)
+    if value is None:
+        raise LowbitError(f"{architecture(model).family}'s embeddings should carry embed_scale and "
+                          f"{type(embed).__name__} does not; this transformers changed them")
+    return float(torch.as_tensor(value).to(embed.weight.dtype))
+
+
 def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
@@ -51,9 +69,7 @@ class QuantizeEmbeddings(Step):
         embed = model.get_input_embeddings()
         if isinstance(embed, QEmbedding):
             raise LowbitError("the input embeddings are already quantized; the recipe has the embeddings step twice")
-        if type(embed) is not nn.Embedding:
-            raise LowbitError(f"the embeddings step needs an nn.Embedding input table, {type(model).__name__} has "
-                              f"{type(embed).__name__}; drop the step from the recipe")
+        scale = embedding_scale(model, embed)
         head = model.get_output_embeddings()
         head = head if is_float_linear(head) else None  # already quantized by a quantizer's targets, or none
         tied = head is not None and head.weight is embed.weight
@@ -72,7 +88,7 @@ class QuantizeEmbeddings(Step):
                                                     c.group_size if c.granularity == "group" else head.in_features,
                                                     c.scale_search)
             install(model, Target(head_name, head), qhead, role="head")  # unties the float weights
-        set_module(model, embed_name, QEmbedding(table, embed.padding_idx))
+        set_module(model, embed_name, QEmbedding(table, embed.padding_idx, scale))
         log.info("embeddings %s%s: %.2f bits/weight", fmt.name, " (tied head shares it)" if tied else "",
                  table.bits_per_weight)
         return model

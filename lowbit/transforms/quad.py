@@ -15,10 +15,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..architectures import architecture, final_norm, residual_norm_names
 from ..models import decoder_blocks
 
 
-class ResidualRMSNorm(nn.Module):
+class ResidualNorm(nn.Module):  # not named *RMSNorm: Gemma's weight init would look for a gain on it
     """Gain-free RMSNorm over a widened residual ``(..., d + r)`` that divides by the original width ``d``:
     ``x · rsqrt(Σ x² / d + ε)`` (QUAD's pitfall: dividing by ``d + r`` would change every layer)."""
 
@@ -35,16 +36,15 @@ class ResidualRMSNorm(nn.Module):
 
 
 def residual_norms(model: nn.Module, d: int) -> None:
-    """Replace every RMSNorm on the residual stream (each block's two and the final one) by a
-    :class:`ResidualRMSNorm` dividing by ``d``; also used when loading a QUAD checkpoint."""
+    """Replace every norm in front of residual readers (each block's, per the architecture table, and the final
+    one) by a :class:`ResidualNorm` dividing by ``d``; also used when loading a QUAD checkpoint."""
     _, blocks = decoder_blocks(model)
-    backbone = model.get_decoder()
-    eps = getattr(backbone.norm, "variance_epsilon", getattr(backbone.norm, "eps", None)) or \
-        getattr(model.config, "rms_norm_eps", 1e-6)
+    norm = final_norm(model)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None)) or getattr(model.config, "rms_norm_eps", 1e-6)
     for b in blocks:
-        b.input_layernorm = ResidualRMSNorm(d, eps)
-        b.post_attention_layernorm = ResidualRMSNorm(d, eps)
-    backbone.norm = ResidualRMSNorm(d, eps)
+        for name in residual_norm_names(model):
+            setattr(b, name, ResidualNorm(d, eps))
+    setattr(model.get_decoder(), architecture(model).final_norm, ResidualNorm(d, eps))
 
 
 @torch.no_grad()

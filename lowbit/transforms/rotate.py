@@ -1,16 +1,18 @@
-"""Rotating the residual stream of a LLaMA-style decoder: QuaRot (methods.md §3.6) and QUAD (§7.2) in one step.
+"""Rotating the residual stream of a decoder, laid out per :mod:`lowbit.architectures`: QuaRot (methods.md §3.6)
+and QUAD (§7.2) in one step.
 
 The float model is changed in place and computes the same function (logits within float rounding):
 
-1. Untie the LM head; fold every RMSNorm gain ``γ`` into the Linears that read the norm's output
-   (``W ← W diag(γ)``: q/k/v, gate/up, and the head for the final norm) and set ``γ = 1``.
+1. Untie the LM head; fold every RMSNorm gain ``γ`` (``offset + γ`` for Gemma's norms) into the Linears that read
+   the norm's output (``W ← W diag(γ)``: q/k/v, gate/up or an MoE block's router and experts, and the head for
+   the final norm) and make the norm's gain 1. A family whose post-norms act on the residual stream is refused.
 2. ``M (d, d + r)``: QuaRot (``r = 0``) uses a randomized Hadamard ``H·D``; QUAD uses ``Q_P = [P | I - P Pᵀ]``
    with ``P (d, r)`` the top ``r`` eigenvectors of the Gram matrix ``G = E[xᵀx]`` of every norm output of every
    block on calibration windows (WikiText-2 valid), followed by ``block_diag(H_r, H_d)``. ``M Mᵀ = I_d``.
 3. Residual readers ``W ← W M`` (q, k, v, gate, up, head), writers ``W ← Mᵀ W`` (o, down; biases too) and the
    embedding ``E ← E M``: the residual stream becomes ``h M``, ``d + r`` wide, its first ``r`` coordinates the
    outlier directions. RMSNorm is invariant (``‖h M‖ = ‖h‖``) but must keep dividing by the original ``d``
-   (:class:`ResidualRMSNorm`).
+   (:class:`ResidualNorm`).
 4. Online Hadamards before o_proj and down_proj (``x ← x H``, ``W ← W H``), so their inputs are rotated too.
 
 Readers become :class:`~lowbit.nn.input_transform.TransformedLinear` with ``outliers = r`` (their first ``r``
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..architectures import BlockParts, architecture, block_parts, final_norm, unfuse_experts
 from ..config import StepConfig
 from ..errors import LowbitError
 from ..kernels.hadamard import hadamard_matrix, rotation_matrix
@@ -34,12 +37,11 @@ from ..nn.input_transform import InputSpec, TransformedLinear
 from ..quantizers.base import Step
 from ..registry import register
 from ..state import state_of
-from .quad import ResidualRMSNorm, norm_gram, projection, residual_norms
+from .quad import ResidualNorm, norm_gram, projection, residual_norms
 
 log = logging.getLogger(__name__)
 
 ROTATIONS = ("hadamard", "random", "none")
-ATTN_READERS, MLP_READERS = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")
 
 
 @dataclass(frozen=True)
@@ -67,55 +69,41 @@ def widen_skeleton(model: nn.Module, outliers: int) -> None:
     residual reader/writer the ``d + r`` width of a QUAD checkpoint, and residual norms dividing by ``d``, so its
     tensors load into it."""
     emb, blocks, _, head = _layout(model)
-    d, kw = emb.weight.shape[1], {"device": emb.weight.device, "dtype": emb.weight.dtype}
-    model.set_input_embeddings(nn.Embedding(emb.num_embeddings, d + outliers, emb.padding_idx, **kw))
-    model.set_output_embeddings(nn.Linear(d + outliers, head.out_features, bias=head.bias is not None, **kw))
+    d = emb.weight.shape[1]
+    _set_weight(emb, emb.weight.new_empty(emb.num_embeddings, d + outliers))
+    _set_weight(head, head.weight.new_empty(head.weight.shape[0], d + outliers))
     for b in blocks:
-        for parent, names, reader in ((b.attn, ATTN_READERS, True), (b.mlp, MLP_READERS, True),
-                                      (b.attn, ("o_proj",), False), (b.mlp, ("down_proj",), False)):
-            for name in names:
-                old = getattr(parent, name)
-                shape = (old.in_features + outliers, old.out_features) if reader else \
-                    (old.in_features, old.out_features + outliers)
-                setattr(parent, name, nn.Linear(*shape, bias=old.bias is not None, **kw))
+        for parent, name, _ in b.readers:
+            w = getattr(parent, name).weight
+            _set_weight(getattr(parent, name), w.new_empty(w.shape[0], w.shape[1] + outliers))
+        for parent, name in b.writers:
+            lin = getattr(parent, name)
+            setattr(parent, name, nn.Linear(lin.in_features, lin.out_features + outliers, bias=lin.bias is not None,
+                                            device=lin.weight.device, dtype=lin.weight.dtype))
     residual_norms(model, d)
 
 
-@dataclass
-class _Block:
-    attn_norm: nn.Module
-    attn: nn.Module
-    mlp_norm: nn.Module
-    mlp: nn.Module
-
-
-def _layout(model: nn.Module) -> tuple[nn.Embedding, list[_Block], nn.Module, nn.Linear]:
-    """``(embedding, blocks, final norm, head)`` of a LLaMA-style model, or a clear error."""
+def _layout(model: nn.Module) -> tuple[nn.Embedding, list[BlockParts], nn.Module, nn.Linear]:
+    """``(embedding, blocks, final norm, head)`` per the architecture table, or a clear error."""
+    arch = architecture(model)
+    arch.check("rotate")
+    unfuse_experts(model)
     _, blocks = decoder_blocks(model)
-    out = []
-    for i, b in enumerate(blocks):
-        names = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-        if not all(hasattr(b, n) for n in names) or \
-                not all(hasattr(b.self_attn, n) for n in (*ATTN_READERS, "o_proj")) or \
-                not all(hasattr(b.mlp, n) for n in (*MLP_READERS, "down_proj")):
-            raise LowbitError(f"rotation needs LLaMA-style blocks (input_layernorm, self_attn.q/k/v/o_proj, "
-                              f"post_attention_layernorm, mlp.gate/up/down_proj); block {i} of "
-                              f"{type(model).__name__} is not one")
-        out.append(_Block(b.input_layernorm, b.self_attn, b.post_attention_layernorm, b.mlp))
-        if not isinstance(b.input_layernorm, ResidualRMSNorm):  # checked before anything changes
-            _check_norm(b.input_layernorm)
-            _check_norm(b.post_attention_layernorm)
-    backbone = model.get_decoder()
-    head = model.get_output_embeddings()
-    if not is_float_linear(head) or not hasattr(backbone, "norm"):
-        raise LowbitError("rotation needs a float nn.Linear LM head and a final norm: run the rotate step before "
-                          "any quantizer (and before the embeddings step)")
+    out = [block_parts(model, b) for b in blocks]
+    head, norm = model.get_output_embeddings(), final_norm(model)
+    if not is_float_linear(head):
+        raise LowbitError("rotation needs a float nn.Linear LM head: run the rotate step before any quantizer "
+                          "(and before the embeddings step)")
     for b in out:
-        for m in (*(getattr(b.attn, n) for n in (*ATTN_READERS, "o_proj")),
-                  *(getattr(b.mlp, n) for n in (*MLP_READERS, "down_proj"))):
-            if type(m) is not nn.Linear:
+        for parent, name, *_ in b.readers + b.writers:
+            m = getattr(parent, name)
+            router = arch.moe is not None and name == arch.moe.router
+            if not (type(m) is nn.Linear or (router and isinstance(getattr(m, "weight", None), nn.Parameter))):
                 raise LowbitError("rotation runs on the float model: put the rotate step first in the recipe")
-    return model.get_input_embeddings(), out, backbone.norm, head
+        if not isinstance(b.attn_norm, ResidualNorm):  # checked before anything changes
+            for n in (b.attn_norm, b.mlp_norm, norm):
+                _check_norm(n, arch.norm_offset)
+    return model.get_input_embeddings(), out, norm, head
 
 
 def _untie_head(model: nn.Module, emb: nn.Embedding, head: nn.Linear) -> None:
@@ -125,50 +113,60 @@ def _untie_head(model: nn.Module, emb: nn.Embedding, head: nn.Linear) -> None:
         model.config.tie_word_embeddings = False
 
 
-def _check_norm(norm: nn.Module) -> None:
-    """Refuse a norm that is not ``γ · x / rms(x)`` (its gain could not be folded into the next Linears)."""
+def _eps(norm: nn.Module) -> float:
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
+def _check_norm(norm: nn.Module, offset: float) -> None:
+    """Refuse a norm that is not ``(offset + γ) · x / rms(x)`` (its gain could not be folded into the next
+    Linears)."""
     gain = norm.weight.detach()
     if gain.is_meta:  # a skeleton being widened for loading: nothing to fold
         return
     x = torch.randn(2, gain.shape[0], dtype=gain.dtype, device=gain.device)
-    plain = gain * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + getattr(norm, "variance_epsilon", 1e-6))
+    plain = (offset + gain) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _eps(norm))
     with torch.no_grad():
         same = torch.allclose(norm(x), plain, rtol=1e-3, atol=1e-3)
     if not same:
         raise LowbitError(f"rotation folds RMSNorm gains into the next Linears, which needs a norm computing "
-                          f"γ·x/rms(x) (LLaMA, Mistral, Qwen2); {type(norm).__name__} computes something else "
-                          "(e.g. Gemma's (1 + γ)) and is not supported")
+                          f"({offset:g} + γ)·x/rms(x) as the architecture table says; {type(norm).__name__} computes "
+                          "something else")
 
 
-def _fold_gain(norm: nn.Module, readers: list[nn.Linear]) -> None:
-    """``W ← W diag(γ)`` for each reader, then ``γ = 1``."""
-    gain = norm.weight.detach().double()
+def _fold_gain(norm: nn.Module, readers: list[nn.Module], offset: float) -> None:
+    """``W ← W diag(offset + γ)`` for each reader, then ``γ = 1 - offset`` (the norm's gain becomes 1)."""
+    gain = norm.weight.detach().double() + offset
     for lin in readers:
         lin.weight.data = (lin.weight.detach().double() * gain).to(lin.weight.dtype)
-    norm.weight.data.fill_(1.0)
+    norm.weight.data.fill_(1.0 - offset)
 
 
 def _rotation(n: int, kind: str, seed: int) -> torch.Tensor:
     return torch.eye(n, dtype=torch.float64) if kind == "none" or n == 0 else rotation_matrix(n, kind, seed)
 
 
-def _set_weight(lin: nn.Linear, w: torch.Tensor) -> None:
-    lin.weight = nn.Parameter(w.to(lin.weight.dtype).contiguous(), requires_grad=lin.weight.requires_grad)
-    lin.out_features, lin.in_features = w.shape
+def _set_weight(module: nn.Module, w: torch.Tensor) -> None:
+    """A new ``weight (out, in)`` for a Linear, an embedding ``(n, d)`` or a router; the width attributes follow."""
+    module.weight = nn.Parameter(w.to(module.weight.dtype).contiguous(), requires_grad=module.weight.requires_grad)
+    for attr, size in (("out_features", w.shape[0]), ("in_features", w.shape[1]), ("embedding_dim", w.shape[1]),
+                       ("hidden_dim", w.shape[1])):  # a router reshapes its input to hidden_dim
+        if hasattr(module, attr):
+            setattr(module, attr, size)
 
 
 @torch.no_grad()
 def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor | None = None) -> nn.Module:
     """Apply the transform (module docstring) in place; ``windows (n, L)`` token ids feed QUAD's SVD."""
-    emb, blocks, final_norm, head = _layout(model)
+    emb, blocks, norm, head = _layout(model)
+    offset = architecture(model).norm_offset
     d, r = emb.weight.shape[1], config.outliers
     if r >= d:
         raise LowbitError(f"outliers={r} must be smaller than the hidden size {d}")
     _untie_head(model, emb, head)
     for b in blocks:
-        _fold_gain(b.attn_norm, [getattr(b.attn, n) for n in ATTN_READERS])
-        _fold_gain(b.mlp_norm, [getattr(b.mlp, n) for n in MLP_READERS])
-    _fold_gain(final_norm, [head])
+        for block_norm in (b.attn_norm, b.mlp_norm):
+            _fold_gain(block_norm, [getattr(p, n) for p, n, front in b.readers if front is block_norm], offset)
+    _fold_gain(norm, [head], offset)
     if r:
         if windows is None:
             raise LowbitError("QUAD (outliers > 0) needs calibration windows for its activation SVD")
@@ -177,13 +175,15 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
         m = torch.eye(d, dtype=torch.float64)
     m = m @ torch.block_diag(_rotation(r, config.rotation, config.seed + 1), _rotation(d, config.rotation,
                                                                                         config.seed))
-    emb.weight.data = (emb.weight.detach().double() @ m).to(emb.weight.dtype)
-    emb.embedding_dim = d + r
+    _set_weight(emb, emb.weight.detach().double() @ m)
     _set_weight(head, head.weight.detach().double() @ m)
     for b in blocks:
-        for lin in [*(getattr(b.attn, n) for n in ATTN_READERS), *(getattr(b.mlp, n) for n in MLP_READERS)]:
-            _set_weight(lin, lin.weight.detach().double() @ m)
-        for parent, name in ((b.attn, "o_proj"), (b.mlp, "down_proj")):
+        for parent, name, _ in b.readers:
+            reader = getattr(parent, name)
+            _set_weight(reader, reader.weight.detach().double() @ m)
+            if r and type(reader) is nn.Linear:  # a router stays a float weight reading the whole stream
+                setattr(parent, name, TransformedLinear(reader, InputSpec(outliers=r)))
+        for parent, name in b.writers:
             lin = getattr(parent, name)
             w = m.T @ lin.weight.detach().double()
             if lin.bias is not None:
@@ -193,10 +193,6 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
             _set_weight(lin, w)
             if config.online:
                 setattr(parent, name, TransformedLinear(lin, InputSpec(hadamard=True)))
-        if r:
-            for parent, names in ((b.attn, ATTN_READERS), (b.mlp, MLP_READERS)):
-                for name in names:
-                    setattr(parent, name, TransformedLinear(getattr(parent, name), InputSpec(outliers=r)))
     if r:  # config.hidden_size stays d (transformers checks it against the heads); the manifest records r
         residual_norms(model, d)
     state_of(model).rotation = {"outliers": r, "hidden_size": d, "rotation": config.rotation,

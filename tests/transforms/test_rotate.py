@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -14,7 +16,7 @@ from lowbit.nn.qlinear import QLinear
 from lowbit.quantizers import ActivationsConfig, GPTQConfig, RTNConfig
 from lowbit.recipe import Recipe
 from lowbit.state import state_of
-from lowbit.transforms.quad import ResidualRMSNorm, projection
+from lowbit.transforms.quad import ResidualNorm, projection
 from lowbit.transforms.rotate import RotateConfig, rotate_model
 
 W4 = {"bits": 4, "granularity": "channel", "symmetric": True}
@@ -48,7 +50,7 @@ def test_rotated_float_model_keeps_logits(outliers, rotation, online):
     assert not m.config.tie_word_embeddings
     assert isinstance(m.model.layers[0].mlp.down_proj, TransformedLinear) == online
     if outliers:
-        assert isinstance(m.model.norm, ResidualRMSNorm) and m.model.norm.d == 96
+        assert isinstance(m.model.norm, ResidualNorm) and m.model.norm.d == 96
         assert m.model.layers[1].self_attn.q_proj.spec.outliers == outliers
 
 
@@ -66,7 +68,7 @@ def test_projection_is_a_right_inverse_and_takes_the_top_directions():
 def test_residual_norm_divides_by_the_original_width():
     x = torch.randn(3, 10)
     expected = x / torch.sqrt(x.pow(2).sum(-1, keepdim=True) / 8 + 1e-6)
-    assert torch.allclose(ResidualRMSNorm(8, 1e-6)(x), expected)
+    assert torch.allclose(ResidualNorm(8, 1e-6)(x), expected)
 
 
 def _quantized(steps):
@@ -238,12 +240,22 @@ def test_cli_finetune_trains_outliers_of_a_quad_checkpoint(tmp_path, hf_folder):
     assert "trains nothing" in one_error_line(invoke("finetune", ck, "--out", tmp_path / "x", "--adapter", "none"))
 
 
-def test_norms_that_are_not_a_plain_gain_are_refused():
-    with pytest.raises(LowbitError, match="Gemma"):
-        rotate_model(tiny_model("gemma"), RotateConfig())
+def test_norms_that_are_not_what_the_table_says_are_refused():
+    m = tiny_model("llama")
+    m.model.layers[0].input_layernorm.weight.data += 1.0  # fine: any gain folds
+    rotate_model(copy.deepcopy(m), RotateConfig())
+    norm = m.model.layers[0].post_attention_layernorm
+    norm.forward = lambda x: x * norm.weight  # not x / rms(x): nothing to fold into
+    with pytest.raises(LowbitError, match="computes something else"):
+        rotate_model(m, RotateConfig())
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_post_norm_families_are_refused_naming_family_step_and_reason():
+    with pytest.raises(LowbitError, match=r"rotate step cannot run on gemma2: gemma2's post-norms .* cannot be folded"):
+        rotate_model(tiny_model("gemma2"), RotateConfig())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma"])  # gemma: its (1 + γ) norms fold as well
 def test_other_llama_style_models_rotate_exactly(arch):
     m = tiny_model(arch, hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=2)
     ids = torch.randint(0, 256, (1, 16))

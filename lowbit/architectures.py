@@ -1,0 +1,224 @@
+"""The architecture table: everything lowbit knows about a model family, in one place.
+
+Every step that needs more than "the Linears inside the decoder blocks" reads it here — rotation and QUAD
+(which Linears read and write the residual stream, which norms sit in front of them, their gain offset),
+activation quantization (the residual writers), the embeddings step (embedding scaling), calibration and the
+checkpoint loaders (the MoE expert layout). No other module names a family's modules.
+
+A family transformers ships but this table does not list is refused with the list of supported ones: a model
+whose structure lowbit has not checked never gets a silently different function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .errors import LowbitError
+from .nn.experts import EXPERT_INPUT, EXPERT_OUTPUT, ExpertList, fused_tensors
+
+
+@dataclass(frozen=True)
+class MoELayout:
+    """transformers' fused experts: in the MLP module, a router ``router`` (float by default, weight ``(E, d)``)
+    and an experts module ``experts`` holding ``gate_up (E, 2I, d)`` and ``down (E, d, I)`` parameters."""
+
+    router: str = "gate"
+    experts: str = "experts"
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One family's layout (names relative to a decoder block) and the facts that change what a step may do.
+
+    Attributes:
+        family: the name users know (``"gemma2"``); model_types: transformers' ``config.model_type`` values.
+        attn_readers / mlp_readers: Linears reading the normed residual stream (fused ones: ``qkv_proj``).
+        attn_writer / mlp_writer: Linears writing back to the residual stream.
+        attn_norm / mlp_norm: the norms in front of the readers (None: the family has none there).
+        post_norms: norms on a sub-layer's output before it is added to the residual (Gemma's sandwich norms,
+            OLMo 2's post-norms): their gains act on the residual stream itself.
+        norm_offset: the norm computes ``(offset + γ) · x / rms(x)`` (Gemma: 1).
+        embed_scale: the input embeddings are multiplied by a constant (Gemma: ``√d``).
+        qk_norm: RMSNorm on queries and keys after their projections; qkv_bias: biases on q/k/v.
+        sliding_window: some or all layers attend to a window; moe: the expert layout, None for a dense MLP.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    attn: str = "self_attn"
+    mlp: str = "mlp"
+    attn_readers: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+    attn_writer: str = "o_proj"
+    mlp_readers: tuple[str, ...] = ("gate_proj", "up_proj")
+    mlp_writer: str = "down_proj"
+    attn_norm: str | None = "input_layernorm"
+    mlp_norm: str | None = "post_attention_layernorm"
+    post_norms: tuple[str, ...] = ()
+    final_norm: str = "norm"
+    norm_offset: float = 0.0
+    embed_scale: bool = False
+    qk_norm: bool = False
+    qkv_bias: bool = False
+    sliding_window: bool = False
+    moe: MoELayout | None = None
+    notes: dict[str, str] = field(default_factory=dict)
+
+    def refusal(self, step: str) -> str | None:
+        """Why ``step`` cannot run exactly on this family (None: it can)."""
+        if step == "rotate" and self.post_norms:
+            return (f"{self.family}'s post-norms ({', '.join(self.post_norms)}) scale each sub-layer's output "
+                    "elementwise before it joins the residual stream; in a rotated stream that gain cannot be "
+                    "folded into any Linear")
+        return None
+
+    def check(self, step: str) -> None:
+        """Raise the one-line refusal naming the family, the step and the reason."""
+        reason = self.refusal(step)
+        if reason:
+            raise LowbitError(f"the {step} step cannot run on {self.family}: {reason}; drop it from the recipe")
+
+    def writer_globs(self) -> tuple[str, ...]:
+        """Name globs of the residual writers (the act step's W4A4/A8 writers): o_proj, down_proj (each expert's)."""
+        return (f"*.{self.attn}.{self.attn_writer}", f"*.{self.mlp_writer}")
+
+
+_PHI3 = dict(attn_readers=("qkv_proj",), mlp_readers=("gate_up_proj",))
+_SANDWICH = ("post_attention_layernorm", "post_feedforward_layernorm")
+_GEMMA = dict(norm_offset=1.0, embed_scale=True)
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture("llama", ("llama",)),
+    Architecture("mistral", ("mistral",), sliding_window=True),
+    Architecture("qwen2", ("qwen2",), qkv_bias=True, sliding_window=True),
+    Architecture("qwen3", ("qwen3",), qk_norm=True, sliding_window=True),
+    Architecture("gemma", ("gemma",), **_GEMMA),
+    Architecture("gemma2", ("gemma2",), mlp_norm="pre_feedforward_layernorm", post_norms=_SANDWICH,
+                 sliding_window=True, **_GEMMA),
+    Architecture("gemma3", ("gemma3_text",), mlp_norm="pre_feedforward_layernorm", post_norms=_SANDWICH,
+                 qk_norm=True, sliding_window=True, **_GEMMA),
+    Architecture("phi3", ("phi3",), sliding_window=True, **_PHI3),
+    Architecture("olmo2", ("olmo2",), attn_norm=None, mlp_norm=None, post_norms=_SANDWICH, qk_norm=True),
+    Architecture("qwen3_moe", ("qwen3_moe",), qk_norm=True, sliding_window=True, moe=MoELayout(),
+                 mlp_readers=(), mlp_writer="down_proj"),
+    Architecture("mixtral", ("mixtral",), sliding_window=True, moe=MoELayout(), mlp_readers=(),
+                 mlp_writer="down_proj"),
+)
+BY_MODEL_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
+
+
+def supported() -> str:
+    return ", ".join(a.family for a in ARCHITECTURES)
+
+
+def architecture(model: nn.Module) -> Architecture:
+    """The table entry of ``model`` (by ``config.model_type``), or a clear error naming the supported families."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    arch = BY_MODEL_TYPE.get(model_type)
+    if arch is None:
+        raise LowbitError(f"architecture {model_type or type(model).__name__!r} is not supported; lowbit supports "
+                          f"{supported()} (ask for yours with a config.json attached)")
+    return arch
+
+
+def moe_blocks(model: nn.Module) -> list[nn.Module]:
+    """The MLP module of every decoder block of an MoE family (empty for a dense one)."""
+    from .models import decoder_blocks
+
+    arch = architecture(model)
+    if arch.moe is None:
+        return []
+    return [getattr(b, arch.mlp) for b in decoder_blocks(model)[1]]
+
+
+def unfuse_experts(model: nn.Module) -> int:
+    """Replace every fused experts module by an :class:`ExpertList` holding the same weights (in place; a no-op
+    for a dense family or experts already unfused). Returns the number of experts now held as Linears."""
+    arch = architecture(model)
+    count = 0
+    for mlp in moe_blocks(model):
+        fused = getattr(mlp, arch.moe.experts)
+        if not isinstance(fused, ExpertList):
+            gate_up, down = getattr(fused, arch.moe.gate_up), getattr(fused, arch.moe.down)
+            if not (isinstance(gate_up, nn.Parameter) and gate_up.dim() == 3 and down.dim() == 3):
+                raise LowbitError(f"{arch.family}'s experts are not in the fused (E, 2I, d) layout lowbit reads; "
+                                  f"this transformers ({type(fused).__name__}) changed it")
+            unfused = ExpertList.from_fused(gate_up, down, fused.act_fn)
+            unfused.fused_class = type(fused)  # what fuse_experts rebuilds (not saved: a skeleton has it again)
+            setattr(mlp, arch.moe.experts, unfused)
+        count += len(getattr(mlp, arch.moe.experts))
+    return count
+
+
+def fuse_experts(model: nn.Module) -> None:
+    """Undo :func:`unfuse_experts` on a float model (every expert an ``nn.Linear`` again): transformers' fused
+    module with the stacked weights, so ``save_pretrained`` writes the layout transformers loads."""
+    arch = architecture(model)
+    for mlp in moe_blocks(model):
+        experts = getattr(mlp, arch.moe.experts)
+        if not isinstance(experts, ExpertList):
+            continue
+        layers = [m for e in experts for m in (e.gate_up_proj, e.down_proj)]
+        if any(type(m) is not nn.Linear for m in layers):
+            raise LowbitError("the experts hold packed or rotated layers; merge them to float first (lowbit merge)")
+        gate_up, down = fused_tensors(experts, layers[0].weight.dtype)
+        fused = experts.fused_class(model.config).to(gate_up.device)
+        getattr(fused, arch.moe.gate_up).data = gate_up
+        getattr(fused, arch.moe.down).data = down
+        setattr(mlp, arch.moe.experts, fused)
+
+
+def expert_lists(model: nn.Module) -> dict[str, ExpertList]:
+    """``{qualified name: ExpertList}`` of the unfused experts of the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, ExpertList)}
+
+
+@dataclass
+class BlockParts:
+    """The residual-stream view of one decoder block: its norms and the Linears (or a router's weight holder)
+    reading and writing the stream, as ``(parent module, attribute name)`` pairs."""
+
+    attn_norm: nn.Module | None
+    mlp_norm: nn.Module | None
+    readers: list[tuple[nn.Module, str, nn.Module | None]]  # (parent, attribute, norm in front of it)
+    writers: list[tuple[nn.Module, str]]
+
+
+def block_parts(model: nn.Module, block: nn.Module) -> BlockParts:
+    """:class:`BlockParts` of ``block`` per the table (MoE: the router and every expert's gate_up read, every
+    expert's down writes; the experts must be unfused). Missing modules are a clear error."""
+    arch = architecture(model)
+    try:
+        attn, mlp = getattr(block, arch.attn), getattr(block, arch.mlp)
+        attn_norm = getattr(block, arch.attn_norm) if arch.attn_norm else None
+        mlp_norm = getattr(block, arch.mlp_norm) if arch.mlp_norm else None
+        readers = [(attn, n, attn_norm) for n in arch.attn_readers]
+        writers = [(attn, arch.attn_writer)]
+        if arch.moe is not None:
+            experts = getattr(mlp, arch.moe.experts)
+            if not isinstance(experts, ExpertList):
+                raise LowbitError(f"{arch.family}'s experts must be unfused first (lowbit.architectures."
+                                  "unfuse_experts)")
+            readers += [(mlp, arch.moe.router, mlp_norm)] + [(e, EXPERT_INPUT, mlp_norm) for e in experts]
+            writers += [(e, EXPERT_OUTPUT) for e in experts]
+        else:
+            readers += [(mlp, n, mlp_norm) for n in arch.mlp_readers]
+            writers.append((mlp, arch.mlp_writer))
+        for parent, name, *_ in readers + writers:
+            getattr(parent, name)
+    except AttributeError as e:
+        raise LowbitError(f"{type(model).__name__} does not have the {arch.family} layout lowbit's table expects "
+                          f"({e}); this transformers version changed it") from e
+    return BlockParts(attn_norm, mlp_norm, readers, writers)
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    return getattr(model.get_decoder(), architecture(model).final_norm)
+
+
+def residual_norm_names(model: nn.Module) -> tuple[str, ...]:
+    """Attribute names (in a block) of the norms in front of residual readers."""
+    arch = architecture(model)
+    return tuple(n for n in (arch.attn_norm, arch.mlp_norm) if n)
