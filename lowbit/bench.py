@@ -156,10 +156,9 @@ def _child(source: str, config: BenchConfig) -> dict:
     from .data import data_dir
 
     env = dict(os.environ)
-    try:
-        env.setdefault(DATA_ENV, str(data_dir()))  # found from the caller's folder: hand it over explicitly
-    except LowbitError:
-        pass  # the child reports it if it needs the data
+    folder = data_dir()
+    if folder is not None:  # found from the caller's folder (or --data): hand it over explicitly
+        env.setdefault(DATA_ENV, str(folder))
     cmd = [sys.executable, "-m", "lowbit.bench", source, json.dumps(asdict(config))]
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-child-") as empty:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=empty, env=env)

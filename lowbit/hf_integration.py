@@ -185,6 +185,7 @@ else:
             manifest = self.manifest or {}
             state_of(model).manifest = manifest
             state_of(model).source = manifest.get("source")
+            state_of(model).float_dtype = manifest.get("float_dtype")
             state_of(model).recipe = self.recipe
             return model
 

@@ -45,7 +45,14 @@ from .manifest import (
     read_manifest,
     verify_files,
 )
-from .models import DEFAULT_MODEL, load_float_model, resolve_source, set_module
+from .models import (
+    DEFAULT_MODEL,
+    STORAGE_DTYPES,
+    load_float_model,
+    resolve_source,
+    set_module,
+    source_float_tensors,
+)
 from .nn.gemv_linear import use_gemv_head
 from .nn.input_transform import InputSpec, TransformedLinear
 from .nn.qembedding import QEmbedding
@@ -69,6 +76,8 @@ def _versions() -> dict:
 def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
     """``(packed, float, aliases)``: tensors of quantized layers, the rest, and tied names -> stored name."""
     qlayers = quantized_layers(model)
+    storage = STORAGE_DTYPES.get(state_of(model).float_dtype or "")
+    narrow = set(source_float_tensors(model)) if storage is not None else set()
     packed, floats, aliases, seen = {}, {}, {}, {}
     for name, t in model.state_dict().items():
         key = (t.data_ptr(), t.shape, t.dtype)
@@ -87,6 +96,8 @@ def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
                     t = fold_scale_multiplier(t, getattr(layer, trained).detach())
         elif layer is not None and leaf == "outlier":
             t = t.to(torch.float16)  # QUAD's storage (methods.md §7.3), also after PEFT trained an fp32 copy
+        elif name in narrow and t.dtype.itemsize > storage.itemsize:
+            t = t.to(storage)  # the source's dtype (bf16 for a bf16 model, fp16 for a GGUF file's float parts)
         target = packed if layer is not None and leaf in layer.packed_names else floats
         target[name] = t.contiguous().cpu()
     return packed, floats, aliases
@@ -140,6 +151,7 @@ def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False
             "embeddings": {name: layer_entry(m) for name, m in packed_embeddings(model).items()},
             "adapters": manifest_entry(model),
             "rotation": state_of(model).rotation,
+            "float_dtype": state_of(model).float_dtype,  # what the unquantized tensors are stored in
             "experts": {name: len(m) for name, m in expert_lists(model).items()},  # unfused MoE experts
             "expert_tokens": state_of(model).history.get("expert_tokens"),  # calibration tokens routed to each
             "aliases": aliases,
@@ -251,6 +263,10 @@ def load(path: str | Path, verify: bool | None = None):
     recipe = manifest_recipe(path, manifest)
     model = build_skeleton(path, manifest)
     tensors = _read_tensors(path)
+    held = model.state_dict()
+    for name, t in tensors.items():  # float parts stored narrower than the model computes in (fp16, bf16)
+        if name in held and t.is_floating_point() and held[name].is_floating_point() and t.dtype != held[name].dtype:
+            tensors[name] = t.to(held[name].dtype)
     for alias, source in manifest.get("aliases", {}).items():
         if source not in tensors:
             raise CheckpointError(f"{path / MANIFEST} makes {alias!r} an alias of {source!r}, which is not stored; "
@@ -273,6 +289,7 @@ def load(path: str | Path, verify: bool | None = None):
     state_of(model).source = manifest.get("source")
     if manifest.get("rotation"):
         state_of(model).rotation = manifest["rotation"]
+    state_of(model).float_dtype = manifest.get("float_dtype")
     state_of(model).recipe = recipe
     tokenizer = None
     if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file():

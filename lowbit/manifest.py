@@ -41,7 +41,7 @@ def manifest_digest(manifest: dict) -> str:
 _FIELD_TYPES = {"layers": (dict,), "embeddings": (dict,), "adapters": (dict,), "aliases": (dict,),
                 "rotation": (dict, type(None)), "recipe": (dict, type(None)), "summary": (dict,),
                 "source": (str, type(None)), "versions": (dict,), "extra": (dict,), "experts": (dict,),
-                "expert_tokens": (dict, type(None))}
+                "expert_tokens": (dict, type(None)), "float_dtype": (str, type(None))}
 
 
 def read_manifest(path: str | Path) -> dict:

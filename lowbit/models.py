@@ -212,7 +212,53 @@ def load_float_model(source: str | Path = DEFAULT_MODEL, dtype: torch.dtype = to
     model.eval()
     # a path is recorded absolute: RILQ and LoftQ reload it later, possibly from another folder
     state_of(model).source = str(source) if kind == "builtin" else str(path.resolve())
+    state_of(model).float_dtype = source_float_dtype(kind, path)
     return model, tokenizer
+
+
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def source_float_dtype(kind: str, path: Path) -> str:
+    """The dtype a source stores its float tensors in, which a checkpoint keeps for the tensors it does not
+    quantize: fp16 for a GGUF file (its float parts, as llama.cpp writes them), the ``dtype`` (or
+    ``torch_dtype``) of an HF folder's ``config.json``, else fp32."""
+    if kind in ("builtin", "gguf"):
+        return "float16"
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if dtype in STORAGE_DTYPES else "float32"
+
+
+def source_float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{state-dict name: tensor}`` of the float tensors that came from the source model unquantized: embeddings,
+    norms, biases, a float head, a router. Not packed storage, adapters or trainable scale multipliers."""
+    skip = set()
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        if hasattr(module, "packed_names"):
+            skip.update(prefix + n for n in module.packed_names)
+            skip.update(prefix + n for n in ("channel_scale", "group_scale", "outlier"))
+    return {n: t for n, t in model.state_dict(keep_vars=True).items()
+            if t.is_floating_point() and n not in skip and ".adapters." not in n}
+
+
+@torch.no_grad()
+def round_to_storage(model: nn.Module) -> None:
+    """Round the source's float tensors (:func:`source_float_tensors`) to the dtype the checkpoint will store them
+    in (``state_of(model).float_dtype``), in place and keeping their dtype, so the model evaluated in memory is
+    the one :func:`lowbit.save` writes and :func:`lowbit.load` reads back."""
+    storage = STORAGE_DTYPES.get(state_of(model).float_dtype or "")
+    if storage is None:
+        return
+    for t in source_float_tensors(model).values():
+        if t.dtype.itemsize > storage.itemsize:
+            t.data.copy_(t.data.to(storage))
 
 
 def context_length(model: nn.Module) -> int | None:

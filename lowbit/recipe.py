@@ -18,6 +18,7 @@ from .architectures import architecture, expert_lists, unfuse_experts
 from .config import StepConfig
 from .errors import LowbitError
 from .fileio import read_text
+from .models import round_to_storage
 from .nn import use_gemv_head
 from .presets import PRESETS
 from .registry import get, unknown_name_error
@@ -106,6 +107,7 @@ def apply_recipe(model, recipe: Recipe | str | Path, calib=None):
         step.prepare(model, calib)
     for step in steps:
         model = step.apply(model, calib)
+    round_to_storage(model)  # the float parts as the checkpoint stores them (the source's dtype)
     use_gemv_head(model)  # decode reads a float head through lowbit's fp32 GEMV (same parameters)
     state_of(model).recipe = recipe
     state_of(model).quantize_seconds = time.perf_counter() - start

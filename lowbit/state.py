@@ -22,6 +22,7 @@ class ModelState:
     recipe: Any = None  # the lowbit.Recipe applied (None: a float model)
     quantize_seconds: float | None = None  # wall time of the recipe
     rotation: dict | None = None  # the rotate step's record (outlier width, rotation kind, seed)
+    float_dtype: str | None = None  # dtype the source stores its unquantized tensors in ("bfloat16"; None: as held)
     manifest: dict | None = None  # the manifest of the checkpoint it was loaded from
     history: dict[str, Any] = field(default_factory=dict)  # per-step records: "rilq", "loftq"
 

@@ -575,3 +575,34 @@ def test_a_path_source_is_recorded_absolute(tmp_path, monkeypatch, hf_folder):
     monkeypatch.chdir(hf_folder.parent)
     model, _ = lowbit.load_model(hf_folder.name)  # relative to the current folder
     assert lowbit.state_of(model).source == str(hf_folder.resolve())
+
+
+def test_unquantized_tensors_keep_the_source_dtype(tmp_path):
+    """A bf16 source (an HF folder whose config says so) quantized in fp32: the checkpoint stores its embeddings,
+    norms and head in bf16 (half the bytes of fp32); the model evaluated in memory, lowbit.load's and
+    from_pretrained's compute the same logits in fp32."""
+    import transformers as tf
+
+    from lowbit.models import load_float_model
+    from lowbit.state import state_of
+
+    tiny_model("llama").to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    model, _ = load_float_model(tmp_path / "src")
+    assert next(model.parameters()).dtype == torch.float32 and state_of(model).float_dtype == "bfloat16"
+    lowbit.quantize(model, "rtn-w4g64")
+    path = lowbit.save(model, tmp_path / "ck")
+    from safetensors import safe_open
+
+    with safe_open(path / lowbit.io.FLOAT_SHARD, "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == "BF16" and dtypes["model.norm.weight"] == "BF16"
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        out = model(ids).logits
+        ours, _ = lowbit.load(path)
+        theirs = tf.AutoModelForCausalLM.from_pretrained(path)
+        assert next(ours.parameters()).dtype == torch.float32
+        assert torch.equal(ours(ids).logits, out) and torch.equal(theirs(ids).logits, out)
+    assert lowbit.io.read_manifest(path)["float_dtype"] == "bfloat16"
+    again = lowbit.save(ours, tmp_path / "again")  # re-saving keeps the rule
+    assert (again / lowbit.io.FLOAT_SHARD).stat().st_size == (path / lowbit.io.FLOAT_SHARD).stat().st_size

@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data import check_data
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..fileio import MARKER, check_output, read_text
@@ -48,6 +49,7 @@ def merge(config: MergeConfig) -> MergeResult:
     from ..io import load
 
     check_windows(config.windows)
+    check_data(["wikitext-test"] if config.windows != 0 else [])
     check_out(config.out, config.force, config.model, size_ratio=1.0 if config.requantize else 2.0)
     model, tok = load(config.model)
     if not adapted_layers(model):

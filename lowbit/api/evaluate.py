@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from ..data import check_data
 from ..errors import LowbitError
 from ..eval.perplexity import PerplexityResult, perplexity
 from ..models import context_length
@@ -64,6 +65,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         results = evaluate_tasks(model, tokenizer, names, limit=config.limit)
         return EvalResult(None, results, time.perf_counter() - start)
     check_windows(config.windows, allow_skip=False)
+    check_data(["wikitext-test"])
     model, tokenizer = _load_with_tokenizer(config.model)
     start = time.perf_counter()
     result = perplexity(model, tokenizer, windows=config.windows, seq_len=config.seq_len)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data import check_data
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..io import read_manifest, save
@@ -77,6 +78,9 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     check_source(config.model)
     check_out(config.out, config.force, config.model, size_ratio=0.25)
     calib = config.calibration.build(tokenizer=None)  # reads --calib-file now: a bad file fails before loading
+    needs_text = any(get("step", s.step).needs_calibration for s in recipe.steps) and calib.text is None \
+        and not calib.self_generated
+    check_data((["wikitext-test"] if config.windows != 0 else []) + (["wikitext-valid"] if needs_text else []))
     from ..io import load_model  # read at call time (tests watch what loads)
 
     fp_model, tokenizer = load_model(config.model)

@@ -11,6 +11,7 @@ from pathlib import Path
 from ..adapters import AdapterConfig, LoRAConfig, LoRMAConfig, attach, freeze, manifest_entry, train_outliers
 from ..calibration import Calibration
 from ..compensate import LoftQConfig, RILQConfig
+from ..data import check_data
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..fileio import atomic_write, check_output, json_text
@@ -107,6 +108,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if config.adapter == "none" and not config.train_outliers:
         raise LowbitError("--adapter none trains nothing: add --train-outliers (QUAD's PEFT) or pick an adapter")
     adapter_config = config.adapter_config()
+    check_data((["wikitext-valid"] if config.data is None else []) + (["wikitext-test"] if config.windows != 0 else []))
     model, tok = load_model(config.model)
     if tok is None:
         raise LowbitError(f"{config.model} has no tokenizer files; re-save it with a tokenizer")
@@ -188,6 +190,7 @@ def compensate(config: CompensateConfig) -> CompensateResult:
     out = Path(config.out)
     if config.method == "rilq":
         check_output(out.parent / f"{out.name}.rilq.json", what="RILQ loss curve", kind="file")
+    check_data((["wikitext-valid"] if config.method == "rilq" else []) + (["wikitext-test"] if config.windows else []))
     reset_peak()
     start = time.perf_counter()
     model, tok = load(config.model)

@@ -9,10 +9,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..data import use_data_dir
 from ..models import DEFAULT_MODEL
 from ..presets import DEFAULT_PRESET
 from ..protocol import CALIB_SEQ_LEN, CALIB_WINDOWS, EVAL_SEQ_LEN, EVAL_WINDOWS
 from .common import (
+    DATA_OPTION,
     FORCE_OPTION,
     JSON_OPTION,
     MODEL_HELP,
@@ -50,6 +52,7 @@ def quantize(
                                     "samples itself (64 sequences of 512 tokens per 16 x 2048 windows; RILQ and "
                                     "QUAD sample theirs too)."),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),
+    data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
@@ -58,6 +61,7 @@ def quantize(
 
 
     def job():
+        use_data_dir(data)
         config = QuantizeConfig(
             out=out, model=model_source(model, model_option, DEFAULT_MODEL), recipe=recipe, force=force,
             windows=0 if no_eval else parse_windows(windows),
@@ -79,6 +83,7 @@ def evaluate(
     tasks: str = typer.Option("", help="Comma-separated zero-shot tasks (piqa, arc_easy, boolq): report their "
                                        "acc and acc_norm instead of perplexity."),
     limit: int | None = typer.Option(None, help="With --tasks: only the first N examples of each."),
+    data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
@@ -87,6 +92,7 @@ def evaluate(
 
 
     def job():
+        use_data_dir(data)
         names = tuple(tasks.split(",")) if tasks else ()  # blanks reach the API, which names the problem
         return evaluate(EvalConfig(model=model, windows=parse_windows(windows), seq_len=seq_len,
                                              tasks=names, limit=limit))

@@ -77,6 +77,8 @@ JSON_OPTION = typer.Option(False, "--json", help="Print one JSON object on stdou
 VERBOSE_OPTION = typer.Option(False, "-v", "--verbose", help="Log progress to stderr.")
 FORCE_OPTION = typer.Option(False, "--force", help="Replace the output folder if it exists.")
 OUT_OPTION = typer.Option(..., help="Output folder (must not exist unless --force).")
+DATA_OPTION = typer.Option(None, "--data", help="Data folder holding wikitext-2-raw/ and tasks/ (default: "
+                           "$LOWBIT_DATA, then ../shared/data, then the Hugging Face datasets cache).")
 MODEL_HELP = "Built-in name (smollm2-135m), Hugging Face model folder, .gguf file or lowbit checkpoint."
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import typer
 
+from ..data import use_data_dir
 from ..protocol import EVAL_WINDOWS
 from .common import (
+    DATA_OPTION,
     FORCE_OPTION,
     JSON_OPTION,
     OUT_OPTION,
@@ -45,7 +47,7 @@ def finetune(
     precision: str = typer.Option("auto", help="Matmul precision: auto (bf16 where the CPU/GPU has native bf16), "
                                              "bf16 or fp32. Weights and optimizer state stay fp32."),
     data: Path = typer.Option(None, help="Training text file or .jsonl with prompt/response (default: WikiText-2 "
-                                         "valid)."),
+                                         "valid), or a data folder to take WikiText-2 valid from."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.trainer/."),
     checkpoint_every: int = typer.Option(25, help="Steps between resumable training-state saves."),
     windows: str = typer.Option("0", help=SKIP_HELP),
@@ -60,13 +62,16 @@ def finetune(
     from ..api import FinetuneConfig, finetune
     from ..train import TrainConfig
     def job():
+        if data is not None and data.is_dir():  # a data folder (WikiText-2 valid from it), not a training file
+            use_data_dir(data)
         train = TrainConfig(steps=steps, batch=batch, grad_accum=grad_accum, lr=lr, seed=seed,
                             checkpoint_every=checkpoint_every, precision=precision)
         config = FinetuneConfig(
             model=model, out=out, adapter=adapter, rank=rank, alpha=alpha,
             targets=tuple(t.strip() for t in targets.split(",") if t.strip()), lorma_variant=lorma_variant,
             lorma_mode=lorma_mode, train_outliers=train_outliers, recipe=recipe, train=train, seq_len=seq_len,
-            data=data, resume=resume, windows=parse_windows(windows), force=force)
+            data=None if data is not None and data.is_dir() else data, resume=resume,
+            windows=parse_windows(windows), force=force)
         return finetune(config)
 
     result = run_job(verbose, job)
@@ -82,14 +87,19 @@ def merge(
     windows: str = typer.Option("0", help="WikiText-2 test windows to evaluate before and after: N, all, or 0 "
                                           "(skip)."),
     force: bool = FORCE_OPTION,
+    data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
     """Merge adapters into the dequantized base: a float transformers model, or (--requantize) a packed one."""
     from ..api import MergeConfig, merge
 
-    result = run_job(verbose, lambda: merge(MergeConfig(
-        model=model, out=out, requantize=requantize, windows=parse_windows(windows), force=force)))
+    def job():
+        use_data_dir(data)
+        return merge(MergeConfig(model=model, out=out, requantize=requantize, windows=parse_windows(windows),
+                                 force=force))
+
+    result = run_job(verbose, job)
     emit(result.to_dict(), as_json, f"lowbit merge: {model}")
 
 
@@ -102,15 +112,19 @@ def compensate(
     windows: str = typer.Option(str(EVAL_WINDOWS), help=SKIP_HELP),
     max_steps: int = typer.Option(0, help="RILQ: optimizer steps (0 = the default)."),
     force: bool = FORCE_OPTION,
+    data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
     """Win back 2-bit quality with adapters: RILQ trains them against the float model, LoftQ fits the residual."""
     from ..api import CompensateConfig, compensate
 
-    result = run_job(verbose, lambda: compensate(CompensateConfig(
-        model=model, out=out, method=method, rank=rank, max_steps=max_steps, windows=parse_windows(windows),
-        force=force)))
+    def job():
+        use_data_dir(data)
+        return compensate(CompensateConfig(model=model, out=out, method=method, rank=rank, max_steps=max_steps,
+                                           windows=parse_windows(windows), force=force))
+
+    result = run_job(verbose, job)
     emit(result.to_dict(), as_json, f"lowbit compensate: {model}")
 
 

@@ -1,8 +1,8 @@
 """Zero-shot multiple-choice evaluation (PIQA, ARC-Easy, BoolQ), the protocol of lm-evaluation-harness.
 
 Each example is a context and two or more answers; the model scores each answer as a continuation of the
-context and the answer with the highest score is its pick. Only local files are read: ``data_dir() / "tasks"``
-(``../shared/data/tasks`` or ``$LOWBIT_DATA/tasks``).
+context and the answer with the highest score is its pick. The sets are found as :mod:`lowbit.data` says:
+``--data``/``$LOWBIT_DATA``/``../shared/data`` ``tasks/`` files, else the Hugging Face datasets cache.
 
 Prompts (lm-eval's, zero-shot, answers joined to the context by one space, its ``target_delimiter``):
 
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data import DATA_ENV, data_dir
+from ..data import SETS, hub_rows, local_path
 from ..errors import LowbitError
 from ..fileio import read_text
 
@@ -64,12 +64,28 @@ class Example:
 
 # ---- data -------------------------------------------------------------------------------------------------
 
-def task_file(relative: str) -> Path:
-    """``data_dir() / "tasks" / relative``, or a LowbitError naming the missing file and ``$LOWBIT_DATA``."""
-    path = data_dir() / "tasks" / relative
-    if not path.is_file():
-        raise LowbitError(f"{path} is missing; set {DATA_ENV} to a data folder holding tasks/{relative}")
-    return path
+def task_rows(key: str) -> tuple[str, list[dict]]:
+    """``(where, rows)`` of task ``key``: its JSONL file in the data folder (PIQA's labels file merged in as
+    ``label``), or its rows from the Hugging Face datasets cache (BoolQ's 0/1 labels as booleans, as in the file)."""
+    path = local_path(key)
+    if path is None:
+        rows = [dict(r) for r in hub_rows(key)]
+        if key == "boolq":
+            rows = [{**r, "label": bool(r["label"])} if r.get("label") in (0, 1) else r for r in rows]
+        return SETS[key].repo, rows
+    rows = _jsonl(path)
+    if key == "piqa":
+        labels_path = path.with_name("valid-labels.lst")
+        if not labels_path.is_file():
+            raise LowbitError(f"{labels_path} is missing; restore the PIQA labels beside {path.name}")
+        labels = [line.strip() for line in read_text(labels_path, "task labels file").splitlines() if line.strip()]
+        if len(labels) != len(rows):
+            raise LowbitError(f"{labels_path} has {len(labels)} labels for the {len(rows)} rows of {path}")
+        for number, label in enumerate(labels, 1):
+            if label not in ("0", "1"):
+                raise LowbitError(f"{labels_path}:{number} is {label!r}, not 0 or 1")
+        rows = [{**row, "label": int(label)} for row, label in zip(rows, labels, strict=True)]
+    return str(path), rows
 
 
 def _jsonl(path: Path) -> list[dict]:
@@ -86,24 +102,20 @@ def _jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def _field(path: Path, number: int, row: dict, key: str):
+def _field(where: str, number: int, row: dict, key: str):
     if key not in row:
-        raise LowbitError(f"{path}:{number} has no {key!r} field")
+        raise LowbitError(f"{where}:{number} has no {key!r} field")
     return row[key]
 
 
 def load_piqa() -> list[Example]:
-    """PIQA validation: ``piqa/valid.jsonl`` ``{goal, sol1, sol2}`` and ``piqa/valid-labels.lst`` (0/1 per line)."""
-    path, labels_path = task_file("piqa/valid.jsonl"), task_file("piqa/valid-labels.lst")
-    rows = _jsonl(path)
-    labels = [line.strip() for line in read_text(labels_path, "task labels file").splitlines() if line.strip()]
-    if len(labels) != len(rows):
-        raise LowbitError(f"{labels_path} has {len(labels)} labels for the {len(rows)} rows of {path}")
+    """PIQA validation: ``{goal, sol1, sol2, label}`` (``piqa/valid.jsonl`` with ``valid-labels.lst``)."""
+    where, rows = task_rows("piqa")
     out = []
-    for number, (row, label) in enumerate(zip(rows, labels, strict=True), 1):
-        if label not in ("0", "1"):
-            raise LowbitError(f"{labels_path}:{number} is {label!r}, not 0 or 1")
-        goal, sol1, sol2 = (_field(path, number, row, k) for k in ("goal", "sol1", "sol2"))
+    for number, row in enumerate(rows, 1):
+        goal, sol1, sol2, label = (_field(where, number, row, k) for k in ("goal", "sol1", "sol2", "label"))
+        if label not in (0, 1):
+            raise LowbitError(f"{where}:{number}: label is {label!r}, not 0 or 1")
         out.append(Example(f"Question: {goal}\nAnswer:", [sol1, sol2], int(label)))
     return out
 
@@ -111,16 +123,16 @@ def load_piqa() -> list[Example]:
 def load_arc_easy() -> list[Example]:
     """ARC-Easy test: ``arc_easy/ARC-Easy-test.jsonl`` ``{id, question, choices: {text, label}, answerKey}``;
     gold = position of ``answerKey`` among the labels (``A``-``E`` or ``1``-``5``)."""
-    path = task_file("arc_easy/ARC-Easy-test.jsonl")
+    where, rows = task_rows("arc_easy")
     out = []
-    for number, row in enumerate(_jsonl(path), 1):
-        choices = _field(path, number, row, "choices")
+    for number, row in enumerate(rows, 1):
+        choices = _field(where, number, row, "choices")
         texts, labels = choices.get("text", []), choices.get("label", [])
-        key = _field(path, number, row, "answerKey")
+        key = _field(where, number, row, "answerKey")
         if len(texts) != len(labels) or len(texts) < 2 or key not in labels:
-            raise LowbitError(f"{path}:{number}: answerKey {key!r} is not one of the labels {labels} "
+            raise LowbitError(f"{where}:{number}: answerKey {key!r} is not one of the labels {labels} "
                               f"(or the {len(texts)} texts do not match them)")
-        out.append(Example(f"Question: {_field(path, number, row, 'question')}\nAnswer:", list(texts),
+        out.append(Example(f"Question: {_field(where, number, row, 'question')}\nAnswer:", list(texts),
                            labels.index(key)))
     return out
 
@@ -129,13 +141,14 @@ def load_boolq() -> list[Example]:
     """BoolQ dev (SuperGLUE ``val.jsonl``): ``{question, passage, idx, label: bool}``; answers ``no``/``yes``,
     gold = 1 (yes) when ``label`` is true. lm-eval reports only ``acc`` for BoolQ; ``acc_norm`` is computed here
     by the same character-length rule as the other tasks."""
-    path = task_file("boolq/val.jsonl")
+    where, rows = task_rows("boolq")
     out = []
-    for number, row in enumerate(_jsonl(path), 1):
-        label = _field(path, number, row, "label")
+    for number, row in enumerate(rows, 1):
+        label = _field(where, number, row, "label")
         if not isinstance(label, bool):
-            raise LowbitError(f"{path}:{number}: label must be a JSON boolean, got {label!r}")
-        context = f"{_field(path, number, row, 'passage')}\nQuestion: {_field(path, number, row, 'question')}?\nAnswer:"
+            raise LowbitError(f"{where}:{number}: label must be a JSON boolean, got {label!r}")
+        passage, question = _field(where, number, row, "passage"), _field(where, number, row, "question")
+        context = f"{passage}\nQuestion: {question}?\nAnswer:"
         out.append(Example(context, ["no", "yes"], int(label)))
     return out
 
