@@ -6,9 +6,9 @@ then save -> ``lowbit.load`` -> ``AutoModelForCausalLM.from_pretrained`` -> gene
     python benchmarks/families.py [--out families.md]
 
 Each cell: ``✓ e`` (relative logit error against the float model e, both loaders bit-identical to the quantized
-model in memory), ``refused: ...`` (lowbit's one-line reason) or ``FAIL: ...`` (anything else). A family whose
-fused MoE expert tensors stay in float is marked. This is the reconnaissance for the coverage matrix of issue 20,
-not the CI test itself.
+model in memory), ``refused: ...`` (lowbit's one-line reason) or ``FAIL: ...`` (anything else). A family with
+fused MoE expert tensors (before lowbit unfuses them) shows their share of the weights. The CI
+test, on smaller configs, is tests/test_families.py, which writes the README's matrix.
 """
 
 from __future__ import annotations
@@ -25,40 +25,16 @@ import torch
 import transformers as tf
 
 import lowbit
-from lowbit import Recipe
 from lowbit.errors import LowbitError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import ByteTokenizer  # noqa: E402
+from conftest import FAMILIES, ByteTokenizer, tiny_model  # noqa: E402
 from test_composition import STEPS  # noqa: E402
+from test_families import recipe_for  # noqa: E402
 
 BASE = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
-FAMILIES = {
-    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
-    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": 64}),
-    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {}),
-    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 16}),
-    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"head_dim": 16}),
-    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {"head_dim": 16}),
-    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 1}),
-    "olmo2": (tf.Olmo2Config, tf.Olmo2ForCausalLM, {}),
-    "qwen3_moe": (tf.Qwen3MoeConfig, tf.Qwen3MoeForCausalLM,
-                  {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}),
-    "mixtral": (tf.MixtralConfig, tf.MixtralForCausalLM, {"num_local_experts": 4, "num_experts_per_tok": 2}),
-}
-
-
-def recipe_for(step: str) -> Recipe:
-    cfg = STEPS[step]
-    if step in ("rotate", "quad"):
-        steps = [cfg, STEPS["rtn"]]
-    elif step in ("embeddings", "act", "rilq"):
-        steps = [STEPS["rtn"], cfg]
-    else:
-        steps = [cfg]
-    return Recipe(steps, name=step)
 
 
 def cell(model: torch.nn.Module, step: str, ids: torch.Tensor, ref: torch.Tensor) -> str:
@@ -93,11 +69,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     tf.logging.set_verbosity_error()
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    lines = ["| family | fused experts in float | " + " | ".join(STEPS) + " |", "|---" * (len(STEPS) + 2) + "|"]
+    lines = ["| family | fused expert weights | " + " | ".join(STEPS) + " |", "|---" * (len(STEPS) + 2) + "|"]
     for family in args.families:
-        config_cls, model_cls, extra = FAMILIES[family]
-        torch.manual_seed(0)
-        model = model_cls(config_cls(**{**BASE, **extra})).eval()
+        model = tiny_model(family, **BASE)
         with torch.no_grad():
             ref = model(ids).logits
         experts = sum(p.numel() for p in model.parameters() if p.dim() == 3)

@@ -116,10 +116,15 @@ def supported() -> str:
 def architecture(model: nn.Module) -> Architecture:
     """The table entry of ``model`` (by ``config.model_type``), or a clear error naming the supported families."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return by_model_type(model_type or type(model).__name__)
+
+
+def by_model_type(model_type: str) -> Architecture:
+    """The table entry of a ``config.model_type``, or the error naming the supported families."""
     arch = BY_MODEL_TYPE.get(model_type)
     if arch is None:
-        raise LowbitError(f"architecture {model_type or type(model).__name__!r} is not supported; lowbit supports "
-                          f"{supported()} (ask for yours with a config.json attached)")
+        raise LowbitError(f"architecture {model_type!r} is not supported; lowbit supports {supported()} (ask for "
+                          "yours with its config.json attached)")
     return arch
 
 

@@ -68,6 +68,8 @@ def cases(t: Path, hf: Path, ck: Path) -> dict[str, tuple[list, str]]:
         "config not json": (q + [_write(_hf(t, hf, "h1") / "config.json", "{x").parent, "--out", out],
                             "not valid JSON"),
         "unknown model type": (q + [_hf(t, hf, "h2", edit={"model_type": "nosuch"}), "--out", out], "nosuch"),
+        "unsupported family": (q + [_hf(t, hf, "h8", edit={"model_type": "gpt2"}), "--out", out],
+                               "architecture 'gpt2' is not supported; lowbit supports llama, mistral, qwen2"),
         "config wrong type": (q + [_hf(t, hf, "h3", edit={"hidden_size": "big"}), "--out", out], "hidden_size"),
         "config shapes": (q + [_hf(t, hf, "h4", edit={"hidden_size": 96}), "--out", out, "--windows", "0"],
                           "cannot be loaded"),

@@ -12,7 +12,8 @@ import lowbit
 from lowbit.adapters import LoRAConfig, attach, parameters
 from lowbit.api import info
 from lowbit.architectures import expert_lists, fuse_experts, unfuse_experts
-from lowbit.export import merged_float_model
+from lowbit.errors import LowbitError
+from lowbit.export import export_peft, merged_float_model
 from lowbit.nn.experts import ExpertList
 from lowbit.nn.qlinear import QLinear
 from lowbit.quantizers import GPTQConfig, RTNConfig
@@ -114,3 +115,5 @@ def test_adapters_and_a_float_export_understand_the_expert_layout(tmp_path):
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "float")
     torch.testing.assert_close(logits(reloaded, IDS), out, rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, ExpertList) for m in reloaded.modules())
+    with pytest.raises(LowbitError, match=r"experts\.0\.gate_up_proj is an MoE expert: PEFT.*--format native"):
+        export_peft(model, tmp_path / "peft")

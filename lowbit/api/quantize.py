@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..architectures import by_model_type
 from ..data import check_data
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
@@ -75,7 +77,9 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     """Run the job; every bad input fails with a :class:`LowbitError` before the model loads."""
     check_windows(config.windows)
     recipe = recipe_with_overrides(config.recipe, config.overrides)
-    check_source(config.model)
+    kind, path = check_source(config.model)
+    if kind == "hf":  # an unsupported family is refused before it loads
+        by_model_type(json.loads((path / "config.json").read_text(encoding="utf-8"))["model_type"])
     check_out(config.out, config.force, config.model, size_ratio=0.25)
     calib = config.calibration.build(tokenizer=None)  # reads --calib-file now: a bad file fails before loading
     needs_text = any(get("step", s.step).needs_calibration for s in recipe.steps) and calib.text is None \
