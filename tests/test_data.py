@@ -123,3 +123,11 @@ def test_cli_data_option_names_the_folder(nowhere, no_loading, tmp_path):  # noq
     assert "is not a folder" in line
     assert no_loading == []
     shutil.rmtree(tmp_path / "d")
+
+
+def test_finetune_data_may_be_a_folder_to_take_wikitext_valid_from(nowhere, no_loading, ckpt, tmp_path):  # noqa: F811
+    (tmp_path / "d" / "wikitext-2-raw").mkdir(parents=True)
+    line = one_error_line(invoke("finetune", ckpt, "--out", tmp_path / "ft", "--data", tmp_path / "d", "--steps", "1",
+                                 "--json"))
+    assert str(tmp_path / "d" / "wikitext-2-raw" / "wiki.valid.raw") in line and "does not exist" in line, line
+    assert no_loading == []

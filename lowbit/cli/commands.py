@@ -9,7 +9,6 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ..data import use_data_dir
 from ..models import DEFAULT_MODEL
 from ..presets import DEFAULT_PRESET
 from ..protocol import CALIB_SEQ_LEN, CALIB_WINDOWS, EVAL_SEQ_LEN, EVAL_WINDOWS
@@ -61,7 +60,6 @@ def quantize(
 
 
     def job():
-        use_data_dir(data)
         config = QuantizeConfig(
             out=out, model=model_source(model, model_option, DEFAULT_MODEL), recipe=recipe, force=force,
             windows=0 if no_eval else parse_windows(windows),
@@ -71,7 +69,7 @@ def quantize(
                                               self_generated=calib_self))
         return quantize(config)
 
-    result = run_job(verbose, job)
+    result = run_job(verbose, job, data)
     emit(result.to_dict(), as_json, f"lowbit quantize: {result.recipe}")
 
 
@@ -92,12 +90,11 @@ def evaluate(
 
 
     def job():
-        use_data_dir(data)
         names = tuple(tasks.split(",")) if tasks else ()  # blanks reach the API, which names the problem
         return evaluate(EvalConfig(model=model, windows=parse_windows(windows), seq_len=seq_len,
                                              tasks=names, limit=limit))
 
-    result = run_job(verbose, job)
+    result = run_job(verbose, job, data)
     if result.tasks is None or as_json:
         emit(result.to_dict(), as_json, f"lowbit eval: {model}")
         return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -114,11 +115,14 @@ def one_line_errors():
         fail(os_error_line(e))
 
 
-def run_job(verbose: bool, job):
-    """What every command does around its API call: set up logging, then ``job()`` with every
-    :class:`LowbitError` as one line on stderr and exit status 2. Returns the job's result."""
+def run_job(verbose: bool, job, data: Path | None = None):
+    """What every command does around its API call: set up logging, use the ``--data`` folder (if given), then
+    ``job()`` with every :class:`LowbitError` as one line on stderr and exit status 2. Returns the job's result."""
+    from ..data import use_data_dir
+
     setup_logging(verbose)
     with one_line_errors():
+        use_data_dir(data)
         return job()
 
 

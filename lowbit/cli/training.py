@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 
-from ..data import use_data_dir
 from ..protocol import EVAL_WINDOWS
 from .common import (
     DATA_OPTION,
@@ -61,20 +60,20 @@ def finetune(
     The resumable training state lives in OUT.trainer/ (beside OUT) until the checkpoint is saved."""
     from ..api import FinetuneConfig, finetune
     from ..train import TrainConfig
+    folder = data if data is not None and data.is_dir() else None  # a data folder, not a training file
+
     def job():
-        if data is not None and data.is_dir():  # a data folder (WikiText-2 valid from it), not a training file
-            use_data_dir(data)
         train = TrainConfig(steps=steps, batch=batch, grad_accum=grad_accum, lr=lr, seed=seed,
                             checkpoint_every=checkpoint_every, precision=precision)
         config = FinetuneConfig(
             model=model, out=out, adapter=adapter, rank=rank, alpha=alpha,
             targets=tuple(t.strip() for t in targets.split(",") if t.strip()), lorma_variant=lorma_variant,
             lorma_mode=lorma_mode, train_outliers=train_outliers, recipe=recipe, train=train, seq_len=seq_len,
-            data=None if data is not None and data.is_dir() else data, resume=resume,
+            data=None if folder is not None else data, resume=resume,
             windows=parse_windows(windows), force=force)
         return finetune(config)
 
-    result = run_job(verbose, job)
+    result = run_job(verbose, job, folder)
     emit(result.to_dict(), as_json, f"lowbit finetune: {model}")
 
 
@@ -94,12 +93,8 @@ def merge(
     """Merge adapters into the dequantized base: a float transformers model, or (--requantize) a packed one."""
     from ..api import MergeConfig, merge
 
-    def job():
-        use_data_dir(data)
-        return merge(MergeConfig(model=model, out=out, requantize=requantize, windows=parse_windows(windows),
-                                 force=force))
-
-    result = run_job(verbose, job)
+    result = run_job(verbose, lambda: merge(MergeConfig(
+        model=model, out=out, requantize=requantize, windows=parse_windows(windows), force=force)), data)
     emit(result.to_dict(), as_json, f"lowbit merge: {model}")
 
 
@@ -119,12 +114,9 @@ def compensate(
     """Win back 2-bit quality with adapters: RILQ trains them against the float model, LoftQ fits the residual."""
     from ..api import CompensateConfig, compensate
 
-    def job():
-        use_data_dir(data)
-        return compensate(CompensateConfig(model=model, out=out, method=method, rank=rank, max_steps=max_steps,
-                                           windows=parse_windows(windows), force=force))
-
-    result = run_job(verbose, job)
+    result = run_job(verbose, lambda: compensate(CompensateConfig(
+        model=model, out=out, method=method, rank=rank, max_steps=max_steps, windows=parse_windows(windows),
+        force=force)), data)
     emit(result.to_dict(), as_json, f"lowbit compensate: {model}")
 
 
