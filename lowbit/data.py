@@ -129,7 +129,8 @@ def hub_rows(key: str) -> tuple[dict, ...]:
     except ImportError as e:
         raise missing(key, "and the datasets package is not installed") from e
     s = SETS[key]
-    attempts = [_offline] if datasets.config.HF_HUB_OFFLINE else [_offline, contextlib.nullcontext]
+    online = not datasets.config.HF_HUB_OFFLINE and _hub_reachable()
+    attempts = [_offline, contextlib.nullcontext] if online else [_offline]
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
     for attempt in attempts:
@@ -143,7 +144,23 @@ def hub_rows(key: str) -> tuple[dict, ...]:
             log.debug("%s not loaded by datasets (%s)", s.name, e)
         finally:
             hub_log.setLevel(level)
-    raise missing(key)
+    raise missing(key, "" if online or datasets.config.HF_HUB_OFFLINE else "the Hugging Face Hub is not reachable")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host (``HF_ENDPOINT``) accepts a connection: without a network, ``datasets`` would spend
+    half a minute retrying before the same error."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hub
+
+    url = urlparse(hub.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
 
 
 def check_data(keys: list[str]) -> None:
