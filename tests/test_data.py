@@ -131,3 +131,13 @@ def test_finetune_data_may_be_a_folder_to_take_wikitext_valid_from(nowhere, no_l
                                  "--json"))
     assert str(tmp_path / "d" / "wikitext-2-raw" / "wiki.valid.raw") in line and "does not exist" in line, line
     assert no_loading == []
+
+
+def test_an_unreachable_hub_is_not_waited_for(nowhere, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(data_mod, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
+    with pytest.raises(LowbitError, match=r"WikiText-2 valid data not found \(the Hugging Face Hub is not reachable\)"):
+        data_mod.wikitext2_rows("valid")

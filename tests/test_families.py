@@ -119,3 +119,31 @@ def test_an_unsupported_architecture_names_the_supported_families():
     model = tf.GPT2LMHeadModel(config).eval()
     with pytest.raises(LowbitError, match=r"architecture 'gpt2' is not supported; lowbit supports llama, mistral"):
         lowbit.quantize(copy.deepcopy(model), "rtn-w4g64")
+
+
+FAMILY_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
+                "gate_up_proj", "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm", "self_attn", "embed_tokens", "lm_head"}
+
+
+def test_no_module_but_the_table_names_a_family_module():
+    """String literals naming a family's modules live in lowbit/architectures.py (and the unfused experts' own
+    names in lowbit/nn/experts.py); docstrings and comments may mention them."""
+    import ast
+
+    package = Path(lowbit.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path.relative_to(package).as_posix() in ("architectures.py", "nn/experts.py"):
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)
+                      and isinstance(node.body[0].value, ast.Constant)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                words = set(re.findall(r"[a-z_]+", node.value))
+                if words & FAMILY_NAMES:
+                    found.append(f"{path.relative_to(package)}:{node.lineno}: {node.value[:60]!r}")
+    assert not found, "\n".join(found)
