@@ -68,12 +68,9 @@ class Architecture:
     notes: dict[str, str] = field(default_factory=dict)
 
     def refusal(self, step: str) -> str | None:
-        """Why ``step`` cannot run exactly on this family (None: it can)."""
-        if step == "rotate" and self.post_norms:
-            return (f"{self.family}'s post-norms ({', '.join(self.post_norms)}) scale each sub-layer's output "
-                    "elementwise before it joins the residual stream; in a rotated stream that gain cannot be "
-                    "folded into any Linear")
-        return None
+        """Why ``step`` cannot run exactly on this family (None: it can). Every family of the table takes every
+        step today; a family whose layout a step cannot handle says so here, and the step refuses with it."""
+        return self.notes.get(f"refuse:{step}")
 
     def check(self, step: str) -> None:
         """Raise the one-line refusal naming the family, the step and the reason."""
@@ -189,6 +186,8 @@ class BlockParts:
     mlp_norm: nn.Module | None
     readers: list[tuple[nn.Module, str, nn.Module | None]]  # (parent, attribute, norm in front of it)
     writers: list[tuple[nn.Module, str]]
+    post_norms: list[tuple[nn.Module, str]]  # norms between a writer and the residual stream (Gemma 2, OLMo 2)
+    inputs: list[nn.Module]  # one reader per sub-layer (attention, MLP): its input is what the sub-layer reads
 
 
 def block_parts(model: nn.Module, block: nn.Module) -> BlockParts:
@@ -211,12 +210,15 @@ def block_parts(model: nn.Module, block: nn.Module) -> BlockParts:
         else:
             readers += [(mlp, n, mlp_norm) for n in arch.mlp_readers]
             writers.append((mlp, arch.mlp_writer))
-        for parent, name, *_ in readers + writers:
+        post_norms = [(block, n) for n in arch.post_norms]
+        for parent, name, *_ in readers + writers + post_norms:
             getattr(parent, name)
+        inputs = [getattr(attn, arch.attn_readers[0]),
+                  getattr(mlp, arch.moe.router) if arch.moe is not None else getattr(mlp, arch.mlp_readers[0])]
     except AttributeError as e:
         raise LowbitError(f"{type(model).__name__} does not have the {arch.family} layout lowbit's table expects "
                           f"({e}); this transformers version changed it") from e
-    return BlockParts(attn_norm, mlp_norm, readers, writers)
+    return BlockParts(attn_norm, mlp_norm, readers, writers, post_norms, inputs)
 
 
 def final_norm(model: nn.Module) -> nn.Module:

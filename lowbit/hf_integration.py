@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .adapters import attach_from_manifest
-from .architectures import unfuse_experts
+from .architectures import architecture, unfuse_experts
 from .errors import CheckpointError
 from .io import crafted_entries, packed_module
 from .manifest import FORMAT_VERSION, MANIFEST, hashes_by_default, manifest_recipe, read_manifest, verify_files
@@ -137,10 +137,12 @@ else:
             bare = bool(prefix) and not _has_module(model, prefix)
             if manifest.get("experts"):  # saved with one Linear per expert
                 unfuse_experts(model)
-            if (manifest.get("rotation") or {}).get("outliers"):  # QUAD: a d + r wide residual stream
-                if bare:
-                    raise CheckpointError(f"{folder} is a QUAD checkpoint (widened residual stream): load it with "
-                                          "AutoModelForCausalLM or lowbit.load, not as a bare base model")
+            rotation = manifest.get("rotation") or {}
+            if rotation.get("outliers") or (rotation and architecture(model).post_norms):
+                if bare:  # QUAD's d + r wide residual stream, or post-norms rotating into the stream
+                    raise CheckpointError(f"{folder} holds a rotated residual stream (QUAD's widened one or rotated "
+                                          "post-norms): load it with AutoModelForCausalLM or lowbit.load, not as a "
+                                          "bare base model")
                 from .transforms.rotate import widen_skeleton
 
                 widen_skeleton(model, manifest["rotation"]["outliers"])

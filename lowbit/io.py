@@ -220,7 +220,7 @@ def build_skeleton(path: Path, manifest: dict) -> nn.Module:
     with crafted_entries(path):
         if manifest.get("experts"):  # saved with one Linear per expert
             unfuse_experts(model)
-        if rotation.get("outliers"):  # QUAD: a d + r wide residual stream whose norms divide by d
+        if rotation:  # QUAD's d + r wide residual stream whose norms divide by d; rotated post-norms
             from .transforms.rotate import widen_skeleton
 
             with init_empty_weights(include_buffers=False):

@@ -244,6 +244,7 @@ def source_float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if hasattr(module, "packed_names"):
             skip.update(prefix + n for n in module.packed_names)
             skip.update(prefix + n for n in ("channel_scale", "group_scale", "outlier"))
+        skip.update(prefix + n for n in getattr(module, "exact_buffers", ()))  # e.g. a rotation matrix
     return {n: t for n, t in model.state_dict(keep_vars=True).items()
             if t.is_floating_point() and n not in skip and ".adapters." not in n}
 

@@ -47,26 +47,48 @@ def residual_norms(model: nn.Module, d: int) -> None:
     setattr(model.get_decoder(), architecture(model).final_norm, ResidualNorm(d, eps))
 
 
+class RotatedPostNorm(nn.Module):
+    """A post-norm (Gemma 2/3, OLMo 2: a norm between a sub-layer's output and the residual stream) whose output
+    joins a rotated residual stream: ``norm(x) @ M``, ``(..., d) -> (..., d + r)``. Its gain acts elementwise in
+    the original basis, so it cannot be folded into a Linear; ``rotation`` ``M (d, d + r)`` fp32 is the one matrix
+    of the whole stream, shared by every post-norm (stored once), and kept in fp32 when the checkpoint narrows
+    the float tensors (``exact_buffers``)."""
+
+    exact_buffers = ("rotation",)
+
+    def __init__(self, norm: nn.Module, rotation: torch.Tensor):
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("rotation", rotation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)
+        return (y.to(self.rotation.dtype) @ self.rotation).to(y.dtype)
+
+
 @torch.no_grad()
-def norm_gram(model: nn.Module, norms: list[nn.Module], windows: torch.Tensor) -> torch.Tensor:
-    """``G (d, d)`` fp64: the mean of ``xᵀx`` over every token of every output of ``norms`` (the gain-free
-    norms in front of the residual readers), the model run on ``windows (n, L)`` token ids."""
-    d = norms[0].weight.shape[0]
-    gram, count = torch.zeros(d, d, dtype=torch.float64), [0]
+def input_gram(model: nn.Module, inputs: list[nn.Module], windows: torch.Tensor) -> torch.Tensor:
+    """``G (d, d)`` fp64: the mean of ``xᵀx`` over every token of every input of ``inputs`` (one reader per
+    sub-layer: what the gain-free norm in front of it, or the raw stream, gives it), the model run on
+    ``windows (n, L)`` token ids."""
+    stats: dict = {}
 
-    def hook(module, args, out):
-        x = out.detach().reshape(-1, d).double()
-        gram.add_(x.T @ x)
-        count[0] += x.shape[0]
+    def hook(module, args):
+        x = args[0].detach()
+        x = x.reshape(-1, x.shape[-1]).double()
+        if "gram" not in stats:
+            stats["gram"], stats["count"] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0
+        stats["gram"].add_(x.T @ x)
+        stats["count"] += x.shape[0]
 
-    handles = [m.register_forward_hook(hook) for m in norms]
+    handles = [m.register_forward_pre_hook(hook) for m in inputs]
     try:
         for w in tqdm(windows, desc="quad svd", unit="window", leave=False):
             model.get_decoder()(input_ids=w[None])
     finally:
         for h in handles:
             h.remove()
-    return gram / count[0]
+    return stats["gram"] / stats["count"]
 
 
 def projection(gram: torch.Tensor, r: int) -> torch.Tensor:

@@ -5,7 +5,9 @@ The float model is changed in place and computes the same function (logits withi
 
 1. Untie the LM head; fold every RMSNorm gain ``γ`` (``offset + γ`` for Gemma's norms) into the Linears that read
    the norm's output (``W ← W diag(γ)``: q/k/v, gate/up or an MoE block's router and experts, and the head for
-   the final norm) and make the norm's gain 1. A family whose post-norms act on the residual stream is refused.
+   the final norm) and make the norm's gain 1. A post-norm (Gemma 2/3, OLMo 2: between a writer and the stream)
+   cannot be folded: the writer stays unrotated and the norm's output is rotated online (:class:`RotatedPostNorm`,
+   one ``(d, d + r)`` fp32 matrix for the model; a float matmul per sub-layer).
 2. ``M (d, d + r)``: QuaRot (``r = 0``) uses a randomized Hadamard ``H·D``; QUAD uses ``Q_P = [P | I - P Pᵀ]``
    with ``P (d, r)`` the top ``r`` eigenvectors of the Gram matrix ``G = E[xᵀx]`` of every norm output of every
    block on calibration windows (WikiText-2 valid), followed by ``block_diag(H_r, H_d)``. ``M Mᵀ = I_d``.
@@ -37,7 +39,7 @@ from ..nn.input_transform import InputSpec, TransformedLinear
 from ..quantizers.base import Step
 from ..registry import register
 from ..state import state_of
-from .quad import ResidualNorm, norm_gram, projection, residual_norms
+from .quad import ResidualNorm, RotatedPostNorm, input_gram, projection, residual_norms
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +72,19 @@ def widen_skeleton(model: nn.Module, outliers: int) -> None:
     tensors load into it."""
     emb, blocks, _, head = _layout(model)
     d = emb.weight.shape[1]
+    rotation = torch.empty(d, d + outliers)  # RotatedPostNorm's matrix, one for the model (filled by loading)
+    for b in blocks:
+        for parent, name in b.post_norms:
+            setattr(parent, name, RotatedPostNorm(getattr(parent, name), rotation))
+    if not outliers:
+        return
     _set_weight(emb, emb.weight.new_empty(emb.num_embeddings, d + outliers))
     _set_weight(head, head.weight.new_empty(head.weight.shape[0], d + outliers))
     for b in blocks:
         for parent, name, _ in b.readers:
             w = getattr(parent, name).weight
             _set_weight(getattr(parent, name), w.new_empty(w.shape[0], w.shape[1] + outliers))
-        for parent, name in b.writers:
+        for parent, name in [] if b.post_norms else b.writers:  # behind a post-norm a writer keeps width d
             lin = getattr(parent, name)
             setattr(parent, name, nn.Linear(lin.in_features, lin.out_features + outliers, bias=lin.bias is not None,
                                             device=lin.weight.device, dtype=lin.weight.dtype))
@@ -102,7 +110,8 @@ def _layout(model: nn.Module) -> tuple[nn.Embedding, list[BlockParts], nn.Module
                 raise LowbitError("rotation runs on the float model: put the rotate step first in the recipe")
         if not isinstance(b.attn_norm, ResidualNorm):  # checked before anything changes
             for n in (b.attn_norm, b.mlp_norm, norm):
-                _check_norm(n, arch.norm_offset)
+                if n is not None:
+                    _check_norm(n, arch.norm_offset)
     return model.get_input_embeddings(), out, norm, head
 
 
@@ -165,18 +174,20 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
     _untie_head(model, emb, head)
     for b in blocks:
         for block_norm in (b.attn_norm, b.mlp_norm):
-            _fold_gain(block_norm, [getattr(p, n) for p, n, front in b.readers if front is block_norm], offset)
+            if block_norm is not None:  # OLMo 2's readers read the stream itself
+                _fold_gain(block_norm, [getattr(p, n) for p, n, front in b.readers if front is block_norm], offset)
     _fold_gain(norm, [head], offset)
     if r:
         if windows is None:
             raise LowbitError("QUAD (outliers > 0) needs calibration windows for its activation SVD")
-        m = projection(norm_gram(model, [n for b in blocks for n in (b.attn_norm, b.mlp_norm)], windows), r)
+        m = projection(input_gram(model, [x for b in blocks for x in b.inputs], windows), r)
     else:
         m = torch.eye(d, dtype=torch.float64)
     m = m @ torch.block_diag(_rotation(r, config.rotation, config.seed + 1), _rotation(d, config.rotation,
                                                                                         config.seed))
     _set_weight(emb, emb.weight.detach().double() @ m)
     _set_weight(head, head.weight.detach().double() @ m)
+    post_rotation = m.to(torch.float32)  # shared by every post-norm
     for b in blocks:
         for parent, name, _ in b.readers:
             reader = getattr(parent, name)
@@ -185,14 +196,18 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
                 setattr(parent, name, TransformedLinear(reader, InputSpec(outliers=r)))
         for parent, name in b.writers:
             lin = getattr(parent, name)
-            w = m.T @ lin.weight.detach().double()
-            if lin.bias is not None:
-                lin.bias.data = (m.T @ lin.bias.detach().double()).to(lin.bias.dtype)
+            w = lin.weight.detach().double()
+            if not b.post_norms:  # else the post-norm's output is rotated (RotatedPostNorm), not the writer's
+                w = m.T @ w
+                if lin.bias is not None:
+                    lin.bias.data = (m.T @ lin.bias.detach().double()).to(lin.bias.dtype)
             if config.online:
                 w = w @ hadamard_matrix(lin.in_features)
             _set_weight(lin, w)
             if config.online:
                 setattr(parent, name, TransformedLinear(lin, InputSpec(hadamard=True)))
+        for parent, name in b.post_norms:
+            setattr(parent, name, RotatedPostNorm(getattr(parent, name), post_rotation))
     if r:  # config.hidden_size stays d (transformers checks it against the heads); the manifest records r
         residual_norms(model, d)
     state_of(model).rotation = {"outliers": r, "hidden_size": d, "rotation": config.rotation,

@@ -250,9 +250,33 @@ def test_norms_that_are_not_what_the_table_says_are_refused():
         rotate_model(m, RotateConfig())
 
 
-def test_post_norm_families_are_refused_naming_family_step_and_reason():
-    with pytest.raises(LowbitError, match=r"rotate step cannot run on gemma2: gemma2's post-norms .* cannot be folded"):
-        rotate_model(tiny_model("gemma2"), RotateConfig())
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "olmo2"])
+@pytest.mark.parametrize("outliers", [0, 8])
+def test_post_norm_families_rotate_exactly(arch, outliers):
+    """Their post-norms' gains act on the stream elementwise: the writers stay unrotated and each post-norm's output
+    is rotated online, so QuaRot and QUAD keep the function."""
+    from lowbit.transforms.quad import RotatedPostNorm
+
+    m = tiny_model(arch, hidden_size=96, intermediate_size=192, num_attention_heads=6, num_key_value_heads=2)
+    ids = torch.randint(0, 256, (1, 16))
+    ref = m(ids).logits
+    rotate_model(m, RotateConfig(outliers=outliers), windows=torch.randint(0, 256, (2, 16)))
+    posts = [x for x in m.modules() if isinstance(x, RotatedPostNorm)]
+    assert len(posts) == 2 * m.config.num_hidden_layers and len({p.rotation.data_ptr() for p in posts}) == 1
+    assert _rel(m(ids).logits, ref) < 1e-4
+
+
+def test_a_step_the_table_says_a_family_cannot_take_names_family_step_and_reason(monkeypatch):
+    import dataclasses
+
+    from lowbit import architectures
+
+    llama = architectures.BY_MODEL_TYPE["llama"]
+    monkeypatch.setitem(architectures.BY_MODEL_TYPE, "llama",
+                        dataclasses.replace(llama, notes={"refuse:rotate": "its norms are not what they seem"}))
+    with pytest.raises(LowbitError, match=r"^the rotate step cannot run on llama: its norms are not what they seem; "
+                                          r"drop it from the recipe$"):
+        rotate_model(tiny_model("llama"), RotateConfig())
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "gemma"])  # gemma: its (1 + γ) norms fold as well
