@@ -45,6 +45,11 @@ class Architecture:
         embed_scale: the input embeddings are multiplied by a constant (Gemma: ``√d``).
         qk_norm: RMSNorm on queries and keys after their projections; qkv_bias: biases on q/k/v.
         sliding_window: some or all layers attend to a window; moe: the expert layout, None for a dense MLP.
+        refusals: step -> why this family cannot take it (empty for every family today).
+
+    ``qk_norm``, ``qkv_bias`` and ``sliding_window`` change no step today (q/k norms and biases act after the
+    projections a rotation touches, the window inside attention); they are recorded so a step that needs them
+    reads them here.
     """
 
     family: str
@@ -65,12 +70,12 @@ class Architecture:
     qkv_bias: bool = False
     sliding_window: bool = False
     moe: MoELayout | None = None
-    notes: dict[str, str] = field(default_factory=dict)
+    refusals: dict[str, str] = field(default_factory=dict)  # step -> why this family cannot take it
 
     def refusal(self, step: str) -> str | None:
         """Why ``step`` cannot run exactly on this family (None: it can). Every family of the table takes every
         step today; a family whose layout a step cannot handle says so here, and the step refuses with it."""
-        return self.notes.get(f"refuse:{step}")
+        return self.refusals.get(step)
 
     def check(self, step: str) -> None:
         """Raise the one-line refusal naming the family, the step and the reason."""

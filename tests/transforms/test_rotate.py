@@ -273,7 +273,7 @@ def test_a_step_the_table_says_a_family_cannot_take_names_family_step_and_reason
 
     llama = architectures.BY_MODEL_TYPE["llama"]
     monkeypatch.setitem(architectures.BY_MODEL_TYPE, "llama",
-                        dataclasses.replace(llama, notes={"refuse:rotate": "its norms are not what they seem"}))
+                        dataclasses.replace(llama, refusals={"rotate": "its norms are not what they seem"}))
     with pytest.raises(LowbitError, match=r"^the rotate step cannot run on llama: its norms are not what they seem; "
                                           r"drop it from the recipe$"):
         rotate_model(tiny_model("llama"), RotateConfig())
