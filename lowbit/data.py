@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LowbitError
+from .hub import hub_reachable
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def hub_rows(key: str) -> tuple[dict, ...]:
     except ImportError as e:
         raise missing(key, "and the datasets package is not installed") from e
     s = SETS[key]
-    online = not datasets.config.HF_HUB_OFFLINE and _hub_reachable()
+    online = not datasets.config.HF_HUB_OFFLINE and hub_reachable()
     attempts = [_offline, contextlib.nullcontext] if online else [_offline]
     hub_log = logging.getLogger("huggingface_hub")
     level = hub_log.level
@@ -145,22 +146,6 @@ def hub_rows(key: str) -> tuple[dict, ...]:
         finally:
             hub_log.setLevel(level)
     raise missing(key, "" if online or datasets.config.HF_HUB_OFFLINE else "the Hugging Face Hub is not reachable")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hub's host (``HF_ENDPOINT``) accepts a connection: without a network, ``datasets`` would spend
-    half a minute retrying before the same error."""
-    import socket
-    from urllib.parse import urlparse
-
-    import huggingface_hub.constants as hub
-
-    url = urlparse(hub.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return True
-    except OSError:
-        return False
 
 
 def check_data(keys: list[str]) -> None:

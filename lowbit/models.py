@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import LowbitError
+from .hub import hub_snapshot, is_repo_id
 from .nn.gemv_linear import FLOAT_LINEARS
 from .nn.input_transform import TransformedLinear
 from .state import state_of
@@ -73,8 +74,11 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
     if path.exists():
         raise LowbitError(f"{path} is neither a .gguf file nor a folder with config.json (a Hugging Face model "
                           "folder or a lowbit checkpoint)")
-    raise LowbitError(f"unknown model {text!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}) and no such "
-                      "file or folder. Pass a built-in name, a local HF model folder, or a .gguf file.")
+    if is_repo_id(text):  # owner/name: its snapshot in the Hub cache, downloaded where the network allows
+        return "hf", hub_snapshot(text)
+    raise LowbitError(f"unknown model {text!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), no such "
+                      "file or folder, nor a Hub id (owner/name). Pass a built-in name, a Hub id, a local HF model "
+                      "folder, or a .gguf file.")
 
 
 @contextlib.contextmanager
@@ -147,15 +151,38 @@ def check_source(source: str | Path) -> tuple[str, Path]:
 
 
 def _check_safetensors(folder: Path) -> None:
+    """Every safetensors file's header readable; with a shard index, every shard it names present and holding
+    the tensors the index says it holds."""
+    import json
+
     from safetensors import safe_open
 
+    from .fileio import read_text
+
+    index, weight_map = folder / "model.safetensors.index.json", {}
+    if index.is_file():
+        try:
+            weight_map = json.loads(read_text(index, "shard index"))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise TypeError("weight_map is not an object of file names")
+        except (ValueError, KeyError, TypeError) as e:
+            raise LowbitError(f"{index} is not a shard index ({e}); copy it again") from e
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard:
+                raise LowbitError(f"{index} names shard {shard!r} outside {folder}; the index is damaged")
+            if not (folder / shard).is_file():
+                raise LowbitError(f"{index} names shard {shard}, which is missing from {folder}; copy it")
     for file in sorted(folder.glob("*.safetensors")):
         try:
             with safe_open(file, "pt") as f:
-                f.keys()
+                held = set(f.keys())
         except Exception as e:  # safetensors raises its own error types for damaged headers and truncation
             raise LowbitError(f"{file} is not a readable safetensors file ({_first_line(e)}); it is truncated or "
                               "damaged: copy it again") from e
+        absent = sorted(t for t, shard in weight_map.items() if shard == file.name and t not in held)
+        if absent:
+            raise LowbitError(f"{index} lists tensor {absent[0]} in {file.name}, which does not hold it "
+                              f"({len(absent)} such); the index and the shards do not match: copy them again")
 
 
 def _first_line(e: BaseException) -> str:

@@ -137,7 +137,7 @@ def test_an_unreachable_hub_is_not_waited_for(nowhere, monkeypatch):
     import datasets
 
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(data_mod, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(data_mod, "hub_reachable", lambda: False)
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(ConnectionError("offline")))
     with pytest.raises(LowbitError, match=r"WikiText-2 valid data not found \(the Hugging Face Hub is not reachable\)"):
         data_mod.wikitext2_rows("valid")

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("formats", ("formats", "qtensor", "qmixed")),
     ("kernels", ("kernels",)),
     ("nn", ("nn",)),
-    ("models", ("models", "architectures", "summary", "state")),
+    ("models", ("models", "architectures", "hub", "summary", "state")),
     ("data", ("data", "calibration", "adapters", "train", "eval")),
     ("steps", ("steps", "quantizers", "transforms", "compensate")),
     ("recipe", ("presets", "recipe")),

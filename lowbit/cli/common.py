@@ -80,7 +80,8 @@ FORCE_OPTION = typer.Option(False, "--force", help="Replace the output folder if
 OUT_OPTION = typer.Option(..., help="Output folder (must not exist unless --force).")
 DATA_OPTION = typer.Option(None, "--data", help="Data folder holding wikitext-2-raw/ and tasks/ (default: "
                            "$LOWBIT_DATA, then ../shared/data, then the Hugging Face datasets cache).")
-MODEL_HELP = "Built-in name (smollm2-135m), Hugging Face model folder, .gguf file or lowbit checkpoint."
+MODEL_HELP = "Built-in name (smollm2-135m), Hub id (owner/name), Hugging Face model folder, .gguf file or lowbit " \
+    "checkpoint."
 
 
 def parse_windows(text: str, flag: str = "--windows") -> int | None:
