@@ -5,18 +5,22 @@ Every step that needs more than "the Linears inside the decoder blocks" reads it
 activation quantization (the residual writers), the embeddings step (embedding scaling), calibration and the
 checkpoint loaders (the MoE expert layout). No other module names a family's modules.
 
-A family transformers ships but this table does not list is refused with the list of supported ones: a model
-whose structure lowbit has not checked never gets a silently different function.
+A family this table does not list still has its decoder Linears quantized by generic traversal (with a warning:
+untested); a step that reads the table (rotate, act: ``Step.needs_architecture``) refuses it with the list of
+supported families, so a model whose structure lowbit has not checked never gets a silently different function.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from .errors import LowbitError
 from .nn.experts import EXPERT_INPUT, EXPERT_OUTPUT, ExpertList, fused_tensors
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,20 @@ def by_model_type(model_type: str) -> Architecture:
         raise LowbitError(f"architecture {model_type!r} is not supported; lowbit supports {supported()} (ask for "
                           "yours with its config.json attached)")
     return arch
+
+
+def check_family(model_type: str, steps: list) -> Architecture | None:
+    """The table entry of ``model_type``; for a family outside the table, the error naming the supported families
+    when one of ``steps`` (recipe steps) reads the table, else None with a warning: steps that only quantize the
+    Linears inside the decoder blocks run on any family, by generic traversal."""
+    if model_type in BY_MODEL_TYPE:
+        return BY_MODEL_TYPE[model_type]
+    table_steps = [s.config.step for s in steps if getattr(s, "needs_architecture", False)]
+    if table_steps:
+        by_model_type(model_type)  # raises, naming the supported families
+    log.warning("architecture %r is not in lowbit's table (%s): its decoder Linears are quantized by generic "
+                "traversal, untested on this family; rotate and act steps refuse it", model_type, supported())
+    return None
 
 
 def moe_blocks(model: nn.Module) -> list[nn.Module]:

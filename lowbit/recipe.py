@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .architectures import architecture, expert_lists, unfuse_experts
+from .architectures import check_family, expert_lists, unfuse_experts
 from .config import StepConfig
 from .errors import LowbitError
 from .fileio import read_text
@@ -100,8 +100,9 @@ def apply_recipe(model, recipe: Recipe | str | Path, calib=None):
     recipe = Recipe.parse(recipe)
     start = time.perf_counter()
     steps = [get("step", config.step)(config) for config in recipe.steps]
-    architecture(model)  # an unsupported family is refused before any step changes it
-    if unfuse_experts(model):  # MoE: one Linear per expert, so every step packs, calibrates and adapts each one
+    model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    known = check_family(model_type, steps)  # refused before any step changes it, if a step needs the table
+    if known is not None and unfuse_experts(model):  # MoE: one Linear per expert: every step packs and adapts each
         log.info("%d experts held as Linears (the router stays float)", sum(map(len, expert_lists(model).values())))
     for step in steps:  # e.g. RILQ caches the float model's outputs before any step quantizes it
         step.prepare(model, calib)

@@ -114,11 +114,19 @@ def test_readme_shows_the_matrix_these_tests_found():
                                                     "with LOWBIT_WRITE_MATRIX=1 pytest tests/test_families.py")
 
 
-def test_an_unsupported_architecture_names_the_supported_families():
-    config = tf.GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=64)
-    model = tf.GPT2LMHeadModel(config).eval()
-    with pytest.raises(LowbitError, match=r"architecture 'gpt2' is not supported; lowbit supports llama, mistral"):
-        lowbit.quantize(copy.deepcopy(model), "rtn-w4g64")
+def test_a_family_outside_the_table_takes_weight_steps_and_refuses_table_steps(caplog):
+    """Quantizing the decoder's Linears needs no table (generic traversal, with a warning); rotate and act read it,
+    so they refuse a family outside it, naming the supported ones."""
+    config = tf.GraniteConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1)
+    model = tf.GraniteForCausalLM(config).eval()
+    with pytest.raises(LowbitError, match=r"architecture 'granite' is not supported; lowbit supports llama, mistral"):
+        lowbit.quantize(copy.deepcopy(model), "quarot-w4a4")
+    ref = logits(model)
+    lowbit.quantize(model, lowbit.Recipe([STEPS["gptq"]]), calib=lowbit.Calibration(
+        tokenizer=ByteTokenizer(), n=4, seq_len=32, text=TEXT))
+    assert "'granite' is not in lowbit's table" in caplog.text
+    assert float((logits(model) - ref).norm() / ref.norm()) <= FAMILY_STEP_REL_ERROR["gptq"]
 
 
 FAMILY_NAMES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",

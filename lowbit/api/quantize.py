@@ -78,8 +78,8 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     check_windows(config.windows)
     recipe = recipe_with_overrides(config.recipe, config.overrides)
     kind, path = check_source(config.model)
-    if kind == "hf":  # an unsupported family is refused before it loads
-        by_model_type(json.loads((path / "config.json").read_text(encoding="utf-8"))["model_type"])
+    if kind == "hf" and any(get("step", s.step).needs_architecture for s in recipe.steps):
+        by_model_type(json.loads((path / "config.json").read_text(encoding="utf-8"))["model_type"])  # before loading
     check_out(config.out, config.force, config.model, size_ratio=0.25)
     calib = config.calibration.build(tokenizer=None)  # reads --calib-file now: a bad file fails before loading
     needs_text = any(get("step", s.step).needs_calibration for s in recipe.steps) and calib.text is None \

@@ -55,6 +55,7 @@ def _layers(model: nn.Module, c: ActivationsConfig) -> list[tuple[str, nn.Module
 @register("step", "act")
 class Activations(Step):
     Config = ActivationsConfig
+    needs_architecture = True  # the residual writers (W4A4/A8) come from the table
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c = self.config

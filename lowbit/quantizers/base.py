@@ -119,6 +119,7 @@ class Step(ABC):
 
     Config: type[StepConfig]
     needs_calibration: bool = False  # True when apply() reads calibration windows
+    needs_architecture: bool = False  # True when apply() reads the architecture table (a family outside it: refused)
 
     def __init__(self, config: StepConfig):
         self.config = config

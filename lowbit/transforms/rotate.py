@@ -221,6 +221,7 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
 class Rotate(Step):
     Config = RotateConfig
     needs_calibration = True
+    needs_architecture = True
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c = self.config
