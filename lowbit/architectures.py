@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .errors import LowbitError
+from .models import decoder_blocks
 from .nn.experts import EXPERT_INPUT, EXPERT_OUTPUT, ExpertList, fused_tensors
 
 log = logging.getLogger(__name__)
@@ -140,20 +141,22 @@ def check_family(model_type: str, steps: list) -> Architecture | None:
     Linears inside the decoder blocks run on any family, by generic traversal."""
     if model_type in BY_MODEL_TYPE:
         return BY_MODEL_TYPE[model_type]
-    table_steps = [s.config.step for s in steps if getattr(s, "needs_architecture", False)]
-    if table_steps:
+    if any(getattr(s, "needs_architecture", False) for s in steps):
         by_model_type(model_type)  # raises, naming the supported families
     log.warning("architecture %r is not in lowbit's table (%s): its decoder Linears are quantized by generic "
                 "traversal, untested on this family; rotate and act steps refuse it", model_type, supported())
     return None
 
 
-def moe_blocks(model: nn.Module) -> list[nn.Module]:
-    """The MLP module of every decoder block of an MoE family (empty for a dense one)."""
-    from .models import decoder_blocks
+def known(model: nn.Module) -> Architecture | None:
+    """The table entry of ``model``, or None for a family outside the table."""
+    return BY_MODEL_TYPE.get(getattr(getattr(model, "config", None), "model_type", None))
 
-    arch = architecture(model)
-    if arch.moe is None:
+
+def moe_blocks(model: nn.Module) -> list[nn.Module]:
+    """The MLP module of every decoder block of an MoE family (empty for a dense one or one outside the table)."""
+    arch = known(model)
+    if arch is None or arch.moe is None:
         return []
     return [getattr(b, arch.mlp) for b in decoder_blocks(model)[1]]
 
@@ -161,8 +164,7 @@ def moe_blocks(model: nn.Module) -> list[nn.Module]:
 def unfuse_experts(model: nn.Module) -> int:
     """Replace every fused experts module by an :class:`ExpertList` holding the same weights (in place; a no-op
     for a dense family or experts already unfused). Returns the number of experts now held as Linears."""
-    arch = architecture(model)
-    count = 0
+    arch, count = known(model), 0
     for mlp in moe_blocks(model):
         fused = getattr(mlp, arch.moe.experts)
         if not isinstance(fused, ExpertList):
@@ -180,8 +182,8 @@ def unfuse_experts(model: nn.Module) -> int:
 def fuse_experts(model: nn.Module) -> None:
     """Undo :func:`unfuse_experts` on a float model (every expert an ``nn.Linear`` again): transformers' fused
     module with the stacked weights, so ``save_pretrained`` writes the layout transformers loads."""
-    arch = architecture(model)
-    for mlp in moe_blocks(model):
+    arch = known(model)
+    for mlp in moe_blocks(model):  # none unless the table knows the family as an MoE one
         experts = getattr(mlp, arch.moe.experts)
         if not isinstance(experts, ExpertList):
             continue

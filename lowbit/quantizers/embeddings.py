@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..architectures import architecture
+from ..architectures import known
 from ..errors import LowbitError
 from ..models import set_module
 from ..nn.gemv_linear import is_float_linear
@@ -42,7 +42,8 @@ class EmbeddingsConfig(GridConfig):
 def embedding_scale(model: nn.Module, embed: nn.Module) -> float:
     """The constant the input embeddings are multiplied by (the architecture table says whether there is one:
     Gemma's ``embed_scale``); anything but an ``nn.Embedding`` (scaled or not) is refused."""
-    scaled = architecture(model).embed_scale
+    arch = known(model)  # a family outside the table: a plain nn.Embedding is all this step accepts
+    scaled = arch is not None and arch.embed_scale
     if not isinstance(embed, nn.Embedding) or (type(embed) is not nn.Embedding and not scaled):
         raise LowbitError(f"the embeddings step needs an nn.Embedding input table, {type(model).__name__} has "
                           f"{type(embed).__name__}; drop the step from the recipe")
@@ -50,7 +51,7 @@ def embedding_scale(model: nn.Module, embed: nn.Module) -> float:
         return 1.0
     value = getattr(embed, "embed_scale", None)
     if value is None:
-        raise LowbitError(f"{architecture(model).family}'s embeddings should carry embed_scale and "
+        raise LowbitError(f"{arch.family}'s embeddings should carry embed_scale and "
                           f"{type(embed).__name__} does not; this transformers changed them")
     return float(torch.as_tensor(value).to(embed.weight.dtype))
 
