@@ -108,10 +108,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  qk_norm=True, sliding_window=True, **_GEMMA),
     Architecture("phi3", ("phi3",), sliding_window=True, **_PHI3),
     Architecture("olmo2", ("olmo2",), attn_norm=None, mlp_norm=None, post_norms=_SANDWICH, qk_norm=True),
-    Architecture("qwen3_moe", ("qwen3_moe",), qk_norm=True, sliding_window=True, moe=MoELayout(),
-                 mlp_readers=(), mlp_writer="down_proj"),
-    Architecture("mixtral", ("mixtral",), sliding_window=True, moe=MoELayout(), mlp_readers=(),
-                 mlp_writer="down_proj"),
+    Architecture("qwen3_moe", ("qwen3_moe",), qk_norm=True, sliding_window=True, moe=MoELayout(), mlp_readers=()),
+    Architecture("mixtral", ("mixtral",), sliding_window=True, moe=MoELayout(), mlp_readers=()),
 )
 BY_MODEL_TYPE = {t: a for a in ARCHITECTURES for t in a.model_types}
 
@@ -200,6 +198,12 @@ def fuse_experts(model: nn.Module) -> None:
 def expert_lists(model: nn.Module) -> dict[str, ExpertList]:
     """``{qualified name: ExpertList}`` of the unfused experts of the model."""
     return {n: m for n, m in model.named_modules() if isinstance(m, ExpertList)}
+
+
+def expert_layer_names(model: nn.Module, names) -> list[str]:
+    """Those of the layer ``names`` that lie inside an MoE expert (the experts are found once)."""
+    prefixes = tuple(f"{n}." for n in expert_lists(model))
+    return [n for n in names if prefixes and n.startswith(prefixes)]
 
 
 @dataclass

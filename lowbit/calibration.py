@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import expert_lists
+from .architectures import expert_layer_names
 from .data import wikitext2_rows
 from .errors import LowbitError
 from .fileio import read_text
@@ -324,7 +324,7 @@ def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str
     ``quantize_block(stats)`` (which replaces those Linears), then feed the quantized block's outputs on."""
     prefix, blocks = decoder_blocks(model)
     hidden, kwargs = block_inputs(model, windows)
-    routed = {n for n in layer_names if any(n.startswith(e + ".") for e in expert_lists(model))}
+    routed = set(expert_layer_names(model, layer_names))
     routed_tokens: dict[str, int] = {}
     for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
         here = f"{prefix}.{i}."

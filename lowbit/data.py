@@ -148,10 +148,11 @@ def hub_rows(key: str) -> tuple[dict, ...]:
     raise missing(key, "" if online or datasets.config.HF_HUB_OFFLINE else "the Hugging Face Hub is not reachable")
 
 
-def check_data(keys: list[str]) -> None:
-    """Raise the missing-data error of the first set in ``keys`` that is found nowhere (before a model loads)."""
-    for key in keys:
-        if local_path(key) is None:
+def check_data(test: bool = False, valid: bool = False) -> None:
+    """Before a model loads: raise the missing-data error of WikiText-2 ``test`` (evaluation) or ``valid``
+    (calibration, training) when the job needs it and it is found nowhere."""
+    for key, needed in (("wikitext-test", test), ("wikitext-valid", valid)):
+        if needed and local_path(key) is None:
             hub_rows(key)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapters import LoRA, adapted_layers, manifest_entry
-from .architectures import expert_lists, fuse_experts
+from .architectures import expert_layer_names, fuse_experts
 from .errors import LowbitError
 from .fileio import staged_folder
 from .models import set_module
@@ -154,7 +154,7 @@ def export_peft(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
     if len(configs) > 1:
         raise LowbitError("the LoRA layers have different configs; PEFT export needs one config")
     (config,) = configs
-    experts = [n for n in layers if any(n.startswith(e + ".") for e in expert_lists(model))]
+    experts = expert_layer_names(model, layers)
     if experts:
         raise LowbitError(f"{experts[0]} is an MoE expert: PEFT's LoRA layers cannot sit on the fused expert tensors "
                           "transformers loads the base with; export with --format native (factors + merged model) "

@@ -145,7 +145,7 @@ else:
                                           "bare base model")
                 from .transforms.rotate import widen_skeleton
 
-                widen_skeleton(model, manifest["rotation"]["outliers"])
+                widen_skeleton(model, rotation["outliers"])
             def target_of(name: str) -> str | None:
                 if not bare:
                     return name

@@ -47,11 +47,11 @@ from .manifest import (
 )
 from .models import (
     DEFAULT_MODEL,
-    STORAGE_DTYPES,
     load_float_model,
     resolve_source,
     set_module,
     source_float_tensors,
+    storage_dtype,
 )
 from .nn.gemv_linear import use_gemv_head
 from .nn.input_transform import InputSpec, TransformedLinear
@@ -76,7 +76,7 @@ def _versions() -> dict:
 def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
     """``(packed, float, aliases)``: tensors of quantized layers, the rest, and tied names -> stored name."""
     qlayers = quantized_layers(model)
-    storage = STORAGE_DTYPES.get(state_of(model).float_dtype or "")
+    storage = storage_dtype(model)
     narrow = set(source_float_tensors(model)) if storage is not None else set()
     packed, floats, aliases, seen = {}, {}, {}, {}
     for name, t in model.state_dict().items():

@@ -276,12 +276,17 @@ def source_float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
             if t.is_floating_point() and n not in skip and ".adapters." not in n}
 
 
+def storage_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype the checkpoint stores the source's float tensors in (``state_of(model).float_dtype``), if any."""
+    return STORAGE_DTYPES.get(state_of(model).float_dtype or "")
+
+
 @torch.no_grad()
 def round_to_storage(model: nn.Module) -> None:
     """Round the source's float tensors (:func:`source_float_tensors`) to the dtype the checkpoint will store them
     in (``state_of(model).float_dtype``), in place and keeping their dtype, so the model evaluated in memory is
     the one :func:`lowbit.save` writes and :func:`lowbit.load` reads back."""
-    storage = STORAGE_DTYPES.get(state_of(model).float_dtype or "")
+    storage = storage_dtype(model)
     if storage is None:
         return
     for t in source_float_tensors(model).values():

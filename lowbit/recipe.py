@@ -101,8 +101,8 @@ def apply_recipe(model, recipe: Recipe | str | Path, calib=None):
     start = time.perf_counter()
     steps = [get("step", config.step)(config) for config in recipe.steps]
     model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
-    known = check_family(model_type, steps)  # refused before any step changes it, if a step needs the table
-    if known is not None and unfuse_experts(model):  # MoE: one Linear per expert: every step packs and adapts each
+    arch = check_family(model_type, steps)  # refused before any step changes it, if a step needs the table
+    if arch is not None and unfuse_experts(model):  # MoE: one Linear per expert: every step packs and adapts each
         log.info("%d experts held as Linears (the router stays float)", sum(map(len, expert_lists(model).values())))
     for step in steps:  # e.g. RILQ caches the float model's outputs before any step quantizes it
         step.prepare(model, calib)

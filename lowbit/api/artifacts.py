@@ -49,7 +49,7 @@ def merge(config: MergeConfig) -> MergeResult:
     from ..io import load
 
     check_windows(config.windows)
-    check_data(["wikitext-test"] if config.windows != 0 else [])
+    check_data(test=config.windows != 0)
     check_out(config.out, config.force, config.model, size_ratio=1.0 if config.requantize else 2.0)
     model, tok = load(config.model)
     if not adapted_layers(model):

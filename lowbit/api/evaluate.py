@@ -65,7 +65,7 @@ def evaluate(config: EvalConfig) -> EvalResult:
         results = evaluate_tasks(model, tokenizer, names, limit=config.limit)
         return EvalResult(None, results, time.perf_counter() - start)
     check_windows(config.windows, allow_skip=False)
-    check_data(["wikitext-test"])
+    check_data(test=True)
     model, tokenizer = _load_with_tokenizer(config.model)
     start = time.perf_counter()
     result = perplexity(model, tokenizer, windows=config.windows, seq_len=config.seq_len)

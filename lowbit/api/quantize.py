@@ -84,7 +84,7 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     calib = config.calibration.build(tokenizer=None)  # reads --calib-file now: a bad file fails before loading
     needs_text = any(get("step", s.step).needs_calibration for s in recipe.steps) and calib.text is None \
         and not calib.self_generated
-    check_data((["wikitext-test"] if config.windows != 0 else []) + (["wikitext-valid"] if needs_text else []))
+    check_data(test=config.windows != 0, valid=needs_text)
     from ..io import load_model  # read at call time (tests watch what loads)
 
     fp_model, tokenizer = load_model(config.model)

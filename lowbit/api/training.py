@@ -108,7 +108,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if config.adapter == "none" and not config.train_outliers:
         raise LowbitError("--adapter none trains nothing: add --train-outliers (QUAD's PEFT) or pick an adapter")
     adapter_config = config.adapter_config()
-    check_data((["wikitext-valid"] if config.data is None else []) + (["wikitext-test"] if config.windows != 0 else []))
+    check_data(test=config.windows != 0, valid=config.data is None)
     model, tok = load_model(config.model)
     if tok is None:
         raise LowbitError(f"{config.model} has no tokenizer files; re-save it with a tokenizer")
@@ -190,7 +190,7 @@ def compensate(config: CompensateConfig) -> CompensateResult:
     out = Path(config.out)
     if config.method == "rilq":
         check_output(out.parent / f"{out.name}.rilq.json", what="RILQ loss curve", kind="file")
-    check_data((["wikitext-valid"] if config.method == "rilq" else []) + (["wikitext-test"] if config.windows else []))
+    check_data(test=config.windows != 0, valid=config.method == "rilq")
     reset_peak()
     start = time.perf_counter()
     model, tok = load(config.model)

@@ -32,13 +32,8 @@ class Expert(nn.Module):
 class ExpertList(nn.ModuleList):
     """The experts of one MoE block, called as transformers calls its fused experts module.
 
-    ``forward(hidden (n, d), top_k_index (n, k) int, top_k_weights (n, k))`` -> ``(n, d)``. ``tokens`` counts,
-    per expert, the tokens routed to it since the last :meth:`reset_counts` (calibration reports the experts that
-    received few or none)."""
-
-    def __init__(self, experts: list[Expert]):
-        super().__init__(experts)
-        self.register_buffer("tokens", torch.zeros(len(experts), dtype=torch.long), persistent=False)
+    ``forward(hidden (n, d), top_k_index (n, k) int, top_k_weights (n, k))`` -> ``(n, d)``. (Calibration counts
+    the tokens each expert receives from its Linears' input statistics.)"""
 
     @classmethod
     def from_fused(cls, gate_up: torch.Tensor, down: torch.Tensor, act_fn: nn.Module) -> ExpertList:
@@ -53,13 +48,9 @@ class ExpertList(nn.ModuleList):
             experts.append(Expert(gu, dn, act_fn))
         return cls(experts)
 
-    def reset_counts(self) -> None:
-        self.tokens.zero_()
-
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out = torch.zeros_like(hidden)
         hits = torch.bincount(top_k_index.reshape(-1), minlength=len(self))[: len(self)]
-        self.tokens += hits.to(self.tokens.device)
         for e in hits.nonzero().flatten().tolist():
             token_idx, k_pos = torch.where(top_k_index == e)
             y = self[e](hidden[token_idx]) * top_k_weights[token_idx, k_pos, None]

@@ -35,12 +35,16 @@ class ResidualNorm(nn.Module):  # not named *RMSNorm: Gemma's weight init would 
         return f"d={self.d}, eps={self.eps}"
 
 
+def norm_eps(norm: nn.Module, default: float = 1e-6) -> float:
+    """The ε of an RMSNorm module (transformers names it ``variance_epsilon`` or ``eps``)."""
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None)) or default
+
+
 def residual_norms(model: nn.Module, d: int) -> None:
     """Replace every norm in front of residual readers (each block's, per the architecture table, and the final
     one) by a :class:`ResidualNorm` dividing by ``d``; also used when loading a QUAD checkpoint."""
     _, blocks = decoder_blocks(model)
-    norm = final_norm(model)
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None)) or getattr(model.config, "rms_norm_eps", 1e-6)
+    eps = norm_eps(final_norm(model), getattr(model.config, "rms_norm_eps", 1e-6))
     for b in blocks:
         for name in residual_norm_names(model):
             setattr(b, name, ResidualNorm(d, eps))
@@ -71,15 +75,13 @@ def input_gram(model: nn.Module, inputs: list[nn.Module], windows: torch.Tensor)
     """``G (d, d)`` fp64: the mean of ``xᵀx`` over every token of every input of ``inputs`` (one reader per
     sub-layer: what the gain-free norm in front of it, or the raw stream, gives it), the model run on
     ``windows (n, L)`` token ids."""
-    stats: dict = {}
+    d = inputs[0].weight.shape[1]  # a reader's (or router's) weight is (out, d)
+    gram, count = torch.zeros(d, d, dtype=torch.float64), [0]
 
     def hook(module, args):
-        x = args[0].detach()
-        x = x.reshape(-1, x.shape[-1]).double()
-        if "gram" not in stats:
-            stats["gram"], stats["count"] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), 0
-        stats["gram"].add_(x.T @ x)
-        stats["count"] += x.shape[0]
+        x = args[0].detach().reshape(-1, d).double()
+        gram.add_(x.T @ x)
+        count[0] += x.shape[0]
 
     handles = [m.register_forward_pre_hook(hook) for m in inputs]
     try:
@@ -88,7 +90,7 @@ def input_gram(model: nn.Module, inputs: list[nn.Module], windows: torch.Tensor)
     finally:
         for h in handles:
             h.remove()
-    return stats["gram"] / stats["count"]
+    return gram / count[0]
 
 
 def projection(gram: torch.Tensor, r: int) -> torch.Tensor:

@@ -9,8 +9,9 @@ The float model is changed in place and computes the same function (logits withi
    cannot be folded: the writer stays unrotated and the norm's output is rotated online (:class:`RotatedPostNorm`,
    one ``(d, d + r)`` fp32 matrix for the model; a float matmul per sub-layer).
 2. ``M (d, d + r)``: QuaRot (``r = 0``) uses a randomized Hadamard ``H·D``; QUAD uses ``Q_P = [P | I - P Pᵀ]``
-   with ``P (d, r)`` the top ``r`` eigenvectors of the Gram matrix ``G = E[xᵀx]`` of every norm output of every
-   block on calibration windows (WikiText-2 valid), followed by ``block_diag(H_r, H_d)``. ``M Mᵀ = I_d``.
+   with ``P (d, r)`` the top ``r`` eigenvectors of the Gram matrix ``G = E[xᵀx]`` of every sub-layer's input (the
+   output of the norm in front of it, or the stream itself) of every block on calibration windows (WikiText-2
+   valid), followed by ``block_diag(H_r, H_d)``. ``M Mᵀ = I_d``.
 3. Residual readers ``W ← W M`` (q, k, v, gate, up, head), writers ``W ← Mᵀ W`` (o, down; biases too) and the
    embedding ``E ← E M``: the residual stream becomes ``h M``, ``d + r`` wide, its first ``r`` coordinates the
    outlier directions. RMSNorm is invariant (``‖h M‖ = ‖h‖``) but must keep dividing by the original ``d``
@@ -39,7 +40,7 @@ from ..nn.input_transform import InputSpec, TransformedLinear
 from ..quantizers.base import Step
 from ..registry import register
 from ..state import state_of
-from .quad import ResidualNorm, RotatedPostNorm, input_gram, projection, residual_norms
+from .quad import ResidualNorm, RotatedPostNorm, input_gram, norm_eps, projection, residual_norms
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,6 @@ def _untie_head(model: nn.Module, emb: nn.Embedding, head: nn.Linear) -> None:
         model.config.tie_word_embeddings = False
 
 
-def _eps(norm: nn.Module) -> float:
-    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-
-
 def _check_norm(norm: nn.Module, offset: float) -> None:
     """Refuse a norm that is not ``(offset + γ) · x / rms(x)`` (its gain could not be folded into the next
     Linears)."""
@@ -133,7 +130,7 @@ def _check_norm(norm: nn.Module, offset: float) -> None:
     if gain.is_meta:  # a skeleton being widened for loading: nothing to fold
         return
     x = torch.randn(2, gain.shape[0], dtype=gain.dtype, device=gain.device)
-    plain = (offset + gain) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _eps(norm))
+    plain = (offset + gain) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm_eps(norm))
     with torch.no_grad():
         same = torch.allclose(norm(x), plain, rtol=1e-3, atol=1e-3)
     if not same:
