@@ -26,7 +26,7 @@ from .fileio import read_text
 from .memory import release_free_memory
 from .models import decoder_blocks
 from .nn.experts import EXPERT_INPUT
-from .protocol import CALIB_SEQ_LEN, CALIB_WINDOWS, LOGITS_CHUNK
+from .protocol import CALIB_SEQ_LEN, CALIB_WINDOWS
 from .state import state_of
 
 log = logging.getLogger(__name__)
@@ -232,113 +232,63 @@ def shrink_routed(stats: dict[str, LayerStats], routed: set[str]) -> dict[str, i
     return tokens
 
 
+Collect = Callable[[list[str]], dict[str, LayerStats]]
+
+
 @torch.no_grad()
-def input_power(model: nn.Module, windows: torch.Tensor, layer_names: list[str]) -> dict[str, torch.Tensor]:
-    """``diag(H) = 2/N Σ x²`` ``(in - r,)`` of the input each listed Linear's packed columns see (after its input
-    transform, as :func:`run_blockwise`'s Hessians), from one float forward over ``windows``
-    (stopped after the last decoder block: the head's logits are not needed)."""
-    _, blocks = decoder_blocks(model)
-    power = {n: None for n in layer_names}
-    tokens = 0
+def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | None,
+                   work: Callable[[str, Collect], None], desc: str = "calibrate",
+                   load: Callable[[str], None] | None = None, done: Callable[[str], None] | None = None) -> None:
+    """The one loop over decoder blocks every block-wise step runs, in memory or streamed.
 
-    def hook(name):
-        def fn(module, args, out):
-            x = args[0]
-            if hasattr(module, "calibration_input"):  # rotated / QUAD-split input: what the packed columns see
-                x = module.calibration_input(x)
-            x = x.reshape(-1, x.shape[-1]).float()
-            p = 2 * (x * x).sum(0)
-            power[name] = p if power[name] is None else power[name] + p
-        return fn
+    For each block (its name prefix ``"model.layers.3."``): ``load(prefix)`` (streamed: fill it from the source),
+    ``work(prefix, collect)`` — where ``collect(names)`` runs the block over the calibration windows and returns
+    the :class:`LayerStats` of the named Linears in it (MoE experts' shrunk by :func:`shrink_routed`) —, then the
+    block's outputs become the next block's inputs (so each block is calibrated on what the already quantized
+    blocks before it produce), then ``done(prefix)`` (streamed: write the block and free it).
 
-    def stop(module, args, out):
-        raise _Captured
-
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in layer_names]
-    handles.append(blocks[-1].register_forward_hook(stop))
-    try:
-        for row in tqdm(windows, desc="input power", unit="window", leave=False):
-            try:
-                model(row.unsqueeze(0), use_cache=False)
-            except _Captured:
-                pass
-            tokens += row.numel()
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: p / tokens for n, p in power.items()}
-
-
-def output_sensitivity(model: nn.Module, windows: torch.Tensor, layer_names: list[str], chunk: int = LOGITS_CHUNK,
-                       max_tokens: int = 8192) -> dict[str, torch.Tensor]:
-    """Mean squared gradient of the language-model loss with respect to each listed Linear's output,
-    ``E[(∂L/∂y_r)²]`` ``(out,)`` per output channel ``r`` (the diagonal Fisher of the layer's output).
-
-    With ``diag(H)`` of the input this gives a second-order estimate of the loss change from a weight error:
-    ``ΔL ≈ ½ Σ_r E[(∂L/∂y_r)²] · Σ_j diag(H)_j Δw_rj²``, comparable across layers and rows, which is what a global
-    precision assignment needs. The calibration windows are cut into ``chunk``-token pieces (backward memory grows
-    with length; shorter windows are used whole) and at most ``max_tokens`` are used. Weights get no gradients:
-    only the activations do.
+    ``inputs``: :func:`block_inputs` of the calibration windows, or None for data-free work (no forward pass).
     """
-    grads = {n: None for n in layer_names}
-    chunk = min(chunk, windows.shape[1])  # shorter calibration windows are used whole
-    pieces = windows[:, : windows.shape[1] // chunk * chunk].reshape(-1, chunk)[: max(1, max_tokens // chunk)]
+    prefix, blocks = decoder_blocks(model)
+    hidden, kwargs = inputs if inputs is not None else (None, {})
+    routed_tokens: dict[str, int] = {}
+    for i in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
+        here = f"{prefix}.{i}."
+        if load is not None:
+            load(here)
+        block = blocks[i]
 
-    def hook(name):
-        def fn(module, args, out):
-            def accumulate(g):
-                s = (g.float() ** 2).reshape(-1, g.shape[-1]).sum(0)
-                grads[name] = s if grads[name] is None else grads[name] + s
-            if out.requires_grad:
-                out.register_hook(accumulate)
-        return fn
+        def collect(names: list[str], block=block) -> dict[str, LayerStats]:
+            if hidden is None:
+                raise LowbitError("this step reads calibration statistics but no calibration windows were given")
+            stats = _collect_stats(block, hidden, kwargs, {n: model.get_submodule(n) for n in names})
+            routed_tokens.update(shrink_routed(stats, set(expert_layer_names(model, names))))
+            return stats
 
-    embed = model.get_input_embeddings()
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in layer_names]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        with torch.enable_grad():
-            for ids in tqdm(pieces, desc="output sensitivity", unit="chunk", leave=False):
-                ids = ids.unsqueeze(0)
-                x = embed(ids).detach().requires_grad_(True)
-                loss = model(inputs_embeds=x, labels=ids, use_cache=False).loss
-                loss.backward()
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-    tokens = pieces.numel()
-    missing = [n for n, g in grads.items() if g is None]
-    if missing:
-        raise LowbitError(f"no gradient reached {missing[0]}; sensitivity needs a differentiable path to the loss")
-    return {n: g / tokens for n, g in grads.items()}
+        work(here, collect)
+        if hidden is not None:
+            for j, h in enumerate(hidden):  # in place: one copy of the activations, plus one window's output
+                hidden[j] = _block_output(block, h, kwargs)
+        if done is not None:
+            done(here)
+        release_free_memory()  # the replaced float weights' pages go back to the OS: RSS tracks the live set
+    if routed_tokens:
+        report_expert_tokens(model, routed_tokens)
 
 
 @torch.no_grad()
 def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str],
                   quantize_block: Callable[[dict[str, LayerStats]], None], desc: str = "calibrate") -> None:
-    """For each decoder block: collect :class:`LayerStats` of the listed Linears in it, call
-    ``quantize_block(stats)`` (which replaces those Linears), then feed the quantized block's outputs on."""
-    prefix, blocks = decoder_blocks(model)
-    hidden, kwargs = block_inputs(model, windows)
-    routed = set(expert_layer_names(model, layer_names))
-    routed_tokens: dict[str, int] = {}
-    for i, block in enumerate(tqdm(blocks, desc=desc, unit="block", leave=False)):
-        here = f"{prefix}.{i}."
-        names = [n for n in layer_names if n.startswith(here)]
+    """For each decoder block (:func:`for_each_block`, in memory): collect :class:`LayerStats` of the listed
+    Linears in it, call ``quantize_block(stats)`` (which replaces those Linears), then feed the quantized block's
+    outputs on."""
+
+    def work(prefix: str, collect: Collect) -> None:
+        names = [n for n in layer_names if n.startswith(prefix)]
         if names:  # a block with no targets needs only the pass that feeds the next block
-            stats = _collect_stats(block, hidden, kwargs, {n: model.get_submodule(n) for n in names})
-            routed_tokens.update(shrink_routed(stats, routed))
-            quantize_block(stats)
-        for j, h in enumerate(hidden):  # in place: one copy of the activations, plus one window's output
-            hidden[j] = _block_output(block, h, kwargs)
-        release_free_memory()  # the replaced float weights' pages go back to the OS: RSS tracks the live set
-        log.debug("block %d: %d layers calibrated", i, len(names))
-    if routed_tokens:
-        report_expert_tokens(model, routed_tokens)
+            quantize_block(collect(names))
+
+    for_each_block(model, block_inputs(model, windows), work, desc)
 
 
 def report_expert_tokens(model: nn.Module, tokens: dict[str, int]) -> None:

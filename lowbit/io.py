@@ -20,8 +20,11 @@ Loading checks every file against the manifest first (:mod:`lowbit.manifest`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -47,6 +50,7 @@ from .manifest import (
 )
 from .models import (
     DEFAULT_MODEL,
+    decoder_blocks,
     load_float_model,
     resolve_source,
     set_module,
@@ -58,11 +62,11 @@ from .nn.input_transform import InputSpec, TransformedLinear
 from .nn.qembedding import QEmbedding
 from .nn.qlinear import fold_scale_multiplier, packed_linear
 from .qtensor import empty_weight
+from .shards import TensorAppender
 from .state import state_of
 from .summary import bits_summary, layer_entry, packed_embeddings, quantized_layers
 
 log = logging.getLogger(__name__)
-
 
 
 def _versions() -> dict:
@@ -73,96 +77,152 @@ def _versions() -> dict:
             "safetensors": safetensors.__version__}
 
 
-def _split_state(model: nn.Module) -> tuple[dict, dict, dict]:
-    """``(packed, float, aliases)``: tensors of quantized layers, the rest, and tied names -> stored name."""
-    qlayers = quantized_layers(model)
-    storage = storage_dtype(model)
-    narrow = set(source_float_tensors(model)) if storage is not None else set()
-    packed, floats, aliases, seen = {}, {}, {}, {}
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.shape, t.dtype)
-        if t.numel() and key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        owner, _, leaf = name.rpartition(".")
-        layer = qlayers.get(owner)
-        if layer is not None and leaf in ("channel_scale", "group_scale"):
-            continue  # folded into the packed scales below
-        t = t.detach()
-        if layer is not None and leaf == "scales":
-            for trained in ("group_scale", "channel_scale"):
-                if getattr(layer, trained, None) is not None:
-                    t = fold_scale_multiplier(t, getattr(layer, trained).detach())
-        elif layer is not None and leaf == "outlier":
-            t = t.to(torch.float16)  # QUAD's storage (methods.md §7.3), also after PEFT trained an fp32 copy
-        elif name in narrow and t.dtype.itemsize > storage.itemsize:
-            t = t.to(storage)  # the source's dtype (bf16 for a bf16 model, fp16 for a GGUF file's float parts)
-        target = packed if layer is not None and leaf in layer.packed_names else floats
-        target[name] = t.contiguous().cpu()
-    return packed, floats, aliases
+class CheckpointTensors:
+    """The tensor shards of a checkpoint being written into the staged folder ``folder``, one part of the model
+    at a time (:meth:`add`): packed tensors of quantized layers appended to the packed shard as they come, the
+    rest (embeddings, norms, biases, a float head) kept until :meth:`finish` writes the float shard and the index.
+
+    The in-memory :func:`save` adds each decoder block, then the rest; the streamed quantize adds each block as it
+    is finished and freed, then the rest: the same calls in the same order, hence the same bytes. Tensors that
+    share storage (a tied head, a shared rotation) are stored once and the others recorded as aliases; a stored
+    tensor is remembered by a weak reference, so a freed block's storage, reused later, is never taken for it."""
+
+    def __init__(self, folder: Path):
+        meta = {"format": "pt", "lowbit_format_version": str(FORMAT_VERSION)}
+        self.folder = folder
+        self.packed = TensorAppender(folder / PACKED_SHARD, meta)
+        self.floats: dict[str, torch.Tensor] = {}
+        self.aliases: dict[str, str] = {}
+        self._meta = meta
+        self._seen: dict[tuple, tuple[str, weakref.ref]] = {}
+
+    def add(self, model: nn.Module, keep: Callable[[str], bool]) -> None:
+        """Store the state-dict entries of ``model`` whose names ``keep`` accepts (the others are left alone)."""
+        qlayers = quantized_layers(model)
+        storage = storage_dtype(model)
+        narrow = set(source_float_tensors(model)) if storage is not None else set()
+        for name, held in model.state_dict(keep_vars=True).items():
+            if not keep(name):
+                continue
+            key = (held.data_ptr(), held.shape, held.dtype)
+            first = self._seen.get(key)
+            if held.numel() and first is not None and first[1]() is not None:
+                self.aliases[name] = first[0]
+                continue
+            self._seen[key] = (name, weakref.ref(held))
+            owner, _, leaf = name.rpartition(".")
+            layer = qlayers.get(owner)
+            if layer is not None and leaf in ("channel_scale", "group_scale"):
+                continue  # folded into the packed scales below
+            t = held.detach()
+            if layer is not None and leaf == "scales":
+                for trained in ("group_scale", "channel_scale"):
+                    if getattr(layer, trained, None) is not None:
+                        t = fold_scale_multiplier(t, getattr(layer, trained).detach())
+            elif layer is not None and leaf == "outlier":
+                t = t.to(torch.float16)  # QUAD's storage (methods.md §7.3), also after PEFT trained an fp32 copy
+            elif name in narrow and t.dtype.itemsize > storage.itemsize:
+                t = t.to(storage)  # the source's dtype (bf16 for a bf16 model, fp16 for a GGUF file's float parts)
+            if layer is not None and leaf in layer.packed_names:
+                self.packed.append(name, t)
+            else:
+                self.floats[name] = t.contiguous().cpu()
+
+    def finish(self) -> None:
+        """Close the packed shard, write the float shard and the HF shard index."""
+        self.packed.close()
+        floats = TensorAppender(self.folder / FLOAT_SHARD, self._meta)
+        for name, t in self.floats.items():
+            floats.append(name, t)
+        floats.close()
+        weight_map = {**{k: PACKED_SHARD for k in self.packed.header}, **{k: FLOAT_SHARD for k in self.floats}}
+        total = self.packed.nbytes + floats.nbytes
+        (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                    indent=1))
 
 
-def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False, extra: dict | None = None) -> Path:
-    """Write ``model`` (quantized or not) as a lowbit checkpoint folder; atomic, refuses to overwrite unless
-    ``force``. ``extra`` (JSON-able) is stored in the manifest, e.g. the eval figures at save time."""
-    from safetensors.torch import save_file
+def block_parts(model: nn.Module) -> list[Callable[[str], bool]]:
+    """Name filters that cut a model's state dict into its decoder blocks, in order, then the rest: the order in
+    which checkpoints store tensors. A model without decoder blocks is one part."""
+    try:
+        prefix, blocks = decoder_blocks(model)
+    except LowbitError:
+        return [lambda name: True]
+    parts = [functools.partial(_under, f"{prefix}.{i}.") for i in range(len(blocks))]
+    return [*parts, lambda name: not name.startswith(prefix + ".")]
 
-    path = Path(path)
+
+def _under(prefix: str, name: str) -> bool:
+    return name.startswith(prefix)
+
+
+def check_savable(model: nn.Module) -> None:
+    """Refuse a model holding a rotated float layer (a rotate or act step without a weight quantizer after it)."""
     floating = [n for n, m in model.named_modules() if isinstance(m, TransformedLinear)]
     if floating:
         raise LowbitError(f"{floating[0]} is a rotated float layer ({len(floating)} in all): a rotate or act step "
                           "without a weight quantizer after it cannot be saved; add one (e.g. gptq bits=4 "
                           "granularity=channel symmetric=true) to the recipe")
+
+
+def save(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False, extra: dict | None = None) -> Path:
+    """Write ``model`` (quantized or not) as a lowbit checkpoint folder; atomic, refuses to overwrite unless
+    ``force``. ``extra`` (JSON-able) is stored in the manifest, e.g. the eval figures at save time."""
+    path = Path(path)
+    check_savable(model)
     with staged_folder(path, force) as tmp:
-        packed, floats, aliases = _split_state(model)
-        meta = {"format": "pt", "lowbit_format_version": str(FORMAT_VERSION)}
-        save_file(packed, tmp / PACKED_SHARD, metadata=meta)
-        save_file(floats, tmp / FLOAT_SHARD, metadata=meta)
-        weight_map = {**{k: PACKED_SHARD for k in packed}, **{k: FLOAT_SHARD for k in floats}}
-        total = sum(t.numel() * t.element_size() for t in [*packed.values(), *floats.values()])
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-
-        recipe = state_of(model).recipe
-        recipe_dict = recipe.to_dict() if recipe is not None else None
-        config = model.config.__class__.from_dict(model.config.to_dict())
-        # As save_pretrained does: from_pretrained(dtype="auto") reads it (else the fp16 scales would set it).
-        # Parameters only: packed embedding tables keep fp16 scales among the float shard's buffers.
-        config.dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
-        config.quantization_config = {"quant_method": "lowbit", "format_version": FORMAT_VERSION,
-                                      "recipe": recipe_dict}
-        config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "packing_layout": LAYOUT,
-            "versions": _versions(),
-            "source": state_of(model).source,
-            "recipe": recipe_dict,
-            "quantize_seconds": state_of(model).quantize_seconds,
-            "summary": {**bits_summary(model), "packed_file_bytes": files[PACKED_SHARD]["bytes"],
-                        "size_bytes": sum(f["bytes"] for f in files.values())},
-            "layers": {name: layer_entry(m) for name, m in quantized_layers(model).items()},
-            "embeddings": {name: layer_entry(m) for name, m in packed_embeddings(model).items()},
-            "adapters": manifest_entry(model),
-            "rotation": state_of(model).rotation,
-            "float_dtype": state_of(model).float_dtype,  # what the unquantized tensors are stored in
-            "experts": {name: len(m) for name, m in expert_lists(model).items()},  # unfused MoE experts
-            "expert_tokens": state_of(model).history.get("expert_tokens"),  # calibration tokens routed to each
-            "aliases": aliases,
-            "files": files,
-            "extra": extra or {},
-        }
-        manifest = finite(manifest)  # strict JSON: a diverged model's inf perplexity is stored as null
-        manifest["manifest_sha256"] = manifest_digest(manifest)
-        (tmp / MANIFEST).write_text(json_text(manifest, indent=1))
+        tensors = CheckpointTensors(tmp)
+        for part in block_parts(model):
+            tensors.add(model, part)
+        tensors.finish()
+        write_metadata(model, tmp, tensors.aliases, tokenizer, extra)
     log.info("saved %s", path)
     return path
+
+
+def write_metadata(model: nn.Module, tmp: Path, aliases: dict[str, str], tokenizer=None,
+                   extra: dict | None = None) -> None:
+    """Everything of a checkpoint but its tensor shards, into the staged folder ``tmp`` that already holds them:
+    config, generation config, tokenizer, and last the manifest (which hashes every other file). ``model`` may
+    hold its decoder blocks on the meta device (a streamed quantize): only shapes and layouts are read here."""
+    recipe = state_of(model).recipe
+    recipe_dict = recipe.to_dict() if recipe is not None else None
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    # As save_pretrained does: from_pretrained(dtype="auto") reads it (else the fp16 scales would set it).
+    # Parameters only: packed embedding tables keep fp16 scales among the float shard's buffers.
+    config.dtype = next((t.dtype for t in model.parameters() if t.is_floating_point()), torch.float32)
+    config.quantization_config = {"quant_method": "lowbit", "format_version": FORMAT_VERSION,
+                                  "recipe": recipe_dict}
+    config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+
+    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "packing_layout": LAYOUT,
+        "versions": _versions(),
+        "source": state_of(model).source,
+        "recipe": recipe_dict,
+        "quantize_seconds": state_of(model).quantize_seconds,
+        "summary": {**bits_summary(model), "packed_file_bytes": files[PACKED_SHARD]["bytes"],
+                    "size_bytes": sum(f["bytes"] for f in files.values())},
+        "layers": {name: layer_entry(m) for name, m in quantized_layers(model).items()},
+        "embeddings": {name: layer_entry(m) for name, m in packed_embeddings(model).items()},
+        "adapters": manifest_entry(model),
+        "rotation": state_of(model).rotation,
+        "float_dtype": state_of(model).float_dtype,  # what the unquantized tensors are stored in
+        "experts": {name: len(m) for name, m in expert_lists(model).items()},  # unfused MoE experts
+        "expert_tokens": state_of(model).history.get("expert_tokens"),  # calibration tokens routed to each
+        "aliases": aliases,
+        "files": files,
+        "extra": extra or {},
+    }
+    manifest = finite(manifest)  # strict JSON: a diverged model's inf perplexity is stored as null
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (tmp / MANIFEST).write_text(json_text(manifest, indent=1))
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:

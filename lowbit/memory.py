@@ -63,3 +63,38 @@ def trim_heap() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+
+def available_memory_bytes() -> int | None:
+    """Bytes this process may still use: the kernel's ``MemAvailable``, or less when its cgroup's limit is tighter
+    (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``, minus what the group uses beyond reclaimable file
+    pages); None where unknown."""
+    room = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                room.append(int(line.split()[1]) * 1024)
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, group = line.split(":", 2)
+            if "memory" in controllers.split(","):
+                folder, names = Path("/sys/fs/cgroup/memory") / group.lstrip("/"), _CGROUP_V1
+            elif controllers == "":
+                folder, names = Path("/sys/fs/cgroup") / group.lstrip("/"), _CGROUP_V2
+            else:
+                continue
+            if not (folder / names[0]).is_file():
+                continue
+            limit = (folder / names[0]).read_text().strip()
+            if not limit.isdigit() or int(limit) >= 1 << 60:  # "max", or v1's "unlimited" sentinel
+                continue
+            stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines())
+            used = int((folder / names[1]).read_text()) - int(stat.get(names[2], 0))
+            room.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(room) if room else None
+
+
+_CGROUP_V1 = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+_CGROUP_V2 = ("memory.max", "memory.current", "inactive_file")

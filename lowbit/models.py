@@ -330,28 +330,31 @@ def matches(name: str, pattern: str, block_prefix: str | None) -> bool:
 
 
 def select_layers(model: nn.Module, targets=(DECODER,), ignore=(), kinds: tuple[type, ...] = (),
-                  accept=lambda module: True, what: str = "layer") -> list[tuple[str, nn.Module]]:
+                  accept=lambda module: True, what: str = "layer", strict: bool = True
+                  ) -> list[tuple[str, nn.Module]]:
     """Modules of exactly one of the classes ``kinds`` (and ``accept``-ed) whose names match any of ``targets``
     and none of ``ignore``, in model order. The one error rule of every step: a target pattern that matches no
     such module, or an ``ignore`` that removes all of them, is an error naming it, so a typo never silently skips
-    a layer."""
+    a layer (``strict=False`` skips the rule: a streamed step selecting within one part, checked whole before)."""
     block_prefix = decoder_blocks(model)[0] if DECODER in targets else None
     layers = [(n, m) for n, m in model.named_modules() if type(m) in kinds and accept(m)]
-    for pattern in targets:
+    for pattern in targets if strict else ():
         if not any(matches(n, pattern, block_prefix) for n, _ in layers):
             raise LowbitError(f"target pattern {pattern!r} matches no {what} in {type(model).__name__}; examples "
                               f"of names: {', '.join(n for n, _ in layers[:4]) or '(none)'}")
     chosen = [(n, m) for n, m in layers if any(matches(n, p, block_prefix) for p in targets)]
     kept = [(n, m) for n, m in chosen if not any(matches(n, p, block_prefix) for p in ignore)]
-    if chosen and not kept:
+    if chosen and not kept and strict:
         raise LowbitError(f"ignore={list(ignore)} removes every {what} targets={list(targets)} selects")
     return kept
 
 
-def find_linears(model: nn.Module, targets=(DECODER,), ignore=()) -> list[tuple[str, nn.Linear]]:
+def find_linears(model: nn.Module, targets=(DECODER,), ignore=(), strict: bool = True
+                 ) -> list[tuple[str, nn.Linear]]:
     """Float Linears (``nn.Linear``, a switched head, a rotated :class:`TransformedLinear`) selected by
     :func:`select_layers`: what a weight quantizer replaces."""
-    return select_layers(model, targets, ignore, (*FLOAT_LINEARS, TransformedLinear), what="float nn.Linear")
+    return select_layers(model, targets, ignore, (*FLOAT_LINEARS, TransformedLinear), what="float nn.Linear",
+                         strict=strict)
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

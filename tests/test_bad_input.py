@@ -209,16 +209,16 @@ def test_a_disk_that_fills_during_the_save_loses_nothing(hf_folder, ckpt, tmp_pa
     """The estimate said yes, then the disk filled up: one line, the old checkpoint untouched, no staging left."""
     import errno
 
-    import safetensors.torch
+    from lowbit.shards import TensorAppender
 
     out = tmp_path / "ck"
     shutil.copytree(ckpt, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    def full(tensors, filename, metadata=None):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(TensorAppender, "append", full)
     line = one_error(runner.invoke(app, ["quantize", str(hf_folder), "--recipe", "rtn-w4g64", "--out", str(out),
                                           "--force", "--windows", "0"]))
     assert "No space left on device" in line and "free some space" in line

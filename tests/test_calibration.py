@@ -15,12 +15,11 @@ from lowbit.calibration import (
     block_inputs,
     calibration_windows,
     generated_windows,
-    input_power,
-    output_sensitivity,
     read_calibration_text,
     run_blockwise,
 )
 from lowbit.models import find_linears
+from lowbit.sensitivity import input_power, output_sensitivity
 
 
 def _captured_inputs(model, windows):

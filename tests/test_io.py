@@ -275,15 +275,15 @@ class DiskFull(OSError):
 
 
 def _fail_on_safetensors(monkeypatch):
-    import safetensors.torch
+    from lowbit.shards import TensorAppender
 
     calls = []
 
-    def boom(tensors, filename, metadata=None):
-        calls.append(Path(filename))
+    def boom(self, name, tensor):
+        calls.append(self.path)
         raise DiskFull("no space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(TensorAppender, "append", boom)
     return calls
 
 

@@ -18,15 +18,15 @@ PACKAGE = ROOT / "lowbit"
 
 # Layers from the bottom up. A module belongs to the first entry whose prefix it starts with (longest wins).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("errors", "registry", "_version", "config", "protocol", "fileio", "memory", "report")),
+    ("core", ("errors", "registry", "_version", "config", "protocol", "fileio", "memory", "report", "shards")),
     ("formats", ("formats", "qtensor", "qmixed")),
     ("kernels", ("kernels",)),
     ("nn", ("nn",)),
-    ("models", ("models", "architectures", "hub", "summary", "state")),
-    ("data", ("data", "calibration", "adapters", "train", "eval")),
+    ("models", ("models", "architectures", "hub", "sharded_source", "summary", "state")),
+    ("data", ("data", "calibration", "sensitivity", "adapters", "train", "eval")),
     ("steps", ("steps", "quantizers", "transforms", "compensate")),
     ("recipe", ("presets", "recipe")),
-    ("checkpoints", ("manifest", "io", "hf_integration", "export")),
+    ("checkpoints", ("manifest", "io", "streamed", "hf_integration", "export")),
     ("api", ("api", "bench")),
     ("cli", ("cli", "__main__", "")),  # "" = the package root, lowbit/__init__.py, which re-exports the API
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,13 +14,16 @@ from ..data import check_data
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..io import read_manifest, save
-from ..memory import peak_rss_mb, release_free_memory, reset_peak
+from ..memory import available_memory_bytes, peak_rss_mb, release_free_memory, reset_peak
 from ..models import DEFAULT_MODEL, check_seq_len, check_source
 from ..presets import DEFAULT_PRESET
 from ..protocol import EVAL_WINDOWS
 from ..recipe import Recipe, apply_recipe
 from ..registry import get
+from ..sharded_source import fp32_bytes
 from .common import CalibrationConfig, Result, check_out, check_windows
+
+log = logging.getLogger(__name__)
 
 OVERRIDABLE = ("format", "bits", "group_size", "granularity", "symmetric", "budget")
 
@@ -52,6 +56,8 @@ class QuantizeConfig:
     force: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)  # first-step fields: format, bits, group_size, ...
     calibration: CalibrationConfig = CalibrationConfig()
+    stream: bool | None = None  # one decoder block in memory at a time; None = when the fp32 model needs over half
+    # the memory available (an HF folder of safetensors, a recipe of block-wise steps)
 
 
 @dataclass
@@ -71,6 +77,7 @@ class QuantizeResult(Result):
     quantize_seconds: float
     quantize_peak_rss_mb: float
     fp_model_mb: float
+    streamed: bool = False
 
 
 def quantize(config: QuantizeConfig) -> QuantizeResult:
@@ -85,6 +92,8 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     needs_text = any(get("step", s.step).needs_calibration for s in recipe.steps) and calib.text is None \
         and not calib.self_generated
     check_data(test=config.windows != 0, valid=needs_text)
+    if choose_streaming(config, kind, path, recipe, calib):
+        return _quantize_streamed(config, recipe, calib)
     from ..io import load_model  # read at call time (tests watch what loads)
 
     fp_model, tokenizer = load_model(config.model)
@@ -110,3 +119,51 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
         bits_per_weight=s["bits_per_weight"], code_bits=s["code_bits"], size_bytes=s["size_bytes"],
         size_mb=s["size_bytes"] / 1e6, packed_bytes=s["packed_file_bytes"],
         quantize_seconds=manifest["quantize_seconds"], quantize_peak_rss_mb=peak, fp_model_mb=fp_bytes / 2**20)
+
+
+def choose_streaming(config: QuantizeConfig, kind: str, path: Path, recipe: Recipe, calib) -> bool:
+    """Whether to stream: as asked (``config.stream``), else when the fp32 model needs more than half the memory
+    available and it can stream. A model that would not fit whole and cannot stream is refused here, before
+    anything loads, naming both figures."""
+    from ..streamed import streaming_refusal
+
+    if config.stream is not None or kind != "hf":
+        return bool(config.stream)
+    need, room = fp32_bytes(path), available_memory_bytes()
+    if room is None or need <= room // 2:
+        return False
+    reason = streaming_refusal(recipe, calib)
+    if reason is None:
+        log.info("the fp32 model needs %.1f GiB of %.1f GiB available: streaming it block by block", need / 2**30,
+                 room / 2**30)
+        return True
+    if need > room:
+        raise LowbitError(f"{config.model} needs {need / 2**30:.1f} GiB in fp32 and {room / 2**30:.1f} GiB are "
+                          f"available; {reason}, so it cannot be streamed: choose a recipe of block-wise steps "
+                          "(rtn, gptq, embeddings) or a machine with more memory")
+    return False
+
+
+def _quantize_streamed(config: QuantizeConfig, recipe: Recipe, calib) -> QuantizeResult:
+    """The streamed job (:func:`lowbit.streamed.quantize_streamed`); the float model is never whole, so only the
+    saved checkpoint is evaluated (loaded memory-mapped), when ``windows`` asks for it."""
+    from ..io import load
+    from ..streamed import quantize_streamed
+
+    release_free_memory()
+    reset_peak()
+    quantize_streamed(config.model, recipe, calib, config.out, force=config.force)
+    peak = peak_rss_mb()
+    q = None
+    if config.windows != 0:
+        qmodel, tokenizer = load(config.out)
+        q = perplexity(qmodel, tokenizer, windows=config.windows)
+    manifest = read_manifest(config.out)
+    s = manifest["summary"]
+    kind, path = check_source(config.model)
+    return QuantizeResult(
+        model=str(config.model), recipe=recipe.name, out=str(config.out), fp_ppl=None, ppl=q.ppl if q else None,
+        windows=q.windows if q else 0, eval=q.label() if q else "skipped", bits_per_weight=s["bits_per_weight"],
+        code_bits=s["code_bits"], size_bytes=s["size_bytes"], size_mb=s["size_bytes"] / 1e6,
+        packed_bytes=s["packed_file_bytes"], quantize_seconds=manifest["quantize_seconds"],
+        quantize_peak_rss_mb=peak, fp_model_mb=fp32_bytes(path) / 2**20, streamed=True)

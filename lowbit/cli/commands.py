@@ -50,6 +50,9 @@ def quantize(
     calib_self: bool = typer.Option(False, "--calib-self", help="Data-free calibration: text the float model "
                                     "samples itself (64 sequences of 512 tokens per 16 x 2048 windows; RILQ and "
                                     "QUAD sample theirs too)."),
+    stream: bool | None = typer.Option(None, "--stream/--no-stream", help="Read the model from its safetensors "
+                                       "shards one decoder block at a time (default: when the fp32 model needs "
+                                       "over half the memory available)."),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),
     data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,
@@ -66,7 +69,7 @@ def quantize(
             overrides=dict(format=number_format, bits=bits, group_size=group_size, granularity=granularity,
                            symmetric=symmetric, budget=budget),
             calibration=CalibrationConfig(windows=calib_windows, seq_len=calib_seq_len, file=calib_file,
-                                              self_generated=calib_self))
+                                              self_generated=calib_self), stream=stream)
         return quantize(config)
 
     result = run_job(verbose, job, data)

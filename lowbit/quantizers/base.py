@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from ..config import StepConfig
 from ..errors import LowbitError
 from ..formats import SCALE_SEARCHES, Format, format_family_names, get_format
-from ..models import DECODER, find_linears, set_module
+from ..models import DECODER, decoder_blocks, find_linears, set_module
 from ..nn.input_transform import TransformedLinear
 from ..nn.qlinear import QLinear, carried_parts, packable_weight, packed_linear
 from ..qtensor import GRANULARITIES, QuantizedWeight, check_group_size
@@ -95,9 +95,15 @@ class Target:
         return self.layer.in_features - (self.layer.spec.outliers if isinstance(self.layer, TransformedLinear) else 0)
 
 
-def select_targets(model: nn.Module, targets, ignore) -> list[Target]:
-    """The float Linears a step replaces (:func:`lowbit.models.find_linears`: one selection rule), checked finite."""
-    chosen = find_linears(model, targets, ignore)
+def select_targets(model: nn.Module, targets, ignore, within=None) -> list[Target]:
+    """The float Linears a step replaces (:func:`lowbit.models.find_linears`: one selection rule), checked finite.
+
+    ``within``: a name filter (one decoder block, or the parts outside the blocks) for a step that runs part by
+    part (streamed); the selection is then not checked for patterns that match nothing, since the whole
+    selection was checked before the first part (:meth:`Step.check`)."""
+    chosen = find_linears(model, targets, ignore, strict=within is None)
+    if within is not None:
+        chosen = [(n, m) for n, m in chosen if within(n)]
     check_finite(chosen)
     return [Target(n, m) for n, m in chosen]
 
@@ -115,11 +121,17 @@ def install(model: nn.Module, target: Target, qweight, role: str = "linear",
 
 
 class Step(ABC):
-    """A recipe step: ``apply(model, calib)`` changes the model in place and returns it."""
+    """A recipe step: ``apply(model, calib)`` changes the model in place and returns it.
+
+    A step that ``streams`` can also run on a model streamed from its shards (a model larger than memory): the
+    driver calls :meth:`check` on the empty model, then :meth:`apply_block` once per decoder block while only
+    that block is filled, then :meth:`apply_rest` with the parts outside the blocks (embeddings, final norm,
+    head) filled. Its result is the same as :meth:`apply`'s."""
 
     Config: type[StepConfig]
     needs_calibration: bool = False  # True when apply() reads calibration windows
     needs_architecture: bool = False  # True when apply() reads the architecture table (a family outside it: refused)
+    streams: bool = False  # True when apply_block / apply_rest do apply()'s work one part at a time
 
     def __init__(self, config: StepConfig):
         self.config = config
@@ -130,6 +142,19 @@ class Step(ABC):
 
     @abstractmethod
     def apply(self, model: nn.Module, calib=None) -> nn.Module: ...
+
+    def check(self, model: nn.Module) -> None:
+        """Streamed: refuse what :meth:`apply` would refuse, on the model whose weights are still empty."""
+        return None
+
+    def apply_block(self, model: nn.Module, prefix: str, collect) -> None:
+        """Streamed: this step's work on the decoder block whose names start with ``prefix`` (the only one
+        filled); ``collect(names)`` gives those Linears' calibration statistics. Default: nothing."""
+        return None
+
+    def apply_rest(self, model: nn.Module, calib=None) -> None:
+        """Streamed: this step's work outside the decoder blocks (whose layers are then empty). Default: nothing."""
+        return None
 
 
 class Quantizer(Step):
@@ -146,9 +171,26 @@ class Quantizer(Step):
     def quantize(self, weight: torch.Tensor, stats=None) -> QuantizedWeight:
         """Quantize one float weight ``(out, in)``."""
 
+    streams = True
+
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         targets = select_targets(model, self.config.targets, self.config.ignore)
-        for target in tqdm(targets, desc=f"{self.config.step} {self.fmt.name}", unit="layer", leave=False):
-            install(model, target, self.quantize(target.weight()))
+        self._install_all(model, targets)
         log.info("quantized %d layers with %s %s", len(targets), self.config.step, self.fmt.name)
         return model
+
+    def _install_all(self, model: nn.Module, targets: list[Target]) -> None:
+        for target in tqdm(targets, desc=f"{self.config.step} {self.fmt.name}", unit="layer", leave=False):
+            install(model, target, self.quantize(target.weight()))
+
+    def check(self, model: nn.Module) -> None:
+        find_linears(model, self.config.targets, self.config.ignore)  # a pattern matching nothing is an error
+
+    def apply_block(self, model: nn.Module, prefix: str, collect) -> None:
+        self._install_all(model, select_targets(model, self.config.targets, self.config.ignore,
+                                                within=lambda name: name.startswith(prefix)))
+
+    def apply_rest(self, model: nn.Module, calib=None) -> None:
+        blocks = decoder_blocks(model)[0] + "."
+        self._install_all(model, select_targets(model, self.config.targets, self.config.ignore,
+                                                within=lambda name: not name.startswith(blocks)))

@@ -63,6 +63,10 @@ def _name_of(model: nn.Module, module: nn.Module) -> str:
 @register("step", "embeddings")
 class QuantizeEmbeddings(Step):
     Config = EmbeddingsConfig
+    streams = True  # its work is all outside the decoder blocks
+
+    def apply_rest(self, model: nn.Module, calib=None) -> None:
+        self.apply(model, calib)
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c = self.config

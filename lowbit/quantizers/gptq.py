@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calibration import Calibration, LayerStats, run_blockwise
+from ..calibration import Calibration, LayerStats, block_inputs, for_each_block
 from ..errors import LowbitError
 from ..formats import Format, fit_searched
 from ..qtensor import QuantizedWeight, fit_scales
@@ -134,11 +134,19 @@ class GPTQ(Quantizer):
 
     def apply(self, model, calib=None):
         calib = calib if isinstance(calib, Calibration) else Calibration(windows=calib)
-        targets = {t.name: t for t in select_targets(model, self.config.targets, self.config.ignore)}
-
-        def quantize_block(stats: dict[str, LayerStats]) -> None:
-            for name, st in stats.items():
-                install(model, targets[name], self.quantize(targets[name].weight(), st))
-
-        run_blockwise(model, calib.get_windows(model), list(targets), quantize_block, desc=f"gptq {self.fmt.name}")
+        select_targets(model, self.config.targets, self.config.ignore)  # the whole selection checked up front
+        windows = calib.get_windows(model)
+        for_each_block(model, block_inputs(model, windows),
+                       lambda prefix, collect: self.apply_block(model, prefix, collect), desc=f"gptq {self.fmt.name}")
         return model
+
+    def apply_block(self, model, prefix, collect) -> None:
+        targets = select_targets(model, self.config.targets, self.config.ignore,
+                                 within=lambda name: name.startswith(prefix))
+        if targets:  # a block with no targets needs only the pass that feeds the next block
+            stats = collect([t.name for t in targets])
+            for target in targets:
+                install(model, target, self.quantize(target.weight(), stats[target.name]))
+
+    def apply_rest(self, model, calib=None) -> None:
+        return None  # GPTQ calibrates Linears inside decoder blocks only (as apply does)

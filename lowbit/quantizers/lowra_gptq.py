@@ -4,7 +4,7 @@
 2. LowRA's Lloyd–Max fits weight every weight by ``a²·diag(H)_j`` (its block scale and its input column's
    power), so the per-group errors the precision assignment trades off estimate *output* error, not weight error.
    With ``sensitivity="fisher"`` each row's error is further weighted by ``E[(∂L/∂y_r)²]`` (one backward pass,
-   :func:`lowbit.calibration.output_sensitivity`), turning it into an estimate of the loss change.
+   :func:`lowbit.sensitivity.output_sensitivity`), turning it into an estimate of the loss change.
 3. Blockwise over the decoder (:func:`lowbit.calibration.run_blockwise`, inputs from the already quantized
    blocks), each layer is rounded column by column to its rows' codebooks with GPTQ's Hessian error feedback
    (:func:`lowbit.quantizers.gptq.error_feedback`). Codebooks and block scales (searched in step 2 with
@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration import Calibration, LayerStats, input_power, output_sensitivity, run_blockwise
+from ..calibration import Calibration, LayerStats, run_blockwise
 from ..errors import LowbitError
 from ..qmixed import MixedCodebookWeight
 from ..registry import register
+from ..sensitivity import input_power, output_sensitivity
 from .base import install, select_targets
 from .gptq import error_feedback, inverse_hessian_factor, prepare_hessian
 from .lowra import LayerFit, LowRA, LowRAConfig
