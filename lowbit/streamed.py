@@ -35,6 +35,11 @@ from .summary import float_expert_weights
 log = logging.getLogger(__name__)
 
 
+def memory_text(nbytes: int) -> str:
+    """``12.3 GiB`` or, below a GiB, ``345 MiB``."""
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.0f} MiB"
+
+
 def streaming_refusal(recipe: Recipe, calib: Calibration | None) -> str | None:
     """Why ``recipe`` (with ``calib``) cannot stream, or None when it can: a step that needs the whole model, or
     calibration text the float model samples itself."""
@@ -55,7 +60,7 @@ def quantize_streamed(source: str | Path, recipe: Recipe, calib: Calibration, ou
     model, tokenizer, shards = open_sharded(source)
     if reason is not None:
         raise LowbitError(f"{reason}: it cannot be streamed, and loading the model whole needs about "
-                          f"{fp32_bytes(shards.folder) / 2**30:.1f} GiB (fp32); quantize in memory where that fits "
+                          f"{memory_text(fp32_bytes(shards.folder))} (fp32); quantize in memory where that fits "
                           "(--no-stream) or choose a recipe of block-wise steps (rtn, gptq, embeddings)")
     if float_expert_weights(model):
         raise LowbitError(f"{source} is a mixture-of-experts model whose experts transformers fuses while loading: "

@@ -125,7 +125,7 @@ def choose_streaming(config: QuantizeConfig, kind: str, path: Path, recipe: Reci
     """Whether to stream: as asked (``config.stream``), else when the fp32 model needs more than half the memory
     available and it can stream. A model that would not fit whole and cannot stream is refused here, before
     anything loads, naming both figures."""
-    from ..streamed import streaming_refusal
+    from ..streamed import memory_text, streaming_refusal
 
     if config.stream is not None or kind != "hf":
         return bool(config.stream)
@@ -134,11 +134,11 @@ def choose_streaming(config: QuantizeConfig, kind: str, path: Path, recipe: Reci
         return False
     reason = streaming_refusal(recipe, calib)
     if reason is None:
-        log.info("the fp32 model needs %.1f GiB of %.1f GiB available: streaming it block by block", need / 2**30,
-                 room / 2**30)
+        log.info("the fp32 model needs %s of %s available: streaming it block by block", memory_text(need),
+                 memory_text(room))
         return True
     if need > room:
-        raise LowbitError(f"{config.model} needs {need / 2**30:.1f} GiB in fp32 and {room / 2**30:.1f} GiB are "
+        raise LowbitError(f"{config.model} needs {memory_text(need)} in fp32 and {memory_text(room)} are "
                           f"available; {reason}, so it cannot be streamed: choose a recipe of block-wise steps "
                           "(rtn, gptq, embeddings) or a machine with more memory")
     return False

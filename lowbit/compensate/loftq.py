@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..adapters import LoRA, LoRAConfig
 from ..config import StepConfig
 from ..errors import LowbitError
+from ..models import find_linears
 from ..quantizers.base import Quantizer, Step, install, select_targets
 from ..registry import get, register
 from ..state import state_of
@@ -99,26 +100,46 @@ class LoftQ(Step):
     """Each target layer packed by the base quantizer, with a LoRA that starts at the SVD of the residual."""
 
     Config = LoftQConfig
+    streams = True  # each layer on its own: block by block on a streamed model
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         base = self.config.base_config()
+        targets = select_targets(model, base.targets, base.ignore)
+        self.check(model)
+        self._pack(model, targets)
+        self.apply_rest(model)
+        return model
+
+    def check(self, model: nn.Module) -> None:
+        c, base = self.config, self.config.base_config()
+        for name, layer in find_linears(model, base.targets, base.ignore):
+            if c.rank >= min(layer.in_features, layer.out_features):
+                raise LowbitError(f"LoftQ rank {c.rank} is not below the width of {name!r} "
+                                  f"({layer.in_features}x{layer.out_features}); choose a smaller rank")
+        self._errors: dict[str, tuple[float, float]] = {}
+
+    def apply_block(self, model: nn.Module, prefix: str, collect) -> None:
+        base = self.config.base_config()
+        self._pack(model, select_targets(model, base.targets, base.ignore, within=lambda name: name.startswith(prefix)))
+
+    def _pack(self, model: nn.Module, targets) -> None:
+        """Each target packed by the base quantizer, with its LoRA at the SVD of the residual."""
+        base = self.config.base_config()
         c, quantizer = self.config, get("step", base.step)(base)
         lora_config = c.lora_config()
-        targets = select_targets(model, base.targets, base.ignore)
-        for t in targets:
-            if c.rank >= min(t.layer.in_features, t.layer.out_features):
-                raise LowbitError(f"LoftQ rank {c.rank} is not below the width of {t.name!r} "
-                                  f"({t.layer.in_features}x{t.layer.out_features}); choose a smaller rank")
-        errors = {}
         for t in tqdm(targets, desc=f"loftq r{c.rank}", unit="layer", leave=False):
             lora = LoRA(lora_config, t.layer.in_features, t.layer.out_features)
             float_columns = t.layer.in_features - t.columns
             qweight, before, after = loftq_layer(t.layer.weight.detach(), quantizer, lora, c.iterations, float_columns)
             install(model, t, qweight, adapters=nn.ModuleDict({c.adapter: lora}))
-            errors[t.name] = (before, after)
+            self._errors[t.name] = (before, after)
+
+    def apply_rest(self, model: nn.Module, calib=None) -> None:
+        errors = self._errors
+        if not errors:
+            return
         mean_before = sum(b for b, _ in errors.values()) / len(errors)
         mean_after = sum(a for _, a in errors.values()) / len(errors)
         log.info("loftq: relative weight error %.4f -> %.4f (mean over %d layers)", mean_before, mean_after,
                  len(errors))
         state_of(model).history["loftq"] = errors
-        return model

@@ -28,11 +28,16 @@ class GPTQConfig(QuantizerConfig):
     static_groups: bool = False  # fit every group's scale on the original weight before the loop
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``λ = damp · mean(diag H)``), so ``(H + λI)⁻¹ = UᵀU``."""
-    H = hessian.clone()
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float, overwrite: bool = False) -> torch.Tensor:
+    """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (``λ = damp · mean(diag H)``), so ``(H + λI)⁻¹ = UᵀU``.
+
+    ``overwrite=True`` computes it in ``hessian``'s own storage (the same values, no second ``in × in`` matrix:
+    256 MiB for a 8192-wide input)."""
+    H = hessian if overwrite else hessian.clone()
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    torch.linalg.cholesky(H, out=H)
+    torch.cholesky_inverse(H, out=H)
+    return torch.linalg.cholesky(H, upper=True, out=H)
 
 
 def error_feedback(W: torch.Tensor, U: torch.Tensor, quantize_column: Callable, block_size: int = 128) -> None:
@@ -94,7 +99,9 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity:
         if zeros is not None:
             zeros.copy_(z)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f)
-    W, H = W[:, perm], H[perm][:, perm]
+    W = W[:, perm]
+    H = H[perm]  # one step at a time: at most two in × in matrices alive
+    H = H[:, perm]
     codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
     fitted = torch.full((n_groups,), static)
 
@@ -114,7 +121,9 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity:
         codes[:, col] = q[:, 0]
         return fmt.decode(q, s, z)[:, 0]
 
-    error_feedback(W, inverse_hessian_factor(H, damp), quantize_column, block_size)
+    U = inverse_hessian_factor(H, damp, overwrite=True)  # H is a permuted copy of its own
+    del H
+    error_feedback(W, U, quantize_column, block_size)
     return QuantizedWeight.from_codes(codes, scales, zeros, fmt, granularity, g)
 
 

@@ -1,0 +1,307 @@
+"""How quantize time and memory, load time and decode speed grow with model size, and a quantize under a memory
+limit smaller than the model.
+
+    python benchmarks/scale_ladder.py ladder [--sizes 0.1b 1b 3b 8b] [--gptq-sizes 0.1b] [--calib-windows 16]
+    python benchmarks/scale_ladder.py limit --size 1.6b --limit-mb 1500 [--recipes rtn-w4g128 gptq-w4g128]
+    python benchmarks/scale_ladder.py depth --blocks 12 48 [--limit-mb 0]
+
+Models are LLaMA-shaped with random bf16 weights (normal, std 0.02; norms 1) written to disk as HF folders of
+safetensors shards, tensor by tensor (the writer never holds a model): 0.1b is SmolLM2-135M's shape, 1b and 3b
+Llama-3.2's, 8b Llama-3.1's, 1.6b a TinyLlama-wide model of 34 blocks (3.26 GB in bf16). All use SmolLM2's
+tokenizer (its ids fit every vocabulary). Every measured command runs in a fresh process, alone; peak RSS is the
+child's whole life (``wait4``). ``limit`` and ``depth`` run the child in a cgroup-v1 memory group with that limit
+(swap off; page cache counts but is reclaimed) where the machine allows it, else under a watchdog that kills it
+when its RSS crosses the limit; a killed run is reported as such.
+
+Prints one JSON object; ``--out`` also writes it to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+SHAPES = {  # hidden, intermediate, blocks, heads, kv heads, vocab, tied
+    "0.1b": (576, 1536, 30, 9, 3, 49152, True),
+    "1b": (2048, 8192, 16, 32, 8, 128256, True),
+    "1.6b": (2048, 5632, 34, 32, 4, 32000, False),
+    "3b": (3072, 8192, 28, 24, 8, 128256, True),
+    "8b": (4096, 14336, 32, 32, 8, 128256, False),
+}
+CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+def config_for(size: str, blocks: int | None = None) -> dict:
+    hidden, inter, layers, heads, kv, vocab, tied = SHAPES[size]
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": blocks or layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "vocab_size": vocab, "tie_word_embeddings": tied, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 8192, "rope_theta": 500000.0, "hidden_act": "silu", "dtype": "bfloat16",
+            "bos_token_id": 1, "eos_token_id": 2}
+
+
+def model_folder(size: str, blocks: int | None = None) -> Path:
+    """The random model's folder, written once by a child process (a child's peak RSS starts from its parent's
+    at the fork, so this process never holds anything big)."""
+    folder = WORK / (f"llama-{size}" + (f"-{blocks}blocks" if blocks else ""))
+    if not (folder / "config.json").is_file():
+        subprocess.run([sys.executable, __file__, "write", "--size", size, "--blocks", str(blocks or 0)], check=True)
+    return folder
+
+
+def write_model(folder: Path, config: dict, shard_bytes: int = 2 << 30) -> Path:
+    """A random bf16 LLaMA as an HF folder, tensor by tensor (never the whole model in memory)."""
+    if (folder / "config.json").is_file():
+        return folder
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
+    with init_empty_weights():
+        shapes = {n: t.shape for n, t in LlamaForCausalLM(cfg).state_dict().items()
+                  if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
+    gen = torch.Generator().manual_seed(0)
+    shards, shard, size = [], {}, 0  # names per written shard; the tensors of the one being filled
+    for i, (name, shape) in enumerate(shapes.items()):
+        shard[name] = torch.ones(shape, dtype=torch.bfloat16) if name.endswith("norm.weight") else \
+            (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        size += shard[name].numel() * 2
+        if size >= shard_bytes or i == len(shapes) - 1:
+            shards.append(list(shard))
+            save_file(shard, tmp / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
+            shard, size = {}, 0
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        (tmp / f"part-{i}.safetensors").rename(tmp / final)
+        weight_map.update(dict.fromkeys(names, final))
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    AutoTokenizer.from_pretrained(smollm_tokenizer()).save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def smollm_tokenizer() -> Path:
+    """SmolLM2's tokenizer files, written once beside the models."""
+    folder = WORK / "smollm2-tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        import lowbit
+
+        _, tokenizer = lowbit.load_model("smollm2-135m")
+        tokenizer.save_pretrained(folder)
+    return folder
+
+
+class Limit:
+    """Run a child under a memory limit: a cgroup-v1 memory group where possible, else an RSS watchdog."""
+
+    def __init__(self, limit_mb: int):
+        self.limit_mb = limit_mb
+        self.group = None
+        if limit_mb and CGROUP.is_dir() and os.access(CGROUP, os.W_OK):
+            self.group = CGROUP / f"lowbit-bench-{os.getpid()}"
+            self.group.mkdir(exist_ok=True)
+            (self.group / "memory.limit_in_bytes").write_text(str(limit_mb << 20))
+            swap = self.group / "memory.memsw.limit_in_bytes"
+            if swap.exists():
+                swap.write_text(str(limit_mb << 20))
+
+    @property
+    def kind(self) -> str:
+        if not self.limit_mb:
+            return "none"
+        return "cgroup-v1 memory.limit_in_bytes" if self.group else "RSS watchdog"
+
+    def run(self, cmd: list[str]) -> dict:
+        """``cmd``'s stdout JSON (if any), exit code, wall seconds, peak RSS (MiB) and, in a cgroup, the group's
+        peak usage (page cache included) and whether the kernel's OOM killer fired."""
+        if self.group:
+            (self.group / "memory.max_usage_in_bytes").write_text("0")
+            cmd = ["sh", "-c", f'echo $$ > {self.group}/cgroup.procs && exec "$@"', "sh", *cmd]
+        start = time.perf_counter()
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+            killed = []
+            if self.limit_mb and not self.group:
+                threading.Thread(target=self._watch, args=(child.pid, killed), daemon=True).start()
+            _, status, usage = os.wait4(child.pid, 0)
+            seconds = time.perf_counter() - start
+            code = os.waitstatus_to_exitcode(status)
+            out.seek(0)
+            err.seek(0)
+            text, tail = out.read(), err.read().strip()[-400:]
+        result = {"exit": code, "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
+                  "killed": code == -9 or bool(killed)}
+        if self.group:
+            result["cgroup_peak_mb"] = round(int((self.group / "memory.max_usage_in_bytes").read_text()) / 2**20)
+        try:
+            result["json"] = json.loads(text)
+        except ValueError:
+            result["stderr"] = tail
+        return result
+
+    def _watch(self, pid: int, killed: list) -> None:
+        status = Path(f"/proc/{pid}/status")
+        while True:
+            try:
+                rss = next(int(line.split()[1]) for line in status.read_text().splitlines()
+                           if line.startswith("VmRSS:")) / 1024
+            except (OSError, StopIteration):
+                return
+            if rss > self.limit_mb:
+                killed.append(rss)
+                os.kill(pid, 9)
+                return
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        if self.group:
+            self.group.rmdir()
+
+
+def lowbit_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lowbit", *args]
+
+
+LOAD_AND_DECODE = """
+import json, sys, time, torch
+t = time.perf_counter()
+import lowbit
+model, tok = lowbit.load(sys.argv[1])
+load = time.perf_counter() - t
+from lowbit.memory import rss_mb
+after_load = rss_mb()
+ids = tok("The history of", return_tensors="pt").input_ids
+with torch.inference_mode():
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    t = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=int(sys.argv[2]), min_new_tokens=int(sys.argv[2]), do_sample=False)
+    dt = time.perf_counter() - t
+print(json.dumps({"load_seconds": load, "rss_after_load_mb": after_load,
+                  "decode_tok_s": (out.shape[1] - ids.shape[1]) / dt}))
+"""
+
+
+def quantize_row(limit: Limit, folder: Path, recipe: str, out: Path, calib_windows: int) -> dict:
+    r = limit.run(lowbit_cmd("quantize", str(folder), "--recipe", recipe, "--out", str(out), "--windows", "0",
+                             "--stream", "--force", "--json", "--calib-windows", str(calib_windows)))
+    row = {k: v for k, v in r.items() if k != "json"}
+    if "json" in r:
+        row.update(quantize_seconds=round(r["json"]["quantize_seconds"], 1),
+                   bits_per_weight=round(r["json"]["bits_per_weight"], 3), size_mb=round(r["json"]["size_mb"]))
+    return row
+
+
+def ladder(args) -> dict:
+    rows = {}
+    none = Limit(0)
+    for size in args.sizes:
+        t = time.perf_counter()
+        folder = model_folder(size)
+        params = _params(folder)
+        row = {"params": params, "bf16_gb": round(params * 2 / 1e9, 2), "write_seconds": round(time.perf_counter() - t)}
+        for recipe in ["rtn-w4g128"] + (["gptq-w4g128"] if size in args.gptq_sizes else []):
+            out = WORK / f"llama-{size}-{recipe}"
+            row[recipe] = quantize_row(none, folder, recipe, out, args.calib_windows)
+        out = WORK / f"llama-{size}-rtn-w4g128"
+        r = none.run([sys.executable, "-c", LOAD_AND_DECODE, str(out), str(args.decode_tokens)])
+        row["load_decode"] = {**r.get("json", {}), "peak_rss_mb": r["peak_rss_mb"], "exit": r["exit"]}
+        rows[size] = row
+        print(json.dumps({size: row}), file=sys.stderr, flush=True)
+    return {"mode": "ladder", "calib_windows": args.calib_windows, "rows": rows}
+
+
+def _params(folder: Path) -> int:
+    """Parameters stored in an HF folder, from its safetensors headers (read as JSON: nothing heavy imported)."""
+    total = 0
+    for shard in folder.glob("*.safetensors"):
+        with open(shard, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                n = 1
+                for d in entry["shape"]:
+                    n *= d
+                total += n
+    return total
+
+
+def limited(args) -> dict:
+    limit = Limit(args.limit_mb)
+    try:
+        folder = model_folder(args.size)
+        params = _params(folder)
+        rows = {recipe: quantize_row(limit, folder, recipe, WORK / f"llama-{args.size}-{recipe}", args.calib_windows)
+                for recipe in args.recipes}
+    finally:
+        limit.close()
+    return {"mode": "limit", "size": args.size, "params": params, "bf16_mb": round(params * 2 / 2**20),
+            "limit_mb": args.limit_mb, "limit_kind": limit.kind, "calib_windows": args.calib_windows, "rows": rows}
+
+
+def depth(args) -> dict:
+    limit = Limit(args.limit_mb)
+    rows = {}
+    try:
+        for blocks in args.blocks:
+            folder = model_folder(args.size, blocks)
+            rows[blocks] = quantize_row(limit, folder, "gptq-w4g128", WORK / f"llama-{args.size}-{blocks}-gptq",
+                                        args.calib_windows)
+    finally:
+        limit.close()
+    peaks = [r["peak_rss_mb"] for r in rows.values()]
+    return {"mode": "depth", "size": args.size, "calib_windows": args.calib_windows, "limit_mb": args.limit_mb,
+            "rows": rows, "peak_spread": round(max(peaks) / min(peaks) - 1, 4)}
+
+
+WORK = Path(os.environ.get("LOWBIT_BENCH_WORK", Path(tempfile.gettempdir()) / "lowbit-ladder"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p = sub.add_parser("ladder")
+    p.add_argument("--sizes", nargs="+", default=["0.1b", "1b", "3b", "8b"], choices=list(SHAPES))
+    p.add_argument("--gptq-sizes", nargs="*", default=["0.1b"], choices=list(SHAPES))
+    p.add_argument("--decode-tokens", type=int, default=16)
+    p = sub.add_parser("limit")
+    p.add_argument("--size", default="1.6b", choices=list(SHAPES))
+    p.add_argument("--limit-mb", type=int, default=1500)
+    p.add_argument("--recipes", nargs="+", default=["rtn-w4g128", "gptq-w4g128"])
+    p = sub.add_parser("write", help=argparse.SUPPRESS)
+    p.add_argument("--size", choices=list(SHAPES))
+    p.add_argument("--blocks", type=int, default=0)
+    p = sub.add_parser("depth")
+    p.add_argument("--size", default="0.1b", choices=list(SHAPES))
+    p.add_argument("--blocks", type=int, nargs="+", default=[12, 48])
+    p.add_argument("--limit-mb", type=int, default=0)
+    for p in sub.choices.values():
+        p.add_argument("--calib-windows", type=int, default=16)
+        p.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.mode == "write":
+        name = f"llama-{args.size}" + (f"-{args.blocks}blocks" if args.blocks else "")
+        write_model(WORK / name, config_for(args.size, args.blocks or None))
+        return
+    result = {"ladder": ladder, "limit": limited, "depth": depth}[args.mode](args)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
