@@ -7,7 +7,7 @@ limit smaller than the model.
 
 Models are LLaMA-shaped with random bf16 weights (normal, std 0.02; norms 1) written to disk as HF folders of
 safetensors shards, tensor by tensor (the writer never holds a model): 0.1b is SmolLM2-135M's shape, 1b and 3b
-Llama-3.2's, 8b Llama-3.1's, 1.6b a TinyLlama-wide model of 34 blocks (3.26 GB in bf16). All use SmolLM2's
+Llama-3.2's, 8b Llama-3.1's, 1.6b a TinyLlama-wide model of 34 blocks with SmolLM2's vocabulary (3.4 GB in bf16). All use SmolLM2's
 tokenizer (its ids fit every vocabulary). Every measured command runs in a fresh process, alone; peak RSS is the
 child's whole life (``wait4``). ``limit`` and ``depth`` run the child in a cgroup-v1 memory group with that limit
 (swap off; page cache counts but is reclaimed) where the machine allows it, else under a watchdog that kills it
@@ -31,7 +31,7 @@ from pathlib import Path
 SHAPES = {  # hidden, intermediate, blocks, heads, kv heads, vocab, tied
     "0.1b": (576, 1536, 30, 9, 3, 49152, True),
     "1b": (2048, 8192, 16, 32, 8, 128256, True),
-    "1.6b": (2048, 5632, 34, 32, 4, 32000, False),
+    "1.6b": (2048, 5632, 34, 32, 4, 49152, False),
     "3b": (3072, 8192, 28, 24, 8, 128256, True),
     "8b": (4096, 14336, 32, 32, 8, 128256, False),
 }

@@ -144,6 +144,10 @@ def block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Te
     """Hidden states entering block 0 for each window ``(1, L, d)``, and the keyword arguments the model passes
     to its blocks (attention mask, rotary embeddings, positions) for one window."""
     _, blocks = decoder_blocks(model)
+    vocab = getattr(model.get_input_embeddings(), "num_embeddings", None)
+    if vocab is not None and windows.numel() and int(windows.max()) >= vocab:
+        raise LowbitError(f"calibration token id {int(windows.max())} is outside the model's vocabulary of {vocab}: "
+                          "the tokenizer does not belong to this model; use the model's own tokenizer")
     hidden: list[torch.Tensor] = []
     kwargs: dict = {}
 

@@ -80,7 +80,8 @@ def _versions() -> dict:
 class CheckpointTensors:
     """The tensor shards of a checkpoint being written into the staged folder ``folder``, one part of the model
     at a time (:meth:`add`): packed tensors of quantized layers appended to the packed shard as they come, the
-    rest (embeddings, norms, biases, a float head) kept until :meth:`finish` writes the float shard and the index.
+    rest (embeddings, norms, biases, a float head) to the float shard; :meth:`finish` completes both and writes
+    the index. Nothing is held back in memory.
 
     The in-memory :func:`save` adds each decoder block, then the rest; the streamed quantize adds each block as it
     is finished and freed, then the rest: the same calls in the same order, hence the same bytes. Tensors that
@@ -91,9 +92,8 @@ class CheckpointTensors:
         meta = {"format": "pt", "lowbit_format_version": str(FORMAT_VERSION)}
         self.folder = folder
         self.packed = TensorAppender(folder / PACKED_SHARD, meta)
-        self.floats: dict[str, torch.Tensor] = {}
+        self.floats = TensorAppender(folder / FLOAT_SHARD, meta)
         self.aliases: dict[str, str] = {}
-        self._meta = meta
         self._seen: dict[tuple, tuple[str, weakref.ref]] = {}
 
     def add(self, model: nn.Module, keep: Callable[[str], bool]) -> None:
@@ -126,17 +126,14 @@ class CheckpointTensors:
             if layer is not None and leaf in layer.packed_names:
                 self.packed.append(name, t)
             else:
-                self.floats[name] = t.contiguous().cpu()
+                self.floats.append(name, t)
 
     def finish(self) -> None:
         """Close the packed shard, write the float shard and the HF shard index."""
         self.packed.close()
-        floats = TensorAppender(self.folder / FLOAT_SHARD, self._meta)
-        for name, t in self.floats.items():
-            floats.append(name, t)
-        floats.close()
-        weight_map = {**{k: PACKED_SHARD for k in self.packed.header}, **{k: FLOAT_SHARD for k in self.floats}}
-        total = self.packed.nbytes + floats.nbytes
+        self.floats.close()
+        weight_map = {**{k: PACKED_SHARD for k in self.packed.header}, **{k: FLOAT_SHARD for k in self.floats.header}}
+        total = self.packed.nbytes + self.floats.nbytes
         (self.folder / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                     indent=1))
 

@@ -66,20 +66,20 @@ class ShardedSource:
         self.dtype = dtype
         self.tensors = source_tensors(folder)
         expected = set(model.state_dict())
-        tied = {n for n in expected if n not in self.tensors and self._tied(model, n)}
+        tied = {n for n in expected if n not in self.tensors and self.is_tied(model, n)}
         missing = sorted(expected - tied - set(self.tensors))
         if missing:
             raise LowbitError(f"{folder} holds no tensor {missing[0]!r} ({len(missing)} names the model has are not "
                               "stored under them; transformers renames or fuses them while loading): this source "
                               "cannot be streamed, quantize it in memory (--no-stream)")
 
-    @staticmethod
-    def _tied(model: nn.Module, name: str) -> bool:
+    def is_tied(self, model: nn.Module, name: str) -> bool:
+        """Whether ``name`` is the output head's weight, tied to the input embeddings (stored once, as theirs)."""
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None \
             and name == _name_of(model, out) + ".weight"
 
-    def load(self, model: nn.Module, keep) -> None:
+    def load(self, model: nn.Module, keep, tie: bool = True) -> None:
         """Fill the meta tensors of ``model`` whose state-dict names ``keep`` accepts from the shards (each shard
         opened once, closed after), in the model's dtype (integer tensors as stored); re-tie a tied head."""
         from safetensors import safe_open
@@ -93,13 +93,19 @@ class ShardedSource:
                 for name in names:
                     t = f.get_tensor(name)
                     _assign(model, name, t.to(self.dtype) if t.is_floating_point() else t)
-        if getattr(model.config, "tie_word_embeddings", False):
+        if tie and getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
 
     @staticmethod
     def release(module: nn.Module) -> None:
         """Empty ``module``'s tensors (moved to the meta device: shapes and layouts stay, memory goes)."""
         module.to("meta")
+
+    @staticmethod
+    def empty(model: nn.Module, name: str) -> None:
+        """Empty the one tensor ``name`` of ``model`` (a meta tensor of its shape and dtype in its place)."""
+        held = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
+        _assign(model, name, torch.empty_like(held, device="meta"))
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:

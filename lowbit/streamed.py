@@ -99,13 +99,34 @@ def quantize_streamed(source: str | Path, recipe: Recipe, calib: Calibration, ou
 
         for_each_block(model, inputs, work, desc=f"streamed {recipe.name}", load=load, done=done)
         rest = parts[-1]
-        shards.load(model, rest)
+        whole = any(step.outside_blocks(model) for step in steps)
+        if whole:  # a step changes the embeddings or the head: they are filled together
+            shards.load(model, rest)
         for step in steps:
             step.apply_rest(model, calib)
         state_of(model).recipe = recipe
         state_of(model).quantize_seconds = time.perf_counter() - start
-        tensors.add(model, rest)
+        if whole:
+            tensors.add(model, rest)
+        else:
+            copy_by_tensor(model, shards, tensors, rest)
         tensors.finish()
         write_metadata(model, tmp, tensors.aliases, tokenizer, extra)
     log.info("saved %s (streamed)", out)
     return model, tokenizer
+
+
+def copy_by_tensor(model, shards, tensors: CheckpointTensors, keep) -> None:
+    """Write the float tensors ``keep`` accepts one at a time (filled, stored, emptied), in state-dict order: the
+    embeddings and head of a large model are never all in memory. A head tied to the input embeddings is recorded
+    as their alias, as :func:`lowbit.save` records it."""
+    embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
+    for name in [n for n in model.state_dict() if keep(n)]:
+        if shards.is_tied(model, name):
+            tensors.aliases[name] = embed
+            continue
+        shards.load(model, lambda n, name=name: n == name, tie=False)
+        tensors.add(model, lambda n, name=name: n == name)
+        shards.empty(model, name)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()  # the emptied head shares the emptied table again (the manifest counts it once)

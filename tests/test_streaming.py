@@ -73,17 +73,19 @@ def test_the_streamed_checkpoint_is_byte_identical_to_the_in_memory_one(source, 
 
 
 def test_at_most_one_block_is_filled_at_any_time(source, tmp_path, monkeypatch):
-    filled_counts = []
+    seen = []  # after each fill: (blocks holding memory, tensors outside the blocks holding memory)
     real = ShardedSource.load
 
-    def load(self, model, keep):
-        real(self, model, keep)
-        _, blocks = lowbit.models.decoder_blocks(model)
-        filled_counts.append(sum(any(not t.is_meta for t in b.state_dict().values()) for b in blocks))
+    def load(self, model, keep, tie=True):
+        real(self, model, keep, tie)
+        prefix, blocks = lowbit.models.decoder_blocks(model)
+        outside = [n for n, t in model.state_dict().items() if not n.startswith(prefix + ".") and not t.is_meta]
+        seen.append((sum(any(not t.is_meta for t in b.state_dict().values()) for b in blocks), len(outside)))
 
     monkeypatch.setattr(ShardedSource, "load", load)
     _quantize(source, tmp_path / "q", "gptq-w4g64", stream=True)
-    assert filled_counts == [0, 1, 1, 1, 0]  # embeddings, each block alone, then the rest
+    # the input embeddings (for the calibration inputs), each block alone, then embeddings, norm, head one by one
+    assert seen == [(0, 1), (1, 0), (1, 0), (1, 0), (0, 1), (0, 1), (0, 1)]
 
 
 @pytest.mark.parametrize(("recipe", "phrase"), [

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from ..adapters import LoRA, LoRAConfig
 from ..config import StepConfig
 from ..errors import LowbitError
-from ..models import find_linears
-from ..quantizers.base import Quantizer, Step, install, select_targets
+from ..models import decoder_blocks, find_linears
+from ..quantizers.base import Quantizer, Step, install, select_targets, targets_outside_blocks
 from ..registry import get, register
 from ..state import state_of
 
@@ -107,7 +107,7 @@ class LoftQ(Step):
         targets = select_targets(model, base.targets, base.ignore)
         self.check(model)
         self._pack(model, targets)
-        self.apply_rest(model)
+        self._report(model)
         return model
 
     def check(self, model: nn.Module) -> None:
@@ -134,7 +134,18 @@ class LoftQ(Step):
             install(model, t, qweight, adapters=nn.ModuleDict({c.adapter: lora}))
             self._errors[t.name] = (before, after)
 
+    def outside_blocks(self, model: nn.Module) -> bool:
+        base = self.config.base_config()
+        return targets_outside_blocks(model, base.targets, base.ignore)
+
     def apply_rest(self, model: nn.Module, calib=None) -> None:
+        base = self.config.base_config()
+        blocks = decoder_blocks(model)[0] + "."
+        self._pack(model, select_targets(model, base.targets, base.ignore,
+                                         within=lambda name: not name.startswith(blocks)))
+        self._report(model)
+
+    def _report(self, model: nn.Module) -> None:
         errors = self._errors
         if not errors:
             return

@@ -156,6 +156,11 @@ class Step(ABC):
         """Streamed: this step's work outside the decoder blocks (whose layers are then empty). Default: nothing."""
         return None
 
+    def outside_blocks(self, model: nn.Module) -> bool:
+        """Streamed: whether :meth:`apply_rest` changes anything (else the parts outside the blocks are copied to
+        the checkpoint one tensor at a time, never all in memory). Default: no."""
+        return False
+
 
 class Quantizer(Step):
     """A weight quantizer: turns each target ``nn.Linear`` into a :class:`QLinear`."""
@@ -194,3 +199,12 @@ class Quantizer(Step):
         blocks = decoder_blocks(model)[0] + "."
         self._install_all(model, select_targets(model, self.config.targets, self.config.ignore,
                                                 within=lambda name: not name.startswith(blocks)))
+
+    def outside_blocks(self, model: nn.Module) -> bool:
+        return targets_outside_blocks(model, self.config.targets, self.config.ignore)
+
+
+def targets_outside_blocks(model: nn.Module, targets, ignore) -> bool:
+    """Whether a selection holds a Linear outside the decoder blocks (e.g. ``lm_head``)."""
+    blocks = decoder_blocks(model)[0] + "."
+    return any(not name.startswith(blocks) for name, _ in find_linears(model, targets, ignore, strict=False))

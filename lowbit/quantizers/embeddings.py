@@ -68,6 +68,9 @@ class QuantizeEmbeddings(Step):
     def apply_rest(self, model: nn.Module, calib=None) -> None:
         self.apply(model, calib)
 
+    def outside_blocks(self, model: nn.Module) -> bool:
+        return True
+
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c = self.config
         fmt = c.make_format()

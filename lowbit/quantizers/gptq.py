@@ -159,3 +159,6 @@ class GPTQ(Quantizer):
 
     def apply_rest(self, model, calib=None) -> None:
         return None  # GPTQ calibrates Linears inside decoder blocks only (as apply does)
+
+    def outside_blocks(self, model) -> bool:
+        return False
