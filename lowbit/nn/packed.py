@@ -39,6 +39,7 @@ class PackedModule(nn.Module):
     def _apply(self, fn, recurse=True):
         # Device moves apply to the packed buffers, dtype casts do not: their dtypes are part of the format.
         kept = {n: getattr(self, n) for n in self.packed_names}
+        self.__dict__.pop("_qweight_cache", None)  # it would keep the old buffers alive (and their memory)
         super()._apply(fn, recurse)
         device = getattr(self, self.packed_names[0]).device
         for n, t in kept.items():
