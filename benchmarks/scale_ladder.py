@@ -7,11 +7,13 @@ limit smaller than the model.
 
 Models are LLaMA-shaped with random bf16 weights (normal, std 0.02; norms 1) written to disk as HF folders of
 safetensors shards, tensor by tensor (the writer never holds a model): 0.1b is SmolLM2-135M's shape, 1b and 3b
-Llama-3.2's, 8b Llama-3.1's, 1.6b a TinyLlama-wide model of 34 blocks with SmolLM2's vocabulary (3.4 GB in bf16). All use SmolLM2's
-tokenizer (its ids fit every vocabulary). Every measured command runs in a fresh process, alone; peak RSS is the
-child's whole life (``wait4``). ``limit`` and ``depth`` run the child in a cgroup-v1 memory group with that limit
-(swap off; page cache counts but is reclaimed) where the machine allows it, else under a watchdog that kills it
-when its RSS crosses the limit; a killed run is reported as such.
+Llama-3.2's, 8b Llama-3.1's, 1.6b a TinyLlama-wide model of 34 blocks with SmolLM2's vocabulary (3.4 GB in
+bf16). All use SmolLM2's tokenizer (its ids fit every vocabulary). The ladder ends with a projection to
+Llama-70B's shape from linear fits of the measured rows (:func:`project`). Every measured command runs in a
+fresh process, alone; peak RSS is the child's whole life (``wait4``; this process stays small, since a child's
+peak starts from its parent's at the fork). ``limit`` and ``depth`` run the child in a cgroup-v1 memory group
+with that limit (swap off; page cache counts but is reclaimed) where the machine allows it, else under a
+watchdog that kills it when its RSS crosses the limit; a killed run is reported as such.
 
 Prints one JSON object; ``--out`` also writes it to a file.
 """
@@ -35,7 +37,62 @@ SHAPES = {  # hidden, intermediate, blocks, heads, kv heads, vocab, tied
     "3b": (3072, 8192, 28, 24, 8, 128256, True),
     "8b": (4096, 14336, 32, 32, 8, 128256, False),
 }
+LLAMA_70B = (8192, 28672, 80, 64, 8, 128256, False)  # the projection's target (Llama-3.1-70B's shape)
 CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+def shape_params(shape: tuple) -> dict:
+    """Parameters of a LLaMA shape: in all, per decoder block, in the input embeddings."""
+    hidden, inter, layers, heads, kv, vocab, tied = shape
+    kv_width = kv * (hidden // heads)
+    block = 2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * inter + 2 * hidden
+    return {"total": layers * block + vocab * hidden * (1 if tied else 2) + hidden, "block": block,
+            "embedding": vocab * hidden}
+
+
+def fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b·x``: ``(a, b)``."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
+def project(rows: dict) -> dict:
+    """Each measured quantity fitted linearly against what it should grow with, and read at Llama-70B's shape:
+    quantize and load seconds against all parameters, peak RSS of the streamed quantize against the largest
+    part held at once (a block in fp32, or the embedding table in bf16 when the head is copied tensor by tensor),
+    seconds per decoded token against the checkpoint's bytes."""
+    target = shape_params(LLAMA_70B)
+    sizes = [s for s in rows if "json" not in rows[s] and rows[s].get("rtn-w4g128", {}).get("exit") == 0]
+    out = {"target": "llama-70b shape", "target_params": target["total"], "from_sizes": sizes}
+
+    def part(size_or_shape):
+        p = shape_params(SHAPES[size_or_shape] if isinstance(size_or_shape, str) else size_or_shape)
+        return max(4 * p["block"], 2 * p["embedding"])
+
+    series = {
+        "rtn_quantize_seconds": ([shape_params(SHAPES[s])["total"] for s in sizes],
+                                 [rows[s]["rtn-w4g128"]["quantize_seconds"] for s in sizes], target["total"]),
+        "rtn_peak_rss_mb": ([part(s) for s in sizes], [rows[s]["rtn-w4g128"]["peak_rss_mb"] for s in sizes],
+                            part(LLAMA_70B)),
+        "load_seconds": ([shape_params(SHAPES[s])["total"] for s in sizes],
+                         [rows[s]["load_decode"]["load_seconds"] for s in sizes], target["total"]),
+        "seconds_per_token": ([rows[s]["rtn-w4g128"]["size_mb"] for s in sizes],
+                              [1 / rows[s]["load_decode"]["decode_tok_s"] for s in sizes], None),
+    }
+    for name, (xs, ys, at) in series.items():
+        if len(xs) < 2:
+            continue
+        a, b = fit(xs, ys)
+        if at is None:  # decode: against checkpoint MB, extrapolated by the 8b row's MB per parameter
+            last = sizes[-1]
+            at = rows[last]["rtn-w4g128"]["size_mb"] * target["total"] / shape_params(SHAPES[last])["total"]
+        out[name] = {"intercept": round(a, 4), "slope": b, "at_target": round(a + b * at, 2)}
+    if "seconds_per_token" in out:
+        out["decode_tok_s_at_target"] = round(1 / out["seconds_per_token"]["at_target"], 3)
+    return out
 
 
 def config_for(size: str, blocks: int | None = None) -> dict:
@@ -177,19 +234,21 @@ def lowbit_cmd(*args: str) -> list[str]:
 
 LOAD_AND_DECODE = """
 import json, sys, time, torch
-t = time.perf_counter()
 import lowbit
+t = time.perf_counter()
 model, tok = lowbit.load(sys.argv[1])
 load = time.perf_counter() - t
-from lowbit.memory import rss_mb
-after_load = rss_mb()
+import re
+from pathlib import Path
+status = dict(re.findall(r"(\\w+):\\s+(\\d+) kB", Path("/proc/self/status").read_text()))
+after_load = {k: int(status[k]) // 1024 for k in ("VmRSS", "RssAnon", "RssFile")}
 ids = tok("The history of", return_tensors="pt").input_ids
 with torch.inference_mode():
     model.generate(ids, max_new_tokens=2, do_sample=False)
     t = time.perf_counter()
     out = model.generate(ids, max_new_tokens=int(sys.argv[2]), min_new_tokens=int(sys.argv[2]), do_sample=False)
     dt = time.perf_counter() - t
-print(json.dumps({"load_seconds": load, "rss_after_load_mb": after_load,
+print(json.dumps({"load_seconds": load, "after_load_mb": after_load,
                   "decode_tok_s": (out.shape[1] - ids.shape[1]) / dt}))
 """
 
@@ -220,7 +279,7 @@ def ladder(args) -> dict:
         row["load_decode"] = {**r.get("json", {}), "peak_rss_mb": r["peak_rss_mb"], "exit": r["exit"]}
         rows[size] = row
         print(json.dumps({size: row}), file=sys.stderr, flush=True)
-    return {"mode": "ladder", "calib_windows": args.calib_windows, "rows": rows}
+    return {"mode": "ladder", "calib_windows": args.calib_windows, "rows": rows, "projection": project(rows)}
 
 
 def _params(folder: Path) -> int:

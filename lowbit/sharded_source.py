@@ -79,9 +79,11 @@ class ShardedSource:
         return bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None \
             and name == _name_of(model, out) + ".weight"
 
-    def load(self, model: nn.Module, keep, tie: bool = True) -> None:
+    def load(self, model: nn.Module, keep, tie: bool = True, stored: torch.dtype | None = None) -> None:
         """Fill the meta tensors of ``model`` whose state-dict names ``keep`` accepts from the shards (each shard
-        opened once, closed after), in the model's dtype (integer tensors as stored); re-tie a tied head."""
+        opened once, closed after), in the model's dtype (integer tensors as stored, and float tensors the shard
+        holds in dtype ``stored``: a copy into a checkpoint that stores that dtype needs no fp32 detour); re-tie a
+        tied head."""
         from safetensors import safe_open
 
         wanted = defaultdict(list)
@@ -92,7 +94,7 @@ class ShardedSource:
             with safe_open(self.folder / file, "pt") as f:
                 for name in names:
                     t = f.get_tensor(name)
-                    _assign(model, name, t.to(self.dtype) if t.is_floating_point() else t)
+                    _assign(model, name, t.to(self.dtype) if t.is_floating_point() and t.dtype != stored else t)
         if tie and getattr(model.config, "tie_word_embeddings", False):
             model.tie_weights()
 
@@ -102,10 +104,9 @@ class ShardedSource:
         module.to("meta")
 
     @staticmethod
-    def empty(model: nn.Module, name: str) -> None:
-        """Empty the one tensor ``name`` of ``model`` (a meta tensor of its shape and dtype in its place)."""
-        held = model.get_parameter(name) if name in dict(model.named_parameters()) else model.get_buffer(name)
-        _assign(model, name, torch.empty_like(held, device="meta"))
+    def empty(model: nn.Module, name: str, like: torch.Tensor) -> None:
+        """Empty the one tensor ``name`` of ``model``: a meta tensor shaped and typed as ``like`` in its place."""
+        _assign(model, name, torch.empty_like(like, device="meta"))
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:

@@ -25,7 +25,7 @@ from .calibration import Calibration, block_inputs, for_each_block
 from .errors import LowbitError
 from .fileio import staged_folder
 from .io import CheckpointTensors, block_parts, check_savable, write_metadata
-from .models import decoder_blocks
+from .models import decoder_blocks, storage_dtype
 from .recipe import Recipe
 from .registry import get
 from .sharded_source import fp32_bytes, open_sharded
@@ -117,16 +117,18 @@ def quantize_streamed(source: str | Path, recipe: Recipe, calib: Calibration, ou
 
 
 def copy_by_tensor(model, shards, tensors: CheckpointTensors, keep) -> None:
-    """Write the float tensors ``keep`` accepts one at a time (filled, stored, emptied), in state-dict order: the
-    embeddings and head of a large model are never all in memory. A head tied to the input embeddings is recorded
-    as their alias, as :func:`lowbit.save` records it."""
+    """Write the tensors ``keep`` accepts one at a time (filled, stored, emptied), in state-dict order: the
+    embeddings and head of a large model are never all in memory. Those the source holds in the dtype the
+    checkpoint stores are copied without the fp32 detour (the fp32 model holds them exactly, so the bytes are the
+    in-memory path's). A head tied to the input embeddings is recorded as their alias, as :func:`lowbit.save` does."""
     embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
-    for name in [n for n in model.state_dict() if keep(n)]:
+    stored = storage_dtype(model)
+    for name, held in [(n, t) for n, t in model.state_dict().items() if keep(n)]:
         if shards.is_tied(model, name):
             tensors.aliases[name] = embed
             continue
-        shards.load(model, lambda n, name=name: n == name, tie=False)
+        shards.load(model, lambda n, name=name: n == name, tie=False, stored=stored)
         tensors.add(model, lambda n, name=name: n == name)
-        shards.empty(model, name)
+        shards.empty(model, name, like=held)  # the model's own dtype again (the manifest reads it)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # the emptied head shares the emptied table again (the manifest counts it once)

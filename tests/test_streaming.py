@@ -76,8 +76,8 @@ def test_at_most_one_block_is_filled_at_any_time(source, tmp_path, monkeypatch):
     seen = []  # after each fill: (blocks holding memory, tensors outside the blocks holding memory)
     real = ShardedSource.load
 
-    def load(self, model, keep, tie=True):
-        real(self, model, keep, tie)
+    def load(self, model, keep, tie=True, stored=None):
+        real(self, model, keep, tie, stored)
         prefix, blocks = lowbit.models.decoder_blocks(model)
         outside = [n for n, t in model.state_dict().items() if not n.startswith(prefix + ".") and not t.is_meta]
         seen.append((sum(any(not t.is_meta for t in b.state_dict().values()) for b in blocks), len(outside)))
