@@ -190,9 +190,8 @@ class Limit:
         start = time.perf_counter()
         with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
             child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-            killed = []
-            if self.limit_mb and not self.group:
-                threading.Thread(target=self._watch, args=(child.pid, killed), daemon=True).start()
+            killed, anon = [], [0]
+            threading.Thread(target=self._watch, args=(child.pid, killed, anon), daemon=True).start()
             _, status, usage = os.wait4(child.pid, 0)
             seconds = time.perf_counter() - start
             code = os.waitstatus_to_exitcode(status)
@@ -200,7 +199,7 @@ class Limit:
             err.seek(0)
             text, tail = out.read(), err.read().strip()[-400:]
         result = {"exit": code, "seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024),
-                  "killed": code == -9 or bool(killed)}
+                  "peak_anon_mb": anon[0], "killed": code == -9 or bool(killed)}
         if self.group:
             result["cgroup_peak_mb"] = round(int((self.group / "memory.max_usage_in_bytes").read_text()) / 2**20)
         try:
@@ -209,15 +208,18 @@ class Limit:
             result["stderr"] = tail
         return result
 
-    def _watch(self, pid: int, killed: list) -> None:
+    def _watch(self, pid: int, killed: list, anon: list) -> None:
+        """Sample the child every 20 ms: the peak of its anonymous memory (what it allocated, not the pages of
+        files it maps, which RSS also counts) and, without a cgroup, kill it when its RSS crosses the limit."""
         status = Path(f"/proc/{pid}/status")
         while True:
             try:
-                rss = next(int(line.split()[1]) for line in status.read_text().splitlines()
-                           if line.startswith("VmRSS:")) / 1024
-            except (OSError, StopIteration):
+                fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+                rss = int(fields["VmRSS"].split()[0]) / 1024
+                anon[0] = max(anon[0], int(fields["RssAnon"].split()[0]) // 1024)
+            except (OSError, KeyError, ValueError):
                 return
-            if rss > self.limit_mb:
+            if self.limit_mb and not self.group and rss > self.limit_mb:
                 killed.append(rss)
                 os.kill(pid, 9)
                 return

@@ -64,10 +64,11 @@ def error_feedback(W: torch.Tensor, U: torch.Tensor, quantize_column: Callable, 
         W[:, i2:] -= Err @ U[i1:i2, i2:]
 
 
-def prepare_hessian(w: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 copies of ``w`` and ``H`` with dead inputs (``diag H == 0``) zeroed in ``w`` and set to 1 in ``H``."""
+def prepare_hessian(w: torch.Tensor, hessian: torch.Tensor, own: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 copies of ``w`` and ``H`` with dead inputs (``diag H == 0``) zeroed in ``w`` and set to 1 in ``H``
+    (``own=True``: ``H`` is changed in place, for a caller that no longer needs it: one ``in × in`` matrix fewer)."""
     W = w.detach().clone().float()
-    H = hessian.detach().clone().float()
+    H = hessian.detach().float() if own else hessian.detach().clone().float()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
@@ -76,15 +77,16 @@ def prepare_hessian(w: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tenso
 
 def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity: str = "group",
                group_size: int = 128, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-               search: str = "minmax", static_groups: bool = False) -> QuantizedWeight:
+               search: str = "minmax", static_groups: bool = False, own_hessian: bool = False) -> QuantizedWeight:
     """Pure function. ``w (out, in)`` float, ``hessian (in, in)`` = 2·XᵀX/N fp32 -> QuantizedWeight.
 
     Group scales are fitted on the error-updated columns when the first column of a group is reached; with
     ``act_order`` (or ``static_groups``) all group scales are fitted on the original weight first, so the stored
     layout stays in the original column order. ``search="mse"`` picks each group's clipping range by the error
-    weighted with the Hessian diagonal of its columns (:func:`lowbit.formats.fit_searched`).
+    weighted with the Hessian diagonal of its columns (:func:`lowbit.formats.fit_searched`). ``own_hessian``: the
+    caller hands ``hessian`` over (it is overwritten).
     """
-    W, H = prepare_hessian(w, hessian)
+    W, H = prepare_hessian(w, hessian, own=own_hessian)
     out_f, in_f = W.shape
     g = group_size if granularity == "group" else in_f
     n_groups = math.ceil(in_f / g)
@@ -133,13 +135,14 @@ class GPTQ(Quantizer):
     needs = ("hessian",)
     needs_calibration = True
 
-    def quantize(self, weight, stats: LayerStats | None = None):
+    def quantize(self, weight, stats: LayerStats | None = None, own: bool = False):
+        """``own``: the statistics are used by no other layer and may be overwritten."""
         if stats is None:
             raise LowbitError("GPTQ needs calibration statistics (a Hessian per layer): run it through a recipe with "
                               "calib=lowbit.Calibration(tokenizer=tok)")
         c = self.config
         return gptq_round(weight, stats.hessian, self.fmt, c.granularity, c.group_size, c.damp, c.block_size,
-                          c.act_order, c.scale_search, c.static_groups)
+                          c.act_order, c.scale_search, c.static_groups, own_hessian=own)
 
     def apply(self, model, calib=None):
         calib = calib if isinstance(calib, Calibration) else Calibration(windows=calib)
@@ -152,10 +155,16 @@ class GPTQ(Quantizer):
     def apply_block(self, model, prefix, collect) -> None:
         targets = select_targets(model, self.config.targets, self.config.ignore,
                                  within=lambda name: name.startswith(prefix))
-        if targets:  # a block with no targets needs only the pass that feeds the next block
-            stats = collect([t.name for t in targets])
-            for target in targets:
-                install(model, target, self.quantize(target.weight(), stats[target.name]))
+        if not targets:  # a block with no targets needs only the pass that feeds the next block
+            return
+        stats = collect([t.name for t in targets])
+        targets.reverse()
+        while targets:  # each float layer and its statistics let go as soon as it is packed: memory stays low
+            target = targets.pop()
+            st = stats.pop(target.name)
+            last = not any(other is st for other in stats.values())  # q/k/v share one
+            install(model, target, self.quantize(target.weight(), st, own=last))
+            del target, st
 
     def apply_rest(self, model, calib=None) -> None:
         return None  # GPTQ calibrates Linears inside decoder blocks only (as apply does)
