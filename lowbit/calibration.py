@@ -135,8 +135,8 @@ def read_calibration_text(path: str | Path) -> str:
     return " ".join(rows)
 
 
-class _Captured(Exception):
-    pass
+class StopForward(Exception):
+    """Raised by a forward hook to end a model's forward early, once it has seen what it needs."""
 
 
 @torch.no_grad()
@@ -154,14 +154,14 @@ def block_inputs(model: nn.Module, windows: torch.Tensor) -> tuple[list[torch.Te
     def catch(module, args, kw):
         hidden.append(args[0] if args else kw["hidden_states"])
         kwargs.update({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Captured
+        raise StopForward
 
     handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
     try:
         for row in windows:
             try:
                 model(row.unsqueeze(0), use_cache=False)
-            except _Captured:
+            except StopForward:
                 pass
     finally:
         handle.remove()

@@ -357,6 +357,11 @@ def find_linears(model: nn.Module, targets=(DECODER,), ignore=(), strict: bool =
                          strict=strict)
 
 
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """The qualified name of ``module`` inside ``model`` (``"model.embed_tokens"``)."""
+    return next(n for n, m in model.named_modules() if m is module)
+
+
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     """Replace the submodule at dotted ``name``; untie the output embedding if ``lm_head`` is replaced."""
     parent_name, _, child = name.rpartition(".")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import _Captured
+from .calibration import StopForward
 from .errors import LowbitError
 from .models import decoder_blocks
 from .protocol import LOGITS_CHUNK
@@ -34,7 +34,7 @@ def input_power(model: nn.Module, windows: torch.Tensor, layer_names: list[str])
         return fn
 
     def stop(module, args, out):
-        raise _Captured
+        raise StopForward
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in layer_names]
     handles.append(blocks[-1].register_forward_hook(stop))
@@ -42,7 +42,7 @@ def input_power(model: nn.Module, windows: torch.Tensor, layer_names: list[str])
         for row in tqdm(windows, desc="input power", unit="window", leave=False):
             try:
                 model(row.unsqueeze(0), use_cache=False)
-            except _Captured:
+            except StopForward:
                 pass
             tokens += row.numel()
     finally:

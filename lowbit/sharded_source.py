@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import LowbitError
 from .fileio import read_text
-from .models import TOKENIZER_FILES, check_source, source_float_dtype
+from .models import TOKENIZER_FILES, check_source, module_name, source_float_dtype
 from .state import state_of
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class ShardedSource:
         """Whether ``name`` is the output head's weight, tied to the input embeddings (stored once, as theirs)."""
         out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         return bool(getattr(model.config, "tie_word_embeddings", False)) and out is not None \
-            and name == _name_of(model, out) + ".weight"
+            and name == module_name(model, out) + ".weight"
 
     def load(self, model: nn.Module, keep, tie: bool = True, stored: torch.dtype | None = None) -> None:
         """Fill the meta tensors of ``model`` whose state-dict names ``keep`` accepts from the shards (each shard
@@ -107,10 +107,6 @@ class ShardedSource:
     def empty(model: nn.Module, name: str, like: torch.Tensor) -> None:
         """Empty the one tensor ``name`` of ``model``: a meta tensor shaped and typed as ``like`` in its place."""
         _assign(model, name, torch.empty_like(like, device="meta"))
-
-
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
 
 
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ from .calibration import Calibration, block_inputs, for_each_block
 from .errors import LowbitError
 from .fileio import staged_folder
 from .io import CheckpointTensors, block_parts, check_savable, write_metadata
-from .models import decoder_blocks, storage_dtype
+from .models import decoder_blocks, module_name, storage_dtype
 from .recipe import Recipe
 from .registry import get
 from .sharded_source import fp32_bytes, open_sharded
@@ -74,7 +74,7 @@ def quantize_streamed(source: str | Path, recipe: Recipe, calib: Calibration, ou
         calib.tokenizer = calib.tokenizer or tokenizer
         windows = calib.get_windows()
         embed = model.get_input_embeddings()
-        embed_prefix = next(n for n, m in model.named_modules() if m is embed) + "."
+        embed_prefix = module_name(model, embed) + "."
         shards.load(model, lambda name: name.startswith(embed_prefix))
         inputs = block_inputs(model, windows)
         shards.release(embed)
@@ -121,7 +121,7 @@ def copy_by_tensor(model, shards, tensors: CheckpointTensors, keep) -> None:
     embeddings and head of a large model are never all in memory. Those the source holds in the dtype the
     checkpoint stores are copied without the fp32 detour (the fp32 model holds them exactly, so the bytes are the
     in-memory path's). A head tied to the input embeddings is recorded as their alias, as :func:`lowbit.save` does."""
-    embed = next(n for n, m in model.named_modules() if m is model.get_input_embeddings()) + ".weight"
+    embed = module_name(model, model.get_input_embeddings()) + ".weight"
     stored = storage_dtype(model)
     for name, held in [(n, t) for n, t in model.state_dict().items() if keep(n)]:
         if shards.is_tied(model, name):

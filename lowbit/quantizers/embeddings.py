@@ -18,7 +18,7 @@ from torch import nn
 
 from ..architectures import known
 from ..errors import LowbitError
-from ..models import set_module
+from ..models import module_name, set_module
 from ..nn.gemv_linear import is_float_linear
 from ..nn.qembedding import QEmbedding
 from ..registry import register
@@ -56,10 +56,6 @@ def embedding_scale(model: nn.Module, embed: nn.Module) -> float:
     return float(torch.as_tensor(value).to(embed.weight.dtype))
 
 
-def _name_of(model: nn.Module, module: nn.Module) -> str:
-    return next(n for n, m in model.named_modules() if m is module)
-
-
 @register("step", "embeddings")
 class QuantizeEmbeddings(Step):
     Config = EmbeddingsConfig
@@ -85,13 +81,13 @@ class QuantizeEmbeddings(Step):
             model.config.tie_word_embeddings = False  # lowbit ties packed buffers itself; HF must not re-tie
         if not c.head:
             head = None  # a tied head keeps the float table as its own weight
-        embed_name = _name_of(model, embed)
-        check_finite([(embed_name, embed)] + ([] if head is None or tied else [(_name_of(model, head), head)]))
+        embed_name = module_name(model, embed)
+        check_finite([(embed_name, embed)] + ([] if head is None or tied else [(module_name(model, head), head)]))
 
         g = c.group_size if c.granularity == "group" else embed.embedding_dim
         table = rtn_quantize(embed.weight.detach().float(), fmt, c.granularity, g, c.scale_search)
         if head is not None:
-            head_name = _name_of(model, head)
+            head_name = module_name(model, head)
             qhead = table if tied else rtn_quantize(head.weight.detach().float(), fmt, c.granularity,
                                                     c.group_size if c.granularity == "group" else head.in_features,
                                                     c.scale_search)
