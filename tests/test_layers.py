@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("data", "calibration", "sensitivity", "adapters", "train", "eval")),
     ("steps", ("steps", "quantizers", "transforms", "compensate")),
     ("recipe", ("presets", "recipe")),
-    ("checkpoints", ("manifest", "io", "streamed", "hf_integration", "export")),
+    ("checkpoints", ("manifest", "io", "streamed", "hf_integration", "export", "export_ct")),
     ("api", ("api", "bench")),
     ("cli", ("cli", "__main__", "")),  # "" = the package root, lowbit/__init__.py, which re-exports the API
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import check_data
@@ -14,7 +14,7 @@ from ..io import save
 from ..manifest import hashes_by_default, read_manifest, verify_files
 from .common import Result, check_out, check_windows
 
-EXPORT_LAYOUTS = ("peft", "native")
+EXPORT_LAYOUTS = ("peft", "native", "compressed-tensors")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ def merge(config: MergeConfig) -> MergeResult:
 @dataclass(frozen=True)
 class ExportConfig:
     """``lowbit export``: adapters in PEFT's layout (LoRA; plus the dequantized base) or lowbit's ``native`` one
-    (any adapter: factors plus the merged float model)."""
+    (any adapter: factors plus the merged float model); or the packed model for a serving engine:
+    ``compressed-tensors`` (vLLM; transformers with the compressed-tensors package)."""
 
     model: str
     out: Path
@@ -90,21 +91,24 @@ class ExportResult(Result):
     out: str
     format: str
     files: list[str]
+    details: dict = field(default_factory=dict)
 
 
 def export(config: ExportConfig) -> ExportResult:
     from ..export import export_native, export_peft
+    from ..export_ct import export_compressed_tensors
     from ..io import load
 
     if config.layout not in EXPORT_LAYOUTS:
-        raise LowbitError(f"--format must be peft or native, got {config.layout!r}")
+        raise LowbitError(f"--to must be one of {', '.join(EXPORT_LAYOUTS)}, got {config.layout!r}")
     check_out(config.out, config.force, config.model, size_ratio=2.0)
     model, tok = load(config.model)
-    writer = export_peft if config.layout == "peft" else export_native
-    writer(model, config.out, tokenizer=tok, force=config.force)
+    writer = {"peft": export_peft, "native": export_native, "compressed-tensors": export_compressed_tensors}
+    details = writer[config.layout](model, config.out, tokenizer=tok, force=config.force)
     files = sorted(str(p.relative_to(config.out)) for p in Path(config.out).rglob("*") if p.is_file()
                    and p.name != MARKER)
-    return ExportResult(str(config.model), str(config.out), config.layout, files)
+    return ExportResult(str(config.model), str(config.out), config.layout, files,
+                        details if isinstance(details, dict) else {})
 
 
 def info(path: str | Path, layers: bool = False) -> dict:

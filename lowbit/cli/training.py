@@ -122,15 +122,18 @@ def compensate(
 
 @app.command("export")
 def export_adapters(
-    model: str = typer.Argument(..., help="lowbit checkpoint with adapters (from lowbit finetune)."),
+    model: str = typer.Argument(..., help="lowbit checkpoint (with adapters for peft and native)."),
     out: Path = OUT_OPTION,
-    fmt: str = typer.Option("peft", "--format", help="peft (LoRA: PEFT adapter files + the dequantized base) or "
-                                                     "native (any adapter: factors + merged float model)."),
+    fmt: str = typer.Option("peft", "--to", "--format",
+                            help="peft (LoRA: PEFT adapter files + the dequantized base), native (any adapter: "
+                                 "factors + merged float model) or compressed-tensors (the packed model for vLLM "
+                                 "and transformers)."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
-    """Export adapters: PEFT's layout for LoRA, lowbit's own (plus a merged float model) for any adapter."""
+    """Export adapters (PEFT's layout for LoRA, lowbit's own plus a merged float model for any adapter), or the
+    packed model in the layout a serving engine loads (compressed-tensors)."""
     from ..api import ExportConfig, export
 
     result = run_job(verbose, lambda: export(ExportConfig(model=model, out=out, layout=fmt, force=force)))
