@@ -109,3 +109,21 @@ def ckpt(tmp_path_factory, hf_folder) -> Path:
     model, tok = lowbit.load_model(hf_folder)
     lowbit.quantize(model, "rtn-w4g64")
     return lowbit.save(model, tmp_path_factory.mktemp("cli") / "ckpt", tokenizer=tok)
+
+
+def bpe_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer (GPT-2's kind, what the GGUF export writes) of ``vocab_size`` tokens, trained on
+    the start of WikiText-2 test: 256 byte tokens, merges, and <|endoftext|> (id 0, bos/eos/pad)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lowbit.data import wikitext2_text
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([wikitext2_text("test")[:20000]], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")

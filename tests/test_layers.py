@@ -25,8 +25,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("models", "architectures", "hub", "sharded_source", "summary", "state")),
     ("data", ("data", "calibration", "sensitivity", "adapters", "train", "eval")),
     ("steps", ("steps", "quantizers", "transforms", "compensate")),
-    ("recipe", ("presets", "recipe")),
-    ("checkpoints", ("manifest", "io", "streamed", "hf_integration", "export", "export_ct")),
+    ("recipe", ("presets", "recipe", "targets")),
+    ("checkpoints", ("manifest", "io", "streamed", "hf_integration", "export", "export_ct", "export_gguf")),
     ("api", ("api", "bench")),
     ("cli", ("cli", "__main__", "")),  # "" = the package root, lowbit/__init__.py, which re-exports the API
 ]

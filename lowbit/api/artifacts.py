@@ -14,7 +14,7 @@ from ..io import save
 from ..manifest import hashes_by_default, read_manifest, verify_files
 from .common import Result, check_out, check_windows
 
-EXPORT_LAYOUTS = ("peft", "native", "compressed-tensors")
+EXPORT_LAYOUTS = ("peft", "native", "compressed-tensors", "gguf")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,8 @@ def merge(config: MergeConfig) -> MergeResult:
 class ExportConfig:
     """``lowbit export``: adapters in PEFT's layout (LoRA; plus the dequantized base) or lowbit's ``native`` one
     (any adapter: factors plus the merged float model); or the packed model for a serving engine:
-    ``compressed-tensors`` (vLLM; transformers with the compressed-tensors package)."""
+    ``compressed-tensors`` (a folder: vLLM; transformers with the compressed-tensors package) or ``gguf`` (one
+    file: llama.cpp, Ollama, LM Studio; transformers)."""
 
     model: str
     out: Path
@@ -97,16 +98,24 @@ class ExportResult(Result):
 def export(config: ExportConfig) -> ExportResult:
     from ..export import export_native, export_peft
     from ..export_ct import export_compressed_tensors
+    from ..export_gguf import export_gguf
     from ..io import load
 
     if config.layout not in EXPORT_LAYOUTS:
         raise LowbitError(f"--to must be one of {', '.join(EXPORT_LAYOUTS)}, got {config.layout!r}")
-    check_out(config.out, config.force, config.model, size_ratio=2.0)
+    if config.layout == "gguf":
+        check_output(config.out, config.force, kind="file")
+        if Path(config.out).exists() and not config.force:
+            raise LowbitError(f"{config.out} exists: pass --force to replace it")
+    else:
+        check_out(config.out, config.force, config.model, size_ratio=2.0)
     model, tok = load(config.model)
-    writer = {"peft": export_peft, "native": export_native, "compressed-tensors": export_compressed_tensors}
+    writer = {"peft": export_peft, "native": export_native, "compressed-tensors": export_compressed_tensors,
+              "gguf": export_gguf}
     details = writer[config.layout](model, config.out, tokenizer=tok, force=config.force)
-    files = sorted(str(p.relative_to(config.out)) for p in Path(config.out).rglob("*") if p.is_file()
-                   and p.name != MARKER)
+    out = Path(config.out)
+    files = [out.name] if out.is_file() else \
+        sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MARKER)
     return ExportResult(str(config.model), str(config.out), config.layout, files,
                         details if isinstance(details, dict) else {})
 

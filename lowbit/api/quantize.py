@@ -21,6 +21,7 @@ from ..protocol import EVAL_WINDOWS
 from ..recipe import Recipe, apply_recipe
 from ..registry import get
 from ..sharded_source import fp32_bytes
+from ..targets import recipe_for_target
 from .common import CalibrationConfig, Result, check_out, check_windows
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class QuantizeConfig:
     calibration: CalibrationConfig = CalibrationConfig()
     stream: bool | None = None  # one decoder block in memory at a time; None = when the fp32 model needs over half
     # the memory available (an HF folder of safetensors, a recipe of block-wise steps)
+    target: str | None = None  # an export grid (lowbit.targets.TARGETS: "gguf:q4_0", ...) set on the weight steps
 
 
 @dataclass
@@ -84,6 +86,11 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     """Run the job; every bad input fails with a :class:`LowbitError` before the model loads."""
     check_windows(config.windows)
     recipe = recipe_with_overrides(config.recipe, config.overrides)
+    if config.target is not None:
+        if any(v is not None for v in config.overrides.values()):
+            raise LowbitError(f"--target {config.target} sets the grid: drop --bits, --group-size, --granularity, "
+                              "--symmetric and --number-format, or drop --target")
+        recipe = recipe_for_target(recipe, config.target)
     kind, path = check_source(config.model)
     if kind == "hf" and any(get("step", s.step).needs_architecture for s in recipe.steps):
         by_model_type(json.loads((path / "config.json").read_text(encoding="utf-8"))["model_type"])  # before loading

@@ -53,6 +53,10 @@ def quantize(
     stream: bool | None = typer.Option(None, "--stream/--no-stream", help="Read the model from its safetensors "
                                        "shards one decoder block at a time (default: when the fp32 model needs "
                                        "over half the memory available)."),
+    target: str | None = typer.Option(None, help="Round straight into an export's grid (its format and group "
+                                      "size replace the recipe's): gguf:q4_0, gguf:q4_1, gguf:q8_0, "
+                                      "compressed-tensors:w4a16, compressed-tensors:w4a16-asym, "
+                                      "compressed-tensors:w8a16."),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),
     data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,
@@ -69,7 +73,7 @@ def quantize(
             overrides=dict(format=number_format, bits=bits, group_size=group_size, granularity=granularity,
                            symmetric=symmetric, budget=budget),
             calibration=CalibrationConfig(windows=calib_windows, seq_len=calib_seq_len, file=calib_file,
-                                              self_generated=calib_self), stream=stream)
+                                              self_generated=calib_self), stream=stream, target=target)
         return quantize(config)
 
     result = run_job(verbose, job, data)

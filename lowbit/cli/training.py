@@ -126,14 +126,15 @@ def export_adapters(
     out: Path = OUT_OPTION,
     fmt: str = typer.Option("peft", "--to", "--format",
                             help="peft (LoRA: PEFT adapter files + the dequantized base), native (any adapter: "
-                                 "factors + merged float model) or compressed-tensors (the packed model for vLLM "
-                                 "and transformers)."),
+                                 "factors + merged float model), compressed-tensors (the packed model for vLLM "
+                                 "and transformers; --out is a folder) or gguf (llama.cpp, Ollama; --out is a "
+                                 ".gguf file)."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
     """Export adapters (PEFT's layout for LoRA, lowbit's own plus a merged float model for any adapter), or the
-    packed model in the layout a serving engine loads (compressed-tensors)."""
+    packed model in the layout a serving engine loads (compressed-tensors, gguf)."""
     from ..api import ExportConfig, export
 
     result = run_job(verbose, lambda: export(ExportConfig(model=model, out=out, layout=fmt, force=force)))

@@ -1,0 +1,251 @@
+"""Export a packed model to a GGUF file (llama.cpp, Ollama, LM Studio; transformers reads it too), with the
+metadata and tokenizer llama.cpp needs. LLaMA-architecture models (llama, mistral) so far.
+
+Packed Linears whose grid is a GGUF block format are written as that format's blocks, holding lowbit's numbers:
+
+* ``int4_sym`` in groups of 32 → ``Q4_0``: per block an fp16 ``d`` and 32 4-bit ``q``, ``w = d (q - 8)`` — lowbit's
+  symmetric code is that ``q`` and its fp16 scale that ``d``: exact;
+* ``int8_sym`` in groups of 32 → ``Q8_0``: fp16 ``d`` and 32 int8 ``q``, ``w = d q``: exact;
+* ``int4`` (asymmetric) in groups of 32 → ``Q4_1``: fp16 ``d``, fp16 ``m``, ``w = d q + m`` with ``d = s``,
+  ``m = -s z``; ``m`` is rounded to fp16 (the largest weight change this makes is reported).
+
+Quantize straight into one of these (``lowbit quantize --target gguf:q4_0``, GPTQ included) to export exactly;
+other grids and group sizes are refused, naming the layer and that flag. Float tensors: norms in F32, the
+rest in the checkpoint's storage dtype (F32, F16 or BF16: the same numbers); a packed embedding table on a block
+grid stays packed, any other is written as float (reported).
+LLaMA's q and k rows are permuted to llama.cpp's rotary layout (as llama.cpp's own converter does; every
+loader undoes it); a row permutation moves whole blocks, so packed rows are permuted as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .architectures import architecture
+from .errors import LowbitError
+from .fileio import atomic_write
+from .models import storage_dtype
+from .nn.qembedding import QEmbedding
+from .nn.qlinear import QLinear
+from .state import state_of
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32
+QTYPES = {"int4_sym": "Q4_0", "int4": "Q4_1", "int8_sym": "Q8_0"}  # lowbit grid (groups of 32) -> GGUF type
+FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # general.file_type (llama.cpp's LlamaFileType)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # lowbit family -> GGUF architecture
+
+
+def gguf_type(name: str, module: nn.Module) -> str:
+    """The GGUF block type a packed layer's grid is, or a :class:`LowbitError` naming the layer and the fix."""
+    fmt, meta = module.weight_meta.get("fmt"), module.weight_meta
+    qtype = QTYPES.get(fmt or "")
+    if isinstance(module, QLinear) and (module.spec is not None or len(module._modules.get("adapters") or ())):
+        raise LowbitError(f"{name} rotates its input or carries adapters, which GGUF cannot express: merge the "
+                          "adapters first (lowbit merge); rotated (W4A4) models have no GGUF form")
+    if qtype is None or meta.get("granularity") != "group" or meta.get("group_size") != BLOCK:
+        raise LowbitError(f"{name} is packed as {fmt or meta.get('kind')} {meta.get('granularity')} "
+                          f"g{meta.get('group_size')}, which no GGUF block format holds (Q4_0: int4_sym g32, Q4_1: "
+                          "int4 g32, Q8_0: int8_sym g32): quantize into one with --target gguf:q4_0 (or q4_1, q8_0)")
+    return qtype
+
+
+def gguf_blocks(module: nn.Module, qtype: str) -> tuple[np.ndarray, float]:
+    """``(blocks, error)``: the layer's packed weight as GGUF ``qtype`` blocks, uint8 ``(out, in/32 · block
+    bytes)``, and the largest weight change the encoding makes (0 where it is exact)."""
+    qw = module.qweight
+    out_f, in_f = qw.shape
+    if in_f % BLOCK:
+        raise LowbitError(f"a {in_f}-wide row is not a whole number of GGUF blocks of {BLOCK}")
+    codes = qw.unpacked_codes().view(out_f, in_f // BLOCK, BLOCK).numpy()
+    d = qw.scales.to(torch.float16).view(out_f, -1, 1).numpy().view(np.uint8)  # (out, blocks, 2)
+    error = 0.0
+    if qtype == "Q8_0":
+        body = (codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+        parts = [d, body]
+    else:
+        nibbles = (codes[..., :16] | (codes[..., 16:] << 4)).astype(np.uint8)
+        parts = [d, nibbles]
+        if qtype == "Q4_1":
+            s, z = qw.scales.float(), qw.zeros.float()
+            m = (-s * z).to(torch.float16)
+            error = float(((m.float() + s * z).abs()).max())
+            parts = [d, m.view(out_f, -1, 1).numpy().view(np.uint8), nibbles]
+    return np.concatenate(parts, axis=-1).reshape(out_f, -1), error
+
+
+def _float_tensor(t: torch.Tensor, float_type: str) -> tuple[np.ndarray, str]:
+    """``(data, GGUF type)`` of a float tensor: F32 for vectors (norms), else ``float_type`` (the checkpoint's
+    storage dtype: the same numbers). BF16 goes as raw uint16 words, numpy having no bfloat16."""
+    t = t.detach()
+    if t.dim() == 1 or float_type == "F32":
+        return t.to(torch.float32).numpy(), "F32"
+    if float_type == "F16":
+        return t.to(torch.float16).numpy(), "F16"
+    return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).reshape(t.shape[0], -1), "BF16"
+
+
+def rotary_rows(rows: int, heads: int) -> torch.Tensor:
+    """The row order llama.cpp's converter gives a q or k projection of ``heads`` heads (its ``permute``)."""
+    return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
+
+
+def tokenizer_fields(tokenizer) -> dict:
+    """The GGUF tokenizer fields of a byte-level BPE tokenizer (``tokenizer.json``): the ``gpt2`` model, tokens,
+    their types (control for special added tokens), merges, special ids, chat template."""
+    state = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = state["model"]
+    if model.get("type") != "BPE":
+        raise LowbitError(f"the tokenizer is {model.get('type')}, not byte-level BPE: the GGUF export writes BPE "
+                          "vocabularies so far; convert this model with llama.cpp's convert_hf_to_gguf.py")
+    vocab = {**model["vocab"], **{t["content"]: t["id"] for t in state.get("added_tokens", [])}}
+    tokens = [None] * (max(vocab.values()) + 1)
+    for text, i in vocab.items():
+        tokens[i] = text
+    special = {t["id"] for t in state.get("added_tokens", []) if t.get("special")}
+    added = {t["id"] for t in state.get("added_tokens", [])}
+    types = [3 if i in special else 4 if i in added else 1 for i in range(len(tokens))]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokens": [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)], "types": types,
+            "merges": merges, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+            "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id,
+            "chat_template": getattr(tokenizer, "chat_template", None)}
+
+
+def _write_metadata(writer, model: nn.Module, vocab: dict | None, file_type: int) -> None:
+    c = model.config
+    heads = c.num_attention_heads
+    writer.add_name(Path(str(state_of(model).source or "lowbit")).name)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(getattr(c, "num_key_value_heads", None) or heads)
+    writer.add_rope_dimension_count(getattr(c, "head_dim", None) or c.hidden_size // heads)
+    writer.add_rope_freq_base(float(getattr(c, "rope_theta", None) or
+                                    (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(2)
+    if vocab is None:
+        return
+    t = vocab
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(t["tokens"])
+    writer.add_token_types(t["types"])
+    writer.add_token_merges(t["merges"])
+    for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
+                     ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
+        if t[key] is not None:
+            add(int(t[key]))
+    writer.add_add_bos_token(False)
+    if t["chat_template"]:
+        writer.add_chat_template(t["chat_template"])
+
+
+def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False) -> dict:
+    """Write ``model`` (a packed lowbit model of the LLaMA architecture) to the GGUF file ``path`` (see the module
+    docstring); atomic, an existing file is refused unless ``force``. Returns ``{"tensors", "types",
+    "dequantized", "max_encoding_error"}``."""
+    import gguf
+
+    family = architecture(model).family
+    if family not in ARCHITECTURES:
+        raise LowbitError(f"the GGUF export writes LLaMA-architecture models (llama, mistral) so far, not "
+                          f"{family}: export it with --to compressed-tensors, or convert the merged float model "
+                          "with llama.cpp's convert_hf_to_gguf.py")
+    path = Path(path)
+    if path.exists() and not force:
+        raise LowbitError(f"{path} exists: pass --force to replace it")
+    c = model.config
+    heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    packed = {n: m for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))}
+    if not any(isinstance(m, QLinear) for m in packed.values()):
+        raise LowbitError("the model holds no packed layer: quantize it first (lowbit quantize --target gguf:q4_0)")
+    embed = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    shared_head = isinstance(head, QLinear) and isinstance(embed, QEmbedding) and head.codes is embed.codes
+    float_type = {torch.float16: "F16", torch.bfloat16: "BF16"}.get(storage_dtype(model), "F32")
+    tensors: list[tuple[str, np.ndarray, str]] = []  # (GGUF name, data, GGUF type)
+    types, dequantized, error = {}, [], 0.0
+
+    def rows_for(hf_name: str, rows: int) -> torch.Tensor | None:
+        if hf_name.endswith("q_proj"):
+            return rotary_rows(rows, heads)
+        if hf_name.endswith("k_proj"):
+            return rotary_rows(rows, kv_heads)
+        return None
+
+    def gguf_name(hf_name: str) -> str:
+        name = names.get_name(hf_name)
+        if name is None:
+            raise LowbitError(f"{hf_name} has no GGUF tensor name for the llama architecture: this model's layout "
+                              "is not LLaMA's")
+        return name + ".weight"
+
+    for name, module in packed.items():
+        if module is head and shared_head:
+            continue  # llama.cpp and transformers use token_embd for a missing output
+        try:
+            qtype = gguf_type(name, module)
+        except LowbitError:
+            if isinstance(module, QLinear):
+                raise
+            dequantized.append(name)
+            tensors.append((gguf_name(name), *_float_tensor(module.weight, float_type)))
+            continue
+        blocks, err = gguf_blocks(module, qtype)
+        perm = rows_for(name, blocks.shape[0])
+        if perm is not None:
+            blocks = blocks[perm.numpy()]
+        error = max(error, err)
+        types[qtype] = types.get(qtype, 0) + 1
+        tensors.append((gguf_name(name), blocks, qtype))
+    skip = {f"{n}.{k}" for n, m in packed.items() for k, _ in m.named_buffers()}
+    skip |= {f"{n}.{k}" for n, m in packed.items() for k, _ in m.named_parameters()}
+    for key, t in model.state_dict().items():
+        module_name = key.rsplit(".", 1)[0]
+        if key in skip or not t.is_floating_point():
+            continue
+        if key.endswith(".bias"):
+            raise LowbitError(f"{key}: the llama GGUF architecture has no biases")
+        if module_name == "lm_head" and getattr(c, "tie_word_embeddings", False):
+            continue
+        perm = rows_for(module_name, t.shape[0])
+        t = t.detach()[perm] if perm is not None else t.detach()
+        tensors.append((gguf_name(module_name), *_float_tensor(t, float_type)))
+    file_type = FILE_TYPES[max(types, key=types.get)]
+    vocab = None
+    if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
+        log.warning("no tokenizer: the GGUF file holds no vocabulary (transformers reads its weights; llama.cpp "
+                    "needs the vocabulary)")
+    else:
+        vocab = tokenizer_fields(tokenizer)
+
+    def write(tmp: Path) -> None:
+        writer = gguf.GGUFWriter(tmp, "llama")
+        _write_metadata(writer, model, vocab, file_type)
+        for name, data, qtype in tensors:
+            raw = getattr(gguf.GGMLQuantizationType, qtype)
+            if qtype in ("F16", "F32"):
+                writer.add_tensor(name, data)
+            else:
+                writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+    atomic_write(path, write)
+    return {"tensors": len(tensors), "types": types, "dequantized": dequantized, "max_encoding_error": error}

@@ -1,0 +1,133 @@
+"""GGUF export (``lowbit export --to gguf``) and quantizing straight into an export grid (``--target``), proven
+by transformers' GGUF loader in a fresh interpreter that never imports lowbit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import bpe_tokenizer, tiny_model
+
+import lowbit
+from lowbit.errors import LowbitError
+from lowbit.export_gguf import export_gguf
+from lowbit.recipe import Recipe
+from lowbit.targets import recipe_for_target
+
+IDS = [[1, 5, 9, 77, 3, 200, 14, 8, 31, 2, 250, 6]]
+TEXT = "The tower is 324 metres tall, about the same height as an 81-storey building."
+
+LOAD = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder, name = sys.argv[1].rsplit("/", 1)
+model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+assert not any(m == "lowbit" or m.startswith("lowbit.") for m in sys.modules), "lowbit was imported"
+with torch.no_grad():
+    logits = model(torch.tensor(json.loads(sys.argv[2]))).logits
+torch.save({"logits": logits, "ids": tok(sys.argv[4]).input_ids}, sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("gguf") / "src"
+    tiny_model("llama", max_position_embeddings=256, vocab_size=300).save_pretrained(folder)
+    bpe_tokenizer(300).save_pretrained(folder)
+    return folder
+
+
+def transformers_read(path, tmp_path) -> dict:
+    out = tmp_path / "read.pt"
+    subprocess.run([sys.executable, "-c", LOAD, str(path), json.dumps(IDS), str(out), TEXT], check=True,
+                   capture_output=True, text=True)
+    return torch.load(out)
+
+
+def quantized(source, target: str, recipe: str = "rtn-w4g128", calib=None):
+    model, tok = lowbit.load_model(source)
+    lowbit.quantize(model, recipe_for_target(Recipe.parse(recipe), target), calib=calib)
+    with torch.no_grad():
+        logits = model(torch.tensor(IDS)).logits
+    return model, tok, logits
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / a.norm()).item()
+
+
+@pytest.mark.parametrize("target,qtype", [("gguf:q4_0", "Q4_0"), ("gguf:q8_0", "Q8_0")])
+def test_block_grids_export_exactly(tmp_path, source, target, qtype):
+    model, tok, ours = quantized(source, target)
+    details = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    assert details["types"] == {qtype: 14} and details["max_encoding_error"] == 0.0
+    read = transformers_read(tmp_path / "m.gguf", tmp_path)
+    assert relative(ours, read["logits"]) < 1e-4
+    assert read["ids"] == tok(TEXT).input_ids  # the vocabulary and merges round-trip
+
+
+def test_gptq_into_q4_0(tmp_path, source):
+    """GPTQ's Hessian-aware rounding straight into Q4_0's grid: the file holds exactly what lowbit computed."""
+    calib = lowbit.Calibration(windows=torch.randint(0, 300, (4, 64)))
+    model, tok, ours = quantized(source, "gguf:q4_0", "gptq-w4g128", calib)
+    assert {m.fmt for m in model.modules() if isinstance(m, lowbit.QLinear)} == {"int4_sym"}
+    export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    assert relative(ours, transformers_read(tmp_path / "m.gguf", tmp_path)["logits"]) < 1e-4
+
+
+def test_q4_1_rounds_only_the_min(tmp_path, source):
+    """Q4_1 stores the min ``-s z`` in fp16: the export reports the largest weight change that rounding makes."""
+    model, tok, ours = quantized(source, "gguf:q4_1")
+    details = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    assert details["types"] == {"Q4_1": 14} and 0 < details["max_encoding_error"] < 1e-3
+    assert relative(ours, transformers_read(tmp_path / "m.gguf", tmp_path)["logits"]) < 5e-3
+
+
+def test_refusals_write_nothing(tmp_path, source):
+    model, tok = lowbit.load_model(source)
+    lowbit.quantize(model, "rtn-w4g128")
+    with pytest.raises(LowbitError, match=r"model\.layers\.0\.self_attn\.q_proj is packed as int4 group g128.*"
+                                          r"--target gguf:q4_0"):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    assert list(tmp_path.iterdir()) == []
+    qwen = tiny_model("qwen2")
+    lowbit.quantize(qwen, recipe_for_target(Recipe.parse("rtn-w4g128"), "gguf:q4_0"))
+    with pytest.raises(LowbitError, match="LLaMA-architecture.*qwen2"):
+        export_gguf(qwen, tmp_path / "q.gguf")
+    (tmp_path / "old.gguf").write_bytes(b"kept")
+    model, tok, _ = quantized(source, "gguf:q4_0")
+    with pytest.raises(LowbitError, match="--force"):
+        export_gguf(model, tmp_path / "old.gguf", tokenizer=tok)
+    assert (tmp_path / "old.gguf").read_bytes() == b"kept"
+
+
+def test_target_refuses_other_steps_and_flags():
+    with pytest.raises(LowbitError, match="unknown --target 'gguf:q3_k'"):
+        recipe_for_target(Recipe.parse("gptq-w4g128"), "gguf:q3_k")
+    with pytest.raises(LowbitError, match="lowra"):
+        recipe_for_target(Recipe.parse("lowra-b2.0"), "gguf:q4_0")
+    steps = recipe_for_target(Recipe.parse("gptq-w4g128+emb8"), "compressed-tensors:w4a16").steps
+    assert [(s.bits, s.symmetric, s.group_size) for s in steps] == [(4, True, 128), (4, True, 128)]
+
+
+def test_cli_quantize_into_q4_0_then_export(tmp_path, source):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "m.gguf"
+    q = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(source), "--recipe", "rtn-w4g128",
+                        "--target", "gguf:q4_0", "--no-eval", "--calib-seq-len", "128", "--out", str(ckpt), "--json"],
+                       capture_output=True, text=True)
+    assert q.returncode == 0, q.stderr
+    assert json.loads(q.stdout)["recipe"] == "rtn-w4g128@gguf:q4_0"
+    e = subprocess.run([sys.executable, "-m", "lowbit", "export", str(ckpt), "--to", "gguf", "--out", str(out),
+                        "--json"], capture_output=True, text=True)
+    assert e.returncode == 0, e.stderr
+    assert json.loads(e.stdout)["details"]["types"] == {"Q4_0": 14} and out.is_file()
+    again = subprocess.run([sys.executable, "-m", "lowbit", "export", str(ckpt), "--to", "gguf", "--out", str(out)],
+                           capture_output=True, text=True)
+    assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
+    both = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(source), "--target", "gguf:q4_0",
+                           "--bits", "3", "--no-eval", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert both.returncode == 2 and "--target gguf:q4_0 sets the grid" in both.stderr
