@@ -6,6 +6,8 @@ Packed Linears whose grid is a GGUF block format are written as that format's bl
 * ``int4_sym`` in groups of 32 → ``Q4_0``: per block an fp16 ``d`` and 32 4-bit ``q``, ``w = d (q - 8)`` — lowbit's
   symmetric code is that ``q`` and its fp16 scale that ``d``: exact;
 * ``int8_sym`` in groups of 32 → ``Q8_0``: fp16 ``d`` and 32 int8 ``q``, ``w = d q``: exact;
+* ``iq4_nl`` in groups of 32 → ``IQ4_NL``: fp16 ``d`` and 32 4-bit indices into ggml's 16 levels, ``w = d ·
+  level[q]``: exact;
 * ``int4`` (asymmetric) in groups of 32 → ``Q4_1``: fp16 ``d``, fp16 ``m``, ``w = d q + m`` with ``d = s``,
   ``m = -s z``; ``m`` is rounded to fp16 (the largest weight change this makes is reported).
 
@@ -38,8 +40,8 @@ from .state import state_of
 log = logging.getLogger(__name__)
 
 BLOCK = 32
-QTYPES = {"int4_sym": "Q4_0", "int4": "Q4_1", "int8_sym": "Q8_0"}  # lowbit grid (groups of 32) -> GGUF type
-FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # general.file_type (llama.cpp's LlamaFileType)
+QTYPES = {"int4_sym": "Q4_0", "int4": "Q4_1", "int8_sym": "Q8_0", "iq4_nl": "IQ4_NL"}  # lowbit grid (g32) -> GGUF
+FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "IQ4_NL": 25}  # general.file_type (llama.cpp's LlamaFileType)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # lowbit family -> GGUF architecture
 
 

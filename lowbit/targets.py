@@ -14,6 +14,7 @@ TARGETS: dict[str, dict] = {
     "gguf:q4_0": {**_INT, "bits": 4, "symmetric": True, "group_size": 32},  # w = d (q - 8)
     "gguf:q4_1": {**_INT, "bits": 4, "symmetric": False, "group_size": 32},  # w = d q + m (m rounded to fp16)
     "gguf:q8_0": {**_INT, "bits": 8, "symmetric": True, "group_size": 32},  # w = d q
+    "gguf:iq4_nl": {"format": "iq4_nl", "bits": 4, "granularity": "group", "group_size": 32},  # w = d level[q]
     "compressed-tensors:w4a16": {**_INT, "bits": 4, "symmetric": True, "group_size": 128},  # llm-compressor's
     "compressed-tensors:w4a16-asym": {**_INT, "bits": 4, "symmetric": False, "group_size": 128},
     "compressed-tensors:w8a16": {"format": "int", "bits": 8, "symmetric": True, "granularity": "channel"},

@@ -60,7 +60,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / a.norm()).item()
 
 
-@pytest.mark.parametrize("target,qtype", [("gguf:q4_0", "Q4_0"), ("gguf:q8_0", "Q8_0")])
+@pytest.mark.parametrize("target,qtype", [("gguf:q4_0", "Q4_0"), ("gguf:q8_0", "Q8_0"), ("gguf:iq4_nl", "IQ4_NL")])
 def test_block_grids_export_exactly(tmp_path, source, target, qtype):
     model, tok, ours = quantized(source, target)
     details = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)

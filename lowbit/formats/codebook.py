@@ -4,6 +4,8 @@
   quantile function in code; nf4 equals the bitsandbytes table.
 * ``fp4_e2m1``: OCP FP4, codes in the E2M1 bit order (sign bit 3, magnitudes {0, .5, 1, 1.5, 2, 3, 4, 6}).
 * ``fp8_e4m3``: OCP FP8 E4M3 (max 448), codes are the float8 bytes themselves.
+* ``iq4_nl``: llama.cpp's IQ4_NL grid, 16 fixed non-uniform integer levels (ggml's ``kvalues_iq4nl``); with
+  groups of 32 its scale is the GGUF block's ``d`` (``w = d · level``), so it exports to GGUF exactly.
 
 Encoding picks the nearest level (thresholds are the midpoints of the sorted levels).
 """
@@ -39,6 +41,14 @@ def fp8_e4m3_levels() -> torch.Tensor:
     return torch.nan_to_num(v, nan=0.0)
 
 
+IQ4_NL_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # ggml-common.h
+
+
+def iq4_nl_levels() -> torch.Tensor:
+    """IQ4_NL's levels in code order (code i is ggml's 4-bit index i)."""
+    return torch.tensor(IQ4_NL_LEVELS, dtype=torch.float32)
+
+
 class CodebookFormat(Format):
     """Nearest-level quantization to a fixed table ``levels`` (code i decodes to ``s * levels[i]``)."""
 
@@ -59,7 +69,9 @@ class CodebookFormat(Format):
 
     def fit(self, w):
         absmax = w.float().abs().amax(-1)
-        s = torch.where(absmax > 0, absmax / self.max_level, torch.ones_like(absmax))
+        # An all-zero group: scale 1 where a level is 0; else (IQ4_NL) the smallest scale, so it decodes to ~0
+        empty = 1.0 if bool((self.levels == 0).any()) else torch.finfo(torch.float16).tiny
+        s = torch.where(absmax > 0, absmax / self.max_level, torch.full_like(absmax, empty))
         return as_storage_scale(s), None
 
     def encode(self, w, s, z=None):
@@ -96,3 +108,4 @@ def _fixed_width(family: str, bits: int, name: str, kind: str, levels):
 
 fp4_format = _fixed_width("fp4", 4, "fp4_e2m1", "E2M1", fp4_e2m1_levels)
 fp8_format = _fixed_width("fp8", 8, "fp8_e4m3", "E4M3", fp8_e4m3_levels)
+iq4_nl_format = _fixed_width("iq4_nl", 4, "iq4_nl", "IQ4_NL", iq4_nl_levels)

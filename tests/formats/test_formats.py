@@ -20,7 +20,7 @@ NF2 = [-1.0, 0.0, 0.337915, 1.0]
 FP4_DISTINCT = [-6.0, -4.0, -3.0, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 ALL_NAMES = ([f"int{b}" for b in range(1, 9)] + [f"int{b}_sym" for b in range(2, 9)]
-             + ["nf2", "nf3", "nf4", "fp4_e2m1", "fp8_e4m3"])
+             + ["nf2", "nf3", "nf4", "fp4_e2m1", "fp8_e4m3", "iq4_nl"])
 
 
 def _decode_levels(fmt) -> torch.Tensor:
@@ -126,7 +126,10 @@ def test_constant_and_zero_groups_do_not_divide_by_zero():
         s = s.unsqueeze(-1)
         z = None if z is None else z.unsqueeze(-1)
         w_hat = fmt.decode(fmt.encode(w, s, z), s, z)
-        assert torch.all(w_hat[0] == 0), name
+        if name == "iq4_nl":  # no zero level: a zero group decodes to the smallest scale times level 1
+            assert torch.all(w_hat[0].abs() <= torch.finfo(torch.float16).tiny), name
+        else:
+            assert torch.all(w_hat[0] == 0), name
         assert torch.all(torch.isfinite(w_hat)), name
 
 
@@ -162,6 +165,13 @@ def test_every_canonical_code_round_trips(name):
     assert torch.equal(fmt.encode(fmt.decode(codes, s, z), s, z)[canonical], codes[canonical])
 
 
+def test_iq4_nl_is_ggmls_grid():
+    """Code i decodes to ggml's kvalues_iq4nl[i] times the scale (the GGUF block's d)."""
+    fmt = get_format("iq4_nl", 4)
+    assert fmt.name == "iq4_nl" and fmt.max_level == 127.0
+    assert _decode_levels(fmt).tolist() == [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113]
+
+
 def test_nearest_level_is_chosen():
     fmt = get_format("nf", 2)  # levels -1, 0, 0.337915, 1
     u = torch.tensor([-0.9, -0.49, -0.01, 0.16, 0.18, 0.6, 0.7, 2.0, -3.0])
@@ -188,8 +198,8 @@ def test_bits_out_of_range_raise(bits):
 
 
 def test_unknown_family_lists_known_ones():
-    assert format_family_names() == ["fp4", "fp8", "int", "nf"]
-    with pytest.raises(LowbitError, match="fp4, fp8, int, nf"):
+    assert format_family_names() == ["fp4", "fp8", "int", "iq4_nl", "nf"]
+    with pytest.raises(LowbitError, match="fp4, fp8, int, iq4_nl, nf"):
         get_format("mxfp4", 4)
     with pytest.raises(LowbitError, match="Did you mean 'int'"):
         get_format("innt", 4)
