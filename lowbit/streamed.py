@@ -21,7 +21,7 @@ import logging
 import time
 from pathlib import Path
 
-from .calibration import Calibration, block_inputs, for_each_block
+from .calibration import Calibration, block_inputs, for_each_block, offload_hidden
 from .errors import LowbitError
 from .fileio import staged_folder
 from .io import CheckpointTensors, block_parts, check_savable, write_metadata
@@ -51,6 +51,9 @@ def streaming_refusal(recipe: Recipe, calib: Calibration | None) -> str | None:
     return None
 
 
+ACTIVATIONS = ".calibration-activations"  # in the staged folder, removed before the checkpoint is complete
+
+
 def quantize_streamed(source: str | Path, recipe: Recipe, calib: Calibration, out: Path, force: bool = False,
                       extra: dict | None = None):
     """Quantize ``source`` (an HF folder of safetensors shards, or a Hub id) with ``recipe`` into the checkpoint
@@ -69,19 +72,20 @@ def quantize_streamed(source: str | Path, recipe: Recipe, calib: Calibration, ou
     for step in steps:
         step.check(model)  # e.g. a target pattern that matches nothing, before any work
     start = time.perf_counter()
-    inputs = None
-    if any(step.needs_calibration for step in steps):
-        calib.tokenizer = calib.tokenizer or tokenizer
-        windows = calib.get_windows()
-        embed = model.get_input_embeddings()
-        embed_prefix = module_name(model, embed) + "."
-        shards.load(model, lambda name: name.startswith(embed_prefix))
-        inputs = block_inputs(model, windows)
-        shards.release(embed)
     check_savable(model)
     parts = block_parts(model)
     _, blocks = decoder_blocks(model)
     with staged_folder(Path(out), force) as tmp:
+        inputs, activations = None, tmp / ACTIVATIONS
+        if any(step.needs_calibration for step in steps):
+            calib.tokenizer = calib.tokenizer or tokenizer
+            windows = calib.get_windows()
+            embed = model.get_input_embeddings()
+            embed_prefix = module_name(model, embed) + "."
+            shards.load(model, lambda name: name.startswith(embed_prefix))
+            hidden, kwargs = block_inputs(model, windows)
+            shards.release(embed)
+            inputs = offload_hidden(hidden, activations), kwargs
         tensors = CheckpointTensors(tmp)
 
         def work(prefix: str, collect) -> None:
@@ -98,6 +102,8 @@ def quantize_streamed(source: str | Path, recipe: Recipe, calib: Calibration, ou
             shards.load(model, lambda name: name.startswith(prefix))
 
         for_each_block(model, inputs, work, desc=f"streamed {recipe.name}", load=load, done=done)
+        inputs = None  # the memory-mapped activations go before their file
+        activations.unlink(missing_ok=True)
         rest = parts[-1]
         whole = any(step.outside_blocks(model) for step in steps)
         if whole:  # a step changes the embeddings or the head: they are filled together

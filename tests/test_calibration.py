@@ -14,7 +14,9 @@ from lowbit.calibration import (
     _collect_stats,
     block_inputs,
     calibration_windows,
+    for_each_block,
     generated_windows,
+    offload_hidden,
     read_calibration_text,
     run_blockwise,
 )
@@ -159,3 +161,19 @@ def test_self_generated_calibration_quantizes_with_gptq_and_refuses_text_beside_
     assert any(type(m).__name__ == "QLinear" for m in q.modules())
     with pytest.raises(LowbitError, match="not both"):
         Calibration(tokenizer=tok, text="some text", self_generated=True)
+
+
+def test_offloaded_activations_stay_in_their_file(tmp_path):
+    """The streamed path's activations live in a memory-mapped file; the block loop updates them in place, so
+    they stay file-backed, and the result equals the in-memory loop's."""
+    model = tiny_model("llama")
+    windows = torch.randint(0, 256, (3, 16))
+    plain, kwargs = block_inputs(model, windows)
+    hidden, _ = block_inputs(model, windows)
+    mapped = offload_hidden(hidden, tmp_path / "acts")
+    assert (tmp_path / "acts").stat().st_size == 3 * 16 * 64 * 4 and all(h is None for h in hidden)
+    pointers = [h.data_ptr() for h in mapped]
+    for_each_block(model, (plain, kwargs), lambda prefix, collect: None)
+    for_each_block(model, (mapped, kwargs), lambda prefix, collect: None)
+    assert [h.data_ptr() for h in mapped] == pointers
+    assert all(torch.equal(a, b) for a, b in zip(plain, mapped, strict=True))
