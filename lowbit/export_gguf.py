@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 BLOCK = 32
 QTYPES = {"int4_sym": "Q4_0", "int4": "Q4_1", "int8_sym": "Q8_0", "iq4_nl": "IQ4_NL"}  # lowbit grid (g32) -> GGUF
 FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "IQ4_NL": 25}  # general.file_type (llama.cpp's LlamaFileType)
+FLOAT_FILE_TYPES = {"F32": 0, "F16": 1, "BF16": 32}  # a float model (llama.cpp quantizes such files itself)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # lowbit family -> GGUF architecture
 
 
@@ -156,9 +157,9 @@ def _write_metadata(writer, model: nn.Module, vocab: dict | None, file_type: int
 
 
 def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False) -> dict:
-    """Write ``model`` (a packed lowbit model of the LLaMA architecture) to the GGUF file ``path`` (see the module
-    docstring); atomic, an existing file is refused unless ``force``. Returns ``{"tensors", "types",
-    "dequantized", "max_encoding_error"}``."""
+    """Write ``model`` (a packed lowbit model of the LLaMA architecture, or a float one: the file llama.cpp's own
+    quantizer starts from) to the GGUF file ``path`` (see the module docstring); atomic, an existing file is
+    refused unless ``force``. Returns ``{"tensors", "types", "dequantized", "max_encoding_error"}``."""
     import gguf
 
     family = architecture(model).family
@@ -173,8 +174,6 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
     heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
     packed = {n: m for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))}
-    if not any(isinstance(m, QLinear) for m in packed.values()):
-        raise LowbitError("the model holds no packed layer: quantize it first (lowbit quantize --target gguf:q4_0)")
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     shared_head = isinstance(head, QLinear) and isinstance(embed, QEmbedding) and head.codes is embed.codes
@@ -227,7 +226,7 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
         perm = rows_for(module_name, t.shape[0])
         t = t.detach()[perm] if perm is not None else t.detach()
         tensors.append((gguf_name(module_name), *_float_tensor(t, float_type)))
-    file_type = FILE_TYPES[max(types, key=types.get)]
+    file_type = FILE_TYPES[max(types, key=types.get)] if types else FLOAT_FILE_TYPES[float_type]
     vocab = None
     if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
         log.warning("no tokenizer: the GGUF file holds no vocabulary (transformers reads its weights; llama.cpp "

@@ -131,3 +131,13 @@ def test_cli_quantize_into_q4_0_then_export(tmp_path, source):
     both = subprocess.run([sys.executable, "-m", "lowbit", "quantize", str(source), "--target", "gguf:q4_0",
                            "--bits", "3", "--no-eval", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert both.returncode == 2 and "--target gguf:q4_0 sets the grid" in both.stderr
+
+
+def test_float_model_exports_as_llama_cpp_input(tmp_path, source):
+    """A float model becomes the F32/F16 file llama.cpp's own quantizer starts from (its side-by-side baseline)."""
+    model, tok = lowbit.load_model(source)
+    with torch.no_grad():
+        ours = model(torch.tensor(IDS)).logits
+    details = export_gguf(model, tmp_path / "f.gguf", tokenizer=tok)
+    assert details["types"] == {} and details["tensors"] == 21
+    assert relative(ours, transformers_read(tmp_path / "f.gguf", tmp_path)["logits"]) < 1e-5
