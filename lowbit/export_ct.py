@@ -37,7 +37,7 @@ from torch import nn
 from .errors import LowbitError
 from .fileio import staged_folder
 from .formats.int import IntFormat
-from .models import storage_dtype
+from .models import set_module, storage_dtype
 from .nn.experts import ExpertList
 from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
@@ -56,8 +56,9 @@ def ct_layout(name: str, layer: QLinear) -> dict:
     grid = IntFormat.parse(fmt or "")
     if grid is None:
         raise LowbitError(f"{name} is packed as {fmt or layer.weight_meta.get('kind')}, which compressed-tensors "
-                          "cannot express (it stores integer grids only): quantize with an int recipe (rtn-w4g128, "
-                          "gptq-w4g128) or export it with --to gguf where that format applies")
+                          "cannot express (it stores integer grids only): export with --requantize (nearest int "
+                          "grid, perplexity change measured), quantize with an int recipe (rtn-w4g128, "
+                          "gptq-w4g128), or use --to gguf where that format applies")
     if layer.spec is not None or layer.outlier is not None:
         raise LowbitError(f"{name} rotates or splits its input ({layer.spec.describe() if layer.spec else 'QUAD'})"
                           ", which compressed-tensors' pack-quantized layout cannot express: export the merged "
@@ -72,6 +73,33 @@ def ct_layout(name: str, layer: QLinear) -> dict:
     natural = math.gcd(layer.group_size, in_f) if layer.granularity == "group" else in_f
     return {"num_bits": grid.bits, "symmetric": grid.symmetric, "strategy": layer.granularity,
             "group_size": natural, "type": "int", "dynamic": False}
+
+
+@torch.no_grad()
+def requantize_to_int(model: nn.Module) -> dict[str, float]:
+    """In place: every packed Linear whose grid compressed-tensors cannot store (NF, FP, IQ4_NL, LowRA's mixed
+    codebooks) is rounded again into the nearest integer grid — asymmetric int of its bits (LowRA: its bits per
+    weight, rounded, 2-8) in its own grouping (LowRA: groups of 64), round-to-nearest on the dequantized weight.
+    Returns each such layer's added relative weight error ``‖Q(Ŵ) − Ŵ‖_F / ‖Ŵ‖_F``."""
+    from .nn.qlinear import carried_parts, packed_linear
+    from .quantizers.rtn import rtn_quantize
+
+    errors = {}
+    for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QLinear)]:
+        if IntFormat.parse(layer.weight_meta.get("fmt") or "") is not None:
+            continue
+        if layer.spec is not None or layer.outlier is not None or len(layer._modules.get("adapters") or ()):
+            ct_layout(name, layer)  # raises the refusal that names the fix
+        w = layer.merged_weight()
+        meta = layer.weight_meta
+        if meta.get("granularity") in ("tensor", "channel", "group"):
+            bits, granularity, group = layer.qweight.bits, meta["granularity"], int(meta["group_size"])
+        else:
+            bits, granularity, group = min(8, max(2, round(layer.qweight.bits_per_weight))), "group", 64
+        q = rtn_quantize(w, IntFormat(bits), granularity, group)
+        errors[name] = float((q.dequantize() - w).norm() / w.norm().clamp_min(1e-12))
+        set_module(model, name, packed_linear(q, **carried_parts(layer), role=layer.role))
+    return errors
 
 
 def shared_layouts(layouts: dict[str, dict]) -> dict[str, dict]:

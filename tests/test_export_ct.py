@@ -123,3 +123,34 @@ def test_cli_export_and_refusals(tmp_path, ckpt):
     assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
     bad = subprocess.run([*cmd[:-4], "--to", "onnx", "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert bad.returncode == 2 and "compressed-tensors" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_requantize_rounds_other_grids_into_int(tmp_path):
+    """--requantize: NF4 layers are rounded into int4 in their own groups; the export holds that model exactly."""
+    from lowbit.export_ct import requantize_to_int
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    model, _ = lowbit.load_model(src)
+    lowbit.quantize(model, lowbit.Recipe([RTNConfig(bits=4, group_size=32, format="nf")]))
+    errors = requantize_to_int(model)
+    assert len(errors) == 14 and all(0 < e < 0.2 for e in errors.values())
+    assert {m.fmt for m in model.modules() if isinstance(m, lowbit.QLinear)} == {"int4"}
+    with torch.no_grad():
+        ours = model(torch.tensor(IDS)).logits
+    export_compressed_tensors(model, tmp_path / "ct")
+    assert_close(ours, transformers_logits(tmp_path / "ct", tmp_path))
+
+
+def test_api_requantize_measures_the_change(tmp_path, hf_folder):
+    model, tok = lowbit.load_model(hf_folder)
+    lowbit.quantize(model, lowbit.Recipe([RTNConfig(bits=4, group_size=64, format="nf")]))
+    lowbit.save(model, tmp_path / "nf", tokenizer=tok)
+    result = lowbit.api.export(lowbit.api.ExportConfig(model=str(tmp_path / "nf"), out=tmp_path / "ct",
+                                                       layout="compressed-tensors", requantize=True, windows=1))
+    d = result.details
+    assert d["requantized_layers"] == 14 and d["ppl_before"] > 1 and d["ppl_after"] > 1
+    assert "first 1" in d["eval"]
+    with pytest.raises(LowbitError, match="--requantize applies to --to compressed-tensors"):
+        lowbit.api.export(lowbit.api.ExportConfig(model=str(tmp_path / "nf"), out=tmp_path / "x.gguf",
+                                                  layout="gguf", requantize=True))

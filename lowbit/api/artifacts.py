@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,10 @@ from ..eval.perplexity import perplexity
 from ..fileio import MARKER, check_output, read_text
 from ..io import save
 from ..manifest import hashes_by_default, read_manifest, verify_files
+from ..protocol import EVAL_WINDOWS
 from .common import Result, check_out, check_windows
+
+log = logging.getLogger(__name__)
 
 EXPORT_LAYOUTS = ("peft", "native", "compressed-tensors", "gguf")
 
@@ -84,6 +88,8 @@ class ExportConfig:
     out: Path
     layout: str = "peft"
     force: bool = False
+    requantize: bool = False  # compressed-tensors: round grids it cannot store into the nearest int grid
+    windows: int | None = EVAL_WINDOWS  # with requantize: test windows the perplexity change is measured on; 0 = skip
 
 
 @dataclass
@@ -109,7 +115,25 @@ def export(config: ExportConfig) -> ExportResult:
             raise LowbitError(f"{config.out} exists: pass --force to replace it")
     else:
         check_out(config.out, config.force, config.model, size_ratio=2.0)
+    if config.requantize and config.layout != "compressed-tensors":
+        raise LowbitError("--requantize applies to --to compressed-tensors; for gguf, quantize into its grid with "
+                          "lowbit quantize --target gguf:q4_0")
+    if config.requantize and config.windows != 0:
+        check_data(test=True, valid=False)
     model, tok = load(config.model)
+    measured = {}
+    if config.requantize:
+        from ..export_ct import requantize_to_int
+
+        before = perplexity(model, tok, windows=config.windows) if config.windows != 0 else None
+        errors = requantize_to_int(model)
+        after = perplexity(model, tok, windows=config.windows) if config.windows != 0 and errors else before
+        measured = {"requantized_layers": len(errors), "max_weight_error": max(errors.values(), default=0.0),
+                    "ppl_before": before.ppl if before else None, "ppl_after": after.ppl if after else None,
+                    "eval": before.label() if before else "skipped"}
+        if before:
+            log.info("requantized %d layers into int grids: perplexity %.3f -> %.3f (%s)", len(errors), before.ppl,
+                     after.ppl, before.label())
     writer = {"peft": export_peft, "native": export_native, "compressed-tensors": export_compressed_tensors,
               "gguf": export_gguf}
     details = writer[config.layout](model, config.out, tokenizer=tok, force=config.force)
@@ -117,7 +141,7 @@ def export(config: ExportConfig) -> ExportResult:
     files = [out.name] if out.is_file() else \
         sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name != MARKER)
     return ExportResult(str(config.model), str(config.out), config.layout, files,
-                        details if isinstance(details, dict) else {})
+                        {**(details if isinstance(details, dict) else {}), **measured})
 
 
 def info(path: str | Path, layers: bool = False) -> dict:

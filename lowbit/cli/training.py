@@ -129,13 +129,20 @@ def export_adapters(
                                  "factors + merged float model), compressed-tensors (the packed model for vLLM "
                                  "and transformers; --out is a folder) or gguf (llama.cpp, Ollama; --out is a "
                                  ".gguf file)."),
+    requantize: bool = typer.Option(False, "--requantize", help="compressed-tensors: round grids it cannot store "
+                                    "(NF, FP, IQ4_NL, LowRA) into the nearest int grid; the perplexity change is "
+                                    "measured on --windows."),
+    windows: str = typer.Option(str(EVAL_WINDOWS), help=SKIP_HELP),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
+    data: Path | None = DATA_OPTION,
 ):
     """Export adapters (PEFT's layout for LoRA, lowbit's own plus a merged float model for any adapter), or the
     packed model in the layout a serving engine loads (compressed-tensors, gguf)."""
     from ..api import ExportConfig, export
 
-    result = run_job(verbose, lambda: export(ExportConfig(model=model, out=out, layout=fmt, force=force)))
+    result = run_job(verbose, lambda: export(ExportConfig(model=model, out=out, layout=fmt, force=force,
+                                                          requantize=requantize, windows=parse_windows(windows))),
+                     data)
     emit(result.to_dict(), as_json, f"lowbit export: {model}")

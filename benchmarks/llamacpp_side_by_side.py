@@ -1,0 +1,188 @@
+"""lowbit's Q4_0 GGUF against llama.cpp's own Q4_0 of the same float model, in llama.cpp itself.
+
+    bash benchmarks/llamacpp_env.sh                      # once: llama-cpp-python built from source
+    python benchmarks/llamacpp_side_by_side.py [--model smollm2-135m] [--windows 16] [--work DIR] [--out F.json]
+
+Files (``--work``): ``f16.gguf`` (the float model, written by lowbit's GGUF export), ``lowbit-q4_0.gguf``
+(``lowbit quantize --recipe gptq-w4g128+emb4 --target gguf:q4_0``: GPTQ into Q4_0 for the decoder, the tied
+embedding table rounded into Q4_0 too, then ``lowbit export --to gguf``), ``llamacpp-q4_0.gguf`` (llama.cpp's
+``llama_model_quantize`` of ``f16.gguf`` to Q4_0 with ``pure``: every matrix Q4_0, as lowbit's) and
+``llamacpp-q4_0-mix.gguf`` (its default Q4_0 mixture). No importance matrix: the Python build has no imatrix tool.
+
+Reported: perplexity of every file (transformers' GGUF loader into lowbit's evaluator, WikiText-2 test, first
+``--windows`` windows of 2048) and its size; llama.cpp's prefill and decode tokens/s on both Q4_0 files
+(2 threads, alternating, ``--repeats`` each: median and spread); where llama.cpp's greedy tokens on lowbit's file
+first differ from lowbit's greedy tokens on its own checkpoint (three prompts, 16 tokens); lowbit's own decode
+tokens/s on its checkpoint. Each step runs in its own process. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LLAMACPP_PY = HERE / ".venv-llamacpp" / "bin" / "python"
+PROMPTS = ["The history of the printing press", "Photosynthesis is the process by which",
+           "The capital of France is"]
+
+FLOAT_GGUF = """
+import sys
+import lowbit
+from lowbit.export_gguf import export_gguf
+model, tok = lowbit.load_model(sys.argv[1])
+export_gguf(model, sys.argv[2], tokenizer=tok, force=True)
+"""
+
+QUANTIZE = """
+import json, sys, llama_cpp
+src, dst, pure = sys.argv[1], sys.argv[2], sys.argv[3] == "pure"
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+params.pure = pure
+params.nthread = 2
+code = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
+print(json.dumps({"code": int(code)}))
+"""
+
+PPL = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+import lowbit
+from lowbit.eval.perplexity import perplexity
+path, source, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+folder, name = path.rsplit("/", 1)
+model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+_, tok = lowbit.load_model(source)  # the source's tokenizer: the same windows for every file
+print(json.dumps({"ppl": perplexity(model, tok, windows=n, progress=False).ppl}))
+"""
+
+LLAMACPP_SPEED = """
+import json, sys, time, llama_cpp
+paths, repeats, prompts = sys.argv[1].split(","), int(sys.argv[2]), json.loads(sys.argv[3])
+models = {p: llama_cpp.Llama(model_path=p, n_threads=2, n_threads_batch=2, n_ctx=1024, verbose=False) for p in paths}
+long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 24)
+out = {p: {"prefill": [], "decode": []} for p in paths}
+for _ in range(repeats):
+    for p, llm in models.items():
+        ids = llm.tokenize(long_prompt.encode(), add_bos=False)
+        llm.reset(); t = time.perf_counter(); llm.eval(ids); prefill = time.perf_counter() - t
+        out[p]["prefill"].append(len(ids) / prefill)
+        llm.reset(); llm.eval(llm.tokenize(b"The history of", add_bos=False))
+        t = time.perf_counter()
+        for _ in range(64):
+            tok = llm.sample(temp=0.0)
+            llm.eval([tok])
+        out[p]["decode"].append(64 / (time.perf_counter() - t))
+greedy = {}
+for p, llm in models.items():
+    rows = []
+    for text in prompts:
+        ids = llm.tokenize(text.encode(), add_bos=False)
+        llm.reset(); llm.eval(ids)
+        gen = []
+        for _ in range(16):
+            tok = llm.sample(temp=0.0)
+            gen.append(int(tok)); llm.eval([tok])
+        rows.append({"prompt_ids": ids, "tokens": gen})
+    greedy[p] = rows
+print(json.dumps({"speed": out, "greedy": greedy}))
+"""
+
+LOWBIT_GREEDY = """
+import json, sys, time, torch
+import lowbit
+model, tok = lowbit.load(sys.argv[1])
+rows = json.loads(sys.argv[2])
+out = []
+with torch.inference_mode():
+    for row in rows:
+        ids = torch.tensor([row["prompt_ids"]])
+        gen = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+        out.append([int(t) for t in gen])
+    ids = torch.tensor([rows[0]["prompt_ids"]])
+    model.generate(ids, max_new_tokens=2, do_sample=False)
+    speeds = []
+    for _ in range(int(sys.argv[3])):
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False)
+        speeds.append(64 / (time.perf_counter() - t))
+print(json.dumps({"tokens": out, "decode_tok_s": speeds}))
+"""
+
+
+def run(python, code_or_args, *args: str) -> dict:
+    cmd = [str(python), "-c", code_or_args, *args] if isinstance(code_or_args, str) else [str(python), *code_or_args]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"step failed ({r.returncode}): {' '.join(cmd[:3])[:200]}\n{r.stderr[-3000:]}")
+    lines = r.stdout.strip().splitlines()
+    return json.loads(lines[-1]) if lines else {}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2), "n": len(values)}
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--work", type=Path)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+    if not LLAMACPP_PY.exists():
+        sys.exit("no llama.cpp environment: run bash benchmarks/llamacpp_env.sh first")
+    work = a.work or Path(tempfile.mkdtemp(prefix="lowbit-llamacpp-"))
+    work.mkdir(parents=True, exist_ok=True)
+    f16, ours, theirs, mix = (work / n for n in ("f16.gguf", "lowbit-q4_0.gguf", "llamacpp-q4_0.gguf",
+                                                 "llamacpp-q4_0-mix.gguf"))
+    ckpt = work / "lowbit-q4_0"
+    py = sys.executable
+    run(py, FLOAT_GGUF, a.model, str(f16))
+    t = time.perf_counter()
+    q = run(py, ["-m", "lowbit", "quantize", a.model, "--recipe", "gptq-w4g128+emb4", "--target", "gguf:q4_0",
+                 "--windows", "0", "--out", str(ckpt), "--force", "--json"])
+    run(py, ["-m", "lowbit", "export", str(ckpt), "--to", "gguf", "--out", str(ours), "--force", "--json"])
+    lowbit_seconds = time.perf_counter() - t
+    for dst, kind in ((theirs, "pure"), (mix, "mix")):
+        if run(LLAMACPP_PY, QUANTIZE, str(f16), str(dst), kind)["code"] != 0:
+            sys.exit(f"llama_model_quantize failed for {dst}")
+    files = {"f16": f16, "lowbit-gptq-q4_0": ours, "llama.cpp-q4_0-pure": theirs, "llama.cpp-q4_0-mix": mix}
+    rows = {name: {"file_mb": round(path.stat().st_size / 2**20, 2),
+                   "ppl": run(py, PPL, str(path), a.model, str(a.windows))["ppl"]} for name, path in files.items()}
+    speed = run(LLAMACPP_PY, LLAMACPP_SPEED, f"{ours},{theirs}", str(a.repeats), json.dumps(PROMPTS))
+    greedy_cpp = speed["greedy"][str(ours)]
+    mine = run(py, LOWBIT_GREEDY, str(ckpt), json.dumps(greedy_cpp), str(a.repeats))
+    agreement = [{"prompt": text, "first_difference": first_difference(c["tokens"], m),
+                  "llama.cpp": c["tokens"], "lowbit": m} for text, c, m in zip(PROMPTS, greedy_cpp, mine["tokens"],
+                                                                             strict=True)]
+    for name, path in (("lowbit-gptq-q4_0", ours), ("llama.cpp-q4_0-pure", theirs)):
+        rows[name]["llama.cpp_prefill_tok_s"] = spread(speed["speed"][str(path)]["prefill"])
+        rows[name]["llama.cpp_decode_tok_s"] = spread(speed["speed"][str(path)]["decode"])
+    rows["lowbit-gptq-q4_0"]["lowbit_decode_tok_s"] = spread(mine["decode_tok_s"])
+    rows["lowbit-gptq-q4_0"]["quantize_and_export_seconds"] = round(lowbit_seconds, 1)
+    ratio = rows["lowbit-gptq-q4_0"]["llama.cpp_decode_tok_s"]["median"] / \
+        rows["llama.cpp-q4_0-pure"]["llama.cpp_decode_tok_s"]["median"]
+    result = {"model": a.model, "windows": a.windows, "rows": rows, "decode_ratio_lowbit_file_vs_llamacpp_file":
+              round(ratio, 3), "greedy": agreement, "lowbit_recipe": q.get("recipe")}
+    text = json.dumps(result, indent=1)
+    print(text)
+    if a.out:
+        a.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
