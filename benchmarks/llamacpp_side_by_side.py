@@ -1,13 +1,15 @@
 """lowbit's Q4_0 GGUF against llama.cpp's own Q4_0 of the same float model, in llama.cpp itself.
 
     bash benchmarks/llamacpp_env.sh                      # once: llama-cpp-python built from source
-    python benchmarks/llamacpp_side_by_side.py [--model smollm2-135m] [--windows 16] [--work DIR] [--out F.json]
+    python benchmarks/llamacpp_side_by_side.py [--model smollm2-135m] [--checkpoint CK] [--windows 16]
+                                               [--work DIR] [--out F.json]
 
 Files (``--work``): ``f16.gguf`` (the float model, written by lowbit's GGUF export), ``lowbit-q4_0.gguf``
-(``lowbit quantize --recipe gptq-w4g128+emb4 --target gguf:q4_0``: GPTQ into Q4_0 for the decoder, the tied
-embedding table rounded into Q4_0 too, then ``lowbit export --to gguf``), ``llamacpp-q4_0.gguf`` (llama.cpp's
-``llama_model_quantize`` of ``f16.gguf`` to Q4_0 with ``pure``: every matrix Q4_0, as lowbit's) and
-``llamacpp-q4_0-mix.gguf`` (its default Q4_0 mixture). No importance matrix: the Python build has no imatrix tool.
+(``lowbit quantize --recipe gptq-w4g128 --target gguf:q4_0``: GPTQ into Q4_0 for every decoder Linear, the
+embedding table float, then ``lowbit export --to gguf``; ``--checkpoint`` reuses such a checkpoint),
+``llamacpp-q4_0.gguf`` (llama.cpp's ``llama_model_quantize`` of ``f16.gguf`` to Q4_0 with ``pure`` and the
+token embedding kept F16: the same tensor types as lowbit's file) and ``llamacpp-q4_0-mix.gguf`` (its default
+Q4_0 mixture, embedding table quantized too). No importance matrix: the Python build has no imatrix tool.
 
 Reported: perplexity of every file (transformers' GGUF loader into lowbit's evaluator, WikiText-2 test, first
 ``--windows`` windows of 2048) and its size; llama.cpp's prefill and decode tokens/s on both Q4_0 files
@@ -46,6 +48,8 @@ src, dst, pure = sys.argv[1], sys.argv[2], sys.argv[3] == "pure"
 params = llama_cpp.llama_model_quantize_default_params()
 params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
 params.pure = pure
+if pure:  # the same tensor types as lowbit's file: every decoder matrix Q4_0, the embedding table F16
+    params.token_embedding_type = llama_cpp.GGML_TYPE_F16
 params.nthread = 2
 code = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
 print(json.dumps({"code": int(code)}))
@@ -140,6 +144,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--checkpoint", type=Path, help="an existing lowbit checkpoint quantized with --target gguf:q4_0")
     p.add_argument("--work", type=Path)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
@@ -149,11 +154,12 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     f16, ours, theirs, mix = (work / n for n in ("f16.gguf", "lowbit-q4_0.gguf", "llamacpp-q4_0.gguf",
                                                  "llamacpp-q4_0-mix.gguf"))
-    ckpt = work / "lowbit-q4_0"
+    ckpt = a.checkpoint or work / "lowbit-q4_0"
     py = sys.executable
     run(py, FLOAT_GGUF, a.model, str(f16))
     t = time.perf_counter()
-    q = run(py, ["-m", "lowbit", "quantize", a.model, "--recipe", "gptq-w4g128+emb4", "--target", "gguf:q4_0",
+    if a.checkpoint is None:
+        run(py, ["-m", "lowbit", "quantize", a.model, "--recipe", "gptq-w4g128", "--target", "gguf:q4_0",
                  "--windows", "0", "--out", str(ckpt), "--force", "--json"])
     run(py, ["-m", "lowbit", "export", str(ckpt), "--to", "gguf", "--out", str(ours), "--force", "--json"])
     lowbit_seconds = time.perf_counter() - t
@@ -173,11 +179,12 @@ def main() -> None:
         rows[name]["llama.cpp_prefill_tok_s"] = spread(speed["speed"][str(path)]["prefill"])
         rows[name]["llama.cpp_decode_tok_s"] = spread(speed["speed"][str(path)]["decode"])
     rows["lowbit-gptq-q4_0"]["lowbit_decode_tok_s"] = spread(mine["decode_tok_s"])
-    rows["lowbit-gptq-q4_0"]["quantize_and_export_seconds"] = round(lowbit_seconds, 1)
+    rows["lowbit-gptq-q4_0"]["quantize_and_export_seconds" if a.checkpoint is None else "export_seconds"] = \
+        round(lowbit_seconds, 1)
     ratio = rows["lowbit-gptq-q4_0"]["llama.cpp_decode_tok_s"]["median"] / \
         rows["llama.cpp-q4_0-pure"]["llama.cpp_decode_tok_s"]["median"]
     result = {"model": a.model, "windows": a.windows, "rows": rows, "decode_ratio_lowbit_file_vs_llamacpp_file":
-              round(ratio, 3), "greedy": agreement, "lowbit_recipe": q.get("recipe")}
+              round(ratio, 3), "greedy": agreement, "lowbit_checkpoint": str(ckpt)}
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:
