@@ -13,12 +13,11 @@ lowbit's protocol, written out here since lowbit is not imported. Prints one JSO
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from child import emit, run_json
 
 EXPORT = """
 import json, sys, time, torch
@@ -59,11 +58,7 @@ print(json.dumps({"transformers_ppl": math.exp(sum(nlls) / len(nlls)), "loader":
 
 
 def run(code: str, *args: str) -> dict:
-    t = time.perf_counter()
-    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"step failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    return {**json.loads(r.stdout.strip().splitlines()[-1]), "seconds": round(time.perf_counter() - t, 1)}
+    return run_json([sys.executable, "-c", code, *args])
 
 
 def main() -> None:
@@ -81,10 +76,7 @@ def main() -> None:
     result = {"checkpoint": a.checkpoint, "windows": a.windows, "export": "compressed-tensors", "lowbit": ours,
               "transformers": theirs, "export_weights_mb": round(size / 2**20, 1),
               "relative_difference": abs(theirs["transformers_ppl"] / ours["lowbit_ppl"] - 1)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,11 @@ decoder Linears are rounded. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from child import emit, run_json
 
 READ_GGUF = """
 import json, sys, torch
@@ -54,21 +53,13 @@ print(json.dumps({"gguf_ppl": perplexity(model, tok, windows=int(sys.argv[2])).p
 """
 
 
-def run(cmd: list[str]) -> dict:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"{' '.join(cmd[:4])} failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    return {**json.loads(r.stdout.strip().splitlines()[-1]), "seconds": round(time.perf_counter() - t, 1)}
-
-
 def lowbit_row(model: str, recipe: str, work: Path, windows: int) -> dict:
     ckpt, path = work / f"{recipe}-q4_0", work / f"{recipe}-q4_0.gguf"
-    q = run([sys.executable, "-m", "lowbit", "quantize", model, "--recipe", recipe, "--target", "gguf:q4_0",
+    q = run_json([sys.executable, "-m", "lowbit", "quantize", model, "--recipe", recipe, "--target", "gguf:q4_0",
              "--windows", str(windows), "--out", str(ckpt), "--force", "--json"])
-    e = run([sys.executable, "-m", "lowbit", "export", str(ckpt), "--to", "gguf", "--out", str(path), "--force",
+    e = run_json([sys.executable, "-m", "lowbit", "export", str(ckpt), "--to", "gguf", "--out", str(path), "--force",
              "--json"])
-    g = run([sys.executable, "-c", READ_GGUF, str(path), str(ckpt), str(windows)])
+    g = run_json([sys.executable, "-c", READ_GGUF, str(path), str(ckpt), str(windows)])
     return {"lowbit_ppl": q["ppl"], "fp_ppl": q["fp_ppl"], "gguf_ppl": g["gguf_ppl"],
             "parity": abs(g["gguf_ppl"] / q["ppl"] - 1), "file_mb": round(path.stat().st_size / 2**20, 2),
             "types": e["details"]["types"], "quantize_seconds": q["quantize_seconds"]}
@@ -85,12 +76,9 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = {"lowbit-gptq-q4_0": lowbit_row(a.model, "gptq-w4g128", work, a.windows),
             "lowbit-rtn-q4_0": lowbit_row(a.model, "rtn-w4g128", work, a.windows),
-            "llama.cpp-q4_0": run([sys.executable, "-c", LLAMA_CPP_Q4_0, a.model, str(a.windows)])}
+            "llama.cpp-q4_0": run_json([sys.executable, "-c", LLAMA_CPP_Q4_0, a.model, str(a.windows)])}
     result = {"model": a.model, "windows": a.windows, "rows": rows}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(result, a.out)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from child import emit, run_json
 
 HERE = Path(__file__).resolve().parent
 LLAMACPP_PY = HERE / ".venv-llamacpp" / "bin" / "python"
@@ -122,12 +123,8 @@ print(json.dumps({"tokens": out, "decode_tok_s": speeds}))
 
 
 def run(python, code_or_args, *args: str) -> dict:
-    cmd = [str(python), "-c", code_or_args, *args] if isinstance(code_or_args, str) else [str(python), *code_or_args]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"step failed ({r.returncode}): {' '.join(cmd[:3])[:200]}\n{r.stderr[-3000:]}")
-    lines = r.stdout.strip().splitlines()
-    return json.loads(lines[-1]) if lines else {}
+    """``python -c CODE ARGS`` (a string) or ``python ARGS`` (a list), in a fresh process."""
+    return run_json([python, "-c", code_or_args, *args] if isinstance(code_or_args, str) else [python, *code_or_args])
 
 
 def spread(values: list[float]) -> dict:
@@ -185,10 +182,7 @@ def main() -> None:
         rows["llama.cpp-q4_0-pure"]["llama.cpp_decode_tok_s"]["median"]
     result = {"model": a.model, "windows": a.windows, "rows": rows, "decode_ratio_lowbit_file_vs_llamacpp_file":
               round(ratio, 3), "greedy": agreement, "lowbit_checkpoint": str(ckpt)}
-    text = json.dumps(result, indent=1)
-    print(text)
-    if a.out:
-        a.out.write_text(text + "\n")
+    emit(result, a.out)
 
 
 if __name__ == "__main__":
