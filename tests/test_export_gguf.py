@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import bpe_tokenizer, tiny_model
+from conftest import bpe_tokenizer, tiny_model, word_tokenizer
 
 import lowbit
 from lowbit.errors import LowbitError
@@ -98,6 +98,10 @@ def test_refusals_write_nothing(tmp_path, source):
     lowbit.quantize(qwen, recipe_for_target(Recipe.parse("rtn-w4g128"), "gguf:q4_0"))
     with pytest.raises(LowbitError, match="LLaMA-architecture.*qwen2"):
         export_gguf(qwen, tmp_path / "q.gguf")
+    model, _, _ = quantized(source, "gguf:q4_0")
+    with pytest.raises(LowbitError, match="WordLevel, not byte-level BPE.*convert_hf_to_gguf"):
+        export_gguf(model, tmp_path / "w.gguf", tokenizer=word_tokenizer())
+    assert not (tmp_path / "w.gguf").exists()
     (tmp_path / "old.gguf").write_bytes(b"kept")
     model, tok, _ = quantized(source, "gguf:q4_0")
     with pytest.raises(LowbitError, match="--force"):
