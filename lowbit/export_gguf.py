@@ -9,7 +9,11 @@ Packed Linears whose grid is a GGUF block format are written as that format's bl
 * ``iq4_nl`` in groups of 32 → ``IQ4_NL``: fp16 ``d`` and 32 4-bit indices into ggml's 16 levels, ``w = d ·
   level[q]``: exact;
 * ``int4`` (asymmetric) in groups of 32 → ``Q4_1``: fp16 ``d``, fp16 ``m``, ``w = d q + m`` with ``d = s``,
-  ``m = -s z``; ``m`` is rounded to fp16 (the largest weight change this makes is reported).
+  ``m = -s z``; ``m`` is rounded to fp16 (the largest weight change this makes is reported);
+* ``int6_sym`` in groups of 16 with super-block scales (``--target gguf:q6_k``) → the K-quant ``Q6_K``: per 256
+  columns an fp16 ``d``, 16 int8 ``k_j`` and 256 6-bit ``q``, ``w = d k_j (q - 32)``; lowbit's scales are
+  ``d · k_j`` with a power-of-two ``d`` (:func:`lowbit.qtensor.superblock_scales`): exact. Rows must be a
+  multiple of 256 wide (SmolLM2's 576 is not).
 
 Quantize straight into one of these (``lowbit quantize --target gguf:q4_0``, GPTQ included) to export exactly;
 other grids and group sizes are refused, naming the layer and that flag. Float tensors: norms in F32, the
@@ -35,13 +39,15 @@ from .fileio import atomic_write
 from .models import storage_dtype
 from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
+from .qtensor import SUPERBLOCK
 from .state import state_of
 
 log = logging.getLogger(__name__)
 
-BLOCK = 32
-QTYPES = {"int4_sym": "Q4_0", "int4": "Q4_1", "int8_sym": "Q8_0", "iq4_nl": "IQ4_NL"}  # lowbit grid (g32) -> GGUF
-FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "IQ4_NL": 25}  # general.file_type (llama.cpp's LlamaFileType)
+QTYPES = {("int4_sym", 32): "Q4_0", ("int4", 32): "Q4_1", ("int8_sym", 32): "Q8_0", ("iq4_nl", 32): "IQ4_NL",
+          ("int6_sym", 16): "Q6_K"}  # lowbit grid and group size -> GGUF block type
+BLOCK_COLUMNS = {"Q6_K": SUPERBLOCK}  # columns per GGUF block; 32 for the others
+FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q6_K": 18, "IQ4_NL": 25}  # general.file_type (LlamaFileType)
 FLOAT_FILE_TYPES = {"F32": 0, "F16": 1, "BF16": 32}  # a float model (llama.cpp quantizes such files itself)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # lowbit family -> GGUF architecture
 
@@ -49,25 +55,48 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # lowbit family -> GGUF 
 def gguf_type(name: str, module: nn.Module) -> str:
     """The GGUF block type a packed layer's grid is, or a :class:`LowbitError` naming the layer and the fix."""
     fmt, meta = module.weight_meta.get("fmt"), module.weight_meta
-    qtype = QTYPES.get(fmt or "")
+    qtype = QTYPES.get((fmt or "", meta.get("group_size"))) if meta.get("granularity") == "group" else None
     if isinstance(module, QLinear) and (module.spec is not None or len(module._modules.get("adapters") or ())):
         raise LowbitError(f"{name} rotates its input or carries adapters, which GGUF cannot express: merge the "
                           "adapters first (lowbit merge); rotated (W4A4) models have no GGUF form")
-    if qtype is None or meta.get("granularity") != "group" or meta.get("group_size") != BLOCK:
+    if qtype is None:
         raise LowbitError(f"{name} is packed as {fmt or meta.get('kind')} {meta.get('granularity')} "
                           f"g{meta.get('group_size')}, which no GGUF block format holds (Q4_0: int4_sym g32, Q4_1: "
-                          "int4 g32, Q8_0: int8_sym g32): quantize into one with --target gguf:q4_0 (or q4_1, q8_0)")
+                          "int4 g32, Q8_0: int8_sym g32, IQ4_NL: iq4_nl g32, Q6_K: int6_sym g16 with super-block "
+                          "scales): quantize into one with --target gguf:q4_0 (or q4_1, q8_0, iq4_nl, q6_k)")
     return qtype
 
 
-def gguf_blocks(module: nn.Module, qtype: str) -> tuple[np.ndarray, float]:
+def q6_k_blocks(name: str, codes: np.ndarray, scales: torch.Tensor) -> np.ndarray:
+    """Q6_K blocks, uint8 ``(out, in/256, 210)`` (``ql``, ``qh``, int8 scales, fp16 ``d``; ggml's
+    ``block_q6_K``), of 6-bit codes ``(out, in)`` with fp16 group-of-16 scales ``(out, in/16)`` that are
+    super-block scales ``d · k_j``; a :class:`LowbitError` naming ``name`` where they are not."""
+    out_f, in_f = codes.shape
+    s = scales.float().view(out_f, in_f // SUPERBLOCK, SUPERBLOCK // 16)
+    d = torch.exp2(torch.ceil(torch.log2(s.amax(-1, keepdim=True) / 127)))
+    k = s / d
+    if not (torch.equal(k, k.round()) and bool((k >= 1).all()) and bool((k <= 127).all())):
+        raise LowbitError(f"{name}'s int6_sym g16 scales are free fp16 values, not Q6_K super-block scales: "
+                          "quantize with --target gguf:q6_k to export Q6_K exactly")
+    c = codes.reshape(out_f, -1, 2, 4, 32)  # (rows, super-blocks, halves of 128, quarters of 32, 32)
+    ql = (c[:, :, :, :2] & 0xF) | ((c[:, :, :, 2:] & 0xF) << 4)  # quarter t and t+2 share a byte's nibbles
+    qh = sum((c[:, :, :, t] >> 4) << (2 * t) for t in range(4))  # the four quarters' top two bits
+    d16 = d.to(torch.float16).numpy().view(np.uint8)  # (rows, super-blocks, 2)
+    return np.concatenate([ql.reshape(out_f, -1, 128).astype(np.uint8), qh.reshape(out_f, -1, 64).astype(np.uint8),
+                           k.to(torch.int8).numpy().view(np.uint8), d16], axis=-1)
+
+
+def gguf_blocks(name: str, module: nn.Module, qtype: str) -> tuple[np.ndarray, float]:
     """``(blocks, error)``: the layer's packed weight as GGUF ``qtype`` blocks, uint8 ``(out, in/32 · block
     bytes)``, and the largest weight change the encoding makes (0 where it is exact)."""
     qw = module.qweight
     out_f, in_f = qw.shape
-    if in_f % BLOCK:
-        raise LowbitError(f"a {in_f}-wide row is not a whole number of GGUF blocks of {BLOCK}")
-    codes = qw.unpacked_codes().view(out_f, in_f // BLOCK, BLOCK).numpy()
+    block = BLOCK_COLUMNS.get(qtype, 32)
+    if in_f % block:
+        raise LowbitError(f"{name}: a {in_f}-wide row is not a whole number of {qtype} blocks of {block} columns")
+    if qtype == "Q6_K":
+        return q6_k_blocks(name, qw.unpacked_codes().numpy(), qw.scales).reshape(out_f, -1), 0.0
+    codes = qw.unpacked_codes().view(out_f, in_f // 32, 32).numpy()
     d = qw.scales.to(torch.float16).view(out_f, -1, 1).numpy().view(np.uint8)  # (out, blocks, 2)
     error = 0.0
     if qtype == "Q8_0":
@@ -206,7 +235,7 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
             dequantized.append(name)
             tensors.append((gguf_name(name), *_float_tensor(module.weight, float_type)))
             continue
-        blocks, err = gguf_blocks(module, qtype)
+        blocks, err = gguf_blocks(name, module, qtype)
         perm = rows_for(name, blocks.shape[0])
         if perm is not None:
             blocks = blocks[perm.numpy()]

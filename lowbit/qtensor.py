@@ -57,13 +57,38 @@ def padded_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.view(rows, groups, group_size)
 
 
+SUPERBLOCK = 256  # llama.cpp's K-quant super-block (QK_K): the columns whose group scales share one step
+
+
+def superblock_scales(s: torch.Tensor, group_size: int, steps: int) -> torch.Tensor:
+    """Scales ``s (rows, groups)`` rounded up to whole multiples ``1..steps`` of one power-of-two step ``d`` per
+    :data:`SUPERBLOCK` columns, ``d = 2^ceil(log2(max_j s_j / steps))``: llama.cpp's K-quant scales
+    (``scale_j = d · k_j``, Q6_K: ``k_j`` int8). A power of two times an integer below 2^11 is an fp16 value, so
+    the stored scales hold exactly the K-quant's numbers. Rounding up keeps every group's extremes in its grid."""
+    rows, groups = s.shape
+    per = SUPERBLOCK // group_size
+    if SUPERBLOCK % group_size or groups % per:
+        raise LowbitError(f"a {groups * group_size}-wide weight in groups of {group_size} is not a whole number of "
+                          f"{SUPERBLOCK}-column super-blocks, which K-quant grids need: use a target without "
+                          "super-blocks (--target gguf:q8_0 or gguf:q4_0) for this model")
+    sb = s.reshape(rows, groups // per, per)
+    d = torch.exp2(torch.ceil(torch.log2(sb.amax(-1, keepdim=True) / steps)))
+    return (d * torch.ceil(sb / d).clamp(1, steps)).reshape(rows, groups)
+
+
 def fit_scales(w: torch.Tensor, fmt: Format, granularity: str, group_size: int, search: str = "minmax",
-               col_weight: torch.Tensor | None = None):
+               col_weight: torch.Tensor | None = None, scale_steps: int = 0):
     """Scales/zeros ``(rows, groups)`` for ``w (out, in)``; a short last group is fitted on its own columns.
 
     ``search`` and ``col_weight`` (``(in,)`` importance of each input column, e.g. diag(H)) are passed to
-    :func:`lowbit.formats.fit_searched`.
+    :func:`lowbit.formats.fit_searched`. ``scale_steps > 0``: the scales are K-quant super-block scales
+    (:func:`superblock_scales`; zero-free formats only).
     """
+    if scale_steps:
+        s, z = fit_scales(w, fmt, granularity, group_size, search, col_weight)
+        if z is not None or granularity != "group":
+            raise LowbitError("super-block scales (scale_steps) need a symmetric grid in groups")
+        return superblock_scales(s, group_size, scale_steps), None
     out_f, in_f = w.shape
     if granularity == "tensor":
         cw = None if col_weight is None else col_weight.repeat(out_f)

@@ -15,6 +15,8 @@ TARGETS: dict[str, dict] = {
     "gguf:q4_1": {**_INT, "bits": 4, "symmetric": False, "group_size": 32},  # w = d q + m (m rounded to fp16)
     "gguf:q8_0": {**_INT, "bits": 8, "symmetric": True, "group_size": 32},  # w = d q
     "gguf:iq4_nl": {"format": "iq4_nl", "bits": 4, "granularity": "group", "group_size": 32},  # w = d level[q]
+    # K-quant: 256-column super-blocks of 16 groups of 16, w = d · k_j · (q - 32), d fp16, k_j int8 (1..127)
+    "gguf:q6_k": {**_INT, "bits": 6, "symmetric": True, "group_size": 16, "scale_steps": 127},
     "compressed-tensors:w4a16": {**_INT, "bits": 4, "symmetric": True, "group_size": 128},  # llm-compressor's
     "compressed-tensors:w4a16-asym": {**_INT, "bits": 4, "symmetric": False, "group_size": 128},
     "compressed-tensors:w8a16": {"format": "int", "bits": 8, "symmetric": True, "granularity": "channel"},

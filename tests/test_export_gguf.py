@@ -14,6 +14,7 @@ from conftest import bpe_tokenizer, tiny_model, word_tokenizer
 import lowbit
 from lowbit.errors import LowbitError
 from lowbit.export_gguf import export_gguf
+from lowbit.quantizers import RTNConfig
 from lowbit.recipe import Recipe
 from lowbit.targets import recipe_for_target
 
@@ -77,6 +78,45 @@ def test_gptq_into_q4_0(tmp_path, source):
     assert {m.fmt for m in model.modules() if isinstance(m, lowbit.QLinear)} == {"int4_sym"}
     export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
     assert relative(ours, transformers_read(tmp_path / "m.gguf", tmp_path)["logits"]) < 1e-4
+
+
+@pytest.fixture(scope="module")
+def wide_source(tmp_path_factory):
+    """Rows 256 and 512 wide: whole K-quant super-blocks."""
+    folder = tmp_path_factory.mktemp("gguf") / "wide"
+    tiny_model("llama", hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=256, vocab_size=300).save_pretrained(folder)
+    bpe_tokenizer(300).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("recipe", ["rtn-w4g128", "gptq-w4g128"])
+def test_k_quant_q6_k_exports_exactly(tmp_path, wide_source, recipe):
+    """``--target gguf:q6_k``: groups of 16 whose scales are ``d · k_j`` per 256 columns; the Q6_K blocks decode
+    (gguf-py's reference dequantizer and transformers' loader) to exactly lowbit's weights and logits."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    calib = lowbit.Calibration(windows=torch.randint(0, 300, (4, 64)))
+    model, tok, ours = quantized(wide_source, "gguf:q6_k", recipe, calib)
+    details = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    assert details["types"] == {"Q6_K": 14} and details["max_encoding_error"] == 0.0
+    down = model.model.layers[1].mlp.down_proj
+    tensor = next(t for t in GGUFReader(tmp_path / "m.gguf").tensors if t.name == "blk.1.ffn_down.weight")
+    assert torch.equal(torch.from_numpy(dequantize(tensor.data, tensor.tensor_type)), down.weight.float())
+    assert relative(ours, transformers_read(tmp_path / "m.gguf", tmp_path)["logits"]) < 1e-4
+
+
+def test_k_quant_refusals(tmp_path, source, wide_source):
+    with pytest.raises(LowbitError, match="64-wide weight in groups of 16 is not a whole number of 256-column"):
+        quantized(source, "gguf:q6_k")
+    with pytest.raises(LowbitError, match="scale_steps .* needs a symmetric grid in groups that divide 256"):
+        RTNConfig(bits=6, symmetric=False, group_size=16, scale_steps=127)
+    model, tok = lowbit.load_model(wide_source)
+    lowbit.quantize(model, Recipe([RTNConfig(bits=6, symmetric=True, group_size=16)]))
+    with pytest.raises(LowbitError, match=r"q_proj's int6_sym g16 scales are free fp16 values.*--target gguf:q6_k"):
+        export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_q4_1_rounds_only_the_min(tmp_path, source):

@@ -45,7 +45,8 @@ def test_config_dict_round_trip_normalises_lists_to_tuples():
     assert cfg.targets == ("re:.*mlp.*", "@decoder") and cfg.ignore == ("*.down_proj",)
     d = cfg.to_dict()
     assert d == {"step": "rtn", "version": 1, "format": "int", "bits": 3, "granularity": "group",
-                 "group_size": 64, "symmetric": False, "scale_search": "minmax", "targets": ["re:.*mlp.*", "@decoder"],
+                 "group_size": 64, "symmetric": False, "scale_search": "minmax", "scale_steps": 0,
+                 "targets": ["re:.*mlp.*", "@decoder"],
                  "ignore": ["*.down_proj"]}
     back = StepConfig.from_dict(d)
     assert back == cfg and hash(back) == hash(cfg)
@@ -103,7 +104,7 @@ def test_rtn_config_rejects_bits(bits):
 
 
 def test_rtn_config_rejects_unknown_format_and_granularity_and_width():
-    with pytest.raises(LowbitError, match="unknown format 'mxfp4'; known formats: fp4, fp8, int, nf"):
+    with pytest.raises(LowbitError, match="unknown format 'mxfp4'; known formats: fp4, fp8, int, iq4_nl, nf"):
         RTNConfig(format="mxfp4")
     with pytest.raises(LowbitError, match="granularity must be one of tensor, channel, group"):
         RTNConfig(granularity="row")

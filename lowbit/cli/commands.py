@@ -55,8 +55,8 @@ def quantize(
                                        "over half the memory available)."),
     target: str | None = typer.Option(None, help="Round straight into an export's grid (its format and group "
                                       "size replace the recipe's): gguf:q4_0, gguf:q4_1, gguf:q8_0, "
-                                      "gguf:iq4_nl, compressed-tensors:w4a16, compressed-tensors:w4a16-asym, "
-                                      "compressed-tensors:w8a16."),
+                                      "gguf:iq4_nl, gguf:q6_k, compressed-tensors:w4a16, "
+                                      "compressed-tensors:w4a16-asym, compressed-tensors:w8a16."),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),
     data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,

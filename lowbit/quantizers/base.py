@@ -31,9 +31,16 @@ class GridConfig(StepConfig):
     group_size: int = 128  # input columns per scale when granularity == "group"; positive multiple of 8
     symmetric: bool = False  # int only: scale-only grid (no zero point)
     scale_search: str = "minmax"  # minmax | mse: also try clipped ranges, keep the least-error scale per group
+    scale_steps: int = 0  # >0: scales are multiples 1..n of one power-of-two step per 256 columns (K-quants)
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.scale_steps, int) or not 0 <= self.scale_steps <= 127:
+            raise LowbitError(f"scale_steps must be an integer in 0..127 (0: free fp16 scales), "
+                              f"got {self.scale_steps!r}")
+        if self.scale_steps and (self.granularity != "group" or 256 % self.group_size or not self.symmetric):
+            raise LowbitError("scale_steps (K-quant super-block scales) needs a symmetric grid in groups that divide "
+                              f"256 columns, got {self.granularity} g{self.group_size} symmetric={self.symmetric}")
         if self.format not in format_family_names():
             raise LowbitError(f"unknown format {self.format!r}; known formats: {', '.join(format_family_names())}")
         if self.granularity not in GRANULARITIES:

@@ -85,12 +85,12 @@ class QuantizeEmbeddings(Step):
         check_finite([(embed_name, embed)] + ([] if head is None or tied else [(module_name(model, head), head)]))
 
         g = c.group_size if c.granularity == "group" else embed.embedding_dim
-        table = rtn_quantize(embed.weight.detach().float(), fmt, c.granularity, g, c.scale_search)
+        table = rtn_quantize(embed.weight.detach().float(), fmt, c.granularity, g, c.scale_search, c.scale_steps)
         if head is not None:
             head_name = module_name(model, head)
             qhead = table if tied else rtn_quantize(head.weight.detach().float(), fmt, c.granularity,
                                                     c.group_size if c.granularity == "group" else head.in_features,
-                                                    c.scale_search)
+                                                    c.scale_search, c.scale_steps)
             install(model, Target(head_name, head), qhead, role="head")  # unties the float weights
         set_module(model, embed_name, QEmbedding(table, embed.padding_idx, scale))
         log.info("embeddings %s%s: %.2f bits/weight", fmt.name, " (tied head shares it)" if tied else "",

@@ -77,14 +77,16 @@ def prepare_hessian(w: torch.Tensor, hessian: torch.Tensor, own: bool = False) -
 
 def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity: str = "group",
                group_size: int = 128, damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-               search: str = "minmax", static_groups: bool = False, own_hessian: bool = False) -> QuantizedWeight:
+               search: str = "minmax", static_groups: bool = False, own_hessian: bool = False,
+               scale_steps: int = 0) -> QuantizedWeight:
     """Pure function. ``w (out, in)`` float, ``hessian (in, in)`` = 2·XᵀX/N fp32 -> QuantizedWeight.
 
     Group scales are fitted on the error-updated columns when the first column of a group is reached; with
     ``act_order`` (or ``static_groups``) all group scales are fitted on the original weight first, so the stored
     layout stays in the original column order. ``search="mse"`` picks each group's clipping range by the error
     weighted with the Hessian diagonal of its columns (:func:`lowbit.formats.fit_searched`). ``own_hessian``: the
-    caller hands ``hessian`` over (it is overwritten).
+    caller hands ``hessian`` over (it is overwritten). ``scale_steps > 0``: K-quant super-block scales
+    (:func:`lowbit.qtensor.superblock_scales`), fitted up front since a super-block spans several groups.
     """
     W, H = prepare_hessian(w, hessian, own=own_hessian)
     out_f, in_f = W.shape
@@ -94,9 +96,9 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity:
     scales = torch.zeros(rows, n_groups)
     zeros = torch.zeros(rows, n_groups) if fmt.has_zero else None
     col_weight = torch.diag(H)
-    static = static_groups or act_order or granularity == "tensor"  # scales fitted up front on the original w
+    static = static_groups or act_order or granularity == "tensor" or scale_steps > 0  # fitted up front on w
     if static:
-        s, z = fit_scales(W, fmt, granularity, g, search, col_weight)
+        s, z = fit_scales(W, fmt, granularity, g, search, col_weight, scale_steps)
         scales.copy_(s)
         if zeros is not None:
             zeros.copy_(z)
@@ -142,7 +144,7 @@ class GPTQ(Quantizer):
                               "calib=lowbit.Calibration(tokenizer=tok)")
         c = self.config
         return gptq_round(weight, stats.hessian, self.fmt, c.granularity, c.group_size, c.damp, c.block_size,
-                          c.act_order, c.scale_search, c.static_groups, own_hessian=own)
+                          c.act_order, c.scale_search, c.static_groups, own_hessian=own, scale_steps=c.scale_steps)
 
     def apply(self, model, calib=None):
         calib = calib if isinstance(calib, Calibration) else Calibration(windows=calib)

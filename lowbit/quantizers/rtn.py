@@ -20,13 +20,14 @@ class RTNConfig(QuantizerConfig):
 
 
 def rtn_quantize(w: torch.Tensor, fmt: Format, granularity: str = "group", group_size: int = 128,
-                 search: str = "minmax") -> QuantizedWeight:
+                 search: str = "minmax", scale_steps: int = 0) -> QuantizedWeight:
     """Pure function. ``w (out, in)`` float -> QuantizedWeight with scales fitted per group (min/max, or the
-    least-error clipped range with ``search="mse"``) and nearest codes."""
+    least-error clipped range with ``search="mse"``; K-quant super-block scales with ``scale_steps``) and
+    nearest codes."""
     w = w.float()
     out_f, in_f = w.shape
     g = group_size if granularity == "group" else in_f
-    s, z = fit_scales(w, fmt, granularity, g, search)  # (rows, groups)
+    s, z = fit_scales(w, fmt, granularity, g, search, scale_steps=scale_steps)  # (rows, groups)
     grouped = padded_groups(w, g)  # (out, groups, g)
     codes = fmt.encode(grouped, s.unsqueeze(-1), None if z is None else z.unsqueeze(-1))
     codes = codes.reshape(out_f, -1)[:, :in_f]
@@ -39,4 +40,4 @@ class RTN(Quantizer):
 
     def quantize(self, weight, stats=None):
         c = self.config
-        return rtn_quantize(weight, self.fmt, c.granularity, c.group_size, c.scale_search)
+        return rtn_quantize(weight, self.fmt, c.granularity, c.group_size, c.scale_search, c.scale_steps)
