@@ -1,21 +1,24 @@
 """lowbit's Q4_0 GGUF against llama.cpp's own Q4_0 of the same float model, in llama.cpp itself.
 
     bash benchmarks/llamacpp_env.sh                      # once: llama-cpp-python built from source
-    python benchmarks/llamacpp_side_by_side.py [--model smollm2-135m] [--checkpoint CK] [--windows 16]
+    python benchmarks/llamacpp_side_by_side.py [--model smollm2-135m] [--windows 16] [--repeats 5]
                                                [--work DIR] [--out F.json]
 
-Files (``--work``): ``f16.gguf`` (the float model, written by lowbit's GGUF export), ``lowbit-q4_0.gguf``
-(``lowbit quantize --recipe gptq-w4g128 --target gguf:q4_0``: GPTQ into Q4_0 for every decoder Linear, the
-embedding table float, then ``lowbit export --to gguf``; ``--checkpoint`` reuses such a checkpoint),
-``llamacpp-q4_0.gguf`` (llama.cpp's ``llama_model_quantize`` of ``f16.gguf`` to Q4_0 with ``pure`` and the
-token embedding kept F16: the same tensor types as lowbit's file) and ``llamacpp-q4_0-mix.gguf`` (its default
-Q4_0 mixture, embedding table quantized too). No importance matrix: the Python build has no imatrix tool.
+Files (``--work``; lowbit checkpoints already there are reused): ``f16.gguf`` (the float model, written by
+lowbit's GGUF export); ``lowbit-q4_0.gguf`` (``lowbit quantize --recipe gptq-w4g128 --target gguf:q4_0``: GPTQ
+into Q4_0 for every decoder Linear, the embedding table float, then ``lowbit export --to gguf``) and
+``lowbit-q8_0.gguf`` (``rtn-w4g128 --target gguf:q8_0``); ``llamacpp-q4_0.gguf`` and ``llamacpp-q8_0.gguf``
+(llama.cpp's ``llama_model_quantize`` of ``f16.gguf`` with ``pure`` and the token embedding kept F16: the same
+tensor types as lowbit's files) and ``llamacpp-q4_0-mix.gguf`` (its default Q4_0 mixture, embedding table
+quantized too); with llama.cpp's tools built (``bash benchmarks/llamacpp_tools.sh``) also
+``llamacpp-q4_0-imatrix.gguf``: ``llama-imatrix`` over 16 chunks of 2048 tokens of WikiText-2 valid (the text
+lowbit calibrates on), then ``llama-quantize --imatrix --pure`` to Q4_0.
 
 Reported: perplexity of every file (transformers' GGUF loader into lowbit's evaluator, WikiText-2 test, first
-``--windows`` windows of 2048) and its size; llama.cpp's prefill and decode tokens/s on both Q4_0 files
-(2 threads, alternating, ``--repeats`` each: median and spread); where llama.cpp's greedy tokens on lowbit's file
-first differ from lowbit's greedy tokens on its own checkpoint (three prompts, 16 tokens); lowbit's own decode
-tokens/s on its checkpoint. Each step runs in its own process. Prints one JSON object.
+``--windows`` windows of 2048) and its size; llama.cpp's prefill and decode tokens/s on the four quantized files
+(2 threads, round robin, ``--repeats`` each: median and spread); where llama.cpp's greedy tokens on each lowbit
+file first differ from lowbit's greedy tokens on its own checkpoint (three prompts, 16 tokens); lowbit's own
+decode tokens/s on its checkpoints. Each step runs in its own process. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +36,8 @@ from child import emit, run_json
 
 HERE = Path(__file__).resolve().parent
 LLAMACPP_PY = HERE / ".venv-llamacpp" / "bin" / "python"
+TOOLS = HERE / ".llamacpp-tools" / "bin"  # bash benchmarks/llamacpp_tools.sh
+IMATRIX, QUANTIZE_TOOL = TOOLS / "llama-imatrix", TOOLS / "llama-quantize"
 PROMPTS = ["The history of the printing press", "Photosynthesis is the process by which",
            "The capital of France is"]
 
@@ -47,7 +53,7 @@ QUANTIZE = """
 import json, sys, llama_cpp
 src, dst, pure = sys.argv[1], sys.argv[2], sys.argv[3] == "pure"
 params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+params.ftype = getattr(llama_cpp, sys.argv[4])
 params.pure = pure
 if pure:  # the same tensor types as lowbit's file: every decoder matrix Q4_0, the embedding table F16
     params.token_embedding_type = llama_cpp.GGML_TYPE_F16
@@ -136,53 +142,83 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
 
 
+KINDS = {  # name -> (lowbit recipe, --target, llama.cpp ftype)
+    "q4_0": ("gptq-w4g128", "gguf:q4_0", "LLAMA_FTYPE_MOSTLY_Q4_0"),  # GPTQ's rounding into Q4_0's grid
+    "q8_0": ("rtn-w4g128", "gguf:q8_0", "LLAMA_FTYPE_MOSTLY_Q8_0"),  # round-to-nearest, as llama.cpp does
+}
+
+
+def imatrix_q4_0(f16: Path, work: Path, windows: int = 16) -> Path:
+    """llama.cpp's Q4_0 with an importance matrix (``llama-imatrix`` over ``windows`` chunks of 2048 tokens of
+    WikiText-2 valid, lowbit's own calibration text; ``llama-quantize --pure``, token embedding F16)."""
+    from lowbit.data import wikitext2_text
+
+    text, imatrix, out = work / "wiki.valid.txt", work / "imatrix.gguf", work / "llamacpp-q4_0-imatrix.gguf"
+    text.write_text(wikitext2_text("valid"))
+    subprocess.run([str(IMATRIX), "-m", str(f16), "-f", str(text), "-o", str(imatrix), "-c", "2048", "--chunks",
+                    str(windows), "-t", "2"], check=True, capture_output=True)
+    subprocess.run([str(QUANTIZE_TOOL), "--imatrix", str(imatrix), "--pure", "--token-embedding-type", "f16",
+                    str(f16), str(out), "Q4_0", "2"], check=True, capture_output=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--windows", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--checkpoint", type=Path, help="an existing lowbit checkpoint quantized with --target gguf:q4_0")
-    p.add_argument("--work", type=Path)
+    p.add_argument("--work", type=Path, help="files land here; lowbit checkpoints already in it are reused")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     if not LLAMACPP_PY.exists():
         sys.exit("no llama.cpp environment: run bash benchmarks/llamacpp_env.sh first")
     work = a.work or Path(tempfile.mkdtemp(prefix="lowbit-llamacpp-"))
     work.mkdir(parents=True, exist_ok=True)
-    f16, ours, theirs, mix = (work / n for n in ("f16.gguf", "lowbit-q4_0.gguf", "llamacpp-q4_0.gguf",
-                                                 "llamacpp-q4_0-mix.gguf"))
-    ckpt = a.checkpoint or work / "lowbit-q4_0"
     py = sys.executable
+    f16 = work / "f16.gguf"
     run(py, FLOAT_GGUF, a.model, str(f16))
-    t = time.perf_counter()
-    if a.checkpoint is None:
-        run(py, ["-m", "lowbit", "quantize", a.model, "--recipe", "gptq-w4g128", "--target", "gguf:q4_0",
-                 "--windows", "0", "--out", str(ckpt), "--force", "--json"])
-    run(py, ["-m", "lowbit", "export", str(ckpt), "--to", "gguf", "--out", str(ours), "--force", "--json"])
-    lowbit_seconds = time.perf_counter() - t
-    for dst, kind in ((theirs, "pure"), (mix, "mix")):
-        if run(LLAMACPP_PY, QUANTIZE, str(f16), str(dst), kind)["code"] != 0:
-            sys.exit(f"llama_model_quantize failed for {dst}")
-    files = {"f16": f16, "lowbit-gptq-q4_0": ours, "llama.cpp-q4_0-pure": theirs, "llama.cpp-q4_0-mix": mix}
+    files, seconds, pairs = {"f16": f16}, {}, {}
+    for kind, (recipe, target, ftype) in KINDS.items():
+        ckpt, ours, theirs = work / f"lowbit-{kind}", work / f"lowbit-{kind}.gguf", work / f"llamacpp-{kind}.gguf"
+        t = time.perf_counter()
+        if not (ckpt / "lowbit.json").exists():
+            run(py, ["-m", "lowbit", "quantize", a.model, "--recipe", recipe, "--target", target, "--windows", "0",
+                     "--out", str(ckpt), "--force", "--json"])
+        run(py, ["-m", "lowbit", "export", str(ckpt), "--to", "gguf", "--out", str(ours), "--force", "--json"])
+        seconds[kind] = round(time.perf_counter() - t, 1)
+        if run(LLAMACPP_PY, QUANTIZE, str(f16), str(theirs), "pure", ftype)["code"] != 0:
+            sys.exit(f"llama_model_quantize failed for {theirs}")
+        files[f"lowbit-{recipe.split('-')[0]}-{kind}"] = ours
+        files[f"llama.cpp-{kind}-pure"] = theirs
+        pairs[kind] = (ckpt, ours, theirs)
+    if IMATRIX.exists():  # llama.cpp's best Q4_0: rounding weighted by activations of the same calibration text
+        files["llama.cpp-q4_0-imatrix-pure"] = imatrix_q4_0(f16, work)
+    mix = work / "llamacpp-q4_0-mix.gguf"
+    if run(LLAMACPP_PY, QUANTIZE, str(f16), str(mix), "mix", KINDS["q4_0"][2])["code"] != 0:
+        sys.exit(f"llama_model_quantize failed for {mix}")
+    files["llama.cpp-q4_0-mix"] = mix
     rows = {name: {"file_mb": round(path.stat().st_size / 2**20, 2),
                    "ppl": run(py, PPL, str(path), a.model, str(a.windows))["ppl"]} for name, path in files.items()}
-    speed = run(LLAMACPP_PY, LLAMACPP_SPEED, f"{ours},{theirs}", str(a.repeats), json.dumps(PROMPTS))
-    greedy_cpp = speed["greedy"][str(ours)]
-    mine = run(py, LOWBIT_GREEDY, str(ckpt), json.dumps(greedy_cpp), str(a.repeats))
-    agreement = [{"prompt": text, "first_difference": first_difference(c["tokens"], m),
-                  "llama.cpp": c["tokens"], "lowbit": m} for text, c, m in zip(PROMPTS, greedy_cpp, mine["tokens"],
-                                                                             strict=True)]
-    for name, path in (("lowbit-gptq-q4_0", ours), ("llama.cpp-q4_0-pure", theirs)):
-        rows[name]["llama.cpp_prefill_tok_s"] = spread(speed["speed"][str(path)]["prefill"])
-        rows[name]["llama.cpp_decode_tok_s"] = spread(speed["speed"][str(path)]["decode"])
-    rows["lowbit-gptq-q4_0"]["lowbit_decode_tok_s"] = spread(mine["decode_tok_s"])
-    rows["lowbit-gptq-q4_0"]["quantize_and_export_seconds" if a.checkpoint is None else "export_seconds"] = \
-        round(lowbit_seconds, 1)
-    ratio = rows["lowbit-gptq-q4_0"]["llama.cpp_decode_tok_s"]["median"] / \
-        rows["llama.cpp-q4_0-pure"]["llama.cpp_decode_tok_s"]["median"]
-    result = {"model": a.model, "windows": a.windows, "rows": rows, "decode_ratio_lowbit_file_vs_llamacpp_file":
-              round(ratio, 3), "greedy": agreement, "lowbit_checkpoint": str(ckpt)}
-    emit(result, a.out)
+    timed = [path for _, ours, theirs in pairs.values() for path in (ours, theirs)]
+    speed = run(LLAMACPP_PY, LLAMACPP_SPEED, ",".join(map(str, timed)), str(a.repeats), json.dumps(PROMPTS))
+    by_path = {str(path): name for name, path in files.items()}
+    for path in timed:
+        rows[by_path[str(path)]]["llama.cpp_prefill_tok_s"] = spread(speed["speed"][str(path)]["prefill"])
+        rows[by_path[str(path)]]["llama.cpp_decode_tok_s"] = spread(speed["speed"][str(path)]["decode"])
+    agreement, ratios = {}, {}
+    for kind, (ckpt, ours, theirs) in pairs.items():
+        greedy_cpp = speed["greedy"][str(ours)]
+        mine = run(py, LOWBIT_GREEDY, str(ckpt), json.dumps(greedy_cpp), str(a.repeats))
+        agreement[kind] = [{"prompt": text, "first_difference": first_difference(c["tokens"], m),
+                            "llama.cpp": c["tokens"], "lowbit": m}
+                           for text, c, m in zip(PROMPTS, greedy_cpp, mine["tokens"], strict=True)]
+        row = rows[by_path[str(ours)]]
+        row["lowbit_decode_tok_s_on_its_checkpoint"] = spread(mine["decode_tok_s"])
+        row["lowbit_quantize_and_export_s"] = seconds[kind]
+        ratios[kind] = round(row["llama.cpp_decode_tok_s"]["median"] /
+                             rows[by_path[str(theirs)]]["llama.cpp_decode_tok_s"]["median"], 3)
+    emit({"model": a.model, "windows": a.windows, "rows": rows, "llama.cpp_decode_ratio_lowbit_file_vs_own": ratios,
+          "greedy": agreement, "work": str(work)}, a.out)
 
 
 if __name__ == "__main__":

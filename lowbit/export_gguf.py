@@ -1,5 +1,6 @@
 """Export a packed model to a GGUF file (llama.cpp, Ollama, LM Studio; transformers reads it too), with the
-metadata and tokenizer llama.cpp needs. LLaMA-architecture models (llama, mistral) so far.
+metadata and tokenizer llama.cpp needs. Families: llama and mistral (GGUF's ``llama`` architecture), qwen2 (its
+q/k/v biases as F32) and qwen3 (its q/k norms).
 
 Packed Linears whose grid is a GGUF block format are written as that format's blocks, holding lowbit's numbers:
 
@@ -20,7 +21,7 @@ other grids and group sizes are refused, naming the layer and that flag. Float t
 rest in the checkpoint's storage dtype (F32, F16 or BF16: the same numbers); a packed embedding table on a block
 grid stays packed, any other is written as float (reported).
 LLaMA's q and k rows are permuted to llama.cpp's rotary layout (as llama.cpp's own converter does; every
-loader undoes it); a row permutation moves whole blocks, so packed rows are permuted as they are.
+loader undoes it; Qwen's are not); a row permutation moves whole blocks, so packed rows are permuted as they are.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ QTYPES = {("int4_sym", 32): "Q4_0", ("int4", 32): "Q4_1", ("int8_sym", 32): "Q8_
 BLOCK_COLUMNS = {"Q6_K": SUPERBLOCK}  # columns per GGUF block; 32 for the others
 FILE_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q6_K": 18, "IQ4_NL": 25}  # general.file_type (LlamaFileType)
 FLOAT_FILE_TYPES = {"F32": 0, "F16": 1, "BF16": 32}  # a float model (llama.cpp quantizes such files itself)
-ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # lowbit family -> GGUF architecture
+# lowbit family -> (GGUF architecture, q/k rows permuted to llama.cpp's rotary layout, tokenizer pre-tokenizer)
+ARCHITECTURES = {"llama": ("llama", True, "default"), "mistral": ("llama", True, "default"),
+                 "qwen2": ("qwen2", False, "qwen2"), "qwen3": ("qwen3", False, "qwen2")}
 
 
 def gguf_type(name: str, module: nn.Module) -> str:
@@ -151,9 +154,10 @@ def tokenizer_fields(tokenizer) -> dict:
             "chat_template": getattr(tokenizer, "chat_template", None)}
 
 
-def _write_metadata(writer, model: nn.Module, vocab: dict | None, file_type: int) -> None:
+def _write_metadata(writer, model: nn.Module, vocab: dict | None, file_type: int, pre: str) -> None:
     c = model.config
     heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
     writer.add_name(Path(str(state_of(model).source or "lowbit")).name)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -161,7 +165,9 @@ def _write_metadata(writer, model: nn.Module, vocab: dict | None, file_type: int
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(getattr(c, "num_key_value_heads", None) or heads)
-    writer.add_rope_dimension_count(getattr(c, "head_dim", None) or c.hidden_size // heads)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
     writer.add_rope_freq_base(float(getattr(c, "rope_theta", None) or
                                     (getattr(c, "rope_parameters", None) or {}).get("rope_theta", 10000.0)))
     writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
@@ -172,7 +178,7 @@ def _write_metadata(writer, model: nn.Module, vocab: dict | None, file_type: int
         return
     t = vocab
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(t["tokens"])
     writer.add_token_types(t["types"])
     writer.add_token_merges(t["merges"])
@@ -186,22 +192,23 @@ def _write_metadata(writer, model: nn.Module, vocab: dict | None, file_type: int
 
 
 def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool = False) -> dict:
-    """Write ``model`` (a packed lowbit model of the LLaMA architecture, or a float one: the file llama.cpp's own
-    quantizer starts from) to the GGUF file ``path`` (see the module docstring); atomic, an existing file is
-    refused unless ``force``. Returns ``{"tensors", "types", "dequantized", "max_encoding_error"}``."""
+    """Write ``model`` (a packed lowbit model of a family in :data:`ARCHITECTURES`, or a float one: the file
+    llama.cpp's own quantizer starts from) to the GGUF file ``path`` (see the module docstring); atomic, an
+    existing file is refused unless ``force``. Returns ``{"tensors", "types", "dequantized", "max_encoding_error"}``."""
     import gguf
 
     family = architecture(model).family
     if family not in ARCHITECTURES:
-        raise LowbitError(f"the GGUF export writes LLaMA-architecture models (llama, mistral) so far, not "
-                          f"{family}: export it with --to compressed-tensors, or convert the merged float model "
-                          "with llama.cpp's convert_hf_to_gguf.py")
+        raise LowbitError(f"the GGUF export writes {', '.join(ARCHITECTURES)} models so far, not {family}: export "
+                          "it with --to compressed-tensors, or convert the merged float model with llama.cpp's "
+                          "convert_hf_to_gguf.py")
+    arch, permuted, pre = ARCHITECTURES[family]
     path = Path(path)
     if path.exists() and not force:
         raise LowbitError(f"{path} exists: pass --force to replace it")
     c = model.config
     heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), c.num_hidden_layers)
     packed = {n: m for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))}
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -211,18 +218,20 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
     types, dequantized, error = {}, [], 0.0
 
     def rows_for(hf_name: str, rows: int) -> torch.Tensor | None:
+        if not permuted:
+            return None
         if hf_name.endswith("q_proj"):
             return rotary_rows(rows, heads)
         if hf_name.endswith("k_proj"):
             return rotary_rows(rows, kv_heads)
         return None
 
-    def gguf_name(hf_name: str) -> str:
+    def gguf_name(hf_name: str, kind: str = "weight") -> str:
         name = names.get_name(hf_name)
         if name is None:
-            raise LowbitError(f"{hf_name} has no GGUF tensor name for the llama architecture: this model's layout "
-                              "is not LLaMA's")
-        return name + ".weight"
+            raise LowbitError(f"{hf_name} has no GGUF tensor name in the {arch} architecture: this {family} "
+                              "model's layout is not the one llama.cpp knows")
+        return f"{name}.{kind}"
 
     for name, module in packed.items():
         if module is head and shared_head:
@@ -243,18 +252,19 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
         types[qtype] = types.get(qtype, 0) + 1
         tensors.append((gguf_name(name), blocks, qtype))
     skip = {f"{n}.{k}" for n, m in packed.items() for k, _ in m.named_buffers()}
-    skip |= {f"{n}.{k}" for n, m in packed.items() for k, _ in m.named_parameters()}
+    skip |= {f"{n}.{k}" for n, m in packed.items() for k, _ in m.named_parameters() if k != "bias"}
     for key, t in model.state_dict().items():
-        module_name = key.rsplit(".", 1)[0]
+        module_name, kind = key.rsplit(".", 1)
         if key in skip or not t.is_floating_point():
             continue
-        if key.endswith(".bias"):
-            raise LowbitError(f"{key}: the llama GGUF architecture has no biases")
         if module_name == "lm_head" and getattr(c, "tie_word_embeddings", False):
             continue
         perm = rows_for(module_name, t.shape[0])
         t = t.detach()[perm] if perm is not None else t.detach()
-        tensors.append((gguf_name(module_name), *_float_tensor(t, float_type)))
+        data, qtype = _float_tensor(t, float_type)
+        if kind == "bias":
+            data, qtype = t.to(torch.float32).numpy(), "F32"
+        tensors.append((gguf_name(module_name, kind), data, qtype))
     file_type = FILE_TYPES[max(types, key=types.get)] if types else FLOAT_FILE_TYPES[float_type]
     vocab = None
     if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):
@@ -264,8 +274,8 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
         vocab = tokenizer_fields(tokenizer)
 
     def write(tmp: Path) -> None:
-        writer = gguf.GGUFWriter(tmp, "llama")
-        _write_metadata(writer, model, vocab, file_type)
+        writer = gguf.GGUFWriter(tmp, arch)
+        _write_metadata(writer, model, vocab, file_type, pre)
         for name, data, qtype in tensors:
             raw = getattr(gguf.GGMLQuantizationType, qtype)
             if qtype in ("F16", "F32"):

@@ -71,6 +71,26 @@ def test_block_grids_export_exactly(tmp_path, source, target, qtype):
     assert read["ids"] == tok(TEXT).input_ids  # the vocabulary and merges round-trip
 
 
+@pytest.mark.parametrize("family,extra", [("qwen2", {}), ("qwen3", {"head_dim": 128})])
+def test_qwen_families_export_exactly(tmp_path, family, extra):
+    """Qwen2 (q/k/v biases, written F32) and Qwen3 (q/k norms; head_dim 128, what transformers' GGUF loader
+    assumes) in their own GGUF architectures, rows not permuted."""
+    src = tmp_path / "src"
+    float_model = tiny_model(family, max_position_embeddings=256, vocab_size=300, **extra)
+    biases = [m.bias for m in float_model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert len(biases) == (6 if family == "qwen2" else 0)
+    with torch.no_grad():
+        for b in biases:
+            b.normal_(0, 0.5)  # initialised to zero: a dropped bias would go unseen
+    float_model.save_pretrained(src)
+    bpe_tokenizer(300).save_pretrained(src)
+    model, tok, ours = quantized(src, "gguf:q4_0")
+    details = export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    assert details["types"] == {"Q4_0": 14} and details["max_encoding_error"] == 0.0
+    read = transformers_read(tmp_path / "m.gguf", tmp_path)
+    assert relative(ours, read["logits"]) < 1e-4
+
+
 def test_gptq_into_q4_0(tmp_path, source):
     """GPTQ's Hessian-aware rounding straight into Q4_0's grid: the file holds exactly what lowbit computed."""
     calib = lowbit.Calibration(windows=torch.randint(0, 300, (4, 64)))
@@ -134,10 +154,10 @@ def test_refusals_write_nothing(tmp_path, source):
                                           r"--target gguf:q4_0"):
         export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
     assert list(tmp_path.iterdir()) == []
-    qwen = tiny_model("qwen2")
-    lowbit.quantize(qwen, recipe_for_target(Recipe.parse("rtn-w4g128"), "gguf:q4_0"))
-    with pytest.raises(LowbitError, match="LLaMA-architecture.*qwen2"):
-        export_gguf(qwen, tmp_path / "q.gguf")
+    gemma = tiny_model("gemma")
+    lowbit.quantize(gemma, recipe_for_target(Recipe.parse("rtn-w4g128"), "gguf:q4_0"))
+    with pytest.raises(LowbitError, match="writes llama, mistral, qwen2, qwen3 models so far, not gemma"):
+        export_gguf(gemma, tmp_path / "q.gguf")
     model, _, _ = quantized(source, "gguf:q4_0")
     with pytest.raises(LowbitError, match="WordLevel, not byte-level BPE.*convert_hf_to_gguf"):
         export_gguf(model, tmp_path / "w.gguf", tokenizer=word_tokenizer())
