@@ -3,11 +3,30 @@ print (and optionally write) the result object."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser described by ``doc``'s first line, with the options every export benchmark takes:
+    ``--windows`` (perplexity windows, 16), ``--work`` (where files go) and ``--out`` (the result JSON)."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--windows", type=int, default=16)
+    p.add_argument("--work", type=Path)
+    p.add_argument("--out", type=Path)
+    return p
+
+
+def work_dir(work: Path | None, prefix: str) -> Path:
+    """``work`` (created), or a new temporary folder named ``prefix…``."""
+    work = work or Path(tempfile.mkdtemp(prefix=prefix))
+    work.mkdir(parents=True, exist_ok=True)
+    return work
 
 
 def run_json(cmd: list[str]) -> dict:

@@ -12,12 +12,9 @@ lowbit's protocol, written out here since lowbit is not imported. Prints one JSO
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
-from pathlib import Path
 
-from child import emit, run_json
+from child import emit, parser, run_json, work_dir
 
 EXPORT = """
 import json, sys, time, torch
@@ -62,14 +59,10 @@ def run(code: str, *args: str) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__)
     p.add_argument("checkpoint")
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--work", type=Path)
-    p.add_argument("--out", type=Path)
     a = p.parse_args()
-    work = a.work or Path(tempfile.mkdtemp(prefix="lowbit-export-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(a.work, "lowbit-export-")
     ours = run(EXPORT, a.checkpoint, str(work), str(a.windows))
     theirs = run(TRANSFORMERS, str(work / "ct"), str(work / "windows.safetensors"))
     size = sum(f.stat().st_size for f in (work / "ct").glob("*.safetensors"))

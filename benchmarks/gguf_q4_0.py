@@ -19,12 +19,10 @@ decoder Linears are rounded. Prints one JSON object.
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-from child import emit, run_json
+from child import emit, parser, run_json, work_dir
 
 READ_GGUF = """
 import json, sys, torch
@@ -66,14 +64,10 @@ def lowbit_row(model: str, recipe: str, work: Path, windows: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__)
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--windows", type=int, default=16)
-    p.add_argument("--work", type=Path)
-    p.add_argument("--out", type=Path)
     a = p.parse_args()
-    work = a.work or Path(tempfile.mkdtemp(prefix="lowbit-gguf-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(a.work, "lowbit-gguf-")
     rows = {"lowbit-gptq-q4_0": lowbit_row(a.model, "gptq-w4g128", work, a.windows),
             "lowbit-rtn-q4_0": lowbit_row(a.model, "rtn-w4g128", work, a.windows),
             "llama.cpp-q4_0": run_json([sys.executable, "-c", LLAMA_CPP_Q4_0, a.model, str(a.windows)])}

@@ -23,16 +23,14 @@ decode tokens/s on its checkpoints. Each step runs in its own process. Prints on
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from child import emit, run_json
+from child import emit, parser, run_json, work_dir
 
 HERE = Path(__file__).resolve().parent
 LLAMACPP_PY = HERE / ".venv-llamacpp" / "bin" / "python"
@@ -163,17 +161,13 @@ def imatrix_q4_0(f16: Path, work: Path, windows: int = 16) -> Path:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = parser(__doc__)  # --work: lowbit checkpoints already there are reused
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--windows", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--work", type=Path, help="files land here; lowbit checkpoints already in it are reused")
-    p.add_argument("--out", type=Path)
     a = p.parse_args()
     if not LLAMACPP_PY.exists():
         sys.exit("no llama.cpp environment: run bash benchmarks/llamacpp_env.sh first")
-    work = a.work or Path(tempfile.mkdtemp(prefix="lowbit-llamacpp-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = work_dir(a.work, "lowbit-llamacpp-")
     py = sys.executable
     f16 = work / "f16.gguf"
     run(py, FLOAT_GGUF, a.model, str(f16))
