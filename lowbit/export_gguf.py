@@ -37,7 +37,7 @@ from torch import nn
 from .architectures import architecture
 from .errors import LowbitError
 from .fileio import atomic_write
-from .models import storage_dtype
+from .models import module_name, storage_dtype
 from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
 from .qtensor import SUPERBLOCK
@@ -197,7 +197,8 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
     existing file is refused unless ``force``. Returns ``{"tensors", "types", "dequantized", "max_encoding_error"}``."""
     import gguf
 
-    family = architecture(model).family
+    spec = architecture(model)
+    family = spec.family
     if family not in ARCHITECTURES:
         raise LowbitError(f"the GGUF export writes {', '.join(ARCHITECTURES)} models so far, not {family}: export "
                           "it with --to compressed-tensors, or convert the merged float model with llama.cpp's "
@@ -217,14 +218,14 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
     tensors: list[tuple[str, np.ndarray, str]] = []  # (GGUF name, data, GGUF type)
     types, dequantized, error = {}, [], 0.0
 
+    q_name, k_name = spec.attn_readers[:2]
+    head_name = None if head is None else module_name(model, head)
+
     def rows_for(hf_name: str, rows: int) -> torch.Tensor | None:
-        if not permuted:
+        leaf = hf_name.rsplit(".", 1)[-1]
+        if not permuted or leaf not in (q_name, k_name):
             return None
-        if hf_name.endswith("q_proj"):
-            return rotary_rows(rows, heads)
-        if hf_name.endswith("k_proj"):
-            return rotary_rows(rows, kv_heads)
-        return None
+        return rotary_rows(rows, heads if leaf == q_name else kv_heads)
 
     def gguf_name(hf_name: str, kind: str = "weight") -> str:
         name = names.get_name(hf_name)
@@ -254,17 +255,17 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
     skip = {f"{n}.{k}" for n, m in packed.items() for k, _ in m.named_buffers()}
     skip |= {f"{n}.{k}" for n, m in packed.items() for k, _ in m.named_parameters() if k != "bias"}
     for key, t in model.state_dict().items():
-        module_name, kind = key.rsplit(".", 1)
+        owner, kind = key.rsplit(".", 1)
         if key in skip or not t.is_floating_point():
             continue
-        if module_name == "lm_head" and getattr(c, "tie_word_embeddings", False):
+        if owner == head_name and getattr(c, "tie_word_embeddings", False):
             continue
-        perm = rows_for(module_name, t.shape[0])
+        perm = rows_for(owner, t.shape[0])
         t = t.detach()[perm] if perm is not None else t.detach()
         data, qtype = _float_tensor(t, float_type)
         if kind == "bias":
             data, qtype = t.to(torch.float32).numpy(), "F32"
-        tensors.append((gguf_name(module_name, kind), data, qtype))
+        tensors.append((gguf_name(owner, kind), data, qtype))
     file_type = FILE_TYPES[max(types, key=types.get)] if types else FLOAT_FILE_TYPES[float_type]
     vocab = None
     if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):

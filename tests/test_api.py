@@ -76,7 +76,7 @@ BAD = {
     "finetune": (["finetune", "{ckpt}", "--out", "{tmp}/o", "--adapter", "dora"], "--adapter must be lora"),
     "merge": (["merge", "{ckpt}", "--out", "{tmp}/o"], "has no adapters to merge"),
     "compensate": (["compensate", "{ckpt}", "--out", "{tmp}/o", "--method", "svd"], "--method must be rilq or loftq"),
-    "export": (["export", "{ckpt}", "--out", "{tmp}/o", "--format", "onnx"], "--format must be peft or native"),
+    "export": (["export", "{ckpt}", "--out", "{tmp}/o", "--format", "onnx"], "--to must be one of peft, native"),
 }
 
 

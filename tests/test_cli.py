@@ -221,7 +221,7 @@ QUANTIZE_ERRORS = [
     (["--bits", "0"], ["bits must be an integer in 1..8, got 0"]),
     (["--bits", "9"], ["bits must be an integer in 1..8, got 9"]),
     (["--recipe", "rtn-w4-g128"], ["unknown preset 'rtn-w4-g128'", "Did you mean 'rtn-w4g128'?"]),
-    (["--number-format", "int5"], ["unknown format 'int5'", "int, nf"]),
+    (["--number-format", "int5"], ["unknown format 'int5'", "int, iq4_nl, nf"]),
     (["--granularity", "row"], ["granularity must be one of", "'row'"]),
     (["--windows", "-1"], ["--windows must be 'all' or a whole number >= 0 (skip), got -1"]),
     (["--windows", "many"], ["--windows must be 'all' or a whole number", "'many'"]),

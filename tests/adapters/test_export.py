@@ -118,4 +118,5 @@ def test_merge_and_export_commands(tuned_ckpt, ckpt, tmp_path):
     assert "adapter_model.safetensors" in payload["files"] and "base/config.json" in payload["files"]
     assert "no adapters to merge" in one_error_line(invoke("merge", ckpt, "--out", tmp_path / "x"))
     assert "already exists" in one_error_line(invoke("export", tuned_ckpt, "--out", tmp_path / "peft"))
-    assert "--format" in one_error_line(invoke("export", tuned_ckpt, "--out", tmp_path / "y", "--format", "onnx"))
+    refused = one_error_line(invoke("export", tuned_ckpt, "--out", tmp_path / "y", "--format", "onnx"))
+    assert "--to must be one of peft, native, compressed-tensors, gguf" in refused
