@@ -40,7 +40,7 @@ from .fileio import atomic_write
 from .models import module_name, storage_dtype
 from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
-from .qtensor import SUPERBLOCK
+from .qtensor import SUPERBLOCK, superblock_step
 from .state import state_of
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def q6_k_blocks(name: str, codes: np.ndarray, scales: torch.Tensor) -> np.ndarra
     super-block scales ``d · k_j``; a :class:`LowbitError` naming ``name`` where they are not."""
     out_f, in_f = codes.shape
     s = scales.float().view(out_f, in_f // SUPERBLOCK, SUPERBLOCK // 16)
-    d = torch.exp2(torch.ceil(torch.log2(s.amax(-1, keepdim=True) / 127)))
+    d = superblock_step(s, 127)
     k = s / d
     if not (torch.equal(k, k.round()) and bool((k >= 1).all()) and bool((k <= 127).all())):
         raise LowbitError(f"{name}'s int6_sym g16 scales are free fp16 values, not Q6_K super-block scales: "
@@ -262,10 +262,7 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
             continue
         perm = rows_for(owner, t.shape[0])
         t = t.detach()[perm] if perm is not None else t.detach()
-        data, qtype = _float_tensor(t, float_type)
-        if kind == "bias":
-            data, qtype = t.to(torch.float32).numpy(), "F32"
-        tensors.append((gguf_name(owner, kind), data, qtype))
+        tensors.append((gguf_name(owner, kind), *_float_tensor(t, float_type)))  # vectors (biases, norms): F32
     file_type = FILE_TYPES[max(types, key=types.get)] if types else FLOAT_FILE_TYPES[float_type]
     vocab = None
     if tokenizer is None or not hasattr(tokenizer, "backend_tokenizer"):

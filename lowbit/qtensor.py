@@ -60,6 +60,12 @@ def padded_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 SUPERBLOCK = 256  # llama.cpp's K-quant super-block (QK_K): the columns whose group scales share one step
 
 
+def superblock_step(scales: torch.Tensor, steps: int) -> torch.Tensor:
+    """The power-of-two step ``d = 2^ceil(log2(max_j s_j / steps))`` of super-blocks of scales ``(..., per)``,
+    keepdim: the one definition the fit (:func:`superblock_scales`) and the Q6_K export share."""
+    return torch.exp2(torch.ceil(torch.log2(scales.amax(-1, keepdim=True) / steps)))
+
+
 def superblock_scales(s: torch.Tensor, group_size: int, steps: int) -> torch.Tensor:
     """Scales ``s (rows, groups)`` rounded up to whole multiples ``1..steps`` of one power-of-two step ``d`` per
     :data:`SUPERBLOCK` columns, ``d = 2^ceil(log2(max_j s_j / steps))``: llama.cpp's K-quant scales
@@ -72,7 +78,7 @@ def superblock_scales(s: torch.Tensor, group_size: int, steps: int) -> torch.Ten
                           f"{SUPERBLOCK}-column super-blocks, which K-quant grids need: use a target without "
                           "super-blocks (--target gguf:q8_0 or gguf:q4_0) for this model")
     sb = s.reshape(rows, groups // per, per)
-    d = torch.exp2(torch.ceil(torch.log2(sb.amax(-1, keepdim=True) / steps)))
+    d = superblock_step(sb, steps)
     return (d * torch.ceil(sb / d).clamp(1, steps)).reshape(rows, groups)
 
 
