@@ -9,6 +9,7 @@ from ..data import check_data
 from ..errors import LowbitError
 from ..eval.perplexity import PerplexityResult, perplexity
 from ..models import context_length
+from ..nn.kv_cache import make_kv_cache, parse_kv_cache
 from ..protocol import EVAL_SEQ_LEN, EVAL_WINDOWS
 from .common import Result, check_windows
 
@@ -25,13 +26,16 @@ def _load_with_tokenizer(source: str):
 @dataclass(frozen=True)
 class EvalConfig:
     """``lowbit eval``: WikiText-2 test perplexity over the first ``windows`` windows (None = all) of ``seq_len``
-    tokens, or with ``tasks`` zero-shot accuracy on those tasks (``limit``: the first N examples of each)."""
+    tokens, or with ``tasks`` zero-shot accuracy on those tasks (``limit``: the first N examples of each).
+    ``kv_cache``: the perplexity's keys and values held as ``float`` (the model's own cache), ``int8`` / ``int4``
+    (Hadamard-rotated keys) or ``int8-norot`` / ``int4-norot`` (:mod:`lowbit.nn.kv_cache`)."""
 
     model: str
     windows: int | None = EVAL_WINDOWS
     seq_len: int = EVAL_SEQ_LEN
     tasks: tuple[str, ...] = ()
     limit: int | None = None
+    kv_cache: str = "float"
 
 
 @dataclass
@@ -41,17 +45,22 @@ class EvalResult(Result):
     perplexity: PerplexityResult | None
     tasks: dict | None
     seconds: float
+    kv_cache: str = "float"
 
     def to_dict(self) -> dict:
         if self.tasks is not None:
             return dict(self.tasks)  # only the task keys, as lm-evaluation-harness users expect
-        return {**self.perplexity.to_dict(), "eval": self.perplexity.label(), "seconds": self.seconds}
+        return {**self.perplexity.to_dict(), "eval": self.perplexity.label(), "kv_cache": self.kv_cache,
+                "seconds": self.seconds}
 
 
 def evaluate(config: EvalConfig) -> EvalResult:
     """Names, limits and data files are checked before the model loads."""
     from ..eval.tasks import evaluate_tasks, load_task, resolve_tasks
 
+    kv_cache = parse_kv_cache(config.kv_cache)
+    if config.tasks and kv_cache is not None:
+        raise LowbitError("--kv-cache applies to perplexity only; drop --tasks or use --kv-cache float")
     if config.tasks or config.limit is not None:
         if not config.tasks:
             raise LowbitError("--limit applies only with --tasks (e.g. --tasks piqa,arc_easy,boolq)")
@@ -68,18 +77,20 @@ def evaluate(config: EvalConfig) -> EvalResult:
     check_data(test=True)
     model, tokenizer = _load_with_tokenizer(config.model)
     start = time.perf_counter()
-    result = perplexity(model, tokenizer, windows=config.windows, seq_len=config.seq_len)
-    return EvalResult(result, None, time.perf_counter() - start)
+    result = perplexity(model, tokenizer, windows=config.windows, seq_len=config.seq_len, kv_cache=kv_cache)
+    return EvalResult(result, None, time.perf_counter() - start, "float" if kv_cache is None else kv_cache.name)
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """``lowbit generate``: greedy continuation of ``prompt`` (wrapped in the chat template when ``chat``)."""
+    """``lowbit generate``: greedy continuation of ``prompt`` (wrapped in the chat template when ``chat``), with
+    keys and values cached as ``kv_cache`` (``float``, ``int8``, ``int4``, ``int8-norot``, ``int4-norot``)."""
 
     model: str
     prompt: str
     max_new_tokens: int = 64
     chat: bool = True
+    kv_cache: str = "float"
 
 
 @dataclass
@@ -89,6 +100,7 @@ class GenerateResult(Result):
     new_tokens: int
     seconds: float
     tok_s: float
+    kv_cache: str = "float"
 
 
 def generate(config: GenerateConfig) -> GenerateResult:
@@ -96,6 +108,7 @@ def generate(config: GenerateConfig) -> GenerateResult:
 
     from ..kernels import prepare
 
+    kv_cache = parse_kv_cache(config.kv_cache)
     if config.max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
     if not config.prompt.strip():
@@ -114,12 +127,13 @@ def generate(config: GenerateConfig) -> GenerateResult:
         raise LowbitError(f"the prompt ({prompt_tokens} tokens) plus --max-new-tokens {config.max_new_tokens} is more "
                           f"than the model's context of {context} tokens; use --max-new-tokens "
                           f"{max(context - prompt_tokens, 0)} or less, or a shorter prompt")
+    cache = {} if kv_cache is None else {"past_key_values": make_kv_cache(model, kv_cache)}
     prepare()  # a first-time kernel build is not generation time
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False,
+        out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False, **cache,
                              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
     return GenerateResult(config.prompt, tok.decode(new, skip_special_tokens=True), int(new.numel()), seconds,
-                          new.numel() / seconds)
+                          new.numel() / seconds, "float" if kv_cache is None else kv_cache.name)

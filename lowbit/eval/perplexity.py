@@ -2,7 +2,9 @@
 
 Test split read as dataset rows, joined with "\\n\\n", tokenized once with the tokenizer's defaults, cut into
 non-overlapping windows of ``seq_len`` tokens; ``ppl = exp(mean over windows of each window's mean NLL)``.
-The first ``windows`` windows are evaluated (16 is the figure lowbit compares on).
+The first ``windows`` windows are evaluated (16 is the figure lowbit compares on). With ``kv_cache`` each window's
+forward runs with a fresh quantized KV cache (:mod:`lowbit.nn.kv_cache`), so every token attends to quantized
+keys and values.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 from ..data import wikitext2_text
 from ..errors import LowbitError
 from ..models import check_seq_len
+from ..nn.kv_cache import KVCacheConfig, make_kv_cache
 from ..protocol import EVAL_SEQ_LEN, EVAL_WINDOWS, LOGITS_CHUNK
 
 
@@ -42,14 +45,16 @@ def _tokenized(tokenizer, split: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def window_nll(model, input_ids: torch.Tensor) -> float:
-    """Mean next-token NLL of one window ``input_ids (1, L)``; logits are computed in chunks to bound memory."""
+def window_nll(model, input_ids: torch.Tensor, kv_cache: KVCacheConfig | None = None) -> float:
+    """Mean next-token NLL of one window ``input_ids (1, L)``; logits are computed in chunks to bound memory.
+    ``kv_cache``: run the forward with a fresh quantized KV cache of this config (None: the model's own)."""
     backbone = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cache = {} if kv_cache is None else {"past_key_values": make_kv_cache(model, kv_cache), "use_cache": True}
     if backbone is None or head is None:
-        logits = model(input_ids).logits[0, :-1].float()
+        logits = model(input_ids, **cache).logits[0, :-1].float()
         return F.cross_entropy(logits, input_ids[0, 1:]).item()
-    hidden = backbone(input_ids).last_hidden_state[0, :-1]
+    hidden = backbone(input_ids, **cache).last_hidden_state[0, :-1]
     targets = input_ids[0, 1:]
     total = 0.0
     for start in range(0, hidden.shape[0], LOGITS_CHUNK):
@@ -59,8 +64,9 @@ def window_nll(model, input_ids: torch.Tensor) -> float:
 
 
 def perplexity(model, tokenizer, windows: int | None = EVAL_WINDOWS, seq_len: int = EVAL_SEQ_LEN, split: str = "test",
-               progress: bool = True) -> PerplexityResult:
-    """Perplexity over the first ``windows`` windows (None or 0 = all) of ``seq_len`` tokens."""
+               progress: bool = True, kv_cache: KVCacheConfig | None = None) -> PerplexityResult:
+    """Perplexity over the first ``windows`` windows (None or 0 = all) of ``seq_len`` tokens; ``kv_cache``: each
+    window attends to keys and values quantized by a fresh cache of this config (None: float, the model's own)."""
     if seq_len < 2:
         raise LowbitError(f"seq_len must be at least 2, got {seq_len}")
     check_seq_len(model, seq_len)
@@ -75,7 +81,7 @@ def perplexity(model, tokenizer, windows: int | None = EVAL_WINDOWS, seq_len: in
     bar = tqdm(range(n), desc="perplexity", unit="window", disable=not progress, leave=False)
     for i in bar:
         window = ids[i * seq_len:(i + 1) * seq_len].unsqueeze(0).to(device)
-        nlls.append(window_nll(model, window))
+        nlls.append(window_nll(model, window, kv_cache))
         bar.set_postfix(ppl=f"{math.exp(sum(nlls) / len(nlls)):.3f}")
     return PerplexityResult(ppl=math.exp(sum(nlls) / n), windows=n, total_windows=total, seq_len=seq_len,
                             tokens=ids.numel())
