@@ -321,8 +321,10 @@ def load(path: str | Path, verify: bool | None = None):
     model = build_skeleton(path, manifest)
     tensors = _read_tensors(path)
     held = model.state_dict()
-    for name, t in tensors.items():  # float parts stored narrower than the model computes in (fp16, bf16)
-        if name in held and t.is_floating_point() and held[name].is_floating_point() and t.dtype != held[name].dtype:
+    for name, t in tensors.items():  # float parts stored narrower than the model computes in (fp16, bf16);
+        # adapters keep their stored dtype (bf16 by default: they compute in it, as when they were saved)
+        if name in held and t.is_floating_point() and held[name].is_floating_point() and t.dtype != held[name].dtype \
+                and ".adapters." not in name:
             tensors[name] = t.to(held[name].dtype)
     for alias, source in manifest.get("aliases", {}).items():
         if source not in tensors:

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Adapter", "AdapterConfig", "LoRA", "LoRAConfig", "LoRMA", "LoRMAConfig", "attach", "remove", "freeze",
            "parameters", "adapted_layers", "find_qlinears", "config_from_dict", "manifest_entry",
-           "attach_from_manifest", "train_outliers"]
+           "attach_from_manifest", "train_outliers", "store_adapters", "adapter_dtype"]
 
 
 def config_from_dict(data: dict) -> AdapterConfig:
@@ -99,13 +99,39 @@ def parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
 
 
 def freeze(model: nn.Module, trainable: str | None = None) -> list[nn.Parameter]:
-    """Make only adapter ``trainable`` (every adapter when None) require gradients; returns those parameters."""
+    """Make only adapter ``trainable`` (every adapter when None) require gradients, in fp32 (adapters stored in
+    bf16 train from an fp32 copy of their values: :func:`store_adapters` rounds them back); returns those
+    parameters."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = parameters(model, trainable)
     for p in params:
+        p.data = p.data.float()
         p.requires_grad_(True)
     return params
+
+
+ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def adapter_dtype(name: str) -> torch.dtype:
+    """The torch dtype of an ``adapter_dtype`` setting (``bfloat16`` | ``float32``), or a one-line error."""
+    if name not in ADAPTER_DTYPES:
+        raise LowbitError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {name!r}")
+    return ADAPTER_DTYPES[name]
+
+
+def store_adapters(model: nn.Module, dtype: str = "bfloat16") -> int:
+    """Round every adapter parameter of ``model`` to ``dtype`` (``bfloat16``: half the bytes of fp32, so +0.74
+    bits/weight instead of +1.47 at rank 16 on SmolLM2), in place: the model in memory is then exactly what a
+    checkpoint stores. The forward runs in the adapters' dtype; merges are computed in fp32. Returns the
+    number of parameters."""
+    target = adapter_dtype(dtype)
+    params = parameters(model)
+    for p in params:
+        p.requires_grad_(False)
+        p.data = p.data.to(target)
+    return sum(p.numel() for p in params)
 
 
 def has_row_scales(layer: QLinear) -> bool:

@@ -8,7 +8,17 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..adapters import AdapterConfig, LoRAConfig, LoRMAConfig, attach, freeze, manifest_entry, train_outliers
+from ..adapters import (
+    AdapterConfig,
+    LoRAConfig,
+    LoRMAConfig,
+    adapter_dtype,
+    attach,
+    freeze,
+    manifest_entry,
+    store_adapters,
+    train_outliers,
+)
 from ..calibration import Calibration
 from ..compensate import LoftQConfig, RILQConfig
 from ..data import check_data
@@ -43,6 +53,7 @@ class FinetuneConfig:
     lorma_variant: str = "rri"
     lorma_mode: str = "pre"
     train_outliers: bool = False
+    adapter_dtype: str = "bfloat16"  # stored adapters: bfloat16 (half fp32's bits) | float32; trained in fp32
     recipe: str = ""  # quantize a float model with this recipe first
     train: TrainConfig = field(default_factory=lambda: TrainConfig(checkpoint_every=25))
     seq_len: int = 256
@@ -107,6 +118,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         raise LowbitError(f"--adapter must be lora, lorma or none, got {config.adapter!r}")
     if config.adapter == "none" and not config.train_outliers:
         raise LowbitError("--adapter none trains nothing: add --train-outliers (QUAD's PEFT) or pick an adapter")
+    adapter_dtype(config.adapter_dtype)
     adapter_config = config.adapter_config()
     check_data(test=config.windows != 0, valid=config.data is None)
     model, tok = load_model(config.model)
@@ -137,6 +149,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                             outlier_weights=outlier_weights, **stats, data=train_data.source,
                             examples=len(train_data))
     model.eval()
+    store_adapters(model, config.adapter_dtype)  # evaluated as the checkpoint stores them
     if config.windows != 0:
         ppl = perplexity(model, tok, windows=config.windows)
         result.ppl, result.windows = ppl.ppl, ppl.windows

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import LoRA, LoRAConfig
+from ..adapters import LoRA, LoRAConfig, adapter_dtype
 from ..config import StepConfig
 from ..errors import LowbitError
 from ..models import decoder_blocks, find_linears
@@ -49,12 +49,14 @@ class LoftQConfig(StepConfig):
     alpha: float = 0.0  # 0 means 2 * rank, as LoRAConfig
     iterations: int = 1  # alternations; the paper uses up to 5
     adapter: str = "default"  # adapter name on every layer
+    adapter_dtype: str = "bfloat16"  # stored adapters: bfloat16 (half fp32's bits) | float32; fitted in fp32
 
     def __post_init__(self):
         super().__post_init__()
         if not isinstance(self.iterations, int) or not 1 <= self.iterations <= 20:
             raise LowbitError(f"iterations must be an integer from 1 to 20, got {self.iterations!r}")
         self.lora_config()  # validates rank/alpha
+        adapter_dtype(self.adapter_dtype)
         base = self.base_config()
         cls = get("step", base.step)
         if not issubclass(cls, Quantizer) or cls.needs:
@@ -62,7 +64,8 @@ class LoftQConfig(StepConfig):
                               "needs calibration or a global bit assignment). Use an rtn quantizer, or RILQ.")
 
     def __hash__(self):
-        return hash((self.step, tuple(sorted(self.quantizer.items())), self.rank, self.alpha, self.iterations))
+        return hash((self.step, tuple(sorted(self.quantizer.items())), self.rank, self.alpha, self.iterations,
+                     self.adapter_dtype))
 
     def base_config(self):
         return StepConfig.from_dict(self.quantizer)
@@ -131,6 +134,7 @@ class LoftQ(Step):
             lora = LoRA(lora_config, t.layer.in_features, t.layer.out_features)
             float_columns = t.layer.in_features - t.columns
             qweight, before, after = loftq_layer(t.layer.weight.detach(), quantizer, lora, c.iterations, float_columns)
+            lora.to(adapter_dtype(c.adapter_dtype))
             install(model, t, qweight, adapters=nn.ModuleDict({c.adapter: lora}))
             self._errors[t.name] = (before, after)
 

@@ -44,12 +44,14 @@ from ..adapters import (
     AdapterConfig,
     LoRAConfig,
     LoRMAConfig,
+    adapter_dtype,
     attach,
     find_qlinears,
     freeze,
     has_row_scales,
     parameters,
     remove,
+    store_adapters,
     train_channel_scales,
     train_group_scales,
 )
@@ -90,6 +92,7 @@ class RILQConfig(StepConfig):
     scales: bool | str = False  # beyond the paper: also train the packed scales: False | "channel" (True) | "group"
     gradient_checkpointing: bool = False  # 256-token windows of a small model: memory is not the limit, time is
     precision: str = "auto"  # matmul precision of the student: auto (bf16 where the CPU/GPU has it) | bf16 | fp32
+    adapter_dtype: str = "bfloat16"  # stored adapters: bfloat16 (half fp32's bits) | float32; trained in fp32
     targets: tuple[str, ...] = (DECODER,)
     ignore: tuple[str, ...] = ()
 
@@ -108,6 +111,7 @@ class RILQConfig(StepConfig):
         if self.lambda_model < 0 or self.lambda_gt < 0 or self.lambda_model + self.lambda_gt == 0:
             raise LowbitError("lambda_model and lambda_gt must be >= 0 and not both 0")
         check_precision(self.precision)
+        adapter_dtype(self.adapter_dtype)
         if self.lr is not None and not (isinstance(self.lr, int | float) and 0 < self.lr < float("inf")):
             raise LowbitError(f"RILQ lr must be a positive finite number (or None for the default), got {self.lr!r}")
         if self.scales not in (False, True, "none", "channel", "group"):
@@ -281,6 +285,7 @@ class RILQ(Step):
                 remove(model, c.name)
         for p in params:
             p.requires_grad_(False)
+        store_adapters(model, c.adapter_dtype)  # what the checkpoint holds is what was evaluated
         if scales == "group":  # into the packed scales now, so decode runs the packed kernels and equals the save
             for m in layers:
                 m.scales = fold_scale_multiplier(m.scales, m.group_scale.detach())

@@ -210,3 +210,29 @@ def test_bits_summary_counts_adapter_bytes_beside_the_packed_weights():
     assert after["adapter_bytes"] == lora > 0 and after["bits_per_weight"] == before["bits_per_weight"]
     assert after["bits_per_weight_with_adapters"] == pytest.approx(
         before["bits_per_weight"] + lora * 8 / before["quantized_weights"])
+
+
+def test_adapters_stored_in_bf16_count_half_the_bytes_and_train_again_in_fp32(tmp_path):
+    from lowbit.summary import bits_summary
+
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
+    ad.attach(model, ad.LoRAConfig(rank=4))
+    _perturb(model)  # B = 0 at attach: give the adapters values that rounding can change
+    fp32 = bits_summary(model)["adapter_bytes"]
+    with torch.no_grad():
+        before = model(IDS).logits
+    assert ad.store_adapters(model, "bfloat16") == fp32 // 4
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in ad.parameters(model))
+    assert bits_summary(model)["adapter_bytes"] == fp32 // 2
+    with torch.no_grad():
+        after = model(IDS).logits
+    assert 0 < float((after - before).norm() / before.norm()) < 5e-2  # rounded (bf16 math too), not lost
+    lowbit.save(model, tmp_path / "ck")
+    loaded, _ = lowbit.load(tmp_path / "ck")
+    assert all(p.dtype == torch.bfloat16 for p in ad.parameters(loaded))
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, after)
+    params = ad.freeze(loaded)  # training continues from an fp32 copy of the stored values
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    with pytest.raises(LowbitError, match="adapter_dtype must be one of"):
+        ad.store_adapters(loaded, "float16")
