@@ -189,7 +189,7 @@ def offload_hidden(hidden: list[torch.Tensor], path: Path) -> list[torch.Tensor]
     return out
 
 
-def _block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """The hidden states a decoder block returns for one window's ``hidden (1, L, d)``."""
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -226,7 +226,7 @@ def _collect_stats(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, l
     try:
         for h in hidden:
             seen.clear()
-            _block_output(block, h, kwargs)
+            block_output(block, h, kwargs)
     finally:
         for h in handles:
             h.remove()
@@ -268,7 +268,9 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
 
     For each block (its name prefix ``"model.layers.3."``): ``load(prefix)`` (streamed: fill it from the source),
     ``work(prefix, collect)`` — where ``collect(names)`` runs the block over the calibration windows and returns
-    the :class:`LayerStats` of the named Linears in it (MoE experts' shrunk by :func:`shrink_routed`) —, then the
+    the :class:`LayerStats` of the named Linears in it (MoE experts' shrunk by :func:`shrink_routed`), and
+    ``collect.block``, ``collect.hidden`` (the windows' inputs to this block, ``(1, L, d)`` each, or None) and
+    ``collect.kwargs`` (the block's keyword arguments) let a step run the block itself —, then the
     block's outputs become the next block's inputs (so each block is calibrated on what the already quantized
     blocks before it produce), then ``done(prefix)`` (streamed: write the block and free it).
 
@@ -290,10 +292,11 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
             routed_tokens.update(shrink_routed(stats, set(expert_layer_names(model, names))))
             return stats
 
+        collect.block, collect.hidden, collect.kwargs = block, hidden, kwargs  # for steps that run the block
         work(here, collect)
         if hidden is not None:
             for h in hidden:  # in place: one copy of the activations (file-backed ones stay so), plus one output
-                h.copy_(_block_output(block, h, kwargs))
+                h.copy_(block_output(block, h, kwargs))
         if done is not None:
             done(here)
         release_free_memory()  # the replaced float weights' pages go back to the OS: RSS tracks the live set

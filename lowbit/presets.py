@@ -9,6 +9,7 @@ from .compensate.loftq import LoftQConfig
 from .compensate.rilq import RILQConfig
 from .config import StepConfig
 from .quantizers.activations import ActivationsConfig
+from .quantizers.blockwise import BlockwiseConfig
 from .quantizers.embeddings import EmbeddingsConfig
 from .quantizers.gptq import GPTQConfig
 from .quantizers.lowra import LowRAConfig
@@ -56,5 +57,27 @@ PRESETS["quarot-rtn-w4a4"] = [RotateConfig(), RTNConfig(**_W4_CHANNEL, scale_sea
 PRESETS["quarot-w4a4"] = [RotateConfig(), GPTQConfig(**_W4_CHANNEL), ActivationsConfig()]
 PRESETS["quad-w4a4"] = [RotateConfig(outliers=64), GPTQConfig(**_W4_CHANNEL), ActivationsConfig()]
 PRESETS["quad-w4a4a8"] = [RotateConfig(outliers=64), GPTQConfig(**_W4_CHANNEL), ActivationsConfig(writer_bits=8)]
+
+# Block-wise reconstruction over GPTQ (issue 23): each block's codes and scales trained against the float block
+for _bits, _g in ((4, 128), (3, 128), (2, 64)):
+    PRESETS[f"blockwise-gptq-w{_bits}g{_g}"] = [BlockwiseConfig(quantizer={"step": "gptq", "bits": _bits,
+                                                                          "group_size": _g})]
+
+# One recommended recipe per budget (issue 23). BEST says what each holds and costs; BENCHMARKS.md "Closer to the
+# accuracy limit" has the measured figures.
+BEST: dict[str, tuple[list[StepConfig], str]] = {
+    "best-w4": (PRESETS["blockwise-gptq-w4g128"], "int4 g128 (GPTQ, then block-wise trained codes and scales); "
+                                                  "4.20 bits/weight"),
+    "best-w3": (PRESETS["blockwise-gptq-w3g128"], "int3 g128 (GPTQ, then block-wise trained codes and scales); "
+                                                  "3.20 bits/weight"),
+    "best-w2": (PRESETS["blockwise-gptq-w2g64"], "int2 g64 (GPTQ, then block-wise trained codes and scales); "
+                                                 "2.38 bits/weight"),
+    "best-w2-lora": (PRESETS["blockwise-gptq-w2g64"] + [RILQConfig(rank=8)],
+                     "best-w2 plus RILQ rank-8 LoRA adapters stored in bf16; 2.38 + 0.37 = 2.75 bits/weight"),
+    "best-w1.5": (PRESETS["lowra-gptq-b1.5"], "LowRA mixed 1/2-bit codebooks rounded by GPTQ, Fisher-weighted "
+                                              "assignment; 1.83 bits/weight"),
+}
+for _name, (_steps, _) in BEST.items():
+    PRESETS[_name] = _steps
 
 DEFAULT_PRESET = "rtn-w4g128"

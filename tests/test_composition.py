@@ -21,7 +21,7 @@ from lowbit import registry
 from lowbit.compensate import LoftQConfig, RILQConfig
 from lowbit.errors import LowbitError
 from lowbit.nn.input_transform import TransformedLinear
-from lowbit.quantizers import ActivationsConfig, EmbeddingsConfig, GPTQConfig, RTNConfig
+from lowbit.quantizers import ActivationsConfig, BlockwiseConfig, EmbeddingsConfig, GPTQConfig, RTNConfig
 from lowbit.quantizers.lowra import LowRAConfig
 from lowbit.quantizers.lowra_gptq import LowRAGPTQConfig
 from lowbit.transforms.rotate import RotateConfig
@@ -34,6 +34,7 @@ STEPS = {
     "lowra": LowRAConfig(budget=4.0, block_size=32, iters=3),
     "lowra-gptq": LowRAGPTQConfig(budget=4.0, block_size=32, iters=3),
     "loftq": LoftQConfig(quantizer={"step": "rtn", "bits": 8, "group_size": 32}, rank=4),
+    "blockwise": BlockwiseConfig(quantizer={"step": "gptq", "bits": 8, "group_size": 32}, epochs=1),
     "embeddings": EmbeddingsConfig(),
     "act": ActivationsConfig(bits=8),
     "rotate": RotateConfig(),
@@ -42,7 +43,7 @@ STEPS = {
     "rilq": RILQConfig(rank=4, samples=4, seq_len=32, val_ratio=0.25, max_steps=2, eval_every=2, micro_batch=2,
                        lambda_gt=0.0, lambda_model=1.0),
 }
-QUANTIZERS = ("rtn", "gptq", "lowra", "lowra-gptq", "loftq")
+QUANTIZERS = ("rtn", "gptq", "lowra", "lowra-gptq", "loftq", "blockwise")
 TRANSFORMS = ("rotate", "quad")
 
 # Pairs lowbit refuses, and why. Everything else must work.

@@ -36,7 +36,9 @@ GPTQ_OVER_RTN = 0.97
 # Relative logit error of each step's 8-bit (LowRA: 4-bit budget) tiny config against the float model, on every
 # family's SMALL random model. Worst family measured (2026-12-03; gemma2/gemma3 for most steps, whose random
 # models have larger activations): rtn 0.0095, gptq 0.0129, lowra 0.102, lowra-gptq 0.177, loftq 0.0074,
-# embeddings 0.0127, act 0.096, rotate 0.0105, quad 0.0106 (rotate/QUAD then RTN), rilq 0.0095. Each bound is
+# embeddings 0.0127, act 0.096, rotate 0.0105, quad 0.0106 (rotate/QUAD then RTN), rilq 0.0095; blockwise (its GPTQ
+# start with trained scales) is held to GPTQ's bound. Each bound is
 # about twice that, so a step that computed a different function on one family (errors of order 1) fails.
 FAMILY_STEP_REL_ERROR = {"rtn": 0.02, "gptq": 0.026, "lowra": 0.2, "lowra-gptq": 0.35, "loftq": 0.015,
-                         "embeddings": 0.025, "act": 0.19, "rotate": 0.021, "quad": 0.021, "rilq": 0.02}
+                         "embeddings": 0.025, "act": 0.19, "rotate": 0.021, "quad": 0.021, "rilq": 0.02,
+                         "blockwise": 0.026}

@@ -80,6 +80,7 @@ class QuantizeResult(Result):
     quantize_peak_rss_mb: float
     fp_model_mb: float
     streamed: bool = False
+    bits_per_weight_with_adapters: float | None = None  # every stored byte of the Linears, adapters included
 
 
 def quantize(config: QuantizeConfig) -> QuantizeResult:
@@ -123,7 +124,9 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     return QuantizeResult(
         model=str(config.model), recipe=recipe.name, out=str(config.out), fp_ppl=fp.ppl if fp else None,
         ppl=q.ppl if q else None, windows=q.windows if q else 0, eval=q.label() if q else "skipped",
-        bits_per_weight=s["bits_per_weight"], code_bits=s["code_bits"], size_bytes=s["size_bytes"],
+        bits_per_weight=s["bits_per_weight"],
+        bits_per_weight_with_adapters=s["bits_per_weight_with_adapters"], code_bits=s["code_bits"],
+        size_bytes=s["size_bytes"],
         size_mb=s["size_bytes"] / 1e6, packed_bytes=s["packed_file_bytes"],
         quantize_seconds=manifest["quantize_seconds"], quantize_peak_rss_mb=peak, fp_model_mb=fp_bytes / 2**20)
 
@@ -171,6 +174,7 @@ def _quantize_streamed(config: QuantizeConfig, recipe: Recipe, calib) -> Quantiz
     return QuantizeResult(
         model=str(config.model), recipe=recipe.name, out=str(config.out), fp_ppl=None, ppl=q.ppl if q else None,
         windows=q.windows if q else 0, eval=q.label() if q else "skipped", bits_per_weight=s["bits_per_weight"],
+        bits_per_weight_with_adapters=s["bits_per_weight_with_adapters"],
         code_bits=s["code_bits"], size_bytes=s["size_bytes"], size_mb=s["size_bytes"] / 1e6,
         packed_bytes=s["packed_file_bytes"], quantize_seconds=manifest["quantize_seconds"],
         quantize_peak_rss_mb=peak, fp_model_mb=fp32_bytes(path) / 2**20, streamed=True)

@@ -80,6 +80,10 @@ def quantize(
     emit(result.to_dict(), as_json, f"lowbit quantize: {result.recipe}")
 
 
+KV_CACHE_HELP = ("Keys and values cached as float (the model's own cache), int8 or int4 (per token and head, "
+                 "Hadamard-rotated keys), int8-norot or int4-norot (keys not rotated).")
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Argument(..., help=MODEL_HELP),
@@ -88,6 +92,7 @@ def evaluate(
     tasks: str = typer.Option("", help="Comma-separated zero-shot tasks (piqa, arc_easy, boolq): report their "
                                        "acc and acc_norm instead of perplexity."),
     limit: int | None = typer.Option(None, help="With --tasks: only the first N examples of each."),
+    kv_cache: str = typer.Option("float", "--kv-cache", help=KV_CACHE_HELP),
     data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
@@ -99,7 +104,7 @@ def evaluate(
     def job():
         names = tuple(tasks.split(",")) if tasks else ()  # blanks reach the API, which names the problem
         return evaluate(EvalConfig(model=model, windows=parse_windows(windows), seq_len=seq_len,
-                                             tasks=names, limit=limit))
+                                             tasks=names, limit=limit, kv_cache=kv_cache))
 
     result = run_job(verbose, job, data)
     if result.tasks is None or as_json:
@@ -118,6 +123,7 @@ def generate(
     prompt: str = typer.Option(..., help="Text to continue (or the user turn with --chat)."),
     max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template."),
+    kv_cache: str = typer.Option("float", "--kv-cache", help=KV_CACHE_HELP),
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
@@ -125,7 +131,7 @@ def generate(
     from ..api import GenerateConfig, generate
 
     result = run_job(verbose, lambda: generate(GenerateConfig(
-        model=model, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat)))
+        model=model, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat, kv_cache=kv_cache)))
     if as_json:
         emit(result.to_dict(), True, "")
         return
@@ -166,14 +172,16 @@ def recipes(as_json: bool = JSON_OPTION):
     """List the named presets."""
     from ..api import recipes
     from ..config import StepConfig
+    from ..presets import BEST
 
     presets = recipes()
     if as_json:
         emit(presets, True, "")
         return
-    table = Table("preset", "steps")
+    table = Table("preset", "steps", "holds and costs")
     for name, steps in presets.items():
-        table.add_row(name, "; ".join(StepConfig.from_dict(s).describe() for s in steps))
+        about = BEST[name][1] if name in BEST else ""
+        table.add_row(name, "; ".join(StepConfig.from_dict(s).describe() for s in steps), about)
     print_out(table)
 
 

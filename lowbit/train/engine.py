@@ -74,9 +74,13 @@ def checkpointing_on(model: nn.Module) -> bool:
 class Engine:
     """Optimizer steps over ``params`` of ``model`` (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], config: OptimConfig,
+    def __init__(self, model: nn.Module, params: list[nn.Parameter] | list[dict], config: OptimConfig,
                  gradient_checkpointing: bool = False, desc: str = "train", progress: bool = True):
-        self.model, self.params, self.config = model, params, config
+        """``params``: the trained parameters, or AdamW parameter groups (``{"params": [...], "lr": ...}``; a
+        group's own ``lr`` is its peak, scheduled like ``config.lr``)."""
+        self.model, self.config = model, config
+        self.params = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) \
+            else params
         self.gradient_checkpointing = gradient_checkpointing
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, config)
