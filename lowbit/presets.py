@@ -66,14 +66,14 @@ for _bits, _g in ((4, 128), (3, 128), (2, 64)):
 # One recommended recipe per budget (issue 23). BEST says what each holds and costs; BENCHMARKS.md "Closer to the
 # accuracy limit" has the measured figures.
 BEST: dict[str, tuple[list[StepConfig], str]] = {
-    "best-w4": (PRESETS["blockwise-gptq-w4g128"], "int4 g128 (GPTQ, then block-wise trained codes and scales); "
+    "best-w4": (PRESETS["blockwise-gptq-w4g128"], "int4 g128 (GPTQ, then block-wise trained group scales); "
                                                   "4.20 bits/weight"),
-    "best-w3": (PRESETS["blockwise-gptq-w3g128"], "int3 g128 (GPTQ, then block-wise trained codes and scales); "
+    "best-w3": (PRESETS["blockwise-gptq-w3g128"], "int3 g128 (GPTQ, then block-wise trained group scales); "
                                                   "3.20 bits/weight"),
-    "best-w2": (PRESETS["blockwise-gptq-w2g64"], "int2 g64 (GPTQ, then block-wise trained codes and scales); "
-                                                 "2.38 bits/weight"),
-    "best-w2-lora": (PRESETS["blockwise-gptq-w2g64"] + [RILQConfig(rank=8)],
-                     "best-w2 plus RILQ rank-8 LoRA adapters stored in bf16; 2.38 + 0.37 = 2.75 bits/weight"),
+    "best-w2": (PRESETS["lowra-gptq-b2.0"], "LowRA mixed 1-4-bit codebooks (2.0 code bits) rounded by GPTQ, "
+                                            "Fisher-weighted assignment; 2.37 bits/weight"),
+    "best-w2-lora": (PRESETS["lowra-gptq-b2.0"] + [RILQConfig(rank=8)],
+                     "best-w2 plus RILQ rank-8 LoRA adapters stored in bf16; 2.37 + 0.37 = 2.74 bits/weight"),
     "best-w1.5": (PRESETS["lowra-gptq-b1.5"], "LowRA mixed 1/2-bit codebooks rounded by GPTQ, Fisher-weighted "
                                               "assignment; 1.83 bits/weight"),
 }
