@@ -231,12 +231,14 @@ class Blockwise(Step):
         c, begin = self.config, time.perf_counter()
         n_val = min(c.val_windows, len(hidden) - 1)
         val, train = list(range(n_val)), list(range(n_val, len(hidden)))
-        offsets = [m.offset for m in relaxed.values()]
+        offsets = [m.offset for m in relaxed.values()] if c.lr > 0 else []  # lr 0: no (out, in) Adam state
         multipliers = [m.multiplier for m in relaxed.values()] if c.scale_lr > 0 else []
         relaxed_ids = {id(p) for m in relaxed.values() for p in (m.offset, m.multiplier)}
         floats = [p for p in block.parameters() if id(p) not in relaxed_ids and p.is_floating_point()] \
             if c.float_lr > 0 else []
         trained = offsets + multipliers + floats
+        if not trained:  # every lr 0: the start quantizer's result as it is
+            return {"start": None, "best": None, "best_epoch": 0, "held_out": [], "seconds": 0.0}
         flags = {p: p.requires_grad for p in block.parameters()}
         chosen = {id(p) for p in trained}
         for p in block.parameters():
