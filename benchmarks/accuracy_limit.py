@@ -31,13 +31,11 @@ def standard_error(acc: float, n: int) -> float:
 
 def evaluate_tasks(model: str, tasks: str, limit: int | None) -> dict:
     cmd = [*LOWBIT, "eval", model, "--tasks", tasks, "--json"] + (["--limit", str(limit)] if limit else [])
-    result = run_json(cmd)
-    out = {}
-    for name, r in result["tasks"].items():
-        out[name] = {k: r[k] for k in ("acc", "acc_norm", "n")}
-        out[name]["se"] = round(standard_error(r["acc_norm"], r["n"]), 4)
-    out["seconds"] = result["seconds"]
-    return out
+    result = run_json(cmd)  # {task: {"acc", "acc_norm", "n"}, ..., "seconds"}
+    seconds = result.pop("seconds")
+    out = {name: {**{k: r[k] for k in ("acc", "acc_norm", "n")},
+                  "se": round(standard_error(r["acc_norm"], r["n"]), 4)} for name, r in result.items()}
+    return {**out, "seconds": seconds}
 
 
 def main() -> None:
