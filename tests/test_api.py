@@ -103,9 +103,9 @@ def test_windows_mean_the_same_everywhere(hf_folder, ckpt, tmp_path, monkeypatch
     module, seen = sys.modules["lowbit.api.evaluate"], []
     real = module.perplexity
 
-    def record(model, tok, windows, seq_len):
+    def record(model, tok, windows, seq_len, kv_cache=None):
         seen.append(windows)
-        return real(model, tok, windows=1, seq_len=seq_len)  # one window is enough to check the plumbing
+        return real(model, tok, windows=1, seq_len=seq_len, kv_cache=kv_cache)  # one window checks the plumbing
 
     monkeypatch.setattr(module, "perplexity", record)
     cli_json("eval", ckpt, "--windows", "all", "--json")
