@@ -195,9 +195,10 @@ def block_output(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.
     return out[0] if isinstance(out, tuple) else out
 
 
-def _collect_stats(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, linears: dict[str, nn.Module]
-                   ) -> dict[str, LayerStats]:
-    """Run ``block`` over every window and accumulate each Linear's input Hessian.
+def _collect_stats(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, linears: dict[str, nn.Module],
+                   outputs: list[torch.Tensor] | None = None) -> dict[str, LayerStats]:
+    """Run ``block`` over every window and accumulate each Linear's input Hessian; ``outputs``, if given, gets
+    the block's output ``(1, L, d)`` on each window appended (what a step that trains the block matches).
 
     Linears that read the very same input tensor (q/k/v, gate/up) share one :class:`LayerStats`, so its
     ``XᵀX`` is computed once (the sharing is found on the first window by tensor identity).
@@ -226,7 +227,9 @@ def _collect_stats(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, l
     try:
         for h in hidden:
             seen.clear()
-            block_output(block, h, kwargs)
+            out = block_output(block, h, kwargs)
+            if outputs is not None:
+                outputs.append(out)
     finally:
         for h in handles:
             h.remove()
@@ -268,7 +271,8 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
 
     For each block (its name prefix ``"model.layers.3."``): ``load(prefix)`` (streamed: fill it from the source),
     ``work(prefix, collect)`` — where ``collect(names)`` runs the block over the calibration windows and returns
-    the :class:`LayerStats` of the named Linears in it (MoE experts' shrunk by :func:`shrink_routed`), and
+    the :class:`LayerStats` of the named Linears in it (MoE experts' shrunk by :func:`shrink_routed`;
+    ``collect(names, outputs=[])`` also appends the block's output on each window to that list), and
     ``collect.block``, ``collect.hidden`` (the windows' inputs to this block, ``(1, L, d)`` each, or None) and
     ``collect.kwargs`` (the block's keyword arguments) let a step run the block itself —, then the
     block's outputs become the next block's inputs (so each block is calibrated on what the already quantized
@@ -285,10 +289,11 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
             load(here)
         block = blocks[i]
 
-        def collect(names: list[str], block=block) -> dict[str, LayerStats]:
+        def collect(names: list[str], block=block, outputs: list[torch.Tensor] | None = None
+                    ) -> dict[str, LayerStats]:
             if hidden is None:
                 raise LowbitError("this step reads calibration statistics but no calibration windows were given")
-            stats = _collect_stats(block, hidden, kwargs, {n: model.get_submodule(n) for n in names})
+            stats = _collect_stats(block, hidden, kwargs, {n: model.get_submodule(n) for n in names}, outputs)
             routed_tokens.update(shrink_routed(stats, set(expert_layer_names(model, names))))
             return stats
 

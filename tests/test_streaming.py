@@ -57,7 +57,8 @@ def _quantize(src, out, recipe, stream, **kwargs):
                                    calibration=CALIB, **kwargs))
 
 
-@pytest.mark.parametrize("recipe", ["rtn-w4g64", "gptq-w4g64", "rtn-w3g32+emb8", "nf4-g64", "loftq-w2g64-r4"])
+@pytest.mark.parametrize("recipe", ["rtn-w4g64", "gptq-w4g64", "rtn-w3g32+emb8", "nf4-g64", "loftq-w2g64-r4",
+                                    "blockwise-gptq-w2g64"])
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_the_streamed_checkpoint_is_byte_identical_to_the_in_memory_one(source, tied_source, tmp_path, recipe, tied):
     src = tied_source if tied else source

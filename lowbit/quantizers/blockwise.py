@@ -17,7 +17,8 @@ For each decoder block, on the calibration windows ``X`` (what the already train
 5. the block is packed again: codes ``round(q + v)``, scales ``s·m`` in fp16. Formats, kernels and checkpoints
    are the start quantizer's: the result is an ordinary packed model.
 
-Memory: one block's float copy is never made (the targets are computed before packing); the windows' inputs and
+Memory: one block's float copy is never made (the targets come from the start quantizer's pass over the float
+block, the one that gathers its statistics, or are computed before it packs the block); the windows' inputs and
 targets, ``2 × N × L × d`` floats (16 × 2048 × 576 × 4 B × 2 = 151 MB for SmolLM2), and one block's trainable
 offsets and Adam state (3 × the block's weights in fp32).
 """
@@ -146,11 +147,22 @@ class RelaxedLinear(nn.Module):
         q = self.codes + self.offset
         return (q + (torch.round(q) - q).detach()).clamp(0, self.fmt.qmax)
 
+    def centered_codes(self) -> torch.Tensor:
+        """``(out, in)`` fp32 ``rounded codes − zero point``. While the offsets are not trained (the scale-only
+        default) it is computed once and kept until they change (their storage or version counter)."""
+        if self.offset.requires_grad:
+            return self.rounded_codes() - _columns(self.zeros, self.group_size, self.in_features)
+        key = (self.offset.data_ptr(), self.offset._version, self.codes.data_ptr())
+        cached = self.__dict__.get("_centered")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                centered = self.rounded_codes() - _columns(self.zeros, self.group_size, self.in_features)
+            cached = self.__dict__["_centered"] = (key, centered)
+        return cached[1]
+
     def weight(self) -> torch.Tensor:
         """``(out, in)`` fp32: the weight the packed layer would hold now."""
-        g = self.group_size
-        s = _columns(self.scales * self.multiplier, g, self.in_features)
-        return (self.rounded_codes() - _columns(self.zeros, g, self.in_features)) * s
+        return self.centered_codes() * _columns(self.scales * self.multiplier, self.group_size, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """As :meth:`QLinear.forward <lowbit.nn.qlinear.QLinear.forward>`: the input transform (online Hadamard,
@@ -183,8 +195,8 @@ class Blockwise(Step):
 
     def __init__(self, config: BlockwiseConfig):
         super().__init__(config)
-        start = config.start_config()
-        self.start = get("step", start.step)(start)
+        self.start_config = config.start_config()
+        self.start = get("step", self.start_config.step)(self.start_config)
         self.report: dict[str, dict] = {}
 
     def prepare(self, model: nn.Module, calib=None) -> None:
@@ -195,7 +207,7 @@ class Blockwise(Step):
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         calib = calib if isinstance(calib, Calibration) else Calibration(windows=calib)
-        start = self.config.start_config()
+        start = self.start_config
         select_targets(model, start.targets, start.ignore)  # the whole selection checked up front
         windows = calib.get_windows(model)
         for_each_block(model, block_inputs(model, windows), lambda prefix, collect: self.apply_block(
@@ -204,7 +216,7 @@ class Blockwise(Step):
         return model
 
     def apply_block(self, model: nn.Module, prefix: str, collect) -> None:
-        start = self.config.start_config()
+        start = self.start_config
         names = [t.name for t in select_targets(model, start.targets, start.ignore,
                                                 within=lambda name: name.startswith(prefix))]
         if not names:
@@ -212,9 +224,19 @@ class Blockwise(Step):
         block, hidden, kwargs = collect.block, collect.hidden, collect.kwargs
         if hidden is None:
             raise LowbitError("blockwise needs calibration windows")
-        targets = [block_output(block, h, kwargs).clone() for h in hidden]  # the float block's outputs
         weights = {n: packable_weight(model.get_submodule(n)).clone() for n in names}
-        self.start.apply_block(model, prefix, collect)
+        targets: list[torch.Tensor] = []  # the float block's outputs: kept from the start quantizer's own pass
+        # over the float block (its statistics) where it makes one, else computed here before it packs the block
+
+        def collect_keeping_outputs(layer_names: list[str]):
+            return collect(layer_names, outputs=None if targets else targets)
+
+        if not self.start.needs_calibration:
+            targets.extend(block_output(block, h, kwargs) for h in hidden)
+        self.start.apply_block(model, prefix, collect_keeping_outputs)
+        if len(targets) != len(hidden):
+            raise LowbitError(f"blockwise: the start quantizer {start.step!r} packed {prefix.rstrip('.')} without "
+                              "running the float block over the calibration windows; use gptq or rtn")
         relaxed = {n: RelaxedLinear(model.get_submodule(n), weights.pop(n)) for n in names}
         for n, m in relaxed.items():
             set_module(model, n, m)

@@ -12,6 +12,7 @@ from conftest import ByteTokenizer, tiny_model
 
 import lowbit
 from lowbit import LowbitError, QLinear
+from lowbit.calibration import block_inputs, block_output
 from lowbit.quantizers import BlockwiseConfig, GPTQConfig
 from lowbit.quantizers.blockwise import RelaxedLinear
 from lowbit.state import state_of
@@ -44,9 +45,32 @@ def test_the_relaxed_layer_starts_equal_to_the_packed_one_and_packs_back_to_it(f
     for a, b in zip(again.qweight.tensors().values(), layer.qweight.tensors().values(), strict=True):
         assert torch.equal(a, b)
     with torch.no_grad():  # an offset past the half step moves the code by one, in the packed layer too
-        relaxed.offset[0, 0] = 0.6
+        relaxed.offset[0, 0] = 0.6 if layer.qweight.unpacked_codes()[0, 0] < 7 else -0.6
     q0 = int(layer.qweight.unpacked_codes()[0, 0])
-    assert int(relaxed.packed().qweight.unpacked_codes()[0, 0]) == min(q0 + 1, 7)
+    q1 = int(relaxed.packed().qweight.unpacked_codes()[0, 0])
+    assert abs(q1 - q0) == 1
+    # and in the relaxed weight, though its centred codes were kept from before (the offset's version changed)
+    scale = layer.qweight.scales[0, 0].float()
+    torch.testing.assert_close(relaxed.weight()[0, 0], layer.qweight.dequantize()[0, 0] + (q1 - q0) * scale)
+
+
+def test_the_targets_are_the_float_blocks_outputs_with_or_without_a_calibrating_start(float_model):
+    """GPTQ's own pass over the float block gives the targets; RTN makes none, so they are computed before it
+    packs the block. Either way block 0's held-out start error is that of its start quantizer's result."""
+    for start, preset in ((START, None), ({"step": "rtn", "bits": 2, "group_size": 32}, "rtn-w2g32")):
+        model = lowbit.quantize(copy.deepcopy(float_model), lowbit.Recipe([BlockwiseConfig(
+            quantizer=start, epochs=1, scale_lr=0.0, lr=0.001, precision="fp32")]), calib=calibration())
+        report = state_of(model).history["blockwise"]["model.layers.0"]
+        reference = lowbit.quantize(copy.deepcopy(float_model), preset or lowbit.Recipe([GPTQConfig(
+            bits=2, group_size=32)]), calib=calibration())
+        windows = calibration().get_windows(float_model)
+        hidden, kwargs = block_inputs(float_model, windows)
+        with torch.no_grad():
+            val = hidden[:2]  # the held-out windows
+            want = [block_output(float_model.model.layers[0], h, kwargs) for h in val]
+            got = [block_output(reference.model.layers[0], h, kwargs) for h in val]
+        start_error = sum(torch.nn.functional.mse_loss(g, w).item() for g, w in zip(got, want, strict=True)) / 2
+        assert report["start"] == pytest.approx(start_error, rel=1e-3), start
 
 
 def test_blockwise_lowers_every_blocks_held_out_error_and_starts_from_gptq(float_model):
