@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RILQConfig(StepConfig):
     step = "rilq"
-    rank: int = 16
+    rank: int = 16  # adapters' rank; 0: no adapters, only the packed scales (end-to-end refinement, needs scales)
     alpha: float = 16.0
     adapter: str = "lora"  # lora | lorma (rri, pre mode)
     name: str = "default"  # adapter name: fine-tuning continues the same adapters
@@ -88,6 +88,9 @@ class RILQConfig(StepConfig):
     patience: int = 4  # validations without improvement before stopping
     lambda_model: float = 0.5
     lambda_gt: float = 0.5
+    # beyond the paper: KL(teacher ‖ student) of the next-token distributions, the teacher's logits being the
+    # model's own output head on the teacher's final states (distillation of the float model's predictions)
+    lambda_kl: float = 0.0
     seed: int = 42
     scales: bool | str = False  # beyond the paper: also train the packed scales: False | "channel" (True) | "group"
     gradient_checkpointing: bool = False  # 256-token windows of a small model: memory is not the limit, time is
@@ -100,16 +103,18 @@ class RILQConfig(StepConfig):
         super().__post_init__()
         if self.adapter not in ("lora", "lorma"):
             raise LowbitError(f"RILQ adapter must be lora or lorma, got {self.adapter!r}")
-        for name in ("samples", "seq_len", "micro_batch", "grad_accum", "max_steps", "eval_every", "patience"):
+        for name in ("rank", "samples", "seq_len", "micro_batch", "grad_accum", "max_steps", "eval_every", "patience"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise LowbitError(f"RILQ {name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "rank" else 1):
+                raise LowbitError(f"RILQ {name} must be a {'non-negative' if name == 'rank' else 'positive'} "
+                                  f"integer, got {value!r}")
         if not 0 < self.val_ratio < 1 or round(self.samples * self.val_ratio) < 1 or \
                 self.samples - round(self.samples * self.val_ratio) < 1:
             raise LowbitError(f"val_ratio {self.val_ratio} must leave at least one validation and one training "
                               f"window out of samples={self.samples}")
-        if self.lambda_model < 0 or self.lambda_gt < 0 or self.lambda_model + self.lambda_gt == 0:
-            raise LowbitError("lambda_model and lambda_gt must be >= 0 and not both 0")
+        lambdas = (self.lambda_model, self.lambda_gt, self.lambda_kl)
+        if any(not isinstance(v, int | float) or v < 0 for v in lambdas) or sum(lambdas) == 0:
+            raise LowbitError("lambda_model, lambda_gt and lambda_kl must be >= 0 and not all 0")
         check_precision(self.precision)
         adapter_dtype(self.adapter_dtype)
         if self.lr is not None and not (isinstance(self.lr, int | float) and 0 < self.lr < float("inf")):
@@ -118,7 +123,10 @@ class RILQConfig(StepConfig):
             raise LowbitError(f"RILQ scales must be false, channel or group, got {self.scales!r}")
         if self.schedule not in ("constant", "cosine"):
             raise LowbitError(f"RILQ schedule must be constant or cosine, got {self.schedule!r}")
-        self.adapter_config()
+        if self.rank == 0 and self.scales in (False, "none"):
+            raise LowbitError("RILQ rank 0 trains no adapters: set scales to channel or group (what it trains then)")
+        if self.rank:
+            self.adapter_config()
 
     def learning_rate(self, continuing: bool) -> float:
         """Adam's peak lr: ``lr`` if given, else 2e-3 when training adapters a previous step initialised (LoftQ's
@@ -189,24 +197,34 @@ class RILQ(Step):
         del fp_model
         release_free_memory()
 
-    def loss(self, model: nn.Module, index: list[int]) -> tuple[torch.Tensor, float, float]:
-        """Combined loss of the windows ``index`` (one batch) and its two terms (MSE to the teacher, next-token
-        CE), each a mean over the batch's tokens."""
+    def loss(self, model: nn.Module, index: list[int]) -> tuple[torch.Tensor, float, float, float]:
+        """Combined loss of the windows ``index`` (one batch) and its three terms (MSE to the teacher's final
+        states, next-token CE, KL from the teacher's next-token distribution; the KL is 0 and not computed when
+        ``lambda_kl`` is 0), each a mean over the batch's tokens."""
         c = self.config
         ids = self.windows[index]
+        head = model.get_output_embeddings()
         with autocast(c.precision, ids.device):
             h = model.get_decoder()(input_ids=ids).last_hidden_state
-            logits = model.get_output_embeddings()(h[:, :-1])
-        mse = F.mse_loss(h.float(), self.teacher[index].float())
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-        return c.lambda_model * mse + c.lambda_gt * ce, mse.item(), ce.item()
+            logits = head(h[:, :-1])
+        teacher = self.teacher[index]
+        mse = F.mse_loss(h.float(), teacher.float())
+        log_p = F.log_softmax(logits.flatten(0, 1).float(), dim=-1)
+        ce = F.nll_loss(log_p, ids[:, 1:].flatten())
+        kl = torch.zeros(())
+        if c.lambda_kl:
+            with torch.no_grad(), autocast(c.precision, ids.device):
+                target = F.log_softmax(head(teacher[:, :-1].to(h.dtype)).flatten(0, 1).float(), dim=-1)
+            kl = F.kl_div(log_p, target, log_target=True, reduction="batchmean")  # the mean over tokens
+        return c.lambda_model * mse + c.lambda_gt * ce + c.lambda_kl * kl, mse.item(), ce.item(), kl.item()
 
-    def validate(self, model: nn.Module, val: list[int]) -> tuple[float, float, float]:
-        """Mean ``(loss, mse, ce)`` over the validation windows (batches of ``micro_batch``, weighted by size)."""
+    def validate(self, model: nn.Module, val: list[int]) -> tuple[float, float, float, float]:
+        """Mean ``(loss, mse, ce, kl)`` over the validation windows (batches of ``micro_batch``, weighted by
+        size)."""
         batches = [val[i:i + self.config.micro_batch] for i in range(0, len(val), self.config.micro_batch)]
         with torch.no_grad():
-            terms = [(len(b), loss.item(), mse, ce) for b in batches for loss, mse, ce in [self.loss(model, b)]]
-        return tuple(sum(n * t[k] for n, *t in terms) / len(val) for k in range(3))
+            terms = [(len(b), loss.item(), *parts) for b in batches for loss, *parts in [self.loss(model, b)]]
+        return tuple(sum(n * t[k] for n, *t in terms) / len(val) for k in range(4))
 
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c = self.config
@@ -219,7 +237,7 @@ class RILQ(Step):
         continuing = bool(parameters(model, c.name))
         if continuing:  # e.g. [loftq(...), rilq]: RILQ trains the adapters the previous step initialised
             log.info("rilq: continuing the existing adapters %r", c.name)
-        else:
+        elif c.rank:
             attach(model, c.adapter_config(), name=c.name)
         params = freeze(model, c.name)
         scales = {True: "channel", False: "none"}.get(c.scales, c.scales)
@@ -243,9 +261,9 @@ class RILQ(Step):
         gen = torch.Generator().manual_seed(c.seed)
         was_training = model.training
         model.train()
-        v, v_mse, v_ce = self.validate(model, val)
-        history = {"step": [0], "train": [math.nan], "val": [v], "val_mse": [v_mse], "val_ce": [v_ce], "mse": [],
-                   "ce": []}
+        v, v_mse, v_ce, v_kl = self.validate(model, val)
+        history = {"step": [0], "train": [math.nan], "val": [v], "val_mse": [v_mse], "val_ce": [v_ce],
+                   "val_kl": [v_kl], "mse": [], "ce": [], "kl": []}
         best, best_state, bad, step = history["val"][0], None, 0, 0
         order: list[int] = []
 
@@ -255,9 +273,10 @@ class RILQ(Step):
                 if not order:
                     order.extend(train[j] for j in torch.randperm(len(train), generator=gen).tolist())
                 batch.append(order.pop())
-            loss, mse, ce = self.loss(model, batch)
+            loss, mse, ce, kl = self.loss(model, batch)
             history["mse"].append(mse)
             history["ce"].append(ce)
+            history["kl"].append(kl)
             return loss
 
         try:
@@ -265,9 +284,9 @@ class RILQ(Step):
                 for step, running, _ in steps:
                     engine.bar.set_postfix(loss=f"{running:.3f}", best_val=f"{best:.3f}")
                     if step % c.eval_every == 0 or step == c.max_steps:
-                        v, v_mse, v_ce = self.validate(model, val)
+                        v, v_mse, v_ce, v_kl = self.validate(model, val)
                         for key, value in (("step", step), ("train", running), ("val", v), ("val_mse", v_mse),
-                                           ("val_ce", v_ce)):
+                                           ("val_ce", v_ce), ("val_kl", v_kl)):
                             history[key].append(value)
                         if v < best:
                             best, bad = v, 0
@@ -281,7 +300,7 @@ class RILQ(Step):
         with torch.no_grad():  # the best validated state; never beaten: the state it started from
             for p, b in zip(params, initial if best_state is None else best_state, strict=True):
                 p.copy_(b)
-            if best_state is None and not continuing:  # untrained (no-op) adapters: drop them
+            if best_state is None and not continuing and c.rank:  # untrained (no-op) adapters: drop them
                 remove(model, c.name)
         for p in params:
             p.requires_grad_(False)

@@ -17,6 +17,7 @@ from lowbit import adapters as ad
 from lowbit.compensate import RILQConfig
 from lowbit.compensate.rilq import RILQ, final_hidden_states
 from lowbit.state import state_of
+from lowbit.summary import bits_summary
 
 SMALL = dict(rank=4, samples=10, seq_len=64, micro_batch=1, grad_accum=2, max_steps=24, eval_every=4, lr=5e-3)
 
@@ -218,3 +219,52 @@ def test_default_lr_is_5e_4_for_new_adapters_and_2e_3_for_loftq_initialised_ones
         model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048),
                                 Recipe([*first, RILQConfig(**quick)]), calib=calib)
         assert state_of(model).history["rilq"]["lr"] == lr  # the lr the optimizer ran with
+
+
+def test_the_kl_term_is_the_divergence_from_the_teachers_next_token_distribution(tok):
+    model = tiny_model("llama", max_position_embeddings=2048)
+    config = RILQConfig(**{**SMALL, "precision": "fp32", "lambda_model": 0.0, "lambda_gt": 0.0, "lambda_kl": 1.0})
+    step = RILQ(config)
+    step.prepare(model, lowbit.Calibration(tokenizer=tok))
+    with torch.no_grad():
+        _, _, _, kl_float = step.loss(model, [0, 1])  # the float model against its own (bf16-cached) states
+        teacher_logits = model(input_ids=step.windows[[0, 1]]).logits[:, :-1].float()
+    lowbit.quantize(model, "rtn-w2g64")
+    with torch.no_grad():
+        loss, _, _, kl = step.loss(model, [0, 1])
+        student = model(input_ids=step.windows[[0, 1]]).logits[:, :-1].float()
+    p = torch.log_softmax(teacher_logits, -1)
+    expected = (p.exp() * (p - torch.log_softmax(student, -1))).sum(-1).mean()
+    assert kl == pytest.approx(expected.item(), rel=0.05)  # the teacher's states are cached in bf16
+    assert float(loss) == pytest.approx(kl) and kl_float < 0.02 * kl
+    default = RILQ(RILQConfig(**SMALL))
+    default.windows, default.teacher = step.windows, step.teacher
+    assert default.loss(model, [0])[3] == 0.0  # not computed at lambda_kl 0
+
+
+def test_rank_0_trains_only_the_packed_group_scales_against_the_teacher(tok):
+    """End-to-end refinement: no adapters, the group-scale multipliers trained on the distillation loss and
+    folded into the packed scales, so the result is a plain packed model with the start's bits."""
+    config = RILQConfig(**{**SMALL, "rank": 0, "scales": "group", "lambda_model": 0.0, "lambda_gt": 0.0,
+                           "lambda_kl": 1.0, "lr": 2e-2})
+    start = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), "rtn-w2g64")
+    model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048),
+                            Recipe([RTNConfig(bits=2, group_size=64), config]), calib=lowbit.Calibration(tokenizer=tok))
+    assert not ad.adapted_layers(model)
+    history = state_of(model).history["rilq"]
+    assert history["best_val"] < history["val"][0] and history["val_kl"][0] == history["val"][0]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, lowbit.QLinear)}
+    before = {n: m for n, m in start.named_modules() if isinstance(m, lowbit.QLinear)}
+    assert all(m.group_scale is None for m in layers.values())  # folded
+    assert all(torch.equal(m.qweight.unpacked_codes(), before[n].qweight.unpacked_codes()) for n, m in layers.items())
+    assert any(not torch.equal(m.qweight.scales, before[n].qweight.scales) for n, m in layers.items())
+    assert bits_summary(model)["bits_per_weight_with_adapters"] == bits_summary(start)["bits_per_weight"]
+
+
+@pytest.mark.parametrize(("changes", "phrase"), [
+    ({"rank": 0}, "scales"), ({"rank": -1}, "rank"),
+    ({"lambda_model": 0.0, "lambda_gt": 0.0}, "lambda_kl"), ({"lambda_kl": -1.0}, "lambda_kl"),
+])
+def test_rank_and_loss_weights_are_checked(changes, phrase):
+    with pytest.raises(LowbitError, match=phrase):
+        RILQConfig(**changes)
