@@ -58,8 +58,9 @@ from ..adapters import (
 from ..config import StepConfig
 from ..errors import LowbitError
 from ..memory import release_free_memory
-from ..models import DECODER
+from ..models import DECODER, set_module
 from ..nn.qlinear import QLinear, fold_scale_multiplier
+from ..nn.relaxed import RelaxedLinear
 from ..quantizers.base import Step
 from ..registry import register
 from ..state import state_of
@@ -93,6 +94,11 @@ class RILQConfig(StepConfig):
     lambda_kl: float = 0.0
     seed: int = 42
     scales: bool | str = False  # beyond the paper: also train the packed scales: False | "channel" (True) | "group"
+    # beyond the paper: quantization-aware training of the packed codes themselves (rank 0 only): every target
+    # layer's weight becomes s·(round(q + v) − z) with offsets v trained through the straight-through estimator
+    # (:class:`lowbit.nn.relaxed.RelaxedLinear`), packed again when training ends; with scales "group" its group
+    # scales train too. Needs uniform integer weights.
+    codes: bool = False
     gradient_checkpointing: bool = False  # 256-token windows of a small model: memory is not the limit, time is
     precision: str = "auto"  # matmul precision of the student: auto (bf16 where the CPU/GPU has it) | bf16 | fp32
     adapter_dtype: str = "bfloat16"  # stored adapters: bfloat16 (half fp32's bits) | float32; trained in fp32
@@ -123,8 +129,11 @@ class RILQConfig(StepConfig):
             raise LowbitError(f"RILQ scales must be false, channel or group, got {self.scales!r}")
         if self.schedule not in ("constant", "cosine"):
             raise LowbitError(f"RILQ schedule must be constant or cosine, got {self.schedule!r}")
-        if self.rank == 0 and self.scales in (False, "none"):
-            raise LowbitError("RILQ rank 0 trains no adapters: set scales to channel or group (what it trains then)")
+        if self.rank == 0 and self.scales in (False, "none") and not self.codes:
+            raise LowbitError("RILQ rank 0 trains no adapters: set scales to channel or group, or codes to true "
+                              "(what it trains then)")
+        if self.codes and (self.rank or self.scales in (True, "channel")):
+            raise LowbitError("RILQ codes (quantization-aware training) needs rank 0 and scales false or group")
         if self.rank:
             self.adapter_config()
 
@@ -226,6 +235,14 @@ class RILQ(Step):
             terms = [(len(b), loss.item(), *parts) for b in batches for loss, *parts in [self.loss(model, b)]]
         return tuple(sum(n * t[k] for n, *t in terms) / len(val) for k in range(4))
 
+    def _relax(self, model: nn.Module) -> dict[str, RelaxedLinear]:
+        """QAT: every target layer replaced by a :class:`RelaxedLinear` of itself (starting equal to it)."""
+        relaxed = {name: RelaxedLinear(layer) for name, layer in find_qlinears(model, self.config.targets,
+                                                                              self.config.ignore)}
+        for name, m in relaxed.items():
+            set_module(model, name, m)
+        return relaxed
+
     def apply(self, model: nn.Module, calib=None) -> nn.Module:
         c = self.config
         find_qlinears(model, c.targets, c.ignore)  # a clear error before the teacher pass if nothing to adapt
@@ -241,7 +258,12 @@ class RILQ(Step):
             attach(model, c.adapter_config(), name=c.name)
         params = freeze(model, c.name)
         scales = {True: "channel", False: "none"}.get(c.scales, c.scales)
-        if scales != "none":
+        relaxed = self._relax(model) if c.codes else {}
+        for m in relaxed.values():  # QAT: the codes' offsets (and with scales "group" the multipliers) train
+            params += [m.offset] + ([m.multiplier] if scales == "group" else [])
+        for p in params:
+            p.requires_grad_(True)
+        if scales != "none" and not relaxed:
             layers = [m for _, m in find_qlinears(model, c.targets, c.ignore) if has_row_scales(m)]
             if not layers:
                 raise LowbitError(f"scales={c.scales!r} needs channel- or group-wise uniform weights; this model "
@@ -305,7 +327,9 @@ class RILQ(Step):
         for p in params:
             p.requires_grad_(False)
         store_adapters(model, c.adapter_dtype)  # what the checkpoint holds is what was evaluated
-        if scales == "group":  # into the packed scales now, so decode runs the packed kernels and equals the save
+        for name, m in relaxed.items():  # QAT: packed again (codes round(q + v), scales s·m)
+            set_module(model, name, m.packed())
+        if scales == "group" and not relaxed:  # into the packed scales now: decode runs the packed kernels
             for m in layers:
                 m.scales = fold_scale_multiplier(m.scales, m.group_scale.detach())
                 m.group_scale = None

@@ -268,3 +268,28 @@ def test_rank_0_trains_only_the_packed_group_scales_against_the_teacher(tok):
 def test_rank_and_loss_weights_are_checked(changes, phrase):
     with pytest.raises(LowbitError, match=phrase):
         RILQConfig(**changes)
+
+
+def test_codes_train_the_packed_codes_through_the_straight_through_estimator(tok):
+    """QAT: the packed codes themselves move (offsets rounded straight through), the model stays a packed
+    uniform-int model of the same bits, and the held-out loss falls."""
+    config = RILQConfig(**{**SMALL, "rank": 0, "codes": True, "scales": "group", "lambda_model": 0.0,
+                           "lambda_gt": 1.0, "lr": 0.05})
+    start = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), "rtn-w2g64")
+    model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048),
+                            Recipe([RTNConfig(bits=2, group_size=64), config]), calib=lowbit.Calibration(tokenizer=tok))
+    history = state_of(model).history["rilq"]
+    assert history["best_val"] < history["val"][0]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, lowbit.QLinear)}
+    before = {n: m for n, m in start.named_modules() if isinstance(m, lowbit.QLinear)}
+    assert layers.keys() == before.keys() and not ad.adapted_layers(model)
+    assert any(not torch.equal(m.qweight.unpacked_codes(), before[n].qweight.unpacked_codes())
+               for n, m in layers.items())
+    assert bits_summary(model)["bits_per_weight"] == bits_summary(start)["bits_per_weight"]
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("changes", [{"rank": 4, "codes": True}, {"rank": 0, "codes": True, "scales": "channel"}])
+def test_codes_need_rank_0_and_group_or_no_scales(changes):
+    with pytest.raises(LowbitError, match="codes"):
+        RILQConfig(**changes)

@@ -13,8 +13,8 @@ from conftest import ByteTokenizer, tiny_model
 import lowbit
 from lowbit import LowbitError, QLinear
 from lowbit.calibration import block_inputs, block_output
+from lowbit.nn.relaxed import RelaxedLinear
 from lowbit.quantizers import BlockwiseConfig, GPTQConfig
-from lowbit.quantizers.blockwise import RelaxedLinear
 from lowbit.state import state_of
 
 TEXT = " ".join(f"the {w} of a city is a place where people live and work" for w in range(400))
