@@ -87,8 +87,8 @@ def run(base: str, method: str, rank: int, overrides: dict, threads: int, window
            "bits_per_weight_with_adapters": bits["bits_per_weight_with_adapters"]}
     history = state_of(model).history.get("rilq")
     if history is not None:
-        out["rilq"] = {k: history[k] for k in ("step", "train", "val", "val_mse", "val_ce", "best_val", "steps",
-                                                 "seconds", "stopped_early")}
+        out["rilq"] = {k: history[k] for k in ("step", "train", "val", "val_mse", "val_ce", "val_kl", "best_val",
+                                                 "steps", "seconds", "stopped_early")}
     return out
 
 
