@@ -8,10 +8,10 @@
 ``run``: one fresh process: load the float model, quantize it with ``--base`` (a preset name) followed by the
 compensation step (RILQ: :class:`lowbit.compensate.rilq.RILQConfig` with ``--rank`` and any ``--set`` overrides,
 e.g. ``--set lr=1e-3 --set max_steps=120``; LoftQ: the same quantizer inside :class:`LoftQConfig`), then
-WikiText-2 test perplexity over ``--windows`` windows of 2048. The result (ppl, seconds for the step, peak RSS,
-RILQ's loss curve) goes to OUT/NAME.json (OUT = benchmarks/results/rilq). ``--base none`` with ``--method rilq``
-measures only the base; ``--base DIR`` (a saved lowbit checkpoint, e.g. from ``lowbit quantize --no-eval``) trains
-RILQ over it without quantizing again.
+WikiText-2 test perplexity over ``--windows`` windows of 2048 (``--save DIR`` also saves the trained model). The
+result (ppl, seconds for the step, peak RSS, RILQ's loss curve) goes to OUT/NAME.json (OUT =
+benchmarks/results/rilq). ``--base none`` with ``--method rilq`` measures only the base; ``--base DIR`` (a saved
+lowbit checkpoint, e.g. from ``lowbit quantize --no-eval``) trains RILQ over it without quantizing again.
 
 ``ranks``: ``run`` at every rank for every method, ``--jobs`` processes at a time with ``--threads`` each, then
 ``plot`` (give each base its own ``--out``). ``plot``: ranks.png (perplexity vs rank, one line per method and
@@ -41,7 +41,8 @@ def _value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def run(base: str, method: str, rank: int, overrides: dict, threads: int, windows: int) -> dict:
+def run(base: str, method: str, rank: int, overrides: dict, threads: int, windows: int,
+        save: Path | None = None) -> dict:
     import time
 
     import torch
@@ -79,6 +80,8 @@ def run(base: str, method: str, rank: int, overrides: dict, threads: int, window
     seconds = time.perf_counter() - start
     peak = memory.peak_rss_mb()
     model.eval()
+    if save is not None:  # the trained model as a checkpoint (for lowbit eval --tasks)
+        lowbit.save(model, save, tokenizer=tok, force=True)
     ppl = lowbit.perplexity(model, tok, windows=windows, progress=False).ppl
     bits = bits_summary(model)
     out = {"base": base, "method": method, "rank": rank, "overrides": overrides, "ppl": ppl, "windows": windows,
@@ -143,6 +146,7 @@ def main() -> None:
     r.add_argument("--method", default="rilq", choices=["rilq", "loftq", "loftq+rilq", "none"])
     r.add_argument("--rank", type=int, default=16)
     r.add_argument("--name", default=None)
+    r.add_argument("--save", type=Path, default=None, help="also save the trained model as a checkpoint here")
     k = sub.choices["ranks"]
     k.add_argument("--ranks", default="4,8,16,32,64")
     k.add_argument("--methods", default="rilq,loftq")
@@ -157,7 +161,7 @@ def main() -> None:
     if args.cmd == "run":
         overrides = dict(item.split("=", 1) for item in args.set or [])
         result = run(args.base, args.method, args.rank, {k: _value(v) for k, v in overrides.items()}, args.threads,
-                     args.windows)
+                     args.windows, args.save)
         name = args.name or f"{args.method}-{args.base}-r{args.rank}"
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(result))
