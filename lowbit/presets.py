@@ -71,6 +71,13 @@ for _bits, _g in ((4, 128), (3, 128), (2, 64)):
 PRESETS["refine-kl"] = [RILQConfig(rank=0, scales="group", lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0, lr=1e-3,
                                    samples=320, val_ratio=0.1, max_steps=100, eval_every=20)]
 
+# Quantization-aware training (issue 23) after any uniform-int quantizer (gptq-w2g64+qat-kl): the packed codes
+# train through the straight-through estimator, with every group scale, on the same KL distillation as refine-kl
+# (200 steps), then are packed again: no bits added. Memory: ~50 bytes per decoder weight while it trains (fp32
+# latent codes, offsets, gradients, Adam's moments): 7.2 GB for SmolLM2. lr 5e-3 not scanned.
+PRESETS["qat-kl"] = [RILQConfig(rank=0, codes=True, scales="group", lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0,
+                                lr=5e-3, samples=320, val_ratio=0.1, max_steps=200, eval_every=40)]
+
 # One recommended recipe per budget (issue 23). BEST says what each holds and costs; BENCHMARKS.md "Closer to the
 # accuracy limit" has the measured figures.
 BEST: dict[str, tuple[list[StepConfig], str]] = {
