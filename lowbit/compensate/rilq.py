@@ -19,6 +19,12 @@ group-wise weight: ``"channel"`` (or ``True``) one multiplier per output row
 in the backward, folded into the packed scales when training ends); either is stored folded into the packed fp16
 scales, so it adds no bits.
 
+Beyond the paper, the same trainer refines the packed model without adapters (``rank=0``): ``lambda_kl`` adds
+the KL divergence from the float model's next-token distribution (the teacher's logits are the cached final
+states through the model's own head, so no full-vocabulary logits are stored), ``scales="group"`` trains every
+group scale (presets ``refine-kl``, ``best-w4``) and ``codes=True`` the packed codes themselves through the
+straight-through estimator, packed again at the end (quantization-aware training; preset ``qat-kl``).
+
 The defaults differ from the paper's (320 × 512 tokens, lr 1e-4 constant, 10,000 micro-steps on a GPU) to fit
 2 CPU cores: 640 windows of 256 tokens (128 of them validate), 400 steps of one batch of 4 windows, lr 5e-4 for
 new Gaussian adapters and 2e-3 for LoftQ-initialised ones (:meth:`RILQConfig.learning_rate`) with a cosine decay,

@@ -42,6 +42,9 @@ class RelaxedLinear(nn.Module):
         if not isinstance(qw, QuantizedWeight) or not isinstance(qw.format, IntFormat):
             raise LowbitError(f"training packed codes and scales needs uniform integer weights, got {layer.layout()}"
                               "; use an int format (gptq or rtn with format int)")
+        if layer.group_scale is not None or layer.channel_scale is not None:
+            raise LowbitError("this layer's scales carry trained multipliers not folded into its packed scales; "
+                              "save and load the model (which folds them) before training its codes")
         if layer._modules.get("adapters"):
             raise LowbitError("packed codes and scales are trained before any adapter is attached; put blockwise "
                               "(or rilq with codes) before the steps that attach adapters (loftq, rilq with a rank)")

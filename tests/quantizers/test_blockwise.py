@@ -131,3 +131,14 @@ def test_the_config_round_trips_through_a_recipe():
     recipe = lowbit.Recipe([BlockwiseConfig(quantizer={"step": "gptq", "bits": 3, "group_size": 64}, epochs=2)])
     again = lowbit.Recipe.from_yaml(recipe.to_yaml())
     assert again.steps == recipe.steps
+
+
+def test_a_layer_with_unfolded_scale_multipliers_is_refused(float_model):
+    from lowbit.adapters import train_group_scales
+
+    model = lowbit.quantize(copy.deepcopy(float_model), "rtn-w3g32")
+    layer = next(m for m in model.modules() if isinstance(m, QLinear))
+    train_group_scales([layer])
+    with pytest.raises(LowbitError, match="multipliers not folded") as e:
+        RelaxedLinear(layer)
+    assert "\n" not in str(e.value)
