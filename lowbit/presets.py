@@ -81,9 +81,9 @@ PRESETS["qat-kl"] = [RILQConfig(rank=0, codes=True, scales="group", lambda_model
 # One recommended recipe per budget (issue 23). BEST says what each holds and costs; BENCHMARKS.md "Closer to the
 # accuracy limit" has the measured figures.
 BEST: dict[str, tuple[list[StepConfig], str]] = {
-    "best-w4": (PRESETS["gptq-w4g128"] + PRESETS["refine-kl"],
-                "int4 g128 (GPTQ, then every group scale distilled from the float model's next-token distribution, "
-                "end to end); 4.20 bits/weight"),
+    "best-w4": (PRESETS["blockwise-gptq-w4g128"] + PRESETS["refine-kl"],
+                "int4 g128 (GPTQ, block-wise trained group scales, then every group scale distilled from the float "
+                "model's next-token distribution, end to end); 4.20 bits/weight"),
     "best-w3": (PRESETS["blockwise-gptq-w3g128"], "int3 g128 (GPTQ, then block-wise trained group scales); "
                                                   "3.20 bits/weight"),
     "best-w2": (PRESETS["lowra-gptq-b2.0"], "LowRA mixed 1-4-bit codebooks (2.0 code bits) rounded by GPTQ, "
