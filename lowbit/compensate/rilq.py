@@ -266,9 +266,8 @@ class RILQ(Step):
         scales = {True: "channel", False: "none"}.get(c.scales, c.scales)
         relaxed = self._relax(model) if c.codes else {}
         for m in relaxed.values():  # QAT: the codes' offsets (and with scales "group" the multipliers) train
+            m.multiplier.requires_grad_(scales == "group")  # no gradient for multipliers nothing optimizes
             params += [m.offset] + ([m.multiplier] if scales == "group" else [])
-        for p in params:
-            p.requires_grad_(True)
         if scales != "none" and not relaxed:
             layers = [m for _, m in find_qlinears(model, c.targets, c.ignore) if has_row_scales(m)]
             if not layers:

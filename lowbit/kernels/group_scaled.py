@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from ..qtensor import QuantizedWeight
 
 
-def _expand(g: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+def expand_groups(g: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
     """``(out, groups)`` -> ``(out, in)``: each group's multiplier repeated over its columns."""
     return g.repeat_interleave(group_size, dim=1)[:, :in_features]
 
@@ -28,7 +28,7 @@ def _group_sums(t: torch.Tensor, group_size: int, groups: int) -> torch.Tensor:
 
 def group_scaled_weight(qweight: QuantizedWeight, g: torch.Tensor) -> torch.Tensor:
     """The effective fp32 weight ``(out, in)`` = ``g ⊙ Q(W)`` (the reference the op is tested against)."""
-    return qweight.dequantize() * _expand(g.float(), qweight.group_size, qweight.in_features)
+    return qweight.dequantize() * expand_groups(g.float(), qweight.group_size, qweight.in_features)
 
 
 class _GroupScaledQMatmul(torch.autograd.Function):
@@ -48,7 +48,7 @@ class _GroupScaledQMatmul(torch.autograd.Function):
         w0 = qw.dequantize()
         dx = dg = None
         if ctx.needs_input_grad[0]:
-            w = (w0 * _expand(g.float(), qw.group_size, qw.in_features)).to(dy.dtype)
+            w = (w0 * expand_groups(g.float(), qw.group_size, qw.in_features)).to(dy.dtype)
             dx = (dy @ w).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dw = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(dy.dtype)  # (out, in)

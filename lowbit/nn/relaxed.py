@@ -16,16 +16,12 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..formats.int import IntFormat
+from ..kernels.group_scaled import expand_groups
 from ..qtensor import QuantizedWeight
 from .input_transform import rotate_input, split_input
 from .qlinear import QLinear, carried_parts, packed_linear
 
 CELL = 0.49  # the latent code stays this far from its code's cell edge (so it still rounds to the code)
-
-
-def _columns(t: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
-    """``(rows, groups)`` per-group values spread over the ``in_features`` columns they cover: ``(rows, in)``."""
-    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
 
 
 class RelaxedLinear(nn.Module):
@@ -57,8 +53,8 @@ class RelaxedLinear(nn.Module):
         if float_weight is not None:  # where the float weight lies in its code's cell: near a boundary, a small
             # offset flips the code (the codes themselves are integers, half a step from any boundary)
             g = self.group_size
-            position = float_weight.float() / _columns(self.scales, g, self.in_features) + \
-                _columns(self.zeros, g, self.in_features)
+            position = float_weight.float() / expand_groups(self.scales, g, self.in_features) + \
+                expand_groups(self.zeros, g, self.in_features)
             codes = codes + (position - codes).clamp(-CELL, CELL)
         self.register_buffer("codes", codes)
         self.offset = nn.Parameter(torch.zeros_like(self.codes))
@@ -75,18 +71,18 @@ class RelaxedLinear(nn.Module):
         """``(out, in)`` fp32 ``rounded codes − zero point``. While the offsets are not trained (the scale-only
         default) it is computed once and kept until they change (their storage or version counter)."""
         if self.offset.requires_grad:
-            return self.rounded_codes() - _columns(self.zeros, self.group_size, self.in_features)
+            return self.rounded_codes() - expand_groups(self.zeros, self.group_size, self.in_features)
         key = (self.offset.data_ptr(), self.offset._version, self.codes.data_ptr())
         cached = self.__dict__.get("_centered")
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                centered = self.rounded_codes() - _columns(self.zeros, self.group_size, self.in_features)
+                centered = self.rounded_codes() - expand_groups(self.zeros, self.group_size, self.in_features)
             cached = self.__dict__["_centered"] = (key, centered)
         return cached[1]
 
     def weight(self) -> torch.Tensor:
         """``(out, in)`` fp32: the weight the packed layer would hold now."""
-        return self.centered_codes() * _columns(self.scales * self.multiplier, self.group_size, self.in_features)
+        return self.centered_codes() * expand_groups(self.scales * self.multiplier, self.group_size, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """As :meth:`QLinear.forward <lowbit.nn.qlinear.QLinear.forward>`: the input transform (online Hadamard,
