@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .architectures import expert_layer_names
 from .data import wikitext2_rows
+from .device import to_device
 from .errors import LowbitError
 from .fileio import read_text
 from .memory import release_free_memory
@@ -266,7 +267,8 @@ Collect = Callable[[list[str]], dict[str, LayerStats]]
 @torch.no_grad()
 def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | None,
                    work: Callable[[str, Collect], None], desc: str = "calibrate",
-                   load: Callable[[str], None] | None = None, done: Callable[[str], None] | None = None) -> None:
+                   load: Callable[[str], None] | None = None, done: Callable[[str], None] | None = None,
+                   device: torch.device | None = None) -> None:
     """The one loop over decoder blocks every block-wise step runs, in memory or streamed.
 
     For each block (its name prefix ``"model.layers.3."``): ``load(prefix)`` (streamed: fill it from the source),
@@ -279,15 +281,24 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
     blocks before it produce), then ``done(prefix)`` (streamed: write the block and free it).
 
     ``inputs``: :func:`block_inputs` of the calibration windows, or None for data-free work (no forward pass).
+    ``device``: where the work runs (a GPU; None = where the model is): the windows' activations move there once,
+    each block moves there for its work and back to the CPU before ``done`` — the model stays in CPU memory.
     """
     prefix, blocks = decoder_blocks(model)
     hidden, kwargs = inputs if inputs is not None else (None, {})
+    home = None
+    if device is not None and device.type != "cpu":
+        home = torch.device("cpu")
+        hidden = None if hidden is None else [h.to(device) for h in hidden]
+        kwargs = to_device(kwargs, device)
     routed_tokens: dict[str, int] = {}
     for i in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
         here = f"{prefix}.{i}."
         if load is not None:
             load(here)
         block = blocks[i]
+        if home is not None:
+            block.to(device)
 
         def collect(names: list[str], block=block, outputs: list[torch.Tensor] | None = None
                     ) -> dict[str, LayerStats]:
@@ -302,6 +313,8 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
         if hidden is not None:
             for h in hidden:  # in place: one copy of the activations (file-backed ones stay so), plus one output
                 h.copy_(block_output(block, h, kwargs))
+        if home is not None:
+            block.to(home)
         if done is not None:
             done(here)
         release_free_memory()  # the replaced float weights' pages go back to the OS: RSS tracks the live set
@@ -311,7 +324,8 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
 
 @torch.no_grad()
 def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str],
-                  quantize_block: Callable[[dict[str, LayerStats]], None], desc: str = "calibrate") -> None:
+                  quantize_block: Callable[[dict[str, LayerStats]], None], desc: str = "calibrate",
+                  device: torch.device | None = None) -> None:
     """For each decoder block (:func:`for_each_block`, in memory): collect :class:`LayerStats` of the listed
     Linears in it, call ``quantize_block(stats)`` (which replaces those Linears), then feed the quantized block's
     outputs on."""
@@ -321,7 +335,7 @@ def run_blockwise(model: nn.Module, windows: torch.Tensor, layer_names: list[str
         if names:  # a block with no targets needs only the pass that feeds the next block
             quantize_block(collect(names))
 
-    for_each_block(model, block_inputs(model, windows), work, desc)
+    for_each_block(model, block_inputs(model, windows), work, desc, device=device)
 
 
 def report_expert_tokens(model: nn.Module, tokens: dict[str, int]) -> None:
@@ -346,6 +360,7 @@ class Calibration:
 
     windows: torch.Tensor | None = None  # (n, L) token ids
     tokenizer: object | None = None
+    device: torch.device | None = None  # where block-wise steps compute (lowbit.device); None = the model's
     n: int = CALIB_WINDOWS
     seq_len: int = CALIB_SEQ_LEN
     seed: int = 0

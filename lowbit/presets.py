@@ -47,6 +47,10 @@ for _r in (4, 8, 16, 32, 64):
     PRESETS[f"rtn-w2g64-rilq{_r}"] = [LoftQConfig(rank=_r), RILQConfig(rank=_r)]
 PRESETS["gptq-w2g64-rilq16"] = [GPTQConfig(bits=2, group_size=64), RILQConfig(rank=16)]
 PRESETS["lowra-gptq-b2.0-rilq16"] = [LowRAGPTQConfig(budget=2.0), RILQConfig(rank=16)]
+# Weight-only incoherence (issue 23): QuaRot's rotation with no activation quantizer, before any weight quantizer
+# (rotate+gptq-w4g128): randomized Hadamards fused into the residual readers/writers, online ones before o_proj and
+# down_proj, so every Linear's input side is rotated. The LM head is untied (one more float table in the checkpoint).
+PRESETS["rotate"] = [RotateConfig()]
 PRESETS["emb8"] = [EmbeddingsConfig()]  # int8, one scale per row; composes: rtn-w2g64+emb8
 PRESETS["emb4"] = [EmbeddingsConfig(bits=4, granularity="group", group_size=64, symmetric=False)]
 
@@ -81,11 +85,13 @@ PRESETS["qat-kl"] = [RILQConfig(rank=0, codes=True, scales="group", lambda_model
 # One recommended recipe per budget (issue 23). BEST says what each holds and costs; BENCHMARKS.md "Closer to the
 # accuracy limit" has the measured figures.
 BEST: dict[str, tuple[list[StepConfig], str]] = {
-    "best-w4": (PRESETS["blockwise-gptq-w4g128"] + PRESETS["refine-kl"],
-                "int4 g128 (GPTQ, block-wise trained group scales, then every group scale distilled from the float "
-                "model's next-token distribution, end to end); 4.20 bits/weight"),
-    "best-w3": (PRESETS["blockwise-gptq-w3g128"], "int3 g128 (GPTQ, then block-wise trained group scales); "
-                                                  "3.20 bits/weight"),
+    "best-w4": (PRESETS["rotate"] + PRESETS["blockwise-gptq-w4g128"] + PRESETS["refine-kl"],
+                "int4 g128 over Hadamard-rotated weights (QuaRot's rotation, no activation quantization; the head "
+                "is untied: one more float table stored), GPTQ, block-wise trained group scales, then every group "
+                "scale distilled from the float model's next-token distribution; 4.20 bits/weight"),
+    "best-w3": (PRESETS["rotate"] + PRESETS["blockwise-gptq-w3g128"] + PRESETS["refine-kl"],
+                "int3 g128 over Hadamard-rotated weights (untied head), GPTQ, block-wise trained group scales, then "
+                "every group scale distilled from the float model; 3.20 bits/weight"),
     "best-w2": (PRESETS["lowra-gptq-b2.0"], "LowRA mixed 1-4-bit codebooks (2.0 code bits) rounded by GPTQ, "
                                             "Fisher-weighted assignment; 2.37 bits/weight"),
     "best-w2-lora": (PRESETS["lowra-gptq-b2.0"] + [RILQConfig(rank=8)],

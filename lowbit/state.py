@@ -22,6 +22,9 @@ class ModelState:
     recipe: Any = None  # the lowbit.Recipe applied (None: a float model)
     quantize_seconds: float | None = None  # wall time of the recipe
     rotation: dict | None = None  # the rotate step's record (outlier width, rotation kind, seed)
+    # the rotate step's map of the float model's final states (after the last norm) into the rotated basis:
+    # (gain (d,), M (d, d + r)) fp64, state -> (state / gain) @ M; in memory only (RILQ's cached teacher uses it)
+    residual_map: tuple | None = None
     float_dtype: str | None = None  # dtype the source stores its unquantized tensors in ("bfloat16"; None: as held)
     manifest: dict | None = None  # the manifest of the checkpoint it was loaded from
     history: dict[str, Any] = field(default_factory=dict)  # per-step records: "rilq", "loftq"

@@ -101,7 +101,8 @@ def quantize_streamed(source: str | Path, recipe: Recipe, calib: Calibration, ou
         def load(prefix: str) -> None:
             shards.load(model, lambda name: name.startswith(prefix))
 
-        for_each_block(model, inputs, work, desc=f"streamed {recipe.name}", load=load, done=done)
+        for_each_block(model, inputs, work, desc=f"streamed {recipe.name}", load=load, done=done,
+                       device=calib.device)
         inputs = None  # the memory-mapped activations go before their file
         activations.unlink(missing_ok=True)
         rest = parts[-1]

@@ -18,7 +18,8 @@ PACKAGE = ROOT / "lowbit"
 
 # Layers from the bottom up. A module belongs to the first entry whose prefix it starts with (longest wins).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("core", ("errors", "registry", "_version", "config", "protocol", "fileio", "memory", "report", "shards")),
+    ("core", ("errors", "registry", "_version", "config", "protocol", "fileio", "memory", "report", "shards",
+              "device")),
     ("formats", ("formats", "qtensor", "qmixed")),
     ("kernels", ("kernels",)),
     ("nn", ("nn",)),

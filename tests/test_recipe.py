@@ -26,8 +26,8 @@ def test_every_preset_round_trips_through_yaml(name):
     assert back.to_yaml() == text
     prefixes = {"lowra-gptq-": "lowra-gptq", "lowra-": "lowra", "gptq-": "gptq", "loftq-": "loftq", "rilq": "rilq",
                 "emb": "embeddings", "rtn-w2g64-rilq": "loftq", "quarot-": "rotate", "quad-": "rotate",
-                "blockwise-": "blockwise", "best-w4": "blockwise", "best-w3": "blockwise", "best-w2": "lowra-gptq",
-                "best-w1.5": "lowra-gptq", "refine-": "rilq", "qat-": "rilq"}
+                "blockwise-": "blockwise", "best-w4": "rotate", "best-w3": "rotate", "best-w2": "lowra-gptq",
+                "best-w1.5": "lowra-gptq", "refine-": "rilq", "qat-": "rilq", "rotate": "rotate"}
     expected_step = next((step for prefix, step in prefixes.items() if name.startswith(prefix)), "rtn")
     assert yaml.safe_load(text)["steps"][0]["step"] == expected_step
 

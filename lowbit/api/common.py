@@ -53,10 +53,12 @@ class CalibrationConfig:
         if self.self_generated and self.file is not None:
             raise LowbitError("--calib-self and --calib-file both set: calibrate on one of them")
 
-    def build(self, tokenizer) -> Calibration:
+    def build(self, tokenizer, device=None) -> Calibration:
+        """``device``: where block-wise steps compute (:func:`lowbit.device.resolve_device`); the CPU = in place."""
         text = read_calibration_text(self.file) if self.file is not None else None
         return Calibration(tokenizer=tokenizer, n=self.windows, seq_len=self.seq_len, seed=self.seed, text=text,
-                           self_generated=self.self_generated)
+                           self_generated=self.self_generated,
+                           device=None if device is None or device.type == "cpu" else device)
 
 
 @dataclass(kw_only=True)

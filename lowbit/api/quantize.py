@@ -11,6 +11,7 @@ from typing import Any
 
 from ..architectures import by_model_type
 from ..data import check_data
+from ..device import resolve_device
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..io import read_manifest, save
@@ -60,6 +61,7 @@ class QuantizeConfig:
     stream: bool | None = None  # one decoder block in memory at a time; None = when the fp32 model needs over half
     # the memory available (an HF folder of safetensors, a recipe of block-wise steps)
     target: str | None = None  # an export grid (lowbit.targets.TARGETS: "gguf:q4_0", ...) set on the weight steps
+    device: str = "auto"  # auto | cpu | cuda[:N]: where block-wise calibration computes (the model stays in CPU RAM)
 
 
 @dataclass
@@ -96,7 +98,8 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     if kind == "hf" and any(get("step", s.step).needs_architecture for s in recipe.steps):
         by_model_type(json.loads((path / "config.json").read_text(encoding="utf-8"))["model_type"])  # before loading
     check_out(config.out, config.force, config.model, size_ratio=0.25)
-    calib = config.calibration.build(tokenizer=None)  # reads --calib-file now: a bad file fails before loading
+    device = resolve_device(config.device)
+    calib = config.calibration.build(tokenizer=None, device=device)  # reads --calib-file now: fails before loading
     needs_text = any(get("step", s.step).needs_calibration for s in recipe.steps) and calib.text is None \
         and not calib.self_generated
     check_data(test=config.windows != 0, valid=needs_text)

@@ -22,6 +22,7 @@ from ..adapters import (
 from ..calibration import Calibration
 from ..compensate import LoftQConfig, RILQConfig
 from ..data import check_data
+from ..device import resolve_device
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..fileio import atomic_write, check_output, json_text
@@ -32,6 +33,7 @@ from ..protocol import EVAL_WINDOWS
 from ..recipe import Recipe, apply_recipe
 from ..state import state_of
 from ..train import TrainConfig, load_data, plot_losses, write_log
+from ..train.distributed import barrier, finish, local_device, processes
 from .common import Evaluated, Result, check_out, check_windows
 
 log = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ ADAPTERS = ("lora", "lorma", "none")
 class FinetuneConfig:
     """``lowbit finetune``: train adapters (and with ``train_outliers`` QUAD's float columns and channel scales)
     over the packed, frozen base of ``model`` (a checkpoint; a float model with ``recipe``). A checkpoint that
-    already holds adapters continues training them. The resumable state lives in ``OUT.trainer/``."""
+    already holds adapters continues training them. The resumable state lives in ``OUT.trainer/``. Started by
+    ``accelerate launch`` (``lowbit finetune --processes N``) each process trains its shard of every batch and
+    only the main one writes (:mod:`lowbit.train.distributed`)."""
 
     model: str
     out: Path
@@ -61,6 +65,8 @@ class FinetuneConfig:
     resume: bool = False
     windows: int | None = 0  # test windows evaluated after training; 0 = skip, None = all
     force: bool = False
+    device: str = "auto"  # auto | cpu | cuda[:N] (lowbit.device.resolve_device)
+    stop_after: int = 0  # leave after this many steps, the state kept for --resume (0 = to the end)
 
     def adapter_config(self) -> AdapterConfig | None:
         if self.adapter == "lora":
@@ -91,6 +97,8 @@ class FinetuneResult(Result, Evaluated):
     examples: int
     losses: list[float] = field(default_factory=list, repr=False)
     step_tokens_per_second: list[float] = field(default_factory=list, repr=False)
+    processes: int = 1
+    stopped_at: int | None = None  # a --stop-after run: the step whose state OUT.trainer/ holds (no checkpoint)
 
 
 def base_identity(model, recipe=None) -> str:
@@ -114,6 +122,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if not config.resume:  # a new run replaces the state a killed run left, but only a lowbit training state
         check_output(state_dir, force=True, what="training state folder")
     check_windows(config.windows)
+    if config.stop_after < 0:
+        raise LowbitError(f"--stop-after must be >= 0 (0 = train to the end), got {config.stop_after}")
     if config.adapter not in ADAPTERS:
         raise LowbitError(f"--adapter must be lora, lorma or none, got {config.adapter!r}")
     if config.adapter == "none" and not config.train_outliers:
@@ -121,6 +131,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     adapter_dtype(config.adapter_dtype)
     adapter_config = config.adapter_config()
     check_data(test=config.windows != 0, valid=config.data is None)
+    device = local_device(resolve_device(config.device))
+    procs = processes(device)
+    barrier(procs)  # every process has checked the output before the main one may write it
     model, tok = load_model(config.model)
     if tok is None:
         raise LowbitError(f"{config.model} has no tokenizer files; re-save it with a tokenizer")
@@ -142,12 +155,26 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     outlier_weights = train_outliers(model) if config.train_outliers else 0
     if outlier_weights:
         log.warning("training %d outlier weights and channel scales (QUAD PEFT)", outlier_weights)
+    model.to(device)
     trained = train_loop(model, train_data, config.train, state_dir=state_dir, resume=config.resume,
-                         base=base_identity(model, config.recipe))
+                         base=base_identity(model, config.recipe), processes=procs, stop_after=config.stop_after)
+    model.to("cpu")
     stats = trained.to_dict()
     result = FinetuneResult(source=str(config.model), out=str(out), adapter=adapter, rank=rank,
                             outlier_weights=outlier_weights, **stats, data=train_data.source,
-                            examples=len(train_data))
+                            examples=len(train_data), processes=procs.count,
+                            stopped_at=None if trained.finished else trained.steps)
+    if procs.main and trained.finished:
+        _save_finetuned(model, tok, config, result, state_dir, adapter, rank)
+    barrier(procs)
+    finish(procs)
+    return result
+
+
+def _save_finetuned(model, tok, config: FinetuneConfig, result: FinetuneResult, state_dir: Path, adapter: str,
+                    rank: int) -> None:
+    """Evaluate (``config.windows``), save the checkpoint with its log and loss chart, drop the training state."""
+    out = Path(config.out)
     model.eval()
     store_adapters(model, config.adapter_dtype)  # evaluated as the checkpoint stores them
     if config.windows != 0:
@@ -159,7 +186,6 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                                        "step_tokens_per_second": result.step_tokens_per_second})
     plot_losses({adapter: result.losses}, out / "loss.png", title=f"{adapter} r{rank} over {config.model}")
     shutil.rmtree(state_dir, ignore_errors=True)  # the checkpoint is saved: nothing left to resume
-    return result
 
 
 @dataclass(frozen=True)
@@ -174,6 +200,8 @@ class CompensateConfig:
     max_steps: int = 0  # RILQ optimizer steps; 0 = its default
     windows: int | None = EVAL_WINDOWS  # test windows evaluated after; 0 = skip, None = all
     force: bool = False
+    precision: str = "auto"  # RILQ's matmuls: auto (bf16 where native) | bf16 | fp32
+    device: str = "auto"  # RILQ trains on: auto | cpu | cuda[:N] (lowbit.device.resolve_device)
 
 
 @dataclass
@@ -188,6 +216,7 @@ class CompensateResult(Result, Evaluated):
     loss_curve: str | None = None
     rilq_steps: int | None = None
     best_val_loss: float | None = None
+    processes: int = 1
 
 
 def compensate(config: CompensateConfig) -> CompensateResult:
@@ -204,6 +233,9 @@ def compensate(config: CompensateConfig) -> CompensateResult:
     if config.method == "rilq":
         check_output(out.parent / f"{out.name}.rilq.json", what="RILQ loss curve", kind="file")
     check_data(test=config.windows != 0, valid=config.method == "rilq")
+    device = local_device(resolve_device(config.device))
+    procs = processes(device)  # RILQ under accelerate launch: every process trains its shard, the main one writes
+    barrier(procs)
     reset_peak()
     start = time.perf_counter()
     model, tok = load(config.model)
@@ -212,12 +244,16 @@ def compensate(config: CompensateConfig) -> CompensateResult:
     result = CompensateResult(source=str(config.model), method=config.method, rank=config.rank, out=str(out))
     previous = state_of(model).recipe
     if config.method == "rilq":
-        rilq = RILQConfig(rank=config.rank, **({"max_steps": config.max_steps} if config.max_steps else {}))
-        apply_recipe(model, Recipe([rilq], name="rilq"), Calibration(tokenizer=tok))
+        rilq = RILQConfig(rank=config.rank, precision=config.precision,
+                          **({"max_steps": config.max_steps} if config.max_steps else {}))
+        apply_recipe(model, Recipe([rilq], name="rilq"),
+                     Calibration(tokenizer=tok, device=None if device.type == "cpu" else device))
         recipe = Recipe([*(previous.steps if previous else []), rilq],
                         name=f"{getattr(previous, 'name', 'custom')}+rilq{config.rank}")
         history = state_of(model).history["rilq"]
-        curve = atomic_write(out.parent / f"{out.name}.rilq.json", json_text(history, indent=1))
+        curve = out.parent / f"{out.name}.rilq.json"
+        if procs.main:
+            atomic_write(curve, json_text(history, indent=1))
         result = replace(result, loss_curve=str(curve), rilq_steps=history["steps"], best_val_loss=history["best_val"])
     else:
         steps = getattr(previous, "steps", [])
@@ -230,10 +266,13 @@ def compensate(config: CompensateConfig) -> CompensateResult:
         model, _ = load_model(source)
         apply_recipe(model, recipe)
     state_of(model).recipe = recipe
-    result = replace(result, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb())
-    if config.windows != 0:
-        ppl = perplexity(model, tok, windows=config.windows)
-        result = replace(result, ppl=ppl.ppl, windows=ppl.windows)
-    save(model, out, tokenizer=tok, force=config.force,
-         extra={k: v for k, v in (("ppl", result.ppl), ("windows", result.windows)) if v is not None})
+    result = replace(result, seconds=time.perf_counter() - start, peak_rss_mb=peak_rss_mb(), processes=procs.count)
+    if procs.main:
+        if config.windows != 0:
+            ppl = perplexity(model, tok, windows=config.windows)
+            result = replace(result, ppl=ppl.ppl, windows=ppl.windows)
+        save(model, out, tokenizer=tok, force=config.force,
+             extra={k: v for k, v in (("ppl", result.ppl), ("windows", result.windows)) if v is not None})
+    barrier(procs)
+    finish(procs)
     return result

@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..device import DEVICE_HELP
 from ..models import DEFAULT_MODEL
 from ..presets import DEFAULT_PRESET
 from ..protocol import CALIB_SEQ_LEN, CALIB_WINDOWS, EVAL_SEQ_LEN, EVAL_WINDOWS
@@ -57,6 +58,9 @@ def quantize(
                                       "size replace the recipe's): gguf:q4_0, gguf:q4_1, gguf:q8_0, "
                                       "gguf:iq4_nl, gguf:q6_k, compressed-tensors:w4a16, "
                                       "compressed-tensors:w4a16-asym, compressed-tensors:w8a16."),
+    device: str = typer.Option("auto", help="Where block-wise calibration (GPTQ, LowRA-GPTQ, block-wise training) "
+                                            "computes, one block at a time; the model stays in CPU memory: "
+                                            + DEVICE_HELP),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),
     data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,
@@ -73,7 +77,8 @@ def quantize(
             overrides=dict(format=number_format, bits=bits, group_size=group_size, granularity=granularity,
                            symmetric=symmetric, budget=budget),
             calibration=CalibrationConfig(windows=calib_windows, seq_len=calib_seq_len, file=calib_file,
-                                              self_generated=calib_self), stream=stream, target=target)
+                                              self_generated=calib_self), stream=stream, target=target,
+            device=device)
         return quantize(config)
 
     result = run_job(verbose, job, data)

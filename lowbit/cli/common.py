@@ -17,12 +17,15 @@ from ..errors import LowbitError
 from ..fileio import json_text, os_error_line
 from ..protocol import EVAL_SEQ_LEN
 
+invoked_args: list[str] = []  # the arguments of the running command (after the program name): relaunch repeats them
+
 
 class OneLineUsageErrors(TyperGroup):
     """The command group whose usage errors (an unknown option, a missing one, a value of the wrong type) print as
     one ``error:`` line naming the command's ``--help``, exit 2, like every other error; help is shown as usual."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        invoked_args[:] = sys.argv[1:] if args is None else [str(a) for a in args]
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)
         try:
@@ -125,6 +128,31 @@ def run_job(verbose: bool, job, data: Path | None = None):
     with one_line_errors():
         use_data_dir(data)
         return job()
+
+
+def relaunch(count: int, flag: str = "--processes") -> None:
+    """Run this very command again as ``count`` processes under ``accelerate launch`` (``flag`` and its value
+    dropped), each with ``cores // count`` threads unless ``OMP_NUM_THREADS`` is set, and exit with its status.
+    Only the main process prints the result."""
+    import os
+    import socket
+    import subprocess
+
+    argv, args = [], iter(invoked_args)
+    for arg in args:
+        if arg == flag:
+            next(args, None)  # its value
+        elif not arg.startswith(flag + "="):
+            argv.append(arg)
+    with socket.socket() as s:  # a free port for the process group's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // count)))
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), "-m", "lowbit", *argv]
+    raise typer.Exit(subprocess.call(command, env=env))
 
 
 def print_out(*args, **kwargs) -> None:

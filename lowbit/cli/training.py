@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from ..device import DEVICE_HELP
 from ..protocol import EVAL_WINDOWS
 from .common import (
     DATA_OPTION,
@@ -16,7 +17,9 @@ from .common import (
     VERBOSE_OPTION,
     app,
     emit,
+    fail,
     parse_windows,
+    relaunch,
     run_job,
 )
 
@@ -50,6 +53,12 @@ def finetune(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from OUT.trainer/."),
     checkpoint_every: int = typer.Option(25, help="Steps between resumable training-state saves."),
     windows: str = typer.Option("0", help=SKIP_HELP),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    stop_after: int = typer.Option(0, help="Leave after this many optimizer steps, the training state kept in "
+                                           "OUT.trainer/ for --resume (a time-limited job); 0 = train to the end."),
+    processes: int = typer.Option(1, help="Data-parallel processes, started through accelerate launch (gloo on "
+                                          "CPUs, NCCL on GPUs): each trains its share of every --batch, which must "
+                                          "divide evenly; --resume works with any count."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
@@ -60,7 +69,15 @@ def finetune(
     The resumable training state lives in OUT.trainer/ (beside OUT) until the checkpoint is saved."""
     from ..api import FinetuneConfig, finetune
     from ..train import TrainConfig
+    from ..train.distributed import launched, main_process
     folder = data if data is not None and data.is_dir() else None  # a data folder, not a training file
+    if processes < 1:
+        fail(f"--processes must be >= 1, got {processes}")
+    if processes > 1 and not launched():
+        if batch % processes:
+            fail(f"--batch {batch} does not split over --processes {processes}: pick a batch that is a multiple "
+                 "of it")
+        relaunch(processes)
 
     def job():
         train = TrainConfig(steps=steps, batch=batch, grad_accum=grad_accum, lr=lr, seed=seed,
@@ -70,11 +87,13 @@ def finetune(
             targets=tuple(t.strip() for t in targets.split(",") if t.strip()), lorma_variant=lorma_variant,
             lorma_mode=lorma_mode, train_outliers=train_outliers, recipe=recipe, train=train, seq_len=seq_len,
             data=None if folder is not None else data, resume=resume,
-            windows=parse_windows(windows), force=force)
+            windows=parse_windows(windows), force=force, device=device,
+            stop_after=stop_after)
         return finetune(config)
 
     result = run_job(verbose, job, folder)
-    emit(result.to_dict(), as_json, f"lowbit finetune: {model}")
+    if main_process():
+        emit(result.to_dict(), as_json, f"lowbit finetune: {model}")
 
 
 @app.command()
@@ -106,6 +125,11 @@ def compensate(
     out: Path = OUT_OPTION,
     windows: str = typer.Option(str(EVAL_WINDOWS), help=SKIP_HELP),
     max_steps: int = typer.Option(0, help="RILQ: optimizer steps (0 = the default)."),
+    processes: int = typer.Option(1, help="RILQ: data-parallel processes, started through accelerate launch; "
+                                          "each trains its share of every batch (4 windows: 1, 2 or 4)."),
+    precision: str = typer.Option("auto", help="RILQ's matmul precision (teacher and student): auto (bf16 where "
+                                             "native), bf16 or fp32."),
+    device: str = typer.Option("auto", help="Where RILQ trains: " + DEVICE_HELP),
     force: bool = FORCE_OPTION,
     data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,
@@ -113,11 +137,20 @@ def compensate(
 ):
     """Win back 2-bit quality with adapters: RILQ trains them against the float model, LoftQ fits the residual."""
     from ..api import CompensateConfig, compensate
+    from ..train.distributed import launched, main_process
+
+    if processes < 1:
+        fail(f"--processes must be >= 1, got {processes}")
+    if processes > 1 and not launched():
+        if method != "rilq":
+            fail(f"--processes splits RILQ's training; --method {method} does not train: drop --processes")
+        relaunch(processes)
 
     result = run_job(verbose, lambda: compensate(CompensateConfig(
         model=model, out=out, method=method, rank=rank, max_steps=max_steps, windows=parse_windows(windows),
-        force=force)), data)
-    emit(result.to_dict(), as_json, f"lowbit compensate: {model}")
+        force=force, precision=precision, device=device)), data)
+    if main_process():
+        emit(result.to_dict(), as_json, f"lowbit compensate: {model}")
 
 
 @app.command("export")

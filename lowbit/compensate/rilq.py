@@ -25,6 +25,10 @@ states through the model's own head, so no full-vocabulary logits are stored), `
 group scale (presets ``refine-kl``, ``best-w4``) and ``codes=True`` the packed codes themselves through the
 straight-through estimator, packed again at the end (quantization-aware training; preset ``qat-kl``).
 
+Under ``accelerate launch`` (``lowbit compensate --processes N``, :mod:`lowbit.train.distributed`) each process
+trains its contiguous shard of every batch and the gradients are averaged: the same steps as one process. The
+teacher pass and the validation run whole on every process (so each takes the same early-stopping decision).
+
 The defaults differ from the paper's (320 × 512 tokens, lr 1e-4 constant, 10,000 micro-steps on a GPU) to fit
 2 CPU cores: 640 windows of 256 tokens (128 of them validate), 400 steps of one batch of 4 windows, lr 5e-4 for
 new Gaussian adapters and 2e-3 for LoftQ-initialised ones (:meth:`RILQConfig.learning_rate`) with a cosine decay,
@@ -70,6 +74,7 @@ from ..nn.relaxed import RelaxedLinear
 from ..quantizers.base import Step
 from ..registry import register
 from ..state import state_of
+from ..train.distributed import broadcast_, check_batch, processes, shard
 from ..train.engine import Engine, OptimConfig
 from ..train.trainer import autocast, check_precision
 
@@ -173,6 +178,15 @@ def final_hidden_states(model: nn.Module, windows: torch.Tensor, desc: str = "te
     return torch.stack(out)
 
 
+def rotated_states(states: torch.Tensor, gain: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Final states ``(n, L, d)`` of the float model (after its last norm, gain ``(d,)`` applied) as the rotated
+    model computes them: the rotate step folded the gain into the head and turned the stream by ``rotation (d,
+    d + r)``, so they are ``(states / gain) @ rotation`` (0 where a gain is 0: the head reads nothing there).
+    Same dtype as ``states``."""
+    inverse = torch.where(gain == 0, torch.zeros_like(gain), 1 / gain)
+    return torch.stack([((s.double() * inverse) @ rotation).to(states.dtype) for s in states])  # window by window
+
+
 @register("step", "rilq")
 class RILQ(Step):
     Config = RILQConfig
@@ -181,6 +195,7 @@ class RILQ(Step):
         super().__init__(config)
         self.windows: torch.Tensor | None = None
         self.teacher: torch.Tensor | None = None
+        self.teacher_map: tuple | None = None  # the model's residual_map when the teacher was taken
 
     def _windows(self, calib, model: nn.Module) -> torch.Tensor:
         """``samples`` windows of ``seq_len`` from the recipe's calibration source (``model``: the float model,
@@ -197,6 +212,7 @@ class RILQ(Step):
             return  # already quantized: apply() loads the teacher from the source model
         self.windows = self._windows(calib, model)
         self.teacher = final_hidden_states(model, self.windows, precision=self.config.precision)
+        self.teacher_map = state_of(model).residual_map  # a later rotate step changes the student's basis
 
     def _teacher_from_source(self, model: nn.Module, calib) -> None:
         from ..models import load_float_model as load_model
@@ -205,10 +221,20 @@ class RILQ(Step):
         if not source:
             raise LowbitError("RILQ needs the float model's outputs: run it in the same recipe as the quantizer "
                               "(e.g. rtn-w2g64+rilq16) or on a checkpoint whose manifest names its source model")
+        record = state_of(model).rotation
+        if record and record.get("outliers"):
+            raise LowbitError("RILQ on a QUAD checkpoint cannot rebuild its data-dependent rotation for the float "
+                              "teacher: run rilq in the same recipe as the rotate step (quad-...+rilq16)")
         log.info("rilq: computing teacher outputs from %s", source)
         fp_model, _ = load_model(source)
-        self.windows = self._windows(calib, fp_model)
+        self.windows = self._windows(calib, fp_model)  # drawn before rotating: the same windows either way
+        if record:  # the student was rotated: so is the teacher (QuaRot's rotation is the seed's), same function
+            from ..transforms.rotate import RotateConfig, rotate_model
+
+            rotate_model(fp_model, RotateConfig(rotation=record["rotation"], online=record["online"],
+                                                seed=record["seed"]))
         self.teacher = final_hidden_states(fp_model, self.windows, precision=self.config.precision)
+        self.teacher_map = state_of(model).residual_map
         del fp_model
         release_free_memory()
 
@@ -254,6 +280,12 @@ class RILQ(Step):
         find_qlinears(model, c.targets, c.ignore)  # a clear error before the teacher pass if nothing to adapt
         if self.teacher is None:
             self._teacher_from_source(model, calib)
+        elif state_of(model).residual_map is not self.teacher_map:  # rotated since the teacher pass
+            self.teacher = rotated_states(self.teacher, *state_of(model).residual_map)
+        device = getattr(calib, "device", None)
+        if device is not None:  # a GPU (lowbit.device): the model trains there, then comes back to the CPU
+            model.to(device)
+            self.windows, self.teacher = self.windows.to(device), self.teacher.to(device)
         start = time.perf_counter()
         n_val = round(c.samples * c.val_ratio)
         val, train = list(range(n_val)), list(range(n_val, c.samples))
@@ -261,6 +293,7 @@ class RILQ(Step):
         if continuing:  # e.g. [loftq(...), rilq]: RILQ trains the adapters the previous step initialised
             log.info("rilq: continuing the existing adapters %r", c.name)
         elif c.rank:
+            torch.manual_seed(c.seed)  # the Gaussian init depends on the seed only, not on what ran before
             attach(model, c.adapter_config(), name=c.name)
         params = freeze(model, c.name)
         scales = {True: "channel", False: "none"}.get(c.scales, c.scales)
@@ -282,9 +315,12 @@ class RILQ(Step):
         initial = [p.detach().clone() for p in params]
         lr = c.learning_rate(continuing)
         # Adam without weight decay (AdamW with 0 decay is exactly Adam); no warmup, the schedule over max_steps
+        procs = processes(device or "cpu")  # under accelerate launch: each process trains its shard of every batch
+        check_batch(c.micro_batch, procs)
+        broadcast_(params, procs)
         engine = Engine(model, params, OptimConfig(steps=c.max_steps, lr=lr, schedule=c.schedule,
                                                    grad_accum=c.grad_accum),
-                        gradient_checkpointing=c.gradient_checkpointing, desc=f"rilq r{c.rank}")
+                        gradient_checkpointing=c.gradient_checkpointing, desc=f"rilq r{c.rank}", processes=procs)
         gen = torch.Generator().manual_seed(c.seed)
         was_training = model.training
         model.train()
@@ -300,7 +336,7 @@ class RILQ(Step):
                 if not order:
                     order.extend(train[j] for j in torch.randperm(len(train), generator=gen).tolist())
                 batch.append(order.pop())
-            loss, mse, ce, kl = self.loss(model, batch)
+            loss, mse, ce, kl = self.loss(model, shard(torch.tensor(batch), procs).tolist())
             history["mse"].append(mse)
             history["ce"].append(ce)
             history["kl"].append(kl)
@@ -342,4 +378,6 @@ class RILQ(Step):
                                            "seconds": time.perf_counter() - start, "stopped_early": bad >= c.patience}
         log.info("rilq: %d steps, validation loss %.4f -> %.4f", step, history["val"][0], best)
         self.windows = self.teacher = None
+        if device is not None:
+            model.to("cpu")
         return model

@@ -22,8 +22,10 @@ column; integer ``q - z`` is exact in fp16/bf16, so this loses nothing. Otherwis
 scale is gathered per element and applied before the dot. fp32 activations use ``input_precision="ieee"`` (no
 TF32), fp16/bf16 activations run the dot in their own dtype (in the interpreter bf16 is upcast to fp32 first:
 Triton 3.9's interpreter multiplies bf16 dot operands as raw bit patterns). Decode (M = 1) uses ``BLOCK_M = 16``
-with masking: simple and correct; a split-K GEMV variant would be faster for fp32 activations. Tile sizes are
-fixed heuristics (:func:`_blocks`), not autotuned: so far the kernel has only been checked in the interpreter.
+with masking: simple and correct; a split-K GEMV variant would be faster for fp32 activations. Tile sizes: on a
+GPU the first call of each (M bucket, shape, format, dtype) times up to 7 candidates (:func:`_candidates`) and
+keeps the fastest (:func:`tune`; ``LOWBIT_TRITON_AUTOTUNE=0`` keeps the default :func:`_blocks`); the interpreter
+uses the default. So far the kernel has only been checked in the interpreter: the tuning has not run on a GPU.
 
 The interpreter: with ``TRITON_INTERPRET=1`` and CPU tensors :func:`supports` is True and the same kernel runs in
 Triton's numpy interpreter (slow; used by the tests). The kernel only uses Triton builtins (no ``tl.sum`` or other
@@ -37,6 +39,7 @@ import functools
 import importlib.util
 import math
 import os
+import time
 
 import torch
 
@@ -182,8 +185,9 @@ def _format_args(fmt_name: str, device: torch.device) -> tuple[int, int, bool, i
 
 
 def _blocks(M: int, group: int, groups: int) -> tuple[int, int, int]:
-    """Default (BLOCK_M, BLOCK_N, BLOCK_K), not autotuned. BLOCK_M >= 16 (``tl.dot``'s minimum); BLOCK_K is
-    chosen to divide the group size when it can, so each K tile has one scale per row."""
+    """Default (BLOCK_M, BLOCK_N, BLOCK_K): the interpreter's, and the first candidate of :func:`_candidates`.
+    BLOCK_M >= 16 (``tl.dot``'s minimum); BLOCK_K is chosen to divide the group size when it can, so each K tile
+    has one scale per row."""
     block_m = 16 if M <= 16 else 32 if M <= 32 else 64
     block_k = 64
     if groups > 1:
@@ -191,13 +195,53 @@ def _blocks(M: int, group: int, groups: int) -> tuple[int, int, int]:
     return block_m, 64, block_k
 
 
+def _candidates(M: int, group: int, groups: int) -> list[tuple[int, int, int]]:
+    """The tile shapes tried on a GPU: the default, then BLOCK_N 64/128 with every BLOCK_K of 32-128 that keeps
+    one scale per K tile (at most 7)."""
+    default = _blocks(M, group, groups)
+    ks = [k for k in (32, 64, 128) if groups == 1 or group % k == 0] or [default[2]]
+    return list(dict.fromkeys([default] + [(default[0], n, k) for n in (64, 128) for k in ks]))
+
+
+_TUNED: dict[tuple, tuple[int, int, int]] = {}  # (M bucket, rows, K, group, bits, mode, dtype, device) -> tiles
+
+
+def tune(key: tuple, candidates: list[tuple[int, int, int]], run, timer, repeats: int = 3) -> tuple[int, int, int]:
+    """The fastest of ``candidates`` for ``key``, found once by timing ``run(blocks)`` ``repeats`` times each
+    (``timer()``: seconds, synchronised with the device) and cached. The first call of each candidate is not
+    timed (it compiles)."""
+    if key not in _TUNED:
+        best, choice = math.inf, candidates[0]
+        for blocks in candidates:
+            run(blocks)
+            start = timer()
+            for _ in range(repeats):
+                run(blocks)
+            seconds = timer() - start
+            if seconds < best:
+                best, choice = seconds, blocks
+        _TUNED[key] = choice
+    return _TUNED[key]
+
+
+def _cuda_timer() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def _launch(x2, out, codes, scales, zeros, table, perm, *, n_rows, K, group, bits, mode, has_zero, offset,
             stride_sn, stride_ln, blocks):
     M = x2.shape[0]
     groups = math.ceil(K / group)
+    interpret = x2.device.type != "cuda"
+    args = (x2, out, codes, scales, zeros, table, perm)
+    kw = dict(n_rows=n_rows, K=K, group=group, bits=bits, mode=mode, has_zero=has_zero, offset=offset,
+              stride_sn=stride_sn, stride_ln=stride_ln)
+    if blocks is None and not interpret and os.environ.get("LOWBIT_TRITON_AUTOTUNE", "1") != "0":
+        key = (1 << max(0, M - 1).bit_length(), n_rows, K, group, bits, mode, x2.dtype, x2.device)
+        blocks = tune(key, _candidates(M, group, groups), lambda b: _launch(*args, **kw, blocks=b), _cuda_timer)
     block_m, block_n, block_k = blocks or _blocks(M, group, groups)
     tile_scale = groups == 1 or group % block_k == 0
-    interpret = x2.device.type != "cuda"
     # Triton 3.9's interpreter multiplies bf16 tl.dot operands as raw uint16 bit patterns: upcast there.
     dot_fp32 = x2.dtype == torch.float32 or (interpret and x2.dtype == torch.bfloat16)
     dummy = scales

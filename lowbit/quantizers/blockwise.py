@@ -125,7 +125,7 @@ class Blockwise(Step):
         select_targets(model, start.targets, start.ignore)  # the whole selection checked up front
         windows = calib.get_windows(model)
         for_each_block(model, block_inputs(model, windows), lambda prefix, collect: self.apply_block(
-            model, prefix, collect), desc=f"blockwise {self.start.fmt.name}")
+            model, prefix, collect), desc=f"blockwise {self.start.fmt.name}", device=calib.device)
         self.finish(model)
         return model
 

@@ -151,7 +151,8 @@ class GPTQ(Quantizer):
         select_targets(model, self.config.targets, self.config.ignore)  # the whole selection checked up front
         windows = calib.get_windows(model)
         for_each_block(model, block_inputs(model, windows),
-                       lambda prefix, collect: self.apply_block(model, prefix, collect), desc=f"gptq {self.fmt.name}")
+                       lambda prefix, collect: self.apply_block(model, prefix, collect), desc=f"gptq {self.fmt.name}",
+                       device=calib.device)
         return model
 
     def apply_block(self, model, prefix, collect) -> None:

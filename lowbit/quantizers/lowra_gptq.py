@@ -104,5 +104,6 @@ class LowRAGPTQ(LowRA):
                                            c.block_size, c.damp, c.gptq_block, c.act_order)
                 install(model, targets[name], qweight)
 
-        run_blockwise(model, windows, names, quantize_block, desc=f"lowra-gptq b{c.budget}")
+        run_blockwise(model, windows, names, quantize_block, desc=f"lowra-gptq b{c.budget}",
+                      device=calib.device)
         return model

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
+from .distributed import Processes, average_
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -75,16 +76,19 @@ class Engine:
     """Optimizer steps over ``params`` of ``model`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter] | list[dict], config: OptimConfig,
-                 gradient_checkpointing: bool = False, desc: str = "train", progress: bool = True):
+                 gradient_checkpointing: bool = False, desc: str = "train", progress: bool = True,
+                 processes: Processes = Processes()):
         """``params``: the trained parameters, or AdamW parameter groups (``{"params": [...], "lr": ...}``; a
-        group's own ``lr`` is its peak, scheduled like ``config.lr``)."""
+        group's own ``lr`` is its peak, scheduled like ``config.lr``). ``processes``: data-parallel processes
+        (:mod:`.distributed`) whose gradients and losses are averaged before each optimizer step; each process's
+        ``micro_loss`` is then its shard's share of the global loss."""
         self.model, self.config = model, config
         self.params = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) \
             else params
         self.gradient_checkpointing = gradient_checkpointing
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, config)
-        self.desc, self.progress = desc, progress
+        self.desc, self.progress, self.processes = desc, progress and processes.main, processes
         self.bar = None
 
     def state_dict(self) -> dict:
@@ -102,8 +106,8 @@ class Engine:
             ) -> Iterator[tuple[int, float, float]]:
         """Optimizer steps ``start + 1 .. config.steps``; ``micro_loss(step, micro)`` is the loss of micro-batch
         ``micro`` of 0-based step ``step``. Yields ``(step, mean loss over its micro-batches, seconds)`` after each
-        step. The model trains in train mode (with activation checkpointing if asked) and gets its mode back when
-        the loop ends or is left."""
+        step (averaged over the processes). The model trains in train mode (with activation checkpointing if
+        asked) and gets its mode back when the loop ends or is left."""
         c, model = self.config, self.model
         was_training, was_checkpointing = model.training, checkpointing_on(model)
         model.train()
@@ -119,6 +123,10 @@ class Engine:
                     loss = micro_loss(step, micro)
                     (loss / c.grad_accum).backward()
                     running += loss.item() / c.grad_accum
+                if self.processes.count > 1:
+                    mean = torch.tensor([running], device=self.params[0].device)
+                    average_([p.grad for p in self.params if p.grad is not None] + [mean], self.processes)
+                    running = float(mean)
                 if c.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm)
                 self.optimizer.step()

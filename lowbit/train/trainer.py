@@ -5,9 +5,12 @@ Works on any causal LM whose trainable parameters are the ones to train: a packe
 (:func:`lowbit.adapters.freeze` makes only those trainable) or, as the benchmark's baseline, a PEFT-wrapped float
 model. Batches are a pure function of (seed, step): example ``p`` of the stream is ``perm_e[p mod n]`` with
 ``perm_e`` the seeded permutation of epoch ``e = p // n``; so a resumed run sees exactly the batches an
-uninterrupted one would. The training state (trainable tensors, optimizer, scheduler, RNG, losses, step timings)
-is written every ``checkpoint_every`` steps to ``state_dir`` (:mod:`.state`: safetensors + JSON, no pickle,
-replaced atomically).
+uninterrupted one would. Under ``accelerate launch`` (:mod:`.distributed`) each process computes its contiguous
+shard of every global micro-batch, its loss divided by the global batch's label count, and the engine averages
+the gradients: the same optimizer steps as one process, within float rounding; the state (written by the main
+process only) resumes with any process count. The training state (trainable tensors, optimizer, scheduler, RNG,
+losses, step timings) is written every ``checkpoint_every`` steps to ``state_dir`` (:mod:`.state`: safetensors +
+JSON, no pickle, replaced atomically).
 Activation checkpointing is transformers' non-reentrant one on the decoder blocks, so the frozen embedding needs
 no ``enable_input_require_grads``; a model that had it on keeps it on afterwards, one that had it off gets it off.
 The JSON log and loss PNG are written by the caller (``lowbit finetune``; :mod:`lowbit.train.report`).
@@ -37,6 +40,7 @@ from ..kernels import native_bf16
 from ..memory import peak_rss_mb, release_free_memory, reset_peak
 from ..protocol import LOGITS_CHUNK
 from .data import IGNORE, TrainData
+from .distributed import Processes, broadcast_, check_batch, shard
 from .engine import SCHEDULES, Engine, OptimConfig
 from .state import JSON, load_state, save_state
 
@@ -117,6 +121,7 @@ class TrainResult:
     peak_rss_mb: float  # of this segment
     config: dict = field(default_factory=dict)
     step_seconds: list[float] = field(default_factory=list)  # wall time of each optimizer step
+    finished: bool = True  # False: stopped early by stop_after, the resumable state left in state_dir
 
     @property
     def tokens_per_step(self) -> int:
@@ -158,17 +163,27 @@ def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(head(h).float(), y, ignore_index=IGNORE, reduction="sum")
 
 
-def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = LOGITS_CHUNK) -> torch.Tensor:
+def label_count(labels: torch.Tensor) -> int:
+    """Positions of ``labels (B, L)`` that carry a loss after the one-position shift."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chunk: int = LOGITS_CHUNK,
+            count: float | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of ``input_ids (B, L)`` against ``labels (B, L)`` shifted by one, over the
-    labels that are not -100; logits built ``chunk`` positions at a time (0 = all, via the model's own loss)."""
+    labels that are not -100; logits built ``chunk`` positions at a time (0 = all, via the model's own loss).
+    ``count``: divide the summed cross-entropy by this instead (a data-parallel shard's share of a global
+    batch)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    own = max(1, label_count(labels))
     if not chunk or decoder is None or head is None:
-        return model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
+        return loss if count is None else loss * (own / count)
     h = decoder(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     y = labels[:, 1:].reshape(-1)
     h = h.reshape(-1, h.shape[-1])
-    count = (y != IGNORE).sum().clamp_min(1)
+    count = own if count is None else count
     total = h.new_zeros((), dtype=torch.float32)
     for s in range(0, y.numel(), chunk):
         total = total + checkpoint(_chunk_ce, head, h[s:s + chunk], y[s:s + chunk], use_reentrant=False)
@@ -177,7 +192,8 @@ def lm_loss(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, chu
 
 def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str | Path | None = None,
           resume: bool = False, progress: bool = True,
-          on_step: Callable[[int, float], None] | None = None, base: str | None = None) -> TrainResult:
+          on_step: Callable[[int, float], None] | None = None, base: str | None = None,
+          processes: Processes = Processes(), stop_after: int = 0) -> TrainResult:
     """Train ``model``'s parameters that require grad on ``data`` for ``config.steps`` optimizer steps.
 
     ``state_dir``: where the resumable training state goes (every ``checkpoint_every`` steps and at the end).
@@ -185,13 +201,17 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
     model, e.g. its checkpoint's manifest hash), settings, data and trainable shapes (then the losses are those of
     an uninterrupted run). A non-finite loss or parameter stops the run with a :class:`LowbitError`; the state
     in ``state_dir`` is then still the last good one. ``on_step(step, loss)`` is called after every optimizer
-    step (tests use it to stop)."""
+    step (tests use it to stop). ``processes``: this process's place among data-parallel ones (the module
+    docstring); the batch must split evenly over them. ``stop_after``: leave after this many optimizer steps of
+    this call (a time-limited job), the state saved for ``resume`` (0 = run to the end)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise LowbitError("the model has no trainable parameters: attach adapters first (lowbit.adapters.attach)")
     params = [p for _, p in named]
+    check_batch(config.batch, processes)
+    broadcast_(params, processes)
     engine = Engine(model, params, config.optim(), gradient_checkpointing=config.gradient_checkpointing,
-                    desc="finetune", progress=progress)
+                    desc="finetune", progress=progress, processes=processes)
     state_dir = None if state_dir is None else Path(state_dir)
     losses: list[float] = []
     step_seconds: list[float] = []
@@ -223,6 +243,8 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
         step_seconds = state.get("step_seconds", [])
         log.info("resumed at step %d of %d", step, config.steps)
 
+    stop_at = step + stop_after if stop_after > 0 else config.steps
+
     def diverged(what: str) -> LowbitError:
         """The error that stops a diverged run, naming the state left in ``state_dir`` (written before it went bad,
         by this run or the one it continues)."""
@@ -235,7 +257,7 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
         bad = next((n for n, p in named if not torch.isfinite(p).all()), None)
         if bad is not None:
             raise diverged(f"parameter {bad} became non-finite")
-        if state_dir is not None:
+        if state_dir is not None and processes.main:
             save_state(state_dir, {"base": base, "config": asdict(config), "data": fingerprint, "step": step,
                                    "losses": losses, "tokens": tokens, "seconds": seconds,
                                    "step_seconds": step_seconds, "rng": torch.get_rng_state(),
@@ -244,11 +266,14 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
     def micro_loss(at: int, micro: int) -> torch.Tensor:
         nonlocal tokens
         idx = batch_indices(len(data), config.batch, at * config.grad_accum + micro, config.seed)
-        ids, labels = data.input_ids[idx], data.labels[idx]
-        tokens += ids.numel()
-        with autocast(config.precision, ids.device):
-            return lm_loss(model, ids, labels, config.loss_chunk)
+        tokens += data.input_ids[idx].numel()  # the global batch's
+        share = max(1, label_count(data.labels[idx])) / processes.count
+        idx = shard(idx, processes)
+        ids, labels = data.input_ids[idx].to(device), data.labels[idx].to(device)
+        with autocast(config.precision, device):
+            return lm_loss(model, ids, labels, config.loss_chunk, count=share if processes.count > 1 else None)
 
+    device = params[0].device
     release_free_memory()
     reset_peak()
     with contextlib.closing(engine.run(micro_loss, start=step)) as steps:
@@ -262,9 +287,11 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
             if config.log_every and step % config.log_every == 0:
                 log.info("step %d/%d loss %.4f lr %.3g %.0f tokens/s", step, config.steps, running, engine.lr,
                          tokens / seconds)
-            if step % config.checkpoint_every == 0 or step == config.steps:
+            if step % config.checkpoint_every == 0 or step in (config.steps, stop_at):
                 checkpoint_state()
             if on_step is not None:
                 on_step(step, running)
-    return TrainResult(losses=losses, steps=step, tokens=tokens, seconds=seconds,
-                       peak_rss_mb=peak_rss_mb(), config=asdict(config), step_seconds=step_seconds)
+            if step == stop_at:
+                break
+    return TrainResult(losses=losses, steps=step, tokens=tokens, seconds=seconds, peak_rss_mb=peak_rss_mb(),
+                       config=asdict(config), step_seconds=step_seconds, finished=step == config.steps)

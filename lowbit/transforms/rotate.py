@@ -169,6 +169,7 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
     if r >= d:
         raise LowbitError(f"outliers={r} must be smaller than the hidden size {d}")
     _untie_head(model, emb, head)
+    final_gain = norm.weight.detach().double() + offset  # before folding: what maps float final states over
     for b in blocks:
         for block_norm in (b.attn_norm, b.mlp_norm):
             if block_norm is not None:  # OLMo 2's readers read the stream itself
@@ -209,6 +210,7 @@ def rotate_model(model: nn.Module, config: RotateConfig, windows: torch.Tensor |
         residual_norms(model, d)
     state_of(model).rotation = {"outliers": r, "hidden_size": d, "rotation": config.rotation,
                                 "online": config.online, "seed": config.seed}
+    state_of(model).residual_map = (final_gain, m)
     log.info("rotated the residual stream (%s, %d outlier dims, online Hadamards %s)", config.rotation, r,
              config.online)
     return model

@@ -147,3 +147,28 @@ def test_support_rules(monkeypatch):
     assert not supports(torch.randint(0, 3, (1, IN)), qw)
     monkeypatch.delenv("TRITON_INTERPRET")
     assert not supports(torch.randn(1, IN), qw)  # CPU without the interpreter: not this kernel
+
+
+def test_tuning_keeps_the_fastest_tile_shape_per_key_and_times_it_once():
+    from lowbit.kernels import triton_gpu
+
+    candidates = triton_gpu._candidates(1, 128, 8)
+    assert candidates[0] == triton_gpu._blocks(1, 128, 8) and len(candidates) <= 7
+    assert all(128 % k == 0 for _, _, k in candidates)  # one scale per K tile
+    assert all(k in (32, 64) for _, _, k in triton_gpu._candidates(19, 64, 4)[1:])
+    clock, runs = [0.0], []
+    cost = {b: 1.0 + i for i, b in enumerate(candidates)}
+    fastest = candidates[3]
+    cost[fastest] = 0.5
+
+    def run(blocks):
+        runs.append(blocks)
+        clock[0] += cost[blocks]
+
+    key = ("test", 1)
+    try:
+        assert triton_gpu.tune(key, candidates, run, lambda: clock[0]) == fastest
+        assert len(runs) == 4 * len(candidates)  # one compile call + 3 timed, each
+        assert triton_gpu.tune(key, candidates, run, lambda: clock[0]) == fastest and len(runs) == 4 * len(candidates)
+    finally:
+        triton_gpu._TUNED.pop(key, None)
