@@ -30,13 +30,9 @@ import threading
 import time
 from pathlib import Path
 
-SHAPES = {  # hidden, intermediate, blocks, heads, kv heads, vocab, tied
-    "0.1b": (576, 1536, 30, 9, 3, 49152, True),
-    "1b": (2048, 8192, 16, 32, 8, 128256, True),
-    "1.6b": (2048, 5632, 34, 32, 4, 49152, False),
-    "3b": (3072, 8192, 28, 24, 8, 128256, True),
-    "8b": (4096, 14336, 32, 32, 8, 128256, False),
-}
+from lowbit.models import builtin_tokenizer
+from lowbit.random_models import SHAPES, config_for, write_random_model
+
 LLAMA_70B = (8192, 28672, 80, 64, 8, 128256, False)  # the projection's target (Llama-3.1-70B's shape)
 CGROUP = Path("/sys/fs/cgroup/memory")
 
@@ -95,69 +91,12 @@ def project(rows: dict) -> dict:
     return out
 
 
-def config_for(size: str, blocks: int | None = None) -> dict:
-    hidden, inter, layers, heads, kv, vocab, tied = SHAPES[size]
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-            "intermediate_size": inter, "num_hidden_layers": blocks or layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "vocab_size": vocab, "tie_word_embeddings": tied, "rms_norm_eps": 1e-5,
-            "max_position_embeddings": 8192, "rope_theta": 500000.0, "hidden_act": "silu", "dtype": "bfloat16",
-            "bos_token_id": 1, "eos_token_id": 2}
-
-
 def model_folder(size: str, blocks: int | None = None) -> Path:
     """The random model's folder, written once by a child process (a child's peak RSS starts from its parent's
     at the fork, so this process never holds anything big)."""
     folder = WORK / (f"llama-{size}" + (f"-{blocks}blocks" if blocks else ""))
     if not (folder / "config.json").is_file():
         subprocess.run([sys.executable, __file__, "write", "--size", size, "--blocks", str(blocks or 0)], check=True)
-    return folder
-
-
-def write_model(folder: Path, config: dict, shard_bytes: int = 2 << 30) -> Path:
-    """A random bf16 LLaMA as an HF folder, tensor by tensor (never the whole model in memory)."""
-    if (folder / "config.json").is_file():
-        return folder
-    import torch
-    from accelerate import init_empty_weights
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
-    with init_empty_weights():
-        shapes = {n: t.shape for n, t in LlamaForCausalLM(cfg).state_dict().items()
-                  if not (cfg.tie_word_embeddings and n == "lm_head.weight")}
-    gen = torch.Generator().manual_seed(0)
-    shards, shard, size = [], {}, 0  # names per written shard; the tensors of the one being filled
-    for i, (name, shape) in enumerate(shapes.items()):
-        shard[name] = torch.ones(shape, dtype=torch.bfloat16) if name.endswith("norm.weight") else \
-            (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
-        size += shard[name].numel() * 2
-        if size >= shard_bytes or i == len(shapes) - 1:
-            shards.append(list(shard))
-            save_file(shard, tmp / f"part-{len(shards)}.safetensors", metadata={"format": "pt"})
-            shard, size = {}, 0
-    weight_map = {}
-    for i, names in enumerate(shards, 1):
-        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        (tmp / f"part-{i}.safetensors").rename(tmp / final)
-        weight_map.update(dict.fromkeys(names, final))
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    AutoTokenizer.from_pretrained(smollm_tokenizer()).save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
-
-
-def smollm_tokenizer() -> Path:
-    """SmolLM2's tokenizer files, written once beside the models."""
-    folder = WORK / "smollm2-tokenizer"
-    if not (folder / "tokenizer.json").is_file():
-        import lowbit
-
-        _, tokenizer = lowbit.load_model("smollm2-135m")
-        tokenizer.save_pretrained(folder)
     return folder
 
 
@@ -355,7 +294,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     if args.mode == "write":
         name = f"llama-{args.size}" + (f"-{args.blocks}blocks" if args.blocks else "")
-        write_model(WORK / name, config_for(args.size, args.blocks or None))
+        write_random_model(WORK / name, config_for(args.size, args.blocks or None), builtin_tokenizer)
         return
     result = {"ladder": ladder, "limit": limited, "depth": depth}[args.mode](args)
     text = json.dumps(result, indent=1)

@@ -1,11 +1,15 @@
 """``lowbit bench``: decode/prefill speed, resident memory and the memory-bandwidth roofline, FP32 vs packed.
 
 One run measures everything side by side (issue 4): the parent loads the float model, quantizes it with each
-recipe and saves each result to a temporary checkpoint; then every model (``fp32`` first) is measured in a
-fresh child process, so each peak RSS is that model's own and no model's allocations linger in the next one's
-figures. In the child: load, settle (``gc`` + ``malloc_trim``), reset the peak-RSS mark, then
+recipe and saves each result to a temporary checkpoint; then every model is measured in a fresh child process,
+``runs`` times in round robin (``fp32``, each recipe, ``fp32`` again, ...), so each peak RSS is that model's own,
+no model's allocations linger in the next one's figures, and drift of the machine spreads over all models. Each
+speed is reported as the median of the runs with its min and max; ratios are of medians. In the child: load,
+settle (``gc`` + ``malloc_trim``), reset the peak-RSS mark, then
 
 * decode: greedy batch-1 generation of ``decode_tokens`` new tokens (after a warm-up) -> tokens/s;
+* batched decode: the same prompt ``b`` times for each ``b`` of ``batches``, ``batch_tokens`` new tokens ->
+  tokens/s of all sequences together;
 * prefill: one forward over a ``prefill_tokens``-token prompt (WikiText-2 valid text), last position's logits
   only, as ``generate`` does -> prompt tokens/s (best of ``repeats``);
 * ``peak_rss_mb``: the process's peak resident memory during both (model weights included), and
@@ -15,14 +19,20 @@ figures. In the child: load, settle (``gc`` + ``malloc_trim``), reset the peak-R
   shows.
 
 The parent also measures this machine's memory bandwidth (a large tensor copy) and reports each model's
-roofline bound ``bandwidth / bytes read per token`` and the share of it decode reached.
+roofline bound ``bandwidth / bytes read per token`` and the share of it decode reached. With ``contention``, each
+model's batch-1 decode is measured once more beside one CPU-bound process (a busy Python loop), as a shared
+machine runs it: ``contended_pct`` is that speed as a share of the quiet median.
+
+``model`` may be ``random:llama-1b`` (:mod:`lowbit.random_models`): decode speed does not depend on weight values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,6 +60,20 @@ class BenchConfig:
     prefill_tokens: int = 512  # prompt length of the prefill measurement
     repeats: int = 2  # prefill timings (best kept)
     threads: int = 0  # torch intra-op threads in the children (0: torch's default)
+    batches: tuple[int, ...] = (4, 16)  # batch sizes of the batched decode (batch 1 is the decode above)
+    batch_tokens: int = 32  # new tokens per sequence of the batched decode
+    runs: int = 3  # fresh processes per model (median, min and max reported)
+    contention: bool = True  # one more decode per model beside a CPU-bound process
+    compile: bool = False  # batch-1 decode through the compiled step (lowbit.nn.compile); the rest stays eager
+
+
+def batch_key(batch: int) -> str:
+    return f"decode_b{batch}_tok_s"
+
+
+def spread_keys(config: BenchConfig) -> list[str]:
+    """The speeds measured in every run, reported as median [min, max]."""
+    return ["decode_tok_s", "prefill_tok_s", *map(batch_key, config.batches)]
 
 
 def memory_bandwidth_gbs(mbytes: int = 512, repeats: int = 5) -> float:
@@ -122,8 +146,9 @@ def prefill_speed(model: nn.Module, ids: torch.Tensor, repeats: int = 2) -> floa
     return ids.shape[1] / best
 
 
-def measure_model(source: str, config: BenchConfig) -> dict:
-    """Load ``source`` (a model name/path for FP32 or a lowbit checkpoint) and measure it; runs in a child."""
+def measure_model(source: str, config: BenchConfig, decode_only: bool = False) -> dict:
+    """Load ``source`` (a model name/path for FP32 or a lowbit checkpoint) and measure it; runs in a child.
+    ``decode_only``: just the batch-1 decode (the contended run)."""
     from .io import MANIFEST, load, load_model
 
     if config.threads:
@@ -138,19 +163,30 @@ def measure_model(source: str, config: BenchConfig) -> dict:
     release_free_memory()
     reset_peak()
     rss_model = rss_mb()
-    speed = decode_speed(model, tok, new_tokens=config.decode_tokens)
-    ids = prompt_ids(tok, config.prefill_tokens)
-    reset_counts()
-    prefill = prefill_speed(model, ids, config.repeats)
+    if not decode_only:
+        batched = {batch_key(b): decode_speed(model, tok, new_tokens=config.batch_tokens, batch=b).tok_s
+                   for b in config.batches}
+        ids = prompt_ids(tok, config.prefill_tokens)
+        reset_counts()
+        prefill = prefill_speed(model, ids, config.repeats)
+        prefill_kernel = kernel_summary()
+    if config.compile:  # compiled once by a warm-up of the same length, which the timing leaves out
+        from .nn.compile import compile_decode
+
+        compile_decode(model)
+    warmup = config.decode_tokens if config.compile else 8
+    speed = decode_speed(model, tok, new_tokens=config.decode_tokens, warmup_tokens=warmup)
+    if decode_only:
+        return {"decode_tok_s": speed.tok_s}
     peak = peak_rss_mb()
     libraries_mb = rss_model - tensor_bytes(model) / 2**20
-    return {"decode_tok_s": speed.tok_s, "prefill_tok_s": prefill, "peak_rss_mb": peak,
+    return {"decode_tok_s": speed.tok_s, "prefill_tok_s": prefill, **batched, "peak_rss_mb": peak,
             "model_peak_mb": peak - libraries_mb, "libraries_mb": libraries_mb, "kernel": speed.kernel,
-            "prefill_kernel": kernel_summary(),
+            "prefill_kernel": prefill_kernel, "compiled": config.compile,
             "bytes_per_token": weight_bytes_per_token(model), "threads": torch.get_num_threads()}
 
 
-def _child(source: str, config: BenchConfig) -> dict:
+def _child(source: str, config: BenchConfig, decode_only: bool = False) -> dict:
     """Measure ``source`` in a fresh process that runs in an empty folder, so a ``lowbit/`` (or any module) in the
     caller's current folder is never imported in its place; the source is an absolute path or a built-in name."""
     from .data import data_dir
@@ -159,7 +195,7 @@ def _child(source: str, config: BenchConfig) -> dict:
     folder = data_dir()
     if folder is not None:  # found from the caller's folder (or --data): hand it over explicitly
         env.setdefault(DATA_ENV, str(folder))
-    cmd = [sys.executable, "-m", "lowbit.bench", source, json.dumps(asdict(config))]
+    cmd = [sys.executable, "-c", CHILD, source, json.dumps(asdict(config))] + (["decode"] * decode_only)
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-child-") as empty:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=empty, env=env)
     if done.returncode != 0:
@@ -197,19 +233,58 @@ def run_bench(model: str, recipes: list[str], config: BenchConfig, calib_windows
                 del q
             del fp_model
             release_free_memory()
-        for name, source in sources.items():
-            log(f"measuring {name}")
-            rows[name].update(_child(source, config))
+        runs: dict[str, list[dict]] = {name: [] for name in sources}
+        for r in range(config.runs):
+            for name, source in sources.items():
+                log(f"measuring {name} (run {r + 1} of {config.runs})")
+                runs[name].append(_child(source, config))
+        for name in sources:
+            rows[name].update(summarize(runs[name], spread_keys(config)))
+        if config.contention:
+            for name, source in sources.items():
+                log(f"measuring {name} beside a CPU-bound process")
+                with busy_process():
+                    contended = _child(source, config, decode_only=True)["decode_tok_s"]
+                rows[name]["contended_decode_tok_s"] = contended
+                rows[name]["contended_pct"] = 100 * contended / rows[name]["decode_tok_s"]
     base = rows[FP32]
     for row in rows.values():
         row["decode_ratio"] = row["decode_tok_s"] / base["decode_tok_s"]
         row["prefill_ratio"] = row["prefill_tok_s"] / base["prefill_tok_s"]
+        for b in config.batches:
+            row[f"decode_b{b}_ratio"] = row[batch_key(b)] / base[batch_key(b)]
         row["peak_rss_ratio"] = row["peak_rss_mb"] / base["peak_rss_mb"]
         row["model_peak_ratio"] = row["model_peak_mb"] / base["model_peak_mb"]
         row["bandwidth_gbs"] = bandwidth
         row["roofline_tok_s"] = bandwidth * 1e9 / row["bytes_per_token"]
         row["roofline_pct"] = 100 * row["decode_tok_s"] / row["roofline_tok_s"]
     return rows
+
+
+def summarize(runs: list[dict], keys: list[str]) -> dict:
+    """One row from a model's runs: each of ``keys`` as the median with ``KEY_range = [min, max]``, every other
+    number as its median, text from the last run."""
+    row = dict(runs[-1])
+    for key, value in runs[-1].items():
+        if isinstance(value, (int, float)):
+            values = [r[key] for r in runs]
+            row[key] = statistics.median(values)
+            if key in keys:
+                row[f"{key}_range"] = [min(values), max(values)]
+    row["runs"] = len(runs)
+    return row
+
+
+@contextlib.contextmanager
+def busy_process():
+    """One CPU-bound process (a Python busy loop) running for the duration of the block."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it start spinning
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 @dataclass(frozen=True)
@@ -239,8 +314,8 @@ def bench(job: BenchJob, log=lambda msg: None) -> BenchResult:
     from .models import check_source
 
     c = job.measure
-    if c.decode_tokens < 1 or c.prefill_tokens < 1:
-        raise LowbitError("--decode-tokens and --prefill-tokens must be positive")
+    if min(c.decode_tokens, c.prefill_tokens, c.batch_tokens, c.runs, *c.batches) < 1:
+        raise LowbitError("--decode-tokens, --prefill-tokens, --batch-tokens, --runs and --batches must be positive")
     check_source(job.model)
     check_output(job.out, kind="into")
     rows = run_bench(job.model, list(job.recipes), c, job.calib_windows, log=log)
@@ -251,17 +326,31 @@ def bench(job: BenchJob, log=lambda msg: None) -> BenchResult:
     return BenchResult(rows, table)
 
 
+def _spread(row: dict, key: str, fmt: str = ".1f") -> str:
+    lo, hi = row.get(f"{key}_range", (row[key], row[key]))
+    return f"{row[key]:{fmt}} [{lo:{fmt}}–{hi:{fmt}}]"
+
+
 def markdown_table(rows: dict[str, dict]) -> str:
-    head = ("| model | bits/weight | decode tok/s | decode / FP32 | prefill tok/s | prefill / FP32 | peak RSS MB | "
-            "RSS / FP32 | model MB at peak | model / FP32 | MB read / token | roofline tok/s | % of roofline | "
-            "kernel |")
-    lines = [head, "|" + "---|" * 14]
+    """Medians [min–max] of the runs; ratios of medians to FP32's."""
+    first = next(iter(rows.values()))
+    batches = sorted(int(k[len("decode_b"):-len("_tok_s")]) for k in first if k.startswith("decode_b")
+                     and k.endswith("_tok_s"))
+    contended = "contended_pct" in first
+    head = ["model", "bits/weight", "decode tok/s", "decode / FP32", "prefill tok/s", "prefill / FP32"]
+    head += [f"batch {b} tok/s (÷ FP32)" for b in batches]
+    head += ["decode beside a busy process (% of quiet)"] * contended
+    head += ["peak RSS MB", "model MB at peak", "MB read / token", "% of roofline", "kernel"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['bits_per_weight']:.2f} | {r['decode_tok_s']:.1f} | {r['decode_ratio']:.2f}× | "
-                     f"{r['prefill_tok_s']:.0f} | {r['prefill_ratio']:.2f}× | {r['peak_rss_mb']:.0f} | "
-                     f"{r['peak_rss_ratio']:.2f}× | {r['model_peak_mb']:.0f} | {r['model_peak_ratio']:.2f}× | "
-                     f"{r['bytes_per_token'] / 1e6:.1f} | {r['roofline_tok_s']:.1f} | "
-                     f"{r['roofline_pct']:.0f}% | {r['kernel']} |")
+        cells = [name, f"{r['bits_per_weight']:.2f}", _spread(r, "decode_tok_s"), f"{r['decode_ratio']:.2f}×",
+                 _spread(r, "prefill_tok_s", ".0f"), f"{r['prefill_ratio']:.2f}×"]
+        cells += [f"{_spread(r, batch_key(b))} ({r[f'decode_b{b}_ratio']:.2f}×)" for b in batches]
+        if contended:
+            cells.append(f"{r['contended_decode_tok_s']:.1f} ({r['contended_pct']:.0f}%)")
+        cells += [f"{r['peak_rss_mb']:.0f}", f"{r['model_peak_mb']:.0f}", f"{r['bytes_per_token'] / 1e6:.1f}",
+                  f"{r['roofline_pct']:.0f}%", r["kernel"]]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -288,9 +377,19 @@ def plot_bench(rows: dict[str, dict], out: str | Path) -> Path:
     return save_figure(fig, out, dpi=120)
 
 
-if __name__ == "__main__":  # the child: python -m lowbit.bench SOURCE CONFIG_JSON
+CHILD = "import sys; from lowbit.bench import child_main; child_main(sys.argv[1:])"
+
+
+def child_main(argv: list[str]) -> None:
+    """The child: ``SOURCE CONFIG_JSON [decode]`` -> one JSON line on stdout."""
     import transformers
 
     transformers.logging.set_verbosity_error()
-    result = measure_model(sys.argv[1], BenchConfig(**json.loads(sys.argv[2])))
+    config = json.loads(argv[1])
+    config["batches"] = tuple(config["batches"])
+    result = measure_model(argv[0], BenchConfig(**config), decode_only=argv[2:] == ["decode"])
     sys.stdout.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1:])

@@ -24,6 +24,7 @@ from .data import wikitext2_rows
 from .device import to_device
 from .errors import LowbitError
 from .fileio import read_text
+from .kernels import force
 from .memory import release_free_memory
 from .models import decoder_blocks
 from .nn.experts import EXPERT_INPUT
@@ -292,32 +293,33 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
         hidden = None if hidden is None else [h.to(device) for h in hidden]
         kwargs = to_device(kwargs, device)
     routed_tokens: dict[str, int] = {}
-    for i in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
-        here = f"{prefix}.{i}."
-        if load is not None:
-            load(here)
-        block = blocks[i]
-        if home is not None:
-            block.to(device)
+    with force("exact"):  # statistics and next inputs from fp32 activations (bf16 training keeps bf16)
+        for i in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
+            here = f"{prefix}.{i}."
+            if load is not None:
+                load(here)
+            block = blocks[i]
+            if home is not None:
+                block.to(device)
 
-        def collect(names: list[str], block=block, outputs: list[torch.Tensor] | None = None
-                    ) -> dict[str, LayerStats]:
-            if hidden is None:
-                raise LowbitError("this step reads calibration statistics but no calibration windows were given")
-            stats = _collect_stats(block, hidden, kwargs, {n: model.get_submodule(n) for n in names}, outputs)
-            routed_tokens.update(shrink_routed(stats, set(expert_layer_names(model, names))))
-            return stats
+            def collect(names: list[str], block=block, outputs: list[torch.Tensor] | None = None
+                        ) -> dict[str, LayerStats]:
+                if hidden is None:
+                    raise LowbitError("this step reads calibration statistics but no calibration windows were given")
+                stats = _collect_stats(block, hidden, kwargs, {n: model.get_submodule(n) for n in names}, outputs)
+                routed_tokens.update(shrink_routed(stats, set(expert_layer_names(model, names))))
+                return stats
 
-        collect.block, collect.hidden, collect.kwargs = block, hidden, kwargs  # for steps that run the block
-        work(here, collect)
-        if hidden is not None:
-            for h in hidden:  # in place: one copy of the activations (file-backed ones stay so), plus one output
-                h.copy_(block_output(block, h, kwargs))
-        if home is not None:
-            block.to(home)
-        if done is not None:
-            done(here)
-        release_free_memory()  # the replaced float weights' pages go back to the OS: RSS tracks the live set
+            collect.block, collect.hidden, collect.kwargs = block, hidden, kwargs  # for steps that run the block
+            work(here, collect)
+            if hidden is not None:
+                for h in hidden:  # in place: one copy of the activations (file-backed ones stay so), plus one output
+                    h.copy_(block_output(block, h, kwargs))
+            if home is not None:
+                block.to(home)
+            if done is not None:
+                done(here)
+            release_free_memory()  # the replaced float weights' pages go back to the OS: RSS tracks the live set
     if routed_tokens:
         report_expert_tokens(model, routed_tokens)
 

@@ -65,6 +65,7 @@ from .qtensor import empty_weight
 from .shards import TensorAppender
 from .state import state_of
 from .summary import bits_summary, layer_entry, packed_embeddings, quantized_layers
+from .threads import adapt_threads
 
 log = logging.getLogger(__name__)
 
@@ -341,6 +342,7 @@ def load(path: str | Path, verify: bool | None = None):
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     use_gemv_head(model)  # a float head's decode step through lowbit's fp32 GEMV (same parameters)
+    adapt_threads(model)  # fewer threads while other processes hold cores (lowbit.threads)
     model.eval()
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)

@@ -59,11 +59,23 @@ def builtin_gguf_path(name: str) -> Path:
     return path
 
 
+def builtin_tokenizer(name: str = DEFAULT_MODEL):
+    """A built-in model's tokenizer, read from its GGUF file (no download, no weights)."""
+    from transformers import AutoTokenizer
+
+    path = builtin_gguf_path(name)
+    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
 def resolve_source(source: str | Path) -> tuple[str, Path]:
     """Classify a model source as ``("builtin"|"gguf"|"hf"|"lowbit", path)``; clear errors before any work."""
     text = str(source)
     if text in BUILTIN_MODELS:
         return "builtin", builtin_gguf_path(text)
+    if text.startswith("random:"):  # a random-weight LLaMA shape (lowbit.random_models), written once
+        from .random_models import random_model_folder
+
+        return "hf", random_model_folder(text, tokenizer=builtin_tokenizer)
     path = Path(text).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return "gguf", path
@@ -78,7 +90,7 @@ def resolve_source(source: str | Path) -> tuple[str, Path]:
         return "hf", hub_snapshot(text)
     raise LowbitError(f"unknown model {text!r}: not a built-in name ({', '.join(BUILTIN_MODELS)}), no such "
                       "file or folder, nor a Hub id (owner/name). Pass a built-in name, a Hub id, a local HF model "
-                      "folder, or a .gguf file.")
+                      "folder, a .gguf file, or random:llama-1b (random weights, for speed).")
 
 
 @contextlib.contextmanager

@@ -370,14 +370,21 @@ def test_report_draws_a_png_per_results_file(tmp_path):
 def test_bench_json_keyed_by_recipe_with_ratios_and_files(hf_folder, tmp_path):
     out = tmp_path / "bench"
     payload = one_json_object(invoke("bench", "--model", hf_folder, "--recipes", "rtn-w4g64,lowra-b2.0",
-                                     "--decode-tokens", "4", "--prefill-tokens", "32", "--out", out, "--json"))
+                                     "--decode-tokens", "4", "--prefill-tokens", "32", "--batches", "2",
+                                     "--batch-tokens", "2", "--runs", "2", "--out", out, "--json"))
     assert list(payload) == ["fp32", "rtn-w4g64", "lowra-b2.0"]
     for name, row in payload.items():
         for key in ("decode_tok_s", "decode_ratio", "prefill_tok_s", "prefill_ratio", "peak_rss_mb", "model_peak_mb",
-                    "kernel", "bytes_per_token", "roofline_tok_s", "roofline_pct", "bits_per_weight"):
+                    "kernel", "bytes_per_token", "roofline_tok_s", "roofline_pct", "bits_per_weight",
+                    "decode_b2_tok_s", "decode_b2_ratio", "contended_decode_tok_s", "contended_pct"):
             assert key in row, (name, key)
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0
+        assert row["runs"] == 2  # two fresh processes each: the median and the range of both
+        for key in ("decode_tok_s", "prefill_tok_s", "decode_b2_tok_s"):
+            lo, hi = row[f"{key}_range"]
+            assert lo <= row[key] <= hi and row[key] == pytest.approx((lo + hi) / 2)
         assert row["decode_ratio"] == pytest.approx(row["decode_tok_s"] / payload["fp32"]["decode_tok_s"])
+        assert row["contended_pct"] == pytest.approx(100 * row["contended_decode_tok_s"] / row["decode_tok_s"])
     assert payload["fp32"]["decode_ratio"] == 1.0 and payload["fp32"]["kernel"] == "none"
     assert payload["rtn-w4g64"]["kernel"].startswith("cpu-gemv")  # decode steps ran the packed kernel
     assert payload["lowra-b2.0"]["kernel"].startswith("cpu-gemv")
@@ -390,6 +397,29 @@ def test_bench_json_keyed_by_recipe_with_ratios_and_files(hf_folder, tmp_path):
 def test_bench_rejects_an_unknown_recipe_before_loading(hf_folder, tmp_path, no_loading):
     line = one_error_line(invoke("bench", "--model", hf_folder, "--recipes", "rtn-w4g64,nope", "--out", tmp_path))
     assert "nope" in line
+    line = one_error_line(invoke("bench", "--model", hf_folder, "--batches", "4,x", "--out", tmp_path))
+    assert "--batches" in line and "4,16" in line
+
+
+def test_random_model_sources_are_written_once_and_load(monkeypatch, tmp_path):
+    """``random:llama-SIZE`` resolves to a seeded random HF folder under $LOWBIT_CACHE (written once, atomically
+    renamed), which loads like any model; an unknown size is a one-line error listing the known ones."""
+    import lowbit
+    from lowbit import random_models
+    from lowbit.models import resolve_source
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    monkeypatch.setitem(random_models.SHAPES, "tiny", (64, 128, 2, 4, 2, 49152, True))
+    kind, folder = resolve_source("random:llama-tiny")
+    assert kind == "hf" and folder == tmp_path / "random" / "llama-tiny" and (folder / "config.json").is_file()
+    assert not folder.with_name("llama-tiny.tmp").exists()
+    stamp = (folder / "config.json").stat().st_mtime_ns
+    assert resolve_source("random:llama-tiny")[1] == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    model, tok = lowbit.load_model("random:llama-tiny")
+    assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+    assert tok("hello").input_ids
+    with pytest.raises(lowbit.LowbitError, match="random:llama-1b"):
+        resolve_source("random:gpt-9b")
 
 
 def test_bench_children_run_in_an_empty_folder(monkeypatch, tmp_path):

@@ -19,11 +19,11 @@ PACKAGE = ROOT / "lowbit"
 # Layers from the bottom up. A module belongs to the first entry whose prefix it starts with (longest wins).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("errors", "registry", "_version", "config", "protocol", "fileio", "memory", "report", "shards",
-              "device")),
+              "device", "threads")),
     ("formats", ("formats", "qtensor", "qmixed")),
     ("kernels", ("kernels",)),
     ("nn", ("nn",)),
-    ("models", ("models", "architectures", "hub", "sharded_source", "summary", "state")),
+    ("models", ("models", "architectures", "hub", "sharded_source", "summary", "state", "random_models")),
     ("data", ("data", "calibration", "sensitivity", "adapters", "train", "eval")),
     ("steps", ("steps", "quantizers", "transforms", "compensate")),
     ("recipe", ("presets", "recipe", "targets")),

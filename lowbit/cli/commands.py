@@ -10,6 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..device import DEVICE_HELP
+from ..errors import LowbitError
 from ..models import DEFAULT_MODEL
 from ..presets import DEFAULT_PRESET
 from ..protocol import CALIB_SEQ_LEN, CALIB_WINDOWS, EVAL_SEQ_LEN, EVAL_WINDOWS
@@ -208,6 +209,13 @@ def report(
     emit(payload, as_json, "lowbit report")
 
 
+def parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in text.split(",") if b.strip())
+    except ValueError:
+        raise LowbitError(f"--batches takes comma-separated whole numbers such as 4,16, got {text!r}") from None
+
+
 @app.command()
 def bench(
     model: str | None = typer.Argument(None, help=f"Model source (the FP32 reference). Default: {DEFAULT_MODEL}.",
@@ -215,6 +223,12 @@ def bench(
     recipes: str = typer.Option("rtn-w4g128,rtn-w2g64,lowra-b2.0", help="Comma-separated recipes to compare."),
     decode_tokens: int = typer.Option(128, help="New tokens per decode measurement (greedy, batch 1)."),
     prefill_tokens: int = typer.Option(512, help="Prompt tokens of the prefill measurement."),
+    batches: str = typer.Option("4,16", help="Batch sizes of the batched decode (comma-separated; '' for none)."),
+    batch_tokens: int = typer.Option(32, help="New tokens per sequence of the batched decode."),
+    runs: int = typer.Option(3, help="Fresh processes per model; medians and min-max are reported."),
+    contention: bool = typer.Option(True, help="Also decode beside one CPU-bound process (share of quiet speed)."),
+    compile_decode: bool = typer.Option(False, "--compile", help="Batch-1 decode through torch.compile with the "
+                                        "static KV cache (every model, FP32 too; compile time not counted)."),
     calib_windows: int = typer.Option(CALIB_WINDOWS, help="Calibration windows for recipes that need calibration."),
     out: Path = typer.Option(Path("lowbit-bench"), help="Folder for bench.md, bench.json and bench.png."),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),
@@ -228,7 +242,9 @@ def bench(
     def job():
         bench_job = BenchJob(model=model_source(model, model_option, DEFAULT_MODEL),
                                  recipes=tuple(r.strip() for r in recipes.split(",") if r.strip()),
-                                 measure=BenchConfig(decode_tokens=decode_tokens, prefill_tokens=prefill_tokens),
+                                 measure=BenchConfig(decode_tokens=decode_tokens, prefill_tokens=prefill_tokens,
+                                                     batches=parse_batches(batches), batch_tokens=batch_tokens,
+                                                     runs=runs, contention=contention, compile=compile_decode),
                                  calib_windows=calib_windows, out=out)
         return bench(bench_job, log=lambda m: err_console.print(f"[dim]{escape(m)}[/]"))
 

@@ -1,12 +1,17 @@
 """The only package that computes with packed weights. ``qmatmul`` picks an implementation per call.
 
-Implementations: ``reference`` (dequantize + F.linear; ground truth and fallback), ``cpu-gemv`` (C++ decode
-GEMV, see :mod:`.cpu`; ``cpu-gemv-f32`` is its fp32 GEMV for a packed model's float LM head, :func:`linear`)
-and ``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra), chosen
-automatically where they apply. ``LOWBIT_KERNEL=reference`` (or :func:`force`) pins the reference for
-debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies (with ``TRITON_INTERPRET=1`` that includes
-CPU tensors, through Triton's interpreter: slow, for tests). :data:`calls` counts which implementation ran, so
-benchmarks can print it.
+Implementations: ``reference`` (dequantize + F.linear; ground truth and fallback); on CPU (:mod:`.cpu`)
+``cpu-gemv`` (C++ decode GEMV, one row), ``cpu-gemv-i8`` (the same with each activation group rounded to int8
+for VNNI dot products, as llama.cpp's Q8 dot products do, where the format allows), ``cpu-gemm-i8`` (the same for
+small batches, up to 16 rows), ``cpu-tiled-bf16``
+(prefill, batches and bf16 training: the weight dequantized one cache-sized tile at a time and multiplied in
+bf16) and ``cpu-gemv-f32`` (the fp32 GEMV of a packed model's float LM head, :func:`linear`); ``triton``
+(dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra). ``auto`` (the default)
+picks the fastest that applies. ``LOWBIT_KERNEL=exact`` keeps activations in fp32 (no int8 decode rounding, no
+bf16 tiles outside autocast): equal to the reference up to summation order. ``LOWBIT_KERNEL=reference`` (or
+:func:`force`) pins the reference for debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies
+(with ``TRITON_INTERPRET=1`` that includes CPU tensors, through Triton's interpreter: slow, for tests).
+:data:`calls` counts which implementation ran, so benchmarks can print it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,18 @@ import torch.nn.functional as F
 
 from ..errors import LowbitError
 from ..qtensor import PackedWeight
-from .cpu import float_supports, linear_cpu, qmatmul_cpu
+from .cpu import (
+    SMALL_BATCH,
+    float_supports,
+    gemv_function,
+    input_grad_cpu_tiled,
+    int8_applies,
+    linear_cpu,
+    qmatmul_cpu,
+    qmatmul_cpu_rows_i8,
+    qmatmul_cpu_tiled,
+    tiled_supports,
+)
 from .cpu import supports as cpu_supports
 from .group_scaled import group_scaled_weight as group_scaled_weight
 from .group_scaled import qmatmul_group_scaled as _qmatmul_group_scaled
@@ -30,7 +46,8 @@ from .triton_gpu import qmatmul_triton
 from .triton_gpu import supports as triton_supports
 
 log = logging.getLogger(__name__)
-IMPLEMENTATIONS = ("auto", "reference", "triton")
+IMPLEMENTATIONS = ("auto", "exact", "reference", "triton")
+FASTEST = ("auto", "exact")  # the choices that pick the fastest implementation that applies
 calls: collections.Counter = collections.Counter()
 _forced: list[str] = []
 
@@ -44,8 +61,8 @@ def _choice() -> str:
 
 @contextlib.contextmanager
 def force(name: str):
-    """Use ``reference`` (always), ``triton`` (where it applies) or ``auto`` (fastest that applies) inside the
-    block."""
+    """Use ``reference`` (always), ``triton`` (where it applies), ``auto`` (fastest that applies) or ``exact``
+    (fastest without rounding decode activations to int8) inside the block."""
     if name not in IMPLEMENTATIONS:
         raise LowbitError(f"kernel {name!r} is not one of {', '.join(IMPLEMENTATIONS)}")
     _forced.append(name)
@@ -63,15 +80,41 @@ class _QMatmul(torch.autograd.Function):
     def forward(ctx, x, qweight):
         ctx.qweight = qweight
         with torch.no_grad():
-            return _qmatmul(x, qweight)
+            return _qmatmul(x, qweight, inference=False)
 
     @staticmethod
     def backward(ctx, grad_y):
-        return input_grad_reference(grad_y, ctx.qweight), None
+        qweight = ctx.qweight
+        if grad_y.dtype == torch.bfloat16 and _choice() in FASTEST and tiled_supports(grad_y, qweight):
+            calls["cpu-tiled-bf16"] += 1
+            return input_grad_cpu_tiled(grad_y, qweight), None
+        return input_grad_reference(grad_y, qweight), None
+
+
+def _gemv_plan(qweight: PackedWeight, choice: str):
+    """``(counter name, fn)`` where ``fn(x (in,) fp32 contiguous) -> (out,)`` is the GEMV :func:`_qmatmul` would
+    run for one fp32 CPU row of ``qweight`` under ``choice``, or None where none applies. Cached on the weight
+    object (a layer rebuilds that object when its buffers change): a decode step calls this 210 times per token
+    on SmolLM2, and deciding again each time cost about as much as a small layer's kernel."""
+    cached = qweight.__dict__.get("_gemv_plan")
+    if cached is not None and cached[0] == choice:
+        return cached[1]
+    plan = None
+    probe = torch.empty(qweight.in_features)
+    if choice in FASTEST and cpu_supports(probe, qweight):
+        int8 = choice == "auto" and int8_applies(qweight)
+        plan = ("cpu-gemv-i8" if int8 else "cpu-gemv", gemv_function(qweight, int8))
+    qweight.__dict__["_gemv_plan"] = (choice, plan)
+    return plan
 
 
 def qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
     """``x (..., in)`` -> ``(..., out)`` = ``x @ Wᵀ`` for a packed ``W``; differentiable in ``x``."""
+    if x.dtype == torch.float32 and x.numel() == x.shape[-1] and x.device.type == "cpu" and not x.requires_grad:
+        plan = _gemv_plan(qweight, _choice())  # the decode step's fast path: one row, nothing to differentiate
+        if plan is not None:
+            calls[plan[0]] += 1
+            return plan[1](x.reshape(-1)).reshape(*x.shape[:-1], qweight.out_features)
     if x.requires_grad and torch.is_grad_enabled():
         return _QMatmul.apply(x, qweight)
     return _qmatmul(x, qweight)
@@ -85,12 +128,29 @@ def qmatmul_group_scaled(x: torch.Tensor, qweight: PackedWeight, group_scale: to
     return _qmatmul_group_scaled(x, qweight, group_scale, _autocast_dtype(x))
 
 
-def _qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
+def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> torch.Tensor:
+    """One packed matmul. On CPU: one row (decode) runs the GEMV (:mod:`.cpu`; activations rounded to int8 per
+    group under ``auto`` where the format allows); several rows run the tiled bf16 GEMM inside a bf16 autocast
+    region, and under ``auto`` for ``inference`` calls (prefill, batches, evaluation); otherwise the reference.
+    A training forward outside autocast (``inference=False``) stays fp32."""
     choice = _choice()
-    if choice == "auto" and x.device.type == "cpu":
+    if choice in FASTEST and x.device.type == "cpu":
         if cpu_supports(x, qweight):
+            if choice == "auto" and int8_applies(qweight):
+                calls["cpu-gemv-i8"] += 1
+                return qmatmul_cpu(x, qweight, int8_x=True)
             calls["cpu-gemv"] += 1
             return qmatmul_cpu(x, qweight)
+        inferring = choice == "auto" and inference and _autocast_dtype(x) == torch.float32
+        if inferring and x.numel() <= SMALL_BATCH * x.shape[-1] and int8_applies(qweight) \
+                and qweight.codes.device.type == "cpu":
+            calls["cpu-gemm-i8"] += 1  # a small batch: int8 activations, the weight read once per 4 rows
+            return qmatmul_cpu_rows_i8(x, qweight)
+        low = _autocast_dtype(x) == torch.bfloat16 or (choice == "auto" and inference)
+        if low and tiled_supports(x, qweight):
+            calls["cpu-tiled-bf16"] += 1
+            y = qmatmul_cpu_tiled(x, qweight)
+            return y if _autocast_dtype(x) == torch.float32 else y.to(_autocast_dtype(x))
     elif choice != "reference" and triton_supports(x, qweight):  # CUDA (auto), or forced
         calls["triton"] += 1
         return qmatmul_triton(x, qweight)
@@ -102,7 +162,7 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for the float layers a packed model keeps (its LM head): one fp32 CPU row without autograd
     (a decode step) runs lowbit's fp32 GEMV, anything else ``F.linear``; ``reference`` pins ``F.linear``."""
-    if _choice() == "auto" and float_supports(x, weight):
+    if _choice() in FASTEST and float_supports(x, weight):
         calls["cpu-gemv-f32"] += 1
         return linear_cpu(x, weight, bias)
     return F.linear(x, weight, bias)
@@ -132,7 +192,7 @@ def prepare() -> str:
     will run: ``cpu-gemv`` or ``reference``."""
     from .cpu import extension
 
-    return "cpu-gemv" if _choice() == "auto" and extension() is not None else "reference"
+    return "cpu-gemv" if _choice() in FASTEST and extension() is not None else "reference"
 
 
 def kernel_summary() -> str:

@@ -65,8 +65,33 @@ def supports(x: torch.Tensor, qweight: PackedWeight) -> bool:
     return device.type == "cpu" and extension() is not None
 
 
-def qmatmul_cpu(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
-    """``x (..., in)`` with one row -> ``(..., out)``; equals the reference up to fp32 summation order."""
+def int8_applies(qweight: PackedWeight) -> bool:
+    """Whether :func:`qmatmul_cpu` with ``int8_x=True`` rounds the activations to int8 for this weight (integer
+    codes of 1, 2, 4 or 8 bits, groups of whole 4-byte lanes, a CPU with AVX512-VNNI): see ``csrc/qgemv.cpp``."""
+    if not isinstance(qweight, QuantizedWeight):
+        return False
+    bits, levels, _ = _format_args(qweight.fmt)
+    return bool(extension().vnni_applies(bits, qweight.group_size, levels is not None))
+
+
+def gemv_function(qweight: PackedWeight, int8_x: bool = False):
+    """``fn(x (in,) fp32 contiguous) -> (out,) fp32``: :func:`qmatmul_cpu` for one row with the weight's arguments
+    bound once (the decode step's fast path)."""
+    ext = extension()
+    if isinstance(qweight, MixedCodebookWeight):
+        widths = list(qweight.rows)
+        codes, books = [qweight.codes[b] for b in widths], [qweight.codebooks[b] for b in widths]
+        return lambda x: ext.qgemv_mixed(x, widths, codes, books, qweight.absmax, qweight.perm, qweight.block_size)
+    bits, levels, offset = _format_args(qweight.fmt)
+    args = (qweight.codes, qweight.scales, qweight.zeros, levels, bits, qweight.group_size, offset, int8_x)
+    return lambda x: ext.qgemv(x, *args)
+
+
+def qmatmul_cpu(x: torch.Tensor, qweight: PackedWeight, int8_x: bool = False) -> torch.Tensor:
+    """``x (..., in)`` with one row -> ``(..., out)``; equals the reference up to fp32 summation order, or with
+    ``int8_x`` (where :func:`int8_applies`) up to the rounding of each activation group to int8 (symmetric,
+    ``max|x_g| / 127``), as llama.cpp's Q8 dot products round it: the error of output ``n`` is at most
+    ``Σ_g s_ng · (max|x_g| / 254) · Σ_{k∈g} |q_nk − z_ng|``."""
     xv = x.reshape(-1).float().contiguous()
     if isinstance(qweight, MixedCodebookWeight):
         widths = list(qweight.rows)
@@ -77,8 +102,75 @@ def qmatmul_cpu(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
         assert isinstance(qweight, QuantizedWeight)
         bits, levels, offset = _format_args(qweight.fmt)
         y = extension().qgemv(xv, qweight.codes, qweight.scales, qweight.zeros, levels, bits, qweight.group_size,
-                              offset)
+                              offset, int8_x)
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
+
+
+SMALL_BATCH = 16  # at most this many rows run the int8-activation kernel (small batches); more: bf16 tiles
+
+
+def qmatmul_cpu_rows_i8(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
+    """``x (..., in)`` with a few rows (``<= SMALL_BATCH``) -> ``(..., out)``, each row's activation groups
+    rounded to int8 as in the one-row kernel (same bound per row), the packed weight read once for every four
+    rows. Only where :func:`int8_applies`."""
+    bits, _, offset = _format_args(qweight.fmt)
+    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = extension().qgemm_i8(x2, qweight.codes, qweight.scales, qweight.zeros, bits, qweight.group_size, offset)
+    return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
+
+
+TILE_ELEMENTS = 1 << 19  # weights per bf16 tile of the tiled GEMM (1 MiB: about a core's L2)
+
+
+def tiled_supports(x: torch.Tensor, qweight: PackedWeight) -> bool:
+    """True for CPU inputs of a uniform packed weight (any number of rows) where the kernel builds with
+    AVX512-BF16: :func:`qmatmul_cpu_tiled` applies. Whether it should run (prefill, batches, a bf16 autocast
+    region) is the caller's choice."""
+    if x.device.type != "cpu" or not isinstance(qweight, QuantizedWeight) or qweight.codes.device.type != "cpu":
+        return False
+    return extension() is not None and _bf16()
+
+
+@functools.cache
+def _bf16() -> bool:
+    return bool(extension().bf16()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def _dequantized_tiles(qweight: QuantizedWeight):
+    """``(r0, r1, bf16 (r1 - r0, in))`` tiles of :data:`TILE_ELEMENTS` weights covering the rows, dequantized by
+    the C++ kernel into one reused buffer (never a float copy of the whole layer)."""
+    out_f, in_f = qweight.shape
+    rows = min(out_f, max(16, TILE_ELEMENTS // in_f))
+    buf = torch.empty(rows, in_f, dtype=torch.bfloat16)
+    bits, levels, offset = _format_args(qweight.fmt)
+    for r0 in range(0, out_f, rows):
+        r1 = min(out_f, r0 + rows)
+        tile = buf[: r1 - r0]
+        extension().dequant_bf16(qweight.codes, qweight.scales, qweight.zeros, levels, bits, qweight.group_size,
+                                 offset, r0, r1, tile)
+        yield r0, r1, tile
+
+
+def qmatmul_cpu_tiled(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
+    """``x (..., in)`` -> ``(..., out)`` multiplied in bf16, one dequantized tile of output rows at a time (oneDNN's
+    bf16 GEMM, AVX512-BF16); returned in ``x.dtype``. Equal to the reference run under bf16 autocast up to
+    summation order: the weight and the input are each rounded once to bf16, the output once."""
+    xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    y_t = torch.empty(qweight.out_features, xb.shape[0], dtype=torch.bfloat16)  # yᵀ: each tile's rows contiguous
+    for r0, r1, tile in _dequantized_tiles(qweight):
+        torch.mm(tile, xb.t(), out=y_t[r0:r1])
+    y = torch.empty(xb.shape[0], qweight.out_features, dtype=x.dtype).copy_(y_t.t())
+    return y.reshape(*x.shape[:-1], qweight.out_features)
+
+
+def input_grad_cpu_tiled(grad_y: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
+    """``grad_y (..., out)`` -> ``(..., in)`` = ``grad_y @ W`` in bf16 tiles (the backward of
+    :func:`qmatmul_cpu_tiled`), returned in ``grad_y.dtype``."""
+    g = grad_y.reshape(-1, grad_y.shape[-1]).to(torch.bfloat16)
+    out = torch.zeros(g.shape[0], qweight.in_features, dtype=torch.float32)  # tiles summed in fp32
+    for r0, r1, tile in _dequantized_tiles(qweight):
+        out += g[:, r0:r1] @ tile
+    return out.to(grad_y.dtype).reshape(*grad_y.shape[:-1], qweight.in_features)
 
 
 def float_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:

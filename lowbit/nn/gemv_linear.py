@@ -13,12 +13,19 @@ import torch
 from torch import nn
 
 from ..kernels import linear
+from ..kernels.compiled import float_linear
 
 
 class GEMVLinear(nn.Linear):
     """``nn.Linear`` with the same parameters; ``x (..., in)`` -> ``(..., out)`` through :func:`linear`."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # opaque ops for torch.compile (lowbit.nn.compile)
+            if self.__dict__.get("decode_native") and x.numel() == x.shape[-1] and x.dtype == torch.float32:
+                y = torch.ops.lowbit.gemv_f32(x, self.weight)
+            else:
+                y = float_linear(x, self.weight)
+            return y if self.bias is None else y + self.bias
         return linear(x, self.weight, self.bias)
 
 

@@ -8,7 +8,9 @@ from torch import nn
 
 from ..errors import LowbitError
 from ..kernels import group_scaled_weight, qmatmul, qmatmul_group_scaled
+from ..kernels.compiled import packed_matmul
 from ..kernels.hadamard import hadamard_matrix
+from ..qtensor import QuantizedWeight
 from .input_transform import InputSpec, TransformedLinear, rotate_input, split_input
 from .packed import PackedModule
 
@@ -87,6 +89,16 @@ class QLinear(PackedModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = self._modules.get("adapters")
+        if torch.compiler.is_compiling() and self._plain_uniform(adapters):  # opaque ops (lowbit.nn.compile)
+            m, zeros, plan = self.weight_meta, self._buffers.get("zeros"), self.__dict__.get("decode_plan")
+            if plan is not None and x.dtype == torch.float32 and x.numel() == x.shape[-1]:  # a decode row: C++
+                bits, levels, offset, int8 = plan
+                y = torch.ops.lowbit.qgemv(x, self.codes, self.scales, zeros, levels, bits, m["group_size"], offset,
+                                           int8)
+            else:
+                y = packed_matmul(x, self.codes, self.scales, zeros, m["fmt"], m["granularity"], m["group_size"],
+                                  self.out_features, self.in_features)
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         if self.spec is not None:
             x = rotate_input(x, self.spec)
         if not adapters:
@@ -101,6 +113,11 @@ class QLinear(PackedModule):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
+
+    def _plain_uniform(self, adapters) -> bool:
+        """A uniform packed weight with nothing around it (no adapters, input transform or trained scales)."""
+        return (self._weight_cls is QuantizedWeight and not adapters and self.spec is None
+                and self.group_scale is None and self.channel_scale is None)
 
     def merged_weight(self, dtype: torch.dtype = torch.float32, adapters: bool = True) -> torch.Tensor:
         """The effective float weight ``(out, in)``: ``T_out (Q(W) + sum dW) T_in`` of the attached adapters

@@ -27,7 +27,16 @@ def auto(monkeypatch):
     kernels.reset_counts()
 
 
-def test_cpu_gemv_kernel_matches_reference_on_single_rows(auto):
+@pytest.fixture
+def exact(monkeypatch):
+    """The fastest kernels that keep activations in fp32 (no int8 decode rounding, no bf16 GEMM)."""
+    monkeypatch.setenv("LOWBIT_KERNEL", "exact")
+    kernels.reset_counts()
+    yield
+    kernels.reset_counts()
+
+
+def test_cpu_gemv_kernel_matches_reference_on_single_rows(exact):
     """Every code width and format family, ragged groups included, against the reference."""
     cases = [*[("int", b, False, "group", 16) for b in (1, 2, 5, 6, 7, 8)],
         ("int", 4, False, "group", 16),  # asymmetric, groups 16, 16, 8 (ragged)
@@ -70,12 +79,15 @@ def test_under_autocast_multi_row_inputs_multiply_in_the_autocast_dtype_as_linea
     assert torch.equal(y, expected) and torch.equal(y_eval, expected)
     y.float().sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
-    y32 = kernels.qmatmul(x.detach(), qw)  # outside autocast: fp32, as before
+    y32 = kernels.qmatmul(x, qw)  # outside autocast, differentiable: fp32, as before
+    assert y32.dtype == torch.float32 and torch.equal(y32, torch.nn.functional.linear(x, qw.dequantize()))
+    with kernels.force("exact"):  # inference under exact: fp32 too (auto would take the bf16 tiles)
+        y32 = kernels.qmatmul(x.detach(), qw)
     assert y32.dtype == torch.float32 and torch.equal(y32, torch.nn.functional.linear(x.detach(), qw.dequantize()))
 
 
 @pytest.mark.parametrize("shape", [(2, IN), (3, 5, IN), (4, 1, IN)])
-def test_multi_row_inputs_use_reference(auto, shape):
+def test_multi_row_inputs_use_reference_when_exact(exact, shape):
     qw = _qweight()
     x = torch.randn(*shape)
     y = kernels.qmatmul(x, qw)
@@ -118,9 +130,9 @@ def test_env_variable_pins_reference(monkeypatch):
 
 def test_unknown_kernel_names_raise(monkeypatch):
     monkeypatch.setenv("LOWBIT_KERNEL", "cuda")
-    with pytest.raises(ValueError, match="auto, reference, triton"):
+    with pytest.raises(ValueError, match="auto, exact, reference, triton"):
         kernels.qmatmul(torch.randn(2, IN), _qweight())
-    with pytest.raises(ValueError, match="auto, reference, triton"):
+    with pytest.raises(ValueError, match="auto, exact, reference, triton"):
         with kernels.force("cuda"):
             pass
     monkeypatch.delenv("LOWBIT_KERNEL")
@@ -155,7 +167,7 @@ def test_prepare_reports_what_decode_will_run(auto):
 
 
 @pytest.mark.parametrize("budget", [1.5, 2.5])
-def test_cpu_gemv_matches_reference_on_mixed_codebook_rows(auto, budget):
+def test_cpu_gemv_matches_reference_on_mixed_codebook_rows(exact, budget):
     """LowRA rows of every width 1-4 in one weight (ragged last block of 8), scattered back through perm."""
     from lowbit.qmixed import MixedCodebookWeight
     from lowbit.quantizers.lowra import LowRAConfig, encode_layer, fit_layer
@@ -177,7 +189,7 @@ def test_cpu_gemv_matches_reference_on_mixed_codebook_rows(auto, budget):
 @pytest.mark.parametrize("out_f,in_f,group_size", [(7, 72, 24), (33, 200, 8), (16, 1000, 64), (5, 136, 128)])
 @pytest.mark.parametrize("family,bits", [("int", 1), ("int", 2), ("int", 3), ("int", 4), ("int", 8), ("nf", 3),
                                          ("nf", 4), ("fp4", 4)])
-def test_cpu_gemv_on_shapes_off_the_16_lane_tiles(auto, out_f, in_f, group_size, family, bits):
+def test_cpu_gemv_on_shapes_off_the_16_lane_tiles(exact, out_f, in_f, group_size, family, bits):
     """The vector path works on 16 codes at a time: groups of 8/24, ragged last groups, rows ending mid-tile and
     per-channel scales all against the reference (the last row's tail reads stay inside the codes tensor)."""
     w = torch.randn(out_f, in_f)
@@ -287,3 +299,139 @@ def test_group_scaled_qmatmul_matches_autograd_of_the_scaled_dense_weight(granul
     assert ((y16.float() - y_ref).norm() / y_ref.norm()).item() < LOWP_RTOL  # bf16 rounding of x and W only
     with pytest.raises(ValueError, match="must match the packed scales"):
         kernels.qmatmul_group_scaled(x, qw, g[:, :1] if g.shape[1] > 1 else g[:1])
+
+
+# ---- int8 activations in decode (VNNI) and the tiled bf16 GEMM (prefill, batches, training) ---------------------
+
+def _int8_error_bound(x: torch.Tensor, qw) -> torch.Tensor:
+    """``(out,)``: the most the int8 rounding of each activation group can move each output,
+    ``Σ_g s_ng · (max|x_g| / 254) · Σ_{k∈g} |q_nk − z_ng|`` (csrc/qgemv.cpp), plus fp32 slack."""
+    from lowbit.qtensor import padded_groups
+
+    g = qw.group_size
+    q = padded_groups(qw.unpacked_codes().float(), g)  # (out, groups, g), padding codes are 0
+    z = qw.zeros.float() if qw.zeros is not None else torch.full_like(qw.scales.float(), qw.format.offset)
+    valid = padded_groups(torch.ones(1, qw.in_features), g)  # (1, groups, g): 0 on the padding
+    spread = ((q - z.unsqueeze(-1)).abs() * valid).sum(-1)  # (out, groups)
+    xmax = padded_groups(x.reshape(1, -1).abs(), g).amax(-1)  # (1, groups)
+    return (qw.scales.float() * xmax / 254 * spread).sum(-1) + KERNEL_ATOL_PER_SQRT_K * qw.in_features ** 0.5
+
+
+@pytest.mark.parametrize("out_f,in_f,group_size", [(24, 40, 16), (7, 200, 8), (33, 1000, 64), (5, 576, 128)])
+@pytest.mark.parametrize("bits,symmetric", [(1, False), (2, False), (2, True), (4, False), (4, True), (8, False)])
+def test_int8_activation_gemv_is_within_its_rounding_bound(auto, out_f, in_f, group_size, bits, symmetric):
+    """Under ``auto`` a decode row of integer codes runs the VNNI kernel where its groups hold whole 4-byte lanes
+    (group_size a multiple of 32 / bits); its error against the exact reference stays inside the bound the
+    int8 rounding of the activations allows, for group and per-channel scales, ragged groups and row tails."""
+    from lowbit.kernels.cpu import extension, int8_applies
+
+    if not extension().vnni_applies(4, 128, False):
+        pytest.skip("this CPU build has no AVX512-VNNI")
+    w = torch.randn(out_f, in_f)
+    for granularity, g in (("group", group_size), ("channel", in_f)):
+        qw = rtn_quantize(w, get_format("int", bits, symmetric), granularity, g)
+        x = torch.randn(1, in_f) * torch.linspace(0.1, 3, in_f)  # groups of unequal range
+        kernels.reset_counts()
+        y = kernels.qmatmul(x, qw)
+        applies = g % (32 // bits) == 0
+        assert int8_applies(qw) == applies
+        assert kernels.calls == {"cpu-gemv-i8" if applies else "cpu-gemv": 1}
+        error = (y - qmatmul_reference(x, qw)).abs().reshape(-1)
+        assert (error <= _int8_error_bound(x, qw)).all(), (granularity, error.max())
+        if applies:  # it did round: the exact kernel differs, by less than the bound as well
+            with kernels.force("exact"):
+                assert not torch.equal(kernels.qmatmul(x, qw), y)
+
+
+def test_int8_activation_gemv_skips_codebooks_and_three_bits(auto):
+    from lowbit.kernels.cpu import int8_applies
+
+    for family, bits in (("nf", 4), ("fp4", 4), ("int", 3)):
+        qw = _qweight(family, bits)
+        assert not int8_applies(qw)
+        kernels.qmatmul(torch.randn(1, IN), qw)
+    assert kernels.calls == {"cpu-gemv": 3}
+
+
+@pytest.mark.parametrize("shape", [(2, 40), (4, 1, 576), (3, 5, 200), (16, 1000)])
+@pytest.mark.parametrize("bits,symmetric", [(1, False), (2, False), (4, False), (4, True), (8, False)])
+def test_small_batches_round_each_row_like_the_decode_kernel(auto, shape, bits, symmetric):
+    """Up to 16 rows of integer codes under ``auto`` (batched decode) run the int8-activation kernel that reads the
+    weight once per four rows; every row stays inside its own int8 rounding bound, as a single row would."""
+    from lowbit.kernels.cpu import extension
+
+    if not extension().vnni_applies(4, 128, False):
+        pytest.skip("this CPU build has no AVX512-VNNI")
+    qw = rtn_quantize(torch.randn(37, shape[-1]), get_format("int", bits, symmetric), "group", 32)
+    x = torch.randn(*shape) * torch.linspace(0.1, 3, shape[-1])
+    y = kernels.qmatmul(x, qw)
+    assert kernels.calls == {"cpu-gemm-i8": 1} and y.shape == (*shape[:-1], 37)
+    ref = qmatmul_reference(x, qw)
+    for row, (yr, rr) in enumerate(zip(y.reshape(-1, 37), ref.reshape(-1, 37), strict=True)):
+        bound = _int8_error_bound(x.reshape(-1, shape[-1])[row], qw)
+        assert ((yr - rr).abs() <= bound).all(), row
+    kernels.qmatmul(torch.randn(17, shape[-1]), qw)  # more rows than a small batch: the bf16 tiles
+    assert kernels.calls["cpu-tiled-bf16"] == 1
+
+
+@pytest.mark.parametrize("shape", [(17, 40), (3, 6, 40), (17, 200), (64, 1000)])
+@pytest.mark.parametrize("family,bits", [("int", 2), ("int", 3), ("int", 4), ("int", 6), ("nf", 4), ("int", 8)])
+def test_tiled_bf16_gemm_matches_the_bf16_reference(auto, monkeypatch, shape, family, bits):
+    """More rows than a small batch under ``auto`` (prefill) run the tiled bf16 GEMM: the weight dequantized one tile of
+    rows at a time (tiles forced small here, so several tiles and a short last one run), multiplied in bf16.
+    Against ``F.linear`` of the bf16-rounded input and weight it differs by summation order and the bf16 output."""
+    from lowbit.kernels import cpu
+
+    if not cpu.tiled_supports(torch.randn(2, 8), _qweight()):
+        pytest.skip("this CPU build has no AVX512-BF16")
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 16 * shape[-1] + 8)  # 16 rows a tile
+    out_f = 37
+    qw = rtn_quantize(torch.randn(out_f, shape[-1]), get_format(family, bits, False), "group", 8)
+    x = torch.randn(*shape)
+    y = kernels.qmatmul(x, qw)
+    assert kernels.calls == {"cpu-tiled-bf16": 1} and y.dtype == torch.float32 and y.shape == (*shape[:-1], out_f)
+    expected = torch.nn.functional.linear(x.bfloat16().float(), qw.dequantize().bfloat16().float())
+    torch.testing.assert_close(y, expected, atol=LOWP_ATOL, rtol=LOWP_RTOL)
+    with kernels.force("exact"):  # the exact choice keeps the fp32 reference
+        assert torch.equal(kernels.qmatmul(x, qw), qmatmul_reference(x, qw))
+
+
+def test_training_uses_the_tiled_gemm_only_under_bf16_autocast(auto):
+    """A differentiable forward outside autocast stays fp32 (the reference, exact gradients); inside bf16 autocast
+    the forward and the input gradient both run in bf16 tiles, close to autograd through the dense weight."""
+    qw = _qweight("int", 4)
+    x = torch.randn(6, IN, requires_grad=True)
+    y = kernels.qmatmul(x, qw)
+    assert kernels.calls == {"reference": 1} and torch.equal(y, torch.nn.functional.linear(x, qw.dequantize()))
+    kernels.reset_counts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = kernels.qmatmul(x, qw)
+    assert y16.dtype == torch.bfloat16
+    dy = torch.randn_like(y16)
+    (dx,) = torch.autograd.grad(y16, x, dy)
+    assert kernels.calls == {"cpu-tiled-bf16": 2}
+    w = qw.dequantize()
+    torch.testing.assert_close(y16.float(), (x.detach() @ w.T), atol=5 * LOWP_ATOL, rtol=LOWP_RTOL)
+    torch.testing.assert_close(dx, (dy.float() @ w), atol=5 * LOWP_ATOL, rtol=LOWP_RTOL)
+
+
+def test_a_packed_model_decodes_under_auto_close_to_exact(auto):
+    """End to end on a tiny LLaMA (rtn int4 g32): the 12-token prompt runs the small-batch int8 kernel, each decoded
+    token the int8 GEMV; the logits stay within the bf16 tolerance of the exact kernels' and greedy decoding runs."""
+    from conftest import tiny_model
+
+    import lowbit
+    from lowbit import Recipe, RTNConfig
+
+    model = tiny_model("llama")
+    lowbit.quantize(model, Recipe([RTNConfig(group_size=32)]))
+    ids = torch.randint(0, 256, (1, 12))
+    kwargs = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        fast = model(ids).logits
+        out = model.generate(ids, **kwargs)
+        with kernels.force("exact"):
+            exact = model(ids).logits
+    assert kernels.calls["cpu-gemm-i8"] > 0 and kernels.calls["cpu-gemv-i8"] > 0  # 12-row prompt, then rows
+    assert out.shape == (1, 16)
+    assert ((fast - exact).norm() / exact.norm()).item() < LOWP_RTOL

@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 namespace {
@@ -169,6 +171,21 @@ inline __m512 row_dot(const uint8_t* row, int64_t avail, const float* x, int64_t
   return acc_row;
 }
 
+// The zero point's share of one output, sum_g s_g * z_g * xsum_g (z_g = offset for symmetric codes), 16 groups
+// a step: `scales` and `zeros` point at the row's groups.
+inline float zero_point_share(const at::Half* scales, const uint8_t* zeros, float offset, const float* xsum,
+                              int64_t groups) {
+  __m512 corr = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 16) {
+    const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scales + g));
+    const __m512 z = zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zeros + g)))
+                           : _mm512_set1_ps(offset);
+    corr = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(m, xsum + g), corr);
+  }
+  return _mm512_reduce_add_ps(corr);
+}
+
 template <int BITS, Decode D>
 void gemv_rows_simd(const float* x, const float* xsum, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
                     const at::Half* scales, const uint8_t* zeros, bool shared_scales, const float* lut, float offset,
@@ -185,15 +202,7 @@ void gemv_rows_simd(const float* x, const float* xsum, const uint8_t* codes, int
     float out = _mm512_reduce_add_ps(row_dot<BITS, D>(codes + start, total_bytes - start, x, K, group_size,
                                                       scales + srow, table, lut));
     if constexpr (D == Decode::Int) {  // the zero point's share: sum_g s_g z_g sum_{k in g} x_k, 16 groups a step
-      __m512 corr = _mm512_setzero_ps();
-      for (int64_t g = 0; g < groups; g += 16) {
-        const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
-        const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scales + srow + g));
-        const __m512 z = zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zeros + srow + g)))
-                               : _mm512_set1_ps(offset);
-        corr = _mm512_fmadd_ps(_mm512_mul_ps(s, z), _mm512_maskz_loadu_ps(m, xsum + g), corr);
-      }
-      out -= _mm512_reduce_add_ps(corr);
+      out -= zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xsum, groups);
     }
     y[n] = out;
   }
@@ -214,8 +223,161 @@ void gemv_mixed_rows_simd(const float* x, const uint8_t* codes, int64_t row_byte
 }
 #endif  // AVX-512
 
+#if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
+#define LOWBIT_VNNI 1
+// ---- int8-activation path (VNNI): 64 codes x 64 int8 activations per instruction ---------------------------
+// x is rounded to int8 per weight group (symmetric, s_x[g] = max|x_g| / 127), as llama.cpp's Q8 dot products
+// round it, and laid out for the packed bytes: a row is read in chunks of 64 bytes (64 * PER codes, PER = 8 /
+// BITS); phase p of a chunk holds the p-th code of every byte, so xq[(c * PER + p) * 64 + j] = round(x[k] / s_x)
+// for k = c * 64 * PER + j * PER + p. Lane l of vpdpbusd sums bytes 4l..4l+3, i.e. codes
+// [c * 64 * PER + 4 * PER * l, + 4 * PER): one weight group when group_size % (4 * PER) == 0, whose combined scale
+// s_w[g] * s_x[g] the lane takes through a permute. The zero point's share uses the same rounded x, so the
+// result is sum_g s_w[g] * sum_k (q_k - z_g) * s_x[g] * xq_k up to fp32 rounding.
+struct QuantizedX {
+  std::vector<int8_t> q;      // (chunks * PER * 64,)
+  std::vector<float> scale;   // (groups + 16,) s_x per group, zero padded
+  std::vector<float> sum;     // (groups + 16,) s_x * sum of the group's rounded values (the zero point's share)
+  std::vector<int32_t> lane;  // (chunks * 16,) each lane's group, relative to the chunk's first group
+  std::vector<int32_t> first; // (chunks,) the chunk's first group
+};
+
+template <int BITS>
+void quantize_x_into(QuantizedX& r, const float* x, int64_t K, int64_t gs, int64_t groups, int64_t chunks) {
+  constexpr int PER = 8 / BITS, CODES = 64 * PER;
+  static thread_local std::vector<float> inv;
+  r.q.assign(chunks * PER * 64, 0);
+  r.scale.assign(groups + 16, 0.f);
+  r.sum.assign(groups + 16, 0.f);
+  r.lane.resize(chunks * 16);
+  r.first.resize(chunks);
+  inv.assign(groups, 0.f);
+  for (int64_t g = 0; g < groups; ++g) {
+    float m = 0.f;
+    for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) m = std::max(m, std::fabs(x[k]));
+    r.scale[g] = m / 127.f;
+    inv[g] = m > 0.f ? 127.f / m : 0.f;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t c = k / CODES, rem = k % CODES, j = rem / PER, p = rem % PER;
+    const float v = std::max(-127.f, std::min(127.f, std::nearbyint(x[k] * inv[k / gs])));
+    r.q[(c * PER + p) * 64 + j] = static_cast<int8_t>(v);
+    r.sum[k / gs] += v;
+  }
+  for (int64_t g = 0; g < groups; ++g) r.sum[g] *= r.scale[g];
+  for (int64_t c = 0; c < chunks; ++c) {
+    r.first[c] = static_cast<int32_t>(c * CODES / gs);
+    for (int l = 0; l < 16; ++l) {
+      const int64_t g = std::min<int64_t>((c * CODES + 4 * PER * l) / gs, groups - 1);
+      r.lane[c * 16 + l] = static_cast<int32_t>(g - r.first[c]);
+    }
+  }
+}
+
+// Fills the calling thread's reusable buffers (a decode step calls this ~200 times per token: no allocations).
+template <int BITS>
+const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t groups, int64_t chunks) {
+  static thread_local QuantizedX r;
+  quantize_x_into<BITS>(r, x, K, gs, groups, chunks);
+  return r;
+}
+
+// A few rows at once (small batches): each 64-byte chunk of a packed row is unpacked once and multiplied with up
+// to MB rows of x (each rounded to int8 by its own groups), so the weight is read once per MB rows.
+template <int BITS>
+void gemm_rows_vnni(const std::vector<QuantizedX>& xs, int64_t rows, const uint8_t* codes, int64_t row_bytes,
+                    const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset, int64_t groups,
+                    int64_t chunks, int64_t N, int64_t n0, int64_t n1, float* y) {
+  constexpr int PER = 8 / BITS, MB = 4;
+  const int64_t M = static_cast<int64_t>(xs.size()), stride = groups + 16;  // xs: rows padded to a multiple of MB
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  std::vector<float> cs(MB * stride, 0.f);  // s_w[n, g] * s_x[m, g] for the MB rows of x in flight
+  const int64_t tail = row_bytes - (chunks - 1) * 64;
+  const __mmask64 tail_mask = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
+  const QuantizedX& x0 = xs[0];  // the lane-to-group maps are the same for every row
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t srow = shared_scales ? 0 : n * groups;
+    const uint8_t* row = codes + n * row_bytes;
+    for (int64_t m0 = 0; m0 < M; m0 += MB) {
+      for (int mi = 0; mi < MB; ++mi)
+        for (int64_t g = 0; g < groups; ++g) cs[mi * stride + g] = float(scales[srow + g]) * xs[m0 + mi].scale[g];
+      __m512 acc[MB];
+      for (int mi = 0; mi < MB; ++mi) acc[mi] = _mm512_setzero_ps();
+      for (int64_t c = 0; c < chunks; ++c) {
+        const __m512i b = c + 1 < chunks ? _mm512_loadu_si512(row + c * 64)
+                                         : _mm512_maskz_loadu_epi8(tail_mask, row + c * 64);
+        __m512i v[PER];
+#pragma unroll
+        for (int p = 0; p < PER; ++p)
+          v[p] = BITS == 8 ? b : _mm512_and_si512(p ? _mm512_srli_epi16(b, p * BITS) : b, mask);
+        const __m512i lanes = _mm512_loadu_si512(x0.lane.data() + c * 16);
+        const int64_t first = x0.first[c];
+#pragma unroll
+        for (int mi = 0; mi < MB; ++mi) {  // a constant count: the accumulators stay in registers
+          const int8_t* xc = xs[m0 + mi].q.data() + c * PER * 64;
+          __m512i dot = _mm512_setzero_si512();
+#pragma unroll
+          for (int p = 0; p < PER; ++p) dot = _mm512_dpbusd_epi32(dot, v[p], _mm512_loadu_si512(xc + p * 64));
+          const __m512 sc = _mm512_permutexvar_ps(lanes, _mm512_loadu_ps(cs.data() + mi * stride + first));
+          acc[mi] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[mi]);
+        }
+      }
+      for (int mi = 0; mi < MB && m0 + mi < rows; ++mi) {
+        y[(m0 + mi) * N + n] = _mm512_reduce_add_ps(acc[mi]) -
+            zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xs[m0 + mi].sum.data(), groups);
+      }
+    }
+  }
+}
+
+template <int BITS>
+void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes,
+                    const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset, int64_t groups,
+                    int64_t chunks, int64_t n0, int64_t n1, float* y) {
+  constexpr int PER = 8 / BITS;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  static thread_local std::vector<float> cs;  // s_w[n, g] * s_x[g], zero padded for the 16-wide loads
+  cs.assign(groups + 16, 0.f);
+  const int64_t tail = row_bytes - (chunks - 1) * 64;
+  const __mmask64 tail_mask = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t srow = shared_scales ? 0 : n * groups;
+    for (int64_t g = 0; g < groups; ++g) cs[g] = float(scales[srow + g]) * xq.scale[g];
+    const uint8_t* row = codes + n * row_bytes;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i b = c + 1 < chunks ? _mm512_loadu_si512(row + c * 64)
+                                       : _mm512_maskz_loadu_epi8(tail_mask, row + c * 64);
+      const int8_t* xc = xq.q.data() + c * PER * 64;
+      __m512i dot = _mm512_setzero_si512();
+#pragma unroll
+      for (int p = 0; p < PER; ++p) {
+        const __m512i v = BITS == 8 ? b : _mm512_and_si512(p ? _mm512_srli_epi16(b, p * BITS) : b, mask);
+        dot = _mm512_dpbusd_epi32(dot, v, _mm512_loadu_si512(xc + p * 64));
+      }
+      const __m512 s = _mm512_permutexvar_ps(_mm512_loadu_si512(xq.lane.data() + c * 16),
+                                             _mm512_loadu_ps(cs.data() + xq.first[c]));
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
+    }
+    float out = _mm512_reduce_add_ps(acc);
+    y[n] = out - zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xq.sum.data(), groups);
+  }
+}
+#endif  // VNNI
+
+// Whether the int8-activation path takes a weight: integer codes of 1, 2, 4 or 8 bits whose groups hold whole
+// vpdpbusd lanes (4 bytes), on a CPU build with AVX512-VNNI.
+bool vnni_applies(int64_t bits, int64_t group_size, bool table) {
+#ifdef LOWBIT_VNNI
+  if (table || (bits != 1 && bits != 2 && bits != 4 && bits != 8)) return false;
+  return group_size % (4 * (8 / bits)) == 0;
+#else
+  return false;
+#endif
+}
+
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
-                    c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset) {
+                    c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset,
+                    bool int8_x) {
   TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (N, row_bytes)");
   TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales must be fp16 (rows, groups)");
@@ -234,9 +396,6 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
     lut = levels->data_ptr<float>();
   }
   const float* xp = x.data_ptr<float>();
-  std::vector<float> xsum(groups, 0.f);
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t k = g * group_size; k < std::min(K, (g + 1) * group_size); ++k) xsum[g] += xp[k];
   auto y = torch::empty({N}, x.options());
   float* yp = y.data_ptr<float>();
   const uint8_t* cp = codes.data_ptr<uint8_t>();
@@ -244,6 +403,27 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   const bool shared = scales.size(0) == 1 && N != 1;
   const int64_t total = N * row_bytes;
   const int64_t lut_size = levels.has_value() ? levels->numel() : 0;
+#ifdef LOWBIT_VNNI
+  if (int8_x && vnni_applies(bits, group_size, levels.has_value())) {
+    const int64_t chunks = (row_bytes + 63) / 64;
+    switch (bits) {
+#define LOWBIT_VNNI_CASE(B)                                                                                    \
+  case B: {                                                                                                  \
+    const QuantizedX& xq = quantize_x<B>(xp, K, group_size, groups, chunks);                                  \
+    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {                                                  \
+      gemv_rows_vnni<B>(xq, cp, row_bytes, sp, zp, shared, float(offset), groups, chunks, n0, n1, \
+                        yp);                                                                                 \
+    });                                                                                                      \
+    return y;                                                                                                \
+  }
+      LOWBIT_VNNI_CASE(1) LOWBIT_VNNI_CASE(2) LOWBIT_VNNI_CASE(4) LOWBIT_VNNI_CASE(8)
+#undef LOWBIT_VNNI_CASE
+    }
+  }
+#endif
+  std::vector<float> xsum(groups, 0.f);
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t k = g * group_size; k < std::min(K, (g + 1) * group_size); ++k) xsum[g] += xp[k];
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
 #ifdef LOWBIT_AVX512
     switch (bits) {
@@ -269,6 +449,45 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
       default: TORCH_CHECK(false, "bits must be 1..8");
     }
   });
+  return y;
+}
+
+// y = x W^T for a few fp32 rows x (M, K) of an integer-coded weight, activations rounded to int8 per row and group
+// (gemm_rows_vnni). Only where vnni_applies.
+torch::Tensor qgemm_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                       int64_t bits, int64_t group_size, int64_t offset) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (N, row_bytes)");
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales must be fp16 (rows, groups)");
+  TORCH_CHECK(vnni_applies(bits, group_size, false), "qgemm_i8 needs 1, 2, 4 or 8-bit integer codes in whole lanes and AVX512-VNNI");
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), row_bytes = codes.size(1), groups = scales.size(1);
+  TORCH_CHECK(M >= 1 && groups == (K + group_size - 1) / group_size && row_bytes == (K * bits + 7) / 8, "x, codes and scales do not match");
+  const uint8_t* zp = nullptr;
+  if (zeros.has_value()) {
+    TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->is_contiguous() && zeros->sizes() == scales.sizes(), "zeros must be uint8 like scales");
+    zp = zeros->data_ptr<uint8_t>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+#ifdef LOWBIT_VNNI
+  const int64_t chunks = (row_bytes + 63) / 64;
+  const bool shared = scales.size(0) == 1 && N != 1;
+  const float* xp = x.data_ptr<float>();
+  std::vector<QuantizedX> xs((M + 3) / 4 * 4);  // padded with zero rows to whole blocks of 4
+  const std::vector<float> zero(K, 0.f);
+  switch (bits) {
+#define LOWBIT_GEMM_CASE(B)                                                                                    \
+  case B:                                                                                                    \
+    for (int64_t m = 0; m < int64_t(xs.size()); ++m)                                                          \
+      quantize_x_into<B>(xs[m], m < M ? xp + m * K : zero.data(), K, group_size, groups, chunks);            \
+    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {                                                  \
+      gemm_rows_vnni<B>(xs, M, codes.data_ptr<uint8_t>(), row_bytes, scales.data_ptr<at::Half>(), zp, shared,   \
+                        float(offset), groups, chunks, N, n0, n1, y.data_ptr<float>());                      \
+    });                                                                                                      \
+    break;
+    LOWBIT_GEMM_CASE(1) LOWBIT_GEMM_CASE(2) LOWBIT_GEMM_CASE(4) LOWBIT_GEMM_CASE(8)
+#undef LOWBIT_GEMM_CASE
+  }
+#endif
   return y;
 }
 
@@ -343,6 +562,70 @@ torch::Tensor qgemv_mixed(torch::Tensor x, std::vector<int64_t> widths, std::vec
 }
 
 
+// Dequantize rows [r0, r1) of a uniform packed weight into `out` ((r1 - r0, K) bf16, contiguous): the tile a
+// prefill or batch multiplies in bf16 (kernels/cpu.py, qmatmul_cpu_tiled). w = (q - z) * s for integer codes,
+// levels[q] * s for a codebook; computed in fp32, rounded once to bf16.
+void dequant_bf16(torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                  c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset, int64_t r0,
+                  int64_t r1, torch::Tensor out) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (N, row_bytes)");
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales must be fp16 (rows, groups)");
+  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == r1 - r0, "out must be contiguous bf16 (r1 - r0, K)");
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && bits >= 1 && bits <= 8, "group_size must be a multiple of 8, bits 1..8");
+  const int64_t N = codes.size(0), row_bytes = codes.size(1), K = out.size(1), groups = scales.size(1);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N && row_bytes == (K * bits + 7) / 8 && groups == (K + group_size - 1) / group_size, "rows, codes and scales do not match");
+  const uint8_t* zp = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
+  const float* lut = levels.has_value() ? levels->data_ptr<float>() : nullptr;
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* sp = scales.data_ptr<at::Half>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const bool shared = scales.size(0) == 1 && N != 1;
+  const int64_t lut_size = levels.has_value() ? levels->numel() : 0;
+#if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
+  alignas(64) float t[16] = {0};
+  if (lut) std::memcpy(t, lut, sizeof(float) * std::min<int64_t>(16, lut_size));
+  const __m512 table = _mm512_load_ps(t);
+#endif
+  at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> buf(group_size + 16);
+    for (int64_t n = n0; n < n1; ++n) {
+      const int64_t srow = shared ? 0 : n * groups;
+      const uint8_t* row = cp + n * row_bytes;
+      at::BFloat16* dst = op + (n - r0) * K;
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k0 = g * group_size, len = std::min(group_size, K - k0), b0 = (k0 * bits) / 8;
+        const float s = float(sp[srow + g]);
+        const float z = lut ? 0.f : (zp ? float(zp[srow + g]) : float(offset));
+#if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
+        if (bits <= 4 || bits == 8) {  // 16 codes a step straight from the packed bytes
+          const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
+          for (int64_t i = 0; i < len; i += 16) {
+            const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1);
+            const int64_t b = ((k0 + i) * bits) / 8;
+            __m512 v;
+            switch (bits) {
+#define LOWBIT_DECODE(B) case B: v = lut ? (lut_size <= 16 && B <= 4 ? decode16<Decode::Table16>(codes16<B>(row + b, row_bytes - b), table, lut) : decode16<Decode::Gather>(codes16<B>(row + b, row_bytes - b), table, lut)) : decode16<Decode::Int>(codes16<B>(row + b, row_bytes - b), table, lut); break;
+              LOWBIT_DECODE(1) LOWBIT_DECODE(2) LOWBIT_DECODE(3) LOWBIT_DECODE(4) LOWBIT_DECODE(8)
+#undef LOWBIT_DECODE
+              default: v = _mm512_setzero_ps();
+            }
+            const __m512 w = _mm512_mul_ps(_mm512_sub_ps(v, vz), vs);
+            _mm256_mask_storeu_epi16(dst + k0 + i, m, (__m256i)_mm512_cvtneps_pbh(w));
+          }
+          continue;
+        }
+#endif
+        switch (bits) {
+#define LOWBIT_CASE(B) case B: unpack_group<B>(row + b0, len, row_bytes - b0, lut, buf.data()); break;
+          LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4) LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
+#undef LOWBIT_CASE
+        }
+        for (int64_t i = 0; i < len; ++i) dst[k0 + i] = at::BFloat16((buf[i] - z) * s);
+      }
+    }
+  });
+}
+
 // Float GEMV y = W x for one fp32 input row and a row-major fp32 W (N, K): the float LM head a packed model keeps.
 // Memory-bound; four rows share each load of x. torch's fp32 matrix-vector product reached about a third of this
 // CPU's read bandwidth on the 49152 x 576 head (6.8 ms vs 2.3 ms, 2 threads).
@@ -360,8 +643,20 @@ torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
     for (; n + 4 <= n1; n += 4) {
       const float* r = wp + n * K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+      int64_t k = 0;
+      for (; k + 16 <= K; k += 16) {
+        _mm_prefetch(reinterpret_cast<const char*>(r + 4 * K + k), _MM_HINT_T0);  // the next 4 rows, one line
+        _mm_prefetch(reinterpret_cast<const char*>(r + 5 * K + k), _MM_HINT_T0);  // each per step
+        _mm_prefetch(reinterpret_cast<const char*>(r + 6 * K + k), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(r + 7 * K + k), _MM_HINT_T0);
+        const __m512 xv = _mm512_loadu_ps(xp + k);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), xv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + K + k), xv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 2 * K + k), xv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 3 * K + k), xv, a3);
+      }
+      if (k < K) {
+        const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
         const __m512 xv = _mm512_maskz_loadu_ps(m, xp + k);
         a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + k), xv, a0);
         a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + K + k), xv, a1);
@@ -385,6 +680,30 @@ torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
   return y;
 }
 
+// The same kernels as dispatcher ops (lowbit::qgemv, lowbit::gemv_f32) for graphs torch.compile builds
+// (lowbit/nn/compile.py): x (..., K) with one row; the result keeps x's leading dimensions.
+torch::Tensor qgemv_op(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                       const c10::optional<torch::Tensor>& zeros, const c10::optional<torch::Tensor>& levels,
+                       int64_t bits, int64_t group_size, int64_t offset, bool int8_x) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = codes.size(0);
+  return qgemv(x.reshape({-1}).contiguous(), codes, scales, zeros, levels, bits, group_size, offset, int8_x).view(sizes);
+}
+
+torch::Tensor gemv_f32_op(const torch::Tensor& x, const torch::Tensor& w) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = w.size(0);
+  return gemv_f32(x.reshape({-1}).contiguous(), w.contiguous()).view(sizes);
+}
+
+bool bf16() {
+#if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 bool simd() {
 #ifdef LOWBIT_AVX512
   return true;
@@ -399,5 +718,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemv", &qgemv, "packed low-bit GEMV (one input row)");
   m.def("qgemv_mixed", &qgemv_mixed, "mixed-width per-row-codebook GEMV (one input row, LowRA)");
   m.def("gemv_f32", &gemv_f32, "fp32 GEMV (one input row) for the float layers a packed model keeps");
+  m.def("vnni_applies", &vnni_applies, "whether qgemv's int8-activation path takes (bits, group_size, table)");
+  m.def("qgemm_i8", &qgemm_i8, "a few rows through the int8-activation kernel (small batches)");
+  m.def("dequant_bf16", &dequant_bf16, "rows of a uniform packed weight dequantized into a bf16 tile");
+  m.def("bf16", &bf16, "whether dequant_bf16's AVX512-BF16 path was compiled in");
   m.def("simd", &simd, "whether the AVX-512 paths were compiled in");
+}
+
+TORCH_LIBRARY_FRAGMENT(lowbit, m) {
+  m.def("qgemv(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? levels, int bits, int group_size, "
+        "int offset, bool int8_x) -> Tensor");
+  m.def("gemv_f32(Tensor x, Tensor w) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lowbit, CPU, m) {
+  m.impl("qgemv", &qgemv_op);
+  m.impl("gemv_f32", &gemv_f32_op);
 }
