@@ -130,9 +130,10 @@ def qmatmul_group_scaled(x: torch.Tensor, qweight: PackedWeight, group_scale: to
 
 def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> torch.Tensor:
     """One packed matmul. On CPU: one row (decode) runs the GEMV (:mod:`.cpu`; activations rounded to int8 per
-    group under ``auto`` where the format allows); several rows run the tiled bf16 GEMM inside a bf16 autocast
-    region, and under ``auto`` for ``inference`` calls (prefill, batches, evaluation); otherwise the reference.
-    A training forward outside autocast (``inference=False``) stays fp32."""
+    group under ``auto`` where the format allows). Under ``auto``, ``inference`` calls (prefill, batches,
+    evaluation) of up to :data:`~.cpu.SMALL_BATCH` rows run the int8 small-batch kernel where the format allows,
+    more rows the tiled bf16 GEMM; inside a bf16 autocast region (training) the tiled bf16 GEMM too; otherwise the
+    reference. A training forward outside autocast (``inference=False``) stays fp32."""
     choice = _choice()
     if choice in FASTEST and x.device.type == "cpu":
         if cpu_supports(x, qweight):
