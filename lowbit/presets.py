@@ -61,6 +61,8 @@ PRESETS["quarot-rtn-w4a4"] = [RotateConfig(), RTNConfig(**_W4_CHANNEL, scale_sea
 PRESETS["quarot-w4a4"] = [RotateConfig(), GPTQConfig(**_W4_CHANNEL), ActivationsConfig()]
 PRESETS["quad-w4a4"] = [RotateConfig(outliers=64), GPTQConfig(**_W4_CHANNEL), ActivationsConfig()]
 PRESETS["quad-w4a4a8"] = [RotateConfig(outliers=64), GPTQConfig(**_W4_CHANNEL), ActivationsConfig(writer_bits=8)]
+PRESETS["quad-w4a8"] = [RotateConfig(outliers=64), GPTQConfig(**_W4_CHANNEL), ActivationsConfig(bits=8)]
+PRESETS["rtn-w8a8"] = [RTNConfig(bits=8, granularity="channel", symmetric=True), ActivationsConfig(bits=8)]
 
 # Block-wise reconstruction over GPTQ (issue 23): each block's codes and scales trained against the float block
 for _bits, _g in ((4, 128), (3, 128), (2, 64)):

@@ -21,7 +21,9 @@ import logging
 import time
 from pathlib import Path
 
-from .calibration import Calibration, block_inputs, for_each_block, offload_hidden
+import torch
+
+from .calibration import Calibration, block_inputs, for_each_block
 from .errors import LowbitError
 from .fileio import staged_folder
 from .io import CheckpointTensors, block_parts, check_savable, write_metadata
@@ -34,6 +36,27 @@ from .summary import float_expert_weights
 
 log = logging.getLogger(__name__)
 
+
+
+def offload_hidden(hidden: list[torch.Tensor], path: Path) -> list[torch.Tensor]:
+    """The windows' activations ``hidden`` moved into the file ``path`` (created; memory-mapped and shared), one
+    window at a time: they become file-backed pages the kernel writes back and reclaims under memory pressure,
+    instead of anonymous memory (16 windows of 2048 tokens at width 4096: 512 MiB). Same values; the caller
+    removes the file once the returned tensors are gone."""
+    import numpy as np
+
+    if not hidden:
+        return hidden
+    shape, dtype = tuple(hidden[0].shape), hidden[0].dtype
+    store = torch.from_numpy(np.memmap(path, dtype=np.float32 if dtype == torch.float32 else np.float16 if
+                                       dtype == torch.float16 else np.uint16, mode="w+",
+                                       shape=(len(hidden), *shape))).view(dtype)
+    out = []
+    for i in range(len(hidden)):
+        store[i].copy_(hidden[i])
+        hidden[i] = None  # the anonymous copy goes now
+        out.append(store[i])
+    return out
 
 def memory_text(nbytes: int) -> str:
     """``12.3 GiB`` or, below a GiB, ``345 MiB``."""
@@ -101,8 +124,9 @@ def quantize_streamed(source: str | Path, recipe: Recipe, calib: Calibration, ou
         def load(prefix: str) -> None:
             shards.load(model, lambda name: name.startswith(prefix))
 
+        precision = calib.precision if all(step.follows_precision for step in steps) else "fp32"
         for_each_block(model, inputs, work, desc=f"streamed {recipe.name}", load=load, done=done,
-                       device=calib.device)
+                       device=calib.device, precision=precision)
         inputs = None  # the memory-mapped activations go before their file
         activations.unlink(missing_ok=True)
         rest = parts[-1]

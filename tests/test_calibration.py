@@ -16,12 +16,12 @@ from lowbit.calibration import (
     calibration_windows,
     for_each_block,
     generated_windows,
-    offload_hidden,
     read_calibration_text,
     run_blockwise,
 )
 from lowbit.models import find_linears
 from lowbit.sensitivity import input_power, output_sensitivity
+from lowbit.streamed import offload_hidden
 
 
 def _captured_inputs(model, windows):
@@ -177,3 +177,20 @@ def test_offloaded_activations_stay_in_their_file(tmp_path):
     for_each_block(model, (mapped, kwargs), lambda prefix, collect: None)
     assert [h.data_ptr() for h in mapped] == pointers
     assert all(torch.equal(a, b) for a, b in zip(plain, mapped, strict=True))
+
+
+def test_layer_stats_fold_the_upper_panels_into_the_full_hessian_when_read():
+    from lowbit.hessian import PANEL, LayerStats
+
+    width = PANEL + 44  # two panels, the second one short
+    batches = [torch.randn(2, 30, width) for _ in range(3)]
+    stats = LayerStats(torch.zeros(width, width))
+    for i, x in enumerate(batches):
+        stats.add(x)
+        seen = torch.cat([b.reshape(-1, width) for b in batches[: i + 1]]).double()
+        expected = 2 * seen.T @ seen / seen.shape[0]
+        assert stats.tokens == seen.shape[0]
+        assert torch.allclose(stats.hessian.double(), expected, atol=1e-4)  # read after every batch: folded each time
+        assert torch.equal(stats.hessian, stats.hessian.T)
+    stats.hessian = torch.eye(width)  # a replaced Hessian (MoE shrinkage) drops nothing pending
+    assert torch.equal(stats.hessian, torch.eye(width))

@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("kernels", ("kernels",)),
     ("nn", ("nn",)),
     ("models", ("models", "architectures", "hub", "sharded_source", "summary", "state", "random_models")),
-    ("data", ("data", "calibration", "sensitivity", "adapters", "train", "eval")),
+    ("data", ("data", "hessian", "calibration", "sensitivity", "adapters", "train", "eval")),
     ("steps", ("steps", "quantizers", "transforms", "compensate")),
     ("recipe", ("presets", "recipe", "targets")),
     ("checkpoints", ("manifest", "io", "streamed", "hf_integration", "export", "export_ct", "export_gguf")),

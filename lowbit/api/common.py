@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from ..calibration import Calibration, read_calibration_text
+from ..calibration import PRECISIONS, Calibration, read_calibration_text
 from ..errors import LowbitError
 from ..fileio import check_output
 from ..models import source_bytes
@@ -46,8 +46,11 @@ class CalibrationConfig:
     file: Path | None = None
     self_generated: bool = False
     seed: int = 0
+    precision: str = "auto"  # of GPTQ's calibration passes (lowbit.calibration.for_each_block)
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise LowbitError(f"--calib-precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.windows < 1 or self.seq_len < 2:
             raise LowbitError("--calib-windows must be >= 1 and --calib-seq-len >= 2")
         if self.self_generated and self.file is not None:
@@ -57,7 +60,7 @@ class CalibrationConfig:
         """``device``: where block-wise steps compute (:func:`lowbit.device.resolve_device`); the CPU = in place."""
         text = read_calibration_text(self.file) if self.file is not None else None
         return Calibration(tokenizer=tokenizer, n=self.windows, seq_len=self.seq_len, seed=self.seed, text=text,
-                           self_generated=self.self_generated,
+                           self_generated=self.self_generated, precision=self.precision,
                            device=None if device is None or device.type == "cpu" else device)
 
 

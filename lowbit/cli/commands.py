@@ -48,6 +48,8 @@ def quantize(
     budget: float | None = typer.Option(None, help="Override (lowra): average code bits, e.g. 1.5."),
     calib_windows: int = typer.Option(CALIB_WINDOWS, help="Calibration windows (steps that need data, e.g. gptq)."),
     calib_seq_len: int = typer.Option(CALIB_SEQ_LEN, help="Calibration window length in tokens."),
+    calib_precision: str = typer.Option("auto", help="GPTQ's calibration forward passes: auto (bf16 where the "
+                                        "CPU/GPU multiplies bf16 natively), bf16 or fp32 (Hessians are fp32)."),
     calib_file: Path | None = typer.Option(None, help="Calibration text or .jsonl file (default: WikiText-2 valid)."),
     calib_self: bool = typer.Option(False, "--calib-self", help="Data-free calibration: text the float model "
                                     "samples itself (64 sequences of 512 tokens per 16 x 2048 windows; RILQ and "
@@ -78,7 +80,8 @@ def quantize(
             overrides=dict(format=number_format, bits=bits, group_size=group_size, granularity=granularity,
                            symmetric=symmetric, budget=budget),
             calibration=CalibrationConfig(windows=calib_windows, seq_len=calib_seq_len, file=calib_file,
-                                              self_generated=calib_self), stream=stream, target=target,
+                                          self_generated=calib_self, precision=calib_precision), stream=stream,
+            target=target,
             device=device)
         return quantize(config)
 

@@ -3,10 +3,11 @@
 Implementations: ``reference`` (dequantize + F.linear; ground truth and fallback); on CPU (:mod:`.cpu`)
 ``cpu-gemv`` (C++ decode GEMV, one row), ``cpu-gemv-i8`` (the same with each activation group rounded to int8
 for VNNI dot products, as llama.cpp's Q8 dot products do, where the format allows), ``cpu-gemm-i8`` (the same for
-small batches, up to 16 rows), ``cpu-tiled-bf16``
-(prefill, batches and bf16 training: the weight dequantized one cache-sized tile at a time and multiplied in
-bf16) and ``cpu-gemv-f32`` (the fp32 GEMV of a packed model's float LM head, :func:`linear`); ``triton``
-(dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra). ``auto`` (the default)
+small batches, up to 16 rows), ``cpu-int-gemm`` (:func:`qmatmul_act`: activation-quantized layers, W4A8 and
+W4A4, as a real integer GEMM: the C++ VNNI kernel, or oneDNN's int8 GEMM over int8 weight tiles for prefill),
+``cpu-tiled-bf16`` (prefill, batches and bf16 training: the weight dequantized one cache-sized tile at a time
+and multiplied in bf16) and ``cpu-gemv-f32`` (the fp32 GEMV of a packed model's float LM head, :func:`linear`);
+``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra). ``auto`` (the default)
 picks the fastest that applies. ``LOWBIT_KERNEL=exact`` keeps activations in fp32 (no int8 decode rounding, no
 bf16 tiles outside autocast): equal to the reference up to summation order. ``LOWBIT_KERNEL=reference`` (or
 :func:`force`) pins the reference for debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies
@@ -25,15 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import LowbitError
+from ..formats.act import ActQuantConfig, fake_quantize
 from ..qtensor import PackedWeight
 from .cpu import (
     SMALL_BATCH,
+    act_gemm_applies,
     float_supports,
     gemv_function,
     input_grad_cpu_tiled,
     int8_applies,
     linear_cpu,
     qmatmul_cpu,
+    qmatmul_cpu_act,
     qmatmul_cpu_rows_i8,
     qmatmul_cpu_tiled,
     tiled_supports,
@@ -118,6 +122,21 @@ def qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled():
         return _QMatmul.apply(x, qweight)
     return _qmatmul(x, qweight)
+
+
+def qmatmul_act(x: torch.Tensor, qweight: PackedWeight, act: ActQuantConfig) -> torch.Tensor:
+    """``x (..., in)`` with each row quantized per token by ``act`` (:mod:`lowbit.formats.act`), times the packed
+    ``W``: ``(..., out)``. Inference on CPU (``auto``/``exact``, symmetric activations, integer codes where
+    :func:`~.cpu.act_gemm_applies`) runs the real integer GEMM (``cpu-int-gemm``): int8 x int8 products summed
+    in int32, equal to the simulated path up to fp32 rounding. Training (the straight-through estimator), GPUs,
+    asymmetric activations, codebooks and ``reference`` run the simulated path: ``fake_quantize`` then
+    :func:`qmatmul` (under ``auto`` as ``exact``: the activations are rounded by ``act`` only)."""
+    choice = _choice()
+    if act.symmetric and choice in FASTEST and act_gemm_applies(x, qweight, act.bits):
+        calls["cpu-int-gemm"] += 1
+        return qmatmul_cpu_act(x, qweight, act.bits, act.clip_ratio)
+    with force("exact" if choice == "auto" else choice):  # x is rounded once, by act: no int8 or bf16 on top
+        return qmatmul(fake_quantize(x, act), qweight)
 
 
 def qmatmul_group_scaled(x: torch.Tensor, qweight: PackedWeight, group_scale: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ..qtensor import PackedWeight, QuantizedWeight
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
+SOURCES = (SOURCE, SOURCE.with_name("int_gemm.cpp"), SOURCE.with_name("gptq.cpp"))
 
 
 @functools.cache
@@ -35,8 +36,8 @@ def extension():
     from torch.utils.cpp_extension import load
 
     try:
-        return load(name="lowbit_qgemv", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], verbose=False)
+        return load(name="lowbit_qgemv", sources=[str(p) for p in SOURCES],
+                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no headers: the reference path still works
         warnings.warn(f"lowbit's CPU decode kernel could not be built ({e}); using the slower reference path. "
                       "Install a C++ compiler (g++) to enable it.", RuntimeWarning, stacklevel=2)
@@ -119,6 +120,56 @@ def qmatmul_cpu_rows_i8(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tens
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
 
 
+def act_gemm_applies(x: torch.Tensor, qweight: PackedWeight, act_bits: int) -> bool:
+    """Whether :func:`qmatmul_cpu_act` runs ``x`` against ``qweight``: CPU tensors without autograd, integer codes
+    of 1, 2, 4 or 8 bits in groups of whole 4-byte lanes, a CPU with AVX512-VNNI (``csrc/int_gemm.cpp``)."""
+    if x.device.type != "cpu" or not isinstance(qweight, QuantizedWeight) or qweight.codes.device.type != "cpu":
+        return False
+    if x.requires_grad and torch.is_grad_enabled():
+        return False
+    bits, levels, _ = _format_args(qweight.fmt)
+    return levels is None and extension() is not None and bool(extension().act_gemm_applies(bits, qweight.group_size,
+                                                                                            act_bits))
+
+
+def qmatmul_cpu_act(x: torch.Tensor, qweight: QuantizedWeight, act_bits: int, clip_ratio: float) -> torch.Tensor:
+    """``x (..., in)`` -> ``(..., out)``: each row quantized per token as
+    :func:`~lowbit.formats.act.quantize_per_token` quantizes it (symmetric, the same codes), then the integer GEMM
+    with the packed codes (int8 x int8 products summed in int32, scales applied once per group): up to
+    :data:`SMALL_BATCH` rows (decode, batches) or group-wise scales in the C++ VNNI kernel, which reads the packed
+    weight directly; more rows of a weight with one scale per row (QUAD's and QuaRot's per-channel weights) in
+    oneDNN's int8 GEMM over int8 tiles of ``q - z`` (:func:`_int_mm_tiled`). Equal to the simulated path
+    (fake-quantized ``x`` times the dequantized weight) up to fp32 rounding. Only where :func:`act_gemm_applies`."""
+    bits, _, offset = _format_args(qweight.fmt)
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()  # rows may be strided (QUAD: the columns after the outliers)
+    if x2.shape[0] > SMALL_BATCH and qweight.scales.shape[-1] == 1 and (bits <= 4 or offset):
+        y = _int_mm_tiled(x2, qweight, act_bits, clip_ratio, bits, offset)
+    else:
+        y = extension().qgemm_act(x2, qweight.codes, qweight.scales, qweight.zeros, bits, qweight.group_size,
+                                  offset, act_bits, clip_ratio)
+    return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
+
+
+def _int_mm_tiled(x2: torch.Tensor, qweight: QuantizedWeight, act_bits: int, clip_ratio: float, bits: int,
+                  offset: int) -> torch.Tensor:
+    """Many rows ``x2 (M, in)`` of a weight with one scale per row (channel/tensor granularity: the scales factor
+    out of the sums, ``y = s_a s_wᵀ ⊙ (q_a (q_w - z)ᵀ)``): the activation codes times int8 tiles of ``q_w - z``
+    through oneDNN's int8 GEMM (``torch._int_mm``, int32 sums), one cache-sized tile of rows at a time."""
+    codes, s_a = extension().act_codes(x2, act_bits, clip_ratio)
+    out_f, in_f = qweight.shape
+    s_w = qweight.scales.float().reshape(-1).expand(out_f)
+    y = torch.empty(x2.shape[0], out_f)
+    rows = min(out_f, max(16, TILE_ELEMENTS // in_f))
+    tile = torch.empty(rows, in_f, dtype=torch.int8)
+    for r0 in range(0, out_f, rows):
+        r1 = min(out_f, r0 + rows)
+        extension().unpack_int8(qweight.codes, qweight.zeros, bits, offset, r0, r1, tile[: r1 - r0])
+        acc = torch._int_mm(codes, tile[: r1 - r0].t())  # (M, r1 - r0) int32, exact
+        torch.mul(acc, s_a * s_w[r0:r1], out=y[:, r0:r1])
+    return y
+
+
 TILE_ELEMENTS = 1 << 19  # weights per bf16 tile of the tiled GEMM (1 MiB: about a core's L2)
 
 
@@ -156,10 +207,9 @@ def qmatmul_cpu_tiled(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor
     bf16 GEMM, AVX512-BF16); returned in ``x.dtype``. Equal to the reference run under bf16 autocast up to
     summation order: the weight and the input are each rounded once to bf16, the output once."""
     xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-    y_t = torch.empty(qweight.out_features, xb.shape[0], dtype=torch.bfloat16)  # yᵀ: each tile's rows contiguous
-    for r0, r1, tile in _dequantized_tiles(qweight):
-        torch.mm(tile, xb.t(), out=y_t[r0:r1])
-    y = torch.empty(xb.shape[0], qweight.out_features, dtype=x.dtype).copy_(y_t.t())
+    y = torch.empty(xb.shape[0], qweight.out_features, dtype=x.dtype)
+    for r0, r1, tile in _dequantized_tiles(qweight):  # each tile's columns of y: whole-row copies, no transpose
+        y[:, r0:r1] = torch.mm(xb, tile.t())
     return y.reshape(*x.shape[:-1], qweight.out_features)
 
 

@@ -135,13 +135,36 @@ def _work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+SYLVESTER_BLOCK = 128  # the 2^k factor is applied as dense (p, p) matmuls of Sylvester blocks of at most this size
+
+
+@functools.cache
+def _sylvester(p: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Orthonormal (p, p) Sylvester block H_p for a power of two p <= SYLVESTER_BLOCK; cached, never written (a
+    normal tensor even when first built under ``torch.inference_mode``: autograd may save it later)."""
+    with torch.inference_mode(False):
+        return fwht(torch.eye(p, dtype=torch.float64)).to(dtype=dtype, device=device)
+
+
 def hadamard_transform(x: Tensor) -> Tensor:
-    """x (..., n) -> x @ hadamard_matrix(n), shape (..., n), in x's dtype, without forming the (n, n) matrix."""
+    """x (..., n) -> x @ hadamard_matrix(n), shape (..., n), in x's dtype, without forming the (n, n) matrix.
+
+    ``H_{2^k} = H_{p_1} ⊗ … ⊗ H_{p_j}`` with blocks ``p_i <= SYLVESTER_BLOCK``: the input is viewed as
+    ``(rows, m, p_1, …, p_j)`` and each axis multiplied by its block (a GEMM, ``p_i`` multiply-adds per element;
+    on CPU 2-4x faster than ``log2(n)`` butterfly passes over memory), then the m-axis by ``H_mᵀ``."""
     n = x.shape[-1]
     m, p = factorize(n)
-    y = fwht(x.reshape(*x.shape[:-1], m, p).to(_work_dtype(x)))  # (..., m, p) @ H_p
+    blocks = []
+    while p > SYLVESTER_BLOCK:
+        blocks.append(SYLVESTER_BLOCK)
+        p //= SYLVESTER_BLOCK
+    blocks += [p] if p > 1 else []
+    y = x.to(_work_dtype(x)).reshape(-1, *blocks)
+    for axis in range(len(blocks), 0, -1):  # the last (contiguous) axis first: one plain GEMM
+        h = _sylvester(blocks[axis - 1], y.dtype, y.device)
+        y = y @ h if axis == len(blocks) else torch.movedim(torch.movedim(y, axis, -1) @ h, -1, axis)
     if m > 1:
-        y = _base(m).T.to(dtype=y.dtype, device=y.device) @ y  # H_mᵀ @ (..., m, p)
+        y = _base(m).T.to(dtype=y.dtype, device=y.device) @ y.reshape(-1, m, n // m)  # H_mᵀ @ (rows, m, 2^k)
     return y.reshape(x.shape).to(x.dtype) if x.is_floating_point() else y.reshape(x.shape)
 
 

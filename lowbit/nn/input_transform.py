@@ -64,12 +64,13 @@ def rotate_input(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
     return hadamard_transform(x) if spec.hadamard else x
 
 
-def split_input(x: torch.Tensor, spec: InputSpec) -> tuple[torch.Tensor | None, torch.Tensor]:
+def split_input(x: torch.Tensor, spec: InputSpec, quantize: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``x (..., in)`` (already rotated) -> ``(x_out (..., r) or None when r = 0, x_q (..., in - r))``: the
-    full-precision outlier coordinates and the activation-quantized rest."""
+    full-precision outlier coordinates and the rest, activation-quantized (fake quantization) unless
+    ``quantize=False`` (for a GEMM that quantizes it itself, :func:`lowbit.kernels.qmatmul_act`)."""
     r = spec.outliers
     x_out, rest = (x[..., :r], x[..., r:]) if r else (None, x)
-    return x_out, rest if spec.act is None else fake_quantize(rest, spec.act)
+    return x_out, rest if spec.act is None or not quantize else fake_quantize(rest, spec.act)
 
 
 class TransformedLinear(nn.Linear):

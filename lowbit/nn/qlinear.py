@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LowbitError
-from ..kernels import group_scaled_weight, qmatmul, qmatmul_group_scaled
+from ..formats.act import fake_quantize
+from ..kernels import group_scaled_weight, qmatmul, qmatmul_act, qmatmul_group_scaled
 from ..kernels.compiled import packed_matmul
 from ..kernels.hadamard import hadamard_matrix
 from ..qtensor import QuantizedWeight
@@ -78,14 +79,22 @@ class QLinear(PackedModule):
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         """The quantized GEMM of the (rotated) input: activation quantization and the outlier columns if any."""
-        x_out, x_q = (None, x) if self.spec is None else split_input(x, self.spec)
-        if self.group_scale is None:
-            y = qmatmul(x_q, self.qweight)
+        act = None if self.spec is None else self.spec.act
+        x_out, x_q = (None, x) if self.spec is None else split_input(x, self.spec, quantize=act is None)
+        if self.group_scale is not None:
+            y = qmatmul_group_scaled(x_q if act is None else fake_quantize(x_q, act), self.qweight, self.group_scale)
+        elif act is not None:  # the real integer GEMM where it applies (W4A8, W4A4), else the simulated one
+            y = qmatmul_act(x_q, self.qweight, act)
         else:
-            y = qmatmul_group_scaled(x_q, self.qweight, self.group_scale)
+            y = qmatmul(x_q, self.qweight)
         if self.channel_scale is not None:
             y = y * self.channel_scale.to(y.dtype)
-        return y if x_out is None else y + F.linear(x_out, self.outlier.to(x_out.dtype)).to(y.dtype)
+        if x_out is None:
+            return y
+        if y.dtype == x_out.dtype and y.dim() >= 2:  # one pass: y + x_out W_outᵀ
+            return torch.addmm(y.reshape(-1, y.shape[-1]), x_out.reshape(-1, x_out.shape[-1]),
+                               self.outlier.to(x_out.dtype).t()).reshape(y.shape)
+        return y + F.linear(x_out, self.outlier.to(x_out.dtype)).to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         adapters = self._modules.get("adapters")

@@ -139,6 +139,9 @@ class Step(ABC):
     needs_calibration: bool = False  # True when apply() reads calibration windows
     needs_architecture: bool = False  # True when apply() reads the architecture table (a family outside it: refused)
     streams: bool = False  # True when apply_block / apply_rest do apply()'s work one part at a time
+    # True when the step's calibration passes run at the Calibration's precision (bf16 where native; measured for
+    # GPTQ): the others calibrate in fp32, and a streamed recipe in bf16 only when all of its steps allow it
+    follows_precision: bool = False
 
     def __init__(self, config: StepConfig):
         self.config = config

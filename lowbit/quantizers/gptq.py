@@ -11,6 +11,8 @@ import torch
 from ..calibration import Calibration, LayerStats, block_inputs, for_each_block
 from ..errors import LowbitError
 from ..formats import Format, fit_searched
+from ..formats.int import IntFormat
+from ..kernels.cpu import extension
 from ..qtensor import QuantizedWeight, fit_scales
 from ..registry import register
 from .base import Quantizer, QuantizerConfig, install, select_targets
@@ -62,6 +64,26 @@ def error_feedback(W: torch.Tensor, U: torch.Tensor, quantize_column: Callable, 
             Wb[:, j + 1:] -= err.unsqueeze(1) * U[i1 + j, i1 + j + 1:i2].unsqueeze(0)
             Err[:, j] = err
         W[:, i2:] -= Err @ U[i1:i2, i2:]
+
+
+def error_feedback_fixed(W: torch.Tensor, U: torch.Tensor, col_scale: torch.Tensor, col_zero: torch.Tensor,
+                         qmax: int, block_size: int = 128) -> torch.Tensor:
+    """:func:`error_feedback` for an integer grid whose scales are fixed before the loop (act-order, static
+    groups), in C++ (``kernels/csrc/gptq.cpp``: rows in parallel, each block's column loop without Python).
+    ``col_scale``/``col_zero (out, in)``: each column's scale and zero point (the offset for symmetric grids) in
+    ``W``'s column order. Returns the codes ``(out, in)`` uint8 in that order; ``W`` is updated as there."""
+    ext = extension()
+    out_f, in_f = W.shape
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8)
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        Wb, Err = W[:, i1:i2].contiguous(), torch.empty(out_f, i2 - i1)
+        block_codes = torch.empty(out_f, i2 - i1, dtype=torch.uint8)
+        ext.gptq_block(Wb, U[i1:i2, i1:i2].contiguous(), col_scale[:, i1:i2].contiguous(),
+                       col_zero[:, i1:i2].contiguous(), qmax, block_codes, Err)
+        codes[:, i1:i2] = block_codes
+        W[:, i2:] -= Err @ U[i1:i2, i2:]
+    return codes
 
 
 def prepare_hessian(w: torch.Tensor, hessian: torch.Tensor, own: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +149,13 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity:
 
     U = inverse_hessian_factor(H, damp, overwrite=True)  # H is a permuted copy of its own
     del H
-    error_feedback(W, U, quantize_column, block_size)
+    if static and isinstance(fmt, IntFormat) and W.device.type == "cpu" and extension() is not None:
+        cols = perm // g  # each column's group (the one group of a tensor/channel grid)
+        zero = zeros if zeros is not None else torch.full_like(scales, float(fmt.offset))
+        codes[:, perm] = error_feedback_fixed(W, U, scales[:, cols].expand(out_f, -1), zero[:, cols].expand(out_f, -1),
+                                              fmt.qmax, block_size)
+    else:
+        error_feedback(W, U, quantize_column, block_size)
     return QuantizedWeight.from_codes(codes, scales, zeros, fmt, granularity, g)
 
 
@@ -136,6 +164,7 @@ class GPTQ(Quantizer):
     Config = GPTQConfig
     needs = ("hessian",)
     needs_calibration = True
+    follows_precision = True
 
     def quantize(self, weight, stats: LayerStats | None = None, own: bool = False):
         """``own``: the statistics are used by no other layer and may be overwritten."""
@@ -152,7 +181,7 @@ class GPTQ(Quantizer):
         windows = calib.get_windows(model)
         for_each_block(model, block_inputs(model, windows),
                        lambda prefix, collect: self.apply_block(model, prefix, collect), desc=f"gptq {self.fmt.name}",
-                       device=calib.device)
+                       device=calib.device, precision=calib.precision)
         return model
 
     def apply_block(self, model, prefix, collect) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import FP32_ATOL, FP32_RTOL, KERNEL_ATOL_PER_SQRT_K, LOWP_ATOL, LOWP_RTOL
+from tolerances import FP32_ATOL, FP32_RTOL, INT_GEMM_RTOL, KERNEL_ATOL_PER_SQRT_K, LOWP_ATOL, LOWP_RTOL
 
 from lowbit import kernels
 from lowbit.formats import get_format
@@ -435,3 +435,43 @@ def test_a_packed_model_decodes_under_auto_close_to_exact(auto):
     assert kernels.calls["cpu-gemm-i8"] > 0 and kernels.calls["cpu-gemv-i8"] > 0  # 12-row prompt, then rows
     assert out.shape == (1, 16)
     assert ((fast - exact).norm() / exact.norm()).item() < LOWP_RTOL
+
+
+@pytest.mark.parametrize("shape", [(37, 520, 9), (5, 136, 1), (130, 264, 17)])  # (out, in, rows): no tile multiples
+@pytest.mark.parametrize("bits,symmetric", [(1, False), (2, True), (4, True), (4, False), (8, True)])
+@pytest.mark.parametrize("granularity,group_size", [("group", 8), ("group", 24), ("group", 128), ("channel", 128),
+                                                    ("tensor", 128)])
+@pytest.mark.parametrize("act_bits", [8, 4])
+def test_integer_gemm_of_quantized_activations_matches_the_simulated_path(auto, shape, bits, symmetric, granularity,
+                                                                         group_size, act_bits):
+    from lowbit.formats.act import ActQuantConfig, fake_quantize, quantize_per_token
+    from lowbit.kernels.cpu import extension
+
+    out_f, in_f, rows = shape
+    qw = rtn_quantize(torch.randn(out_f, in_f), get_format("int", bits, symmetric), granularity, group_size)
+    act = ActQuantConfig(bits=act_bits, clip_ratio=0.9)
+    x = 3 * torch.randn(rows, in_f)
+    simulated = qmatmul_reference(fake_quantize(x, act), qw)
+    y = kernels.qmatmul_act(x, qw, act)
+    applies = extension() is not None and extension().act_gemm_applies(bits, qw.group_size, act_bits)
+    assert kernels.calls["cpu-int-gemm"] == int(applies)
+    if applies:
+        codes, scale = extension().act_codes(x, act_bits, 0.9)
+        expected = quantize_per_token(x, act)
+        assert torch.equal(codes, expected.codes) and torch.equal(scale, expected.scale)  # the same rounding
+    assert (y - simulated).abs().max() <= INT_GEMM_RTOL * simulated.abs().max()  # else: the simulated path itself
+
+
+def test_integer_gemm_is_left_to_the_simulated_path_for_training_and_asymmetric_activations(auto):
+    from lowbit.formats.act import ActQuantConfig, fake_quantize
+
+    qw = _qweight(bits=4, symmetric=True, group_size=16)
+    x = torch.randn(3, IN, requires_grad=True)
+    act = ActQuantConfig(bits=8)
+    kernels.qmatmul_act(x, qw, act).sum().backward()  # straight-through: the gradient of the simulated path
+    x2 = x.detach().clone().requires_grad_()
+    qmatmul_reference(fake_quantize(x2, act), qw).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=FP32_RTOL, atol=FP32_ATOL)
+    with torch.no_grad():
+        kernels.qmatmul_act(x, qw, ActQuantConfig(bits=8, symmetric=False))
+    assert kernels.calls["cpu-int-gemm"] == 0

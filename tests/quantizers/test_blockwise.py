@@ -22,7 +22,9 @@ START = {"step": "gptq", "bits": 2, "group_size": 32}
 
 
 def calibration(n=6):
-    return lowbit.Calibration(tokenizer=ByteTokenizer(), n=n, seq_len=48, text=TEXT)
+    """fp32 passes: block-wise training calibrates in fp32 (its GPTQ start too), so plain GPTQ compared with it
+    must as well (its default, ``auto``, runs bf16 on CPUs with native bf16)."""
+    return lowbit.Calibration(tokenizer=ByteTokenizer(), n=n, seq_len=48, text=TEXT, precision="fp32")
 
 
 def packed(model) -> dict[str, tuple[torch.Tensor, ...]]:

@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 from conftest import tiny_model
+from tolerances import INT_GEMM_MODEL_MAX, INT_GEMM_MODEL_MEAN
 
 import lowbit
-import lowbit.nn.qlinear as qlinear_module
+from lowbit import kernels
 from lowbit.errors import LowbitError
 from lowbit.nn.input_transform import InputSpec, TransformedLinear
 from lowbit.nn.qlinear import QLinear
@@ -79,9 +80,10 @@ def _quantized(steps):
 def test_w4a4_matmul_inputs_take_at_most_16_values_per_token(monkeypatch):
     m = _quantized([RotateConfig(outliers=16), GPTQConfig(**W4), ActivationsConfig(writer_bits=8)])
     seen = []
-    real = qlinear_module.qmatmul  # what QLinear calls
-    monkeypatch.setattr(qlinear_module, "qmatmul", lambda x, w: seen.append((w.shape, x.detach())) or real(x, w))
-    m(torch.randint(0, 256, (1, 20)))
+    real = kernels.qmatmul  # what the simulated path of qmatmul_act calls with the fake-quantized input
+    monkeypatch.setattr(kernels, "qmatmul", lambda x, w: seen.append((w.shape, x.detach())) or real(x, w))
+    with kernels.force("reference"):
+        m(torch.randint(0, 256, (1, 20)))
     assert len(seen) == 14  # 7 quantized Linears x 2 blocks
     for shape, x in seen:
         per_token = max(len(torch.unique(row)) for row in x.reshape(-1, x.shape[-1]))
@@ -286,3 +288,22 @@ def test_other_llama_style_models_rotate_exactly(arch):
     ref = m(ids).logits
     rotate_model(m, RotateConfig(outliers=8), windows=torch.randint(0, 256, (2, 16)))
     assert _rel(m(ids).logits, ref) < 1e-4
+
+
+def test_w4a8_layers_run_the_integer_gemm_and_match_the_simulated_path(monkeypatch):
+    monkeypatch.setenv("LOWBIT_KERNEL", "auto")
+    m = _quantized([RotateConfig(outliers=16), GPTQConfig(**W4), ActivationsConfig(bits=8)])
+    ids = torch.randint(0, 256, (2, 21))
+    with kernels.force("reference"):
+        simulated = m(ids).logits
+    kernels.reset_counts()
+    with torch.no_grad():
+        real = m(ids).logits
+        one_row = m(ids[:1, :1]).logits  # a decode step goes through the same integer GEMM
+    if kernels.cpu.extension() is None or not kernels.cpu.extension().act_gemm_applies(4, 96, 8):
+        pytest.skip("no AVX512-VNNI build of the kernel here")
+    assert kernels.calls["cpu-int-gemm"] == 28  # 7 quantized Linears x 2 blocks x 2 calls
+    scale = simulated.abs().max()
+    assert (real - simulated).abs().max() <= INT_GEMM_MODEL_MAX * scale  # a rare code flips; see tolerances
+    assert (real - simulated).abs().mean() <= INT_GEMM_MODEL_MEAN * scale
+    assert (one_row - simulated[:1, :1]).abs().max() <= INT_GEMM_MODEL_MAX * scale

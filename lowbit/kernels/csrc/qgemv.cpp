@@ -281,54 +281,6 @@ const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t grou
   return r;
 }
 
-// A few rows at once (small batches): each 64-byte chunk of a packed row is unpacked once and multiplied with up
-// to MB rows of x (each rounded to int8 by its own groups), so the weight is read once per MB rows.
-template <int BITS>
-void gemm_rows_vnni(const std::vector<QuantizedX>& xs, int64_t rows, const uint8_t* codes, int64_t row_bytes,
-                    const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset, int64_t groups,
-                    int64_t chunks, int64_t N, int64_t n0, int64_t n1, float* y) {
-  constexpr int PER = 8 / BITS, MB = 4;
-  const int64_t M = static_cast<int64_t>(xs.size()), stride = groups + 16;  // xs: rows padded to a multiple of MB
-  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
-  std::vector<float> cs(MB * stride, 0.f);  // s_w[n, g] * s_x[m, g] for the MB rows of x in flight
-  const int64_t tail = row_bytes - (chunks - 1) * 64;
-  const __mmask64 tail_mask = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
-  const QuantizedX& x0 = xs[0];  // the lane-to-group maps are the same for every row
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t srow = shared_scales ? 0 : n * groups;
-    const uint8_t* row = codes + n * row_bytes;
-    for (int64_t m0 = 0; m0 < M; m0 += MB) {
-      for (int mi = 0; mi < MB; ++mi)
-        for (int64_t g = 0; g < groups; ++g) cs[mi * stride + g] = float(scales[srow + g]) * xs[m0 + mi].scale[g];
-      __m512 acc[MB];
-      for (int mi = 0; mi < MB; ++mi) acc[mi] = _mm512_setzero_ps();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const __m512i b = c + 1 < chunks ? _mm512_loadu_si512(row + c * 64)
-                                         : _mm512_maskz_loadu_epi8(tail_mask, row + c * 64);
-        __m512i v[PER];
-#pragma unroll
-        for (int p = 0; p < PER; ++p)
-          v[p] = BITS == 8 ? b : _mm512_and_si512(p ? _mm512_srli_epi16(b, p * BITS) : b, mask);
-        const __m512i lanes = _mm512_loadu_si512(x0.lane.data() + c * 16);
-        const int64_t first = x0.first[c];
-#pragma unroll
-        for (int mi = 0; mi < MB; ++mi) {  // a constant count: the accumulators stay in registers
-          const int8_t* xc = xs[m0 + mi].q.data() + c * PER * 64;
-          __m512i dot = _mm512_setzero_si512();
-#pragma unroll
-          for (int p = 0; p < PER; ++p) dot = _mm512_dpbusd_epi32(dot, v[p], _mm512_loadu_si512(xc + p * 64));
-          const __m512 sc = _mm512_permutexvar_ps(lanes, _mm512_loadu_ps(cs.data() + mi * stride + first));
-          acc[mi] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, acc[mi]);
-        }
-      }
-      for (int mi = 0; mi < MB && m0 + mi < rows; ++mi) {
-        y[(m0 + mi) * N + n] = _mm512_reduce_add_ps(acc[mi]) -
-            zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xs[m0 + mi].sum.data(), groups);
-      }
-    }
-  }
-}
-
 template <int BITS>
 void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes,
                     const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset, int64_t groups,
@@ -449,45 +401,6 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
       default: TORCH_CHECK(false, "bits must be 1..8");
     }
   });
-  return y;
-}
-
-// y = x W^T for a few fp32 rows x (M, K) of an integer-coded weight, activations rounded to int8 per row and group
-// (gemm_rows_vnni). Only where vnni_applies.
-torch::Tensor qgemm_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
-                       int64_t bits, int64_t group_size, int64_t offset) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (M, K)");
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (N, row_bytes)");
-  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales must be fp16 (rows, groups)");
-  TORCH_CHECK(vnni_applies(bits, group_size, false), "qgemm_i8 needs 1, 2, 4 or 8-bit integer codes in whole lanes and AVX512-VNNI");
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), row_bytes = codes.size(1), groups = scales.size(1);
-  TORCH_CHECK(M >= 1 && groups == (K + group_size - 1) / group_size && row_bytes == (K * bits + 7) / 8, "x, codes and scales do not match");
-  const uint8_t* zp = nullptr;
-  if (zeros.has_value()) {
-    TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->is_contiguous() && zeros->sizes() == scales.sizes(), "zeros must be uint8 like scales");
-    zp = zeros->data_ptr<uint8_t>();
-  }
-  auto y = torch::empty({M, N}, x.options());
-#ifdef LOWBIT_VNNI
-  const int64_t chunks = (row_bytes + 63) / 64;
-  const bool shared = scales.size(0) == 1 && N != 1;
-  const float* xp = x.data_ptr<float>();
-  std::vector<QuantizedX> xs((M + 3) / 4 * 4);  // padded with zero rows to whole blocks of 4
-  const std::vector<float> zero(K, 0.f);
-  switch (bits) {
-#define LOWBIT_GEMM_CASE(B)                                                                                    \
-  case B:                                                                                                    \
-    for (int64_t m = 0; m < int64_t(xs.size()); ++m)                                                          \
-      quantize_x_into<B>(xs[m], m < M ? xp + m * K : zero.data(), K, group_size, groups, chunks);            \
-    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {                                                  \
-      gemm_rows_vnni<B>(xs, M, codes.data_ptr<uint8_t>(), row_bytes, scales.data_ptr<at::Half>(), zp, shared,   \
-                        float(offset), groups, chunks, N, n0, n1, y.data_ptr<float>());                      \
-    });                                                                                                      \
-    break;
-    LOWBIT_GEMM_CASE(1) LOWBIT_GEMM_CASE(2) LOWBIT_GEMM_CASE(4) LOWBIT_GEMM_CASE(8)
-#undef LOWBIT_GEMM_CASE
-  }
-#endif
   return y;
 }
 
@@ -714,6 +627,19 @@ bool simd() {
 
 }  // namespace
 
+// csrc/int_gemm.cpp: the integer GEMM of activation-quantized layers and of small batches.
+torch::Tensor qgemm_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                       int64_t bits, int64_t group_size, int64_t offset);
+bool act_gemm_applies(int64_t bits, int64_t group_size, int64_t act_bits);
+std::vector<torch::Tensor> act_codes(torch::Tensor x, int64_t act_bits, double clip_ratio);
+torch::Tensor qgemm_act(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                        int64_t bits, int64_t group_size, int64_t offset, int64_t act_bits, double clip_ratio);
+void unpack_int8(torch::Tensor codes, c10::optional<torch::Tensor> zeros, int64_t bits, int64_t offset, int64_t r0,
+                 int64_t r1, torch::Tensor out);
+// csrc/gptq.cpp: GPTQ's column loop over one lazy block.
+void gptq_block(torch::Tensor w, torch::Tensor u, torch::Tensor s, torch::Tensor z, int64_t qmax, torch::Tensor codes,
+                torch::Tensor err);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemv", &qgemv, "packed low-bit GEMV (one input row)");
   m.def("qgemv_mixed", &qgemv_mixed, "mixed-width per-row-codebook GEMV (one input row, LowRA)");
@@ -723,6 +649,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dequant_bf16", &dequant_bf16, "rows of a uniform packed weight dequantized into a bf16 tile");
   m.def("bf16", &bf16, "whether dequant_bf16's AVX512-BF16 path was compiled in");
   m.def("simd", &simd, "whether the AVX-512 paths were compiled in");
+  m.def("act_gemm_applies", &act_gemm_applies, "whether qgemm_act takes (bits, group_size, act_bits)");
+  m.def("act_codes", &act_codes, "per-token symmetric activation codes and scales (as qgemm_act rounds them)");
+  m.def("qgemm_act", &qgemm_act, "integer GEMM of per-token quantized activations and a packed weight");
+  m.def("unpack_int8", &unpack_int8, "rows of a packed weight with one zero point per row as int8 q - z");
+  m.def("gptq_block", &gptq_block, "GPTQ's column loop over one lazy block, integer grid with fixed scales");
 }
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {

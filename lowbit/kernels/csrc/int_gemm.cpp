@@ -1,0 +1,461 @@
+// lowbit CPU integer GEMM for activation-quantized layers (QUAD / QuaRot W4A8, W4A4, W8A8): y = Q(x) W^T with
+// the activations quantized per token at run time and the products summed in int32, never in float:
+//   y[m, n] = s_a[m] * sum_g s_w[n, g] * sum_{k in g} q_a[m, k] * (q_w[n, k] - z[n, g])
+// q_a, s_a: each row of x (M, K) rounded as lowbit/formats/act.py's quantize_per_token rounds it (symmetric,
+//   s_a = max(c * max|x| / qmax, FLT_MIN), q_a = clamp(round(x / s_a), -qmax - 1, qmax), qmax = 2^(b-1) - 1);
+// q_w, s_w, z: the packed weight (layout lsb-rows-v1, lowbit/formats/packing.py), z = offset for symmetric codes.
+// vpdpbusd multiplies 64 unsigned weight codes by 64 signed activation codes a step; a register tile of NB weight
+// rows x MB activation rows shares every load. int32 sums run across a whole group (a whole row when the weight has
+// one scale per row) and meet the scales once; the zero point's share uses the integer sum of each row's codes.
+// The simulated path (fake-quantized x times the dequantized W) computes the same sums in float: the two agree up
+// to fp32 rounding. Sums stay exact while K * 255 * 128 < 2^31 (K < 65,793).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define LOWBIT_INT_GEMM 1
+#endif
+#ifndef LOWBIT_TILE_N
+#define LOWBIT_TILE_N 4
+#define LOWBIT_TILE_M 4
+#endif
+
+namespace {
+
+// Per-token quantization of one row (K floats) into natural-order codes `q` (K bytes); returns s_a. The same
+// fp32 operations, in the same order, as quantize_per_token: the codes are identical.
+float quantize_row(const float* x, int64_t K, int qmax, float clip, int8_t* q) {
+  float m = 0.f;
+  int64_t k = 0;
+#ifdef LOWBIT_INT_GEMM
+  __m512 vm = _mm512_setzero_ps();
+  for (; k + 16 <= K; k += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  m = _mm512_reduce_max_ps(vm);
+#endif
+  for (; k < K; ++k) m = std::max(m, std::fabs(x[k]));
+  const float s = std::max(clip * m / float(qmax), FLT_MIN);
+  k = 0;
+#ifdef LOWBIT_INT_GEMM
+  const __m512 vs = _mm512_set1_ps(s), lo = _mm512_set1_ps(float(-qmax - 1)), hi = _mm512_set1_ps(float(qmax));
+  for (; k + 16 <= K; k += 16) {
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+#endif
+  for (; k < K; ++k)
+    q[k] = static_cast<int8_t>(std::max(float(-qmax - 1), std::min(float(qmax), std::nearbyint(x[k] / s))));
+  return s;
+}
+
+// Sum of n int8 codes.
+int32_t code_sum(const int8_t* q, int64_t n) {
+  int32_t total = 0;
+  int64_t k = 0;
+#ifdef LOWBIT_INT_GEMM
+  __m512i v = _mm512_setzero_si512();
+  for (; k + 16 <= n; k += 16)
+    v = _mm512_add_epi32(v, _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k))));
+  total = _mm512_reduce_add_epi32(v);
+#endif
+  for (; k < n; ++k) total += q[k];
+  return total;
+}
+
+#ifdef LOWBIT_INT_GEMM
+
+// Where each 64-byte chunk of a packed row sends its codes: phase p of chunk c holds the p-th code of every byte
+// (PER = 8 / BITS codes per byte), so the activations are laid out to match: out[(c * PER + p) * 64 + j] =
+// q[c * 64 * PER + j * PER + p]. Lane l of vpdpbusd then sums codes [c * 64 * PER + 4 * PER * l, + 4 * PER).
+template <int BITS>
+void lay_out(const int8_t* q, int64_t chunks, int8_t* out) {
+  constexpr int PER = 8 / BITS, CODES = 64 * PER;
+  if (PER == 1) {
+    std::copy(q, q + chunks * 64, out);
+    return;
+  }
+#ifdef __AVX512VBMI__
+  if (PER == 2) {
+    alignas(64) int8_t even[64], odd[64];
+    for (int j = 0; j < 64; ++j) even[j] = static_cast<int8_t>(2 * j), odd[j] = static_cast<int8_t>(2 * j + 1);
+    const __m512i ie = _mm512_load_si512(even), io = _mm512_load_si512(odd);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const __m512i a = _mm512_loadu_si512(q + c * CODES), b = _mm512_loadu_si512(q + c * CODES + 64);
+      _mm512_storeu_si512(out + c * CODES, _mm512_permutex2var_epi8(a, ie, b));
+      _mm512_storeu_si512(out + c * CODES + 64, _mm512_permutex2var_epi8(a, io, b));
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int p = 0; p < PER; ++p)
+      for (int j = 0; j < 64; ++j) out[(c * PER + p) * 64 + j] = q[c * CODES + j * PER + p];
+}
+
+// Which weight group each lane of each chunk reads, and after which chunks the int32 sums meet the scales: a run of
+// chunks that lie inside one group accumulates in int32 and is scaled once.
+struct ChunkPlan {
+  std::vector<int32_t> lane;   // (chunks * 16,) lane's group relative to first[c]
+  std::vector<int32_t> first;  // (chunks,)
+  std::vector<uint8_t> flush;  // (chunks,) 1: scale and add the int32 sums after this chunk
+};
+
+ChunkPlan chunk_plan(int64_t K, int64_t gs, int64_t groups, int64_t chunks, int per) {
+  const int64_t codes = 64 * per;
+  ChunkPlan p;
+  p.lane.resize(chunks * 16);
+  p.first.resize(chunks);
+  p.flush.resize(chunks);
+  std::vector<int64_t> single(chunks);
+  for (int64_t c = 0; c < chunks; ++c) {
+    p.first[c] = static_cast<int32_t>(std::min(c * codes / gs, groups - 1));
+    for (int l = 0; l < 16; ++l)
+      p.lane[c * 16 + l] = static_cast<int32_t>(std::min((c * codes + 4 * per * l) / gs, groups - 1) - p.first[c]);
+    const int64_t last = std::min(groups - 1, std::min(K - 1, c * codes + codes - 1) / gs);
+    single[c] = last == p.first[c] ? last : -1;
+  }
+  for (int64_t c = 0; c < chunks; ++c)
+    p.flush[c] = c + 1 == chunks || single[c] < 0 || single[c] != single[c + 1];
+  return p;
+}
+
+// One register tile: NB packed rows (`rows[i]`, fp32 scales `sw[i]`, padded by 16) times MB activation rows
+// (`a`, `astride` bytes apart; per-group scales `ga`, `gstride` floats apart, or null) -> acc[i][j] (16 lanes each,
+// summed by the caller).
+template <int BITS, int NB, int MB>
+inline void tile(const uint8_t* const* rows, const float* const* sw, const int8_t* a, int64_t astride, const float* ga,
+                 int64_t gstride, int64_t chunks, __mmask64 tail, const ChunkPlan& plan, __m512 (&acc)[NB][MB]) {
+  constexpr int PER = 8 / BITS;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  __m512i isum[NB][MB];
+  for (int i = 0; i < NB; ++i)
+    for (int j = 0; j < MB; ++j) isum[i][j] = _mm512_setzero_si512(), acc[i][j] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < chunks; ++c) {
+    __m512i b[NB];
+#pragma unroll
+    for (int i = 0; i < NB; ++i)
+      b[i] = c + 1 < chunks ? _mm512_loadu_si512(rows[i] + c * 64) : _mm512_maskz_loadu_epi8(tail, rows[i] + c * 64);
+#pragma unroll
+    for (int p = 0; p < PER; ++p) {
+      __m512i v[NB];
+#pragma unroll
+      for (int i = 0; i < NB; ++i) v[i] = BITS == 8 ? b[i] : _mm512_and_si512(p ? _mm512_srli_epi16(b[i], p * BITS) : b[i], mask);
+#pragma unroll
+      for (int j = 0; j < MB; ++j) {
+        const __m512i x = _mm512_loadu_si512(a + j * astride + (c * PER + p) * 64);
+#pragma unroll
+        for (int i = 0; i < NB; ++i) isum[i][j] = _mm512_dpbusd_epi32(isum[i][j], v[i], x);
+      }
+    }
+    if (plan.flush[c]) {
+      const __m512i lanes = _mm512_loadu_si512(plan.lane.data() + c * 16);
+      __m512 sa[MB];  // per-group activation scales (grouped rounding) or 1 (per-token: applied by the caller)
+#pragma unroll
+      for (int j = 0; j < MB; ++j)
+        sa[j] = ga ? _mm512_permutexvar_ps(lanes, _mm512_loadu_ps(ga + j * gstride + plan.first[c])) : _mm512_set1_ps(1.f);
+#pragma unroll
+      for (int i = 0; i < NB; ++i) {
+        const __m512 s = _mm512_permutexvar_ps(lanes, _mm512_loadu_ps(sw[i] + plan.first[c]));
+#pragma unroll
+        for (int j = 0; j < MB; ++j) {
+          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][j]), ga ? _mm512_mul_ps(s, sa[j]) : s, acc[i][j]);
+          isum[i][j] = _mm512_setzero_si512();
+        }
+      }
+    }
+  }
+}
+
+// The 16 horizontal sums of v[0..15] in one vector: lane 4k + e holds the sum of v[4e + k]. Four levels of
+// shuffles and adds (45 instructions) instead of 16 separate reductions (~130).
+inline __m512 reduce16(const __m512* v) {
+  __m512 s1[8], s2[4], s3[2];
+  for (int i = 0; i < 8; ++i)  // 256-bit halves: (a.l0 + a.l2, a.l1 + a.l3, b.l0 + b.l2, b.l1 + b.l3)
+    s1[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                          _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)  // 128-bit lane k: the 4-float partial sum of v[4i + k]
+    s2[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0x88),
+                          _mm512_shuffle_f32x4(s1[2 * i], s1[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)  // lane k: 2-float partials of v[8i + k], v[8i + 4 + k]
+    s3[i] = _mm512_add_ps(_mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], 0x88),
+                          _mm512_shuffle_ps(s2[2 * i], s2[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_ps(s3[0], s3[1], 0x88), _mm512_shuffle_ps(s3[0], s3[1], 0xDD));
+}
+
+struct Problem {
+  int64_t M, K, N, row_bytes, groups, gs, chunks, astride;
+  const uint8_t* codes;
+  const at::Half* scales;
+  const uint8_t* zeros;
+  bool shared;
+  float offset;
+  const int8_t* aq;       // (M, astride) laid-out activation codes
+  const float* as;        // (M,) s_a per token (1 with per-group scales)
+  const float* ga;        // (M, groups + 16) per-group activation scales, or null (per token)
+  const float* asum;      // (M, groups) each row's codes summed per group (times its group's scale if ga)
+  float* y;               // (M, N)
+};
+
+// Rows [n0, n0 + NB) of W against activation rows [m0, m1) in blocks of MB.
+template <int BITS, int NB, int MB>
+void rows_block(const Problem& P, const ChunkPlan& plan, int64_t n0, int64_t m0, int64_t m1, std::vector<float>& sw) {
+  const int64_t stride = P.groups + 16;
+  const uint8_t* rows[NB];
+  const float* swp[NB];
+  for (int i = 0; i < NB; ++i) {
+    const int64_t n = n0 + i, srow = P.shared ? 0 : n * P.groups;
+    rows[i] = P.codes + n * P.row_bytes;
+    float* s = sw.data() + i * stride;
+    for (int64_t g = 0; g < P.groups; ++g) s[g] = float(P.scales[srow + g]);
+    swp[i] = s;
+  }
+  const int64_t tail = P.row_bytes - (P.chunks - 1) * 64;
+  const __mmask64 tail_mask = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
+  for (int64_t m = m0; m < m1; m += MB) {
+    __m512 acc[NB][MB];
+    const float* ga = P.ga ? P.ga + m * (P.groups + 16) : nullptr;
+    tile<BITS, NB, MB>(rows, swp, P.aq + m * P.astride, P.astride, ga, P.groups + 16, P.chunks, tail_mask, plan, acc);
+    float sums[NB][MB];
+    if constexpr (NB == 4 && MB == 4) {  // 16 horizontal sums at once (a K = 512 row's tile spent a third on them)
+      alignas(64) float r[16];
+      _mm512_store_ps(r, reduce16(&acc[0][0]));
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) sums[i][j] = r[4 * j + i];
+    } else {
+      for (int i = 0; i < NB; ++i)
+        for (int j = 0; j < MB; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
+    }
+    for (int i = 0; i < NB; ++i) {
+      const int64_t n = n0 + i, srow = P.shared ? 0 : n * P.groups;
+      for (int j = 0; j < MB && m + j < P.M; ++j) {
+        double zshare = 0.0;  // sum_g s_w[n, g] * z[n, g] * sum_{k in g} q_a[m, k] (* s_a[m, g])
+        const float* asum = P.asum + (m + j) * P.groups;
+        for (int64_t g = 0; g < P.groups; ++g)
+          zshare += double(swp[i][g]) * (P.zeros ? float(P.zeros[srow + g]) : P.offset) * asum[g];
+        P.y[(m + j) * P.N + n] = P.as[m + j] * (sums[i][j] - float(zshare));
+      }
+    }
+  }
+}
+
+constexpr int TILE_N = LOWBIT_TILE_N, TILE_M = LOWBIT_TILE_M;  // register tile: weight rows x activation rows
+
+template <int BITS>
+void gemm(const Problem& P) {
+  const ChunkPlan plan = chunk_plan(P.K, P.gs, P.groups, P.chunks, 8 / BITS);
+  const int64_t blocks = (P.N + TILE_N - 1) / TILE_N;
+  // Activation rows per pass: a panel that stays in a core's L2 (about 256 KiB) while every weight row meets it.
+  const int64_t panel = std::max<int64_t>(TILE_M, (int64_t(1) << 18) / std::max<int64_t>(1, P.astride) / TILE_M * TILE_M);
+  for (int64_t p0 = 0; p0 < P.M; p0 += panel) {
+    const int64_t p1 = std::min(P.M, p0 + panel);
+    const int64_t full = p0 + (p1 - p0) / TILE_M * TILE_M;  // rows in whole tiles; the rest one at a time
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> sw(TILE_N * (P.groups + 16), 0.f);
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * TILE_N;
+        if (n0 + TILE_N <= P.N) {
+          rows_block<BITS, TILE_N, TILE_M>(P, plan, n0, p0, full, sw);
+          rows_block<BITS, TILE_N, 1>(P, plan, n0, full, p1, sw);
+        } else {
+          for (int64_t n = n0; n < P.N; ++n) {
+            rows_block<BITS, 1, TILE_M>(P, plan, n, p0, full, sw);
+            rows_block<BITS, 1, 1>(P, plan, n, full, p1, sw);
+          }
+        }
+      }
+    });
+  }
+}
+
+#endif  // LOWBIT_INT_GEMM
+
+}  // namespace
+
+// Whether qgemm_act takes a weight: integer codes of 1, 2, 4 or 8 bits whose groups hold whole vpdpbusd lanes,
+// activations of 2-8 bits, on a CPU build with AVX512-VNNI.
+bool act_gemm_applies(int64_t bits, int64_t group_size, int64_t act_bits) {
+#ifdef LOWBIT_INT_GEMM
+  if (bits != 1 && bits != 2 && bits != 4 && bits != 8) return false;
+  return act_bits >= 2 && act_bits <= 8 && group_size % (4 * (8 / bits)) == 0;
+#else
+  return false;
+#endif
+}
+
+// Codes and scales of quantize_per_token (symmetric): x (M, K) fp32 (rows may be strided) -> (codes int8 (M, K),
+// scale (M, 1)). The many-row GEMM of kernels/cpu.py multiplies these codes with oneDNN's int8 GEMM.
+std::vector<torch::Tensor> act_codes(torch::Tensor x, int64_t act_bits, double clip_ratio) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1 && x.stride(0) >= x.size(1),
+              "x must be fp32 (M, K) with contiguous rows");
+  TORCH_CHECK(act_bits >= 2 && act_bits <= 8, "act_bits must be 2..8");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto q = torch::empty({M, K}, x.options().dtype(torch::kInt8));
+  auto s = torch::empty({M, 1}, x.options());
+  const int qmax = (1 << (act_bits - 1)) - 1;
+  const float* xp = x.data_ptr<float>();
+  float* sp = s.data_ptr<float>();
+  int8_t* qp = q.data_ptr<int8_t>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) sp[m] = quantize_row(xp + m * x.stride(0), K, qmax, float(clip_ratio), qp + m * K);
+  });
+  return {q, s};
+}
+
+namespace {
+
+// Checks the packed weight's tensors against x (M, K) (rows may be strided: a slice of a wider input); returns the
+// zero points (or null).
+const uint8_t* check_weight(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                            const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1 && x.stride(0) >= x.size(1),
+              "x must be fp32 (M, K) with contiguous rows");
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (N, row_bytes)");
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales must be fp16 (rows, groups)");
+  const int64_t K = x.size(1), groups = scales.size(1);
+  TORCH_CHECK(group_size > 0 && groups == (K + group_size - 1) / group_size && codes.size(1) == (K * bits + 7) / 8,
+              "x, codes and scales do not match");
+  if (!zeros.has_value()) return nullptr;
+  TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->is_contiguous() && zeros->sizes() == scales.sizes(), "zeros must be uint8 like scales");
+  return zeros->data_ptr<uint8_t>();
+}
+
+// Rounds x (M, K) to int8 codes laid out for BITS-bit packed rows and multiplies them with the weight. act_bits > 0:
+// one scale per token (quantize_row); act_bits == 0: one scale per row and weight group, s = max|x_g| / 127,
+// q = clamp(round(x * 127 / max|x_g|), -127, 127), as qgemv's int8 decode path rounds a row (llama.cpp's Q8).
+torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales, const uint8_t* zp,
+                  int64_t bits, int64_t group_size, int64_t offset, int64_t act_bits, double clip_ratio) {
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), row_bytes = codes.size(1), groups = scales.size(1);
+  auto y = torch::empty({M, N}, x.options());
+#ifdef LOWBIT_INT_GEMM
+  const int per = 8 / int(bits);
+  const int64_t chunks = (row_bytes + 63) / 64, astride = chunks * 64 * per;
+  const int64_t gstride = groups + 16;
+  const bool grouped = act_bits == 0;
+  // Reused across calls (a prefill makes ~200 of them): fresh multi-MB buffers would fault in their pages each time.
+  // Every byte the GEMM reads is written below (rows are laid out whole, padding included).
+  // (References, not the thread_local names, inside the parallel loops: those would name each worker's own.)
+  static thread_local std::vector<int8_t> aq_buf;
+  static thread_local std::vector<float> as_buf, asum_buf, ga_buf;
+  std::vector<int8_t>& aq = aq_buf;
+  std::vector<float>&as = as_buf, &asum = asum_buf, &ga = ga_buf;
+  aq.resize(M * astride);
+  as.assign(M, 1.f);
+  asum.resize(M * groups);
+  ga.resize(grouped ? M * gstride : 0);
+  const int qmax = grouped ? 127 : (1 << (act_bits - 1)) - 1;
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    std::vector<int8_t> q(astride, 0);  // natural order, zero padded to whole chunks
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = xp + m * x.stride(0);
+      if (!grouped) as[m] = quantize_row(xr, K, qmax, float(clip_ratio), q.data());
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t k0 = g * group_size, len = std::min(group_size, K - k0);
+        float s = 1.f;
+        if (grouped) {
+          float mx = 0.f;
+          for (int64_t k = k0; k < k0 + len; ++k) mx = std::max(mx, std::fabs(xr[k]));
+          const float inv = mx > 0.f ? 127.f / mx : 0.f;
+          for (int64_t k = k0; k < k0 + len; ++k)
+            q[k] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(xr[k] * inv))));
+          s = ga[m * gstride + g] = mx / 127.f;
+        }
+        asum[m * groups + g] = s * float(code_sum(q.data() + k0, len));
+      }
+      int8_t* out = aq.data() + m * astride;
+      switch (bits) {
+        case 1: lay_out<1>(q.data(), chunks, out); break;
+        case 2: lay_out<2>(q.data(), chunks, out); break;
+        case 4: lay_out<4>(q.data(), chunks, out); break;
+        default: lay_out<8>(q.data(), chunks, out); break;
+      }
+    }
+  });
+  Problem P{M, K, N, row_bytes, groups, group_size, chunks, astride, codes.data_ptr<uint8_t>(),
+            scales.data_ptr<at::Half>(), zp, scales.size(0) == 1 && N != 1, float(offset), aq.data(), as.data(),
+            grouped ? ga.data() : nullptr, asum.data(), y.data_ptr<float>()};
+  switch (bits) {
+    case 1: gemm<1>(P); break;
+    case 2: gemm<2>(P); break;
+    case 4: gemm<4>(P); break;
+    default: gemm<8>(P); break;
+  }
+#endif
+  return y;
+}
+
+}  // namespace
+
+// y = Q(x) W^T (see the top of this file) for x (M, K) fp32, any M: activations quantized per token.
+torch::Tensor qgemm_act(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                        int64_t bits, int64_t group_size, int64_t offset, int64_t act_bits, double clip_ratio) {
+  const uint8_t* zp = check_weight(x, codes, scales, zeros, bits, group_size);
+  TORCH_CHECK(act_gemm_applies(bits, group_size, act_bits), "qgemm_act needs 1, 2, 4 or 8-bit integer codes in whole lanes, 2-8 bit activations and AVX512-VNNI");
+  return run(x, codes, scales, zp, bits, group_size, offset, act_bits, clip_ratio);
+}
+
+// y = x W^T for a few fp32 rows of a weight-only layer (small batches): each row rounded to int8 per weight group
+// exactly as the int8 decode GEMV rounds one row, so every row keeps that kernel's error bound.
+torch::Tensor qgemm_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                       int64_t bits, int64_t group_size, int64_t offset) {
+  const uint8_t* zp = check_weight(x, codes, scales, zeros, bits, group_size);
+  TORCH_CHECK(act_gemm_applies(bits, group_size, 8), "qgemm_i8 needs 1, 2, 4 or 8-bit integer codes in whole lanes and AVX512-VNNI");
+  return run(x, codes, scales, zp, bits, group_size, offset, 0, 1.0);
+}
+
+namespace {
+
+// One packed row's K codes minus z into o (whole bytes first: a loop the compiler vectorizes).
+template <int BITS>
+void unpack_row(const uint8_t* row, int64_t K, int z, int8_t* o) {
+  constexpr int PER = 8 / BITS, MASK = (1 << BITS) - 1;
+  const int64_t whole = K / PER;
+  for (int64_t j = 0; j < whole; ++j) {
+    const int b = row[j];
+    for (int p = 0; p < PER; ++p) o[j * PER + p] = static_cast<int8_t>(((b >> (p * BITS)) & MASK) - z);
+  }
+  for (int64_t k = whole * PER; k < K; ++k) o[k] = static_cast<int8_t>(((row[whole] >> ((k - whole * PER) * BITS)) & MASK) - z);
+}
+
+}  // namespace
+
+// Rows [r0, r1) of a packed weight with one zero point per row (channel or tensor granularity) as int8 codes minus
+// their zero point, q - z (in int8 for codes of up to 4 bits, or symmetric 8-bit ones): the tile
+// kernels/cpu.py's many-row integer GEMM multiplies (oneDNN's int8 x int8 -> int32) and scales per row afterwards.
+void unpack_int8(torch::Tensor codes, c10::optional<torch::Tensor> zeros, int64_t bits, int64_t offset, int64_t r0,
+                 int64_t r1, torch::Tensor out) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (N, row_bytes)");
+  TORCH_CHECK(bits == 1 || bits == 2 || bits == 4 || bits == 8, "unpack_int8 takes 1, 2, 4 or 8-bit codes");
+  TORCH_CHECK(out.dim() == 2 && out.scalar_type() == torch::kInt8 && out.is_contiguous() && out.size(0) == r1 - r0, "out must be int8 (r1 - r0, K)");
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= codes.size(0), "rows out of range");
+  const int64_t K = out.size(1), row_bytes = codes.size(1);
+  TORCH_CHECK(row_bytes == (K * bits + 7) / 8, "codes do not match K and bits");
+  const uint8_t* zp = nullptr;
+  if (zeros.has_value()) {
+    TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->is_contiguous() &&
+                (zeros->numel() == codes.size(0) || zeros->numel() == 1), "zeros must be uint8, one per row or one");
+    zp = zeros->data_ptr<uint8_t>();
+  }
+  const bool shared = zp && zeros->numel() == 1 && codes.size(0) != 1;
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  int8_t* op = out.data_ptr<int8_t>();
+  at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const int z = zp ? int(zp[shared ? 0 : n]) : int(offset);
+      const uint8_t* row = cp + n * row_bytes;
+      int8_t* o = op + (n - r0) * K;
+      switch (bits) {
+        case 1: unpack_row<1>(row, K, z, o); break;
+        case 2: unpack_row<2>(row, K, z, o); break;
+        case 4: unpack_row<4>(row, K, z, o); break;
+        default: unpack_row<8>(row, K, z, o); break;
+      }
+    }
+  });
+}
