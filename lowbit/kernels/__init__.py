@@ -1,19 +1,18 @@
 """The only package that computes with packed weights. ``qmatmul`` picks an implementation per call.
 
-Implementations: ``reference`` (dequantize + F.linear; ground truth and fallback); on CPU (:mod:`.cpu`)
-``cpu-gemv`` (C++ decode GEMV, one row), ``cpu-gemv-i8`` (the same with each activation group rounded to int8
-for VNNI dot products, as llama.cpp's Q8 dot products do, where the format allows), ``cpu-gemm-i8`` (the same for
-small batches, up to 16 rows), ``cpu-int-gemm`` (:func:`qmatmul_act`: activation-quantized layers, W4A8 and
-W4A4, as a real integer GEMM: the C++ VNNI kernel, or oneDNN's int8 GEMM over int8 weight tiles for prefill),
-``cpu-tiled-bf16`` (prefill, batches and bf16 training: the weight dequantized one cache-sized tile at a time
-and multiplied in bf16) and ``cpu-gemv-f32`` (the fp32 GEMV of a packed model's float LM head, :func:`linear`);
-``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra). ``auto`` (the default)
-picks the fastest that applies. ``LOWBIT_KERNEL=exact`` keeps activations in fp32 (no int8 decode rounding, no
-bf16 tiles outside autocast): equal to the reference up to summation order. ``LOWBIT_KERNEL=reference`` (or
-:func:`force`) pins the reference for debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies
-(with ``TRITON_INTERPRET=1`` that includes CPU tensors, through Triton's interpreter: slow, for tests).
-:data:`calls` counts which implementation ran, so benchmarks can print it.
-"""
+Implementations: ``reference`` (dequantize + F.linear; ground truth and fallback); on CPU (:mod:`.cpu`) ``cpu-gemv``
+(C++ decode GEMV, one row), ``cpu-gemv-i8`` (the same with each activation group rounded to int8 for VNNI dot
+products, as llama.cpp's Q8 dot products do, where the format allows), ``cpu-gemm-i8`` (the same for small batches,
+up to 16 rows; ``cpu-gemv-rows``: LowRA's, the GEMV once per row), ``cpu-int-gemm`` (:func:`qmatmul_act`:
+activation-quantized layers, W4A8 and W4A4, as a real integer GEMM: the C++ VNNI kernel, or oneDNN's int8 GEMM over
+int8 weight tiles for prefill), ``cpu-tiled-bf16`` (prefill, batches and bf16 training: the weight dequantized one
+cache-sized tile at a time and multiplied in bf16) and ``cpu-gemv-f32`` (the fp32 GEMV of a packed model's float LM
+head, :func:`linear`); ``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu``
+extra). ``auto`` (the default) picks the fastest that applies. ``LOWBIT_KERNEL=exact`` keeps activations in fp32 (no
+int8 decode rounding, no bf16 tiles outside autocast): equal to the reference up to summation order.
+``LOWBIT_KERNEL=reference`` (or :func:`force`) pins the reference for debugging; ``LOWBIT_KERNEL=triton`` forces
+Triton wherever it applies (with ``TRITON_INTERPRET=1`` that includes CPU tensors, through Triton's interpreter:
+slow, for tests). :data:`calls` counts which implementation ran, so benchmarks can print it."""
 
 from __future__ import annotations
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from ..errors import LowbitError
 from ..formats.act import ActQuantConfig, fake_quantize
+from ..qmixed import MixedCodebookWeight
 from ..qtensor import PackedWeight
 from .cpu import (
     SMALL_BATCH,
@@ -38,6 +38,7 @@ from .cpu import (
     linear_cpu,
     qmatmul_cpu,
     qmatmul_cpu_act,
+    qmatmul_cpu_rows,
     qmatmul_cpu_rows_i8,
     qmatmul_cpu_tiled,
     tiled_supports,
@@ -148,11 +149,12 @@ def qmatmul_group_scaled(x: torch.Tensor, qweight: PackedWeight, group_scale: to
 
 
 def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> torch.Tensor:
-    """One packed matmul. On CPU: one row (decode) runs the GEMV (:mod:`.cpu`; activations rounded to int8 per
-    group under ``auto`` where the format allows). Under ``auto``, ``inference`` calls (prefill, batches,
-    evaluation) of up to :data:`~.cpu.SMALL_BATCH` rows run the int8 small-batch kernel where the format allows,
-    more rows the tiled bf16 GEMM; inside a bf16 autocast region (training) the tiled bf16 GEMM too; otherwise the
-    reference. A training forward outside autocast (``inference=False``) stays fp32."""
+    """One packed matmul. On CPU: one row (decode) runs the GEMV (:mod:`.cpu`; activations rounded to int8 per group
+    under ``auto`` where the format allows). Under ``auto``, ``inference`` calls (prefill, batches, evaluation)
+    of up to :data:`~.cpu.SMALL_BATCH` rows run the int8 small-batch kernel where the format allows (LowRA's
+    mixed rows: the fp32 GEMV per row, also under ``exact``), more rows the tiled bf16 GEMM; inside a bf16
+    autocast region (training) the tiled bf16 GEMM too; otherwise the reference. A training forward outside
+    autocast (``inference=False``) stays fp32."""
     choice = _choice()
     if choice in FASTEST and x.device.type == "cpu":
         if cpu_supports(x, qweight):
@@ -166,6 +168,10 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> 
                 and qweight.codes.device.type == "cpu":
             calls["cpu-gemm-i8"] += 1  # a small batch: int8 activations, the weight read once per 4 rows
             return qmatmul_cpu_rows_i8(x, qweight)
+        if isinstance(qweight, MixedCodebookWeight) and inference and _autocast_dtype(x) == torch.float32 \
+                and x.numel() <= SMALL_BATCH * x.shape[-1] and cpu_supports(x.reshape(-1, x.shape[-1])[0], qweight):
+            calls["cpu-gemv-rows"] += 1  # LowRA's small batches: the decode GEMV per row
+            return qmatmul_cpu_rows(x, qweight)
         low = _autocast_dtype(x) == torch.bfloat16 or (choice == "auto" and inference)
         if low and tiled_supports(x, qweight):
             calls["cpu-tiled-bf16"] += 1

@@ -170,6 +170,16 @@ def _int_mm_tiled(x2: torch.Tensor, qweight: QuantizedWeight, act_bits: int, cli
     return y
 
 
+def qmatmul_cpu_rows(x: torch.Tensor, qweight: MixedCodebookWeight) -> torch.Tensor:
+    """``x (..., in)`` with a few rows (``<= SMALL_BATCH``) of a mixed-codebook weight (LowRA) -> ``(..., out)``:
+    the fp32 decode GEMV once per row (the weight read once per row, never dequantized; no batched
+    mixed-codebook kernel exists). Equal to the reference up to summation order."""
+    gemv = gemv_function(qweight)
+    rows = x.reshape(-1, x.shape[-1]).float()
+    y = torch.stack([gemv(row.contiguous()) for row in rows])
+    return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
+
+
 TILE_ELEMENTS = 1 << 19  # weights per bf16 tile of the tiled GEMM (1 MiB: about a core's L2)
 
 

@@ -183,7 +183,11 @@ def test_cpu_gemv_matches_reference_on_mixed_codebook_rows(exact, budget):
     y = kernels.qmatmul(x, qw)
     assert kernels.calls == {"cpu-gemv": 1}
     torch.testing.assert_close(y, qmatmul_reference(x, qw), atol=FP32_ATOL, rtol=FP32_RTOL)
-    assert kernels.qmatmul(torch.randn(3, IN), qw).shape == (3, OUT) and kernels.calls["reference"] == 1
+    batch = torch.randn(2, 3, IN)  # a small batch: the same GEMV once per row
+    torch.testing.assert_close(kernels.qmatmul(batch, qw), qmatmul_reference(batch, qw), atol=FP32_ATOL,
+                               rtol=FP32_RTOL)
+    assert kernels.calls["cpu-gemv-rows"] == 1
+    assert kernels.qmatmul(torch.randn(17, IN), qw).shape == (17, OUT) and kernels.calls["reference"] == 1
 
 
 @pytest.mark.parametrize("out_f,in_f,group_size", [(7, 72, 24), (33, 200, 8), (16, 1000, 64), (5, 136, 128)])
