@@ -169,7 +169,7 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> 
             calls["cpu-gemm-i8"] += 1  # a small batch: int8 activations, the weight read once per 4 rows
             return qmatmul_cpu_rows_i8(x, qweight)
         if isinstance(qweight, MixedCodebookWeight) and inference and _autocast_dtype(x) == torch.float32 \
-                and x.numel() <= SMALL_BATCH * x.shape[-1] and cpu_supports(x.reshape(-1, x.shape[-1])[0], qweight):
+                and 0 < x.numel() <= SMALL_BATCH * x.shape[-1] and cpu_supports(x.reshape(-1, x.shape[-1])[0], qweight):
             calls["cpu-gemv-rows"] += 1  # LowRA's small batches: the decode GEMV per row
             return qmatmul_cpu_rows(x, qweight)
         low = _autocast_dtype(x) == torch.bfloat16 or (choice == "auto" and inference)
