@@ -258,10 +258,10 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
         hidden = None if hidden is None else [h.to(device) for h in hidden]
         kwargs = to_device(kwargs, device)
     routed_tokens: dict[str, int] = {}
-    kind = device.type if device is not None else "cpu" if load is not None else next(model.parameters()).device.type
-    low = precision in ("auto", "bf16") and kind in ("cpu", "cuda") and native_bf16(kind)
+    kind = hidden[0].device.type if hidden else None  # where the passes compute: where the windows' activations are
+    low = kind is not None and precision in ("auto", "bf16") and native_bf16(kind)
 
-    def passes():  # the calibration forward passes' precision (a streamed model computes on the CPU)
+    def passes():  # the calibration forward passes' precision
         return torch.autocast(kind, dtype=torch.bfloat16) if low else contextlib.nullcontext()
 
     with force("exact"):  # statistics and next inputs from fp32 activations (bf16 training keeps bf16)

@@ -133,7 +133,7 @@ def qmatmul_act(x: torch.Tensor, qweight: PackedWeight, act: ActQuantConfig) -> 
     asymmetric activations, codebooks and ``reference`` run the simulated path: ``fake_quantize`` then
     :func:`qmatmul` (under ``auto`` as ``exact``: the activations are rounded by ``act`` only)."""
     choice = _choice()
-    if act.symmetric and choice in FASTEST and act_gemm_applies(x, qweight, act.bits):
+    if act.symmetric and choice in FASTEST and act_gemm_applies(x, qweight):
         calls["cpu-int-gemm"] += 1
         return qmatmul_cpu_act(x, qweight, act.bits, act.clip_ratio)
     with force("exact" if choice == "auto" else choice):  # x is rounded once, by act: no int8 or bf16 on top

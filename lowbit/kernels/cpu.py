@@ -120,16 +120,15 @@ def qmatmul_cpu_rows_i8(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tens
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
 
 
-def act_gemm_applies(x: torch.Tensor, qweight: PackedWeight, act_bits: int) -> bool:
-    """Whether :func:`qmatmul_cpu_act` runs ``x`` against ``qweight``: CPU tensors without autograd, integer codes
-    of 1, 2, 4 or 8 bits in groups of whole 4-byte lanes, a CPU with AVX512-VNNI (``csrc/int_gemm.cpp``)."""
+def act_gemm_applies(x: torch.Tensor, qweight: PackedWeight) -> bool:
+    """Whether :func:`qmatmul_cpu_act` runs ``x`` against ``qweight``: CPU tensors without autograd and a weight
+    the int8 kernels take (:func:`int8_applies`; any activation width of :class:`~lowbit.formats.act.ActQuantConfig`,
+    2-8 bits, fits their int8 codes)."""
     if x.device.type != "cpu" or not isinstance(qweight, QuantizedWeight) or qweight.codes.device.type != "cpu":
         return False
     if x.requires_grad and torch.is_grad_enabled():
         return False
-    bits, levels, _ = _format_args(qweight.fmt)
-    return levels is None and extension() is not None and bool(extension().act_gemm_applies(bits, qweight.group_size,
-                                                                                            act_bits))
+    return extension() is not None and int8_applies(qweight)
 
 
 def qmatmul_cpu_act(x: torch.Tensor, qweight: QuantizedWeight, act_bits: int, clip_ratio: float) -> torch.Tensor:

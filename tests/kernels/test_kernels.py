@@ -449,7 +449,7 @@ def test_a_packed_model_decodes_under_auto_close_to_exact(auto):
 def test_integer_gemm_of_quantized_activations_matches_the_simulated_path(auto, shape, bits, symmetric, granularity,
                                                                          group_size, act_bits):
     from lowbit.formats.act import ActQuantConfig, fake_quantize, quantize_per_token
-    from lowbit.kernels.cpu import extension
+    from lowbit.kernels.cpu import extension, int8_applies
 
     out_f, in_f, rows = shape
     qw = rtn_quantize(torch.randn(out_f, in_f), get_format("int", bits, symmetric), granularity, group_size)
@@ -457,7 +457,7 @@ def test_integer_gemm_of_quantized_activations_matches_the_simulated_path(auto, 
     x = 3 * torch.randn(rows, in_f)
     simulated = qmatmul_reference(fake_quantize(x, act), qw)
     y = kernels.qmatmul_act(x, qw, act)
-    applies = extension() is not None and extension().act_gemm_applies(bits, qw.group_size, act_bits)
+    applies = extension() is not None and int8_applies(qw)
     assert kernels.calls["cpu-int-gemm"] == int(applies)
     if applies:
         codes, scale = extension().act_codes(x, act_bits, 0.9)

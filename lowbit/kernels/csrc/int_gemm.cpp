@@ -21,10 +21,6 @@
 #include <immintrin.h>
 #define LOWBIT_INT_GEMM 1
 #endif
-#ifndef LOWBIT_TILE_N
-#define LOWBIT_TILE_N 4
-#define LOWBIT_TILE_M 4
-#endif
 
 namespace {
 
@@ -244,7 +240,7 @@ void rows_block(const Problem& P, const ChunkPlan& plan, int64_t n0, int64_t m0,
   }
 }
 
-constexpr int TILE_N = LOWBIT_TILE_N, TILE_M = LOWBIT_TILE_M;  // register tile: weight rows x activation rows
+constexpr int TILE_N = 4, TILE_M = 4;  // register tile: weight rows x activation rows (3x8, 4x5, 2x8 measured no better)
 
 template <int BITS>
 void gemm(const Problem& P) {
@@ -277,16 +273,7 @@ void gemm(const Problem& P) {
 
 }  // namespace
 
-// Whether qgemm_act takes a weight: integer codes of 1, 2, 4 or 8 bits whose groups hold whole vpdpbusd lanes,
-// activations of 2-8 bits, on a CPU build with AVX512-VNNI.
-bool act_gemm_applies(int64_t bits, int64_t group_size, int64_t act_bits) {
-#ifdef LOWBIT_INT_GEMM
-  if (bits != 1 && bits != 2 && bits != 4 && bits != 8) return false;
-  return act_bits >= 2 && act_bits <= 8 && group_size % (4 * (8 / bits)) == 0;
-#else
-  return false;
-#endif
-}
+bool vnni_applies(int64_t bits, int64_t group_size, bool table);  // csrc/qgemv.cpp: the one rule for both files
 
 // Codes and scales of quantize_per_token (symmetric): x (M, K) fp32 (rows may be strided) -> (codes int8 (M, K),
 // scale (M, 1)). The many-row GEMM of kernels/cpu.py multiplies these codes with oneDNN's int8 GEMM.
@@ -396,7 +383,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
 torch::Tensor qgemm_act(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                         int64_t bits, int64_t group_size, int64_t offset, int64_t act_bits, double clip_ratio) {
   const uint8_t* zp = check_weight(x, codes, scales, zeros, bits, group_size);
-  TORCH_CHECK(act_gemm_applies(bits, group_size, act_bits), "qgemm_act needs 1, 2, 4 or 8-bit integer codes in whole lanes, 2-8 bit activations and AVX512-VNNI");
+  TORCH_CHECK(vnni_applies(bits, group_size, false) && act_bits >= 2 && act_bits <= 8, "qgemm_act needs 1, 2, 4 or 8-bit integer codes in whole lanes, 2-8 bit activations and AVX512-VNNI");
   return run(x, codes, scales, zp, bits, group_size, offset, act_bits, clip_ratio);
 }
 
@@ -405,7 +392,7 @@ torch::Tensor qgemm_act(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
 torch::Tensor qgemm_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                        int64_t bits, int64_t group_size, int64_t offset) {
   const uint8_t* zp = check_weight(x, codes, scales, zeros, bits, group_size);
-  TORCH_CHECK(act_gemm_applies(bits, group_size, 8), "qgemm_i8 needs 1, 2, 4 or 8-bit integer codes in whole lanes and AVX512-VNNI");
+  TORCH_CHECK(vnni_applies(bits, group_size, false), "qgemm_i8 needs 1, 2, 4 or 8-bit integer codes in whole lanes and AVX512-VNNI");
   return run(x, codes, scales, zp, bits, group_size, offset, 0, 1.0);
 }
 

@@ -241,9 +241,11 @@ struct QuantizedX {
   std::vector<int32_t> first; // (chunks,) the chunk's first group
 };
 
+// Fills the calling thread's reusable buffers (a decode step calls this ~200 times per token: no allocations).
 template <int BITS>
-void quantize_x_into(QuantizedX& r, const float* x, int64_t K, int64_t gs, int64_t groups, int64_t chunks) {
+const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t groups, int64_t chunks) {
   constexpr int PER = 8 / BITS, CODES = 64 * PER;
+  static thread_local QuantizedX r;
   static thread_local std::vector<float> inv;
   r.q.assign(chunks * PER * 64, 0);
   r.scale.assign(groups + 16, 0.f);
@@ -271,13 +273,6 @@ void quantize_x_into(QuantizedX& r, const float* x, int64_t K, int64_t gs, int64
       r.lane[c * 16 + l] = static_cast<int32_t>(g - r.first[c]);
     }
   }
-}
-
-// Fills the calling thread's reusable buffers (a decode step calls this ~200 times per token: no allocations).
-template <int BITS>
-const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t groups, int64_t chunks) {
-  static thread_local QuantizedX r;
-  quantize_x_into<BITS>(r, x, K, gs, groups, chunks);
   return r;
 }
 
@@ -316,8 +311,10 @@ void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_byte
 }
 #endif  // VNNI
 
-// Whether the int8-activation path takes a weight: integer codes of 1, 2, 4 or 8 bits whose groups hold whole
-// vpdpbusd lanes (4 bytes), on a CPU build with AVX512-VNNI.
+}  // namespace
+
+// Whether the int8-activation kernels take a weight (this GEMV's int8 path and csrc/int_gemm.cpp): integer codes of
+// 1, 2, 4 or 8 bits whose groups hold whole vpdpbusd lanes (4 bytes), on a CPU build with AVX512-VNNI.
 bool vnni_applies(int64_t bits, int64_t group_size, bool table) {
 #ifdef LOWBIT_VNNI
   if (table || (bits != 1 && bits != 2 && bits != 4 && bits != 8)) return false;
@@ -326,6 +323,8 @@ bool vnni_applies(int64_t bits, int64_t group_size, bool table) {
   return false;
 #endif
 }
+
+namespace {
 
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                     c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset,
@@ -630,7 +629,6 @@ bool simd() {
 // csrc/int_gemm.cpp: the integer GEMM of activation-quantized layers and of small batches.
 torch::Tensor qgemm_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                        int64_t bits, int64_t group_size, int64_t offset);
-bool act_gemm_applies(int64_t bits, int64_t group_size, int64_t act_bits);
 std::vector<torch::Tensor> act_codes(torch::Tensor x, int64_t act_bits, double clip_ratio);
 torch::Tensor qgemm_act(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                         int64_t bits, int64_t group_size, int64_t offset, int64_t act_bits, double clip_ratio);
@@ -644,12 +642,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemv", &qgemv, "packed low-bit GEMV (one input row)");
   m.def("qgemv_mixed", &qgemv_mixed, "mixed-width per-row-codebook GEMV (one input row, LowRA)");
   m.def("gemv_f32", &gemv_f32, "fp32 GEMV (one input row) for the float layers a packed model keeps");
-  m.def("vnni_applies", &vnni_applies, "whether qgemv's int8-activation path takes (bits, group_size, table)");
+  m.def("vnni_applies", &vnni_applies, "whether the int8-activation kernels take (bits, group_size, table)");
   m.def("qgemm_i8", &qgemm_i8, "a few rows through the int8-activation kernel (small batches)");
   m.def("dequant_bf16", &dequant_bf16, "rows of a uniform packed weight dequantized into a bf16 tile");
   m.def("bf16", &bf16, "whether dequant_bf16's AVX512-BF16 path was compiled in");
   m.def("simd", &simd, "whether the AVX-512 paths were compiled in");
-  m.def("act_gemm_applies", &act_gemm_applies, "whether qgemm_act takes (bits, group_size, act_bits)");
   m.def("act_codes", &act_codes, "per-token symmetric activation codes and scales (as qgemm_act rounds them)");
   m.def("qgemm_act", &qgemm_act, "integer GEMM of per-token quantized activations and a packed weight");
   m.def("unpack_int8", &unpack_int8, "rows of a packed weight with one zero point per row as int8 q - z");
