@@ -1,18 +1,18 @@
-"""The only package that computes with packed weights. ``qmatmul`` picks an implementation per call.
-
-Implementations: ``reference`` (dequantize + F.linear; ground truth and fallback); on CPU (:mod:`.cpu`) ``cpu-gemv``
-(C++ decode GEMV, one row), ``cpu-gemv-i8`` (the same with each activation group rounded to int8 for VNNI dot
-products, as llama.cpp's Q8 dot products do, where the format allows), ``cpu-gemm-i8`` (the same for small batches,
-up to 16 rows; ``cpu-gemv-rows``: LowRA's, the GEMV once per row), ``cpu-int-gemm`` (:func:`qmatmul_act`:
+"""The only package that computes with packed weights. ``qmatmul`` picks an implementation per call.  Implementations:
+``reference`` (dequantize + F.linear; ground truth and fallback); on CPU (:mod:`.cpu`) ``cpu-gemv`` (C++ decode
+GEMV, one row), ``cpu-gemv-i8`` (the same with each activation group rounded to int8 for VNNI dot products, as
+llama.cpp's Q8 dot products do, where the format allows), ``cpu-gemm-i8`` (the same for small batches, up to 16
+rows; ``cpu-gemv-rows``: LowRA's, the GEMV once per row), ``cpu-int-gemm`` (:func:`qmatmul_act`:
 activation-quantized layers, W4A8 and W4A4, as a real integer GEMM: the C++ VNNI kernel, or oneDNN's int8 GEMM over
 int8 weight tiles for prefill), ``cpu-tiled-bf16`` (prefill, batches and bf16 training: the weight dequantized one
-cache-sized tile at a time and multiplied in bf16) and ``cpu-gemv-f32`` (the fp32 GEMV of a packed model's float LM
-head, :func:`linear`); ``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu``
-extra). ``auto`` (the default) picks the fastest that applies. ``LOWBIT_KERNEL=exact`` keeps activations in fp32 (no
-int8 decode rounding, no bf16 tiles outside autocast): equal to the reference up to summation order.
-``LOWBIT_KERNEL=reference`` (or :func:`force`) pins the reference for debugging; ``LOWBIT_KERNEL=triton`` forces
-Triton wherever it applies (with ``TRITON_INTERPRET=1`` that includes CPU tensors, through Triton's interpreter:
-slow, for tests). :data:`calls` counts which implementation ran, so benchmarks can print it."""
+cache-sized tile at a time and multiplied in bf16), ``cpu-gemv-f32`` (the fp32 GEMV of a packed model's float LM
+head, :func:`linear`) and ``cpu-onednn-f32`` (oneDNN's fp32 GEMM for that head's batches and prefill); ``triton``
+(dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra). ``auto`` (the default) picks
+the fastest that applies. ``LOWBIT_KERNEL=exact`` keeps activations in fp32 (no int8 decode rounding, no bf16 tiles
+outside autocast): equal to the reference up to summation order. ``LOWBIT_KERNEL=reference`` (or :func:`force`) pins
+the reference for debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies (with ``TRITON_INTERPRET=1``
+that includes CPU tensors, through Triton's interpreter: slow, for tests). :data:`calls` counts which implementation
+ran, so benchmarks can print it."""
 
 from __future__ import annotations
 
@@ -36,6 +36,8 @@ from .cpu import (
     input_grad_cpu_tiled,
     int8_applies,
     linear_cpu,
+    linear_onednn,
+    onednn_supports,
     qmatmul_cpu,
     qmatmul_cpu_act,
     qmatmul_cpu_rows,
@@ -187,10 +189,15 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for the float layers a packed model keeps (its LM head): one fp32 CPU row without autograd
-    (a decode step) runs lowbit's fp32 GEMV, anything else ``F.linear``; ``reference`` pins ``F.linear``."""
-    if _choice() in FASTEST and float_supports(x, weight):
-        calls["cpu-gemv-f32"] += 1
-        return linear_cpu(x, weight, bias)
+    (a decode step) runs lowbit's fp32 GEMV, more rows without autograd (batches, prefill, evaluation) oneDNN's
+    fp32 GEMM, anything else ``F.linear``; ``reference`` pins ``F.linear``."""
+    if _choice() in FASTEST:
+        if float_supports(x, weight):
+            calls["cpu-gemv-f32"] += 1
+            return linear_cpu(x, weight, bias)
+        if onednn_supports(x, weight):
+            calls["cpu-onednn-f32"] += 1
+            return linear_onednn(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

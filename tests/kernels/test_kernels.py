@@ -239,6 +239,29 @@ def test_float_gemv_applies_only_to_a_decode_step(auto):
     assert kernels.calls["cpu-gemv-f32"] == 0
 
 
+@pytest.mark.parametrize("shape", [(2, 37), (3, 5, 576), (17, 200)])
+def test_float_head_batches_run_onednn_in_fp32(auto, shape):
+    """More than one row (batches, prefill, evaluation) without autograd: oneDNN's fp32 GEMM, equal to F.linear up
+    to summation order; with autograd, F.linear (and its gradient)."""
+    from lowbit.kernels.cpu import onednn_supports
+
+    w, bias, x = torch.randn(130, shape[-1]), torch.randn(130), torch.randn(*shape)
+    if not onednn_supports(x, w):
+        pytest.skip("torch was built without oneDNN")
+    for b in (None, bias):
+        y = kernels.linear(x, w, b)
+        assert y.shape == (*shape[:-1], 130) and y.dtype == torch.float32
+        atol = KERNEL_ATOL_PER_SQRT_K * shape[-1] ** 0.5
+        torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), atol=atol, rtol=FP32_RTOL)
+    assert kernels.calls == {"cpu-onednn-f32": 2}
+    assert not onednn_supports(x[..., :1, :] if x.dim() == 3 else x[:1], w.t().contiguous().t())  # not contiguous
+    assert not onednn_supports(torch.randn(1, shape[-1]), w)  # one row: the GEMV
+    assert not onednn_supports(x.bfloat16(), w)
+    x.requires_grad_()
+    kernels.linear(x, w, bias).sum().backward()
+    assert kernels.calls == {"cpu-onednn-f32": 2} and x.grad is not None
+
+
 def test_gemv_head_keeps_parameters_tying_and_logits(auto):
     """use_gemv_head switches the class only: same Parameter objects (still tied), same state-dict keys, greedy
     decode identical, and the decode steps went through the fp32 GEMV."""
@@ -257,7 +280,7 @@ def test_gemv_head_keeps_parameters_tying_and_logits(auto):
     assert type(model.lm_head) is GEMVLinear and model.lm_head.weight is weight
     assert model.lm_head.weight is model.model.embed_tokens.weight and list(model.state_dict()) == keys
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, logits, atol=FP32_ATOL, rtol=FP32_RTOL)  # 6 rows: F.linear
+        torch.testing.assert_close(model(ids).logits, logits, atol=FP32_ATOL, rtol=FP32_RTOL)  # 6 rows: oneDNN
         assert kernels.calls["cpu-gemv-f32"] == 0
         assert torch.equal(model.generate(ids, **kwargs), before)
     assert kernels.calls["cpu-gemv-f32"] == 5  # one row each: the prompt's last position, then 4 single tokens
@@ -357,16 +380,19 @@ def test_int8_activation_gemv_skips_codebooks_and_three_bits(auto):
     assert kernels.calls == {"cpu-gemv": 3}
 
 
-@pytest.mark.parametrize("shape", [(2, 40), (4, 1, 576), (3, 5, 200), (16, 1000)])
+@pytest.mark.parametrize("shape", [(2, 40), (4, 1, 576), (3, 5, 200), (16, 1000), (5, 2100)])
 @pytest.mark.parametrize("bits,symmetric", [(1, False), (2, False), (4, False), (4, True), (8, False)])
-def test_small_batches_round_each_row_like_the_decode_kernel(auto, shape, bits, symmetric):
+@pytest.mark.parametrize("group_size", [32, 128, 256])  # 128/256: whole chunks per group, run four at a time
+def test_small_batches_round_each_row_like_the_decode_kernel(auto, shape, bits, symmetric, group_size):
     """Up to 16 rows of integer codes under ``auto`` (batched decode) run the int8-activation kernel that reads the
     weight once per four rows; every row stays inside its own int8 rounding bound, as a single row would."""
     from lowbit.kernels.cpu import extension
 
     if not extension().vnni_applies(4, 128, False):
         pytest.skip("this CPU build has no AVX512-VNNI")
-    qw = rtn_quantize(torch.randn(37, shape[-1]), get_format("int", bits, symmetric), "group", 32)
+    if group_size > shape[-1]:
+        pytest.skip("a group wider than the row")
+    qw = rtn_quantize(torch.randn(37, shape[-1]), get_format("int", bits, symmetric), "group", group_size)
     x = torch.randn(*shape) * torch.linspace(0.1, 3, shape[-1])
     y = kernels.qmatmul(x, qw)
     assert kernels.calls == {"cpu-gemm-i8": 1} and y.shape == (*shape[:-1], 37)

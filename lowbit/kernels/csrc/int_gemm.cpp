@@ -94,17 +94,45 @@ void lay_out(const int8_t* q, int64_t chunks, int8_t* out) {
       for (int j = 0; j < 64; ++j) out[(c * PER + p) * 64 + j] = q[c * CODES + j * PER + p];
 }
 
+// The activation side of the quads (ChunkPlan): within chunks [4Q, 4Q + 4), phase p, vector r's quarter i becomes
+// chunk 4Q + i's quarter r (a 4 x 4 transpose of 16-byte blocks), as tile() assembles the weight's vectors.
+void quad_layout(int8_t* out, int64_t quads, int per) {
+  alignas(64) int8_t block[4][64];
+  for (int64_t Q = 0; Q < quads; ++Q)
+    for (int p = 0; p < per; ++p) {
+      for (int i = 0; i < 4; ++i) std::copy_n(out + ((4 * Q + i) * per + p) * 64, 64, block[i]);
+      for (int r = 0; r < 4; ++r)
+        for (int i = 0; i < 4; ++i) std::copy_n(block[i] + 16 * r, 16, out + ((4 * Q + r) * per + p) * 64 + 16 * i);
+    }
+}
+
 // Which weight group each lane of each chunk reads, and after which chunks the int32 sums meet the scales: a run of
 // chunks that lie inside one group accumulates in int32 and is scaled once.
+// Quads: where every chunk lies inside one group and a group spans at most two chunks (int4 g128, int2 g256, int8
+// g64/g128), the sums would meet the scales after every chunk or two: as many float conversions and multiplies as
+// dot products. There the leading whole chunks run four at a time, each vector holding a 16-byte quarter of each of
+// the four chunks (so its lanes cover up to four groups), and the sums meet the scales once per four chunks.
 struct ChunkPlan {
   std::vector<int32_t> lane;   // (chunks * 16,) lane's group relative to first[c]
   std::vector<int32_t> first;  // (chunks,)
   std::vector<uint8_t> flush;  // (chunks,) 1: scale and add the int32 sums after this chunk
+  int64_t quads = 0;           // chunks [0, 4 * quads) run as quads
+  std::vector<int32_t> qlane;  // (quads * 16,) lane's group relative to qfirst[q]
+  std::vector<int32_t> qfirst; // (quads,)
 };
 
 ChunkPlan chunk_plan(int64_t K, int64_t gs, int64_t groups, int64_t chunks, int per) {
   const int64_t codes = 64 * per;
   ChunkPlan p;
+  if (gs % codes == 0 && gs <= 2 * codes) {
+    p.quads = K / codes / 4;  // whole chunks only (the last one may be masked)
+    p.qlane.resize(p.quads * 16);
+    p.qfirst.resize(p.quads);
+    for (int64_t q = 0; q < p.quads; ++q) {
+      p.qfirst[q] = static_cast<int32_t>(4 * q * codes / gs);
+      for (int l = 0; l < 16; ++l) p.qlane[q * 16 + l] = static_cast<int32_t>((4 * q + l / 4) * codes / gs - p.qfirst[q]);
+    }
+  }
   p.lane.resize(chunks * 16);
   p.first.resize(chunks);
   p.flush.resize(chunks);
@@ -132,11 +160,25 @@ inline void tile(const uint8_t* const* rows, const float* const* sw, const int8_
   __m512i isum[NB][MB];
   for (int i = 0; i < NB; ++i)
     for (int j = 0; j < MB; ++j) isum[i][j] = _mm512_setzero_si512(), acc[i][j] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < chunks; ++c) {
-    __m512i b[NB];
+  // The int32 sums times each lane's group scales (lane -> group first + lanes[l]) into acc; sums reset.
+  auto flush = [&](const int32_t* lane_groups, int32_t first) {
+    const __m512i lanes = _mm512_loadu_si512(lane_groups);
+    __m512 sa[MB];  // per-group activation scales (grouped rounding) or 1 (per-token: applied by the caller)
 #pragma unroll
-    for (int i = 0; i < NB; ++i)
-      b[i] = c + 1 < chunks ? _mm512_loadu_si512(rows[i] + c * 64) : _mm512_maskz_loadu_epi8(tail, rows[i] + c * 64);
+    for (int j = 0; j < MB; ++j)
+      sa[j] = ga ? _mm512_permutexvar_ps(lanes, _mm512_loadu_ps(ga + j * gstride + first)) : _mm512_set1_ps(1.f);
+#pragma unroll
+    for (int i = 0; i < NB; ++i) {
+      const __m512 s = _mm512_permutexvar_ps(lanes, _mm512_loadu_ps(sw[i] + first));
+#pragma unroll
+      for (int j = 0; j < MB; ++j) {
+        acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][j]), ga ? _mm512_mul_ps(s, sa[j]) : s, acc[i][j]);
+        isum[i][j] = _mm512_setzero_si512();
+      }
+    }
+  };
+  // One vector of codes per weight row against MB activation vectors (chunk-vector index cv: (c * PER + p) * 64).
+  auto dot = [&](const __m512i (&b)[NB], int64_t cv) {
 #pragma unroll
     for (int p = 0; p < PER; ++p) {
       __m512i v[NB];
@@ -144,27 +186,35 @@ inline void tile(const uint8_t* const* rows, const float* const* sw, const int8_
       for (int i = 0; i < NB; ++i) v[i] = BITS == 8 ? b[i] : _mm512_and_si512(p ? _mm512_srli_epi16(b[i], p * BITS) : b[i], mask);
 #pragma unroll
       for (int j = 0; j < MB; ++j) {
-        const __m512i x = _mm512_loadu_si512(a + j * astride + (c * PER + p) * 64);
+        const __m512i x = _mm512_loadu_si512(a + j * astride + (cv * PER + p) * 64);
 #pragma unroll
         for (int i = 0; i < NB; ++i) isum[i][j] = _mm512_dpbusd_epi32(isum[i][j], v[i], x);
       }
     }
-    if (plan.flush[c]) {
-      const __m512i lanes = _mm512_loadu_si512(plan.lane.data() + c * 16);
-      __m512 sa[MB];  // per-group activation scales (grouped rounding) or 1 (per-token: applied by the caller)
-#pragma unroll
-      for (int j = 0; j < MB; ++j)
-        sa[j] = ga ? _mm512_permutexvar_ps(lanes, _mm512_loadu_ps(ga + j * gstride + plan.first[c])) : _mm512_set1_ps(1.f);
+  };
+  int64_t c = 0;
+  for (int64_t q = 0; q < plan.quads; ++q, c += 4) {
+    for (int r = 0; r < 4; ++r) {  // vector r: quarter r of chunks c .. c + 3
+      __m512i b[NB];
 #pragma unroll
       for (int i = 0; i < NB; ++i) {
-        const __m512 s = _mm512_permutexvar_ps(lanes, _mm512_loadu_ps(sw[i] + plan.first[c]));
-#pragma unroll
-        for (int j = 0; j < MB; ++j) {
-          acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][j]), ga ? _mm512_mul_ps(s, sa[j]) : s, acc[i][j]);
-          isum[i][j] = _mm512_setzero_si512();
-        }
+        const uint8_t* w = rows[i] + c * 64 + 16 * r;
+        __m512i t = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+        t = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 64)), 1);
+        t = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 128)), 2);
+        b[i] = _mm512_inserti32x4(t, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 192)), 3);
       }
+      dot(b, c + r);
     }
+    flush(plan.qlane.data() + q * 16, plan.qfirst[q]);
+  }
+  for (; c < chunks; ++c) {
+    __m512i b[NB];
+#pragma unroll
+    for (int i = 0; i < NB; ++i)
+      b[i] = c + 1 < chunks ? _mm512_loadu_si512(rows[i] + c * 64) : _mm512_maskz_loadu_epi8(tail, rows[i] + c * 64);
+    dot(b, c);
+    if (plan.flush[c]) flush(plan.lane.data() + c * 16, plan.first[c]);
   }
 }
 
@@ -188,7 +238,7 @@ struct Problem {
   int64_t M, K, N, row_bytes, groups, gs, chunks, astride;
   const uint8_t* codes;
   const at::Half* scales;
-  const uint8_t* zeros;
+  const uint8_t* zeros;   // (rows, groups) or null: offset
   bool shared;
   float offset;
   const int8_t* aq;       // (M, astride) laid-out activation codes
@@ -204,12 +254,18 @@ void rows_block(const Problem& P, const ChunkPlan& plan, int64_t n0, int64_t m0,
   const int64_t stride = P.groups + 16;
   const uint8_t* rows[NB];
   const float* swp[NB];
+  const float* zsp[NB];  // s_w[n, g] * z[n, g]: the zero point's share per unit of a group's code sum
   for (int i = 0; i < NB; ++i) {
     const int64_t n = n0 + i, srow = P.shared ? 0 : n * P.groups;
     rows[i] = P.codes + n * P.row_bytes;
-    float* s = sw.data() + i * stride;
-    for (int64_t g = 0; g < P.groups; ++g) s[g] = float(P.scales[srow + g]);
+    float* s = sw.data() + 2 * i * stride;
+    float* zs = s + stride;
+    for (int64_t g = 0; g < P.groups; ++g) {
+      s[g] = float(P.scales[srow + g]);
+      zs[g] = s[g] * (P.zeros ? float(P.zeros[srow + g]) : P.offset);
+    }
     swp[i] = s;
+    zsp[i] = zs;
   }
   const int64_t tail = P.row_bytes - (P.chunks - 1) * 64;
   const __mmask64 tail_mask = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
@@ -217,6 +273,16 @@ void rows_block(const Problem& P, const ChunkPlan& plan, int64_t n0, int64_t m0,
     __m512 acc[NB][MB];
     const float* ga = P.ga ? P.ga + m * (P.groups + 16) : nullptr;
     tile<BITS, NB, MB>(rows, swp, P.aq + m * P.astride, P.astride, ga, P.groups + 16, P.chunks, tail_mask, plan, acc);
+    // Less the zero point's share, sum_g zs[n, g] * asum[m, g], lane-wise before the horizontal sums.
+    for (int64_t g = 0; g < P.groups; g += 16) {
+      const __mmask16 gm = P.groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (P.groups - g)) - 1);
+#pragma unroll
+      for (int j = 0; j < MB; ++j) {
+        const __m512 as = _mm512_maskz_loadu_ps(gm, P.asum + std::min(m + j, P.M - 1) * P.groups + g);
+#pragma unroll
+        for (int i = 0; i < NB; ++i) acc[i][j] = _mm512_fnmadd_ps(_mm512_maskz_loadu_ps(gm, zsp[i] + g), as, acc[i][j]);
+      }
+    }
     float sums[NB][MB];
     if constexpr (NB == 4 && MB == 4) {  // 16 horizontal sums at once (a K = 512 row's tile spent a third on them)
       alignas(64) float r[16];
@@ -227,24 +293,15 @@ void rows_block(const Problem& P, const ChunkPlan& plan, int64_t n0, int64_t m0,
       for (int i = 0; i < NB; ++i)
         for (int j = 0; j < MB; ++j) sums[i][j] = _mm512_reduce_add_ps(acc[i][j]);
     }
-    for (int i = 0; i < NB; ++i) {
-      const int64_t n = n0 + i, srow = P.shared ? 0 : n * P.groups;
-      for (int j = 0; j < MB && m + j < P.M; ++j) {
-        double zshare = 0.0;  // sum_g s_w[n, g] * z[n, g] * sum_{k in g} q_a[m, k] (* s_a[m, g])
-        const float* asum = P.asum + (m + j) * P.groups;
-        for (int64_t g = 0; g < P.groups; ++g)
-          zshare += double(swp[i][g]) * (P.zeros ? float(P.zeros[srow + g]) : P.offset) * asum[g];
-        P.y[(m + j) * P.N + n] = P.as[m + j] * (sums[i][j] - float(zshare));
-      }
-    }
+    for (int i = 0; i < NB; ++i)
+      for (int j = 0; j < MB && m + j < P.M; ++j) P.y[(m + j) * P.N + n0 + i] = P.as[m + j] * sums[i][j];
   }
 }
 
 constexpr int TILE_N = 4, TILE_M = 4;  // register tile: weight rows x activation rows (3x8, 4x5, 2x8 measured no better)
 
 template <int BITS>
-void gemm(const Problem& P) {
-  const ChunkPlan plan = chunk_plan(P.K, P.gs, P.groups, P.chunks, 8 / BITS);
+void gemm(const Problem& P, const ChunkPlan& plan) {
   const int64_t blocks = (P.N + TILE_N - 1) / TILE_N;
   // Activation rows per pass: a panel that stays in a core's L2 (about 256 KiB) while every weight row meets it.
   const int64_t panel = std::max<int64_t>(TILE_M, (int64_t(1) << 18) / std::max<int64_t>(1, P.astride) / TILE_M * TILE_M);
@@ -252,7 +309,7 @@ void gemm(const Problem& P) {
     const int64_t p1 = std::min(P.M, p0 + panel);
     const int64_t full = p0 + (p1 - p0) / TILE_M * TILE_M;  // rows in whole tiles; the rest one at a time
     at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> sw(TILE_N * (P.groups + 16), 0.f);
+      std::vector<float> sw(2 * TILE_N * (P.groups + 16), 0.f);
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n0 = b * TILE_N;
         if (n0 + TILE_N <= P.N) {
@@ -296,10 +353,9 @@ std::vector<torch::Tensor> act_codes(torch::Tensor x, int64_t act_bits, double c
 
 namespace {
 
-// Checks the packed weight's tensors against x (M, K) (rows may be strided: a slice of a wider input); returns the
-// zero points (or null).
-const uint8_t* check_weight(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                            const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size) {
+// Checks the packed weight's tensors against x (M, K) (rows may be strided: a slice of a wider input).
+void check_weight(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                  const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1 && x.stride(0) >= x.size(1),
               "x must be fp32 (M, K) with contiguous rows");
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (N, row_bytes)");
@@ -307,15 +363,15 @@ const uint8_t* check_weight(const torch::Tensor& x, const torch::Tensor& codes, 
   const int64_t K = x.size(1), groups = scales.size(1);
   TORCH_CHECK(group_size > 0 && groups == (K + group_size - 1) / group_size && codes.size(1) == (K * bits + 7) / 8,
               "x, codes and scales do not match");
-  if (!zeros.has_value()) return nullptr;
-  TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->is_contiguous() && zeros->sizes() == scales.sizes(), "zeros must be uint8 like scales");
-  return zeros->data_ptr<uint8_t>();
+  TORCH_CHECK(!zeros.has_value() || (zeros->scalar_type() == torch::kUInt8 && zeros->sizes() == scales.sizes()),
+              "zeros must be uint8 like scales");
 }
 
 // Rounds x (M, K) to int8 codes laid out for BITS-bit packed rows and multiplies them with the weight. act_bits > 0:
 // one scale per token (quantize_row); act_bits == 0: one scale per row and weight group, s = max|x_g| / 127,
 // q = clamp(round(x * 127 / max|x_g|), -127, 127), as qgemv's int8 decode path rounds a row (llama.cpp's Q8).
-torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales, const uint8_t* zp,
+torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                  const c10::optional<torch::Tensor>& zeros,
                   int64_t bits, int64_t group_size, int64_t offset, int64_t act_bits, double clip_ratio) {
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), row_bytes = codes.size(1), groups = scales.size(1);
   auto y = torch::empty({M, N}, x.options());
@@ -336,6 +392,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
   asum.resize(M * groups);
   ga.resize(grouped ? M * gstride : 0);
   const int qmax = grouped ? 127 : (1 << (act_bits - 1)) - 1;
+  const ChunkPlan plan = chunk_plan(K, group_size, groups, chunks, per);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     std::vector<int8_t> q(astride, 0);  // natural order, zero padded to whole chunks
@@ -362,16 +419,18 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
         case 4: lay_out<4>(q.data(), chunks, out); break;
         default: lay_out<8>(q.data(), chunks, out); break;
       }
+      quad_layout(out, plan.quads, per);
     }
   });
   Problem P{M, K, N, row_bytes, groups, group_size, chunks, astride, codes.data_ptr<uint8_t>(),
-            scales.data_ptr<at::Half>(), zp, scales.size(0) == 1 && N != 1, float(offset), aq.data(), as.data(),
-            grouped ? ga.data() : nullptr, asum.data(), y.data_ptr<float>()};
+            scales.data_ptr<at::Half>(), zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr,
+            scales.size(0) == 1 && N != 1, float(offset), aq.data(), as.data(), grouped ? ga.data() : nullptr,
+            asum.data(), y.data_ptr<float>()};
   switch (bits) {
-    case 1: gemm<1>(P); break;
-    case 2: gemm<2>(P); break;
-    case 4: gemm<4>(P); break;
-    default: gemm<8>(P); break;
+    case 1: gemm<1>(P, plan); break;
+    case 2: gemm<2>(P, plan); break;
+    case 4: gemm<4>(P, plan); break;
+    default: gemm<8>(P, plan); break;
   }
 #endif
   return y;
@@ -382,18 +441,18 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
 // y = Q(x) W^T (see the top of this file) for x (M, K) fp32, any M: activations quantized per token.
 torch::Tensor qgemm_act(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                         int64_t bits, int64_t group_size, int64_t offset, int64_t act_bits, double clip_ratio) {
-  const uint8_t* zp = check_weight(x, codes, scales, zeros, bits, group_size);
+  check_weight(x, codes, scales, zeros, bits, group_size);
   TORCH_CHECK(vnni_applies(bits, group_size, false) && act_bits >= 2 && act_bits <= 8, "qgemm_act needs 1, 2, 4 or 8-bit integer codes in whole lanes, 2-8 bit activations and AVX512-VNNI");
-  return run(x, codes, scales, zp, bits, group_size, offset, act_bits, clip_ratio);
+  return run(x, codes, scales, zeros, bits, group_size, offset, act_bits, clip_ratio);
 }
 
 // y = x W^T for a few fp32 rows of a weight-only layer (small batches): each row rounded to int8 per weight group
 // exactly as the int8 decode GEMV rounds one row, so every row keeps that kernel's error bound.
 torch::Tensor qgemm_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                        int64_t bits, int64_t group_size, int64_t offset) {
-  const uint8_t* zp = check_weight(x, codes, scales, zeros, bits, group_size);
+  check_weight(x, codes, scales, zeros, bits, group_size);
   TORCH_CHECK(vnni_applies(bits, group_size, false), "qgemm_i8 needs 1, 2, 4 or 8-bit integer codes in whole lanes and AVX512-VNNI");
-  return run(x, codes, scales, zp, bits, group_size, offset, 0, 1.0);
+  return run(x, codes, scales, zeros, bits, group_size, offset, 0, 1.0);
 }
 
 namespace {
