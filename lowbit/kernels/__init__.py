@@ -1,4 +1,6 @@
-"""The only package that computes with packed weights. ``qmatmul`` picks an implementation per call.  Implementations:
+"""The only package that computes with packed weights. ``qmatmul`` picks an implementation per call.
+
+Implementations:
 ``reference`` (dequantize + F.linear; ground truth and fallback); on CPU (:mod:`.cpu`) ``cpu-gemv`` (C++ decode
 GEMV, one row), ``cpu-gemv-i8`` (the same with each activation group rounded to int8 for VNNI dot products, as
 llama.cpp's Q8 dot products do, where the format allows), ``cpu-gemm-i8`` (the same for small batches, up to 16
