@@ -46,8 +46,10 @@ class LoRA(Adapter):
         return self.config.lora_alpha / (math.sqrt(r) if self.config.rslora else r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x).to(self.A.dtype)
-        return (x @ self.A.t()) @ self.B.t() * self.scale
+        x = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast (to bf16) themselves
+            x = x.to(self.A.dtype)
+        return (x @ self.A.t()) @ (self.B.t() * self.scale)  # the scale on B (out x r), not on the output
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
         return w + self.scale * (self.B.float() @ self.A.float()).to(w.dtype)
