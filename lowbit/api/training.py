@@ -33,7 +33,8 @@ from ..protocol import EVAL_WINDOWS
 from ..recipe import Recipe, apply_recipe
 from ..state import state_of
 from ..train import TrainConfig, load_data, plot_losses, write_log
-from ..train.distributed import barrier, finish, local_device, processes
+from ..train.distributed import barrier, broadcast_, finish, fsdp_shard, gather_trained, local_device, processes
+from ..train.trainer import lm_loss
 from .common import Evaluated, Result, check_out, check_windows
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class FinetuneConfig:
     force: bool = False
     device: str = "auto"  # auto | cpu | cuda[:N] (lowbit.device.resolve_device)
     stop_after: int = 0  # leave after this many steps, the state kept for --resume (0 = to the end)
+    fsdp: bool = False  # launched as several processes: FSDP shards the float parameters (train.distributed)
 
     def adapter_config(self) -> AdapterConfig | None:
         if self.adapter == "lora":
@@ -155,9 +157,16 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     outlier_weights = train_outliers(model) if config.train_outliers else 0
     if outlier_weights:
         log.warning("training %d outlier weights and channel scales (QUAD PEFT)", outlier_weights)
-    model.to(device)
-    trained = train_loop(model, train_data, config.train, state_dir=state_dir, resume=config.resume,
+    if config.fsdp and procs.count > 1:  # a sharded copy trains; the trained tensors come back into model
+        broadcast_([p for p in model.parameters() if p.requires_grad], procs)
+        trainee = fsdp_shard(model, procs, device, loss=lm_loss)
+    else:
+        trainee = model.to(device)
+    trained = train_loop(trainee, train_data, config.train, state_dir=state_dir, resume=config.resume,
                          base=base_identity(model, config.recipe), processes=procs, stop_after=config.stop_after)
+    if trainee is not model:
+        gather_trained(trainee, model)
+        del trainee
     model.to("cpu")
     stats = trained.to_dict()
     result = FinetuneResult(source=str(config.model), out=str(out), adapter=adapter, rank=rank,

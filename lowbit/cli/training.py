@@ -59,6 +59,9 @@ def finetune(
     processes: int = typer.Option(1, help="Data-parallel processes, started through accelerate launch (gloo on "
                                           "CPUs, NCCL on GPUs): each trains its share of every --batch, which must "
                                           "divide evenly; --resume works with any count."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="With --processes N: shard the float parameters (embeddings, "
+                                                    "norms, head, adapters) over the processes with FSDP instead "
+                                                    "of a whole copy in each."),
     force: bool = FORCE_OPTION,
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
@@ -73,6 +76,8 @@ def finetune(
     folder = data if data is not None and data.is_dir() else None  # a data folder, not a training file
     if processes < 1:
         fail(f"--processes must be >= 1, got {processes}")
+    if fsdp and processes == 1 and not launched():
+        fail("--fsdp shards over several processes: add --processes N (N >= 2)")
     if processes > 1 and not launched():
         if batch % processes:
             fail(f"--batch {batch} does not split over --processes {processes}: pick a batch that is a multiple "
@@ -88,7 +93,7 @@ def finetune(
             lorma_mode=lorma_mode, train_outliers=train_outliers, recipe=recipe, train=train, seq_len=seq_len,
             data=None if folder is not None else data, resume=resume,
             windows=parse_windows(windows), force=force, device=device,
-            stop_after=stop_after)
+            stop_after=stop_after, fsdp=fsdp)
         return finetune(config)
 
     result = run_job(verbose, job, folder)

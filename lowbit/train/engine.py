@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import LowbitError
-from .distributed import Processes, average_
+from .distributed import Processes, average_, full, like
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -92,10 +92,17 @@ class Engine:
         self.bar = None
 
     def state_dict(self) -> dict:
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        """Optimizer and scheduler state, sharded tensors gathered whole (FSDP: every process must call this)."""
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = {i: {k: full(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
+        return {"optimizer": optimizer, "scheduler": self.scheduler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        """The state :meth:`state_dict` gave, each tensor laid out as its parameter is (sharded or whole)."""
+        optimizer = dict(state["optimizer"])
+        optimizer["state"] = {i: {k: like(v, self.params[int(i)]) if torch.is_tensor(v) and v.dim() else v
+                                  for k, v in s.items()} for i, s in optimizer["state"].items()}
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
 
     @property

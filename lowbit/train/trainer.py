@@ -24,6 +24,7 @@ mean next-token cross-entropy over the positions whose label is not -100.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from ..kernels import native_bf16
 from ..memory import peak_rss_mb, release_free_memory, reset_peak
 from ..protocol import LOGITS_CHUNK
 from .data import IGNORE, TrainData
-from .distributed import Processes, broadcast_, check_batch, shard
+from .distributed import Processes, broadcast_, check_batch, full, like, shard
 from .engine import SCHEDULES, Engine, OptimConfig
 from .state import JSON, load_state, save_state
 
@@ -236,7 +237,7 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
                               "another --rank, adapter or targets); resume with the same settings or start a new run")
         with torch.no_grad():
             for (_, p), t in zip(named, state["params"].values(), strict=True):
-                p.copy_(t)
+                p.copy_(like(t, p))
         engine.load_state_dict(state)
         torch.set_rng_state(state["rng"].to(torch.uint8))
         losses, step, tokens, seconds = state["losses"], state["step"], state["tokens"], state["seconds"]
@@ -254,14 +255,17 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
                            f"stopped{kept}; lower --lr or raise --warmup")
 
     def checkpoint_state():
-        bad = next((n for n, p in named if not torch.isfinite(p).all()), None)
+        whole = {n: full(p.detach()).clone() for n, p in named}  # (sharded ones gathered by every process)
+        bad = next((n for n, t in whole.items() if not torch.isfinite(t).all()), None)
         if bad is not None:
             raise diverged(f"parameter {bad} became non-finite")
-        if state_dir is not None and processes.main:
-            save_state(state_dir, {"base": base, "config": asdict(config), "data": fingerprint, "step": step,
-                                   "losses": losses, "tokens": tokens, "seconds": seconds,
-                                   "step_seconds": step_seconds, "rng": torch.get_rng_state(),
-                                   "params": {n: p.detach().clone() for n, p in named}, **engine.state_dict()})
+        if state_dir is not None:
+            engine_state = engine.state_dict()
+            if processes.main:
+                save_state(state_dir, {"base": base, "config": asdict(config), "data": fingerprint, "step": step,
+                                       "losses": losses, "tokens": tokens, "seconds": seconds,
+                                       "step_seconds": step_seconds, "rng": torch.get_rng_state(),
+                                       "params": whole, **engine_state})
 
     def micro_loss(at: int, micro: int) -> torch.Tensor:
         nonlocal tokens
@@ -271,7 +275,8 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
         idx = shard(idx, processes)
         ids, labels = data.input_ids[idx].to(device), data.labels[idx].to(device)
         with autocast(config.precision, device):
-            return lm_loss(model, ids, labels, config.loss_chunk, count=share if processes.count > 1 else None)
+            loss = getattr(model, "lowbit_loss", None) or functools.partial(lm_loss, model)  # (FSDP: its forward)
+            return loss(ids, labels, config.loss_chunk, count=share if processes.count > 1 else None)
 
     device = params[0].device
     release_free_memory()

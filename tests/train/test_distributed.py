@@ -94,6 +94,87 @@ def test_two_processes_follow_one_and_a_stopped_run_resumes_with_another_count(c
     assert not (tmp_path / "split.trainer").exists()
 
 
+def test_fsdp_shards_the_float_parameters_and_follows_one_process(ckpt, tmp_path):
+    """--fsdp: FSDP2 shards embeddings, norms, head and adapters over the two processes; the loss curve is the one
+    process's, the saved adapters are whole, and a sharded run stopped early resumes on one plain process."""
+    one = _finetune(ckpt, tmp_path / "one")
+    two = _finetune(ckpt, tmp_path / "fsdp", "--processes", "2", "--fsdp")
+    assert two["processes"] == 2 and two["tokens"] == one["tokens"]
+    assert _losses(tmp_path / "fsdp") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+    from safetensors.torch import load_file
+
+    def adapters(out):
+        tensors = {}
+        for f in sorted(out.glob("*.safetensors")):
+            tensors.update({k: v for k, v in load_file(f).items() if ".adapters." in k})
+        return tensors
+
+    a, b = adapters(tmp_path / "one"), adapters(tmp_path / "fsdp")
+    assert a and a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) < 1e-3
+    stopped = _finetune(ckpt, tmp_path / "split", "--processes", "2", "--fsdp", "--stop-after", "3")
+    assert stopped["stopped_at"] == 3 and (tmp_path / "split.trainer").is_dir()
+    _finetune(ckpt, tmp_path / "split", "--resume")  # one process, no sharding, finishes what FSDP started
+    assert _losses(tmp_path / "split") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+    assert "--fsdp shards over several processes" in one_error_line(
+        invoke("finetune", ckpt, "--out", tmp_path / "x", "--fsdp"))
+
+
+def _shard_and_compare(rank: int, port: int, tied: bool, results) -> None:
+    """One of two gloo processes: shard a packed tiny model with adapters, report the share of float parameters
+    this process holds and the sharded loss beside the whole model's."""
+    import os
+
+    import torch.distributed as dist
+    from conftest import tiny_model
+
+    import lowbit
+    from lowbit import adapters as ad
+    from lowbit.train.distributed import Processes, fsdp_shard, full
+    from lowbit.train.trainer import lm_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = tiny_model("llama", tie_word_embeddings=tied)
+        lowbit.quantize(model, "rtn-w4g32")
+        ad.attach(model, ad.LoRAConfig(rank=4))
+        ad.freeze(model)
+        sharded = fsdp_shard(model, Processes(rank, 2), torch.device("cpu"), loss=lm_loss)
+        held = sum(p.to_local().numel() for p in sharded.parameters())
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+        loss = sharded.lowbit_loss(ids, ids.clone(), 8)
+        loss.backward()
+        grads = [full(p.grad) for p in sharded.parameters() if p.requires_grad]
+        whole = lm_loss(model, ids, ids.clone(), 8)
+        whole.backward()
+        reference = [p.grad for p in model.parameters() if p.requires_grad]
+        gap = max((a - b).abs().max().item() for a, b in zip(grads, reference, strict=True))
+        results.put((rank, held / sum(p.numel() for p in model.parameters()), loss.item(), whole.item(), gap))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fsdp_holds_half_the_float_parameters_on_each_of_two_processes(tied):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    mp.start_processes(_shard_and_compare, args=(port, tied, results), nprocs=2, start_method="spawn")
+    for _ in range(2):
+        rank, share, loss, whole, gap = results.get(timeout=60)
+        assert share == pytest.approx(0.5, abs=0.01), rank  # embeddings, norms, head and adapters: half each
+        assert loss == pytest.approx(whole, rel=1e-5) and gap < 1e-5
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_quantize_on_a_missing_gpu_fails_before_loading(hf_folder, tmp_path):
     line = one_error_line(invoke("quantize", hf_folder, "--recipe", "gptq-w4g64", "--out", tmp_path / "q",
