@@ -121,10 +121,10 @@ struct ChunkPlan {
   std::vector<int32_t> qfirst; // (quads,)
 };
 
-ChunkPlan chunk_plan(int64_t K, int64_t gs, int64_t groups, int64_t chunks, int per) {
+ChunkPlan chunk_plan(int64_t K, int64_t gs, int64_t groups, int64_t chunks, int per, bool quads) {
   const int64_t codes = 64 * per;
   ChunkPlan p;
-  if (gs % codes == 0 && gs <= 2 * codes) {
+  if (quads && gs % codes == 0 && gs <= 2 * codes) {
     p.quads = K / codes / 4;  // whole chunks only (the last one may be masked)
     p.qlane.resize(p.quads * 16);
     p.qfirst.resize(p.quads);
@@ -392,7 +392,8 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
   asum.resize(M * groups);
   ga.resize(grouped ? M * gstride : 0);
   const int qmax = grouped ? 127 : (1 << (act_bits - 1)) - 1;
-  const ChunkPlan plan = chunk_plan(K, group_size, groups, chunks, per);
+  // Quads only where four-row tiles run: a one-row tile spends more assembling the quarters than it saves.
+  const ChunkPlan plan = chunk_plan(K, group_size, groups, chunks, per, M >= TILE_M);
   const float* xp = x.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     std::vector<int8_t> q(astride, 0);  // natural order, zero padded to whole chunks
