@@ -255,7 +255,7 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
                            f"stopped{kept}; lower --lr or raise --warmup")
 
     def checkpoint_state():
-        whole = {n: full(p.detach()).clone() for n, p in named}  # (sharded ones gathered by every process)
+        whole = {n: full(p.detach()) for n, p in named}  # (sharded ones gathered by every process)
         bad = next((n for n, t in whole.items() if not torch.isfinite(t).all()), None)
         if bad is not None:
             raise diverged(f"parameter {bad} became non-finite")
@@ -265,7 +265,7 @@ def train(model: nn.Module, data: TrainData, config: TrainConfig, state_dir: str
                 save_state(state_dir, {"base": base, "config": asdict(config), "data": fingerprint, "step": step,
                                        "losses": losses, "tokens": tokens, "seconds": seconds,
                                        "step_seconds": step_seconds, "rng": torch.get_rng_state(),
-                                       "params": whole, **engine_state})
+                                       "params": {n: t.clone() for n, t in whole.items()}, **engine_state})
 
     def micro_loss(at: int, micro: int) -> torch.Tensor:
         nonlocal tokens
