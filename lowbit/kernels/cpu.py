@@ -159,7 +159,7 @@ def _int_mm_tiled(x2: torch.Tensor, qweight: QuantizedWeight, act_bits: int, cli
     out_f, in_f = qweight.shape
     s_w = qweight.scales.float().reshape(-1).expand(out_f)
     y = torch.empty(x2.shape[0], out_f)
-    rows = min(out_f, max(16, TILE_ELEMENTS // in_f))
+    rows = _tile_rows(qweight)
     tile = torch.empty(rows, in_f, dtype=torch.int8)
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
@@ -196,11 +196,21 @@ def _bf16() -> bool:
     return bool(extension().bf16()) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def _tile_rows(qweight: PackedWeight) -> int:
+    """Weight rows per tile of the tiled GEMMs: :data:`TILE_ELEMENTS` weights, at least 16 rows, at most all."""
+    out_f, in_f = qweight.shape
+    return min(out_f, max(16, TILE_ELEMENTS // in_f))
+
+
+def _single_tile(qweight: PackedWeight) -> bool:
+    return _tile_rows(qweight) == qweight.shape[0]
+
+
 def _dequantized_tiles(qweight: QuantizedWeight):
     """``(r0, r1, bf16 (r1 - r0, in))`` tiles of :data:`TILE_ELEMENTS` weights covering the rows, dequantized by
     the C++ kernel into one reused buffer (never a float copy of the whole layer)."""
     out_f, in_f = qweight.shape
-    rows = min(out_f, max(16, TILE_ELEMENTS // in_f))  # all of them where _single_tile
+    rows = _tile_rows(qweight)
     buf = torch.empty(rows, in_f, dtype=torch.bfloat16)
     bits, levels, offset = _format_args(qweight.fmt)
     for r0 in range(0, out_f, rows):
@@ -226,11 +236,6 @@ def qmatmul_cpu_tiled(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor
     return y.reshape(*x.shape[:-1], qweight.out_features)
 
 
-def _single_tile(qweight: QuantizedWeight) -> bool:
-    out_f, in_f = qweight.shape
-    return out_f <= max(16, TILE_ELEMENTS // in_f)
-
-
 def input_grad_cpu_tiled(grad_y: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
     """``grad_y (..., out)`` -> ``(..., in)`` = ``grad_y @ W`` in bf16 tiles (the backward of
     :func:`qmatmul_cpu_tiled`), returned in ``grad_y.dtype``."""
@@ -245,29 +250,26 @@ def input_grad_cpu_tiled(grad_y: torch.Tensor, qweight: QuantizedWeight) -> torc
     return out.to(grad_y.dtype).reshape(*grad_y.shape[:-1], qweight.in_features)
 
 
-def float_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """True for one fp32 CPU row without autograd against a contiguous fp32 CPU weight, when the AVX-512 build
-    of the kernel is available (only that build was measured faster than torch's own GEMV)."""
-    if x.device.type != "cpu" or x.numel() != x.shape[-1] or x.dtype != torch.float32:
+def _plain_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """fp32 CPU operands without autograd, the weight contiguous: what both float-head kernels take."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return False
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous():
-        return False
-    return extension() is not None and _simd()
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous()
+
+
+def float_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True for one fp32 CPU row without autograd against a contiguous fp32 CPU weight, when the AVX-512 build
+    of the kernel is available (only that build was measured faster than torch's own GEMV)."""
+    return x.numel() == x.shape[-1] and _plain_fp32(x, weight) and extension() is not None and _simd()
 
 
 def onednn_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """True for more than one fp32 CPU row without autograd against a contiguous fp32 CPU weight, where torch
     was built with oneDNN: its fp32 GEMM ran the head of a batch 2-3x faster than ``F.linear`` (MKL's sgemm) on
     this AMD CPU, at every row count from 2 to 1024 (BENCHMARKS.md)."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == x.shape[-1] or x.numel() == 0:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return False
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous():
-        return False
-    return _onednn()
+    return x.numel() not in (0, x.shape[-1]) and _plain_fp32(x, weight) and _onednn()
 
 
 @functools.cache

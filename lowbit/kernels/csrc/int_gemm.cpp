@@ -235,7 +235,7 @@ inline __m512 reduce16(const __m512* v) {
 }
 
 struct Problem {
-  int64_t M, K, N, row_bytes, groups, gs, chunks, astride;
+  int64_t M, N, row_bytes, groups, chunks, astride;
   const uint8_t* codes;
   const at::Half* scales;
   const uint8_t* zeros;   // (rows, groups) or null: offset
@@ -363,8 +363,8 @@ void check_weight(const torch::Tensor& x, const torch::Tensor& codes, const torc
   const int64_t K = x.size(1), groups = scales.size(1);
   TORCH_CHECK(group_size > 0 && groups == (K + group_size - 1) / group_size && codes.size(1) == (K * bits + 7) / 8,
               "x, codes and scales do not match");
-  TORCH_CHECK(!zeros.has_value() || (zeros->scalar_type() == torch::kUInt8 && zeros->sizes() == scales.sizes()),
-              "zeros must be uint8 like scales");
+  TORCH_CHECK(!zeros.has_value() || (zeros->scalar_type() == torch::kUInt8 && zeros->is_contiguous() &&
+                                      zeros->sizes() == scales.sizes()), "zeros must be uint8 like scales");
 }
 
 // Rounds x (M, K) to int8 codes laid out for BITS-bit packed rows and multiplies them with the weight. act_bits > 0:
@@ -423,7 +423,7 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
       quad_layout(out, plan.quads, per);
     }
   });
-  Problem P{M, K, N, row_bytes, groups, group_size, chunks, astride, codes.data_ptr<uint8_t>(),
+  Problem P{M, N, row_bytes, groups, chunks, astride, codes.data_ptr<uint8_t>(),
             scales.data_ptr<at::Half>(), zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr,
             scales.size(0) == 1 && N != 1, float(offset), aq.data(), as.data(), grouped ? ga.data() : nullptr,
             asum.data(), y.data_ptr<float>()};
