@@ -15,7 +15,8 @@ runs in a fresh process; the engines take turns (round robin) ``--repeats`` time
 logits only in lowbit/transformers; llama.cpp's ``eval``), a warm-up, then greedy decode of ``--decode-tokens``
 after a 5-token prompt (lowbit and transformers: ``generate``; llama.cpp: ``sample`` + ``eval``, its Python
 binding). ``--compile`` adds rows whose decode runs through ``lowbit.nn.compile.compile_decode`` (static cache,
-``torch.compile``; its compile time is left out). Prints one JSON object.
+``torch.compile``; its compile time is left out). ``--native`` adds rows whose decode runs through
+``lowbit.native`` (one C++ call per token; the prompt through the model's forward). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ import lowbit
 from lowbit.io import MANIFEST
 from pathlib import Path
 source, ids, threads, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-compiled = sys.argv[5:] == ["compile"]
+compiled, native = sys.argv[5:] == ["compile"], sys.argv[5:] == ["native"]
 torch.set_num_threads(threads)
 model, tok = lowbit.load(source) if (Path(source) / MANIFEST).is_file() else lowbit.load_model(source)
 prompt, prefill = torch.tensor([ids["prompt"]]), torch.tensor([ids["prefill"]])
@@ -62,10 +63,17 @@ with torch.inference_mode():
         from lowbit.nn.compile import compile_decode
         compile_decode(model)
     warm = new if compiled else 8  # a compiled step compiles on the warm-up of the same length
-    model.generate(prompt, max_new_tokens=warm, min_new_tokens=warm, **kw)
+    if native:
+        from lowbit.native import native_decoder, native_reason
+        assert native_reason(model, prompt.shape[1] + new) is None, native_reason(model, prompt.shape[1] + new)
+        step = native_decoder(model)
+        generate = lambda n: step.generate(prompt, n)
+    else:
+        generate = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)
+    generate(warm)
     t = time.perf_counter()
-    model.generate(prompt, max_new_tokens=new, min_new_tokens=new, **kw)
-    decode = new / (time.perf_counter() - t)
+    out = generate(new)
+    decode = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
 print(json.dumps({"decode": decode, "prefill": pre}))
 """
 
@@ -102,6 +110,7 @@ def main() -> None:
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--compile", action="store_true", help="also lowbit's compiled decode step, FP32's too")
+    p.add_argument("--native", action="store_true", help="also lowbit's native decode step (packed checkpoints)")
     a = p.parse_args()
     work = work_dir(a.work, "lowbit-speed-")
     py = sys.executable
@@ -116,6 +125,8 @@ def main() -> None:
         engines[f"lowbit {recipe}"] = (py, LOWBIT, str(ck))
         if a.compile:
             engines[f"lowbit {recipe}, compiled"] = (py, LOWBIT, str(ck), "compile")
+        if a.native:
+            engines[f"lowbit {recipe}, native"] = (py, LOWBIT, str(ck), "native")
     if LLAMACPP_PY.exists():
         f16 = work / "f16.gguf"
         if not f16.is_file():

@@ -65,6 +65,7 @@ class BenchConfig:
     runs: int = 3  # fresh processes per model (median, min and max reported)
     contention: bool = True  # one more decode per model beside a CPU-bound process
     compile: bool = False  # batch-1 decode through the compiled step (lowbit.nn.compile); the rest stays eager
+    native: bool = False  # batch-1 decode of the packed checkpoints through lowbit.native (FP32: transformers)
 
 
 def batch_key(batch: int) -> str:
@@ -109,10 +110,11 @@ def touch_tensors(model: nn.Module) -> None:
             t.detach().reshape(-1).view(torch.uint8).max()
 
 
-def weight_bytes_per_token(model: nn.Module) -> int:
+def weight_bytes_per_token(model: nn.Module, half_head: bool = False) -> int:
     """Bytes of weights one decode step reads: every parameter and buffer once (:func:`tensor_bytes`), except
     the input embedding table, of which one row is read (when it is tied to the output head, the head reads
-    all of it and it counts in full). Float or packed tables alike."""
+    all of it and it counts in full). Float or packed tables alike. ``half_head``: the float head is read as
+    fp16 (the native step's copy), half its fp32 bytes."""
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     table = {t.data_ptr() for t in [*embed.parameters(), *embed.buffers()]}
@@ -121,6 +123,8 @@ def weight_bytes_per_token(model: nn.Module) -> int:
     if not shared:
         rows = getattr(embed, "num_embeddings", 1)
         total -= tensor_bytes(embed) * (rows - 1) // rows
+    if half_head:
+        total -= tensor_bytes(head) // 2
     return total
 
 
@@ -150,13 +154,12 @@ def measure_model(source: str, config: BenchConfig, decode_only: bool = False) -
     """Load ``source`` (a model name/path for FP32 or a lowbit checkpoint) and measure it; runs in a child.
     ``decode_only``: just the batch-1 decode (the contended run)."""
     from .io import MANIFEST, load, load_model
+    from .native import native_decoder
 
     if config.threads:
         torch.set_num_threads(config.threads)
-    if (Path(source) / MANIFEST).is_file():
-        model, tok = load(source)
-    else:
-        model, tok = load_model(source)
+    packed = (Path(source) / MANIFEST).is_file()
+    model, tok = load(source) if packed else load_model(source)
     model.eval()
     prepare()
     touch_tensors(model)
@@ -175,15 +178,17 @@ def measure_model(source: str, config: BenchConfig, decode_only: bool = False) -
 
         compile_decode(model)
     warmup = config.decode_tokens if config.compile else 8
-    speed = decode_speed(model, tok, new_tokens=config.decode_tokens, warmup_tokens=warmup)
+    speed = decode_speed(model, tok, new_tokens=config.decode_tokens, warmup_tokens=warmup,
+                         native=config.native and packed)
     if decode_only:
         return {"decode_tok_s": speed.tok_s}
     peak = peak_rss_mb()
+    half_head = speed.engine == "native" and native_decoder(model).head_dtype == torch.float16
     libraries_mb = rss_model - tensor_bytes(model) / 2**20
     return {"decode_tok_s": speed.tok_s, "prefill_tok_s": prefill, **batched, "peak_rss_mb": peak,
             "model_peak_mb": peak - libraries_mb, "libraries_mb": libraries_mb, "kernel": speed.kernel,
-            "prefill_kernel": prefill_kernel, "compiled": config.compile,
-            "bytes_per_token": weight_bytes_per_token(model), "threads": torch.get_num_threads()}
+            "prefill_kernel": prefill_kernel, "compiled": config.compile, "decode_engine": speed.engine,
+            "bytes_per_token": weight_bytes_per_token(model, half_head), "threads": torch.get_num_threads()}
 
 
 def _child(source: str, config: BenchConfig, decode_only: bool = False) -> dict:
@@ -349,7 +354,7 @@ def markdown_table(rows: dict[str, dict]) -> str:
         if contended:
             cells.append(f"{r['contended_decode_tok_s']:.1f} ({r['contended_pct']:.0f}%)")
         cells += [f"{r['peak_rss_mb']:.0f}", f"{r['model_peak_mb']:.0f}", f"{r['bytes_per_token'] / 1e6:.1f}",
-                  f"{r['roofline_pct']:.0f}%", r["kernel"]]
+                  f"{r['roofline_pct']:.0f}%", r["kernel"] + " (native step)" * (r.get("decode_engine") == "native")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

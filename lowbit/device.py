@@ -6,9 +6,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import LowbitError
+
+CPU = torch.device("cpu")
 
 DEVICE_HELP = "auto (the first CUDA GPU when there is one, else the CPU), cpu, cuda or cuda:N."
 
@@ -21,7 +25,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if text == "auto":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if text == "cpu":
-        return torch.device("cpu")
+        return CPU
     kind, _, index = text.partition(":")
     if kind != "cuda" or (index and not index.isdigit()):
         raise LowbitError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}")
@@ -32,6 +36,18 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         raise LowbitError(f"device {kind}:{number} is not available: torch sees {seen} here; pass --device cpu "
                           "(or --device auto)")
     return torch.device("cuda", number)
+
+
+def process_device(device: torch.device) -> torch.device:
+    """Where this process computes: under a launcher (``WORLD_SIZE`` > 1) a CUDA run puts process ``LOCAL_RANK``
+    on its own GPU (``cuda`` without an index); else ``device``."""
+    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return device
+    rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if rank >= count:
+        raise LowbitError(f"process {rank} has no GPU of its own: this machine has {count}; pass --processes "
+                          f"{count} or fewer (one per GPU), or --device cpu")
+    return torch.device("cuda", rank)
 
 
 def to_device(value, device: torch.device):

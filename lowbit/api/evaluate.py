@@ -84,13 +84,19 @@ def evaluate(config: EvalConfig) -> EvalResult:
 @dataclass(frozen=True)
 class GenerateConfig:
     """``lowbit generate``: greedy continuation of ``prompt`` (wrapped in the chat template when ``chat``), with
-    keys and values cached as ``kv_cache`` (``float``, ``int8``, ``int4``, ``int8-norot``, ``int4-norot``)."""
+    keys and values cached as ``kv_cache`` (``float``, ``int8``, ``int4``, ``int8-norot``, ``int4-norot``).
+    ``engine``: ``native`` (:mod:`lowbit.native`, one C++ call per token; an error naming why when the model
+    is not one it runs), ``transformers`` (``model.generate``) or ``auto`` (native where it applies)."""
 
     model: str
     prompt: str
     max_new_tokens: int = 64
     chat: bool = True
     kv_cache: str = "float"
+    engine: str = "auto"
+
+
+ENGINES = ("auto", "native", "transformers")
 
 
 @dataclass
@@ -101,14 +107,20 @@ class GenerateResult(Result):
     seconds: float
     tok_s: float
     kv_cache: str = "float"
+    engine: str = "transformers"
 
 
 def generate(config: GenerateConfig) -> GenerateResult:
     import torch
 
     from ..kernels import prepare
+    from ..native import native_decoder, native_reason
 
     kv_cache = parse_kv_cache(config.kv_cache)
+    if config.engine not in ENGINES:
+        raise LowbitError(f"--engine must be one of {', '.join(ENGINES)}, got {config.engine!r}")
+    if config.engine == "native" and kv_cache is not None:
+        raise LowbitError("--engine native keeps a float KV cache: drop --kv-cache or use --engine transformers")
     if config.max_new_tokens < 1:
         raise LowbitError(f"--max-new-tokens must be at least 1, got {config.max_new_tokens}")
     if not config.prompt.strip():
@@ -129,11 +141,22 @@ def generate(config: GenerateConfig) -> GenerateResult:
                           f"{max(context - prompt_tokens, 0)} or less, or a shorter prompt")
     cache = {} if kv_cache is None else {"past_key_values": make_kv_cache(model, kv_cache)}
     prepare()  # a first-time kernel build is not generation time
+    native = None
+    if config.engine != "transformers" and kv_cache is None:
+        length = prompt_tokens + config.max_new_tokens
+        reason = native_reason(model, length)
+        if reason is not None and config.engine == "native":
+            raise LowbitError(f"--engine native does not run this model: {reason}; use --engine transformers")
+        native = None if reason is not None else native_decoder(model, length)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False, **cache,
-                             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        if native is not None:
+            out = native.generate(ids, config.max_new_tokens, eos_token_id=model.generation_config.eos_token_id)
+        else:
+            out = model.generate(ids, max_new_tokens=config.max_new_tokens, do_sample=False, **cache,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
     seconds = time.perf_counter() - start
     new = out[0, ids.shape[1]:]
     return GenerateResult(config.prompt, tok.decode(new, skip_special_tokens=True), int(new.numel()), seconds,
-                          new.numel() / seconds, "float" if kv_cache is None else kv_cache.name)
+                          new.numel() / seconds, "float" if kv_cache is None else kv_cache.name,
+                          "transformers" if native is None else "native")

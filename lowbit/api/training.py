@@ -22,7 +22,7 @@ from ..adapters import (
 from ..calibration import Calibration
 from ..compensate import LoftQConfig, RILQConfig
 from ..data import check_data
-from ..device import resolve_device
+from ..device import process_device, resolve_device
 from ..errors import LowbitError
 from ..eval.perplexity import perplexity
 from ..fileio import atomic_write, check_output, json_text
@@ -33,7 +33,7 @@ from ..protocol import EVAL_WINDOWS
 from ..recipe import Recipe, apply_recipe
 from ..state import state_of
 from ..train import TrainConfig, load_data, plot_losses, write_log
-from ..train.distributed import barrier, broadcast_, finish, fsdp_shard, gather_trained, local_device, processes
+from ..train.distributed import barrier, broadcast_, finish, fsdp_shard, gather_trained, processes
 from ..train.trainer import lm_loss
 from .common import Evaluated, Result, check_out, check_windows
 
@@ -133,7 +133,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     adapter_dtype(config.adapter_dtype)
     adapter_config = config.adapter_config()
     check_data(test=config.windows != 0, valid=config.data is None)
-    device = local_device(resolve_device(config.device))
+    device = process_device(resolve_device(config.device))
     procs = processes(device)
     barrier(procs)  # every process has checked the output before the main one may write it
     model, tok = load_model(config.model)
@@ -242,7 +242,7 @@ def compensate(config: CompensateConfig) -> CompensateResult:
     if config.method == "rilq":
         check_output(out.parent / f"{out.name}.rilq.json", what="RILQ loss curve", kind="file")
     check_data(test=config.windows != 0, valid=config.method == "rilq")
-    device = local_device(resolve_device(config.device))
+    device = process_device(resolve_device(config.device))
     procs = processes(device)  # RILQ under accelerate launch: every process trains its shard, the main one writes
     barrier(procs)
     reset_peak()

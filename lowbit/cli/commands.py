@@ -133,6 +133,8 @@ def generate(
     max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template."),
     kv_cache: str = typer.Option("float", "--kv-cache", help=KV_CACHE_HELP),
+    engine: str = typer.Option("auto", help="native (lowbit's C++ decode step, LLaMA-style models), transformers, "
+                               "or auto: native where it applies."),
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
@@ -140,13 +142,15 @@ def generate(
     from ..api import GenerateConfig, generate
 
     result = run_job(verbose, lambda: generate(GenerateConfig(
-        model=model, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat, kv_cache=kv_cache)))
+        model=model, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat, kv_cache=kv_cache,
+        engine=engine)))
     if as_json:
         emit(result.to_dict(), True, "")
         return
     print_out(f"[bold]{escape(prompt)}[/]", highlight=False)
     print_out(escape(result.text), highlight=False)
-    err_console.print(f"{result.new_tokens} tokens in {result.seconds:.1f} s ({result.tok_s:.1f} tok/s)")
+    err_console.print(f"{result.new_tokens} tokens in {result.seconds:.1f} s ({result.tok_s:.1f} tok/s, "
+                      f"{result.engine})")
 
 
 @app.command()
@@ -232,6 +236,8 @@ def bench(
     contention: bool = typer.Option(True, help="Also decode beside one CPU-bound process (share of quiet speed)."),
     compile_decode: bool = typer.Option(False, "--compile", help="Batch-1 decode through torch.compile with the "
                                         "static KV cache (every model, FP32 too; compile time not counted)."),
+    native: bool = typer.Option(False, "--native", help="Batch-1 decode of the packed checkpoints through lowbit's "
+                                "native step (one C++ call per token, LLaMA-style models); FP32 stays transformers'."),
     calib_windows: int = typer.Option(CALIB_WINDOWS, help="Calibration windows for recipes that need calibration."),
     out: Path = typer.Option(Path("lowbit-bench"), help="Folder for bench.md, bench.json and bench.png."),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),
@@ -247,7 +253,8 @@ def bench(
                                  recipes=tuple(r.strip() for r in recipes.split(",") if r.strip()),
                                  measure=BenchConfig(decode_tokens=decode_tokens, prefill_tokens=prefill_tokens,
                                                      batches=parse_batches(batches), batch_tokens=batch_tokens,
-                                                     runs=runs, contention=contention, compile=compile_decode),
+                                                     runs=runs, contention=contention, compile=compile_decode,
+                                                     native=native),
                                  calib_windows=calib_windows, out=out)
         return bench(bench_job, log=lambda m: err_console.print(f"[dim]{escape(m)}[/]"))
 

@@ -66,6 +66,7 @@ from ..adapters import (
     train_group_scales,
 )
 from ..config import StepConfig
+from ..device import CPU
 from ..errors import LowbitError
 from ..memory import release_free_memory
 from ..models import DECODER, set_module
@@ -315,7 +316,7 @@ class RILQ(Step):
         initial = [p.detach().clone() for p in params]
         lr = c.learning_rate(continuing)
         # Adam without weight decay (AdamW with 0 decay is exactly Adam); no warmup, the schedule over max_steps
-        procs = processes(device or "cpu")  # under accelerate launch: each process trains its shard of every batch
+        procs = processes(device or CPU)  # under accelerate launch: each process trains its shard of every batch
         check_batch(c.micro_batch, procs)
         broadcast_(params, procs)
         engine = Engine(model, params, OptimConfig(steps=c.max_steps, lr=lr, schedule=c.schedule,

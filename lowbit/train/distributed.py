@@ -61,27 +61,15 @@ def main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def processes(device: torch.device | str = "cpu") -> Processes:
+def processes(device: torch.device) -> Processes:
     """This process's place, initialising the process group through accelerate on first use (gloo for ``cpu``,
     NCCL for ``cuda``); ``Processes(0, 1)`` when not launched."""
     if not launched():
         return Processes()
     from accelerate import PartialState
 
-    state = PartialState(cpu=torch.device(device).type == "cpu")
+    state = PartialState(cpu=device.type == "cpu")
     return Processes(state.process_index, state.num_processes)
-
-
-def local_device(device: torch.device) -> torch.device:
-    """A launched CUDA run puts process ``LOCAL_RANK`` on its own GPU (``cuda`` without an index); else
-    ``device``."""
-    if device.type == "cuda" and launched():
-        rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
-        if rank >= count:
-            raise LowbitError(f"process {rank} has no GPU of its own: this machine has {count}; pass --processes "
-                              f"{count} or fewer (one per GPU), or --device cpu")
-        return torch.device("cuda", rank)
-    return device
 
 
 def check_batch(batch: int, procs: Processes) -> None:

@@ -15,7 +15,7 @@ import torch
 from test_cli import invoke, one_error_line
 
 from lowbit import LowbitError
-from lowbit.device import resolve_device
+from lowbit.device import process_device, resolve_device
 from lowbit.train.distributed import Processes, check_batch, shard
 
 
@@ -39,6 +39,19 @@ def test_a_gpu_run_picks_the_gpu_it_names(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(LowbitError, match=r"cuda:2 is not available: torch sees 2 CUDA GPUs \(cuda:0..cuda:1\)"):
         resolve_device("cuda:2")
+
+
+def test_each_launched_process_takes_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert process_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # not launched: the device asked for
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert process_device(torch.device("cpu")) == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert process_device(torch.device("cuda", 0)) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    with pytest.raises(LowbitError, match="process 2 has no GPU of its own: this machine has 2; pass --processes 2"):
+        process_device(torch.device("cuda", 0))
 
 
 def test_the_global_batch_splits_into_equal_contiguous_shards():

@@ -282,8 +282,9 @@ void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_byte
                     int64_t chunks, int64_t n0, int64_t n1, float* y) {
   constexpr int PER = 8 / BITS;
   const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
-  static thread_local std::vector<float> cs;  // s_w[n, g] * s_x[g], zero padded for the 16-wide loads
-  cs.assign(groups + 16, 0.f);
+  static thread_local std::vector<float> cs_buf;  // s_w[n, g] * s_x[g], zero padded for the 16-wide loads
+  cs_buf.assign(groups + 16, 0.f);
+  float* cs = cs_buf.data();  // a plain pointer in the loops: a thread_local name costs a TLS lookup per use
   const int64_t tail = row_bytes - (chunks - 1) * 64;
   const __mmask64 tail_mask = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
   for (int64_t n = n0; n < n1; ++n) {
@@ -302,7 +303,7 @@ void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_byte
         dot = _mm512_dpbusd_epi32(dot, v, _mm512_loadu_si512(xc + p * 64));
       }
       const __m512 s = _mm512_permutexvar_ps(_mm512_loadu_si512(xq.lane.data() + c * 16),
-                                             _mm512_loadu_ps(cs.data() + xq.first[c]));
+                                             _mm512_loadu_ps(cs + xq.first[c]));
       acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
     }
     float out = _mm512_reduce_add_ps(acc);
@@ -326,13 +327,21 @@ bool vnni_applies(int64_t bits, int64_t group_size, bool table) {
 
 namespace {
 
-torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
-                    c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset,
-                    bool int8_x) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
+// One packed weight of a GEMV call: its rows' codes, scales and zero points, and where its outputs go.
+struct Rows {
+  const uint8_t* codes;
+  const at::Half* scales;
+  const uint8_t* zeros;  // nullptr: symmetric codes (the offset is the zero point)
+  bool shared;           // one scale row for every output row
+  int64_t N;             // output rows
+  float* y;
+};
+
+// Checks one weight against x (K,) and the format; returns its Rows writing into a new (N,) fp32 tensor `y`.
+Rows check_rows(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size, torch::Tensor& y) {
   TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (N, row_bytes)");
   TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales must be fp16 (rows, groups)");
-  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
   const int64_t N = codes.size(0), row_bytes = codes.size(1), K = x.size(0), groups = scales.size(1);
   TORCH_CHECK(groups == (K + group_size - 1) / group_size, "scales do not match K and group_size");
   TORCH_CHECK(row_bytes == (K * bits + 7) / 8, "codes do not match K and bits");
@@ -341,19 +350,37 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
     TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->is_contiguous() && zeros->sizes() == scales.sizes(), "zeros must be uint8 like scales");
     zp = zeros->data_ptr<uint8_t>();
   }
+  y = torch::empty({N}, x.options());
+  return Rows{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), zp, scales.size(0) == 1 && N != 1, N,
+              y.data_ptr<float>()};
+}
+
+// y_w = W_w x for every weight w of one format (bits, group size, offset, levels) and one x: x is rounded (int8
+// path) or summed per group once, and one parallel region covers the rows of all of them — a layer's q/k/v or
+// gate/up in one call (csrc/decode.cpp), or a single weight (qgemv).
+void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::optional<torch::Tensor>& levels,
+               int64_t bits, int64_t group_size, int64_t offset, bool int8_x) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
+  const int64_t K = x.size(0), groups = (K + group_size - 1) / group_size, row_bytes = (K * bits + 7) / 8;
   const float* lut = nullptr;
   if (levels.has_value()) {
     TORCH_CHECK(levels->scalar_type() == torch::kFloat32 && levels->is_contiguous() && levels->numel() >= (1 << bits), "levels must be fp32 with 2^bits entries");
     lut = levels->data_ptr<float>();
   }
-  const float* xp = x.data_ptr<float>();
-  auto y = torch::empty({N}, x.options());
-  float* yp = y.data_ptr<float>();
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const at::Half* sp = scales.data_ptr<at::Half>();
-  const bool shared = scales.size(0) == 1 && N != 1;
-  const int64_t total = N * row_bytes;
   const int64_t lut_size = levels.has_value() ? levels->numel() : 0;
+  const float* xp = x.data_ptr<float>();
+  int64_t total_rows = 0;
+  for (const Rows& w : ws) total_rows += w.N;
+  // Runs fn(w, r0, r1) over the rows [n0, n1) of the concatenation of the weights, piece by piece.
+  auto each = [&](int64_t n0, int64_t n1, auto&& fn) {
+    int64_t start = 0;
+    for (const Rows& w : ws) {
+      const int64_t lo = std::max(n0, start), hi = std::min(n1, start + w.N);
+      if (lo < hi) fn(w, lo - start, hi - start);
+      start += w.N;
+    }
+  };
 #ifdef LOWBIT_VNNI
   if (int8_x && vnni_applies(bits, group_size, levels.has_value())) {
     const int64_t chunks = (row_bytes + 63) / 64;
@@ -361,11 +388,13 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
 #define LOWBIT_VNNI_CASE(B)                                                                                    \
   case B: {                                                                                                  \
     const QuantizedX& xq = quantize_x<B>(xp, K, group_size, groups, chunks);                                  \
-    at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {                                                  \
-      gemv_rows_vnni<B>(xq, cp, row_bytes, sp, zp, shared, float(offset), groups, chunks, n0, n1, \
-                        yp);                                                                                 \
+    at::parallel_for(0, total_rows, 8, [&](int64_t n0, int64_t n1) {                                         \
+      each(n0, n1, [&](const Rows& w, int64_t r0, int64_t r1) {                                              \
+        gemv_rows_vnni<B>(xq, w.codes, row_bytes, w.scales, w.zeros, w.shared, float(offset), groups, chunks, \
+                          r0, r1, w.y);                                                                      \
+      });                                                                                                    \
     });                                                                                                      \
-    return y;                                                                                                \
+    return;                                                                                                  \
   }
       LOWBIT_VNNI_CASE(1) LOWBIT_VNNI_CASE(2) LOWBIT_VNNI_CASE(4) LOWBIT_VNNI_CASE(8)
 #undef LOWBIT_VNNI_CASE
@@ -375,32 +404,61 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, 
   std::vector<float> xsum(groups, 0.f);
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t k = g * group_size; k < std::min(K, (g + 1) * group_size); ++k) xsum[g] += xp[k];
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+  at::parallel_for(0, total_rows, 8, [&](int64_t n0, int64_t n1) {
+    each(n0, n1, [&](const Rows& w, int64_t r0, int64_t r1) {
+      const int64_t total = w.N * row_bytes;
 #ifdef LOWBIT_AVX512
-    switch (bits) {
+      switch (bits) {
 #define LOWBIT_SIMD(B)                                                                                          \
   case B:                                                                                                     \
-    if (!lut) gemv_rows_simd<B, Decode::Int>(xp, xsum.data(), cp, row_bytes, total, sp, zp, shared, lut,     \
-                                             float(offset), K, group_size, groups, n0, n1, yp);               \
-    else if (B <= 4 && lut_size <= 16) gemv_rows_simd<B, Decode::Table16>(xp, xsum.data(), cp, row_bytes,    \
-                                             total, sp, zp, shared, lut, float(offset), K, group_size, groups, \
-                                             n0, n1, yp);                                                     \
-    else gemv_rows_simd<B, Decode::Gather>(xp, xsum.data(), cp, row_bytes, total, sp, zp, shared, lut,       \
-                                           float(offset), K, group_size, groups, n0, n1, yp);                 \
+    if (!lut) gemv_rows_simd<B, Decode::Int>(xp, xsum.data(), w.codes, row_bytes, total, w.scales, w.zeros,  \
+                                             w.shared, lut, float(offset), K, group_size, groups, r0, r1, w.y); \
+    else if (B <= 4 && lut_size <= 16) gemv_rows_simd<B, Decode::Table16>(xp, xsum.data(), w.codes, row_bytes, \
+                                             total, w.scales, w.zeros, w.shared, lut, float(offset), K,       \
+                                             group_size, groups, r0, r1, w.y);                                \
+    else gemv_rows_simd<B, Decode::Gather>(xp, xsum.data(), w.codes, row_bytes, total, w.scales, w.zeros,   \
+                                           w.shared, lut, float(offset), K, group_size, groups, r0, r1, w.y); \
     return;
-      LOWBIT_SIMD(1) LOWBIT_SIMD(2) LOWBIT_SIMD(3) LOWBIT_SIMD(4) LOWBIT_SIMD(8)
+        LOWBIT_SIMD(1) LOWBIT_SIMD(2) LOWBIT_SIMD(3) LOWBIT_SIMD(4) LOWBIT_SIMD(8)
 #undef LOWBIT_SIMD
-      default: break;  // 5-7 bits: 16 codes do not fit one 64-bit load; the portable loop below
-    }
+        default: break;  // 5-7 bits: 16 codes do not fit one 64-bit load; the portable loop below
+      }
 #endif
-    switch (bits) {
-#define LOWBIT_CASE(B) case B: gemv_rows<B>(xp, xsum.data(), cp, row_bytes, sp, zp, shared, lut, float(offset), K, group_size, groups, n0, n1, yp); break;
-      LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4) LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
+      switch (bits) {
+#define LOWBIT_CASE(B) case B: gemv_rows<B>(xp, xsum.data(), w.codes, row_bytes, w.scales, w.zeros, w.shared, lut, float(offset), K, group_size, groups, r0, r1, w.y); break;
+        LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4) LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
 #undef LOWBIT_CASE
-      default: TORCH_CHECK(false, "bits must be 1..8");
-    }
+        default: TORCH_CHECK(false, "bits must be 1..8");
+      }
+    });
   });
+}
+
+torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                    c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset,
+                    bool int8_x) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
+  torch::Tensor y;
+  const Rows rows = check_rows(x, codes, scales, zeros, bits, group_size, y);
+  gemv_into(x, {rows}, levels, bits, group_size, offset, int8_x);
   return y;
+}
+
+// Several weights of one format times the same x in one call: [W_0 x, W_1 x, ...] (see gemv_into).
+std::vector<torch::Tensor> qgemv_multi(torch::Tensor x, std::vector<torch::Tensor> codes,
+                                       std::vector<torch::Tensor> scales,
+                                       std::vector<c10::optional<torch::Tensor>> zeros,
+                                       c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size,
+                                       int64_t offset, bool int8_x) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
+  TORCH_CHECK(codes.size() == scales.size() && codes.size() == zeros.size() && !codes.empty(), "one codes, scales and zeros entry per weight");
+  std::vector<torch::Tensor> ys(codes.size());
+  std::vector<Rows> ws;
+  for (size_t i = 0; i < codes.size(); ++i) ws.push_back(check_rows(x, codes[i], scales[i], zeros[i], bits, group_size, ys[i]));
+  gemv_into(x, ws, levels, bits, group_size, offset, int8_x);
+  return ys;
 }
 
 // Mixed-codebook rows (LowRA, lowbit/qmixed.py): stored rows [r0, r1) all have BITS-bit codes, each row its own
@@ -634,12 +692,34 @@ torch::Tensor qgemm_act(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
                         int64_t bits, int64_t group_size, int64_t offset, int64_t act_bits, double clip_ratio);
 void unpack_int8(torch::Tensor codes, c10::optional<torch::Tensor> zeros, int64_t bits, int64_t offset, int64_t r0,
                  int64_t r1, torch::Tensor out);
+// The decode kernels for csrc/decode.cpp's native step.
+torch::Tensor qgemv_kernel(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
+                           c10::optional<torch::Tensor> zeros, c10::optional<torch::Tensor> levels, int64_t bits,
+                           int64_t group_size, int64_t offset, bool int8_x) {
+  return qgemv(x, codes, scales, zeros, levels, bits, group_size, offset, int8_x);
+}
+torch::Tensor gemv_f32_kernel(torch::Tensor x, torch::Tensor w) { return gemv_f32(x, w); }
+std::vector<torch::Tensor> qgemv_multi_kernel(torch::Tensor x, std::vector<torch::Tensor> codes,
+                                              std::vector<torch::Tensor> scales,
+                                              std::vector<c10::optional<torch::Tensor>> zeros,
+                                              c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size,
+                                              int64_t offset, bool int8_x) {
+  return qgemv_multi(x, codes, scales, zeros, levels, bits, group_size, offset, int8_x);
+}
+torch::Tensor qgemv_mixed_kernel(torch::Tensor x, std::vector<int64_t> widths, std::vector<torch::Tensor> codes,
+                                 std::vector<torch::Tensor> books, torch::Tensor absmax, torch::Tensor perm,
+                                 int64_t block) {
+  return qgemv_mixed(x, widths, codes, books, absmax, perm, block);
+}
+// csrc/decode.cpp: the native decode step (NativeDecoder) and its Linears.
+void bind_decode(pybind11::module& m);
 // csrc/gptq.cpp: GPTQ's column loop over one lazy block.
 void gptq_block(torch::Tensor w, torch::Tensor u, torch::Tensor s, torch::Tensor z, int64_t qmax, torch::Tensor codes,
                 torch::Tensor err);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemv", &qgemv, "packed low-bit GEMV (one input row)");
+  m.def("qgemv_multi", &qgemv_multi, "several packed weights of one format times one input row, in one call");
   m.def("qgemv_mixed", &qgemv_mixed, "mixed-width per-row-codebook GEMV (one input row, LowRA)");
   m.def("gemv_f32", &gemv_f32, "fp32 GEMV (one input row) for the float layers a packed model keeps");
   m.def("vnni_applies", &vnni_applies, "whether the int8-activation kernels take (bits, group_size, table)");
@@ -651,6 +731,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemm_act", &qgemm_act, "integer GEMM of per-token quantized activations and a packed weight");
   m.def("unpack_int8", &unpack_int8, "rows of a packed weight with one zero point per row as int8 q - z");
   m.def("gptq_block", &gptq_block, "GPTQ's column loop over one lazy block, integer grid with fixed scales");
+  bind_decode(m);
 }
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {

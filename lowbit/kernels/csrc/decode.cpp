@@ -1,0 +1,386 @@
+// lowbit native decode step: one token through a whole LLaMA-style decoder (RMSNorm, rotary attention with grouped
+// KV heads over a preallocated fp32 cache, SiLU-gated MLP, residuals, final norm, head) in C++, with the packed
+// layers through qgemv.cpp's kernels. transformers' eager step spends more time in per-layer Python and ~400 small
+// ops per token than in the weights of a 135M model; here each layer costs its GEMVs and a few loops.
+// lowbit/native.py builds a Decoder from a loaded model and checks the model is one this step computes exactly
+// (same ops as transformers' LlamaDecoderLayer in fp32; only the order of fp32 sums differs).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define LOWBIT_DECODE_AVX512 1
+#endif
+
+// qgemv.cpp's kernels (outside its anonymous namespace).
+torch::Tensor qgemv_kernel(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
+                           c10::optional<torch::Tensor> zeros, c10::optional<torch::Tensor> levels, int64_t bits,
+                           int64_t group_size, int64_t offset, bool int8_x);
+torch::Tensor gemv_f32_kernel(torch::Tensor x, torch::Tensor w);
+std::vector<torch::Tensor> qgemv_multi_kernel(torch::Tensor x, std::vector<torch::Tensor> codes,
+                                              std::vector<torch::Tensor> scales,
+                                              std::vector<c10::optional<torch::Tensor>> zeros,
+                                              c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size,
+                                              int64_t offset, bool int8_x);
+torch::Tensor qgemv_mixed_kernel(torch::Tensor x, std::vector<int64_t> widths, std::vector<torch::Tensor> codes,
+                                 std::vector<torch::Tensor> books, torch::Tensor absmax, torch::Tensor perm,
+                                 int64_t block);
+
+// y = W x for one fp32 row and a row-major fp16 W (N, K): a float head stored in half precision reads half the
+// bytes of fp32 (the products and sums are fp32: exact for weights that are fp16 values).
+torch::Tensor gemv_f16(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat16 && w.is_contiguous() && w.size(1) == x.size(0),
+              "w must be contiguous fp16 (N, K)");
+  const int64_t N = w.size(0), K = w.size(1);
+  auto y = torch::empty({N}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const at::Half* wp = w.data_ptr<at::Half>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    int64_t n = n0;
+#ifdef LOWBIT_DECODE_AVX512
+    for (; n + 4 <= n1; n += 4) {
+      const at::Half* r = wp + n * K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      int64_t k = 0;
+      auto load = [](const at::Half* p) {
+        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      };
+      for (; k + 16 <= K; k += 16) {
+        if ((k & 31) == 0) {  // the next 4 rows, one 64-byte line each per 32 halves
+          _mm_prefetch(reinterpret_cast<const char*>(r + 4 * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(r + 5 * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(r + 6 * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(r + 7 * K + k), _MM_HINT_T0);
+        }
+        const __m512 xv = _mm512_loadu_ps(xp + k);
+        a0 = _mm512_fmadd_ps(load(r + k), xv, a0);
+        a1 = _mm512_fmadd_ps(load(r + K + k), xv, a1);
+        a2 = _mm512_fmadd_ps(load(r + 2 * K + k), xv, a2);
+        a3 = _mm512_fmadd_ps(load(r + 3 * K + k), xv, a3);
+      }
+      float t0 = _mm512_reduce_add_ps(a0), t1 = _mm512_reduce_add_ps(a1), t2 = _mm512_reduce_add_ps(a2),
+            t3 = _mm512_reduce_add_ps(a3);
+      for (; k < K; ++k) {
+        t0 += static_cast<float>(r[k]) * xp[k];
+        t1 += static_cast<float>(r[K + k]) * xp[k];
+        t2 += static_cast<float>(r[2 * K + k]) * xp[k];
+        t3 += static_cast<float>(r[3 * K + k]) * xp[k];
+      }
+      yp[n] = t0, yp[n + 1] = t1, yp[n + 2] = t2, yp[n + 3] = t3;
+    }
+#endif
+    for (; n < n1; ++n) {
+      const at::Half* r = wp + n * K;
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(r[k]) * xp[k];
+      yp[n] = acc;
+    }
+  });
+  return y;
+}
+
+namespace {
+
+// One Linear of the step: uniform packed (qgemv's arguments, bound once), LowRA's mixed rows (qgemv_mixed's) or
+// float (fp32 or fp16 weight), optional bias.
+struct Linear {
+  enum Kind { kFloat, kPacked, kMixed } kind = kFloat;
+  torch::Tensor codes, scales, weight, absmax, perm;
+  c10::optional<torch::Tensor> zeros, levels, bias;
+  std::vector<int64_t> widths;
+  std::vector<torch::Tensor> row_codes, books;
+  int64_t bits = 0, group_size = 0, offset = 0;
+  bool int8_x = false;
+
+  torch::Tensor operator()(const torch::Tensor& x) const {
+    torch::Tensor y;
+    if (kind == kPacked) {
+      y = qgemv_kernel(x, codes, scales, zeros, levels, bits, group_size, offset, int8_x);
+    } else if (kind == kMixed) {
+      y = qgemv_mixed_kernel(x, widths, row_codes, books, absmax, perm, group_size);
+    } else {
+      y = weight.scalar_type() == torch::kFloat16 ? gemv_f16(x, weight) : gemv_f32_kernel(x, weight);
+    }
+    add_bias(y);
+    return y;
+  }
+
+  void add_bias(torch::Tensor& y) const {
+    if (!bias.has_value()) return;
+    float* yp = y.data_ptr<float>();
+    const float* bp = bias->data_ptr<float>();
+    for (int64_t i = 0, n = y.size(0); i < n; ++i) yp[i] += bp[i];
+  }
+
+  // Whether `other` runs the same uniform kernel (format, group size, activation rounding) as this one.
+  bool same_kernel(const Linear& other) const {
+    return kind == kPacked && other.kind == kPacked && bits == other.bits && group_size == other.group_size &&
+           offset == other.offset && int8_x == other.int8_x && levels.has_value() == other.levels.has_value() &&
+           (!levels.has_value() || levels->is_same(*other.levels));
+  }
+};
+
+// Linears reading the same input (a layer's q/k/v, or gate/up): one qgemv_multi call where they share a kernel
+// (x rounded once, one parallel region over all their rows), else one call each.
+struct Group {
+  std::vector<Linear> parts;
+  bool fused = false;
+
+  explicit Group(std::vector<Linear> linears) : parts(std::move(linears)) {
+    fused = true;
+    for (const Linear& l : parts) fused = fused && parts[0].same_kernel(l);
+  }
+
+  std::vector<torch::Tensor> operator()(const torch::Tensor& x) const {
+    std::vector<torch::Tensor> ys;
+    if (!fused) {
+      for (const Linear& l : parts) ys.push_back(l(x));
+      return ys;
+    }
+    std::vector<torch::Tensor> codes, scales;
+    std::vector<c10::optional<torch::Tensor>> zeros;
+    for (const Linear& l : parts) codes.push_back(l.codes), scales.push_back(l.scales), zeros.push_back(l.zeros);
+    const Linear& a = parts[0];
+    ys = qgemv_multi_kernel(x, codes, scales, zeros, a.levels, a.bits, a.group_size, a.offset, a.int8_x);
+    for (size_t i = 0; i < parts.size(); ++i) parts[i].add_bias(ys[i]);
+    return ys;
+  }
+};
+
+Linear packed_linear(torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                     c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset,
+                     bool int8_x, c10::optional<torch::Tensor> bias) {
+  Linear l;
+  l.kind = Linear::kPacked;
+  l.codes = codes, l.scales = scales, l.zeros = zeros, l.levels = levels, l.bias = bias;
+  l.bits = bits, l.group_size = group_size, l.offset = offset, l.int8_x = int8_x;
+  return l;
+}
+
+Linear mixed_linear(std::vector<int64_t> widths, std::vector<torch::Tensor> codes, std::vector<torch::Tensor> books,
+                    torch::Tensor absmax, torch::Tensor perm, int64_t block, c10::optional<torch::Tensor> bias) {
+  Linear l;
+  l.kind = Linear::kMixed;
+  l.widths = widths, l.row_codes = codes, l.books = books, l.absmax = absmax, l.perm = perm, l.bias = bias;
+  l.group_size = block;
+  return l;
+}
+
+Linear float_linear(torch::Tensor weight, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
+                  (weight.scalar_type() == torch::kFloat32 || weight.scalar_type() == torch::kFloat16),
+              "a float Linear of the native step needs a contiguous fp32 or fp16 (out, in) weight");
+  Linear l;
+  l.weight = weight, l.bias = bias;
+  return l;
+}
+
+struct Layer {
+  Group qkv;
+  Linear o;
+  Group gate_up;
+  Linear down;
+  torch::Tensor input_norm, post_norm;  // (hidden,) fp32 gains
+};
+
+// out = x / sqrt(mean(x^2) + eps) * gain, as transformers' LlamaRMSNorm in fp32.
+void rms_norm(const float* x, const float* gain, float eps, int64_t n, float* out) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  const float r = 1.0f / std::sqrt(static_cast<float>(ss / n) + eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = gain[i] * (x[i] * r);
+}
+
+class Decoder {
+ public:
+  Decoder(torch::Tensor embed, torch::Tensor final_norm, Linear head, torch::Tensor inv_freq, double rope_scaling,
+          int64_t heads, int64_t kv_heads, int64_t head_dim, double attn_scale, double eps)
+      : embed_(embed), final_norm_(final_norm), head_(std::move(head)), inv_freq_(inv_freq),
+        rope_scaling_(static_cast<float>(rope_scaling)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim),
+        attn_scale_(static_cast<float>(attn_scale)), eps_(static_cast<float>(eps)) {
+    TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous(), "embedding table must be contiguous (vocab, hidden)");
+    TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.numel() * 2 == head_dim,
+                "inv_freq must be fp32 (head_dim / 2,)");
+    TORCH_CHECK(heads % kv_heads == 0, "attention heads must be a multiple of the KV heads");
+    hidden_ = embed.size(1);
+  }
+
+  void add_layer(Linear q, Linear k, Linear v, Linear o, Linear gate, Linear up, Linear down, torch::Tensor input_norm,
+                 torch::Tensor post_norm) {
+    layers_.push_back(Layer{Group({std::move(q), std::move(k), std::move(v)}), std::move(o),
+                            Group({std::move(gate), std::move(up)}), std::move(down), input_norm.contiguous(),
+                            post_norm.contiguous()});
+  }
+
+  // A fresh cache of `capacity` positions for every layer (keys after the rotation), (layers, kv_heads, capacity,
+  // head_dim) fp32 each.
+  void reset(int64_t capacity) {
+    const auto n = static_cast<int64_t>(layers_.size());
+    keys_ = torch::zeros({n, kv_heads_, capacity, head_dim_}, torch::kFloat32);
+    values_ = torch::zeros_like(keys_);
+    capacity_ = capacity;
+  }
+
+  // Copies a prompt's cache for one layer: keys/values (kv_heads, length, head_dim), positions [0, length).
+  void set_cache(int64_t layer, torch::Tensor keys, torch::Tensor values) {
+    const int64_t length = keys.size(1);
+    TORCH_CHECK(length <= capacity_, "the prompt is longer than the cache");
+    using torch::indexing::Slice;
+    keys_[layer].index({Slice(), Slice(0, length)}).copy_(keys);
+    values_[layer].index({Slice(), Slice(0, length)}).copy_(values);
+  }
+
+  int64_t capacity() const { return capacity_; }
+
+  // How many of the layers' q/k/v and gate/up groups run as one call each (the rest: one call per Linear).
+  int64_t fused_groups() const {
+    int64_t n = 0;
+    for (const Layer& L : layers_) n += L.qkv.fused + L.gate_up.fused;
+    return n;
+  }
+
+  // The next token after `token` at `pos`: the first index of the largest logit (torch.argmax's choice). No tensor
+  // reaches Python, so a generation loop allocates no Python objects (nothing for its garbage collector to walk).
+  int64_t greedy(int64_t token, int64_t pos) {
+    const auto logits = step(token, pos);
+    const float* lp = logits.data_ptr<float>();
+    int64_t best = 0;
+    for (int64_t i = 1, n = logits.size(0); i < n; ++i)
+      if (lp[i] > lp[best] || (std::isnan(lp[i]) && !std::isnan(lp[best]))) best = i;
+    return best;
+  }
+
+  // The logits (vocab,) fp32 of `token` at position `pos`; positions [0, pos) must be in the cache.
+  torch::Tensor step(int64_t token, int64_t pos) {
+    TORCH_CHECK(pos >= 0 && pos < capacity_, "position ", pos, " is outside the cache of ", capacity_);
+    TORCH_CHECK(token >= 0 && token < embed_.size(0), "token id ", token, " is outside the vocabulary");
+    auto h = embed_[token].to(torch::kFloat32).clone();  // the residual stream (hidden,), never a view of the table
+    auto x = torch::empty({hidden_}, torch::kFloat32);
+    float* hp = h.data_ptr<float>();
+    float* xp = x.data_ptr<float>();
+    const int64_t half = head_dim_ / 2;
+    std::vector<float> cos(half), sin(half);
+    const float* freq = inv_freq_.data_ptr<float>();
+    for (int64_t i = 0; i < half; ++i) {
+      const float angle = static_cast<float>(pos) * freq[i];
+      cos[i] = std::cos(angle) * rope_scaling_, sin[i] = std::sin(angle) * rope_scaling_;
+    }
+    auto attn = torch::empty({heads_ * head_dim_}, torch::kFloat32);
+    for (size_t l = 0; l < layers_.size(); ++l) {
+      const Layer& L = layers_[l];
+      rms_norm(hp, L.input_norm.data_ptr<float>(), eps_, hidden_, xp);
+      auto qkv = L.qkv(x);
+      auto &q = qkv[0], &k = qkv[1], &v = qkv[2];
+      rotate(q.data_ptr<float>(), heads_, cos.data(), sin.data());
+      rotate(k.data_ptr<float>(), kv_heads_, cos.data(), sin.data());
+      const int64_t layer_size = kv_heads_ * capacity_ * head_dim_;
+      float* kc = keys_.data_ptr<float>() + l * layer_size;
+      float* vc = values_.data_ptr<float>() + l * layer_size;
+      for (int64_t g = 0; g < kv_heads_; ++g) {
+        std::copy_n(k.data_ptr<float>() + g * head_dim_, head_dim_, kc + (g * capacity_ + pos) * head_dim_);
+        std::copy_n(v.data_ptr<float>() + g * head_dim_, head_dim_, vc + (g * capacity_ + pos) * head_dim_);
+      }
+      attend(q.data_ptr<float>(), kc, vc, pos + 1, attn.data_ptr<float>());
+      auto o = L.o(attn);
+      const float* op = o.data_ptr<float>();
+      for (int64_t i = 0; i < hidden_; ++i) hp[i] += op[i];
+      rms_norm(hp, L.post_norm.data_ptr<float>(), eps_, hidden_, xp);
+      auto gate_up = L.gate_up(x);
+      auto &gate = gate_up[0], &up = gate_up[1];
+      float* gp = gate.data_ptr<float>();
+      const float* up_p = up.data_ptr<float>();
+      for (int64_t i = 0, n = gate.size(0); i < n; ++i) gp[i] = gp[i] / (1.0f + std::exp(-gp[i])) * up_p[i];
+      auto down = L.down(gate);
+      const float* dp = down.data_ptr<float>();
+      for (int64_t i = 0; i < hidden_; ++i) hp[i] += dp[i];
+    }
+    rms_norm(hp, final_norm_.data_ptr<float>(), eps_, hidden_, xp);
+    return head_(x);
+  }
+
+ private:
+  // Rotary embedding of `n` heads in place (transformers' rotate_half convention: pairs (i, i + head_dim / 2)).
+  void rotate(float* t, int64_t n, const float* c, const float* s) const {
+    const int64_t half = head_dim_ / 2;
+    for (int64_t h = 0; h < n; ++h) {
+      float* a = t + h * head_dim_;
+      float* b = a + half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float x1 = a[i], x2 = b[i];
+        a[i] = x1 * c[i] - x2 * s[i];
+        b[i] = x2 * c[i] + x1 * s[i];
+      }
+    }
+  }
+
+  // Softmax attention of every query head over positions [0, length) of its KV head's cache; out (heads, head_dim).
+  void attend(const float* q, const float* kc, const float* vc, int64_t length, float* out) const {
+    const int64_t group = heads_ / kv_heads_, D = head_dim_;
+    at::parallel_for(0, heads_, length >= 256 ? 1 : heads_, [&](int64_t h0, int64_t h1) {
+      std::vector<float> score(length);
+      for (int64_t h = h0; h < h1; ++h) {
+        const float* qh = q + h * D;
+        const float* K = kc + (h / group) * capacity_ * D;
+        const float* V = vc + (h / group) * capacity_ * D;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < length; ++t) {
+          const float* kt = K + t * D;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < D; ++d) dot += qh[d] * kt[d];
+          score[t] = dot * attn_scale_;
+          top = std::max(top, score[t]);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < length; ++t) total += (score[t] = std::exp(score[t] - top));
+        float* oh = out + h * D;
+        std::fill_n(oh, D, 0.f);
+        for (int64_t t = 0; t < length; ++t) {
+          const float p = score[t] / total;
+          const float* vt = V + t * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) oh[d] += p * vt[d];
+        }
+      }
+    });
+  }
+
+  torch::Tensor embed_, final_norm_;
+  Linear head_;
+  torch::Tensor inv_freq_;
+  float rope_scaling_;
+  int64_t heads_, kv_heads_, head_dim_;
+  float attn_scale_, eps_;
+  int64_t hidden_ = 0, capacity_ = 0;
+  std::vector<Layer> layers_;
+  torch::Tensor keys_, values_;
+};
+
+}  // namespace
+
+void bind_decode(pybind11::module& m) {
+  namespace py = pybind11;
+  py::class_<Linear>(m, "NativeLinear");
+  m.def("packed_linear", &packed_linear, "a packed Linear of the native step (qgemv's arguments)");
+  m.def("mixed_linear", &mixed_linear, "a LowRA mixed-codebook Linear of the native step (qgemv_mixed's arguments)");
+  m.def("float_linear", &float_linear, "a float Linear of the native step (fp32 or fp16 weight)");
+  m.def("gemv_f16", &gemv_f16, "fp16-weight GEMV (one fp32 input row)");
+  py::class_<Decoder>(m, "NativeDecoder")
+      .def(py::init<torch::Tensor, torch::Tensor, Linear, torch::Tensor, double, int64_t, int64_t, int64_t, double,
+                    double>())
+      .def("add_layer", &Decoder::add_layer)
+      .def("reset", &Decoder::reset)
+      .def("set_cache", &Decoder::set_cache)
+      .def("capacity", &Decoder::capacity)
+      .def("fused_groups", &Decoder::fused_groups)
+      .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
+      .def("greedy", &Decoder::greedy, py::call_guard<py::gil_scoped_release>());
+}

@@ -1,0 +1,165 @@
+"""The native decode step (lowbit.native, csrc/decode.cpp): the same greedy tokens and logits as transformers'
+eager forward on packed tiny models of every family it runs, an fp16 head only where exact, and a clear reason
+(then transformers) for every model it does not run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from test_cli import invoke, one_error_line, one_json_object
+
+import lowbit
+from lowbit import Recipe, RTNConfig
+from lowbit.adapters import LoRAConfig, attach
+from lowbit.bench import tensor_bytes, weight_bytes_per_token
+from lowbit.native import _layer_cache, native_decoder, native_reason
+
+pytestmark = pytest.mark.skipif(lowbit.kernels.cpu.extension() is None, reason="the C++ extension did not build")
+
+
+def _packed(arch: str, bits: int = 4, group_size: int = 32):
+    model = tiny_model(arch)
+    lowbit.quantize(model, Recipe([RTNConfig(bits=bits, group_size=group_size)]))
+    return model
+
+
+def _step_logits(model, decoder, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """The native step's logits at positions prompt..T-1 of ``ids``, its cache filled by the model's prompt pass."""
+    out = model(ids[:, :prompt], use_cache=True)
+    decoder._decoder.reset(ids.shape[1])
+    for i in range(len(model.model.layers)):
+        keys, values = _layer_cache(out.past_key_values, i)
+        decoder._decoder.set_cache(i, keys[0], values[0])
+    return torch.stack([decoder.logits(int(ids[0, p]), p) for p in range(prompt, ids.shape[1])])
+
+
+@pytest.mark.parametrize("arch,bits,group_size", [("llama", 4, 32), ("llama", 2, 64), ("llama", 3, 32),
+                                                  ("qwen2", 4, 32), ("mistral", 2, 32)])
+def test_native_greedy_tokens_and_logits_match_transformers(arch, bits, group_size):
+    model = _packed(arch, bits, group_size)
+    assert native_reason(model) is None
+    decoder = native_decoder(model, 64)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+        out = decoder.generate(ids, 16)
+        full = model(out).logits[0, 6:]  # the whole sequence in one forward (no cache): an independent path
+        step = _step_logits(model, decoder, out, 6)
+    assert torch.equal(out, reference)
+    assert ((step - full).abs() / full.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
+
+
+def test_lowra_mixed_rows_run_natively():
+    model = tiny_model("llama")
+    lowbit.quantize(model, "lowra-b2.0")
+    assert native_reason(model) is None
+    decoder = native_decoder(model)
+    assert decoder._decoder.fused_groups() == 0  # mixed rows: one call per Linear
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        reference = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        out = decoder.generate(ids, 8)
+        full = model(out).logits[0, 6:]
+        step = _step_logits(model, decoder, out, 6)
+    assert torch.equal(out, reference)
+    assert ((step - full).abs() / full.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (2, 64), (3, 32)])
+def test_weights_sharing_an_input_in_one_call_equal_one_call_each(bits, group_size):
+    """qgemv_multi (a layer's q/k/v or gate/up in one parallel region) computes each weight's GEMV exactly as
+    qgemv does, on the fp32 path and on the int8-activation path where it applies."""
+    from lowbit.kernels.compiled import row_plan
+
+    model = _packed("llama", bits, group_size)
+    attn = model.model.layers[0].self_attn
+    layers = [attn.q_proj, attn.k_proj, attn.v_proj]
+    ext = lowbit.kernels.cpu.extension()
+    _, _, levels, offset, _ = row_plan(layers[0].weight_meta["fmt"], group_size, "exact")
+    x = torch.randn(layers[0].in_features)
+    args = ([m.codes for m in layers], [m.scales for m in layers], [m._buffers.get("zeros") for m in layers])
+    for int8 in (False, bool(ext.vnni_applies(bits, group_size, levels is not None))):
+        fused = ext.qgemv_multi(x, *args, levels, bits, group_size, offset, int8)
+        single = [ext.qgemv(x, c, s, z, levels, bits, group_size, offset, int8) for c, s, z in zip(*args, strict=True)]
+        assert [y.shape for y in fused] == [y.shape for y in single]
+        assert all(torch.equal(a, b) for a, b in zip(fused, single, strict=True))
+    assert native_decoder(model)._decoder.fused_groups() == 2 * len(model.model.layers)
+
+
+def test_long_context_attention_runs_heads_in_parallel_and_stays_exact():
+    """At 256+ positions the heads are split over threads; the result does not change."""
+    model = _packed("llama")
+    decoder = native_decoder(model)
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full = model(ids).logits[0, 270:]
+        step = _step_logits(model, decoder, ids, 270)
+    assert ((step - full).abs() / full.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
+
+
+def test_the_head_is_read_as_fp16_only_when_every_value_is_an_fp16_number():
+    model = _packed("llama")
+    assert native_decoder(model).head_dtype == torch.float32  # random fp32 init: not fp16 numbers
+    twin = _packed("llama")
+    head = twin.get_output_embeddings()
+    head.weight.data = head.weight.data.half().float()
+    decoder = native_decoder(twin)
+    assert decoder.head_dtype == torch.float16
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.equal(decoder.generate(ids, 8), twin.generate(ids, max_new_tokens=8, do_sample=False,
+                                                                    pad_token_id=0))
+    x = torch.randn(40)
+    w = torch.randn(67, 40).half()
+    torch.testing.assert_close(lowbit.kernels.cpu.extension().gemv_f16(x, w), w.float() @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_speed_reports_the_native_step_and_its_calls():
+    from conftest import ByteTokenizer
+
+    from lowbit.eval.speed import decode_speed
+
+    model = _packed("llama")
+    speed = decode_speed(model, ByteTokenizer(), new_tokens=5, warmup_tokens=2, native=True)
+    assert speed.engine == "native" and speed.new_tokens == 5 and "native-step:4" in speed.kernel
+    plain = decode_speed(model, ByteTokenizer(), new_tokens=5, warmup_tokens=2)
+    assert plain.engine == "transformers" and "native-step" not in plain.kernel
+    head = tensor_bytes(model.get_output_embeddings())
+    assert weight_bytes_per_token(model) - weight_bytes_per_token(model, half_head=True) == head // 2
+
+
+def test_generation_stops_after_an_end_of_sequence_token():
+    model = _packed("llama")
+    ids = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(4))
+    decoder = native_decoder(model)
+    with torch.inference_mode():
+        free = decoder.generate(ids, 6)
+        stop = int(free[0, 5])  # the second new token
+        assert decoder.generate(ids, 6, eos_token_id=stop).tolist() == free[:, :6].tolist()
+        assert torch.equal(decoder.generate(ids, 6, eos_token_id=[stop], min_new_tokens=6), free)
+
+
+def test_models_it_does_not_run_are_named_and_left_to_transformers():
+    model = _packed("llama")
+    attach(model, LoRAConfig(rank=2))
+    assert "adapters" in native_reason(model) and native_decoder(model) is None
+    hooked = _packed("llama")
+    hooked.model.layers[0].mlp.register_forward_hook(lambda *a: None)
+    assert "forward hooks" in native_reason(hooked)
+    assert "model type 'gemma'" in native_reason(tiny_model("gemma"))
+    assert "model type 'qwen3'" in native_reason(tiny_model("qwen3"))  # q/k norms: not LLaMA's block
+    windowed = _packed("mistral")
+    windowed.config.sliding_window = 8
+    assert "exceed the sliding window of 8" in native_reason(windowed, 9) and native_reason(windowed, 8) is None
+
+
+def test_generate_cli_runs_native_where_it_applies_and_says_which_engine_ran(ckpt):
+    args = ("generate", ckpt, "--prompt", "the game was", "--max-new-tokens", "4", "--raw", "--json")
+    native = one_json_object(invoke(*args))
+    plain = one_json_object(invoke(*args, "--engine", "transformers"))
+    assert native["engine"] == "native" and plain["engine"] == "transformers"
+    assert native["text"] == plain["text"] and native["new_tokens"] == plain["new_tokens"]
+    assert "--engine must be one of auto, native, transformers" in one_error_line(invoke(*args, "--engine", "x"))
+    line = one_error_line(invoke(*args, "--engine", "native", "--kv-cache", "int8"))
+    assert "keeps a float KV cache" in line
