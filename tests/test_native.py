@@ -149,6 +149,8 @@ def test_models_it_does_not_run_are_named_and_left_to_transformers():
     assert "forward hooks" in native_reason(hooked)
     assert "model type 'gemma'" in native_reason(tiny_model("gemma"))
     assert "model type 'qwen3'" in native_reason(tiny_model("qwen3"))  # q/k norms: not LLaMA's block
+    on_meta = tiny_model("llama").to("meta")
+    assert "the model is on meta" in native_reason(on_meta)
     windowed = _packed("mistral")
     windowed.config.sliding_window = 8
     assert "exceed the sliding window of 8" in native_reason(windowed, 9) and native_reason(windowed, 8) is None
