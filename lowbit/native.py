@@ -11,7 +11,8 @@ What it computes exactly like transformers' fp32 eager forward (only the order o
 token can differ after a near tie): families of the architecture table with LLaMA's block (:func:`_llama_block`:
 llama, mistral, qwen2 today) whose decoder Linears are plain packed layers — uniform grids or LowRA's mixed
 rows; no adapters, online rotation, activation quantization or trained scales left unfolded — or plain fp32
-Linears, with fp32 norms and embedding, SiLU MLPs, rotary embeddings whose frequencies do not depend on the length
+Linears, with fp32 norms, an fp32 or packed embedding table (``+emb8``: its rows looked up by the table's own
+QEmbedding), SiLU MLPs, rotary embeddings whose frequencies do not depend on the length
 (:data:`ROPE_TYPES`), no hooks inside the model and a float KV cache. :func:`native_reason` names the first thing
 that rules a model out; anything else generates through transformers.
 
@@ -29,6 +30,7 @@ from .kernels import _choice, calls
 from .kernels.compiled import row_plan
 from .kernels.cpu import extension
 from .nn.gemv_linear import is_float_linear
+from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
 from .qmixed import MixedCodebookWeight
 from .threads import ThreadGovernor
@@ -93,8 +95,9 @@ def _check(model: nn.Module, length: int | None) -> None:
         if hooks or module._forward_hooks:
             raise _Unsupported(f"{name or 'the model'} has forward hooks")
     embed = model.get_input_embeddings()
-    if type(embed) is not nn.Embedding or embed.weight.dtype != torch.float32:
-        raise _Unsupported("the input embedding is not a plain fp32 table")
+    plain = type(embed) is nn.Embedding and embed.weight.dtype == torch.float32
+    if not (plain or (type(embed) is QEmbedding and embed.scale == 1.0)):
+        raise _Unsupported("the input embedding is neither a plain fp32 table nor a packed one")
     _linear_args(model.get_output_embeddings(), "the output head")
     final = getattr(body, arch.final_norm)
     for i, layer in enumerate(body.layers):
@@ -161,7 +164,10 @@ class NativeDecoder:
             args[0] = _half_if_exact(args[0])
         self.head_dtype = args[0].dtype if kind == "float" else None  # None: a packed head
         final = getattr(body, arch.final_norm)
-        self._decoder = ext.NativeDecoder(model.get_input_embeddings().weight.detach(), final.weight.detach(),
+        embed = model.get_input_embeddings()
+        self._lookup = embed if type(embed) is QEmbedding else None  # a packed table: rows looked up in Python
+        table = torch.empty(0, config.hidden_size) if self._lookup is not None else embed.weight.detach()
+        self._decoder = ext.NativeDecoder(table, final.weight.detach(),
                                           to_native[kind](*args), rotary.inv_freq.detach().float().contiguous(),
                                           float(rotary.attention_scaling), heads, kv_heads, attn.head_dim,
                                           float(attn.scaling), float(final.variance_epsilon))
@@ -176,6 +182,8 @@ class NativeDecoder:
                  min_new_tokens: int = 0) -> torch.Tensor:
         """Greedy continuation of ``ids (1, T)``: ``(1, T + n)`` token ids, ``n <= max_new_tokens`` (stops after an
         end-of-sequence id once ``min_new_tokens`` are out). The prompt runs through the model's forward."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if ids.dim() != 2 or ids.shape[0] != 1:
             raise ValueError(f"the native step generates one sequence: ids must be (1, T), got {tuple(ids.shape)}")
         stop = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
@@ -192,14 +200,19 @@ class NativeDecoder:
                 break
             if self._governor is not None:
                 self._governor(None, None)
-            token = self._decoder.greedy(token, pos)
+            if self._lookup is None:
+                token = self._decoder.greedy(token, pos)
+            else:  # the packed table's own lookup (QEmbedding.forward), one row
+                token = self._decoder.greedy_row(self._lookup(torch.tensor([token]))[0], pos)
             tokens.append(token)
         calls["native-step"] += len(tokens) - 1  # counted like the kernels (lowbit.kernels.kernel_summary)
         return torch.cat([ids, torch.tensor([tokens], dtype=ids.dtype)], dim=1)
 
     def logits(self, token: int, pos: int) -> torch.Tensor:
         """The next-token logits ``(vocab,)`` of ``token`` at ``pos`` (positions before it already cached)."""
-        return self._decoder.step(token, pos)
+        if self._lookup is None:
+            return self._decoder.step(token, pos)
+        return self._decoder.forward(self._lookup(torch.tensor([token]))[0].float().contiguous(), pos)
 
 
 def _layer_cache(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,8 +224,9 @@ def _layer_cache(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def native_decoder(model: nn.Module, length: int | None = None) -> NativeDecoder | None:
-    """The model's :class:`NativeDecoder` (built once, kept on the model), or None when :func:`native_reason`
-    rules the model out for ``length`` positions."""
+    """The model's :class:`NativeDecoder` (built once per kernel choice and kept on the model: it holds the
+    model's own tensors, so a model whose modules are later replaced needs ``model.__dict__.pop("_lowbit_native")``),
+    or None when :func:`native_reason` rules the model out for ``length`` positions."""
     if native_reason(model, length) is not None:
         return None
     built = model.__dict__.setdefault("_lowbit_native", {})  # by kernel choice: the layers' plans depend on it

@@ -129,6 +129,22 @@ def test_decode_speed_reports_the_native_step_and_its_calls():
     assert weight_bytes_per_token(model) - weight_bytes_per_token(model, half_head=True) == head // 2
 
 
+def test_a_packed_table_and_head_emb8_run_natively_with_the_tables_own_lookup():
+    model = tiny_model("llama", tie_word_embeddings=True)
+    lowbit.quantize(model, "rtn-w4g32+emb8")
+    assert type(model.get_input_embeddings()).__name__ == "QEmbedding" and native_reason(model) is None
+    decoder = native_decoder(model)
+    assert decoder.head_dtype is None  # the head is the packed table
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        reference = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
+        out = decoder.generate(ids, 8)
+        full = model(out).logits[0, 6:]
+        step = _step_logits(model, decoder, out, 6)
+    assert torch.equal(out, reference)
+    assert ((step - full).abs() / full.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
+
+
 def test_generation_stops_after_an_end_of_sequence_token():
     model = _packed("llama")
     ids = torch.randint(0, 256, (1, 4), generator=torch.Generator().manual_seed(4))

@@ -206,7 +206,8 @@ class Decoder {
       : embed_(embed), final_norm_(final_norm), head_(std::move(head)), inv_freq_(inv_freq),
         rope_scaling_(static_cast<float>(rope_scaling)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim),
         attn_scale_(static_cast<float>(attn_scale)), eps_(static_cast<float>(eps)) {
-    TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous(), "embedding table must be contiguous (vocab, hidden)");
+    TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous(), "embedding table must be contiguous (vocab, hidden): "
+                "(0, hidden) when the caller looks rows up itself (greedy_row)");
     TORCH_CHECK(inv_freq.scalar_type() == torch::kFloat32 && inv_freq.numel() * 2 == head_dim,
                 "inv_freq must be fp32 (head_dim / 2,)");
     TORCH_CHECK(heads % kv_heads == 0, "attention heads must be a multiple of the KV heads");
@@ -249,8 +250,12 @@ class Decoder {
 
   // The next token after `token` at `pos`: the first index of the largest logit (torch.argmax's choice). No tensor
   // reaches Python, so a generation loop allocates no Python objects (nothing for its garbage collector to walk).
-  int64_t greedy(int64_t token, int64_t pos) {
-    const auto logits = step(token, pos);
+  int64_t greedy(int64_t token, int64_t pos) { return argmax(step(token, pos)); }
+
+  // The same from the token's embedding row (hidden,) fp32, for a table the step does not read (a packed one).
+  int64_t greedy_row(torch::Tensor row, int64_t pos) { return argmax(forward(row.to(torch::kFloat32).clone(), pos)); }
+
+  static int64_t argmax(const torch::Tensor& logits) {
     const float* lp = logits.data_ptr<float>();
     int64_t best = 0;
     for (int64_t i = 1, n = logits.size(0); i < n; ++i)
@@ -260,9 +265,14 @@ class Decoder {
 
   // The logits (vocab,) fp32 of `token` at position `pos`; positions [0, pos) must be in the cache.
   torch::Tensor step(int64_t token, int64_t pos) {
-    TORCH_CHECK(pos >= 0 && pos < capacity_, "position ", pos, " is outside the cache of ", capacity_);
     TORCH_CHECK(token >= 0 && token < embed_.size(0), "token id ", token, " is outside the vocabulary");
-    auto h = embed_[token].to(torch::kFloat32).clone();  // the residual stream (hidden,), never a view of the table
+    return forward(embed_[token].to(torch::kFloat32).clone(), pos);  // a copy, never a view of the table
+  }
+
+  // The logits of the residual stream `h` (hidden,) fp32 entering the first layer at `pos` (updated in place).
+  torch::Tensor forward(torch::Tensor h, int64_t pos) {
+    TORCH_CHECK(pos >= 0 && pos < capacity_, "position ", pos, " is outside the cache of ", capacity_);
+    TORCH_CHECK(h.dim() == 1 && h.size(0) == hidden_ && h.is_contiguous(), "the embedding row must be (hidden,)");
     auto x = torch::empty({hidden_}, torch::kFloat32);
     float* hp = h.data_ptr<float>();
     float* xp = x.data_ptr<float>();
@@ -382,5 +392,7 @@ void bind_decode(pybind11::module& m) {
       .def("capacity", &Decoder::capacity)
       .def("fused_groups", &Decoder::fused_groups)
       .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
-      .def("greedy", &Decoder::greedy, py::call_guard<py::gil_scoped_release>());
+      .def("forward", &Decoder::forward, py::call_guard<py::gil_scoped_release>())
+      .def("greedy", &Decoder::greedy, py::call_guard<py::gil_scoped_release>())
+      .def("greedy_row", &Decoder::greedy_row, py::call_guard<py::gil_scoped_release>());
 }
