@@ -34,20 +34,27 @@ def _step_logits(model, decoder, ids: torch.Tensor, prompt: int) -> torch.Tensor
     return torch.stack([decoder.logits(int(ids[0, p]), p) for p in range(prompt, ids.shape[1])])
 
 
+def _assert_matches_transformers(model, decoder, new_tokens: int, seed: int) -> None:
+    """Greedy tokens equal to ``model.generate``'s, and the step's logits within 1e-5 (relative to each row's
+    largest) of the whole sequence's forward without a cache (an independent path)."""
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        reference = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=0)
+        out = decoder.generate(ids, new_tokens)
+        full = model(out).logits[0, 6:]
+        step = _step_logits(model, decoder, out, 6)
+    assert torch.equal(out, reference)
+    assert ((step - full).abs() / full.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
+
+
 @pytest.mark.parametrize("arch,bits,group_size", [("llama", 4, 32), ("llama", 2, 64), ("llama", 3, 32),
                                                   ("qwen2", 4, 32), ("mistral", 2, 32)])
 def test_native_greedy_tokens_and_logits_match_transformers(arch, bits, group_size):
     model = _packed(arch, bits, group_size)
     assert native_reason(model) is None
     decoder = native_decoder(model, 64)
-    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        reference = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
-        out = decoder.generate(ids, 16)
-        full = model(out).logits[0, 6:]  # the whole sequence in one forward (no cache): an independent path
-        step = _step_logits(model, decoder, out, 6)
-    assert torch.equal(out, reference)
-    assert ((step - full).abs() / full.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
+    _assert_matches_transformers(model, decoder, 16, seed=1)
 
 
 def test_lowra_mixed_rows_run_natively():
@@ -56,14 +63,7 @@ def test_lowra_mixed_rows_run_natively():
     assert native_reason(model) is None
     decoder = native_decoder(model)
     assert decoder._decoder.fused_groups() == 0  # mixed rows: one call per Linear
-    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        reference = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-        out = decoder.generate(ids, 8)
-        full = model(out).logits[0, 6:]
-        step = _step_logits(model, decoder, out, 6)
-    assert torch.equal(out, reference)
-    assert ((step - full).abs() / full.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
+    _assert_matches_transformers(model, decoder, 8, seed=5)
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, 32), (2, 64), (3, 32)])
@@ -135,14 +135,7 @@ def test_a_packed_table_and_head_emb8_run_natively_with_the_tables_own_lookup():
     assert type(model.get_input_embeddings()).__name__ == "QEmbedding" and native_reason(model) is None
     decoder = native_decoder(model)
     assert decoder.head_dtype is None  # the head is the packed table
-    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(6))
-    with torch.inference_mode():
-        reference = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-        out = decoder.generate(ids, 8)
-        full = model(out).logits[0, 6:]
-        step = _step_logits(model, decoder, out, 6)
-    assert torch.equal(out, reference)
-    assert ((step - full).abs() / full.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
+    _assert_matches_transformers(model, decoder, 8, seed=6)
 
 
 def test_generation_stops_after_an_end_of_sequence_token():

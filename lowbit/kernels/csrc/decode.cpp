@@ -13,16 +13,12 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
-#define LOWBIT_DECODE_AVX512 1
-#endif
-
 // qgemv.cpp's kernels (outside its anonymous namespace).
 torch::Tensor qgemv_kernel(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
                            c10::optional<torch::Tensor> zeros, c10::optional<torch::Tensor> levels, int64_t bits,
                            int64_t group_size, int64_t offset, bool int8_x);
 torch::Tensor gemv_f32_kernel(torch::Tensor x, torch::Tensor w);
+torch::Tensor gemv_f16_kernel(torch::Tensor x, torch::Tensor w);
 std::vector<torch::Tensor> qgemv_multi_kernel(torch::Tensor x, std::vector<torch::Tensor> codes,
                                               std::vector<torch::Tensor> scales,
                                               std::vector<c10::optional<torch::Tensor>> zeros,
@@ -31,61 +27,6 @@ std::vector<torch::Tensor> qgemv_multi_kernel(torch::Tensor x, std::vector<torch
 torch::Tensor qgemv_mixed_kernel(torch::Tensor x, std::vector<int64_t> widths, std::vector<torch::Tensor> codes,
                                  std::vector<torch::Tensor> books, torch::Tensor absmax, torch::Tensor perm,
                                  int64_t block);
-
-// y = W x for one fp32 row and a row-major fp16 W (N, K): a float head stored in half precision reads half the
-// bytes of fp32 (the products and sums are fp32: exact for weights that are fp16 values).
-torch::Tensor gemv_f16(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat16 && w.is_contiguous() && w.size(1) == x.size(0),
-              "w must be contiguous fp16 (N, K)");
-  const int64_t N = w.size(0), K = w.size(1);
-  auto y = torch::empty({N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const at::Half* wp = w.data_ptr<at::Half>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    int64_t n = n0;
-#ifdef LOWBIT_DECODE_AVX512
-    for (; n + 4 <= n1; n += 4) {
-      const at::Half* r = wp + n * K;
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t k = 0;
-      auto load = [](const at::Half* p) {
-        return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-      };
-      for (; k + 16 <= K; k += 16) {
-        if ((k & 31) == 0) {  // the next 4 rows, one 64-byte line each per 32 halves
-          _mm_prefetch(reinterpret_cast<const char*>(r + 4 * K + k), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(r + 5 * K + k), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(r + 6 * K + k), _MM_HINT_T0);
-          _mm_prefetch(reinterpret_cast<const char*>(r + 7 * K + k), _MM_HINT_T0);
-        }
-        const __m512 xv = _mm512_loadu_ps(xp + k);
-        a0 = _mm512_fmadd_ps(load(r + k), xv, a0);
-        a1 = _mm512_fmadd_ps(load(r + K + k), xv, a1);
-        a2 = _mm512_fmadd_ps(load(r + 2 * K + k), xv, a2);
-        a3 = _mm512_fmadd_ps(load(r + 3 * K + k), xv, a3);
-      }
-      float t0 = _mm512_reduce_add_ps(a0), t1 = _mm512_reduce_add_ps(a1), t2 = _mm512_reduce_add_ps(a2),
-            t3 = _mm512_reduce_add_ps(a3);
-      for (; k < K; ++k) {
-        t0 += static_cast<float>(r[k]) * xp[k];
-        t1 += static_cast<float>(r[K + k]) * xp[k];
-        t2 += static_cast<float>(r[2 * K + k]) * xp[k];
-        t3 += static_cast<float>(r[3 * K + k]) * xp[k];
-      }
-      yp[n] = t0, yp[n + 1] = t1, yp[n + 2] = t2, yp[n + 3] = t3;
-    }
-#endif
-    for (; n < n1; ++n) {
-      const at::Half* r = wp + n * K;
-      float acc = 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(r[k]) * xp[k];
-      yp[n] = acc;
-    }
-  });
-  return y;
-}
 
 namespace {
 
@@ -107,7 +48,7 @@ struct Linear {
     } else if (kind == kMixed) {
       y = qgemv_mixed_kernel(x, widths, row_codes, books, absmax, perm, group_size);
     } else {
-      y = weight.scalar_type() == torch::kFloat16 ? gemv_f16(x, weight) : gemv_f32_kernel(x, weight);
+      y = weight.scalar_type() == torch::kFloat16 ? gemv_f16_kernel(x, weight) : gemv_f32_kernel(x, weight);
     }
     add_bias(y);
     return y;
@@ -382,7 +323,6 @@ void bind_decode(pybind11::module& m) {
   m.def("packed_linear", &packed_linear, "a packed Linear of the native step (qgemv's arguments)");
   m.def("mixed_linear", &mixed_linear, "a LowRA mixed-codebook Linear of the native step (qgemv_mixed's arguments)");
   m.def("float_linear", &float_linear, "a float Linear of the native step (fp32 or fp16 weight)");
-  m.def("gemv_f16", &gemv_f16, "fp16-weight GEMV (one fp32 input row)");
   py::class_<Decoder>(m, "NativeDecoder")
       .def(py::init<torch::Tensor, torch::Tensor, Linear, torch::Tensor, double, int64_t, int64_t, int64_t, double,
                     double>())

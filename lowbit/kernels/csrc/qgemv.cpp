@@ -596,42 +596,42 @@ void dequant_bf16(torch::Tensor codes, torch::Tensor scales, c10::optional<torch
   });
 }
 
-// Float GEMV y = W x for one fp32 input row and a row-major fp32 W (N, K): the float LM head a packed model keeps.
-// Memory-bound; four rows share each load of x. torch's fp32 matrix-vector product reached about a third of this
-// CPU's read bandwidth on the 49152 x 576 head (6.8 ms vs 2.3 ms, 2 threads).
-torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(1) == x.size(0), "w must be contiguous fp32 (N, K)");
+// Float GEMV y = W x for one fp32 input row and a row-major float W (N, K): the float LM head a packed model keeps,
+// in fp32, or in fp16 where its values are fp16 numbers (the native decode step: half the bytes, the same products,
+// fp32 sums). Memory-bound; four rows share each load of x. torch's fp32 matrix-vector product reached about a
+// third of this CPU's read bandwidth on the 49152 x 576 head (6.8 ms vs 2.3 ms, 2 threads).
+#ifdef LOWBIT_AVX512
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const at::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+#endif
+
+template <typename W>
+torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w) {
   const int64_t N = w.size(0), K = w.size(1);
   auto y = torch::empty({N}, x.options());
   const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
+  const W* wp = w.data_ptr<W>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
     int64_t n = n0;
 #ifdef LOWBIT_AVX512
+    constexpr int64_t LINE = 64 / sizeof(W);  // weights per 64-byte line: prefetch once per line of each row
     for (; n + 4 <= n1; n += 4) {
-      const float* r = wp + n * K;
+      const W* r = wp + n * K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-      int64_t k = 0;
-      for (; k + 16 <= K; k += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(r + 4 * K + k), _MM_HINT_T0);  // the next 4 rows, one line
-        _mm_prefetch(reinterpret_cast<const char*>(r + 5 * K + k), _MM_HINT_T0);  // each per step
-        _mm_prefetch(reinterpret_cast<const char*>(r + 6 * K + k), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(r + 7 * K + k), _MM_HINT_T0);
-        const __m512 xv = _mm512_loadu_ps(xp + k);
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(r + k), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(r + K + k), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 2 * K + k), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(r + 3 * K + k), xv, a3);
-      }
-      if (k < K) {
-        const __mmask16 m = static_cast<__mmask16>((1u << (K - k)) - 1);
+      for (int64_t k = 0; k < K; k += 16) {
+        if (k % LINE == 0) {  // the next 4 rows, one line each
+          _mm_prefetch(reinterpret_cast<const char*>(r + 4 * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(r + 5 * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(r + 6 * K + k), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(r + 7 * K + k), _MM_HINT_T0);
+        }
+        const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
         const __m512 xv = _mm512_maskz_loadu_ps(m, xp + k);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + k), xv, a0);
-        a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + K + k), xv, a1);
-        a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + 2 * K + k), xv, a2);
-        a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, r + 3 * K + k), xv, a3);
+        a0 = _mm512_fmadd_ps(load16(r + k, m), xv, a0);
+        a1 = _mm512_fmadd_ps(load16(r + K + k, m), xv, a1);
+        a2 = _mm512_fmadd_ps(load16(r + 2 * K + k, m), xv, a2);
+        a3 = _mm512_fmadd_ps(load16(r + 3 * K + k, m), xv, a3);
       }
       yp[n] = _mm512_reduce_add_ps(a0);
       yp[n + 1] = _mm512_reduce_add_ps(a1);
@@ -640,14 +640,26 @@ torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
     }
 #endif
     for (; n < n1; ++n) {
-      const float* r = wp + n * K;
+      const W* r = wp + n * K;
       float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
-      for (int64_t k = 0; k < K; ++k) acc += r[k] * xp[k];
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<float>(r[k]) * xp[k];
       yp[n] = acc;
     }
   });
   return y;
+}
+
+torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.size(1) == x.size(0), "w must be contiguous fp32 (N, K)");
+  return gemv_float<float>(x, w);
+}
+
+torch::Tensor gemv_f16(torch::Tensor x, torch::Tensor w) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == torch::kFloat16 && w.is_contiguous() && w.size(1) == x.size(0), "w must be contiguous fp16 (N, K)");
+  return gemv_float<at::Half>(x, w);
 }
 
 // The same kernels as dispatcher ops (lowbit::qgemv, lowbit::gemv_f32) for graphs torch.compile builds
@@ -699,6 +711,7 @@ torch::Tensor qgemv_kernel(torch::Tensor x, torch::Tensor codes, torch::Tensor s
   return qgemv(x, codes, scales, zeros, levels, bits, group_size, offset, int8_x);
 }
 torch::Tensor gemv_f32_kernel(torch::Tensor x, torch::Tensor w) { return gemv_f32(x, w); }
+torch::Tensor gemv_f16_kernel(torch::Tensor x, torch::Tensor w) { return gemv_f16(x, w); }
 std::vector<torch::Tensor> qgemv_multi_kernel(torch::Tensor x, std::vector<torch::Tensor> codes,
                                               std::vector<torch::Tensor> scales,
                                               std::vector<c10::optional<torch::Tensor>> zeros,
@@ -722,6 +735,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qgemv_multi", &qgemv_multi, "several packed weights of one format times one input row, in one call");
   m.def("qgemv_mixed", &qgemv_mixed, "mixed-width per-row-codebook GEMV (one input row, LowRA)");
   m.def("gemv_f32", &gemv_f32, "fp32 GEMV (one input row) for the float layers a packed model keeps");
+  m.def("gemv_f16", &gemv_f16, "fp16-weight GEMV (one fp32 input row): a float head read at half the bytes");
   m.def("vnni_applies", &vnni_applies, "whether the int8-activation kernels take (bits, group_size, table)");
   m.def("qgemm_i8", &qgemm_i8, "a few rows through the int8-activation kernel (small batches)");
   m.def("dequant_bf16", &dequant_bf16, "rows of a uniform packed weight dequantized into a bf16 tile");
