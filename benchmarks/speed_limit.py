@@ -65,8 +65,8 @@ with torch.inference_mode():
     warm = new if compiled else 8  # a compiled step compiles on the warm-up of the same length
     if native:
         from lowbit.native import native_decoder, native_reason
-        assert native_reason(model, prompt.shape[1] + new) is None, native_reason(model, prompt.shape[1] + new)
-        step = native_decoder(model)
+        step = native_decoder(model, prompt.shape[1] + new)
+        assert step is not None, native_reason(model, prompt.shape[1] + new)
         generate = lambda n: step.generate(prompt, n)
     else:
         generate = lambda n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kw)

@@ -38,10 +38,15 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     return torch.device("cuda", number)
 
 
+def launched() -> bool:
+    """Whether a launcher (accelerate, torchrun) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def process_device(device: torch.device) -> torch.device:
-    """Where this process computes: under a launcher (``WORLD_SIZE`` > 1) a CUDA run puts process ``LOCAL_RANK``
-    on its own GPU (``cuda`` without an index); else ``device``."""
-    if device.type != "cuda" or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    """Where this process computes: under a launcher (:func:`launched`) a CUDA run puts process ``LOCAL_RANK`` on
+    its own GPU (``cuda`` without an index); else ``device``."""
+    if device.type != "cuda" or not launched():
         return device
     rank, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
     if rank >= count:

@@ -202,8 +202,8 @@ class NativeDecoder:
                 self._governor(None, None)
             if self._lookup is None:
                 token = self._decoder.greedy(token, pos)
-            else:  # the packed table's own lookup (QEmbedding.forward), one row
-                token = self._decoder.greedy_row(self._lookup(torch.tensor([token]))[0], pos)
+            else:
+                token = self._decoder.greedy_row(self._row(token), pos)
             tokens.append(token)
         calls["native-step"] += len(tokens) - 1  # counted like the kernels (lowbit.kernels.kernel_summary)
         return torch.cat([ids, torch.tensor([tokens], dtype=ids.dtype)], dim=1)
@@ -212,7 +212,11 @@ class NativeDecoder:
         """The next-token logits ``(vocab,)`` of ``token`` at ``pos`` (positions before it already cached)."""
         if self._lookup is None:
             return self._decoder.step(token, pos)
-        return self._decoder.forward(self._lookup(torch.tensor([token]))[0].float().contiguous(), pos)
+        return self._decoder.forward(self._row(token), pos)
+
+    def _row(self, token: int) -> torch.Tensor:
+        """``token``'s embedding ``(hidden,)`` fp32 by the packed table's own lookup (QEmbedding.forward)."""
+        return self._lookup(torch.tensor([token]))[0].float().contiguous()
 
 
 def _layer_cache(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:

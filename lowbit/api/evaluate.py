@@ -144,10 +144,10 @@ def generate(config: GenerateConfig) -> GenerateResult:
     native = None
     if config.engine != "transformers" and kv_cache is None:
         length = prompt_tokens + config.max_new_tokens
-        reason = native_reason(model, length)
-        if reason is not None and config.engine == "native":
-            raise LowbitError(f"--engine native does not run this model: {reason}; use --engine transformers")
-        native = None if reason is not None else native_decoder(model, length)
+        native = native_decoder(model, length)
+        if native is None and config.engine == "native":
+            raise LowbitError(f"--engine native does not run this model: {native_reason(model, length)}; use "
+                              "--engine transformers")
     start = time.perf_counter()
     with torch.inference_mode():
         if native is not None:

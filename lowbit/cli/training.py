@@ -71,8 +71,9 @@ def finetune(
     A checkpoint that already holds adapters (lowbit compensate, an earlier finetune) continues training them.
     The resumable training state lives in OUT.trainer/ (beside OUT) until the checkpoint is saved."""
     from ..api import FinetuneConfig, finetune
+    from ..device import launched
     from ..train import TrainConfig
-    from ..train.distributed import launched, main_process
+    from ..train.distributed import main_process
     folder = data if data is not None and data.is_dir() else None  # a data folder, not a training file
     if processes < 1:
         fail(f"--processes must be >= 1, got {processes}")
@@ -142,7 +143,8 @@ def compensate(
 ):
     """Win back 2-bit quality with adapters: RILQ trains them against the float model, LoftQ fits the residual."""
     from ..api import CompensateConfig, compensate
-    from ..train.distributed import launched, main_process
+    from ..device import launched
+    from ..train.distributed import main_process
 
     if processes < 1:
         fail(f"--processes must be >= 1, got {processes}")

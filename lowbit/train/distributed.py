@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..device import launched
 from ..errors import LowbitError
 from ..models import decoder_blocks
 
@@ -49,11 +50,6 @@ class Processes:
     def main(self) -> bool:
         """The one process that writes checkpoints, logs and results."""
         return self.index == 0
-
-
-def launched() -> bool:
-    """Whether a launcher (accelerate, torchrun) started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def main_process() -> bool:

@@ -327,6 +327,12 @@ bool vnni_applies(int64_t bits, int64_t group_size, bool table) {
 
 namespace {
 
+// The input row and group size every GEMV call takes.
+void check_x(const torch::Tensor& x, int64_t group_size) {
+  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
+}
+
 // One packed weight of a GEMV call: its rows' codes, scales and zero points, and where its outputs go.
 struct Rows {
   const uint8_t* codes;
@@ -355,13 +361,11 @@ Rows check_rows(const torch::Tensor& x, const torch::Tensor& codes, const torch:
               y.data_ptr<float>()};
 }
 
-// y_w = W_w x for every weight w of one format (bits, group size, offset, levels) and one x: x is rounded (int8
-// path) or summed per group once, and one parallel region covers the rows of all of them — a layer's q/k/v or
-// gate/up in one call (csrc/decode.cpp), or a single weight (qgemv).
+// y_w = W_w x for every weight w of one format (bits, group size, offset, levels) and one x (checked by the
+// callers: check_x, check_rows): x is rounded (int8 path) or summed per group once, and one parallel region covers
+// the rows of all of them — a layer's q/k/v or gate/up in one call (csrc/decode.cpp), or a single weight (qgemv).
 void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::optional<torch::Tensor>& levels,
                int64_t bits, int64_t group_size, int64_t offset, bool int8_x) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
-  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
   const int64_t K = x.size(0), groups = (K + group_size - 1) / group_size, row_bytes = (K * bits + 7) / 8;
   const float* lut = nullptr;
   if (levels.has_value()) {
@@ -437,8 +441,7 @@ void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::o
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                     c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset,
                     bool int8_x) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
-  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
+  check_x(x, group_size);
   torch::Tensor y;
   const Rows rows = check_rows(x, codes, scales, zeros, bits, group_size, y);
   gemv_into(x, {rows}, levels, bits, group_size, offset, int8_x);
@@ -451,8 +454,7 @@ std::vector<torch::Tensor> qgemv_multi(torch::Tensor x, std::vector<torch::Tenso
                                        std::vector<c10::optional<torch::Tensor>> zeros,
                                        c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size,
                                        int64_t offset, bool int8_x) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
-  TORCH_CHECK(group_size > 0 && group_size % 8 == 0, "group_size must be a positive multiple of 8");
+  check_x(x, group_size);
   TORCH_CHECK(codes.size() == scales.size() && codes.size() == zeros.size() && !codes.empty(), "one codes, scales and zeros entry per weight");
   std::vector<torch::Tensor> ys(codes.size());
   std::vector<Rows> ws;
