@@ -177,3 +177,12 @@ def test_registry_rejects_a_second_object_under_one_name(monkeypatch):
     with pytest.raises(RuntimeError, match="registered twice"):
         register("test-kind-recipe", "a")(B)
     assert get("test-kind-recipe", "a") is A
+
+
+def test_best_w2_lora_distils_the_float_model():
+    """The 2-bit adapters train on the float model's next-token distributions only (a signal that transfers
+    beyond the calibration text), rank 8, stored in bf16 so the preset stays within 2.75 bits/weight."""
+    rilq = PRESETS["best-w2-lora"][-1]
+    assert (rilq.step, rilq.rank, rilq.adapter_dtype) == ("rilq", 8, "bfloat16")
+    assert (rilq.lambda_model, rilq.lambda_gt, rilq.lambda_kl) == (0.0, 0.0, 1.0)
+    assert PRESETS["best-w2-lora"][:-1] == PRESETS["best-w2"]
