@@ -69,20 +69,24 @@ for _bits, _g in ((4, 128), (3, 128), (2, 64)):
     PRESETS[f"blockwise-gptq-w{_bits}g{_g}"] = [BlockwiseConfig(quantizer={"step": "gptq", "bits": _bits,
                                                                           "group_size": _g})]
 
+# RILQ's loss reduced to distillation: only the KL of the float model's next-token distributions (the teacher's
+# logits), no cross-entropy on the calibration text nor hidden-state matching. Every trained issue-23 recipe uses it.
+_DISTIL = dict(lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0)
+
 # End-to-end refinement (issue 23): after any channel- or group-wise uniform quantizer (gptq-w4g128+refine-kl),
 # every group scale is trained to match the float model's next-token distributions (KL from the teacher's logits)
 # on 320 windows of 256 tokens (32 held out), 100 steps of 4 windows, then folded into the packed fp16 scales: no
 # bits added. lr 1e-3 (relative change of a scale per Adam step) is a first choice, not scanned. Over GPTQ w4g128
 # on SmolLM2: 24.58 -> 22.30, held-out KL 0.213 -> 0.118 (BENCHMARKS.md).
-PRESETS["refine-kl"] = [RILQConfig(rank=0, scales="group", lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0, lr=1e-3,
-                                   samples=320, val_ratio=0.1, max_steps=100, eval_every=20)]
+PRESETS["refine-kl"] = [RILQConfig(rank=0, scales="group", **_DISTIL, lr=1e-3, samples=320, val_ratio=0.1,
+                                   max_steps=100, eval_every=20)]
 
 # Quantization-aware training (issue 23) after any uniform-int quantizer (gptq-w2g64+qat-kl): the packed codes
 # train through the straight-through estimator, with every group scale, on the same KL distillation as refine-kl
 # (200 steps), then are packed again: no bits added. Memory: ~50 bytes per decoder weight while it trains (fp32
 # latent codes, offsets, gradients, Adam's moments): 7.2 GB for SmolLM2. lr 5e-3 not scanned.
-PRESETS["qat-kl"] = [RILQConfig(rank=0, codes=True, scales="group", lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0,
-                                lr=5e-3, samples=320, val_ratio=0.1, max_steps=200, eval_every=40)]
+PRESETS["qat-kl"] = [RILQConfig(rank=0, codes=True, scales="group", **_DISTIL, lr=5e-3, samples=320, val_ratio=0.1,
+                                max_steps=200, eval_every=40)]
 
 # One recommended recipe per budget (issue 23). BEST says what each holds and costs; BENCHMARKS.md "Closer to the
 # accuracy limit" has the measured figures.
@@ -96,10 +100,9 @@ BEST: dict[str, tuple[list[StepConfig], str]] = {
                 "every group scale distilled from the float model; 3.20 bits/weight"),
     "best-w2": (PRESETS["lowra-gptq-b2.0"], "LowRA mixed 1-4-bit codebooks (2.0 code bits) rounded by GPTQ, "
                                             "Fisher-weighted assignment; 2.37 bits/weight"),
-    # The adapters learn the float model's next-token distributions only (KL, no cross-entropy on the text nor
-    # hidden-state matching): RILQ's own loss reached 30.71 on WikiText-2 but cost ARC-Easy 6 points against the
-    # untrained start; distillation 33.68, PIQA +3.7 and ARC-Easy +3.0 points over RILQ's loss (BENCHMARKS.md).
-    "best-w2-lora": (PRESETS["lowra-gptq-b2.0"] + [RILQConfig(rank=8, lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0)],
+    # The adapters are distilled (_DISTIL): RILQ's own loss reached 30.71 on WikiText-2 but cost ARC-Easy 6 points
+    # against the untrained start; distillation 33.68, PIQA +3.7 and ARC-Easy +3.0 over RILQ's loss (BENCHMARKS.md).
+    "best-w2-lora": (PRESETS["lowra-gptq-b2.0"] + [RILQConfig(rank=8, **_DISTIL)],
                      "best-w2 plus rank-8 LoRA adapters (bf16) distilled from the float model's next-token "
                      "distributions; 2.37 + 0.37 = 2.74 bits/weight"),
     "best-w1.5": (PRESETS["lowra-gptq-b1.5"], "LowRA mixed 1/2-bit codebooks rounded by GPTQ, Fisher-weighted "
