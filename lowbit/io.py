@@ -60,7 +60,7 @@ from .models import (
 from .nn.gemv_linear import use_gemv_head
 from .nn.input_transform import InputSpec, TransformedLinear
 from .nn.qembedding import QEmbedding
-from .nn.qlinear import fold_scale_multiplier, packed_linear
+from .nn.qlinear import packed_linear
 from .qtensor import empty_weight
 from .shards import TensorAppender
 from .state import state_of
@@ -116,10 +116,9 @@ class CheckpointTensors:
             if layer is not None and leaf in ("channel_scale", "group_scale"):
                 continue  # folded into the packed scales below
             t = held.detach()
-            if layer is not None and leaf == "scales":
-                for trained in ("group_scale", "channel_scale"):
-                    if getattr(layer, trained, None) is not None:
-                        t = fold_scale_multiplier(t, getattr(layer, trained).detach())
+            if layer is not None and (layer.group_scale is not None or layer.channel_scale is not None) \
+                    and leaf == layer.qweight.scale_layout[0]:
+                t = layer.folded_scales()
             elif layer is not None and leaf == "outlier":
                 t = t.to(torch.float16)  # QUAD's storage (methods.md §7.3), also after PEFT trained an fp32 copy
             elif name in narrow and t.dtype.itemsize > storage.itemsize:

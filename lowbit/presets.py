@@ -73,11 +73,12 @@ for _bits, _g in ((4, 128), (3, 128), (2, 64)):
 # logits), no cross-entropy on the calibration text nor hidden-state matching. Every trained issue-23 recipe uses it.
 _DISTIL = dict(lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0)
 
-# End-to-end refinement (issue 23): after any channel- or group-wise uniform quantizer (gptq-w4g128+refine-kl),
-# every group scale is trained to match the float model's next-token distributions (KL from the teacher's logits)
-# on 320 windows of 256 tokens (32 held out), 100 steps of 4 windows, then folded into the packed fp16 scales: no
-# bits added. lr 1e-3 (relative change of a scale per Adam step) is a first choice, not scanned. Over GPTQ w4g128
-# on SmolLM2: 24.58 -> 22.30, held-out KL 0.213 -> 0.118 (BENCHMARKS.md).
+# End-to-end refinement (issue 23): after any quantizer with row-wise scales (channel- or group-wise uniform:
+# gptq-w4g128+refine-kl; LowRA's block absmax: lowra-gptq-b2.0+refine-kl), every group scale is trained to match
+# the float model's next-token distributions (KL from the teacher's logits) on 320 windows of 256 tokens (32 held
+# out), 100 steps of 4 windows, then folded into the packed fp16 scales: no bits added. lr 1e-3 (relative change
+# of a scale per Adam step) is a first choice, not scanned. On SmolLM2: GPTQ w4g128 24.58 -> 22.30 (held-out KL
+# 0.213 -> 0.118), LowRA-GPTQ b2.0 53.06 -> 38.27 (1.021 -> 0.709) (BENCHMARKS.md).
 PRESETS["refine-kl"] = [RILQConfig(rank=0, scales="group", **_DISTIL, lr=1e-3, samples=320, val_ratio=0.1,
                                    max_steps=100, eval_every=20)]
 
@@ -98,11 +99,13 @@ BEST: dict[str, tuple[list[StepConfig], str]] = {
     "best-w3": (PRESETS["rotate"] + PRESETS["blockwise-gptq-w3g128"] + PRESETS["refine-kl"],
                 "int3 g128 over Hadamard-rotated weights (untied head), GPTQ, block-wise trained group scales, then "
                 "every group scale distilled from the float model; 3.20 bits/weight"),
-    "best-w2": (PRESETS["lowra-gptq-b2.0"], "LowRA mixed 1-4-bit codebooks (2.0 code bits) rounded by GPTQ, "
-                                            "Fisher-weighted assignment; 2.37 bits/weight"),
+    # refine-kl trains LowRA's block absmax as it trains uniform group scales: 53.06 -> 38.27 (BENCHMARKS.md)
+    "best-w2": (PRESETS["lowra-gptq-b2.0"] + PRESETS["refine-kl"],
+                "LowRA mixed 1-4-bit codebooks (2.0 code bits) rounded by GPTQ, Fisher-weighted assignment, then "
+                "every block scale distilled from the float model's next-token distribution; 2.37 bits/weight"),
     # The adapters are distilled (_DISTIL): RILQ's own loss reached 30.71 on WikiText-2 but cost ARC-Easy 6 points
     # against the untrained start; distillation 33.68, PIQA +3.7 and ARC-Easy +3.0 over RILQ's loss (BENCHMARKS.md).
-    "best-w2-lora": (PRESETS["lowra-gptq-b2.0"] + [RILQConfig(rank=8, **_DISTIL)],
+    "best-w2-lora": (PRESETS["lowra-gptq-b2.0"] + PRESETS["refine-kl"] + [RILQConfig(rank=8, **_DISTIL)],
                      "best-w2 plus rank-8 LoRA adapters (bf16) distilled from the float model's next-token "
                      "distributions; 2.37 + 0.37 = 2.74 bits/weight"),
     "best-w1.5": (PRESETS["lowra-gptq-b1.5"], "LowRA mixed 1/2-bit codebooks rounded by GPTQ, Fisher-weighted "

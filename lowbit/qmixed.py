@@ -124,6 +124,14 @@ class MixedCodebookWeight(PackedWeight):
         """Average code bits per weight."""
         return self.code_bits / self.numel
 
+    @property
+    def scale_layout(self) -> tuple[str, int]:
+        """The block absmax: one scale per row and block (a trained multiplier folds into it)."""
+        return "absmax", self.block_size
+
+    def stored_rows(self) -> torch.Tensor:
+        return self.perm.long()
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"row_bits": self.row_bits, "absmax": self.absmax}
         for b in self.rows:

@@ -144,6 +144,37 @@ class PackedWeight:
         """Effective bits per weight, everything stored included (methods.md §2.6)."""
         return self.nbytes * 8 / self.numel
 
+    @property
+    def scale_layout(self) -> tuple[str, int] | None:
+        """``(name, columns)``: the stored tensor holding one scale per output row and per group of ``columns``
+        input columns, which a trained multiplier folds into exactly (:meth:`fold_multiplier`; RILQ's
+        ``scales``, QUAD's PEFT); None when the weight has no row-wise scales (per-tensor scales)."""
+        return None
+
+    @property
+    def scale_groups(self) -> int:
+        """Scales per row of :attr:`scale_layout` (``ceil(in / columns)``)."""
+        return math.ceil(self.in_features / self.scale_layout[1])
+
+    def fold_multiplier(self, multiplier: torch.Tensor) -> torch.Tensor:
+        """The :attr:`scale_layout` tensor times ``multiplier`` — ``(out,)`` or ``(out, 1)`` per row,
+        ``(out, groups)`` per group, in the original row order — rounded once to the stored dtype, in stored
+        row order: the same weight with one scale set (``(q - z) · s · c = (q - z) · (s c)``)."""
+        layout = self.scale_layout
+        groups = None if layout is None else self.scale_groups
+        factor = multiplier.float()[:, None] if multiplier.dim() == 1 else multiplier.float()
+        if layout is None or factor.dim() != 2 or factor.shape[0] != self.out_features \
+                or factor.shape[1] not in (1, groups):
+            expect = "none per row: per-tensor" if layout is None else f"({self.out_features}, {groups})"
+            raise LowbitError(f"cannot fold trained scales of shape {tuple(multiplier.shape)} into this "
+                              f"{self.out_features} x {self.in_features} weight's scales ({expect})")
+        scales = self.tensors()[layout[0]]
+        return (scales.float() * factor[self.stored_rows()].to(scales.device)).to(scales.dtype)
+
+    def stored_rows(self) -> slice | torch.Tensor:
+        """Index of the original rows in stored order (every row in place: ``slice(None)``)."""
+        return slice(None)
+
 
 @dataclass
 class QuantizedWeight(PackedWeight):
@@ -226,6 +257,10 @@ class QuantizedWeight(PackedWeight):
         if self.zeros is not None:
             out["zeros"] = self.zeros
         return out
+
+    @property
+    def scale_layout(self) -> tuple[str, int] | None:
+        return None if self.granularity == "tensor" else ("scales", self.group_size)
 
     def meta(self) -> dict:
         """JSON-able description (no tensors) from which :meth:`empty` rebuilds the storage layout."""

@@ -136,8 +136,8 @@ def store_adapters(model: nn.Module, dtype: str = "bfloat16") -> int:
 
 def has_row_scales(layer: QLinear) -> bool:
     """Whether the layer's packed weight has one scale row per output channel (uniform channel- or group-wise
-    weights), so a per-channel multiplier folds into it exactly."""
-    return layer.weight_meta.get("granularity") in ("channel", "group")
+    weights, LowRA's block absmax), so a per-channel or per-group multiplier folds into it exactly."""
+    return layer.qweight.scale_layout is not None
 
 
 def _train_multipliers(layers: list[QLinear], attr: str, kind: str, shape) -> int:
@@ -145,10 +145,11 @@ def _train_multipliers(layers: list[QLinear], attr: str, kind: str, shape) -> in
     trainable; layers without row-wise scales (:func:`has_row_scales`) are an error. Returns the count."""
     for m in layers:
         if not has_row_scales(m):
-            raise LowbitError(f"{m.layout()} weights have no {kind} scales to train (per-tensor or codebook "
-                              "scales); use channel- or group-wise uniform weights")
+            raise LowbitError(f"{m.layout()} weights have no {kind} scales to train (per-tensor scales); use "
+                              "channel- or group-wise weights")
         if getattr(m, attr) is None:
-            setattr(m, attr, nn.Parameter(torch.ones(shape(m), device=m.scales.device)))
+            device = m.qweight.tensors()[m.qweight.scale_layout[0]].device
+            setattr(m, attr, nn.Parameter(torch.ones(shape(m), device=device)))
         getattr(m, attr).requires_grad_(True)
     return sum(getattr(m, attr).numel() for m in layers)
 
@@ -166,7 +167,7 @@ def train_group_scales(layers: list[QLinear]) -> int:
     ``dW ⊙ Q(W)``, one more GEMM per layer in the backward). A checkpoint stores them folded into the fp16
     scales, so they add no bits. Layers without row-wise scales (:func:`has_row_scales`) are an error. Returns
     the count of trainable multipliers."""
-    return _train_multipliers(layers, "group_scale", "group", lambda m: m.scales.shape)
+    return _train_multipliers(layers, "group_scale", "group", lambda m: (m.out_features, m.qweight.scale_groups))
 
 
 def train_outliers(model: nn.Module, scales: bool = True) -> int:

@@ -12,12 +12,12 @@ Calibration: WikiText-2 valid windows (or the recipe's calibration text); the fi
 validate. Adam; early stopping on the validation loss (every ``eval_every`` optimizer steps, ``patience``
 evaluations without improvement); the best adapters are restored. Adapters a previous step attached under the
 same name (``[loftq(...), rilq]``: LoftQ's SVD of the residual) are trained from where they are instead of new
-Gaussian ones. Beyond the paper, ``scales`` also trains the packed base's scales of every uniform channel- or
-group-wise weight: ``"channel"`` (or ``True``) one multiplier per output row
+Gaussian ones. Beyond the paper, ``scales`` also trains the packed base's scales of every weight with row-wise
+scales (uniform channel- or group-wise, LowRA's block absmax): ``"channel"`` (or ``True``) one multiplier per output row
 (:func:`lowbit.adapters.train_channel_scales`, nearly free), ``"group"`` one per quantization group
 (:func:`lowbit.adapters.train_group_scales`: capacity that does not depend on the rank, one more GEMM per layer
 in the backward, folded into the packed scales when training ends); either is stored folded into the packed fp16
-scales, so it adds no bits.
+scales (LowRA: its absmax), so it adds no bits.
 
 Beyond the paper, the same trainer refines the packed model without adapters (``rank=0``): ``lambda_kl`` adds
 the KL divergence from the float model's next-token distribution (the teacher's logits are the cached final
@@ -70,7 +70,7 @@ from ..device import CPU
 from ..errors import LowbitError
 from ..memory import release_free_memory
 from ..models import DECODER, set_module
-from ..nn.qlinear import QLinear, fold_scale_multiplier
+from ..nn.qlinear import QLinear
 from ..nn.relaxed import RelaxedLinear
 from ..quantizers.base import Step
 from ..registry import register
@@ -305,8 +305,8 @@ class RILQ(Step):
         if scales != "none" and not relaxed:
             layers = [m for _, m in find_qlinears(model, c.targets, c.ignore) if has_row_scales(m)]
             if not layers:
-                raise LowbitError(f"scales={c.scales!r} needs channel- or group-wise uniform weights; this model "
-                                  "has none")
+                raise LowbitError(f"scales={c.scales!r} needs weights with row-wise scales (uniform channel- or "
+                                  "group-wise, or LowRA codebooks); this model has none")
             if scales == "group":
                 train_group_scales(layers)
                 params += [m.group_scale for m in layers]
@@ -373,8 +373,7 @@ class RILQ(Step):
             set_module(model, name, m.packed())
         if scales == "group" and not relaxed:  # into the packed scales now: decode runs the packed kernels
             for m in layers:
-                m.scales = fold_scale_multiplier(m.scales, m.group_scale.detach())
-                m.group_scale = None
+                m.fold_trained_scales()
         state_of(model).history["rilq"] = {**history, "lr": lr, "best_val": best, "steps": step,
                                            "seconds": time.perf_counter() - start, "stopped_early": bad >= c.patience}
         log.info("rilq: %d steps, validation loss %.4f -> %.4f", step, history["val"][0], best)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..qtensor import QuantizedWeight
+from ..qtensor import PackedWeight
 
 
 def expand_groups(g: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
@@ -26,9 +26,9 @@ def _group_sums(t: torch.Tensor, group_size: int, groups: int) -> torch.Tensor:
     return F.pad(t, (0, groups * group_size - in_f)).view(out, groups, group_size).sum(-1)
 
 
-def group_scaled_weight(qweight: QuantizedWeight, g: torch.Tensor) -> torch.Tensor:
+def group_scaled_weight(qweight: PackedWeight, g: torch.Tensor) -> torch.Tensor:
     """The effective fp32 weight ``(out, in)`` = ``g ⊙ Q(W)`` (the reference the op is tested against)."""
-    return qweight.dequantize() * expand_groups(g.float(), qweight.group_size, qweight.in_features)
+    return qweight.dequantize() * expand_groups(g.float(), qweight.scale_layout[1], qweight.in_features)
 
 
 class _GroupScaledQMatmul(torch.autograd.Function):
@@ -48,19 +48,22 @@ class _GroupScaledQMatmul(torch.autograd.Function):
         w0 = qw.dequantize()
         dx = dg = None
         if ctx.needs_input_grad[0]:
-            w = (w0 * expand_groups(g.float(), qw.group_size, qw.in_features)).to(dy.dtype)
+            w = (w0 * expand_groups(g.float(), qw.scale_layout[1], qw.in_features)).to(dy.dtype)
             dx = (dy @ w).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             dw = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1]).to(dy.dtype)  # (out, in)
-            dg = _group_sums(dw.float() * w0, qw.group_size, g.shape[1]).to(g.dtype)
+            dg = _group_sums(dw.float() * w0, qw.scale_layout[1], g.shape[1]).to(g.dtype)
         return dx, dg, None, None
 
 
-def qmatmul_group_scaled(x: torch.Tensor, qweight: QuantizedWeight, g: torch.Tensor,
+def qmatmul_group_scaled(x: torch.Tensor, qweight: PackedWeight, g: torch.Tensor,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``x (..., in)`` -> ``(..., out)`` = ``x (g ⊙ Q(W))ᵀ``, multiplied in ``dtype`` (bf16 under autocast);
-    differentiable in ``x`` and ``g (out, groups)``. ``qweight`` must be a uniform group- or channel-wise weight
-    whose ``scales`` have ``g``'s shape."""
-    if tuple(g.shape) != tuple(qweight.scales.shape):
-        raise ValueError(f"group scales {tuple(g.shape)} must match the packed scales {tuple(qweight.scales.shape)}")
+    differentiable in ``x`` and ``g (out, groups)``. ``qweight`` must have row-wise scales
+    (:attr:`~lowbit.qtensor.PackedWeight.scale_layout`: uniform group- or channel-wise, LowRA's block absmax),
+    ``g`` one multiplier per row and scale group, original row order."""
+    layout = qweight.scale_layout
+    expect = None if layout is None else (qweight.out_features, qweight.scale_groups)
+    if tuple(g.shape) != expect:
+        raise ValueError(f"group scales {tuple(g.shape)} must match the packed row-wise scales {expect}")
     return _GroupScaledQMatmul.apply(x, g, qweight, dtype)

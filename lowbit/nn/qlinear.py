@@ -150,22 +150,30 @@ class QLinear(PackedModule):
                 w = w @ hadamard_matrix(self.in_features, torch.float64).T.to(w.dtype)
         return w.to(dtype)
 
+    def folded_scales(self) -> torch.Tensor:
+        """The packed weight's row-wise scales (its :attr:`~lowbit.qtensor.PackedWeight.scale_layout` tensor,
+        stored order and dtype) with the trained ``group_scale`` and ``channel_scale`` folded in: what a
+        checkpoint stores and :meth:`fold_trained_scales` keeps."""
+        factor = torch.ones(self.out_features, 1)
+        if self.group_scale is not None:
+            factor = self.group_scale.detach().float().cpu()
+        if self.channel_scale is not None:
+            factor = factor * self.channel_scale.detach().float().cpu()[:, None]
+        return self.qweight.fold_multiplier(factor)
+
+    def fold_trained_scales(self) -> None:
+        """Fold the trained multipliers into the packed scales and drop them: decode then runs the plain packed
+        kernels on the same weight (up to one rounding of the scales to their stored dtype)."""
+        if self.group_scale is None and self.channel_scale is None:
+            return
+        setattr(self, self.qweight.scale_layout[0], self.folded_scales())
+        self.group_scale = self.channel_scale = None
+
     def extra_repr(self) -> str:
         role = "" if self.role == "linear" else f", role={self.role}"
         spec = "" if self.spec is None else f", {self.spec.describe()}"
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.layout()}, " \
                f"bias={self.bias is not None}{role}{spec}"
-
-
-def fold_scale_multiplier(scales: torch.Tensor, multiplier: torch.Tensor) -> torch.Tensor:
-    """fp16 ``scales (out, groups)`` of a packed weight times a trained multiplier, per row ``(out,)``
-    (``channel_scale``) or per group ``(out, groups)`` (``group_scale``): the same weight with one scale set
-    (``(q - z) · s · c = (q - z) · (s c)``), rounded once to the scales' dtype."""
-    if scales.shape[0] != multiplier.shape[0] or (multiplier.dim() == 2 and multiplier.shape != scales.shape):
-        raise LowbitError(f"cannot fold trained scales of shape {tuple(multiplier.shape)} into packed scales of "
-                          f"shape {tuple(scales.shape)} (per-tensor scales have one row)")
-    factor = multiplier.float()[:, None] if multiplier.dim() == 1 else multiplier.float()
-    return (scales.float() * factor).to(scales.dtype)
 
 
 def packed_linear(qweight, *, bias: torch.Tensor | None = None, spec: InputSpec | None = None,

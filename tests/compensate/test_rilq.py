@@ -116,6 +116,50 @@ def test_group_scales_train_and_are_folded_into_the_packed_scales_when_training_
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
+def test_group_scales_train_the_block_absmax_of_lowra_weights(tok, tmp_path):
+    """LowRA's codebook weights have one absmax per row and block: scales="group" trains a multiplier of each,
+    folded into the stored (row-permuted) absmax when training ends; codes, codebooks and widths unchanged."""
+    from lowbit.quantizers.lowra import LowRAConfig
+
+    fp = tiny_model("llama", max_position_embeddings=2048)
+    start = LowRAConfig(budget=2.0)
+    plain = lowbit.quantize(copy.deepcopy(fp), Recipe([start]), calib=lowbit.Calibration(tokenizer=tok))
+    recipe = Recipe([start, RILQConfig(**{**SMALL, "rank": 0}, scales="group", lambda_model=0.0, lambda_gt=0.0,
+                                       lambda_kl=1.0)])
+    model = lowbit.quantize(fp, recipe, calib=lowbit.Calibration(tokenizer=tok))
+    history = state_of(model).history["rilq"]
+    assert history["best_val"] < history["val"][0]
+    layer, before = model.model.layers[0].mlp.down_proj, plain.model.layers[0].mlp.down_proj
+    assert layer.weight_meta["kind"] == "mixed-codebook" and layer.group_scale is None  # folded
+    for name in before.packed_names:
+        if name != "absmax":
+            assert torch.equal(getattr(layer, name), getattr(before, name)), name
+    ratio = layer.absmax.float() / before.absmax.float()
+    assert (ratio - 1).abs().max() > 1e-3
+    lowbit.save(model, tmp_path / "ck", tokenizer=tok)
+    loaded, _ = lowbit.load(tmp_path / "ck")
+    assert torch.equal(loaded.model.layers[0].mlp.down_proj.absmax, layer.absmax)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_adapters_train_after_a_scale_refinement_in_one_recipe(tok):
+    """best-w2-lora's shape: LowRA, its block scales refined (rank 0), then fresh adapters over the refined base
+    (the refinement attached none, so the adapters are new, not continued)."""
+    from lowbit.quantizers.lowra import LowRAConfig
+
+    refine = RILQConfig(**{**SMALL, "rank": 0}, scales="group", lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0)
+    adapters = RILQConfig(**{**SMALL, "lr": 3e-4}, lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0)
+    recipe = Recipe([LowRAConfig(budget=2.0), refine, adapters])
+    model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), recipe,
+                            calib=lowbit.Calibration(tokenizer=tok))
+    layer = model.model.layers[0].mlp.down_proj
+    assert layer.group_scale is None and set(layer.adapters) == {"default"}
+    assert layer.adapters["default"].A.dtype == torch.bfloat16  # stored as the checkpoint holds them
+    assert state_of(model).history["rilq"]["best_val"] < state_of(model).history["rilq"]["val"][0]
+
+
 def test_scales_option_rejects_unknown_values():
     with pytest.raises(LowbitError, match="scales must be false, channel or group"):
         RILQConfig(scales="row")

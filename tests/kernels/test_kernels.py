@@ -324,8 +324,48 @@ def test_group_scaled_qmatmul_matches_autograd_of_the_scaled_dense_weight(granul
         y16 = kernels.qmatmul_group_scaled(x, qw, g)
     assert y16.dtype == torch.bfloat16
     assert ((y16.float() - y_ref).norm() / y_ref.norm()).item() < LOWP_RTOL  # bf16 rounding of x and W only
-    with pytest.raises(ValueError, match="must match the packed scales"):
+    with pytest.raises(ValueError, match="must match the packed row-wise scales"):
         kernels.qmatmul_group_scaled(x, qw, g[:, :1] if g.shape[1] > 1 else g[:1])
+
+
+def _mixed_weight(out_f: int = 12, in_f: int = 40, block_size: int = 16):
+    """A LowRA weight whose rows have widths 1-4 out of order (stored rows permuted), random codes and levels."""
+    from lowbit.qmixed import MixedCodebookWeight
+
+    torch.manual_seed(1)
+    widths = torch.tensor([3, 1, 4, 2] * (out_f // 4))
+    codes = (torch.rand(out_f, in_f) * (2 ** widths[:, None])).to(torch.uint8)
+    books = {b: torch.sort(torch.randn(out_f, 2**b).clamp(-1, 1), dim=1).values for b in (1, 2, 3, 4)}
+    absmax = torch.rand(out_f, -(-in_f // block_size)).half().float() + 0.5
+    return MixedCodebookWeight.from_rows(codes, widths, books, absmax, block_size)
+
+
+def test_group_scaled_qmatmul_on_lowra_weights_trains_the_block_absmax():
+    """LowRA's block absmax are row-wise scales too: the multiplier is one per row and block (original row
+    order), its gradient matches autograd through the dense weight, and folding it into the stored (permuted)
+    absmax gives the same weight."""
+    from lowbit import LowbitError
+
+    qw = _mixed_weight()
+    assert qw.scale_layout == ("absmax", 16) and qw.scale_groups == 3
+    assert not torch.equal(qw.perm, torch.arange(12, dtype=torch.int32))  # rows really are stored permuted
+    g = (1 + 0.1 * torch.randn(12, 3)).requires_grad_(True)
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    y = kernels.qmatmul_group_scaled(x, qw, g)
+    dy = torch.randn_like(y)
+    dx, dg = torch.autograd.grad(y, (x, g), dy)
+    g_ref, x_ref = g.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
+    w_ref = qw.dequantize() * g_ref[:, torch.arange(40) // 16]
+    y_ref = x_ref @ w_ref.T
+    dx_ref, dg_ref = torch.autograd.grad(y_ref, (x_ref, g_ref), dy)
+    torch.testing.assert_close(y, y_ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+    torch.testing.assert_close(dx, dx_ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+    torch.testing.assert_close(dg, dg_ref, atol=FP32_ATOL, rtol=FP32_RTOL)
+    folded = dict(qw.tensors(), absmax=qw.fold_multiplier(g.detach()))
+    refolded = type(qw).from_tensors(qw.meta(), folded)
+    torch.testing.assert_close(refolded.dequantize(), w_ref.detach(), atol=2e-3, rtol=2e-3)  # fp16 absmax only
+    with pytest.raises(LowbitError, match="cannot fold trained scales"):
+        qw.fold_multiplier(torch.ones(12, 2))
 
 
 # ---- int8 activations in decode (VNNI) and the tiled bf16 GEMM (prefill, batches, training) ---------------------
