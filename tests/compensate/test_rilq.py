@@ -16,6 +16,7 @@ from lowbit import LowbitError, Recipe, RTNConfig
 from lowbit import adapters as ad
 from lowbit.compensate import RILQConfig
 from lowbit.compensate.rilq import RILQ, final_hidden_states
+from lowbit.quantizers.lowra import LowRAConfig
 from lowbit.state import state_of
 from lowbit.summary import bits_summary
 
@@ -97,48 +98,34 @@ def test_channel_scales_train_beside_the_adapters_and_save_folded(tok, tmp_path)
     assert (out - ref).norm() / ref.norm() < 1e-2  # only the fp16 rounding of the folded scales differs
 
 
-def test_group_scales_train_and_are_folded_into_the_packed_scales_when_training_ends(tok, tmp_path):
+_KL_ONLY = dict(lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0)
+
+
+@pytest.mark.parametrize("start, overrides", [
+    (RTNConfig(bits=2, group_size=64), {}),  # uniform groups, with adapters and RILQ's loss
+    (LowRAConfig(budget=2.0), {"rank": 0, **_KL_ONLY}),  # LowRA's block absmax (stored row-permuted), refine-kl
+], ids=["uniform", "lowra"])
+def test_group_scales_train_and_are_folded_into_the_packed_scales_when_training_ends(tok, tmp_path, start,
+                                                                                      overrides):
+    """scales="group" trains one multiplier per row and scale group, folded into the stored scales when training
+    ends (decode then runs the packed kernels); every other packed tensor (codes, zero points, codebooks, widths)
+    is unchanged, and the checkpoint holds what was trained."""
     fp = tiny_model("llama", max_position_embeddings=2048)
-    plain = lowbit.quantize(copy.deepcopy(fp), "rtn-w2g64")
-    recipe = Recipe([RTNConfig(bits=2, group_size=64), RILQConfig(**SMALL, scales="group")])
-    model = lowbit.quantize(fp, recipe, calib=lowbit.Calibration(tokenizer=tok))
+    calib = lowbit.Calibration(tokenizer=tok)
+    plain = lowbit.quantize(copy.deepcopy(fp), Recipe([start]), calib=calib)
+    model = lowbit.quantize(fp, Recipe([start, RILQConfig(**{**SMALL, **overrides}, scales="group")]), calib=calib)
     assert state_of(model).history["rilq"]["best_val"] < state_of(model).history["rilq"]["val"][0]
     layer, before = model.model.layers[0].mlp.down_proj, plain.model.layers[0].mlp.down_proj
-    assert layer.group_scale is None  # folded: decode runs the packed kernels
-    assert torch.equal(layer.codes, before.codes) and torch.equal(layer.zeros, before.zeros)
-    ratio = layer.scales.float() / before.scales.float()
+    assert layer.group_scale is None
+    name = layer.qweight.scale_layout[0]  # scales (uniform) or absmax (LowRA)
+    for other in before.packed_names:
+        if other != name:
+            assert torch.equal(getattr(layer, other), getattr(before, other)), other
+    ratio = getattr(layer, name).float() / getattr(before, name).float()
     assert ratio.shape == (layer.out_features, layer.in_features // 64) and (ratio - 1).abs().max() > 1e-3
     lowbit.save(model, tmp_path / "ck", tokenizer=tok)
     loaded, _ = lowbit.load(tmp_path / "ck")
-    assert torch.equal(loaded.model.layers[0].mlp.down_proj.scales, layer.scales)
-    ids = torch.randint(0, 256, (1, 16))
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
-
-
-def test_group_scales_train_the_block_absmax_of_lowra_weights(tok, tmp_path):
-    """LowRA's codebook weights have one absmax per row and block: scales="group" trains a multiplier of each,
-    folded into the stored (row-permuted) absmax when training ends; codes, codebooks and widths unchanged."""
-    from lowbit.quantizers.lowra import LowRAConfig
-
-    fp = tiny_model("llama", max_position_embeddings=2048)
-    start = LowRAConfig(budget=2.0)
-    plain = lowbit.quantize(copy.deepcopy(fp), Recipe([start]), calib=lowbit.Calibration(tokenizer=tok))
-    recipe = Recipe([start, RILQConfig(**{**SMALL, "rank": 0}, scales="group", lambda_model=0.0, lambda_gt=0.0,
-                                       lambda_kl=1.0)])
-    model = lowbit.quantize(fp, recipe, calib=lowbit.Calibration(tokenizer=tok))
-    history = state_of(model).history["rilq"]
-    assert history["best_val"] < history["val"][0]
-    layer, before = model.model.layers[0].mlp.down_proj, plain.model.layers[0].mlp.down_proj
-    assert layer.weight_meta["kind"] == "mixed-codebook" and layer.group_scale is None  # folded
-    for name in before.packed_names:
-        if name != "absmax":
-            assert torch.equal(getattr(layer, name), getattr(before, name)), name
-    ratio = layer.absmax.float() / before.absmax.float()
-    assert (ratio - 1).abs().max() > 1e-3
-    lowbit.save(model, tmp_path / "ck", tokenizer=tok)
-    loaded, _ = lowbit.load(tmp_path / "ck")
-    assert torch.equal(loaded.model.layers[0].mlp.down_proj.absmax, layer.absmax)
+    assert torch.equal(getattr(loaded.model.layers[0].mlp.down_proj, name), getattr(layer, name))
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
@@ -147,10 +134,8 @@ def test_group_scales_train_the_block_absmax_of_lowra_weights(tok, tmp_path):
 def test_adapters_train_after_a_scale_refinement_in_one_recipe(tok):
     """best-w2-lora's shape: LowRA, its block scales refined (rank 0), then fresh adapters over the refined base
     (the refinement attached none, so the adapters are new, not continued)."""
-    from lowbit.quantizers.lowra import LowRAConfig
-
-    refine = RILQConfig(**{**SMALL, "rank": 0}, scales="group", lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0)
-    adapters = RILQConfig(**{**SMALL, "lr": 3e-4}, lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0)
+    refine = RILQConfig(**{**SMALL, "rank": 0, **_KL_ONLY}, scales="group")
+    adapters = RILQConfig(**{**SMALL, "lr": 3e-4, **_KL_ONLY})
     recipe = Recipe([LowRAConfig(budget=2.0), refine, adapters])
     model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), recipe,
                             calib=lowbit.Calibration(tokenizer=tok))
