@@ -240,9 +240,9 @@ def crafted_entries(path: Path):
     raise into one :class:`CheckpointError` naming the manifest."""
     try:
         yield
-    except LowbitError:
+    except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
+    except (LowbitError, KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as e:
         raise CheckpointError(f"{path / MANIFEST} has a layer entry this lowbit cannot build ({type(e).__name__}: "
                               f"{e}); the manifest is damaged or crafted: do not use this checkpoint") from e
 

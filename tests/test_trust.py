@@ -137,6 +137,15 @@ def test_every_config_field_edited_is_refused_by_both_loaders(saved, tmp_path):
         assert "Traceback" not in str(theirs)
 
 
+@pytest.mark.parametrize("field, value", [("granularity", None), ("group_size", 7), ("fmt", "int9")])
+def test_a_layer_entry_the_weight_validators_refuse_is_a_checkpoint_error(copy, field, value):
+    """A re-signed manifest whose layer entry the packed weight itself refuses (found by the property test below:
+    granularity null): both loaders raise CheckpointError naming the manifest, not the weight's own error."""
+    craft(copy, lambda m: m["layers"][sorted(m["layers"])[0]].update({field: value}))
+    for outcome in load_both(copy):
+        assert isinstance(outcome, CheckpointError) and lio.MANIFEST in str(outcome), repr(outcome)
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=False) | st.text(max_size=8),
                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
                     max_leaves=6)
