@@ -162,9 +162,9 @@ def main() -> None:
         overrides = dict(item.split("=", 1) for item in args.set or [])
         result = run(args.base, args.method, args.rank, {k: _value(v) for k, v in overrides.items()}, args.threads,
                      args.windows, args.save)
-        name = args.name or f"{args.method}-{args.base}-r{args.rank}"
+        print(json.dumps(result), flush=True)  # first: a result is never lost to a file error
+        name = args.name or f"{args.method}-{Path(args.base).name}-r{args.rank}"  # a checkpoint base: its folder
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=1))
-        print(json.dumps(result))
         return
     pending = [(m, int(rank)) for rank in args.ranks.split(",") for m in args.methods.split(",")
                if args.force or not (args.out / f"rank-{m}-r{rank}.json").is_file()]  # finished runs are kept
