@@ -104,7 +104,8 @@ BEST: dict[str, tuple[list[StepConfig], str]] = {
                 "LowRA mixed 1-4-bit codebooks (2.0 code bits) rounded by GPTQ, Fisher-weighted assignment, then "
                 "every block scale distilled from the float model's next-token distribution; 2.37 bits/weight"),
     # The adapters are distilled (_DISTIL): RILQ's own loss reached 30.71 on WikiText-2 but cost ARC-Easy 6 points
-    # against the untrained start; distillation 33.68, PIQA +3.7 and ARC-Easy +3.0 over RILQ's loss (BENCHMARKS.md).
+    # against the untrained start; distillation 33.68, PIQA +3.7 and ARC-Easy +3.0 over RILQ's loss; over the
+    # refined best-w2 33.46 (BENCHMARKS.md).
     "best-w2-lora": (PRESETS["lowra-gptq-b2.0"] + PRESETS["refine-kl"] + [RILQConfig(rank=8, **_DISTIL)],
                      "best-w2 plus rank-8 LoRA adapters (bf16) distilled from the float model's next-token "
                      "distributions; 2.37 + 0.37 = 2.74 bits/weight"),
