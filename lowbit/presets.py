@@ -109,8 +109,10 @@ BEST: dict[str, tuple[list[StepConfig], str]] = {
     "best-w2-lora": (PRESETS["lowra-gptq-b2.0"] + PRESETS["refine-kl"] + [RILQConfig(rank=8, **_DISTIL)],
                      "best-w2 plus rank-8 LoRA adapters (bf16) distilled from the float model's next-token "
                      "distributions; 2.37 + 0.37 = 2.74 bits/weight"),
-    "best-w1.5": (PRESETS["lowra-gptq-b1.5"], "LowRA mixed 1/2-bit codebooks rounded by GPTQ, Fisher-weighted "
-                                              "assignment; 1.83 bits/weight"),
+    # the same refinement at 1.5 code bits: 126.48 -> 68.45 (BENCHMARKS.md)
+    "best-w1.5": (PRESETS["lowra-gptq-b1.5"] + PRESETS["refine-kl"],
+                  "LowRA mixed 1/2-bit codebooks rounded by GPTQ, Fisher-weighted assignment, then every block "
+                  "scale distilled from the float model; 1.84 bits/weight"),
 }
 for _name, (_steps, _) in BEST.items():
     PRESETS[_name] = _steps
