@@ -154,11 +154,12 @@ class QLinear(PackedModule):
         """The packed weight's row-wise scales (its :attr:`~lowbit.qtensor.PackedWeight.scale_layout` tensor,
         stored order and dtype) with the trained ``group_scale`` and ``channel_scale`` folded in: what a
         checkpoint stores and :meth:`fold_trained_scales` keeps."""
-        factor = torch.ones(self.out_features, 1)
+        trained = [t for t in (self.group_scale, self.channel_scale) if t is not None]
+        factor = torch.ones(self.out_features, 1, device=trained[0].device if trained else None)
         if self.group_scale is not None:
-            factor = self.group_scale.detach().float().cpu()
+            factor = factor * self.group_scale.detach().float()
         if self.channel_scale is not None:
-            factor = factor * self.channel_scale.detach().float().cpu()[:, None]
+            factor = factor * self.channel_scale.detach().float()[:, None]
         return self.qweight.fold_multiplier(factor)
 
     def fold_trained_scales(self) -> None:
