@@ -6,15 +6,15 @@ GEMV, one row), ``cpu-gemv-i8`` (the same with each activation group rounded to 
 llama.cpp's Q8 dot products do, where the format allows), ``cpu-gemm-i8`` (the same for small batches, up to 16
 rows; ``cpu-gemv-rows``: LowRA's, the GEMV once per row), ``cpu-int-gemm`` (:func:`qmatmul_act`:
 activation-quantized layers, W4A8 and W4A4, as a real integer GEMM: the C++ VNNI kernel, or oneDNN's int8 GEMM over
-int8 weight tiles for prefill), ``cpu-tiled-bf16`` (prefill, batches and bf16 training: the weight dequantized one
-cache-sized tile at a time and multiplied in bf16), ``cpu-gemv-f32`` (the fp32 GEMV of a packed model's float LM
-head, :func:`linear`) and ``cpu-onednn-f32`` (oneDNN's fp32 GEMM for that head's batches and prefill); ``triton``
-(dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra). ``auto`` (the default) picks
-the fastest that applies. ``LOWBIT_KERNEL=exact`` keeps activations in fp32 (no int8 decode rounding, no bf16 tiles
-outside autocast): equal to the reference up to summation order. ``LOWBIT_KERNEL=reference`` (or :func:`force`) pins
-the reference for debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies (with ``TRITON_INTERPRET=1``
-that includes CPU tensors, through Triton's interpreter: slow, for tests). :data:`calls` counts which implementation
-ran, so benchmarks can print it."""
+int8 weight tiles for prefill), ``cpu-tiled-bf16`` (prefill, batches and bf16 training of uniform and LowRA weights:
+the weight dequantized one cache-sized tile at a time and multiplied in bf16), ``cpu-gemv-f32`` (the fp32 GEMV of a
+packed model's float LM head, :func:`linear`) and ``cpu-onednn-f32`` (oneDNN's fp32 GEMM for that head's batches and
+prefill); ``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra). ``auto``
+(the default) picks the fastest that applies. ``LOWBIT_KERNEL=exact`` keeps activations in fp32 (no int8 decode
+rounding, no bf16 tiles outside autocast): equal to the reference up to summation order. ``LOWBIT_KERNEL=reference``
+(or :func:`force`) pins the reference for debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies (with
+``TRITON_INTERPRET=1`` that includes CPU tensors, through Triton's interpreter: slow, for tests). :data:`calls`
+counts which implementation ran, so benchmarks can print it."""
 
 from __future__ import annotations
 
@@ -156,7 +156,7 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> 
     """One packed matmul. On CPU: one row (decode) runs the GEMV (:mod:`.cpu`; activations rounded to int8 per group
     under ``auto`` where the format allows). Under ``auto``, ``inference`` calls (prefill, batches, evaluation)
     of up to :data:`~.cpu.SMALL_BATCH` rows run the int8 small-batch kernel where the format allows (LowRA's
-    mixed rows: the fp32 GEMV per row, also under ``exact``), more rows the tiled bf16 GEMM; inside a bf16
+    mixed rows: the fp32 GEMV per row, also under ``exact``), more rows the tiled bf16 GEMM (LowRA's too); inside a bf16
     autocast region (training) the tiled bf16 GEMM too; otherwise the reference. A training forward outside
     autocast (``inference=False``) stays fp32."""
     choice = _choice()

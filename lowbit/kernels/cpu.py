@@ -183,12 +183,18 @@ TILE_ELEMENTS = 1 << 20  # weights per bf16 tile (2 MiB): training 17% and prefi
 
 
 def tiled_supports(x: torch.Tensor, qweight: PackedWeight) -> bool:
-    """True for CPU inputs of a uniform packed weight (any number of rows) where the kernel builds with
-    AVX512-BF16: :func:`qmatmul_cpu_tiled` applies. Whether it should run (prefill, batches, a bf16 autocast
-    region) is the caller's choice."""
-    if x.device.type != "cpu" or not isinstance(qweight, QuantizedWeight) or qweight.codes.device.type != "cpu":
+    """True for CPU inputs of a uniform or mixed-codebook (LowRA) packed weight (any number of rows) where the
+    kernel builds with AVX512-BF16: :func:`qmatmul_cpu_tiled` applies. Whether it should run (prefill, batches, a
+    bf16 autocast region) is the caller's choice."""
+    if x.device.type != "cpu":
         return False
-    return extension() is not None and _bf16()
+    if isinstance(qweight, QuantizedWeight):
+        on_cpu = qweight.codes.device.type == "cpu"
+    elif isinstance(qweight, MixedCodebookWeight):
+        on_cpu = qweight.absmax.device.type == "cpu"
+    else:
+        return False
+    return on_cpu and extension() is not None and _bf16()
 
 
 @functools.cache
@@ -206,12 +212,29 @@ def _single_tile(qweight: PackedWeight) -> bool:
     return _tile_rows(qweight) == qweight.shape[0]
 
 
-def _dequantized_tiles(qweight: QuantizedWeight):
-    """``(r0, r1, bf16 (r1 - r0, in))`` tiles of :data:`TILE_ELEMENTS` weights covering the rows, dequantized by
-    the C++ kernel into one reused buffer (never a float copy of the whole layer)."""
+def _dequantized_tiles(qweight: QuantizedWeight | MixedCodebookWeight):
+    """``(r0, r1, bf16 (r1 - r0, in))`` tiles of :data:`TILE_ELEMENTS` weights covering the *stored* rows
+    ``[r0, r1)``, dequantized by the C++ kernel into one reused buffer (never a float copy of the whole layer). A
+    mixed-codebook weight stores its rows permuted (:meth:`~lowbit.qtensor.PackedWeight.stored_rows`), one width
+    segment after another: a tile's rows are filled segment by segment."""
     out_f, in_f = qweight.shape
     rows = _tile_rows(qweight)
     buf = torch.empty(rows, in_f, dtype=torch.bfloat16)
+    if isinstance(qweight, MixedCodebookWeight):
+        segments, first = [], 0  # (width, first stored row, rows)
+        for b, n in qweight.rows.items():
+            segments.append((b, first, n))
+            first += n
+        for r0 in range(0, out_f, rows):
+            r1 = min(out_f, r0 + rows)
+            for b, first, n in segments:
+                s0, s1 = max(r0, first), min(r1, first + n)
+                if s0 < s1:
+                    extension().dequant_mixed_bf16(qweight.codes[b], qweight.codebooks[b], qweight.absmax, b,
+                                                   qweight.block_size, first, s0 - first, s1 - first,
+                                                   buf[s0 - r0:s1 - r0])
+            yield r0, r1, buf[: r1 - r0]
+        return
     bits, levels, offset = _format_args(qweight.fmt)
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
@@ -221,7 +244,7 @@ def _dequantized_tiles(qweight: QuantizedWeight):
         yield r0, r1, tile
 
 
-def qmatmul_cpu_tiled(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
+def qmatmul_cpu_tiled(x: torch.Tensor, qweight: QuantizedWeight | MixedCodebookWeight) -> torch.Tensor:
     """``x (..., in)`` -> ``(..., out)`` multiplied in bf16, one dequantized tile of output rows at a time (oneDNN's
     bf16 GEMM, AVX512-BF16); returned in ``x.dtype``. Equal to the reference run under bf16 autocast up to
     summation order: the weight and the input are each rounded once to bf16, the output once."""
@@ -233,13 +256,19 @@ def qmatmul_cpu_tiled(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor
         y = torch.empty(xb.shape[0], qweight.out_features, dtype=x.dtype)
         for r0, r1, tile in tiles:  # each tile's columns of y: whole-row copies, no transpose
             y[:, r0:r1] = torch.mm(xb, tile.t())
+    order = qweight.stored_rows()
+    if not isinstance(order, slice):  # stored rows permuted: y's columns back to the original order
+        y = torch.empty_like(y).index_copy_(1, order, y)
     return y.reshape(*x.shape[:-1], qweight.out_features)
 
 
-def input_grad_cpu_tiled(grad_y: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
+def input_grad_cpu_tiled(grad_y: torch.Tensor, qweight: QuantizedWeight | MixedCodebookWeight) -> torch.Tensor:
     """``grad_y (..., out)`` -> ``(..., in)`` = ``grad_y @ W`` in bf16 tiles (the backward of
     :func:`qmatmul_cpu_tiled`), returned in ``grad_y.dtype``."""
     g = grad_y.reshape(-1, grad_y.shape[-1]).to(torch.bfloat16)
+    order = qweight.stored_rows()
+    if not isinstance(order, slice):  # stored rows permuted: grad_y's columns in stored order
+        g = g.index_select(1, order)
     tiles = _dequantized_tiles(qweight)
     if _single_tile(qweight):  # one product, rounded once
         out = torch.mm(g, next(tiles)[2])

@@ -187,7 +187,7 @@ def test_cpu_gemv_matches_reference_on_mixed_codebook_rows(exact, budget):
     torch.testing.assert_close(kernels.qmatmul(batch, qw), qmatmul_reference(batch, qw), atol=FP32_ATOL,
                                rtol=FP32_RTOL)
     assert kernels.calls["cpu-gemv-rows"] == 1
-    assert kernels.qmatmul(torch.randn(17, IN), qw).shape == (17, OUT) and kernels.calls["reference"] == 1
+    assert kernels.qmatmul(torch.randn(17, IN), qw).shape == (17, OUT) and kernels.calls["reference"] == 1  # exact
 
 
 @pytest.mark.parametrize("out_f,in_f,group_size", [(7, 72, 24), (33, 200, 8), (16, 1000, 64), (5, 136, 128)])
@@ -463,6 +463,36 @@ def test_tiled_bf16_gemm_matches_the_bf16_reference(auto, monkeypatch, shape, fa
     torch.testing.assert_close(y, expected, atol=LOWP_ATOL, rtol=LOWP_RTOL)
     with kernels.force("exact"):  # the exact choice keeps the fp32 reference
         assert torch.equal(kernels.qmatmul(x, qw), qmatmul_reference(x, qw))
+
+
+@pytest.mark.parametrize("out_f,in_f,block_size", [(12, 40, 16), (36, 200, 8), (20, 1000, 64)])
+@pytest.mark.parametrize("tile_rows", [7, 1 << 10])
+def test_tiled_bf16_gemm_on_lowra_rows_matches_the_bf16_reference(auto, monkeypatch, out_f, in_f, block_size,
+                                                                   tile_rows):
+    """LowRA's mixed rows (widths 1-4 out of order, ragged last block) in bf16 tiles of stored rows, a tile spanning
+    width segments (tiles of 7 rows: each segment split across tiles, a short last one; or one tile), the columns
+    scattered back to the original row order; prefill and, under bf16 autocast, forward and input gradient."""
+    from lowbit.kernels import cpu
+
+    qw = _mixed_weight(out_f, in_f, block_size)
+    if not cpu.tiled_supports(torch.randn(2, 8), qw):
+        pytest.skip("this CPU build has no AVX512-BF16")
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", tile_rows * in_f)
+    w = qw.dequantize().bfloat16().float()
+    x = torch.randn(3, 6, in_f)
+    y = kernels.qmatmul(x, qw)  # 18 rows: more than a small batch
+    assert kernels.calls == {"cpu-tiled-bf16": 1} and y.dtype == torch.float32 and y.shape == (3, 6, out_f)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.bfloat16().float(), w), atol=LOWP_ATOL,
+                               rtol=LOWP_RTOL)
+    kernels.reset_counts()
+    xg = torch.randn(5, in_f, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = kernels.qmatmul(xg, qw)
+    dy = torch.randn_like(y16)
+    (dx,) = torch.autograd.grad(y16, xg, dy)
+    assert kernels.calls == {"cpu-tiled-bf16": 2} and y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), xg.detach().bfloat16().float() @ w.T, atol=5 * LOWP_ATOL, rtol=LOWP_RTOL)
+    torch.testing.assert_close(dx, dy.float() @ w, atol=5 * LOWP_ATOL, rtol=LOWP_RTOL)
 
 
 def test_training_uses_the_tiled_gemm_only_under_bf16_autocast(auto):

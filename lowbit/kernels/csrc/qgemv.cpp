@@ -598,6 +598,65 @@ void dequant_bf16(torch::Tensor codes, torch::Tensor scales, c10::optional<torch
   });
 }
 
+// Dequantize stored rows [r0, r1) of one width segment of a mixed-codebook weight (LowRA, lowbit/qmixed.py) into
+// `out` ((r1 - r0, K) bf16, contiguous): w = book_r[q] * a_{r,blk}, computed in fp32, rounded once to bf16. `codes`
+// and `books` are the segment's (rows are segment-relative); `absmax` (N, blocks) is the whole weight's, whose stored
+// row of segment row r is `first + r`. The tile a LowRA prefill or batch multiplies in bf16 (kernels/cpu.py).
+void dequant_mixed_bf16(torch::Tensor codes, torch::Tensor books, torch::Tensor absmax, int64_t bits, int64_t block,
+                        int64_t first, int64_t r0, int64_t r1, torch::Tensor out) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (rows, row_bytes)");
+  TORCH_CHECK(bits >= 1 && bits <= 4 && block > 0 && block % 8 == 0, "mixed rows are 1..4 bits, block_size a multiple of 8");
+  TORCH_CHECK(books.scalar_type() == torch::kFloat16 && books.is_contiguous() && books.dim() == 2 && books.size(0) == codes.size(0) && books.size(1) == (1 << bits), "codebooks must be fp16 (rows, 2^bits)");
+  TORCH_CHECK(absmax.scalar_type() == torch::kFloat16 && absmax.is_contiguous() && absmax.dim() == 2, "absmax must be fp16 (out, blocks)");
+  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == r1 - r0, "out must be contiguous bf16 (r1 - r0, K)");
+  const int64_t rows = codes.size(0), row_bytes = codes.size(1), K = out.size(1), blocks = absmax.size(1);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= rows && row_bytes == (K * bits + 7) / 8 && blocks == (K + block - 1) / block && first >= 0 && first + rows <= absmax.size(0), "rows, codes and absmax do not match");
+  const uint8_t* cp = codes.data_ptr<uint8_t>();
+  const at::Half* bp = books.data_ptr<at::Half>();
+  const at::Half* ap = absmax.data_ptr<at::Half>();
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
+    std::vector<float> buf(block + 16);
+    float lut[16] = {0};
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int i = 0; i < (1 << bits); ++i) lut[i] = float(bp[n * (1 << bits) + i]);
+      const uint8_t* row = cp + n * row_bytes;
+      const at::Half* a = ap + (first + n) * blocks;
+      at::BFloat16* dst = op + (n - r0) * K;
+#if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
+      const __m512 table = _mm512_loadu_ps(lut);
+#endif
+      for (int64_t g = 0; g < blocks; ++g) {
+        const int64_t k0 = g * block, len = std::min(block, K - k0), b0 = (k0 * bits) / 8;
+        const float s = float(a[g]);
+#if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
+        const __m512 vs = _mm512_set1_ps(s);
+        for (int64_t i = 0; i < len; i += 16) {  // 16 codes a step straight from the packed bytes
+          const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1);
+          const int64_t b = ((k0 + i) * bits) / 8;
+          __m512i q;
+          switch (bits) {
+            case 1: q = codes16<1>(row + b, row_bytes - b); break;
+            case 2: q = codes16<2>(row + b, row_bytes - b); break;
+            case 3: q = codes16<3>(row + b, row_bytes - b); break;
+            default: q = codes16<4>(row + b, row_bytes - b);
+          }
+          const __m512 w = _mm512_mul_ps(decode16<Decode::Table16>(q, table, lut), vs);
+          _mm256_mask_storeu_epi16(dst + k0 + i, m, (__m256i)_mm512_cvtneps_pbh(w));
+        }
+        continue;
+#endif
+        switch (bits) {
+#define LOWBIT_CASE(B) case B: unpack_group<B>(row + b0, len, row_bytes - b0, lut, buf.data()); break;
+          LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
+#undef LOWBIT_CASE
+        }
+        for (int64_t i = 0; i < len; ++i) dst[k0 + i] = at::BFloat16(buf[i] * s);
+      }
+    }
+  });
+}
+
 // Float GEMV y = W x for one fp32 input row and a row-major float W (N, K): the float LM head a packed model keeps,
 // in fp32, or in fp16 where its values are fp16 numbers (the native decode step: half the bytes, the same products,
 // fp32 sums). Memory-bound; four rows share each load of x. torch's fp32 matrix-vector product reached about a
@@ -741,6 +800,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("vnni_applies", &vnni_applies, "whether the int8-activation kernels take (bits, group_size, table)");
   m.def("qgemm_i8", &qgemm_i8, "a few rows through the int8-activation kernel (small batches)");
   m.def("dequant_bf16", &dequant_bf16, "rows of a uniform packed weight dequantized into a bf16 tile");
+  m.def("dequant_mixed_bf16", &dequant_mixed_bf16, "rows of one width segment of a mixed-codebook weight (LowRA) "
+        "dequantized into a bf16 tile");
   m.def("bf16", &bf16, "whether dequant_bf16's AVX512-BF16 path was compiled in");
   m.def("simd", &simd, "whether the AVX-512 paths were compiled in");
   m.def("act_codes", &act_codes, "per-token symmetric activation codes and scales (as qgemm_act rounds them)");
