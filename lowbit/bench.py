@@ -183,7 +183,7 @@ def measure_model(source: str, config: BenchConfig, decode_only: bool = False) -
     if decode_only:
         return {"decode_tok_s": speed.tok_s}
     peak = peak_rss_mb()
-    half_head = speed.engine == "native" and native_decoder(model).head_dtype == torch.float16
+    half_head = speed.engine == "native" and native_decoder(model).head_dtype in (torch.float16, torch.bfloat16)
     libraries_mb = rss_model - tensor_bytes(model) / 2**20
     return {"decode_tok_s": speed.tok_s, "prefill_tok_s": prefill, **batched, "peak_rss_mb": peak,
             "model_peak_mb": peak - libraries_mb, "libraries_mb": libraries_mb, "kernel": speed.kernel,

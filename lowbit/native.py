@@ -16,8 +16,8 @@ QEmbedding), SiLU MLPs, rotary embeddings whose frequencies do not depend on the
 (:data:`ROPE_TYPES`), no hooks inside the model and a float KV cache. :func:`native_reason` names the first thing
 that rules a model out; anything else generates through transformers.
 
-A float head whose fp32 values are all fp16 numbers (a lowbit checkpoint stores it in fp16) is read as fp16: half
-the bytes per token, the same products.
+A float head whose fp32 values are all fp16 numbers (a lowbit checkpoint of a GGUF file stores it in fp16) is read
+as fp16, one whose values are all bf16 numbers (a bf16 model's) as bf16: half the bytes per token, the same products.
 """
 
 from __future__ import annotations
@@ -140,14 +140,18 @@ def _linear_args(module: nn.Module, what: str) -> tuple:
 
 
 def _half_if_exact(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` as fp16 when every value is an fp16 number (the same products, half the bytes), else itself."""
-    half = weight.half()
-    exact = all(torch.equal(h.float(), w) for h, w in zip(half.split(4096), weight.split(4096), strict=True))
-    return half if exact else weight  # (compared 4,096 rows at a time: no fp32 copy of the whole table)
+    """``weight`` as fp16 when every value is an fp16 number, else as bf16 when every value is a bf16 number (a
+    bf16 model's table: the same products, half the bytes), else itself."""
+    for dtype in (torch.float16, torch.bfloat16):
+        half = weight.to(dtype)
+        exact = all(torch.equal(h.float(), w) for h, w in zip(half.split(4096), weight.split(4096), strict=True))
+        if exact:  # (compared 4,096 rows at a time: no fp32 copy of the whole table)
+            return half
+    return weight
 
 
 class NativeDecoder:
-    """The C++ decode step bound to ``model``'s tensors (no copies, except an fp16 head where exact).
+    """The C++ decode step bound to ``model``'s tensors (no copies, except an fp16 or bf16 head where exact).
 
     :meth:`generate` runs greedy decoding for one sequence. Build it with :func:`native_decoder`, which checks the
     model first and caches the decoder on it."""

@@ -115,6 +115,26 @@ def test_the_head_is_read_as_fp16_only_when_every_value_is_an_fp16_number():
     torch.testing.assert_close(lowbit.kernels.cpu.extension().gemv_f16(x, w), w.float() @ x, rtol=1e-5, atol=1e-5)
 
 
+def test_a_head_of_bf16_values_is_read_as_bf16():
+    """A bf16 model's table (values that are bf16 but not all fp16 numbers: some below fp16's normal range) is read
+    as bf16, half the fp32 bytes; greedy decoding is unchanged."""
+    twin = _packed("llama")
+    head = twin.get_output_embeddings()
+    values = head.weight.data.clone()
+    values[0, :4] = torch.tensor([1e-7, -3e-6, 2e-7, -5e-7])  # off fp16's subnormal grid, on bf16's once rounded
+    head.weight.data = values.bfloat16().float()
+    decoder = native_decoder(twin)
+    assert decoder.head_dtype == torch.bfloat16
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.equal(decoder.generate(ids, 8), twin.generate(ids, max_new_tokens=8, do_sample=False,
+                                                                    pad_token_id=0))
+    for n, k in ((67, 40), (5, 16), (130, 1000)):  # rows and columns off the 4-row and 16-column tiles
+        x, w = torch.randn(k), torch.randn(n, k).bfloat16()
+        torch.testing.assert_close(lowbit.kernels.cpu.extension().gemv_bf16(x, w), w.float() @ x, rtol=1e-5,
+                                   atol=1e-4)
+
+
 def test_decode_speed_reports_the_native_step_and_its_calls():
     from conftest import ByteTokenizer
 

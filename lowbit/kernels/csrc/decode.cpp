@@ -19,6 +19,7 @@ torch::Tensor qgemv_kernel(torch::Tensor x, torch::Tensor codes, torch::Tensor s
                            int64_t group_size, int64_t offset, bool int8_x);
 torch::Tensor gemv_f32_kernel(torch::Tensor x, torch::Tensor w);
 torch::Tensor gemv_f16_kernel(torch::Tensor x, torch::Tensor w);
+torch::Tensor gemv_bf16_kernel(torch::Tensor x, torch::Tensor w);
 std::vector<torch::Tensor> qgemv_multi_kernel(torch::Tensor x, std::vector<torch::Tensor> codes,
                                               std::vector<torch::Tensor> scales,
                                               std::vector<c10::optional<torch::Tensor>> zeros,
@@ -48,7 +49,11 @@ struct Linear {
     } else if (kind == kMixed) {
       y = qgemv_mixed_kernel(x, widths, row_codes, books, absmax, perm, group_size);
     } else {
-      y = weight.scalar_type() == torch::kFloat16 ? gemv_f16_kernel(x, weight) : gemv_f32_kernel(x, weight);
+      switch (weight.scalar_type()) {
+        case torch::kFloat16: y = gemv_f16_kernel(x, weight); break;
+        case torch::kBFloat16: y = gemv_bf16_kernel(x, weight); break;
+        default: y = gemv_f32_kernel(x, weight);
+      }
     }
     add_bias(y);
     return y;
@@ -117,8 +122,9 @@ Linear mixed_linear(std::vector<int64_t> widths, std::vector<torch::Tensor> code
 
 Linear float_linear(torch::Tensor weight, c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() &&
-                  (weight.scalar_type() == torch::kFloat32 || weight.scalar_type() == torch::kFloat16),
-              "a float Linear of the native step needs a contiguous fp32 or fp16 (out, in) weight");
+                  (weight.scalar_type() == torch::kFloat32 || weight.scalar_type() == torch::kFloat16 ||
+                   weight.scalar_type() == torch::kBFloat16),
+              "a float Linear of the native step needs a contiguous fp32, fp16 or bf16 (out, in) weight");
   Linear l;
   l.weight = weight, l.bias = bias;
   return l;
@@ -322,7 +328,7 @@ void bind_decode(pybind11::module& m) {
   py::class_<Linear>(m, "NativeLinear");
   m.def("packed_linear", &packed_linear, "a packed Linear of the native step (qgemv's arguments)");
   m.def("mixed_linear", &mixed_linear, "a LowRA mixed-codebook Linear of the native step (qgemv_mixed's arguments)");
-  m.def("float_linear", &float_linear, "a float Linear of the native step (fp32 or fp16 weight)");
+  m.def("float_linear", &float_linear, "a float Linear of the native step (fp32, fp16 or bf16 weight)");
   py::class_<Decoder>(m, "NativeDecoder")
       .def(py::init<torch::Tensor, torch::Tensor, Linear, torch::Tensor, double, int64_t, int64_t, int64_t, double,
                     double>())
