@@ -224,8 +224,9 @@ def pair_logliks(model, pairs: list[tuple[list[int], list[int]]], max_length: in
                  pad_id: int = 0) -> list[float]:
     """Log-likelihood (natural log, summed over tokens) of each ``(context_ids, continuation_ids)`` pair, all
     pairs in one forward: rows ``(context + continuation)[-(max_length + 1):][:-1]`` right-padded to
-    ``(len(pairs), L)`` with an attention mask; only the positions that predict continuation tokens are run
-    through the LM head (``logits_to_keep`` where the model takes it)."""
+    ``(rows, L)`` with an attention mask, each distinct row once (answers of one token after the same context,
+    BoolQ's ``no``/``yes``, share one row); only the positions that predict continuation tokens are run through the
+    LM head (``logits_to_keep`` where the model takes it)."""
     rows, conts = [], []
     for ctx, cont in pairs:
         if len(cont) > max_length:
@@ -233,11 +234,14 @@ def pair_logliks(model, pairs: list[tuple[list[int], list[int]]], max_length: in
         seq = (list(ctx) + list(cont))[-(max_length + 1):]
         rows.append(seq[:-1])
         conts.append(list(cont))
+    distinct: dict[tuple[int, ...], int] = {}  # row -> its index in the batch
+    for row in rows:
+        distinct.setdefault(tuple(row), len(distinct))
     width = max(len(r) for r in rows)
     device = next(model.parameters(), torch.empty(0)).device
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
+    ids = torch.full((len(distinct), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(distinct), width), dtype=torch.long)
+    for row, i in distinct.items():
         ids[i, :len(row)] = torch.tensor(row)
         mask[i, :len(row)] = 1
     first = min(len(r) - len(c) for r, c in zip(rows, conts, strict=True))  # first position scoring a token
@@ -247,13 +251,13 @@ def pair_logliks(model, pairs: list[tuple[list[int], list[int]]], max_length: in
         kwargs["use_cache"] = False
     if _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = keep
-    logits = model(ids.to(device), **kwargs).logits[:, -keep:]  # (B, keep, vocab); position p at p - first
+    logits = model(ids.to(device), **kwargs).logits[:, -keep:]  # (rows, keep, vocab); position p at p - first
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     out = []
-    for i, (row, cont) in enumerate(zip(rows, conts, strict=True)):
+    for row, cont in zip(rows, conts, strict=True):
         start = len(row) - len(cont) - first
         target = torch.tensor(cont, device=logprobs.device)
-        picked = logprobs[i, start:start + len(cont)].gather(-1, target[:, None])
+        picked = logprobs[distinct[tuple(row)], start:start + len(cont)].gather(-1, target[:, None])
         out.append(picked.sum().item())
     return out
 

@@ -186,6 +186,18 @@ def test_batched_choices_match_one_at_a_time_and_an_unpadded_reference():
     assert T.example_logliks(model, tok, ex) == pytest.approx(batched, abs=1e-6)
 
 
+def test_one_token_answers_after_one_context_share_one_row():
+    """BoolQ's no/yes: both rows are the context, run once (a batch of one row), scored as when run apart."""
+    model = tiny_model("llama")
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape))  # pair_logliks passes ids first
+    ctx = list(range(10, 30))
+    pairs = [(ctx, [40]), (ctx, [41]), (ctx[:7], [42, 43])]
+    got = T.pair_logliks(model, pairs)
+    assert seen == [torch.Size([2, 20])]  # two distinct rows: the shared context, and ctx[:7] + [42]
+    assert got == pytest.approx([_reference_loglik(model, c, k) for c, k in pairs], abs=1e-4)
+
+
 def test_long_inputs_are_truncated_on_the_left():
     model = tiny_model("llama")
     ctx, cont = list(range(10, 40)), [50, 51, 52]

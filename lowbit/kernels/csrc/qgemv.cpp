@@ -241,31 +241,48 @@ struct QuantizedX {
   std::vector<int32_t> first; // (chunks,) the chunk's first group
 };
 
-// Fills the calling thread's reusable buffers (a decode step calls this ~200 times per token: no allocations).
+// Fills the calling thread's reusable buffers (a decode step calls this ~200 times per token: no allocations). It
+// runs before the rows split across threads, so it is vectorized: each group's rounding 16 values a step into a
+// linear buffer (round to nearest even, as nearbyint), then one pass lays the bytes out by phase.
 template <int BITS>
 const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t groups, int64_t chunks) {
   constexpr int PER = 8 / BITS, CODES = 64 * PER;
   static thread_local QuantizedX r;
-  static thread_local std::vector<float> inv;
-  r.q.assign(chunks * PER * 64, 0);
+  static thread_local std::vector<int8_t> lin;  // (chunks * CODES,) the rounded x in k order, zero padded
+  r.q.resize(chunks * PER * 64);
+  lin.assign(chunks * CODES, 0);
   r.scale.assign(groups + 16, 0.f);
   r.sum.assign(groups + 16, 0.f);
   r.lane.resize(chunks * 16);
   r.first.resize(chunks);
-  inv.assign(groups, 0.f);
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
   for (int64_t g = 0; g < groups; ++g) {
-    float m = 0.f;
-    for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) m = std::max(m, std::fabs(x[k]));
-    r.scale[g] = m / 127.f;
-    inv[g] = m > 0.f ? 127.f / m : 0.f;
+    const int64_t k0 = g * gs, len = std::min(K, k0 + gs) - k0;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t i = 0; i < len; i += 16) {
+      const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1);
+      mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k0 + i)));
+    }
+    const float top = _mm512_reduce_max_ps(mx);
+    r.scale[g] = top / 127.f;
+    const __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t i = 0; i < len; i += 16) {
+      const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1);
+      __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k0 + i), inv));
+      v = _mm512_maskz_mov_epi32(m, _mm512_min_epi32(_mm512_max_epi32(v, lo), hi));
+      total = _mm512_add_epi32(total, v);
+      _mm_mask_storeu_epi8(lin.data() + k0 + i, m, _mm512_cvtsepi32_epi8(v));
+    }
+    r.sum[g] = static_cast<float>(_mm512_reduce_add_epi32(total)) * r.scale[g];
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t c = k / CODES, rem = k % CODES, j = rem / PER, p = rem % PER;
-    const float v = std::max(-127.f, std::min(127.f, std::nearbyint(x[k] * inv[k / gs])));
-    r.q[(c * PER + p) * 64 + j] = static_cast<int8_t>(v);
-    r.sum[k / gs] += v;
-  }
-  for (int64_t g = 0; g < groups; ++g) r.sum[g] *= r.scale[g];
+  const int8_t* src = lin.data();
+  for (int64_t c = 0; c < chunks; ++c)  // phase p of chunk c: the p-th code of each of its 64 bytes
+    for (int p = 0; p < PER; ++p) {
+      int8_t* dst = r.q.data() + (c * PER + p) * 64;
+      for (int j = 0; j < 64; ++j) dst[j] = src[c * CODES + j * PER + p];
+    }
   for (int64_t c = 0; c < chunks; ++c) {
     r.first[c] = static_cast<int32_t>(c * CODES / gs);
     for (int l = 0; l < 16; ++l) {
@@ -289,7 +306,11 @@ void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_byte
   const __mmask64 tail_mask = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t srow = shared_scales ? 0 : n * groups;
-    for (int64_t g = 0; g < groups; ++g) cs[g] = float(scales[srow + g]) * xq.scale[g];
+    for (int64_t g = 0; g < groups; g += 16) {  // 16 groups a step: at 2 bits g64 a row has a group per 16 bytes
+      const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
+      _mm512_mask_storeu_ps(cs + g, m, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scales + srow + g)),
+                                                     _mm512_maskz_loadu_ps(m, xq.scale.data() + g)));
+    }
     const uint8_t* row = codes + n * row_bytes;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
