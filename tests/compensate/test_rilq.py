@@ -104,7 +104,8 @@ _KL_ONLY = dict(lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0)
 @pytest.mark.parametrize("start, overrides", [
     (RTNConfig(bits=2, group_size=64), {}),  # uniform groups, with adapters and RILQ's loss
     (LowRAConfig(budget=2.0), {"rank": 0, **_KL_ONLY}),  # LowRA's block absmax (stored row-permuted), refine-kl
-], ids=["uniform", "lowra"])
+    (LowRAConfig(budget=2.0), {**_KL_ONLY, "lr": 1e-3}),  # LowRA's block absmax and adapters trained together
+], ids=["uniform", "lowra", "lowra-adapters"])
 def test_group_scales_train_and_are_folded_into_the_packed_scales_when_training_ends(tok, tmp_path, start,
                                                                                       overrides):
     """scales="group" trains one multiplier per row and scale group, folded into the stored scales when training
