@@ -221,10 +221,10 @@ def _dequantized_tiles(qweight: QuantizedWeight | MixedCodebookWeight):
     rows = _tile_rows(qweight)
     buf = torch.empty(rows, in_f, dtype=torch.bfloat16)
     if isinstance(qweight, MixedCodebookWeight):
-        segments, first = [], 0  # (width, first stored row, rows)
+        segments, total = [], 0  # (width, first stored row, rows)
         for b, n in qweight.rows.items():
-            segments.append((b, first, n))
-            first += n
+            segments.append((b, total, n))
+            total += n
         for r0 in range(0, out_f, rows):
             r1 = min(out_f, r0 + rows)
             for b, first, n in segments:
