@@ -31,6 +31,7 @@ from ..formats.act import ActQuantConfig, fake_quantize
 from ..qmixed import MixedCodebookWeight
 from ..qtensor import PackedWeight
 from .cpu import (
+    MIXED_GEMV_ROWS,
     SMALL_BATCH,
     act_gemm_applies,
     float_supports,
@@ -155,10 +156,11 @@ def qmatmul_group_scaled(x: torch.Tensor, qweight: PackedWeight, group_scale: to
 def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> torch.Tensor:
     """One packed matmul. On CPU: one row (decode) runs the GEMV (:mod:`.cpu`; activations rounded to int8 per group
     under ``auto`` where the format allows). Under ``auto``, ``inference`` calls (prefill, batches, evaluation)
-    of up to :data:`~.cpu.SMALL_BATCH` rows run the int8 small-batch kernel where the format allows (LowRA's
-    mixed rows: the fp32 GEMV per row, also under ``exact``), more rows the tiled bf16 GEMM (LowRA's too); inside a bf16
-    autocast region (training) the tiled bf16 GEMM too; otherwise the reference. A training forward outside
-    autocast (``inference=False``) stays fp32."""
+    of up to :data:`~.cpu.SMALL_BATCH` rows run the int8 small-batch kernel where the format allows, more rows the
+    tiled bf16 GEMM; LowRA's mixed rows run the fp32 GEMV per row up to :data:`~.cpu.MIXED_GEMV_ROWS` rows (up to
+    ``SMALL_BATCH`` under ``exact``), more rows the tiled bf16 GEMM. Inside a bf16 autocast region (training) the
+    tiled bf16 GEMM too; otherwise the reference. A training forward outside autocast (``inference=False``) stays
+    fp32."""
     choice = _choice()
     if choice in FASTEST and x.device.type == "cpu":
         if cpu_supports(x, qweight):
@@ -172,9 +174,10 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> 
                 and qweight.codes.device.type == "cpu":
             calls["cpu-gemm-i8"] += 1  # a small batch: int8 activations, the weight read once per 4 rows
             return qmatmul_cpu_rows_i8(x, qweight)
+        rows_limit = MIXED_GEMV_ROWS if choice == "auto" and tiled_supports(x, qweight) else SMALL_BATCH
         if isinstance(qweight, MixedCodebookWeight) and inference and _autocast_dtype(x) == torch.float32 \
-                and 0 < x.numel() <= SMALL_BATCH * x.shape[-1] and cpu_supports(x.reshape(-1, x.shape[-1])[0], qweight):
-            calls["cpu-gemv-rows"] += 1  # LowRA's small batches: the decode GEMV per row
+                and 0 < x.numel() <= rows_limit * x.shape[-1] and cpu_supports(x.reshape(-1, x.shape[-1])[0], qweight):
+            calls["cpu-gemv-rows"] += 1  # LowRA's few rows: the decode GEMV per row
             return qmatmul_cpu_rows(x, qweight)
         low = _autocast_dtype(x) == torch.bfloat16 or (choice == "auto" and inference)
         if low and tiled_supports(x, qweight):

@@ -108,6 +108,9 @@ def qmatmul_cpu(x: torch.Tensor, qweight: PackedWeight, int8_x: bool = False) ->
 
 
 SMALL_BATCH = 16  # at most this many rows run the int8-activation kernel (small batches); more: bf16 tiles
+# LowRA's mixed rows: at most this many rows run the decode GEMV once per row (more: bf16 tiles where they build);
+# per SmolLM2 layer, 1 thread, the tiles took 0.7x the GEMV's time at 4 rows, 0.25x at 16, 2.7x at 1.
+MIXED_GEMV_ROWS = 2
 
 
 def qmatmul_cpu_rows_i8(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
@@ -170,9 +173,9 @@ def _int_mm_tiled(x2: torch.Tensor, qweight: QuantizedWeight, act_bits: int, cli
 
 
 def qmatmul_cpu_rows(x: torch.Tensor, qweight: MixedCodebookWeight) -> torch.Tensor:
-    """``x (..., in)`` with a few rows (``<= SMALL_BATCH``) of a mixed-codebook weight (LowRA) -> ``(..., out)``:
-    the fp32 decode GEMV once per row (the weight read once per row, never dequantized; no batched
-    mixed-codebook kernel exists). Equal to the reference up to summation order."""
+    """``x (..., in)`` with a few rows (``<= MIXED_GEMV_ROWS``, or ``SMALL_BATCH`` under ``exact``) of a
+    mixed-codebook weight (LowRA) -> ``(..., out)``: the fp32 decode GEMV once per row (the weight read once per
+    row, never dequantized). Equal to the reference up to summation order."""
     gemv = gemv_function(qweight)
     rows = x.reshape(-1, x.shape[-1]).float()
     y = torch.stack([gemv(row.contiguous()) for row in rows])

@@ -478,9 +478,12 @@ def test_tiled_bf16_gemm_on_lowra_rows_matches_the_bf16_reference(auto, monkeypa
     if not cpu.tiled_supports(torch.randn(2, 8), qw):
         pytest.skip("this CPU build has no AVX512-BF16")
     monkeypatch.setattr(cpu, "TILE_ELEMENTS", tile_rows * in_f)
+    kernels.qmatmul(torch.randn(cpu.MIXED_GEMV_ROWS, in_f), qw)  # a couple of rows: the decode GEMV per row
+    assert kernels.calls == {"cpu-gemv-rows": 1}
+    kernels.reset_counts()
     w = qw.dequantize().bfloat16().float()
     x = torch.randn(3, 6, in_f)
-    y = kernels.qmatmul(x, qw)  # 18 rows: more than a small batch
+    y = kernels.qmatmul(x, qw)  # 18 rows
     assert kernels.calls == {"cpu-tiled-bf16": 1} and y.dtype == torch.float32 and y.shape == (3, 6, out_f)
     torch.testing.assert_close(y, torch.nn.functional.linear(x.bfloat16().float(), w), atol=LOWP_ATOL,
                                rtol=LOWP_RTOL)
