@@ -385,6 +385,9 @@ def test_bench_json_keyed_by_recipe_with_ratios_and_files(hf_folder, tmp_path):
             assert lo <= row[key] <= hi and row[key] == pytest.approx((lo + hi) / 2)
         assert row["decode_ratio"] == pytest.approx(row["decode_tok_s"] / payload["fp32"]["decode_tok_s"])
         assert row["contended_pct"] == pytest.approx(100 * row["contended_decode_tok_s"] / row["decode_tok_s"])
+        lo, hi = row["bandwidth_gbs_range"]  # measured before each round and after the last; the highest is used
+        assert 0 < lo <= hi == row["bandwidth_gbs"]
+        assert row["roofline_pct"] == pytest.approx(100 * row["decode_tok_s"] * row["bytes_per_token"] / (hi * 1e9))
     assert payload["fp32"]["decode_ratio"] == 1.0 and payload["fp32"]["kernel"] == "none"
     assert payload["rtn-w4g64"]["kernel"].startswith("cpu-gemv")  # decode steps ran the packed kernel
     assert payload["lowra-b2.0"]["kernel"].startswith("cpu-gemv")
@@ -392,6 +395,7 @@ def test_bench_json_keyed_by_recipe_with_ratios_and_files(hf_folder, tmp_path):
     assert payload["rtn-w4g64"]["bytes_per_token"] < payload["fp32"]["bytes_per_token"]
     assert {p.name for p in out.iterdir()} == {"bench.md", "bench.json", "bench.png"}
     assert "| rtn-w4g64 |" in (out / "bench.md").read_text()
+    assert "Roofline: the highest memory copy bandwidth" in (out / "bench.md").read_text()
 
 
 def test_bench_rejects_an_unknown_recipe_before_loading(hf_folder, tmp_path, no_loading):
