@@ -98,18 +98,23 @@ def test_long_context_attention_runs_heads_in_parallel_and_stays_exact():
     assert ((step - full).abs() / full.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
 
 
+def _assert_head_read_as(model, dtype: torch.dtype) -> None:
+    """The native step reads ``model``'s head as ``dtype`` and decodes the same 8 greedy tokens as transformers."""
+    decoder = native_decoder(model)
+    assert decoder.head_dtype == dtype
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        assert torch.equal(decoder.generate(ids, 8), model.generate(ids, max_new_tokens=8, do_sample=False,
+                                                                     pad_token_id=0))
+
+
 def test_the_head_is_read_as_fp16_only_when_every_value_is_an_fp16_number():
     model = _packed("llama")
     assert native_decoder(model).head_dtype == torch.float32  # random fp32 init: not fp16 numbers
     twin = _packed("llama")
     head = twin.get_output_embeddings()
     head.weight.data = head.weight.data.half().float()
-    decoder = native_decoder(twin)
-    assert decoder.head_dtype == torch.float16
-    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        assert torch.equal(decoder.generate(ids, 8), twin.generate(ids, max_new_tokens=8, do_sample=False,
-                                                                    pad_token_id=0))
+    _assert_head_read_as(twin, torch.float16)
     x = torch.randn(40)
     w = torch.randn(67, 40).half()
     torch.testing.assert_close(lowbit.kernels.cpu.extension().gemv_f16(x, w), w.float() @ x, rtol=1e-5, atol=1e-5)
@@ -123,12 +128,7 @@ def test_a_head_of_bf16_values_is_read_as_bf16():
     values = head.weight.data.clone()
     values[0, :4] = torch.tensor([1e-7, -3e-6, 2e-7, -5e-7])  # off fp16's subnormal grid, on bf16's once rounded
     head.weight.data = values.bfloat16().float()
-    decoder = native_decoder(twin)
-    assert decoder.head_dtype == torch.bfloat16
-    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(3))
-    with torch.inference_mode():
-        assert torch.equal(decoder.generate(ids, 8), twin.generate(ids, max_new_tokens=8, do_sample=False,
-                                                                    pad_token_id=0))
+    _assert_head_read_as(twin, torch.bfloat16)
     for n, k in ((67, 40), (5, 16), (130, 1000)):  # rows and columns off the 4-row and 16-column tiles
         x, w = torch.randn(k), torch.randn(n, k).bfloat16()
         torch.testing.assert_close(lowbit.kernels.cpu.extension().gemv_bf16(x, w), w.float() @ x, rtol=1e-5,
