@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("steps", ("steps", "quantizers", "transforms", "compensate")),
     ("recipe", ("presets", "recipe", "targets")),
     ("checkpoints", ("manifest", "io", "streamed", "hf_integration", "export", "export_ct", "export_gguf")),
-    ("api", ("api", "bench")),
+    ("api", ("api", "bench", "bench_report")),
     ("cli", ("cli", "__main__", "")),  # "" = the package root, lowbit/__init__.py, which re-exports the API
 ]
 
