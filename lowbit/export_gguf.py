@@ -132,21 +132,24 @@ def rotary_rows(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).view(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
-def tokenizer_fields(tokenizer) -> dict:
+def tokenizer_fields(tokenizer, vocab_size: int = 0) -> dict:
     """The GGUF tokenizer fields of a byte-level BPE tokenizer (``tokenizer.json``): the ``gpt2`` model, tokens,
-    their types (control for special added tokens), merges, special ids, chat template."""
+    their types (control for special added tokens), merges, special ids, chat template. Ids the tokenizer lacks
+    below ``vocab_size`` (an embedding table padded past the tokenizer, e.g. 128,256 rows over a 49,152-token
+    tokenizer) become ``[PADi]`` tokens of type unused, as llama.cpp's converter writes them: llama.cpp refuses a
+    token list shorter than the table."""
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     model = state["model"]
     if model.get("type") != "BPE":
         raise LowbitError(f"the tokenizer is {model.get('type')}, not byte-level BPE: the GGUF export writes BPE "
                           "vocabularies so far; convert this model with llama.cpp's convert_hf_to_gguf.py")
     vocab = {**model["vocab"], **{t["content"]: t["id"] for t in state.get("added_tokens", [])}}
-    tokens = [None] * (max(vocab.values()) + 1)
+    tokens = [None] * max(max(vocab.values()) + 1, vocab_size)
     for text, i in vocab.items():
         tokens[i] = text
     special = {t["id"] for t in state.get("added_tokens", []) if t.get("special")}
     added = {t["id"] for t in state.get("added_tokens", [])}
-    types = [3 if i in special else 4 if i in added else 1 for i in range(len(tokens))]
+    types = [5 if t is None else 3 if i in special else 4 if i in added else 1 for i, t in enumerate(tokens)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     return {"tokens": [t if t is not None else f"[PAD{i}]" for i, t in enumerate(tokens)], "types": types,
             "merges": merges, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
@@ -269,7 +272,7 @@ def export_gguf(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
         log.warning("no tokenizer: the GGUF file holds no vocabulary (transformers reads its weights; llama.cpp "
                     "needs the vocabulary)")
     else:
-        vocab = tokenizer_fields(tokenizer)
+        vocab = tokenizer_fields(tokenizer, c.vocab_size)
 
     def write(tmp: Path) -> None:
         writer = gguf.GGUFWriter(tmp, arch)

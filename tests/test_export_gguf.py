@@ -91,6 +91,26 @@ def test_qwen_families_export_exactly(tmp_path, family, extra):
     assert relative(ours, read["logits"]) < 1e-4
 
 
+def test_table_wider_than_the_tokenizer_pads_the_token_list(tmp_path):
+    """An embedding table padded past its tokenizer (320 rows, 300 tokens: Llama-3-shaped random models, padded
+    vocabularies): the token list is padded to the table with unused ``[PADi]`` tokens, as llama.cpp requires."""
+    from gguf import GGUFReader
+
+    src = tmp_path / "src"
+    tiny_model("llama", max_position_embeddings=256, vocab_size=320).save_pretrained(src)
+    bpe_tokenizer(300).save_pretrained(src)
+    model, tok, ours = quantized(src, "gguf:q4_0")
+    export_gguf(model, tmp_path / "m.gguf", tokenizer=tok)
+    fields = GGUFReader(tmp_path / "m.gguf").fields
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert len(tokens.data) == 320
+    assert [int(types.parts[i][0]) for i in types.data[300:]] == [5] * 20
+    assert bytes(tokens.parts[tokens.data[-1]]).decode() == "[PAD319]"
+    read = transformers_read(tmp_path / "m.gguf", tmp_path)
+    assert relative(ours, read["logits"]) < 1e-4
+    assert read["ids"] == tok(TEXT).input_ids
+
+
 def test_gptq_into_q4_0(tmp_path, source):
     """GPTQ's Hessian-aware rounding straight into Q4_0's grid: the file holds exactly what lowbit computed."""
     calib = lowbit.Calibration(windows=torch.randint(0, 300, (4, 64)))
