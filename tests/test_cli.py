@@ -419,8 +419,11 @@ def test_random_model_sources_are_written_once_and_load(monkeypatch, tmp_path):
     assert not folder.with_name("llama-tiny.tmp").exists()
     stamp = (folder / "config.json").stat().st_mtime_ns
     assert resolve_source("random:llama-tiny")[1] == folder and (folder / "config.json").stat().st_mtime_ns == stamp
+    index = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "lm_head.weight" not in index  # tied: the head is the table
     model, tok = lowbit.load_model("random:llama-tiny")
     assert model.config.num_hidden_layers == 2 and model.config.hidden_size == 64
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     assert tok("hello").input_ids
     with pytest.raises(lowbit.LowbitError, match="random:llama-1b"):
         resolve_source("random:gpt-9b")
