@@ -16,7 +16,11 @@ logits only in lowbit/transformers; llama.cpp's ``eval``), a warm-up, then greed
 after a 5-token prompt (lowbit and transformers: ``generate``; llama.cpp: ``sample`` + ``eval``, its Python
 binding). ``--compile`` adds rows whose decode runs through ``lowbit.nn.compile.compile_decode`` (static cache,
 ``torch.compile``; its compile time is left out). ``--native`` adds rows whose decode runs through
-``lowbit.native`` (one C++ call per token; the prompt through the model's forward). Prints one JSON object.
+``lowbit.native`` (one C++ call per token; the prompt through the model's forward). The memory bandwidth (a large
+copy, :func:`lowbit.bench.memory_bandwidth_gbs`) is measured before each round and after the last; every row gets
+its weight bytes read per decoded token (lowbit: :func:`lowbit.bench.weight_bytes_per_token` of the loaded model;
+llama.cpp: the GGUF file's tensor bytes, one row of an untied token table) and the share of the roofline
+(highest bandwidth / bytes per token) its median decode reached. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 
 from child import emit, parser, run_json, work_dir
 from llamacpp_side_by_side import FLOAT_GGUF, LLAMACPP_PY, QUANTIZE
+
+from lowbit.bench import memory_bandwidth_gbs
 
 PROMPT = "The history of the city"
 
@@ -74,7 +80,9 @@ with torch.inference_mode():
     t = time.perf_counter()
     out = generate(new)
     decode = (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - t)
-print(json.dumps({"decode": decode, "prefill": pre}))
+from lowbit.bench import weight_bytes_per_token
+half_head = native and step.head_dtype in (torch.float16, torch.bfloat16)
+print(json.dumps({"decode": decode, "prefill": pre, "bytes_per_token": weight_bytes_per_token(model, half_head)}))
 """
 
 LLAMACPP = """
@@ -99,6 +107,20 @@ print(json.dumps({"decode": rate, "prefill": pre}))
 def spread(values: list[float]) -> dict:
     return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
             "max": round(max(values), 2), "n": len(values)}
+
+
+def gguf_bytes_per_token(path: Path) -> int:
+    """Weight bytes one llama.cpp decode step reads from the GGUF file ``path``: every tensor once, but one row of
+    the token table unless it is also the output head (no ``output.weight``)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    total = sum(int(t.n_bytes) for t in tensors.values())
+    table = tensors.get("token_embd.weight")
+    if table is not None and "output.weight" in tensors:
+        rows = int(table.shape[-1])  # GGUF shapes are innermost-first: (hidden, vocab)
+        total -= int(table.n_bytes) * (rows - 1) // rows
+    return total
 
 
 def main() -> None:
@@ -143,13 +165,22 @@ def main() -> None:
               file=sys.stderr)
     ids = json.dumps(run_json([py, "-c", IDS, a.model, str(a.prefill_tokens), PROMPT]))
     runs: dict[str, list[dict]] = {name: [] for name in engines}
+    bandwidths: list[float] = []
     for r in range(a.repeats):
+        bandwidths.append(round(memory_bandwidth_gbs(), 1))
         for name, (python, code, source, *flag) in engines.items():
             print(f"run {r + 1}/{a.repeats}: {name}", file=sys.stderr, flush=True)
             runs[name].append(run_json([python, "-c", code, source, ids, str(a.threads), str(a.decode_tokens),
                                         *flag]))
+    bandwidths.append(round(memory_bandwidth_gbs(), 1))
     rows = {name: {"decode_tok_s": spread([m["decode"] for m in ms]),
                    "prefill_tok_s": spread([m["prefill"] for m in ms])} for name, ms in runs.items()}
+    for name, row in rows.items():
+        source = engines[name][2]
+        row["bytes_per_token"] = (runs[name][0]["bytes_per_token"] if "bytes_per_token" in runs[name][0]
+                                  else gguf_bytes_per_token(Path(source)))
+        row["roofline_pct"] = round(100 * row["decode_tok_s"]["median"] * row["bytes_per_token"] /
+                                    (max(bandwidths) * 1e9), 1)
     fp32 = rows["transformers fp32"]
     q4 = rows.get("llama.cpp q4_0")
     for row in rows.values():
@@ -158,7 +189,7 @@ def main() -> None:
             if q4:
                 row[key.replace("tok_s", "vs_llamacpp_q4_0")] = round(row[key]["median"] / q4[key]["median"], 3)
     emit({"model": a.model, "threads": a.threads, "repeats": a.repeats, "decode_tokens": a.decode_tokens,
-          "prefill_tokens": a.prefill_tokens, "rows": rows, "work": str(work)}, a.out)
+          "prefill_tokens": a.prefill_tokens, "bandwidth_gbs": bandwidths, "rows": rows, "work": str(work)}, a.out)
 
 
 if __name__ == "__main__":
