@@ -52,9 +52,11 @@ def write_random_model(folder: Path, config: dict, tokenizer, shard_bytes: int =
     tmp.mkdir(parents=True, exist_ok=True)
     cfg = LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")})
     with init_empty_weights():
-        shapes = {n: t.shape for n, t in LlamaForCausalLM(cfg).named_parameters()}
+        skeleton = LlamaForCausalLM(cfg)
+    shapes = {n: t.shape for n, t in skeleton.named_parameters()}
     if config["tie_word_embeddings"]:  # a tied head is the embedding table: written, it would load untied
-        shapes.pop("lm_head.weight", None)
+        head = skeleton.get_output_embeddings()
+        shapes.pop(next(n for n, m in skeleton.named_modules() if m is head) + ".weight", None)
     gen = torch.Generator().manual_seed(0)
     shards, shard, size = [], {}, 0  # names per written shard; the tensors of the one being filled
     for i, (name, shape) in enumerate(shapes.items()):
