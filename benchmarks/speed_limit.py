@@ -26,12 +26,11 @@ llama.cpp: the GGUF file's tensor bytes, one row of an untied token table) and t
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
 from child import emit, parser, run_json, work_dir
-from llamacpp_side_by_side import FLOAT_GGUF, LLAMACPP_PY, QUANTIZE
+from llamacpp_side_by_side import FLOAT_GGUF, LLAMACPP_PY, QUANTIZE, spread
 
 from lowbit.bench import memory_bandwidth_gbs
 
@@ -102,11 +101,6 @@ llm.reset(); llm.eval(ids["prefill"][:16]); llm.reset()
 t = time.perf_counter(); llm.eval(ids["prefill"]); pre = len(ids["prefill"]) / (time.perf_counter() - t)
 print(json.dumps({"decode": rate, "prefill": pre}))
 """
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
-            "max": round(max(values), 2), "n": len(values)}
 
 
 def gguf_bytes_per_token(path: Path) -> int:
