@@ -115,9 +115,10 @@ def test_the_head_is_read_as_fp16_only_when_every_value_is_an_fp16_number():
     head = twin.get_output_embeddings()
     head.weight.data = head.weight.data.half().float()
     _assert_head_read_as(twin, torch.float16)
-    x = torch.randn(40)
-    w = torch.randn(67, 40).half()
-    torch.testing.assert_close(lowbit.kernels.cpu.extension().gemv_f16(x, w), w.float() @ x, rtol=1e-5, atol=1e-5)
+    for n, k in ((67, 40), (130, 1000)):  # columns short of one 64-column step, and steps plus a ragged tail
+        x, w = torch.randn(k), torch.randn(n, k).half()
+        torch.testing.assert_close(lowbit.kernels.cpu.extension().gemv_f16(x, w), w.float() @ x, rtol=1e-5,
+                                   atol=1e-4)
 
 
 def test_a_head_of_bf16_values_is_read_as_bf16():
@@ -129,7 +130,7 @@ def test_a_head_of_bf16_values_is_read_as_bf16():
     values[0, :4] = torch.tensor([1e-7, -3e-6, 2e-7, -5e-7])  # off fp16's subnormal grid, on bf16's once rounded
     head.weight.data = values.bfloat16().float()
     _assert_head_read_as(twin, torch.bfloat16)
-    for n, k in ((67, 40), (5, 16), (130, 1000)):  # rows and columns off the 4-row and 16-column tiles
+    for n, k in ((67, 40), (5, 16), (130, 1000)):  # columns off the 64-column steps and the 16-column tail
         x, w = torch.randn(k), torch.randn(n, k).bfloat16()
         torch.testing.assert_close(lowbit.kernels.cpu.extension().gemv_bf16(x, w), w.float() @ x, rtol=1e-5,
                                    atol=1e-4)

@@ -384,12 +384,15 @@ def _int8_error_bound(x: torch.Tensor, qw) -> torch.Tensor:
     return (qw.scales.float() * xmax / 254 * spread).sum(-1) + KERNEL_ATOL_PER_SQRT_K * qw.in_features ** 0.5
 
 
-@pytest.mark.parametrize("out_f,in_f,group_size", [(24, 40, 16), (7, 200, 8), (33, 1000, 64), (5, 576, 128)])
+@pytest.mark.parametrize("out_f,in_f,group_size", [(24, 40, 16), (7, 200, 8), (33, 1000, 64), (5, 576, 128),
+                                                      (6, 1096, 256)])
 @pytest.mark.parametrize("bits,symmetric", [(1, False), (2, False), (2, True), (4, False), (4, True), (8, False)])
 def test_int8_activation_gemv_is_within_its_rounding_bound(auto, out_f, in_f, group_size, bits, symmetric):
     """Under ``auto`` a decode row of integer codes runs the VNNI kernel where its groups hold whole 4-byte lanes
     (group_size a multiple of 32 / bits); its error against the exact reference stays inside the bound the
-    int8 rounding of the activations allows, for group and per-channel scales, ragged groups and row tails."""
+    int8 rounding of the activations allows, for group and per-channel scales, ragged groups and row tails —
+    through both of its loops: a lane table per 64-byte chunk, and one scale per chunk where a group spans whole
+    chunks (int4 g128 / g256, int8 g64+, int2 g256)."""
     from lowbit.kernels.cpu import extension, int8_applies
 
     if not extension().vnni_applies(4, 128, False):

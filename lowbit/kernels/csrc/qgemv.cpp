@@ -293,10 +293,20 @@ const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t grou
   return r;
 }
 
+// cs[g] = s_w[n, g] * s_x[g] for one row's groups (cs is zero padded by the caller for the 16-wide loads).
+inline void combined_scales(const QuantizedX& xq, const at::Half* row_scales, int64_t groups, float* cs) {
+  for (int64_t g = 0; g < groups; g += 16) {  // 16 groups a step: at 2 bits g64 a row has a group per 16 bytes
+    const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    _mm512_mask_storeu_ps(cs + g, m, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row_scales + g)),
+                                                   _mm512_maskz_loadu_ps(m, xq.scale.data() + g)));
+  }
+}
+
+// Any group size of whole lanes: each chunk permutes its own lane table into the 16 lanes' combined scales.
 template <int BITS>
-void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes,
-                    const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset, int64_t groups,
-                    int64_t chunks, int64_t n0, int64_t n1, float* y) {
+void gemv_rows_vnni_lanes(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes,
+                          const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset,
+                          int64_t groups, int64_t chunks, int64_t n0, int64_t n1, float* y) {
   constexpr int PER = 8 / BITS;
   const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
   static thread_local std::vector<float> cs_buf;  // s_w[n, g] * s_x[g], zero padded for the 16-wide loads
@@ -306,11 +316,7 @@ void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_byte
   const __mmask64 tail_mask = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t srow = shared_scales ? 0 : n * groups;
-    for (int64_t g = 0; g < groups; g += 16) {  // 16 groups a step: at 2 bits g64 a row has a group per 16 bytes
-      const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
-      _mm512_mask_storeu_ps(cs + g, m, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scales + srow + g)),
-                                                     _mm512_maskz_loadu_ps(m, xq.scale.data() + g)));
-    }
+    combined_scales(xq, scales + srow, groups, cs);
     const uint8_t* row = codes + n * row_bytes;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t c = 0; c < chunks; ++c) {
@@ -330,6 +336,59 @@ void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_byte
     float out = _mm512_reduce_add_ps(acc);
     y[n] = out - zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xq.sum.data(), groups);
   }
+}
+
+// When a group spans whole chunks (gs a multiple of a chunk's 64 * PER codes: int4 g128, int8 g64 and wider) every
+// lane of a chunk has the same combined scale: one broadcast per chunk instead of a lane table and a permute, and
+// the last chunk (masked to the row's bytes) is peeled off the loop. Same sums in the same order as the lane-table
+// loop. Interleaved timings on this CPU (BENCHMARKS.md, issue 25's seventh pass), against the lane-table loop:
+// int4 g128 0.74-0.92x the time on the 1B shape's 8192 x 2048 and 2048 x 8192 (0.88-1.08x on SmolLM2's 576 x 1536),
+// int8 g128 0.75-0.97x. Also tried and not kept: the uniform-lane layouts (int2 g64) with a
+// hoisted lane table and software prefetch (0.87-1.05x on the 1B shape, int1 up to 1.16x slower), and 2 or 4
+// rows per pass (faster in L2, 1.25-1.4x slower from DRAM).
+template <int BITS>
+void gemv_rows_vnni_chunk_groups(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes,
+                                 const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset,
+                                 int64_t groups, int64_t gs, int64_t chunks, int64_t n0, int64_t n1, float* y) {
+  constexpr int PER = 8 / BITS, CODES = 64 * PER;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  static thread_local std::vector<float> cs_buf;
+  cs_buf.assign(groups + 16, 0.f);
+  float* cs = cs_buf.data();
+  const int64_t tail = row_bytes - (chunks - 1) * 64;
+  const __mmask64 tail_mask = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
+  const int64_t chunks_per_group = gs / CODES;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t srow = shared_scales ? 0 : n * groups;
+    combined_scales(xq, scales + srow, groups, cs);
+    const uint8_t* row = codes + n * row_bytes;
+    __m512 acc = _mm512_setzero_ps();
+    auto chunk = [&](int64_t c, __m512i b) __attribute__((always_inline)) {
+      const int8_t* xc = xq.q.data() + c * PER * 64;
+      __m512i dot = _mm512_setzero_si512();
+#pragma unroll
+      for (int p = 0; p < PER; ++p) {
+        const __m512i v = BITS == 8 ? b : _mm512_and_si512(p ? _mm512_srli_epi16(b, p * BITS) : b, mask);
+        dot = _mm512_dpbusd_epi32(dot, v, _mm512_loadu_si512(xc + p * 64));
+      }
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(cs[c / chunks_per_group]), acc);
+    };
+    for (int64_t c = 0; c + 1 < chunks; ++c) chunk(c, _mm512_loadu_si512(row + c * 64));
+    chunk(chunks - 1, _mm512_maskz_loadu_epi8(tail_mask, row + (chunks - 1) * 64));
+    float out = _mm512_reduce_add_ps(acc);
+    y[n] = out - zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xq.sum.data(), groups);
+  }
+}
+
+template <int BITS>
+void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
+                    const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t gs,
+                    int64_t chunks, int64_t n0, int64_t n1, float* y) {
+  if (gs % (64 * (8 / BITS)) == 0)
+    gemv_rows_vnni_chunk_groups<BITS>(xq, codes, row_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks,
+                                      n0, n1, y);
+  else
+    gemv_rows_vnni_lanes<BITS>(xq, codes, row_bytes, scales, zeros, shared_scales, offset, groups, chunks, n0, n1, y);
 }
 #endif  // VNNI
 
@@ -415,8 +474,8 @@ void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::o
     const QuantizedX& xq = quantize_x<B>(xp, K, group_size, groups, chunks);                                  \
     at::parallel_for(0, total_rows, 8, [&](int64_t n0, int64_t n1) {                                         \
       each(n0, n1, [&](const Rows& w, int64_t r0, int64_t r1) {                                              \
-        gemv_rows_vnni<B>(xq, w.codes, row_bytes, w.scales, w.zeros, w.shared, float(offset), groups, chunks, \
-                          r0, r1, w.y);                                                                      \
+        gemv_rows_vnni<B>(xq, w.codes, row_bytes, w.scales, w.zeros, w.shared, float(offset), groups,       \
+                          group_size, chunks, r0, r1, w.y);                                                           \
       });                                                                                                    \
     });                                                                                                      \
     return;                                                                                                  \
@@ -701,6 +760,27 @@ torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w) {
     int64_t n = n0;
 #ifdef LOWBIT_AVX512
     constexpr int64_t LINE = 64 / sizeof(W);  // weights per 64-byte line: prefetch once per line of each row
+    if constexpr (sizeof(W) == 2) {  // fp16 / bf16 (a float head): one row at a time, 64 weights a step
+      // One sequential stream per thread and four accumulators: against four rows a pass with software prefetch
+      // (kept for fp32 below), 0.87-0.91x the time on a 1B model's 128256 x 2048 bf16 head and 0.63-0.76x on
+      // SmolLM2's 49152 x 576 (BENCHMARKS.md, issue 25's seventh pass); fp32 weights measured 0.88-1.05x: unchanged.
+      for (; n < n1; ++n) {
+        const W* r = wp + n * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+          a0 = _mm512_fmadd_ps(load16(r + k, 0xFFFF), _mm512_loadu_ps(xp + k), a0);
+          a1 = _mm512_fmadd_ps(load16(r + k + 16, 0xFFFF), _mm512_loadu_ps(xp + k + 16), a1);
+          a2 = _mm512_fmadd_ps(load16(r + k + 32, 0xFFFF), _mm512_loadu_ps(xp + k + 32), a2);
+          a3 = _mm512_fmadd_ps(load16(r + k + 48, 0xFFFF), _mm512_loadu_ps(xp + k + 48), a3);
+        }
+        for (; k < K; k += 16) {
+          const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+          a0 = _mm512_fmadd_ps(load16(r + k, m), _mm512_maskz_loadu_ps(m, xp + k), a0);
+        }
+        yp[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+      }
+    }
     for (; n + 4 <= n1; n += 4) {
       const W* r = wp + n * K;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
