@@ -302,13 +302,27 @@ inline void combined_scales(const QuantizedX& xq, const at::Half* row_scales, in
   }
 }
 
+// The 16 lanes' int32 sums of one 64-byte chunk of codes `b` times the chunk's int8 activations `xc` (PER phases of
+// 64 bytes each, laid out by quantize_x).
+template <int BITS>
+inline __m512i chunk_dot(__m512i b, const int8_t* xc) {
+  constexpr int PER = 8 / BITS;
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  __m512i dot = _mm512_setzero_si512();
+#pragma unroll
+  for (int p = 0; p < PER; ++p) {
+    const __m512i v = BITS == 8 ? b : _mm512_and_si512(p ? _mm512_srli_epi16(b, p * BITS) : b, mask);
+    dot = _mm512_dpbusd_epi32(dot, v, _mm512_loadu_si512(xc + p * 64));
+  }
+  return dot;
+}
+
 // Any group size of whole lanes: each chunk permutes its own lane table into the 16 lanes' combined scales.
 template <int BITS>
 void gemv_rows_vnni_lanes(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes,
                           const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset,
                           int64_t groups, int64_t chunks, int64_t n0, int64_t n1, float* y) {
   constexpr int PER = 8 / BITS;
-  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
   static thread_local std::vector<float> cs_buf;  // s_w[n, g] * s_x[g], zero padded for the 16-wide loads
   cs_buf.assign(groups + 16, 0.f);
   float* cs = cs_buf.data();  // a plain pointer in the loops: a thread_local name costs a TLS lookup per use
@@ -323,12 +337,7 @@ void gemv_rows_vnni_lanes(const QuantizedX& xq, const uint8_t* codes, int64_t ro
       const __m512i b = c + 1 < chunks ? _mm512_loadu_si512(row + c * 64)
                                        : _mm512_maskz_loadu_epi8(tail_mask, row + c * 64);
       const int8_t* xc = xq.q.data() + c * PER * 64;
-      __m512i dot = _mm512_setzero_si512();
-#pragma unroll
-      for (int p = 0; p < PER; ++p) {
-        const __m512i v = BITS == 8 ? b : _mm512_and_si512(p ? _mm512_srli_epi16(b, p * BITS) : b, mask);
-        dot = _mm512_dpbusd_epi32(dot, v, _mm512_loadu_si512(xc + p * 64));
-      }
+      const __m512i dot = chunk_dot<BITS>(b, xc);
       const __m512 s = _mm512_permutexvar_ps(_mm512_loadu_si512(xq.lane.data() + c * 16),
                                              _mm512_loadu_ps(cs + xq.first[c]));
       acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
@@ -351,7 +360,6 @@ void gemv_rows_vnni_chunk_groups(const QuantizedX& xq, const uint8_t* codes, int
                                  const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset,
                                  int64_t groups, int64_t gs, int64_t chunks, int64_t n0, int64_t n1, float* y) {
   constexpr int PER = 8 / BITS, CODES = 64 * PER;
-  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
   static thread_local std::vector<float> cs_buf;
   cs_buf.assign(groups + 16, 0.f);
   float* cs = cs_buf.data();
@@ -365,12 +373,7 @@ void gemv_rows_vnni_chunk_groups(const QuantizedX& xq, const uint8_t* codes, int
     __m512 acc = _mm512_setzero_ps();
     auto chunk = [&](int64_t c, __m512i b) __attribute__((always_inline)) {
       const int8_t* xc = xq.q.data() + c * PER * 64;
-      __m512i dot = _mm512_setzero_si512();
-#pragma unroll
-      for (int p = 0; p < PER; ++p) {
-        const __m512i v = BITS == 8 ? b : _mm512_and_si512(p ? _mm512_srli_epi16(b, p * BITS) : b, mask);
-        dot = _mm512_dpbusd_epi32(dot, v, _mm512_loadu_si512(xc + p * 64));
-      }
+      const __m512i dot = chunk_dot<BITS>(b, xc);
       acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(cs[c / chunks_per_group]), acc);
     };
     for (int64_t c = 0; c + 1 < chunks; ++c) chunk(c, _mm512_loadu_si512(row + c * 64));
