@@ -478,7 +478,7 @@ void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::o
     at::parallel_for(0, total_rows, 8, [&](int64_t n0, int64_t n1) {                                         \
       each(n0, n1, [&](const Rows& w, int64_t r0, int64_t r1) {                                              \
         gemv_rows_vnni<B>(xq, w.codes, row_bytes, w.scales, w.zeros, w.shared, float(offset), groups,       \
-                          group_size, chunks, r0, r1, w.y);                                                           \
+                          group_size, chunks, r0, r1, w.y);                                                 \
       });                                                                                                    \
     });                                                                                                      \
     return;                                                                                                  \
@@ -742,8 +742,9 @@ void dequant_mixed_bf16(torch::Tensor codes, torch::Tensor books, torch::Tensor 
 
 // Float GEMV y = W x for one fp32 input row and a row-major float W (N, K): the float LM head a packed model keeps,
 // in fp32, or in fp16 / bf16 where its values are fp16 / bf16 numbers (the native decode step: half the bytes, the
-// same products, fp32 sums). Memory-bound; four rows share each load of x. torch's fp32 matrix-vector product reached about a
-// third of this CPU's read bandwidth on the 49152 x 576 head (6.8 ms vs 2.3 ms, 2 threads).
+// same products, fp32 sums). Memory-bound: fp16 / bf16 rows stream one at a time, fp32 rows four at a time sharing
+// each load of x. torch's fp32 matrix-vector product reached about a third of this CPU's read bandwidth on the
+// 49152 x 576 head (6.8 ms vs 2.3 ms, 2 threads).
 #ifdef LOWBIT_AVX512
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const at::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
