@@ -317,11 +317,13 @@ inline __m512i chunk_dot(__m512i b, const int8_t* xc) {
   return dot;
 }
 
-// Any group size of whole lanes: each chunk permutes its own lane table into the 16 lanes' combined scales.
-template <int BITS>
-void gemv_rows_vnni_lanes(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes,
-                          const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset,
-                          int64_t groups, int64_t chunks, int64_t n0, int64_t n1, float* y) {
+// The rows [n0, n1) of y = W x with int8 x: per row, the combined scales, then each 64-byte chunk's 16 lane sums
+// times the 16 lanes' combined scales, which `chunk_scales(c, cs)` returns; the last chunk (masked to the row's
+// bytes) is peeled off the loop.
+template <int BITS, class ChunkScales>
+void gemv_rows_vnni_with(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
+                         const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t chunks,
+                         int64_t n0, int64_t n1, float* y, ChunkScales chunk_scales) {
   constexpr int PER = 8 / BITS;
   static thread_local std::vector<float> cs_buf;  // s_w[n, g] * s_x[g], zero padded for the 16-wide loads
   cs_buf.assign(groups + 16, 0.f);
@@ -333,65 +335,45 @@ void gemv_rows_vnni_lanes(const QuantizedX& xq, const uint8_t* codes, int64_t ro
     combined_scales(xq, scales + srow, groups, cs);
     const uint8_t* row = codes + n * row_bytes;
     __m512 acc = _mm512_setzero_ps();
-    for (int64_t c = 0; c < chunks; ++c) {
-      const __m512i b = c + 1 < chunks ? _mm512_loadu_si512(row + c * 64)
-                                       : _mm512_maskz_loadu_epi8(tail_mask, row + c * 64);
-      const int8_t* xc = xq.q.data() + c * PER * 64;
-      const __m512i dot = chunk_dot<BITS>(b, xc);
-      const __m512 s = _mm512_permutexvar_ps(_mm512_loadu_si512(xq.lane.data() + c * 16),
-                                             _mm512_loadu_ps(cs + xq.first[c]));
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc);
-    }
-    float out = _mm512_reduce_add_ps(acc);
+    auto chunk = [&](int64_t c, __m512i b) __attribute__((always_inline)) {
+      const __m512i dot = chunk_dot<BITS>(b, xq.q.data() + c * PER * 64);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), chunk_scales(c, cs), acc);
+    };
+    for (int64_t c = 0; c + 1 < chunks; ++c) chunk(c, _mm512_loadu_si512(row + c * 64));
+    chunk(chunks - 1, _mm512_maskz_loadu_epi8(tail_mask, row + (chunks - 1) * 64));
+    const float out = _mm512_reduce_add_ps(acc);
     y[n] = out - zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xq.sum.data(), groups);
   }
 }
 
 // When a group spans whole chunks (gs a multiple of a chunk's 64 * PER codes: int4 g128, int8 g64 and wider) every
-// lane of a chunk has the same combined scale: one broadcast per chunk instead of a lane table and a permute, and
-// the last chunk (masked to the row's bytes) is peeled off the loop. Same sums in the same order as the lane-table
-// loop. Interleaved timings on this CPU (BENCHMARKS.md, issue 25's seventh pass), against the lane-table loop:
+// lane of a chunk has the same combined scale: one broadcast per chunk. Any other group size of whole lanes: each
+// chunk permutes its own lane table into the 16 lanes' combined scales. Same sums in the same order either way.
+// Interleaved timings on this CPU (BENCHMARKS.md, issue 25's seventh pass), broadcast against the lane table:
 // int4 g128 0.74-0.92x the time on the 1B shape's 8192 x 2048 and 2048 x 8192 (0.88-1.08x on SmolLM2's 576 x 1536),
 // int8 g128 0.75-0.97x. Also tried and not kept: the uniform-lane layouts (int2 g64) with a
 // hoisted lane table and software prefetch (0.87-1.05x on the 1B shape, int1 up to 1.16x slower), and 2 or 4
 // rows per pass (faster in L2, 1.25-1.4x slower from DRAM).
 template <int BITS>
-void gemv_rows_vnni_chunk_groups(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes,
-                                 const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset,
-                                 int64_t groups, int64_t gs, int64_t chunks, int64_t n0, int64_t n1, float* y) {
-  constexpr int PER = 8 / BITS, CODES = 64 * PER;
-  static thread_local std::vector<float> cs_buf;
-  cs_buf.assign(groups + 16, 0.f);
-  float* cs = cs_buf.data();
-  const int64_t tail = row_bytes - (chunks - 1) * 64;
-  const __mmask64 tail_mask = tail >= 64 ? ~__mmask64(0) : ((__mmask64(1) << tail) - 1);
-  const int64_t chunks_per_group = gs / CODES;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t srow = shared_scales ? 0 : n * groups;
-    combined_scales(xq, scales + srow, groups, cs);
-    const uint8_t* row = codes + n * row_bytes;
-    __m512 acc = _mm512_setzero_ps();
-    auto chunk = [&](int64_t c, __m512i b) __attribute__((always_inline)) {
-      const int8_t* xc = xq.q.data() + c * PER * 64;
-      const __m512i dot = chunk_dot<BITS>(b, xc);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(cs[c / chunks_per_group]), acc);
-    };
-    for (int64_t c = 0; c + 1 < chunks; ++c) chunk(c, _mm512_loadu_si512(row + c * 64));
-    chunk(chunks - 1, _mm512_maskz_loadu_epi8(tail_mask, row + (chunks - 1) * 64));
-    float out = _mm512_reduce_add_ps(acc);
-    y[n] = out - zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xq.sum.data(), groups);
-  }
-}
-
-template <int BITS>
 void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
                     const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t gs,
                     int64_t chunks, int64_t n0, int64_t n1, float* y) {
-  if (gs % (64 * (8 / BITS)) == 0)
-    gemv_rows_vnni_chunk_groups<BITS>(xq, codes, row_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks,
-                                      n0, n1, y);
-  else
-    gemv_rows_vnni_lanes<BITS>(xq, codes, row_bytes, scales, zeros, shared_scales, offset, groups, chunks, n0, n1, y);
+  constexpr int64_t CODES = 64 * (8 / BITS);
+  if (gs % CODES == 0) {
+    const int64_t chunks_per_group = gs / CODES;
+    gemv_rows_vnni_with<BITS>(xq, codes, row_bytes, scales, zeros, shared_scales, offset, groups, chunks, n0, n1, y,
+                              [chunks_per_group](int64_t c, const float* cs) __attribute__((always_inline)) {
+                                return _mm512_set1_ps(cs[c / chunks_per_group]);
+                              });
+  } else {
+    const int32_t* lane = xq.lane.data();
+    const int32_t* first = xq.first.data();
+    gemv_rows_vnni_with<BITS>(xq, codes, row_bytes, scales, zeros, shared_scales, offset, groups, chunks, n0, n1, y,
+                              [lane, first](int64_t c, const float* cs) __attribute__((always_inline)) {
+                                return _mm512_permutexvar_ps(_mm512_loadu_si512(lane + c * 16),
+                                                             _mm512_loadu_ps(cs + first[c]));
+                              });
+  }
 }
 #endif  // VNNI
 
