@@ -1,0 +1,141 @@
+"""lowbit's CPU kernels at two or more git revisions, timed side by side in one process (issue 25's kernel passes).
+
+    python benchmarks/kernel_ab.py --revs HEAD~1,WORKTREE [--threads 1] [--rounds 41] [--sets 2] [--json OUT.json]
+
+Each revision's ``lowbit/kernels/csrc/*.cpp`` is built as its own extension (``lbab_<i>``, under ``--work``) with
+the flags ``lowbit/kernels/cpu.py`` uses; its ``TORCH_LIBRARY`` blocks are compiled out (``-DLB_NO_LIB``) so that
+several builds load in one process. ``WORKTREE`` names the files as they are on disk now. The int8-activation
+quantized GEMV (``qgemv``) then runs on random codes of each format and shape, the revisions round robin within
+every round, so a VM whose memory bandwidth drifts (this one: 28-54 GB/s within a minute) moves all of them
+together. Printed per shape: the median microseconds over the rounds and GB/s of codes + scales + zero points; the
+ratio of each revision to the first; the largest output difference relative to the first revision's largest
+output (0 when the sums are the same). ``--sets N`` repeats the whole table, the only honest spread here: single
+shapes moved ±30% between sets in the seventh and eighth passes (BENCHMARKS.md). Run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = "lowbit/kernels/csrc"
+FORMATS = ((4, 128), (2, 64), (8, 128), (4, 32), (1, 128))  # (bits, group size)
+SHAPES = ((8192, 2048, 30), (2048, 8192, 30), (576, 1536, 1000), (256, 2048, 2000))  # (out, in, calls a round)
+
+
+def guard_library_blocks(source: str) -> str:
+    """``source`` with every ``TORCH_LIBRARY*(...) { ... }`` block that starts a line inside ``#ifndef LB_NO_LIB``:
+    two builds that both register the ``lowbit`` ops would fail to load in one process."""
+    out, pos = [], 0
+    for match in re.finditer(r"^TORCH_LIBRARY\w*\(", source, flags=re.MULTILINE):  # at a line's start: not a comment
+        start = match.start()
+        depth, end = 0, source.index("{", start)
+        while True:  # to the brace that closes the block's first
+            depth += {"{": 1, "}": -1}.get(source[end], 0)
+            if depth == 0:
+                break
+            end += 1
+        out += [source[pos:start], "#ifndef LB_NO_LIB\n", source[start:end + 1], "\n#endif\n"]
+        pos = end + 1
+    return "".join(out) + source[pos:]
+
+
+def sources_at(rev: str, into: Path) -> list[Path]:
+    """The kernel sources of git revision ``rev`` (or the working tree for ``WORKTREE``) written under ``into``."""
+    into.mkdir(parents=True, exist_ok=True)
+    if rev == "WORKTREE":
+        names = sorted(p.name for p in (ROOT / CSRC).glob("*.cpp"))
+        texts = [(ROOT / CSRC / n).read_text() for n in names]
+    else:
+        listing = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:{CSRC}"],
+                                 capture_output=True, text=True, check=True).stdout.split()
+        names = sorted(n for n in listing if n.endswith(".cpp"))
+        texts = [subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{CSRC}/{n}"], capture_output=True,
+                                text=True, check=True).stdout for n in names]
+    paths = []
+    for name, text in zip(names, texts, strict=True):
+        (into / name).write_text(guard_library_blocks(text))
+        paths.append(into / name)
+    return paths
+
+
+def build(revs: list[str], work: Path) -> dict:
+    from torch.utils.cpp_extension import load
+
+    os.environ["TORCH_EXTENSIONS_DIR"] = str(work / "ext")
+    return {rev: load(name=f"lbab_{i}", sources=[str(p) for p in sources_at(rev, work / f"src{i}")],
+                      extra_cflags=["-O3", "-march=native", "-fopenmp", "-DLB_NO_LIB"], extra_ldflags=["-fopenmp"],
+                      verbose=False)
+            for i, rev in enumerate(revs)}
+
+
+def random_weight(out_features: int, in_features: int, bits: int, group: int):
+    """(codes (out, in*bits/8) uint8, scales (out, in/group) fp16, zero points (out, in/group) uint8)."""
+    return (torch.randint(0, 256, (out_features, in_features * bits // 8), dtype=torch.uint8),
+            (torch.rand(out_features, in_features // group) + 0.5).half(),
+            torch.randint(0, 2 ** bits, (out_features, in_features // group), dtype=torch.uint8))
+
+
+def time_set(exts: dict, rounds: int) -> list[dict]:
+    revs, rows = list(exts), []
+    for bits, group in FORMATS:
+        for n, k, calls in SHAPES:
+            # several copies of a weight larger than the caches, so that every call reads from memory
+            weights = [random_weight(n, k, bits, group) for _ in range(1 if n * k < 1e6 else 6)]
+            x = torch.randn(k)
+            ys = {r: exts[r].qgemv(x, *weights[0], None, bits, group, 0, True) for r in revs}
+            ref = ys[revs[0]]
+            diff = max((ys[r] - ref).abs().max().item() for r in revs) / ref.abs().max().item()
+            seconds = {r: [] for r in revs}
+            for _ in range(rounds):
+                for r in revs:
+                    start = time.perf_counter()
+                    for i in range(calls):
+                        exts[r].qgemv(x, *weights[i % len(weights)], None, bits, group, 0, True)
+                    seconds[r].append((time.perf_counter() - start) / calls)
+            nbytes = weights[0][0].numel() + weights[0][1].numel() * 3
+            median = {r: statistics.median(seconds[r]) for r in revs}
+            rows.append({"bits": bits, "group_size": group, "out": n, "in": k, "max_rel_diff": diff,
+                         "us": {r: median[r] * 1e6 for r in revs},
+                         "gb_per_s": {r: nbytes / median[r] / 1e9 for r in revs},
+                         "ratio_to_first": {r: median[r] / median[revs[0]] for r in revs}})
+            print(f"int{bits} g{group} {n}x{k} (max rel diff {diff:.1e}): " + "  ".join(
+                f"{r} {median[r] * 1e6:.1f} us ({rows[-1]['ratio_to_first'][r]:.2f}x)" for r in revs), flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--revs", default="HEAD,WORKTREE", help="comma-separated git revisions; WORKTREE = files on disk")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=41)
+    ap.add_argument("--sets", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=None, help="build folder (default: a new temporary folder)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    revs = args.revs.split(",")
+    work = args.work or Path(tempfile.mkdtemp(prefix="kernel_ab_"))
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    exts = build(revs, work)
+    sets = []
+    for s in range(args.sets):
+        print(f"set {s + 1} of {args.sets}, {args.threads} thread(s), {args.rounds} rounds", flush=True)
+        sets.append(time_set(exts, args.rounds))
+    if args.json:
+        args.json.write_text(json.dumps({"revs": revs, "threads": args.threads, "rounds": args.rounds,
+                                         "sets": sets}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
