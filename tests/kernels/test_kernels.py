@@ -413,6 +413,16 @@ def test_int8_activation_gemv_is_within_its_rounding_bound(auto, out_f, in_f, gr
                 assert not torch.equal(kernels.qmatmul(x, qw), y)
 
 
+def test_int8_activation_gemv_of_an_empty_row_is_zero(auto):
+    """K = 0 (no chunk to peel off the row loop) goes to the plain loop: zeros, not a read before the codes."""
+    from lowbit.kernels.cpu import extension
+
+    for bits, group_size in ((4, 128), (2, 64)):
+        codes, scales = torch.zeros(3, 0, dtype=torch.uint8), torch.zeros(3, 0, dtype=torch.float16)
+        y = extension().qgemv(torch.zeros(0), codes, scales, None, None, bits, group_size, 0, True)
+        assert torch.equal(y, torch.zeros(3))
+
+
 def test_int8_activation_gemv_skips_codebooks_and_three_bits(auto):
     from lowbit.kernels.cpu import int8_applies
 

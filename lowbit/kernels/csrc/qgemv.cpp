@@ -451,7 +451,7 @@ void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::o
     }
   };
 #ifdef LOWBIT_VNNI
-  if (int8_x && vnni_applies(bits, group_size, levels.has_value())) {
+  if (int8_x && K > 0 && vnni_applies(bits, group_size, levels.has_value())) {  // K > 0: a row has a last chunk
     const int64_t chunks = (row_bytes + 63) / 64;
     switch (bits) {
 #define LOWBIT_VNNI_CASE(B)                                                                                    \
