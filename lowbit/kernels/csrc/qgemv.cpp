@@ -79,6 +79,11 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* codes, int64_t 
 #define LOWBIT_AVX512 1
 
 // ---- AVX-512 path: 16 weights per step, never a dequantized buffer -------------------------------------------
+// The first min(n, 16) of 16 lanes (n >= 1): the mask of a 16-wide step with n values left.
+inline __mmask16 lanes16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // 16 codes of BITS bits starting at byte p (byte aligned; chunks start at multiples of 8 codes), as int32 lanes.
 // `avail` = readable bytes from p to the end of the codes tensor: near the end the bytes are copied first.
 template <int BITS>
@@ -161,7 +166,7 @@ inline __m512 row_dot(const uint8_t* row, int64_t avail, const float* x, int64_t
       acc = _mm512_fmadd_ps(v, _mm512_loadu_ps(x + k0 + k), acc);
     }
     if (k < len) {  // 8..15 codes left (len is a multiple of 8 except at the row's end)
-      const __mmask16 m = static_cast<__mmask16>((1u << (len - k)) - 1);
+      const __mmask16 m = lanes16(len - k);
       const int64_t b = (k0 + k) * BITS / 8;
       const __m512 v = decode16<D>(codes16<BITS>(row + b, avail - b), table, lut);
       acc = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(m, x + k0 + k), acc);
@@ -177,7 +182,7 @@ inline float zero_point_share(const at::Half* scales, const uint8_t* zeros, floa
                               int64_t groups) {
   __m512 corr = _mm512_setzero_ps();
   for (int64_t g = 0; g < groups; g += 16) {
-    const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    const __mmask16 m = lanes16(groups - g);
     const __m512 s = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, scales + g));
     const __m512 z = zeros ? _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, zeros + g)))
                            : _mm512_set1_ps(offset);
@@ -261,7 +266,7 @@ const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t grou
     const int64_t k0 = g * gs, len = std::min(K, k0 + gs) - k0;
     __m512 mx = _mm512_setzero_ps();
     for (int64_t i = 0; i < len; i += 16) {
-      const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1);
+      const __mmask16 m = lanes16(len - i);
       mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + k0 + i)));
     }
     const float top = _mm512_reduce_max_ps(mx);
@@ -269,7 +274,7 @@ const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t grou
     const __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
     __m512i total = _mm512_setzero_si512();
     for (int64_t i = 0; i < len; i += 16) {
-      const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1);
+      const __mmask16 m = lanes16(len - i);
       __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + k0 + i), inv));
       v = _mm512_maskz_mov_epi32(m, _mm512_min_epi32(_mm512_max_epi32(v, lo), hi));
       total = _mm512_add_epi32(total, v);
@@ -296,7 +301,7 @@ const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t grou
 // cs[g] = s_w[n, g] * s_x[g] for one row's groups (cs is zero padded by the caller for the 16-wide loads).
 inline void combined_scales(const QuantizedX& xq, const at::Half* row_scales, int64_t groups, float* cs) {
   for (int64_t g = 0; g < groups; g += 16) {  // 16 groups a step: at 2 bits g64 a row has a group per 16 bytes
-    const __mmask16 m = groups - g >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (groups - g)) - 1);
+    const __mmask16 m = lanes16(groups - g);
     _mm512_mask_storeu_ps(cs + g, m, _mm512_mul_ps(_mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, row_scales + g)),
                                                    _mm512_maskz_loadu_ps(m, xq.scale.data() + g)));
   }
@@ -637,7 +642,7 @@ void dequant_bf16(torch::Tensor codes, torch::Tensor scales, c10::optional<torch
         if (bits <= 4 || bits == 8) {  // 16 codes a step straight from the packed bytes
           const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
           for (int64_t i = 0; i < len; i += 16) {
-            const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1);
+            const __mmask16 m = lanes16(len - i);
             const int64_t b = ((k0 + i) * bits) / 8;
             __m512 v;
             switch (bits) {
@@ -697,7 +702,7 @@ void dequant_mixed_bf16(torch::Tensor codes, torch::Tensor books, torch::Tensor 
 #if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
         const __m512 vs = _mm512_set1_ps(s);
         for (int64_t i = 0; i < len; i += 16) {  // 16 codes a step straight from the packed bytes
-          const __mmask16 m = len - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (len - i)) - 1);
+          const __mmask16 m = lanes16(len - i);
           const int64_t b = ((k0 + i) * bits) / 8;
           __m512i q;
           switch (bits) {
@@ -760,7 +765,7 @@ torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w) {
           a3 = _mm512_fmadd_ps(load16(r + k + 48, 0xFFFF), _mm512_loadu_ps(xp + k + 48), a3);
         }
         for (; k < K; k += 16) {
-          const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+          const __mmask16 m = lanes16(K - k);
           a0 = _mm512_fmadd_ps(load16(r + k, m), _mm512_maskz_loadu_ps(m, xp + k), a0);
         }
         yp[n] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
@@ -777,7 +782,7 @@ torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w) {
             _mm_prefetch(reinterpret_cast<const char*>(r + 6 * K + k), _MM_HINT_T0);
             _mm_prefetch(reinterpret_cast<const char*>(r + 7 * K + k), _MM_HINT_T0);
           }
-          const __mmask16 m = K - k >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (K - k)) - 1);
+          const __mmask16 m = lanes16(K - k);
           const __m512 xv = _mm512_maskz_loadu_ps(m, xp + k);
           a0 = _mm512_fmadd_ps(load16(r + k, m), xv, a0);
           a1 = _mm512_fmadd_ps(load16(r + K + k, m), xv, a1);
