@@ -66,6 +66,34 @@ int32_t code_sum(const int8_t* q, int64_t n) {
 
 #ifdef LOWBIT_INT_GEMM
 
+// The first min(n, 16) of 16 lanes (csrc/qgemv.cpp has the same helper in its own translation unit).
+inline __mmask16 lanes16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+
+// One group of len activations rounded as the int8 decode GEMV rounds it (csrc/qgemv.cpp, quantize_x: symmetric,
+// s = max|x| / 127, codes round(x * 127 / max|x|) to nearest even, within +-127) into q; returns s, and the codes'
+// sum in *total. 16 values a step (the scalar loop it replaced took 8 us of a 16-row call at K = 576).
+inline float round_group(const float* x, int64_t len, int8_t* q, int32_t* total) {
+  const __m512 sign = _mm512_set1_ps(-0.f);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+  __m512 mx = _mm512_setzero_ps();
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = lanes16(len - i);
+    mx = _mm512_max_ps(mx, _mm512_andnot_ps(sign, _mm512_maskz_loadu_ps(m, x + i)));
+  }
+  const float top = _mm512_reduce_max_ps(mx);
+  const __m512 inv = _mm512_set1_ps(top > 0.f ? 127.f / top : 0.f);
+  __m512i sum = _mm512_setzero_si512();
+  for (int64_t i = 0; i < len; i += 16) {
+    const __mmask16 m = lanes16(len - i);
+    __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), inv));
+    v = _mm512_maskz_mov_epi32(m, _mm512_min_epi32(_mm512_max_epi32(v, lo), hi));
+    sum = _mm512_add_epi32(sum, v);
+    _mm_mask_storeu_epi8(q + i, m, _mm512_cvtsepi32_epi8(v));
+  }
+  *total = _mm512_reduce_add_epi32(sum);
+  return top / 127.f;
+}
+
 // Where each 64-byte chunk of a packed row sends its codes: phase p of chunk c holds the p-th code of every byte
 // (PER = 8 / BITS codes per byte), so the activations are laid out to match: out[(c * PER + p) * 64 + j] =
 // q[c * 64 * PER + j * PER + p]. Lane l of vpdpbusd then sums codes [c * 64 * PER + 4 * PER * l, + 4 * PER).
@@ -194,6 +222,7 @@ inline void tile(const uint8_t* const* rows, const float* const* sw, const int8_
   };
   int64_t c = 0;
   for (int64_t q = 0; q < plan.quads; ++q, c += 4) {
+#pragma GCC unroll 4  // unrolled, the four vectors' loads and phases interleave (10-25% at 16 rows: BENCHMARKS.md)
     for (int r = 0; r < 4; ++r) {  // vector r: quarter r of chunks c .. c + 3
       __m512i b[NB];
 #pragma unroll
@@ -275,7 +304,7 @@ void rows_block(const Problem& P, const ChunkPlan& plan, int64_t n0, int64_t m0,
     tile<BITS, NB, MB>(rows, swp, P.aq + m * P.astride, P.astride, ga, P.groups + 16, P.chunks, tail_mask, plan, acc);
     // Less the zero point's share, sum_g zs[n, g] * asum[m, g], lane-wise before the horizontal sums.
     for (int64_t g = 0; g < P.groups; g += 16) {
-      const __mmask16 gm = P.groups - g >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (P.groups - g)) - 1);
+      const __mmask16 gm = lanes16(P.groups - g);
 #pragma unroll
       for (int j = 0; j < MB; ++j) {
         const __m512 as = _mm512_maskz_loadu_ps(gm, P.asum + std::min(m + j, P.M - 1) * P.groups + g);
@@ -403,15 +432,12 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t k0 = g * group_size, len = std::min(group_size, K - k0);
         float s = 1.f;
-        if (grouped) {
-          float mx = 0.f;
-          for (int64_t k = k0; k < k0 + len; ++k) mx = std::max(mx, std::fabs(xr[k]));
-          const float inv = mx > 0.f ? 127.f / mx : 0.f;
-          for (int64_t k = k0; k < k0 + len; ++k)
-            q[k] = static_cast<int8_t>(std::max(-127.f, std::min(127.f, std::nearbyint(xr[k] * inv))));
-          s = ga[m * gstride + g] = mx / 127.f;
-        }
-        asum[m * groups + g] = s * float(code_sum(q.data() + k0, len));
+        int32_t total;
+        if (grouped)
+          s = ga[m * gstride + g] = round_group(xr + k0, len, q.data() + k0, &total);
+        else
+          total = code_sum(q.data() + k0, len);
+        asum[m * groups + g] = s * float(total);
       }
       int8_t* out = aq.data() + m * astride;
       switch (bits) {
