@@ -46,6 +46,7 @@ from .cpu import (
     qmatmul_cpu_rows,
     qmatmul_cpu_rows_i8,
     qmatmul_cpu_tiled,
+    rows_i8_function,
     tiled_supports,
 )
 from .cpu import supports as cpu_supports
@@ -102,10 +103,12 @@ class _QMatmul(torch.autograd.Function):
 
 
 def _gemv_plan(qweight: PackedWeight, choice: str):
-    """``(counter name, fn)`` where ``fn(x (in,) fp32 contiguous) -> (out,)`` is the GEMV :func:`_qmatmul` would
-    run for one fp32 CPU row of ``qweight`` under ``choice``, or None where none applies. Cached on the weight
-    object (a layer rebuilds that object when its buffers change): a decode step calls this 210 times per token
-    on SmolLM2, and deciding again each time cost about as much as a small layer's kernel."""
+    """``(counter name, fn, rows_fn)`` where ``fn(x (in,) fp32 contiguous) -> (out,)`` is the GEMV :func:`_qmatmul`
+    would run for one fp32 CPU row of ``qweight`` under ``choice``, and ``rows_fn(x (M, in) fp32, M <= SMALL_BATCH)
+    -> (M, out)`` its small-batch int8 GEMM for a few rows outside autocast (``cpu-gemm-i8``; None where that does not
+    apply); None where no GEMV applies. Cached on the weight object (a layer rebuilds that object when its buffers
+    change): a decode step calls this 210 times per token on SmolLM2, and deciding again each time cost about as much
+    as a small layer's kernel (a batch-16 step: a third of the small layers' kernel time)."""
     cached = qweight.__dict__.get("_gemv_plan")
     if cached is not None and cached[0] == choice:
         return cached[1]
@@ -113,18 +116,26 @@ def _gemv_plan(qweight: PackedWeight, choice: str):
     probe = torch.empty(qweight.in_features)
     if choice in FASTEST and cpu_supports(probe, qweight):
         int8 = choice == "auto" and int8_applies(qweight)
-        plan = ("cpu-gemv-i8" if int8 else "cpu-gemv", gemv_function(qweight, int8))
+        rows_fn = rows_i8_function(qweight) if int8 else None
+        plan = ("cpu-gemv-i8" if int8 else "cpu-gemv", gemv_function(qweight, int8), rows_fn)
     qweight.__dict__["_gemv_plan"] = (choice, plan)
     return plan
 
 
 def qmatmul(x: torch.Tensor, qweight: PackedWeight) -> torch.Tensor:
     """``x (..., in)`` -> ``(..., out)`` = ``x @ Wᵀ`` for a packed ``W``; differentiable in ``x``."""
-    if x.dtype == torch.float32 and x.numel() == x.shape[-1] and x.device.type == "cpu" and not x.requires_grad:
-        plan = _gemv_plan(qweight, _choice())  # the decode step's fast path: one row, nothing to differentiate
-        if plan is not None:
-            calls[plan[0]] += 1
-            return plan[1](x.reshape(-1)).reshape(*x.shape[:-1], qweight.out_features)
+    if x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad and x.shape[-1]:
+        rows = x.numel() // x.shape[-1]  # the fast paths: decode rows, nothing to differentiate
+        if rows == 1:
+            plan = _gemv_plan(qweight, _choice())
+            if plan is not None:
+                calls[plan[0]] += 1
+                return plan[1](x.reshape(-1)).reshape(*x.shape[:-1], qweight.out_features)
+        elif 1 < rows <= SMALL_BATCH and _autocast_dtype(x) == torch.float32:
+            plan = _gemv_plan(qweight, _choice())
+            if plan is not None and plan[2] is not None:
+                calls["cpu-gemm-i8"] += 1
+                return plan[2](x.reshape(rows, -1)).reshape(*x.shape[:-1], qweight.out_features)
     if x.requires_grad and torch.is_grad_enabled():
         return _QMatmul.apply(x, qweight)
     return _qmatmul(x, qweight)

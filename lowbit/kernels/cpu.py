@@ -113,6 +113,15 @@ SMALL_BATCH = 16  # at most this many rows run the int8-activation kernel (small
 MIXED_GEMV_ROWS = 2
 
 
+def rows_i8_function(qweight: QuantizedWeight):
+    """``fn(x (M, in) fp32, M <= SMALL_BATCH) -> (M, out)``: :func:`qmatmul_cpu_rows_i8` with the weight's arguments
+    bound once (a batched decode step's fast path). Only where :func:`int8_applies`."""
+    ext = extension()
+    bits, _, offset = _format_args(qweight.fmt)
+    args = (qweight.codes, qweight.scales, qweight.zeros, bits, qweight.group_size, offset)
+    return lambda x: ext.qgemm_i8(x if x.is_contiguous() else x.contiguous(), *args)
+
+
 def qmatmul_cpu_rows_i8(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
     """``x (..., in)`` with a few rows (``<= SMALL_BATCH``) -> ``(..., out)``, each row's activation groups
     rounded to int8 as in the one-row kernel (same bound per row), the packed weight read once for every four

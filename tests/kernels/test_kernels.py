@@ -456,6 +456,23 @@ def test_small_batches_round_each_row_like_the_decode_kernel(auto, shape, bits, 
     assert kernels.calls["cpu-tiled-bf16"] == 1
 
 
+def test_small_batch_fast_path_runs_the_kernel_the_dispatcher_picks(auto):
+    """``qmatmul``'s bound small-batch call (the weight's cached plan) gives exactly what the dispatcher's
+    ``qmatmul_cpu_rows_i8`` gives, strided rows included; inside a bf16 autocast region rows never take it."""
+    from lowbit.kernels.cpu import extension, qmatmul_cpu_rows_i8
+
+    if not extension().vnni_applies(4, 128, False):
+        pytest.skip("this CPU build has no AVX512-VNNI")
+    qw = rtn_quantize(torch.randn(37, 256), get_format("int", 4, False), "group", 128)
+    x = torch.randn(6, 2, 256)[:, 1]  # rows 512 floats apart
+    y = kernels.qmatmul(x, qw)
+    assert kernels.calls == {"cpu-gemm-i8": 1}
+    assert torch.equal(y, qmatmul_cpu_rows_i8(x.contiguous(), qw))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kernels.qmatmul(x, qw)
+    assert kernels.calls["cpu-gemm-i8"] == 1
+
+
 @pytest.mark.parametrize("shape", [(17, 40), (3, 6, 40), (17, 200), (64, 1000)])
 @pytest.mark.parametrize("family,bits", [("int", 2), ("int", 3), ("int", 4), ("int", 6), ("nf", 4), ("int", 8)])
 def test_tiled_bf16_gemm_matches_the_bf16_reference(auto, monkeypatch, shape, family, bits):
