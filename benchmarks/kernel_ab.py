@@ -1,16 +1,18 @@
 """lowbit's CPU kernels at two or more git revisions, timed side by side in one process (issue 25's kernel passes).
 
     python benchmarks/kernel_ab.py --revs HEAD~1,WORKTREE [--threads 1] [--rounds 41] [--sets 2] [--json OUT.json]
+    python benchmarks/kernel_ab.py --revs HEAD~1,WORKTREE --rows 16   # the small-batch GEMM (qgemm_i8) instead
 
 Each revision's ``lowbit/kernels/csrc/*.cpp`` is built as its own extension (``lbab_<i>``, under ``--work``) with
 the flags ``lowbit/kernels/cpu.py`` uses; its ``TORCH_LIBRARY`` blocks are compiled out (``-DLB_NO_LIB``) so that
 several builds load in one process. ``WORKTREE`` names the files as they are on disk now. The int8-activation
-quantized GEMV (``qgemv``) then runs on random codes of each format and shape, the revisions round robin within
-every round, so a VM whose memory bandwidth drifts (this one: 28-54 GB/s within a minute) moves all of them
-together. Printed per shape: the median microseconds over the rounds and GB/s of codes + scales + zero points; the
-ratio of each revision to the first; the largest output difference relative to the first revision's largest
-output (0 when the sums are the same). ``--sets N`` repeats the whole table, the only honest spread here: single
-shapes moved ±30% between sets in the seventh and eighth passes (BENCHMARKS.md). Run it alone.
+quantized GEMV (``qgemv``) then runs on random codes of each format and shape (or, with ``--rows M`` above 1, the
+small-batch integer GEMM ``qgemm_i8`` on ``M`` rows, on SmolLM2's and a 1B LLaMA's layer shapes), the revisions
+round robin within every round, so a VM whose memory bandwidth drifts (this one: 28-54 GB/s within a minute) moves all
+of them together. Printed per shape: the median microseconds over the rounds and GB/s of codes + scales + zero points;
+the ratio of each revision to the first; the largest output difference relative to the first revision's largest output
+(0 when the sums are the same). ``--sets N`` repeats the whole table, the only honest spread here: single shapes moved
+±30% between sets in the seventh and eighth passes (BENCHMARKS.md). Run it alone.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CSRC = "lowbit/kernels/csrc"
 FORMATS = ((4, 128), (2, 64), (8, 128), (4, 32), (1, 128))  # (bits, group size)
 SHAPES = ((8192, 2048, 30), (2048, 8192, 30), (576, 1536, 1000), (256, 2048, 2000))  # (out, in, calls a round)
+BATCH_SHAPES = ((1536, 576, 100), (576, 1536, 100), (576, 576, 200), (192, 576, 400), (8192, 2048, 3), (2048, 8192, 3))
 
 
 def guard_library_blocks(source: str) -> str:
@@ -82,18 +85,25 @@ def build(revs: list[str], work: Path) -> dict:
 def random_weight(out_features: int, in_features: int, bits: int, group: int):
     """(codes (out, in*bits/8) uint8, scales (out, in/group) fp16, zero points (out, in/group) uint8)."""
     return (torch.randint(0, 256, (out_features, in_features * bits // 8), dtype=torch.uint8),
-            (torch.rand(out_features, in_features // group) + 0.5).half(),
-            torch.randint(0, 2 ** bits, (out_features, in_features // group), dtype=torch.uint8))
+            (torch.rand(out_features, -(-in_features // group)) + 0.5).half(),
+            torch.randint(0, 2 ** bits, (out_features, -(-in_features // group)), dtype=torch.uint8))
 
 
-def time_set(exts: dict, rounds: int) -> list[dict]:
+def kernel_call(ext, x: torch.Tensor, weight, bits: int, group: int) -> torch.Tensor:
+    """The int8-activation kernel for ``x``: the GEMV for one row ``(in,)``, the small-batch GEMM for ``(M, in)``."""
+    if x.dim() == 1:
+        return ext.qgemv(x, *weight, None, bits, group, 0, True)
+    return ext.qgemm_i8(x, *weight, bits, group, 0)
+
+
+def time_set(exts: dict, rounds: int, rows_m: int = 1) -> list[dict]:
     revs, rows = list(exts), []
     for bits, group in FORMATS:
-        for n, k, calls in SHAPES:
+        for n, k, calls in SHAPES if rows_m == 1 else BATCH_SHAPES:
             # several copies of a weight larger than the caches, so that every call reads from memory
             weights = [random_weight(n, k, bits, group) for _ in range(1 if n * k < 1e6 else 6)]
-            x = torch.randn(k)
-            ys = {r: exts[r].qgemv(x, *weights[0], None, bits, group, 0, True) for r in revs}
+            x = torch.randn(k) if rows_m == 1 else torch.randn(rows_m, k)
+            ys = {r: kernel_call(exts[r], x, weights[0], bits, group) for r in revs}
             ref = ys[revs[0]]
             diff = max((ys[r] - ref).abs().max().item() for r in revs) / ref.abs().max().item()
             seconds = {r: [] for r in revs}
@@ -101,15 +111,16 @@ def time_set(exts: dict, rounds: int) -> list[dict]:
                 for r in revs:
                     start = time.perf_counter()
                     for i in range(calls):
-                        exts[r].qgemv(x, *weights[i % len(weights)], None, bits, group, 0, True)
+                        kernel_call(exts[r], x, weights[i % len(weights)], bits, group)
                     seconds[r].append((time.perf_counter() - start) / calls)
             nbytes = weights[0][0].numel() + weights[0][1].numel() * 3
             median = {r: statistics.median(seconds[r]) for r in revs}
-            rows.append({"bits": bits, "group_size": group, "out": n, "in": k, "max_rel_diff": diff,
+            rows.append({"bits": bits, "group_size": group, "out": n, "in": k, "rows": rows_m, "max_rel_diff": diff,
                          "us": {r: median[r] * 1e6 for r in revs},
                          "gb_per_s": {r: nbytes / median[r] / 1e9 for r in revs},
                          "ratio_to_first": {r: median[r] / median[revs[0]] for r in revs}})
-            print(f"int{bits} g{group} {n}x{k} (max rel diff {diff:.1e}): " + "  ".join(
+            shape = f"{n}x{k}" + (f" x {rows_m} rows" if rows_m > 1 else "")
+            print(f"int{bits} g{group} {shape} (max rel diff {diff:.1e}): " + "  ".join(
                 f"{r} {median[r] * 1e6:.1f} us ({rows[-1]['ratio_to_first'][r]:.2f}x)" for r in revs), flush=True)
     return rows
 
@@ -118,6 +129,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--revs", default="HEAD,WORKTREE", help="comma-separated git revisions; WORKTREE = files on disk")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rows", type=int, default=1, help="activation rows: 1 = the GEMV, more = the small-batch GEMM")
     ap.add_argument("--rounds", type=int, default=41)
     ap.add_argument("--sets", type=int, default=2)
     ap.add_argument("--work", type=Path, default=None, help="build folder (default: a new temporary folder)")
@@ -131,10 +143,10 @@ def main() -> None:
     sets = []
     for s in range(args.sets):
         print(f"set {s + 1} of {args.sets}, {args.threads} thread(s), {args.rounds} rounds", flush=True)
-        sets.append(time_set(exts, args.rounds))
+        sets.append(time_set(exts, args.rounds, args.rows))
     if args.json:
-        args.json.write_text(json.dumps({"revs": revs, "threads": args.threads, "rounds": args.rounds,
-                                         "sets": sets}, indent=1))
+        args.json.write_text(json.dumps({"revs": revs, "threads": args.threads, "rows": args.rows,
+                                         "rounds": args.rounds, "sets": sets}, indent=1))
 
 
 if __name__ == "__main__":
