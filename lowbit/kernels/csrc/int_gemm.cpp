@@ -222,7 +222,7 @@ inline void tile(const uint8_t* const* rows, const float* const* sw, const int8_
   };
   int64_t c = 0;
   for (int64_t q = 0; q < plan.quads; ++q, c += 4) {
-#pragma GCC unroll 4  // unrolled, the four vectors' loads and phases interleave (10-25% at 16 rows: BENCHMARKS.md)
+#pragma GCC unroll 4  // the four vectors' loads and phases interleave (BENCHMARKS.md, ninth pass)
     for (int r = 0; r < 4; ++r) {  // vector r: quarter r of chunks c .. c + 3
       __m512i b[NB];
 #pragma unroll
