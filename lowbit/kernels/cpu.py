@@ -126,9 +126,7 @@ def qmatmul_cpu_rows_i8(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tens
     """``x (..., in)`` with a few rows (``<= SMALL_BATCH``) -> ``(..., out)``, each row's activation groups
     rounded to int8 as in the one-row kernel (same bound per row), the packed weight read once for every four
     rows. Only where :func:`int8_applies`."""
-    bits, _, offset = _format_args(qweight.fmt)
-    x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = extension().qgemm_i8(x2, qweight.codes, qweight.scales, qweight.zeros, bits, qweight.group_size, offset)
+    y = rows_i8_function(qweight)(x.reshape(-1, x.shape[-1]).float())
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
 
 
