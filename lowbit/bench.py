@@ -69,7 +69,8 @@ class BenchConfig:
     runs: int = 3  # fresh processes per model (median, min and max reported)
     contention: bool = True  # one more decode per model beside a CPU-bound process
     compile: bool = False  # batch-1 decode through the compiled step (lowbit.nn.compile); the rest stays eager
-    native: bool = False  # batch-1 decode of the packed checkpoints through lowbit.native (FP32: transformers)
+    native: bool = False  # the packed checkpoints' decode (batch 1 and batches) through lowbit.native where it
+    # applies (FP32: transformers)
 
 
 def spread_keys(config: BenchConfig) -> list[str]:
@@ -167,9 +168,11 @@ def measure_model(source: str, config: BenchConfig, decode_only: bool = False) -
     reset_peak()
     rss_model = rss_mb()
     if not decode_only:
-        batched = {batch_key(b): max(decode_speed(model, tok, new_tokens=config.batch_tokens, batch=b).tok_s
-                                     for _ in range(config.repeats))
-                   for b in config.batches}
+        runs = {b: [decode_speed(model, tok, new_tokens=config.batch_tokens, batch=b,
+                                 native=config.native and packed) for _ in range(config.repeats)]
+                for b in config.batches}
+        batched = {batch_key(b): max(s.tok_s for s in speeds) for b, speeds in runs.items()}
+        batch_engines = sorted({s.engine for speeds in runs.values() for s in speeds})
         ids = prompt_ids(tok, config.prefill_tokens)
         reset_counts()
         prefill = prefill_speed(model, ids, config.repeats)
@@ -189,6 +192,7 @@ def measure_model(source: str, config: BenchConfig, decode_only: bool = False) -
     return {"decode_tok_s": speed.tok_s, "prefill_tok_s": prefill, **batched, "peak_rss_mb": peak,
             "model_peak_mb": peak - libraries_mb, "libraries_mb": libraries_mb, "kernel": speed.kernel,
             "prefill_kernel": prefill_kernel, "compiled": config.compile, "decode_engine": speed.engine,
+            "batch_engine": "+".join(batch_engines),
             "bytes_per_token": weight_bytes_per_token(model, half_head), "threads": torch.get_num_threads()}
 
 

@@ -34,13 +34,20 @@ def markdown_table(rows: dict[str, dict]) -> str:
         if contended:
             cells.append(f"{r['contended_decode_tok_s']:.1f} ({r['contended_pct']:.0f}%)")
         cells += [f"{r['peak_rss_mb']:.0f}", f"{r['model_peak_mb']:.0f}", f"{r['bytes_per_token'] / 1e6:.1f}",
-                  f"{r['roofline_pct']:.0f}%", r["kernel"] + " (native step)" * (r.get("decode_engine") == "native")]
+                  f"{r['roofline_pct']:.0f}%", r["kernel"] + _engines(r)]
         lines.append("| " + " | ".join(cells) + " |")
     if "bandwidth_gbs_range" in first:
         lo, hi = first["bandwidth_gbs_range"]
         lines += ["", f"Roofline: the highest memory copy bandwidth measured in this run, {hi:.1f} GB/s "
                       f"(lowest {lo:.1f})."]
     return "\n".join(lines) + "\n"
+
+
+def _engines(row: dict) -> str:
+    """Which decodes ran lowbit's native step (lowbit.native), as a suffix of the kernel cell."""
+    native = [what for what, key in (("batch 1", "decode_engine"), ("batches", "batch_engine"))
+              if row.get(key) == "native"]
+    return f" (native step: {', '.join(native)})" if native else ""
 
 
 def plot_bench(rows: dict[str, dict], out: str | Path) -> Path:

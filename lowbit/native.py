@@ -1,5 +1,6 @@
-"""The native decode step: batch-1 greedy generation of LLaMA-style models with every decode token computed by one
-C++ call (``csrc/decode.cpp``) instead of transformers' modules.
+"""The native decode step: greedy generation of LLaMA-style models with every decode token computed by one C++ call
+(``csrc/decode.cpp``) instead of transformers' modules — for one sequence, or for a small batch of sequences of
+equal length (no padding) whose packed layers have the several-row int8 kernel (``qgemm_i8``).
 
 On SmolLM2-135M a transformers decode step spends more time in per-layer Python and about 400 small ops per token
 than in the packed weights; the native step runs the same arithmetic (RMSNorm, rotary attention over grouped KV
@@ -28,7 +29,7 @@ from torch import nn
 from .architectures import Architecture, known
 from .kernels import _choice, calls
 from .kernels.compiled import row_plan
-from .kernels.cpu import extension
+from .kernels.cpu import SMALL_BATCH, extension
 from .nn.gemv_linear import is_float_linear
 from .nn.qembedding import QEmbedding
 from .nn.qlinear import QLinear
@@ -42,10 +43,11 @@ class _Unsupported(Exception):
     pass
 
 
-def native_reason(model: nn.Module, length: int | None = None) -> str | None:
-    """Why the native step cannot generate with ``model`` (for ``length`` positions in all), or None if it can."""
+def native_reason(model: nn.Module, length: int | None = None, batch: int = 1) -> str | None:
+    """Why the native step cannot generate with ``model`` (for ``batch`` sequences of ``length`` positions in all),
+    or None if it can."""
     try:
-        _check(model, length)
+        _check(model, length, batch)
     except _Unsupported as e:
         return str(e)
     return None
@@ -68,8 +70,10 @@ def parts(arch: Architecture, layer: nn.Module) -> tuple[list[nn.Module], list[n
             getattr(layer, arch.attn_norm), getattr(layer, arch.mlp_norm))
 
 
-def _check(model: nn.Module, length: int | None) -> None:
+def _check(model: nn.Module, length: int | None, batch: int) -> None:
     config = getattr(model, "config", None)
+    if not 1 <= batch <= SMALL_BATCH:
+        raise _Unsupported(f"a batch of {batch} (the native step decodes 1 to {SMALL_BATCH} sequences at once)")
     arch = known(model)
     if not _llama_block(arch):
         raise _Unsupported(f"model type {getattr(config, 'model_type', None)!r} (the native step runs families "
@@ -98,7 +102,7 @@ def _check(model: nn.Module, length: int | None) -> None:
     plain = type(embed) is nn.Embedding and embed.weight.dtype == torch.float32
     if not (plain or (type(embed) is QEmbedding and embed.scale == 1.0)):
         raise _Unsupported("the input embedding is neither a plain fp32 table nor a packed one")
-    _linear_args(model.get_output_embeddings(), "the output head")
+    _linear_args(model.get_output_embeddings(), "the output head")  # (a batch's head: the module's own forward)
     final = getattr(body, arch.final_norm)
     for i, layer in enumerate(body.layers):
         try:
@@ -112,7 +116,17 @@ def _check(model: nn.Module, length: int | None) -> None:
                     not hasattr(norm, "variance_epsilon"):
                 raise _Unsupported(f"layer {i}'s norms are not fp32 RMSNorms")
         for j, linear in enumerate(linears + mlp):
-            _linear_args(linear, f"layer {i} Linear {j}")
+            _batched_args(linear, f"layer {i} Linear {j}", batch)
+
+
+def _batched_args(module: nn.Module, what: str, batch: int) -> tuple:
+    """:func:`_linear_args`, checked to have a kernel for ``batch`` rows: several rows run a float weight, or
+    integer codes with int8 activations (``qgemm_i8``), as ``NativeLinear.batches`` in ``csrc/decode.cpp``."""
+    args = _linear_args(module, what)
+    if batch > 1 and not (args[0] == "float" or (args[0] == "packed" and args[8])):
+        raise _Unsupported(f"{what} has no several-row kernel in the native step (LowRA's mixed rows, or a format "
+                           "without int8 activations): decode one sequence at a time")
+    return args
 
 
 def _linear_args(module: nn.Module, what: str) -> tuple:
@@ -153,8 +167,8 @@ def _half_if_exact(weight: torch.Tensor) -> torch.Tensor:
 class NativeDecoder:
     """The C++ decode step bound to ``model``'s tensors (no copies, except an fp16 or bf16 head where exact).
 
-    :meth:`generate` runs greedy decoding for one sequence. Build it with :func:`native_decoder`, which checks the
-    model first and caches the decoder on it."""
+    :meth:`generate` runs greedy decoding for one sequence or a small batch. Build it with :func:`native_decoder`,
+    which checks the model first and caches the decoder on it."""
 
     def __init__(self, model: nn.Module):
         ext, body, config, arch = extension(), model.get_decoder(), model.config, known(model)
@@ -164,12 +178,13 @@ class NativeDecoder:
         kv_heads = getattr(config, "num_key_value_heads", None) or heads
         self.model = model
         kind, *args = _linear_args(model.get_output_embeddings(), "the output head")
-        if kind == "float":
+        if kind == "float":  # (a batch's rows go through the model's own head: see _generate_batch)
             args[0] = _half_if_exact(args[0])
         self.head_dtype = args[0].dtype if kind == "float" else None  # None: a packed head
         final = getattr(body, arch.final_norm)
         embed = model.get_input_embeddings()
         self._lookup = embed if type(embed) is QEmbedding else None  # a packed table: rows looked up in Python
+        self._head = model.get_output_embeddings()  # a batch's head: its own forward (oneDNN's GEMM for fp32)
         table = torch.empty(0, config.hidden_size) if self._lookup is not None else embed.weight.detach()
         self._decoder = ext.NativeDecoder(table, final.weight.detach(),
                                           to_native[kind](*args), rotary.inv_freq.detach().float().contiguous(),
@@ -183,21 +198,29 @@ class NativeDecoder:
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
-                 min_new_tokens: int = 0) -> torch.Tensor:
-        """Greedy continuation of ``ids (1, T)``: ``(1, T + n)`` token ids, ``n <= max_new_tokens`` (stops after an
-        end-of-sequence id once ``min_new_tokens`` are out). The prompt runs through the model's forward."""
+                 min_new_tokens: int = 0, pad_token_id: int | None = None) -> torch.Tensor:
+        """Greedy continuation of ``ids (B, T)`` (``B`` sequences of equal length, no padding; ``B > 1`` where
+        :func:`native_reason` allows that batch): ``(B, T + n)`` token ids, ``n <= max_new_tokens``. A sequence ends
+        after an end-of-sequence id once ``min_new_tokens`` are out; in a batch its later places hold
+        ``pad_token_id`` (default: the first end-of-sequence id), and generation stops when every sequence has
+        ended. The prompt runs through the model's forward."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        if ids.dim() != 2 or ids.shape[0] != 1:
-            raise ValueError(f"the native step generates one sequence: ids must be (1, T), got {tuple(ids.shape)}")
-        stop = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
-        prompt = ids.shape[1]
+        if ids.dim() != 2 or not 1 <= ids.shape[0] <= SMALL_BATCH:
+            raise ValueError(f"ids must be (B, T) with 1 <= B <= {SMALL_BATCH}, got {tuple(ids.shape)}")
+        stop = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        batch, prompt = ids.shape
         out = self.model(ids, use_cache=True, logits_to_keep=1)
-        self._decoder.reset(prompt + max_new_tokens)
+        self._decoder.reset(prompt + max_new_tokens, batch)
         for i in range(len(self.model.get_decoder().layers)):
             keys, values = _layer_cache(out.past_key_values, i)
-            self._decoder.set_cache(i, keys[0].float(), values[0].float())
-        token = int(out.logits[0, -1].argmax())
+            self._decoder.set_cache(i, keys.float(), values.float())
+        first = out.logits[:, -1].argmax(-1)
+        if batch > 1:
+            new = self._generate_batch(first, prompt, max_new_tokens, stop, min_new_tokens,
+                                       pad_token_id if pad_token_id is not None or not stop else stop[0])
+            return torch.cat([ids, new.to(ids.dtype)], dim=1)
+        token = int(first[0])
         tokens = [token]
         for pos in range(prompt, prompt + max_new_tokens - 1):
             if token in stop and len(tokens) >= min_new_tokens:
@@ -212,6 +235,26 @@ class NativeDecoder:
         calls["native-step"] += len(tokens) - 1  # counted like the kernels (lowbit.kernels.kernel_summary)
         return torch.cat([ids, torch.tensor([tokens], dtype=ids.dtype)], dim=1)
 
+    def _generate_batch(self, tokens: torch.Tensor, prompt: int, max_new_tokens: int, stop: list[int],
+                        min_new_tokens: int, pad: int | None) -> torch.Tensor:
+        """The new tokens ``(B, n)`` of a batch whose first new tokens are ``tokens (B,)`` (see :meth:`generate`)."""
+        stop_ids = torch.tensor(stop, dtype=tokens.dtype)
+        ended = torch.zeros_like(tokens, dtype=torch.bool)
+        columns = [tokens]
+        for pos in range(prompt, prompt + max_new_tokens - 1):
+            if len(columns) >= min_new_tokens:
+                ended |= torch.isin(tokens, stop_ids)
+                if bool(ended.all()):
+                    break
+            if self._governor is not None:
+                self._governor(None, None)
+            tokens = self._head(self._decoder.hidden(self._rows(tokens), pos)).argmax(-1)
+            if pad is not None:
+                tokens = torch.where(ended, pad, tokens)
+            columns.append(tokens)
+        calls["native-step"] += len(columns) - 1
+        return torch.stack(columns, dim=1)
+
     def logits(self, token: int, pos: int) -> torch.Tensor:
         """The next-token logits ``(vocab,)`` of ``token`` at ``pos`` (positions before it already cached)."""
         if self._lookup is None:
@@ -222,6 +265,12 @@ class NativeDecoder:
         """``token``'s embedding ``(hidden,)`` fp32 by the packed table's own lookup (QEmbedding.forward)."""
         return self._lookup(torch.tensor([token]))[0].float().contiguous()
 
+    def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embeddings ``(B, hidden)`` fp32 of ``tokens (B,)``: a new tensor (the step updates it in place)."""
+        table = self.model.get_input_embeddings()
+        rows = table(tokens) if self._lookup is not None else table.weight.index_select(0, tokens)
+        return rows.float().contiguous()
+
 
 def _layer_cache(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Layer ``i``'s keys and values ``(1, kv_heads, T, head_dim)`` of a transformers cache (``layers[i]`` since
@@ -231,11 +280,11 @@ def _layer_cache(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.key_cache[i], cache.value_cache[i]
 
 
-def native_decoder(model: nn.Module, length: int | None = None) -> NativeDecoder | None:
+def native_decoder(model: nn.Module, length: int | None = None, batch: int = 1) -> NativeDecoder | None:
     """The model's :class:`NativeDecoder` (built once per kernel choice and kept on the model: it holds the
     model's own tensors, so a model whose modules are later replaced needs ``model.__dict__.pop("_lowbit_native")``),
-    or None when :func:`native_reason` rules the model out for ``length`` positions."""
-    if native_reason(model, length) is not None:
+    or None when :func:`native_reason` rules the model out for ``batch`` sequences of ``length`` positions."""
+    if native_reason(model, length, batch) is not None:
         return None
     built = model.__dict__.setdefault("_lowbit_native", {})  # by kernel choice: the layers' plans depend on it
     if _choice() not in built:

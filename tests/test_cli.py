@@ -380,6 +380,7 @@ def test_bench_json_keyed_by_recipe_with_ratios_and_files(hf_folder, tmp_path):
             assert key in row, (name, key)
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0
         assert row["runs"] == 2  # two fresh processes each: the median and the range of both
+        assert row["batch_engine"] == "transformers"  # no --native: every batch through transformers
         for key in ("decode_tok_s", "prefill_tok_s", "decode_b2_tok_s"):
             lo, hi = row[f"{key}_range"]
             assert lo <= row[key] <= hi and row[key] == pytest.approx((lo + hi) / 2)

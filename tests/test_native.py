@@ -196,3 +196,74 @@ def test_generate_cli_runs_native_where_it_applies_and_says_which_engine_ran(ckp
     assert "--engine must be one of auto, native, transformers" in one_error_line(invoke(*args, "--engine", "x"))
     line = one_error_line(invoke(*args, "--engine", "native", "--kv-cache", "int8"))
     assert "keeps a float KV cache" in line
+
+
+@pytest.mark.parametrize("arch,bits,group_size", [("llama", 4, 32), ("llama", 2, 64), ("qwen2", 4, 32)])
+def test_a_batch_decodes_as_transformers_and_as_each_sequence_alone(arch, bits, group_size):
+    """Four different prompts of one length in one native batch: the tokens transformers' batched ``generate``
+    picks (the same small-batch int8 kernel under ``auto``), and at every step each row's logits those of its
+    sequence decoded alone (the one-row int8 GEMV: the same rounding of each activation group, other sums) within
+    1e-5 of the row's largest, from the same prompt caches — rows do not leak into each other."""
+    model = _packed(arch, bits, group_size)
+    ids = torch.randint(0, 256, (4, 6), generator=torch.Generator().manual_seed(7))
+    with lowbit.kernels.force("auto"), torch.inference_mode():
+        assert native_reason(model, 22, batch=4) is None
+        decoder = native_decoder(model, 22, batch=4)
+        reference = model.generate(ids, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+        out = decoder.generate(ids, 16)
+        prompts = [model(out[r:r + 1, :6], use_cache=True).past_key_values for r in range(4)]  # as alone below
+        decoder._decoder.reset(22, 4)
+        for i in range(len(model.model.layers)):
+            keys, values = zip(*(_layer_cache(p, i) for p in prompts), strict=True)
+            decoder._decoder.set_cache(i, torch.cat(keys), torch.cat(values))
+        batch = torch.stack([decoder._head(decoder._decoder.hidden(decoder._rows(out[:, p]), p))
+                             for p in range(6, 22)], dim=1)
+        alone = torch.stack([_step_logits(model, decoder, out[r:r + 1], 6) for r in range(4)])
+    assert torch.equal(out, reference)
+    assert len(set(map(tuple, out[:, 6:].tolist()))) > 1  # the rows differ: a real batch, not four copies
+    assert ((batch - alone).abs() / alone.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
+
+
+def test_a_batch_pads_sequences_that_ended_and_stops_when_all_have():
+    """A sequence that emits the end-of-sequence id gets ``pad_token_id`` after it, as in transformers'
+    ``generate``; the batch ends when every sequence has ended."""
+    model = _packed("llama")
+    ids = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(8))
+    with lowbit.kernels.force("auto"), torch.inference_mode():
+        decoder = native_decoder(model, 17, batch=3)
+        free = decoder.generate(ids, 12)
+        stop = int(free[0, 7])  # sequence 0's third new token
+        out = decoder.generate(ids, 12, eos_token_id=stop, pad_token_id=0)
+        reference = model.generate(ids, max_new_tokens=12, do_sample=False, eos_token_id=stop, pad_token_id=0)
+        every = decoder.generate(ids, 12, eos_token_id=[int(t) for t in free[:, 5]], pad_token_id=0)
+    assert torch.equal(out, reference) and out[0, 8:].eq(0).all()
+    assert every.shape == (3, 6)  # each sequence's first new token ends it: one step in all
+
+
+def test_batches_the_native_step_has_no_kernel_for_are_named():
+    mixed = tiny_model("llama")
+    lowbit.quantize(mixed, "lowra-b2.0")
+    three = _packed("llama", 3, 32)
+    with lowbit.kernels.force("auto"):
+        for model in (mixed, three):
+            assert native_reason(model, batch=1) is None
+            assert "no several-row kernel" in native_reason(model, batch=2)
+            assert native_decoder(model, batch=2) is None
+        assert "a batch of 17" in native_reason(_packed("llama"), batch=17)
+        decoder = native_decoder(three)
+        with pytest.raises(RuntimeError, match="no several-row kernel"):
+            decoder._decoder.reset(8, 2)
+
+
+def test_decode_speed_runs_a_batch_through_the_native_step_where_it_applies():
+    from conftest import ByteTokenizer
+
+    from lowbit.eval.speed import decode_speed
+
+    model = _packed("llama")
+    with lowbit.kernels.force("auto"):
+        speed = decode_speed(model, ByteTokenizer(), new_tokens=5, warmup_tokens=2, batch=4, native=True)
+        assert speed.engine == "native" and speed.batch == 4 and "native-step:4" in speed.kernel
+        three = decode_speed(_packed("llama", 3, 32), ByteTokenizer(), new_tokens=5, warmup_tokens=2, batch=4,
+                             native=True)
+        assert three.engine == "transformers"

@@ -236,8 +236,9 @@ def bench(
     contention: bool = typer.Option(True, help="Also decode beside one CPU-bound process (share of quiet speed)."),
     compile_decode: bool = typer.Option(False, "--compile", help="Batch-1 decode through torch.compile with the "
                                         "static KV cache (every model, FP32 too; compile time not counted)."),
-    native: bool = typer.Option(False, "--native", help="Batch-1 decode of the packed checkpoints through lowbit's "
-                                "native step (one C++ call per token, LLaMA-style models); FP32 stays transformers'."),
+    native: bool = typer.Option(False, "--native", help="Decode the packed checkpoints (batch 1 and batches) through "
+                                "lowbit's native step where it applies (one C++ call per token, LLaMA-style models); "
+                                "FP32 stays transformers'."),
     calib_windows: int = typer.Option(CALIB_WINDOWS, help="Calibration windows for recipes that need calibration."),
     out: Path = typer.Option(Path("lowbit-bench"), help="Folder for bench.md, bench.json and bench.png."),
     model_option: str | None = typer.Option(None, "--model", hidden=True, help="Old spelling of MODEL."),

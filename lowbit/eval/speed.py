@@ -28,12 +28,12 @@ def decode_speed(model, tokenizer, new_tokens: int = 128, prompt: str = "The his
                  warmup_tokens: int = 8, batch: int = 1, native: bool = False) -> DecodeSpeed:
     """Greedy-decode exactly ``new_tokens`` tokens after a short prompt, for ``batch`` copies of it at once; a
     warm-up run goes first (it also triggers any one-time kernel compilation, which is not part of the timing).
-    Tokens per second count every sequence's tokens. ``native``: batch 1 through :mod:`lowbit.native` where
-    it applies (else transformers' ``generate``, and ``engine`` says so)."""
+    Tokens per second count every sequence's tokens. ``native``: through :mod:`lowbit.native` where it applies
+    to the model and batch (else transformers' ``generate``, and ``engine`` says so)."""
     from ..native import native_decoder
 
     ids = tokenizer(prompt, return_tensors="pt").input_ids.expand(batch, -1).contiguous()
-    step = native_decoder(model, ids.shape[1] + max(new_tokens, warmup_tokens)) if native and batch == 1 else None
+    step = native_decoder(model, ids.shape[1] + max(new_tokens, warmup_tokens), batch) if native else None
     if step is not None:
         def generate(n):
             return step.generate(ids, n)

@@ -1,6 +1,7 @@
-// lowbit native decode step: one token through a whole LLaMA-style decoder (RMSNorm, rotary attention with grouped
-// KV heads over a preallocated fp32 cache, SiLU-gated MLP, residuals, final norm, head) in C++, with the packed
-// layers through qgemv.cpp's kernels. transformers' eager step spends more time in per-layer Python and ~400 small
+// lowbit native decode step: one token (of one sequence, or of each sequence of a small batch of equal lengths) through
+// a whole LLaMA-style decoder (RMSNorm, rotary attention with grouped KV heads over a preallocated fp32 cache,
+// SiLU-gated MLP, residuals, final norm, head) in C++, with the packed layers through qgemv.cpp's GEMV kernels (one
+// row) or int_gemm.cpp's small-batch GEMM (several rows). transformers' eager step spends more time in per-layer Python and ~400 small
 // ops per token than in the weights of a 135M model; here each layer costs its GEMVs and a few loops.
 // lowbit/native.py builds a Decoder from a loaded model and checks the model is one this step computes exactly
 // (same ops as transformers' LlamaDecoderLayer in fp32; only the order of fp32 sums differs).
@@ -20,6 +21,8 @@ torch::Tensor qgemv_kernel(torch::Tensor x, torch::Tensor codes, torch::Tensor s
 torch::Tensor gemv_f32_kernel(torch::Tensor x, torch::Tensor w);
 torch::Tensor gemv_f16_kernel(torch::Tensor x, torch::Tensor w);
 torch::Tensor gemv_bf16_kernel(torch::Tensor x, torch::Tensor w);
+torch::Tensor qgemm_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                       int64_t bits, int64_t group_size, int64_t offset);
 std::vector<torch::Tensor> qgemv_multi_kernel(torch::Tensor x, std::vector<torch::Tensor> codes,
                                               std::vector<torch::Tensor> scales,
                                               std::vector<c10::optional<torch::Tensor>> zeros,
@@ -32,7 +35,7 @@ torch::Tensor qgemv_mixed_kernel(torch::Tensor x, std::vector<int64_t> widths, s
 namespace {
 
 // One Linear of the step: uniform packed (qgemv's arguments, bound once), LowRA's mixed rows (qgemv_mixed's) or
-// float (fp32 or fp16 weight), optional bias.
+// float (fp32, fp16 or bf16 weight), optional bias.
 struct Linear {
   enum Kind { kFloat, kPacked, kMixed } kind = kFloat;
   torch::Tensor codes, scales, weight, absmax, perm;
@@ -42,9 +45,20 @@ struct Linear {
   int64_t bits = 0, group_size = 0, offset = 0;
   bool int8_x = false;
 
+  // Whether several rows run here: integer codes with int8 activations (qgemm_i8), or an fp32 weight.
+  bool batches() const {
+    return (kind == kFloat && weight.scalar_type() == torch::kFloat32) || (kind == kPacked && int8_x);
+  }
+
+  // x (in,) -> (out,) through the GEMV kernels; x (B, in) -> (B, out) through qgemm_i8 (each row's activation
+  // groups rounded as the int8 GEMV rounds one row) or, for an fp32 weight, one matmul.
   torch::Tensor operator()(const torch::Tensor& x) const {
     torch::Tensor y;
-    if (kind == kPacked) {
+    if (x.dim() == 2) {
+      TORCH_CHECK(batches(), "this Linear has no several-row kernel in the native step (LowRA's mixed rows, or a "
+                  "format without int8 activations)");
+      y = kind == kPacked ? qgemm_i8(x, codes, scales, zeros, bits, group_size, offset) : at::mm(x, weight.t());
+    } else if (kind == kPacked) {
       y = qgemv_kernel(x, codes, scales, zeros, levels, bits, group_size, offset, int8_x);
     } else if (kind == kMixed) {
       y = qgemv_mixed_kernel(x, widths, row_codes, books, absmax, perm, group_size);
@@ -59,11 +73,13 @@ struct Linear {
     return y;
   }
 
+  // y (out,) or (B, out) += bias.
   void add_bias(torch::Tensor& y) const {
     if (!bias.has_value()) return;
     float* yp = y.data_ptr<float>();
     const float* bp = bias->data_ptr<float>();
-    for (int64_t i = 0, n = y.size(0); i < n; ++i) yp[i] += bp[i];
+    const int64_t n = y.size(-1);
+    for (int64_t i = 0, total = y.numel(); i < total; ++i) yp[i] += bp[i % n];
   }
 
   // Whether `other` runs the same uniform kernel (format, group size, activation rounding) as this one.
@@ -74,8 +90,8 @@ struct Linear {
   }
 };
 
-// Linears reading the same input (a layer's q/k/v, or gate/up): one qgemv_multi call where they share a kernel
-// (x rounded once, one parallel region over all their rows), else one call each.
+// Linears reading the same input (a layer's q/k/v, or gate/up): for one row, one qgemv_multi call where they share a
+// kernel (x rounded once, one parallel region over all their rows), else one call each; several rows: one call each.
 struct Group {
   std::vector<Linear> parts;
   bool fused = false;
@@ -85,9 +101,13 @@ struct Group {
     for (const Linear& l : parts) fused = fused && parts[0].same_kernel(l);
   }
 
+  bool batches() const {
+    return std::all_of(parts.begin(), parts.end(), [](const Linear& l) { return l.batches(); });
+  }
+
   std::vector<torch::Tensor> operator()(const torch::Tensor& x) const {
     std::vector<torch::Tensor> ys;
-    if (!fused) {
+    if (!fused || x.dim() == 2) {
       for (const Linear& l : parts) ys.push_back(l(x));
       return ys;
     }
@@ -168,22 +188,30 @@ class Decoder {
                             post_norm.contiguous()});
   }
 
-  // A fresh cache of `capacity` positions for every layer (keys after the rotation), (layers, kv_heads, capacity,
-  // head_dim) fp32 each.
-  void reset(int64_t capacity) {
+  // A fresh cache of `capacity` positions for `batch` sequences in every layer (keys after the rotation), (layers,
+  // batch, kv_heads, capacity, head_dim) fp32 each.
+  void reset(int64_t capacity, int64_t batch) {
+    TORCH_CHECK(batch >= 1 && capacity >= 1, "the cache needs at least one sequence and one position");
+    for (const Layer& L : layers_)
+      TORCH_CHECK(batch == 1 || (L.o.batches() && L.down.batches() && L.qkv.batches() && L.gate_up.batches()),
+                  "a layer has no several-row kernel in the native step: decode one sequence at a time");
     const auto n = static_cast<int64_t>(layers_.size());
-    keys_ = torch::zeros({n, kv_heads_, capacity, head_dim_}, torch::kFloat32);
+    keys_ = torch::zeros({n, batch, kv_heads_, capacity, head_dim_}, torch::kFloat32);
     values_ = torch::zeros_like(keys_);
-    capacity_ = capacity;
+    capacity_ = capacity, batch_ = batch;
   }
 
-  // Copies a prompt's cache for one layer: keys/values (kv_heads, length, head_dim), positions [0, length).
+  // Copies a prompt's cache for one layer: keys/values (batch, kv_heads, length, head_dim) — or (kv_heads, length,
+  // head_dim) for a batch of one — into positions [0, length).
   void set_cache(int64_t layer, torch::Tensor keys, torch::Tensor values) {
-    const int64_t length = keys.size(1);
+    if (keys.dim() == 3) keys = keys.unsqueeze(0), values = values.unsqueeze(0);
+    TORCH_CHECK(keys.dim() == 4 && keys.size(0) == batch_ && values.sizes() == keys.sizes(),
+                "the prompt's keys and values must be (batch, kv_heads, length, head_dim) with reset()'s batch");
+    const int64_t length = keys.size(2);
     TORCH_CHECK(length <= capacity_, "the prompt is longer than the cache");
     using torch::indexing::Slice;
-    keys_[layer].index({Slice(), Slice(0, length)}).copy_(keys);
-    values_[layer].index({Slice(), Slice(0, length)}).copy_(values);
+    keys_[layer].index({Slice(), Slice(), Slice(0, length)}).copy_(keys);
+    values_[layer].index({Slice(), Slice(), Slice(0, length)}).copy_(values);
   }
 
   int64_t capacity() const { return capacity_; }
@@ -203,6 +231,7 @@ class Decoder {
   int64_t greedy_row(torch::Tensor row, int64_t pos) { return argmax(forward(row.to(torch::kFloat32).clone(), pos)); }
 
   static int64_t argmax(const torch::Tensor& logits) {
+    TORCH_CHECK(logits.dim() == 1, "greedy decodes one sequence: a batch goes through forward()");
     const float* lp = logits.data_ptr<float>();
     int64_t best = 0;
     for (int64_t i = 1, n = logits.size(0); i < n; ++i)
@@ -216,11 +245,21 @@ class Decoder {
     return forward(embed_[token].to(torch::kFloat32).clone(), pos);  // a copy, never a view of the table
   }
 
-  // The logits of the residual stream `h` (hidden,) fp32 entering the first layer at `pos` (updated in place).
-  torch::Tensor forward(torch::Tensor h, int64_t pos) {
+  // The logits (vocab,) of the residual stream `h` (hidden,) fp32 entering the first layer at `pos` (updated in
+  // place).
+  torch::Tensor forward(torch::Tensor h, int64_t pos) { return head_(hidden(h, pos)); }
+
+  // The final norm's output (hidden,) for `h` (hidden,) as in forward — or (B, hidden) for `h` (B, hidden), one row
+  // per sequence of the cache, every sequence at the same position: the caller applies the model's head (a batch's
+  // fp32 head runs oneDNN's GEMM in lowbit.kernels.linear, 2-3x faster than at::mm's MKL sgemm here).
+  torch::Tensor hidden(torch::Tensor h, int64_t pos) {
     TORCH_CHECK(pos >= 0 && pos < capacity_, "position ", pos, " is outside the cache of ", capacity_);
-    TORCH_CHECK(h.dim() == 1 && h.size(0) == hidden_ && h.is_contiguous(), "the embedding row must be (hidden,)");
-    auto x = torch::empty({hidden_}, torch::kFloat32);
+    const int64_t B = h.dim() == 2 ? h.size(0) : 1;
+    TORCH_CHECK((h.dim() == 1 || h.dim() == 2) && h.size(-1) == hidden_ && h.is_contiguous() &&
+                    h.scalar_type() == torch::kFloat32,
+                "the embedding rows must be contiguous fp32 (hidden,) or (batch, hidden)");
+    TORCH_CHECK(B == batch_, "forward got ", B, " rows for a cache of ", batch_, " sequences (see reset)");
+    auto x = torch::empty_like(h);
     float* hp = h.data_ptr<float>();
     float* xp = x.data_ptr<float>();
     const int64_t half = head_dim_ / 2;
@@ -230,37 +269,39 @@ class Decoder {
       const float angle = static_cast<float>(pos) * freq[i];
       cos[i] = std::cos(angle) * rope_scaling_, sin[i] = std::sin(angle) * rope_scaling_;
     }
-    auto attn = torch::empty({heads_ * head_dim_}, torch::kFloat32);
+    auto attn = h.dim() == 1 ? torch::empty({heads_ * head_dim_}, torch::kFloat32)
+                             : torch::empty({B, heads_ * head_dim_}, torch::kFloat32);
+    const int64_t total = B * hidden_;
     for (size_t l = 0; l < layers_.size(); ++l) {
       const Layer& L = layers_[l];
-      rms_norm(hp, L.input_norm.data_ptr<float>(), eps_, hidden_, xp);
+      norm_rows(hp, L.input_norm, B, xp);
       auto qkv = L.qkv(x);
       auto &q = qkv[0], &k = qkv[1], &v = qkv[2];
-      rotate(q.data_ptr<float>(), heads_, cos.data(), sin.data());
-      rotate(k.data_ptr<float>(), kv_heads_, cos.data(), sin.data());
-      const int64_t layer_size = kv_heads_ * capacity_ * head_dim_;
+      rotate(q.data_ptr<float>(), B * heads_, cos.data(), sin.data());
+      rotate(k.data_ptr<float>(), B * kv_heads_, cos.data(), sin.data());
+      const int64_t layer_size = B * kv_heads_ * capacity_ * head_dim_;
       float* kc = keys_.data_ptr<float>() + l * layer_size;
       float* vc = values_.data_ptr<float>() + l * layer_size;
-      for (int64_t g = 0; g < kv_heads_; ++g) {
+      for (int64_t g = 0; g < B * kv_heads_; ++g) {  // (sequence, KV head) pairs in the cache's order
         std::copy_n(k.data_ptr<float>() + g * head_dim_, head_dim_, kc + (g * capacity_ + pos) * head_dim_);
         std::copy_n(v.data_ptr<float>() + g * head_dim_, head_dim_, vc + (g * capacity_ + pos) * head_dim_);
       }
-      attend(q.data_ptr<float>(), kc, vc, pos + 1, attn.data_ptr<float>());
+      attend(q.data_ptr<float>(), kc, vc, B, pos + 1, attn.data_ptr<float>());
       auto o = L.o(attn);
       const float* op = o.data_ptr<float>();
-      for (int64_t i = 0; i < hidden_; ++i) hp[i] += op[i];
-      rms_norm(hp, L.post_norm.data_ptr<float>(), eps_, hidden_, xp);
+      for (int64_t i = 0; i < total; ++i) hp[i] += op[i];
+      norm_rows(hp, L.post_norm, B, xp);
       auto gate_up = L.gate_up(x);
       auto &gate = gate_up[0], &up = gate_up[1];
       float* gp = gate.data_ptr<float>();
       const float* up_p = up.data_ptr<float>();
-      for (int64_t i = 0, n = gate.size(0); i < n; ++i) gp[i] = gp[i] / (1.0f + std::exp(-gp[i])) * up_p[i];
+      for (int64_t i = 0, n = gate.numel(); i < n; ++i) gp[i] = gp[i] / (1.0f + std::exp(-gp[i])) * up_p[i];
       auto down = L.down(gate);
       const float* dp = down.data_ptr<float>();
-      for (int64_t i = 0; i < hidden_; ++i) hp[i] += dp[i];
+      for (int64_t i = 0; i < total; ++i) hp[i] += dp[i];
     }
-    rms_norm(hp, final_norm_.data_ptr<float>(), eps_, hidden_, xp);
-    return head_(x);
+    norm_rows(hp, final_norm_, B, xp);
+    return x;
   }
 
  private:
@@ -278,15 +319,22 @@ class Decoder {
     }
   }
 
-  // Softmax attention of every query head over positions [0, length) of its KV head's cache; out (heads, head_dim).
-  void attend(const float* q, const float* kc, const float* vc, int64_t length, float* out) const {
+  // `B` rows of (hidden,) residuals normalized by `gain` into out.
+  void norm_rows(const float* h, const torch::Tensor& gain, int64_t B, float* out) const {
+    for (int64_t b = 0; b < B; ++b) rms_norm(h + b * hidden_, gain.data_ptr<float>(), eps_, hidden_, out + b * hidden_);
+  }
+
+  // Softmax attention of every query head of each of `B` sequences over positions [0, length) of its KV head's
+  // cache; q and out (B, heads, head_dim). Split over threads from 256 positions in all.
+  void attend(const float* q, const float* kc, const float* vc, int64_t B, int64_t length, float* out) const {
     const int64_t group = heads_ / kv_heads_, D = head_dim_;
-    at::parallel_for(0, heads_, length >= 256 ? 1 : heads_, [&](int64_t h0, int64_t h1) {
+    at::parallel_for(0, B * heads_, B * length >= 256 ? 1 : B * heads_, [&](int64_t h0, int64_t h1) {
       std::vector<float> score(length);
-      for (int64_t h = h0; h < h1; ++h) {
+      for (int64_t h = h0; h < h1; ++h) {  // h: (sequence, head) = (h / heads_, h % heads_)
         const float* qh = q + h * D;
-        const float* K = kc + (h / group) * capacity_ * D;
-        const float* V = vc + (h / group) * capacity_ * D;
+        const int64_t kv = (h / heads_) * kv_heads_ + (h % heads_) / group;
+        const float* K = kc + kv * capacity_ * D;
+        const float* V = vc + kv * capacity_ * D;
         float top = -std::numeric_limits<float>::infinity();
         for (int64_t t = 0; t < length; ++t) {
           const float* kt = K + t * D;
@@ -316,7 +364,7 @@ class Decoder {
   float rope_scaling_;
   int64_t heads_, kv_heads_, head_dim_;
   float attn_scale_, eps_;
-  int64_t hidden_ = 0, capacity_ = 0;
+  int64_t hidden_ = 0, capacity_ = 0, batch_ = 1;
   std::vector<Layer> layers_;
   torch::Tensor keys_, values_;
 };
@@ -333,12 +381,13 @@ void bind_decode(pybind11::module& m) {
       .def(py::init<torch::Tensor, torch::Tensor, Linear, torch::Tensor, double, int64_t, int64_t, int64_t, double,
                     double>())
       .def("add_layer", &Decoder::add_layer)
-      .def("reset", &Decoder::reset)
+      .def("reset", &Decoder::reset, py::arg("capacity"), py::arg("batch") = 1)
       .def("set_cache", &Decoder::set_cache)
       .def("capacity", &Decoder::capacity)
       .def("fused_groups", &Decoder::fused_groups)
       .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
       .def("forward", &Decoder::forward, py::call_guard<py::gil_scoped_release>())
+      .def("hidden", &Decoder::hidden, py::call_guard<py::gil_scoped_release>())
       .def("greedy", &Decoder::greedy, py::call_guard<py::gil_scoped_release>())
       .def("greedy_row", &Decoder::greedy_row, py::call_guard<py::gil_scoped_release>());
 }
