@@ -16,6 +16,10 @@ from lowbit.bench import tensor_bytes, weight_bytes_per_token
 from lowbit.native import _layer_cache, native_decoder, native_reason
 
 pytestmark = pytest.mark.skipif(lowbit.kernels.cpu.extension() is None, reason="the C++ extension did not build")
+# A batch runs the small-batch int8 kernel, which needs AVX512-VNNI (every packed layer of a batch takes it).
+needs_vnni = pytest.mark.skipif(lowbit.kernels.cpu.extension() is None or
+                                not lowbit.kernels.cpu.extension().vnni_applies(4, 32, False),
+                                reason="no AVX512-VNNI: the native step decodes one sequence at a time")
 
 
 def _packed(arch: str, bits: int = 4, group_size: int = 32):
@@ -198,6 +202,7 @@ def test_generate_cli_runs_native_where_it_applies_and_says_which_engine_ran(ckp
     assert "keeps a float KV cache" in line
 
 
+@needs_vnni
 @pytest.mark.parametrize("arch,bits,group_size", [("llama", 4, 32), ("llama", 2, 64), ("qwen2", 4, 32)])
 def test_a_batch_decodes_as_transformers_and_as_each_sequence_alone(arch, bits, group_size):
     """Four different prompts of one length in one native batch: the tokens transformers' batched ``generate``
@@ -224,6 +229,7 @@ def test_a_batch_decodes_as_transformers_and_as_each_sequence_alone(arch, bits, 
     assert ((batch - alone).abs() / alone.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
 
 
+@needs_vnni
 def test_a_batch_pads_sequences_that_ended_and_stops_when_all_have():
     """A sequence that emits the end-of-sequence id gets ``pad_token_id`` after it, as in transformers'
     ``generate``; the batch ends when every sequence has ended."""
@@ -240,6 +246,7 @@ def test_a_batch_pads_sequences_that_ended_and_stops_when_all_have():
     assert every.shape == (3, 6)  # each sequence's first new token ends it: one step in all
 
 
+@needs_vnni
 def test_batches_the_native_step_has_no_kernel_for_are_named():
     mixed = tiny_model("llama")
     lowbit.quantize(mixed, "lowra-b2.0")
@@ -255,6 +262,7 @@ def test_batches_the_native_step_has_no_kernel_for_are_named():
             decoder._decoder.reset(8, 2)
 
 
+@needs_vnni
 def test_decode_speed_runs_a_batch_through_the_native_step_where_it_applies():
     from conftest import ByteTokenizer
 
@@ -267,3 +275,14 @@ def test_decode_speed_runs_a_batch_through_the_native_step_where_it_applies():
         three = decode_speed(_packed("llama", 3, 32), ByteTokenizer(), new_tokens=5, warmup_tokens=2, batch=4,
                              native=True)
         assert three.engine == "transformers"
+
+
+@needs_vnni
+def test_a_batch_over_a_packed_table_and_head_decodes_as_transformers():
+    """``+emb8``: a batch's rows are looked up by the packed table and its logits come from the packed head."""
+    model = tiny_model("llama", tie_word_embeddings=True)
+    lowbit.quantize(model, "rtn-w4g32+emb8")
+    ids = torch.randint(0, 256, (3, 5), generator=torch.Generator().manual_seed(9))
+    with lowbit.kernels.force("auto"), torch.inference_mode():
+        batch = native_decoder(model, 13, batch=3).generate(ids, 8)
+        assert torch.equal(batch, model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))
