@@ -1,8 +1,9 @@
-// lowbit native decode step: one token (of one sequence, or of each sequence of a small batch of equal lengths) through
-// a whole LLaMA-style decoder (RMSNorm, rotary attention with grouped KV heads over a preallocated fp32 cache,
+// lowbit native decode step: one token (of one sequence, or of each sequence of a small batch of equal lengths)
+// through a whole LLaMA-style decoder (RMSNorm, rotary attention with grouped KV heads over a preallocated fp32 cache,
 // SiLU-gated MLP, residuals, final norm, head) in C++, with the packed layers through qgemv.cpp's GEMV kernels (one
-// row) or int_gemm.cpp's small-batch GEMM (several rows). transformers' eager step spends more time in per-layer Python and ~400 small
-// ops per token than in the weights of a 135M model; here each layer costs its GEMVs and a few loops.
+// row) or int_gemm.cpp's small-batch GEMM (several rows). transformers' eager step spends more time in per-layer
+// Python and ~400 small ops per token than in the weights of a 135M model; here each layer costs its GEMVs and a few
+// loops.
 // lowbit/native.py builds a Decoder from a loaded model and checks the model is one this step computes exactly
 // (same ops as transformers' LlamaDecoderLayer in fp32; only the order of fp32 sums differs).
 #include <torch/extension.h>
@@ -231,7 +232,7 @@ class Decoder {
   int64_t greedy_row(torch::Tensor row, int64_t pos) { return argmax(forward(row.to(torch::kFloat32).clone(), pos)); }
 
   static int64_t argmax(const torch::Tensor& logits) {
-    TORCH_CHECK(logits.dim() == 1, "greedy decodes one sequence: a batch goes through forward()");
+    TORCH_CHECK(logits.dim() == 1, "greedy decodes one sequence: a batch goes through hidden() and the head");
     const float* lp = logits.data_ptr<float>();
     int64_t best = 0;
     for (int64_t i = 1, n = logits.size(0); i < n; ++i)
@@ -258,7 +259,7 @@ class Decoder {
     TORCH_CHECK((h.dim() == 1 || h.dim() == 2) && h.size(-1) == hidden_ && h.is_contiguous() &&
                     h.scalar_type() == torch::kFloat32,
                 "the embedding rows must be contiguous fp32 (hidden,) or (batch, hidden)");
-    TORCH_CHECK(B == batch_, "forward got ", B, " rows for a cache of ", batch_, " sequences (see reset)");
+    TORCH_CHECK(B == batch_, "the step got ", B, " rows for a cache of ", batch_, " sequences (see reset)");
     auto x = torch::empty_like(h);
     float* hp = h.data_ptr<float>();
     float* xp = x.data_ptr<float>();
