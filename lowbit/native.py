@@ -185,8 +185,8 @@ class NativeDecoder:
         embed = model.get_input_embeddings()
         self._lookup = embed if type(embed) is QEmbedding else None  # a packed table: rows looked up in Python
         self._head = model.get_output_embeddings()  # a batch's head: its own forward (oneDNN's GEMM for fp32)
-        table = torch.empty(0, config.hidden_size) if self._lookup is not None else embed.weight.detach()
-        self._decoder = ext.NativeDecoder(table, final.weight.detach(),
+        self._table = torch.empty(0, config.hidden_size) if self._lookup is not None else embed.weight.detach()
+        self._decoder = ext.NativeDecoder(self._table, final.weight.detach(),
                                           to_native[kind](*args), rotary.inv_freq.detach().float().contiguous(),
                                           float(rotary.attention_scaling), heads, kv_heads, attn.head_dim,
                                           float(attn.scaling), float(final.variance_epsilon))
@@ -262,13 +262,13 @@ class NativeDecoder:
         return self._decoder.forward(self._row(token), pos)
 
     def _row(self, token: int) -> torch.Tensor:
-        """``token``'s embedding ``(hidden,)`` fp32 by the packed table's own lookup (QEmbedding.forward)."""
-        return self._lookup(torch.tensor([token]))[0].float().contiguous()
+        """``token``'s embedding ``(hidden,)`` fp32 (see :meth:`_rows`)."""
+        return self._rows(torch.tensor([token]))[0]
 
     def _rows(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The embeddings ``(B, hidden)`` fp32 of ``tokens (B,)``: a new tensor (the step updates it in place)."""
-        table = self.model.get_input_embeddings()
-        rows = table(tokens) if self._lookup is not None else table.weight.index_select(0, tokens)
+        """The embeddings ``(B, hidden)`` fp32 of ``tokens (B,)`` — a packed table's by its own lookup
+        (QEmbedding.forward) — as a new tensor (the step updates it in place)."""
+        rows = self._lookup(tokens) if self._lookup is not None else self._table.index_select(0, tokens)
         return rows.float().contiguous()
 
 
