@@ -220,3 +220,22 @@ def test_an_emptied_block_keeps_no_packed_tensor_alive(source, tmp_path, monkeyp
     # GPTQ ran each quantized block forward, which caches a view of its packed buffers; emptying the block must
     # drop it, or every block's packed weights would stay in memory (a model-sized leak)
     assert alive == [0, 0, 0, 0]  # the embeddings, then each block
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["memory", "streamed"])
+def test_the_kernels_are_ready_before_the_quantization_clock_starts(source, tmp_path, monkeypatch, stream):
+    """A first-time build of the C++ extension (a minute) must not count in ``quantize_seconds``: the job builds it
+    before the recipe (whose clock that is) starts."""
+    import lowbit.streamed
+
+    api = importlib.import_module("lowbit.api.quantize")
+    order = []
+
+    def traced(name, real):
+        return lambda *a, **k: order.append(name) or real(*a, **k)
+
+    monkeypatch.setattr(api, "prepare", traced("prepare", api.prepare))
+    monkeypatch.setattr(api, "apply_recipe", traced("recipe", api.apply_recipe))
+    monkeypatch.setattr(lowbit.streamed, "quantize_streamed", traced("recipe", lowbit.streamed.quantize_streamed))
+    _quantize(source, tmp_path / "q", "rtn-w4g64", stream=stream)
+    assert order == ["prepare", "recipe"]
