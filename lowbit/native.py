@@ -1,6 +1,7 @@
 """The native decode step: greedy generation of LLaMA-style models with every decode token computed by one C++ call
-(``csrc/decode.cpp``) instead of transformers' modules — for one sequence, or for a small batch of sequences of
-equal length (no padding) whose packed layers have the several-row int8 kernel (``qgemm_i8``).
+(``csrc/decode.cpp``) instead of transformers' modules — for one sequence, or for a small batch of sequences
+(left-padded to one length, as transformers pads a batch for generation) whose packed layers have the several-row
+int8 kernel (``qgemm_i8``).
 
 On SmolLM2-135M a transformers decode step spends more time in per-layer Python and about 400 small ops per token
 than in the packed weights; the native step runs the same arithmetic (RMSNorm, rotary attention over grouped KV
@@ -198,20 +199,27 @@ class NativeDecoder:
 
     @torch.inference_mode()
     def generate(self, ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | list[int] | None = None,
-                 min_new_tokens: int = 0, pad_token_id: int | None = None) -> torch.Tensor:
-        """Greedy continuation of ``ids (B, T)`` (``B`` sequences of equal length, no padding; ``B > 1`` where
-        :func:`native_reason` allows that batch): ``(B, T + n)`` token ids, ``n <= max_new_tokens``. A sequence ends
-        after an end-of-sequence id once ``min_new_tokens`` are out; in a batch its later places hold
-        ``pad_token_id`` (default: the first end-of-sequence id), and generation stops when every sequence has
-        ended. The prompt runs through the model's forward."""
+                 min_new_tokens: int = 0, pad_token_id: int | None = None,
+                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy continuation of ``ids (B, T)`` (``B > 1`` where :func:`native_reason` allows that batch):
+        ``(B, T + n)`` token ids, ``n <= max_new_tokens``. Sequences of different lengths come left-padded with
+        ``attention_mask (B, T)`` (0 on the padding, then 1s), as transformers' ``generate`` takes them: each
+        sequence's positions count from its first token and its padding is never attended to. A sequence ends after
+        an end-of-sequence id once ``min_new_tokens`` are out; in a batch its later places hold ``pad_token_id``
+        (default: the first end-of-sequence id), and generation stops when every sequence has ended. The prompt
+        runs through the model's forward."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if ids.dim() != 2 or not 1 <= ids.shape[0] <= SMALL_BATCH:
             raise ValueError(f"ids must be (B, T) with 1 <= B <= {SMALL_BATCH}, got {tuple(ids.shape)}")
         stop = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         batch, prompt = ids.shape
-        out = self.model(ids, use_cache=True, logits_to_keep=1)
-        self._decoder.reset(prompt + max_new_tokens, batch)
+        starts, inputs = left_padding(attention_mask, ids.shape), {}
+        if any(starts):  # positions as transformers' generate counts them: from each sequence's first token
+            inputs = {"attention_mask": attention_mask,
+                      "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)}
+        out = self.model(ids, use_cache=True, logits_to_keep=1, **inputs)
+        self._decoder.reset(prompt + max_new_tokens, batch, starts)
         for i in range(len(self.model.get_decoder().layers)):
             keys, values = _layer_cache(out.past_key_values, i)
             self._decoder.set_cache(i, keys.float(), values.float())
@@ -270,6 +278,25 @@ class NativeDecoder:
         (QEmbedding.forward) — as a new tensor (the step updates it in place)."""
         rows = self._lookup(tokens) if self._lookup is not None else self._table.index_select(0, tokens)
         return rows.float().contiguous()
+
+
+def left_padding(mask: torch.Tensor | None, shape: torch.Size) -> list[int]:
+    """Each sequence's count of left padding in ``mask (B, T)`` (0 on the padding, then 1s; None: no padding), or
+    a ValueError naming what is wrong with it."""
+    if mask is None:
+        return [0] * shape[0]
+    if mask.shape != shape:
+        raise ValueError(f"attention_mask must have the shape of ids {tuple(shape)}, got {tuple(mask.shape)}")
+    mask = mask.long()
+    ones = mask.sum(-1)
+    if bool(((mask != 0) & (mask != 1)).any()) or bool((ones == 0).any()):
+        raise ValueError("attention_mask must hold 0s and 1s, with at least one 1 in every row")
+    starts = shape[1] - ones
+    real = torch.arange(shape[1]) >= starts.unsqueeze(1)
+    if not torch.equal(mask.bool(), real):
+        raise ValueError("the native step takes left padding only (the 0s of attention_mask before the 1s): "
+                         "tokenize with padding_side='left'")
+    return starts.tolist()
 
 
 def _layer_cache(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -286,3 +286,65 @@ def test_a_batch_over_a_packed_table_and_head_decodes_as_transformers():
     with lowbit.kernels.force("auto"), torch.inference_mode():
         batch = native_decoder(model, 13, batch=3).generate(ids, 8)
         assert torch.equal(batch, model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0))
+
+
+def _left_padded_prompts(lengths: list[int], seed: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Random prompts of ``lengths`` (ids 1..255), and their batch left-padded with 0 and its attention mask."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randint(1, 256, (n,), generator=gen) for n in lengths]
+    ids = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, row in enumerate(rows):
+        ids[r, ids.shape[1] - row.numel():], mask[r, ids.shape[1] - row.numel():] = row, 1
+    return rows, ids, mask
+
+
+@needs_vnni
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_left_padded_batch_decodes_as_transformers_and_as_each_prompt_alone(arch):
+    """Prompts of 2, 5 and 3 tokens, left-padded with an attention mask: the tokens transformers' batched
+    ``generate`` picks on the same batch, and at every step each row's logits those of its prompt decoded alone
+    without padding within 1e-5 of the row's largest — positions count from each prompt's first token and the
+    padding is never attended to. (The padded prompt pass is 15 rows, so it runs the same per-row int8 kernel as
+    each prompt alone; over 16 rows it runs bf16 tiles, another rounding.)"""
+    model = _packed(arch)
+    rows, ids, mask = _left_padded_prompts([2, 5, 3], seed=11)
+    with lowbit.kernels.force("auto"), torch.inference_mode():
+        decoder = native_decoder(model, 17, batch=3)
+        out = decoder.generate(ids, 12, attention_mask=mask)
+        reference = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                   pad_token_id=0)
+        batch = torch.stack([decoder._head(decoder._decoder.hidden(decoder._rows(out[:, p]), p))
+                             for p in range(5, 17)], dim=1)  # from generate's own caches: the step leaves them
+        alone = torch.stack([_step_logits(model, native_decoder(model, 17),
+                                          torch.cat([row, out[r, 5:]]).unsqueeze(0), row.numel())
+                             for r, row in enumerate(rows)])
+    assert torch.equal(out, reference)
+    assert ((batch - alone).abs() / alone.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
+
+
+def test_an_attention_mask_the_native_step_cannot_take_is_refused():
+    model = _packed("llama")
+    decoder = native_decoder(model, 16)
+    _, ids, mask = _left_padded_prompts([2, 5], seed=12)
+    for bad, match in ((mask.flip(-1), "left padding only"), (mask[:, 1:], "the shape of ids"),
+                       (mask * 0, "at least one 1"), (mask * 2, "0s and 1s")):
+        with pytest.raises(ValueError, match=match):
+            decoder.generate(ids, 4, attention_mask=bad)
+
+
+@needs_vnni
+def test_generate_cli_decodes_several_prompts_as_one_batch(ckpt):
+    """``--prompt`` repeated: one native batch whose texts are each prompt's own generation (alone, and in
+    transformers' padded batch); the JSON holds lists in the prompts' order."""
+    prompts = ["the game was", "in the", "it was released"]  # 3 x 3 padded prompt rows: the int8 kernel, as alone
+    args = ("--max-new-tokens", "4", "--raw", "--json")
+    with lowbit.kernels.force("auto"):  # (the tests' default, exact, has no batch kernel)
+        batch = one_json_object(invoke("generate", ckpt, *[a for p in prompts for a in ("--prompt", p)], *args))
+        plain = one_json_object(invoke("generate", ckpt, *[a for p in prompts for a in ("--prompt", p)], *args,
+                                       "--engine", "transformers"))
+        alone = [one_json_object(invoke("generate", ckpt, "--prompt", p, *args)) for p in prompts]
+    assert batch["engine"] == "native" and plain["engine"] == "transformers" and batch["batch"] == 3
+    assert batch["prompt"] == prompts and batch["text"] == plain["text"] == [a["text"] for a in alone]
+    assert batch["new_tokens"] == plain["new_tokens"] == sum(a["new_tokens"] for a in alone)
+    assert all(a["batch"] == 1 and isinstance(a["text"], str) for a in alone)

@@ -129,12 +129,14 @@ def evaluate(
 @app.command()
 def generate(
     model: str = typer.Argument(..., help=MODEL_HELP),
-    prompt: str = typer.Option(..., help="Text to continue (or the user turn with --chat)."),
-    max_new_tokens: int = typer.Option(64, help="Tokens to generate."),
+    prompt: list[str] = typer.Option(..., help="Text to continue (or the user turn with --chat); repeat it "
+                                     "(--prompt A --prompt B) to generate several as one batch."),
+    max_new_tokens: int = typer.Option(64, help="Tokens to generate (for each prompt)."),
     chat: bool = typer.Option(True, "--chat/--raw", help="Wrap the prompt in the model's chat template."),
     kv_cache: str = typer.Option("float", "--kv-cache", help=KV_CACHE_HELP),
-    engine: str = typer.Option("auto", help="native (lowbit's C++ decode step, LLaMA-style models), transformers, "
-                               "or auto: native where it applies."),
+    engine: str = typer.Option("auto", help="native (lowbit's C++ decode step, LLaMA-style models; a batch of up "
+                               "to 16 where every packed layer has the int8 batch kernel), transformers, or auto: "
+                               "native where it applies."),
     as_json: bool = JSON_OPTION,
     verbose: bool = VERBOSE_OPTION,
 ):
@@ -142,15 +144,18 @@ def generate(
     from ..api import GenerateConfig, generate
 
     result = run_job(verbose, lambda: generate(GenerateConfig(
-        model=model, prompt=prompt, max_new_tokens=max_new_tokens, chat=chat, kv_cache=kv_cache,
-        engine=engine)))
+        model=model, prompt=prompt[0] if len(prompt) == 1 else list(prompt), max_new_tokens=max_new_tokens, chat=chat,
+        kv_cache=kv_cache, engine=engine)))
     if as_json:
         emit(result.to_dict(), True, "")
         return
-    print_out(f"[bold]{escape(prompt)}[/]", highlight=False)
-    print_out(escape(result.text), highlight=False)
+    one = isinstance(result.prompt, str)
+    for shown, text in zip([result.prompt] if one else result.prompt, [result.text] if one else result.text,
+                           strict=True):
+        print_out(f"[bold]{escape(shown)}[/]", highlight=False)
+        print_out(escape(text), highlight=False)
     err_console.print(f"{result.new_tokens} tokens in {result.seconds:.1f} s ({result.tok_s:.1f} tok/s, "
-                      f"{result.engine})")
+                      f"{result.engine}" + (f", batch of {result.batch})" if result.batch > 1 else ")"))
 
 
 @app.command()

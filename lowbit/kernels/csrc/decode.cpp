@@ -1,5 +1,5 @@
-// lowbit native decode step: one token (of one sequence, or of each sequence of a small batch of equal lengths)
-// through a whole LLaMA-style decoder (RMSNorm, rotary attention with grouped KV heads over a preallocated fp32 cache,
+// lowbit native decode step: one token (of one sequence, or of each sequence of a small batch, left-padded to one
+// length) through a whole LLaMA-style decoder (RMSNorm, rotary attention with grouped KV heads over a preallocated fp32 cache,
 // SiLU-gated MLP, residuals, final norm, head) in C++, with the packed layers through qgemv.cpp's GEMV kernels (one
 // row) or int_gemm.cpp's small-batch GEMM (several rows). transformers' eager step spends more time in per-layer
 // Python and ~400 small ops per token than in the weights of a 135M model; here each layer costs its GEMVs and a few
@@ -190,16 +190,21 @@ class Decoder {
   }
 
   // A fresh cache of `capacity` positions for `batch` sequences in every layer (keys after the rotation), (layers,
-  // batch, kv_heads, capacity, head_dim) fp32 each.
-  void reset(int64_t capacity, int64_t batch) {
+  // batch, kv_heads, capacity, head_dim) fp32 each. `starts` (batch,): where each sequence's first token sits in the
+  // cache (a left-padded batch: the padding before it is never attended to, and positions count from it, as
+  // transformers counts them from its attention mask); empty = every sequence starts at 0.
+  void reset(int64_t capacity, int64_t batch, std::vector<int64_t> starts) {
     TORCH_CHECK(batch >= 1 && capacity >= 1, "the cache needs at least one sequence and one position");
+    if (starts.empty()) starts.assign(batch, 0);
+    TORCH_CHECK(static_cast<int64_t>(starts.size()) == batch, "starts must hold one position per sequence");
+    for (int64_t s : starts) TORCH_CHECK(s >= 0 && s < capacity, "a sequence's start is outside the cache");
     for (const Layer& L : layers_)
       TORCH_CHECK(batch == 1 || (L.o.batches() && L.down.batches() && L.qkv.batches() && L.gate_up.batches()),
                   "a layer has no several-row kernel in the native step: decode one sequence at a time");
     const auto n = static_cast<int64_t>(layers_.size());
     keys_ = torch::zeros({n, batch, kv_heads_, capacity, head_dim_}, torch::kFloat32);
     values_ = torch::zeros_like(keys_);
-    capacity_ = capacity, batch_ = batch;
+    capacity_ = capacity, batch_ = batch, starts_ = std::move(starts);
   }
 
   // Copies a prompt's cache for one layer: keys/values (batch, kv_heads, length, head_dim) — or (kv_heads, length,
@@ -251,10 +256,12 @@ class Decoder {
   torch::Tensor forward(torch::Tensor h, int64_t pos) { return head_(hidden(h, pos)); }
 
   // The final norm's output (hidden,) for `h` (hidden,) as in forward — or (B, hidden) for `h` (B, hidden), one row
-  // per sequence of the cache, every sequence at the same position: the caller applies the model's head (a batch's
-  // fp32 head runs oneDNN's GEMM in lowbit.kernels.linear, 2-3x faster than at::mm's MKL sgemm here).
+  // per sequence of the cache, every sequence at cache position `pos` (its own position: pos minus its start, see
+  // reset): the caller applies the model's head (a batch's fp32 head runs oneDNN's GEMM in lowbit.kernels.linear,
+  // 2-3x faster than at::mm's MKL sgemm here).
   torch::Tensor hidden(torch::Tensor h, int64_t pos) {
     TORCH_CHECK(pos >= 0 && pos < capacity_, "position ", pos, " is outside the cache of ", capacity_);
+    for (int64_t s : starts_) TORCH_CHECK(s <= pos, "position ", pos, " is before a sequence's start ", s);
     const int64_t B = h.dim() == 2 ? h.size(0) : 1;
     TORCH_CHECK((h.dim() == 1 || h.dim() == 2) && h.size(-1) == hidden_ && h.is_contiguous() &&
                     h.scalar_type() == torch::kFloat32,
@@ -264,12 +271,13 @@ class Decoder {
     float* hp = h.data_ptr<float>();
     float* xp = x.data_ptr<float>();
     const int64_t half = head_dim_ / 2;
-    std::vector<float> cos(half), sin(half);
+    std::vector<float> cos(B * half), sin(B * half);  // (B, half): each sequence's rotation at its own position
     const float* freq = inv_freq_.data_ptr<float>();
-    for (int64_t i = 0; i < half; ++i) {
-      const float angle = static_cast<float>(pos) * freq[i];
-      cos[i] = std::cos(angle) * rope_scaling_, sin[i] = std::sin(angle) * rope_scaling_;
-    }
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t i = 0; i < half; ++i) {
+        const float angle = static_cast<float>(pos - starts_[b]) * freq[i];
+        cos[b * half + i] = std::cos(angle) * rope_scaling_, sin[b * half + i] = std::sin(angle) * rope_scaling_;
+      }
     auto attn = h.dim() == 1 ? torch::empty({heads_ * head_dim_}, torch::kFloat32)
                              : torch::empty({B, heads_ * head_dim_}, torch::kFloat32);
     const int64_t total = B * hidden_;
@@ -278,8 +286,11 @@ class Decoder {
       norm_rows(hp, L.input_norm, B, xp);
       auto qkv = L.qkv(x);
       auto &q = qkv[0], &k = qkv[1], &v = qkv[2];
-      rotate(q.data_ptr<float>(), B * heads_, cos.data(), sin.data());
-      rotate(k.data_ptr<float>(), B * kv_heads_, cos.data(), sin.data());
+      for (int64_t b = 0; b < B; ++b) {
+        rotate(q.data_ptr<float>() + b * heads_ * head_dim_, heads_, cos.data() + b * half, sin.data() + b * half);
+        rotate(k.data_ptr<float>() + b * kv_heads_ * head_dim_, kv_heads_, cos.data() + b * half,
+               sin.data() + b * half);
+      }
       const int64_t layer_size = B * kv_heads_ * capacity_ * head_dim_;
       float* kc = keys_.data_ptr<float>() + l * layer_size;
       float* vc = values_.data_ptr<float>() + l * layer_size;
@@ -325,8 +336,9 @@ class Decoder {
     for (int64_t b = 0; b < B; ++b) rms_norm(h + b * hidden_, gain.data_ptr<float>(), eps_, hidden_, out + b * hidden_);
   }
 
-  // Softmax attention of every query head of each of `B` sequences over positions [0, length) of its KV head's
-  // cache; q and out (B, heads, head_dim). Split over threads from 256 positions in all.
+  // Softmax attention of every query head of each of `B` sequences over positions [start, length) of its KV head's
+  // cache (start: the sequence's, see reset); q and out (B, heads, head_dim). Split over threads from 256 positions
+  // in all.
   void attend(const float* q, const float* kc, const float* vc, int64_t B, int64_t length, float* out) const {
     const int64_t group = heads_ / kv_heads_, D = head_dim_;
     at::parallel_for(0, B * heads_, B * length >= 256 ? 1 : B * heads_, [&](int64_t h0, int64_t h1) {
@@ -336,8 +348,9 @@ class Decoder {
         const int64_t kv = (h / heads_) * kv_heads_ + (h % heads_) / group;
         const float* K = kc + kv * capacity_ * D;
         const float* V = vc + kv * capacity_ * D;
+        const int64_t first = starts_[h / heads_];
         float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < length; ++t) {
+        for (int64_t t = first; t < length; ++t) {
           const float* kt = K + t * D;
           float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
@@ -346,10 +359,10 @@ class Decoder {
           top = std::max(top, score[t]);
         }
         float total = 0.f;
-        for (int64_t t = 0; t < length; ++t) total += (score[t] = std::exp(score[t] - top));
+        for (int64_t t = first; t < length; ++t) total += (score[t] = std::exp(score[t] - top));
         float* oh = out + h * D;
         std::fill_n(oh, D, 0.f);
-        for (int64_t t = 0; t < length; ++t) {
+        for (int64_t t = first; t < length; ++t) {
           const float p = score[t] / total;
           const float* vt = V + t * D;
 #pragma omp simd
@@ -366,6 +379,7 @@ class Decoder {
   int64_t heads_, kv_heads_, head_dim_;
   float attn_scale_, eps_;
   int64_t hidden_ = 0, capacity_ = 0, batch_ = 1;
+  std::vector<int64_t> starts_;  // (batch_,) see reset
   std::vector<Layer> layers_;
   torch::Tensor keys_, values_;
 };
@@ -382,7 +396,8 @@ void bind_decode(pybind11::module& m) {
       .def(py::init<torch::Tensor, torch::Tensor, Linear, torch::Tensor, double, int64_t, int64_t, int64_t, double,
                     double>())
       .def("add_layer", &Decoder::add_layer)
-      .def("reset", &Decoder::reset, py::arg("capacity"), py::arg("batch") = 1)
+      .def("reset", &Decoder::reset, py::arg("capacity"), py::arg("batch") = 1,
+           py::arg("starts") = std::vector<int64_t>{})
       .def("set_cache", &Decoder::set_cache)
       .def("capacity", &Decoder::capacity)
       .def("fused_groups", &Decoder::fused_groups)
