@@ -57,6 +57,7 @@ from .models import (
     source_float_tensors,
     storage_dtype,
 )
+from .nn.attention import use_cpu_attention
 from .nn.gemv_linear import use_gemv_head
 from .nn.input_transform import InputSpec, TransformedLinear
 from .nn.qembedding import QEmbedding
@@ -342,6 +343,7 @@ def load(path: str | Path, verify: bool | None = None):
         model.tie_weights()
     use_gemv_head(model)  # a float head's decode step through lowbit's fp32 GEMV (same parameters)
     adapt_threads(model)  # fewer threads while other processes hold cores (lowbit.threads)
+    use_cpu_attention(model)  # whole causal sequences through lowbit's CPU attention kernel (lowbit.nn.attention)
     model.eval()
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)

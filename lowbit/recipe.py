@@ -19,7 +19,7 @@ from .config import StepConfig
 from .errors import LowbitError
 from .fileio import read_text
 from .models import round_to_storage
-from .nn import use_gemv_head
+from .nn import use_cpu_attention, use_gemv_head
 from .presets import PRESETS
 from .registry import get, unknown_name_error
 from .state import state_of
@@ -110,6 +110,7 @@ def apply_recipe(model, recipe: Recipe | str | Path, calib=None):
         model = step.apply(model, calib)
     round_to_storage(model)  # the float parts as the checkpoint stores them (the source's dtype)
     use_gemv_head(model)  # decode reads a float head through lowbit's fp32 GEMV (same parameters)
+    use_cpu_attention(model)  # whole causal sequences through lowbit's CPU attention kernel (lowbit.nn.attention)
     state_of(model).recipe = recipe
     state_of(model).quantize_seconds = time.perf_counter() - start
     return model

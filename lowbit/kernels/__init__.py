@@ -9,7 +9,9 @@ activation-quantized layers, W4A8 and W4A4, as a real integer GEMM: the C++ VNNI
 int8 weight tiles for prefill), ``cpu-tiled-bf16`` (prefill, batches and bf16 training of uniform and LowRA weights:
 the weight dequantized one cache-sized tile at a time and multiplied in bf16), ``cpu-gemv-f32`` (the fp32 GEMV of a
 packed model's float LM head, :func:`linear`) and ``cpu-onednn-f32`` (oneDNN's fp32 GEMM for that head's batches and
-prefill); ``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra). ``auto``
+prefill); ``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra). Not a
+matmul but counted here: ``cpu-attention`` (:mod:`lowbit.nn.attention`, causal attention over whole sequences,
+``auto`` only). ``auto``
 (the default) picks the fastest that applies. ``LOWBIT_KERNEL=exact`` keeps activations in fp32 (no int8 decode
 rounding, no bf16 tiles outside autocast): equal to the reference up to summation order. ``LOWBIT_KERNEL=reference``
 (or :func:`force`) pins the reference for debugging; ``LOWBIT_KERNEL=triton`` forces Triton wherever it applies (with

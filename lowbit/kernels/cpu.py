@@ -27,7 +27,8 @@ from ..qtensor import PackedWeight, QuantizedWeight
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
-SOURCES = (SOURCE, SOURCE.with_name("int_gemm.cpp"), SOURCE.with_name("gptq.cpp"), SOURCE.with_name("decode.cpp"))
+SOURCES = (SOURCE, SOURCE.with_name("int_gemm.cpp"), SOURCE.with_name("gptq.cpp"), SOURCE.with_name("decode.cpp"),
+           SOURCE.with_name("attention.cpp"))
 
 
 @functools.cache

@@ -890,6 +890,7 @@ torch::Tensor qgemv_mixed_kernel(torch::Tensor x, std::vector<int64_t> widths, s
 }
 // csrc/decode.cpp: the native decode step (NativeDecoder) and its Linears.
 void bind_decode(pybind11::module& m);
+void bind_attention(pybind11::module& m);
 // csrc/gptq.cpp: GPTQ's column loop over one lazy block.
 void gptq_block(torch::Tensor w, torch::Tensor u, torch::Tensor s, torch::Tensor z, int64_t qmax, torch::Tensor codes,
                 torch::Tensor err);
@@ -913,6 +914,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("unpack_int8", &unpack_int8, "rows of a packed weight with one zero point per row as int8 q - z");
   m.def("gptq_block", &gptq_block, "GPTQ's column loop over one lazy block, integer grid with fixed scales");
   bind_decode(m);
+  bind_attention(m);
 }
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
