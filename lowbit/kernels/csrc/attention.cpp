@@ -1,7 +1,7 @@
 // lowbit causal attention over whole sequences (prefill, evaluation, calibration passes): softmax(Q Kᵀ · scale with
 // the causal mask) V for every query head, grouped KV heads, in fp32 — 64 queries × 64 keys at a time with an online
 // softmax (FlashAttention-2's order of work) in AVX-512 registers. torch's CPU flash kernel runs this at 10-60
-// GFLOP/s on 2 cores (its small blocks go through MKL calls); lowbit/nn/attention.py sends transformers' attention
+// GFLOP/s on 2 cores; lowbit/nn/attention.py sends transformers' attention
 // here where it applies and to torch's SDPA otherwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -38,33 +38,38 @@ inline __m512 exp_nonpositive(__m512 x) {
 // The lowest min(max(n, 0), 16) lanes.
 inline __mmask16 first(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
-// S (64, 64) = scale · Qb (64, D) · KT (D, 64) for a block of (zero-padded) queries and packed keys.
-void scores(const float* Qb, const float* KT, int64_t D, float scale, float* S) {
-  for (int64_t i0 = 0; i0 < BLOCK; i0 += 4) {
+// ST (keys, 64) = scale · K (keys, D) · QT (D, 64): the scores transposed, a row per key and a column per query of
+// the block (QT: the block's queries transposed, zero columns past its end). Key rows past `keys` read as zeros.
+void scores(const float* K, int64_t k_stride, int64_t keys, const float* QT, int64_t D, float scale,
+            const float* zeros, float* ST) {
+  for (int64_t j0 = 0; j0 < keys; j0 += 4) {
+    const float* rows[4];
+    for (int r = 0; r < 4; ++r) rows[r] = j0 + r < keys ? K + (j0 + r) * k_stride : zeros;
     __m512 acc[4][4];
     for (auto& row : acc)
       for (auto& a : row) a = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; ++d) {
-      const float* kt = KT + d * BLOCK;
-      const __m512 k0 = _mm512_loadu_ps(kt), k1 = _mm512_loadu_ps(kt + 16), k2 = _mm512_loadu_ps(kt + 32),
-                   k3 = _mm512_loadu_ps(kt + 48);
+      const float* qt = QT + d * BLOCK;
+      const __m512 q0 = _mm512_loadu_ps(qt), q1 = _mm512_loadu_ps(qt + 16), q2 = _mm512_loadu_ps(qt + 32),
+                   q3 = _mm512_loadu_ps(qt + 48);
       for (int r = 0; r < 4; ++r) {
-        const __m512 q = _mm512_set1_ps(Qb[(i0 + r) * D + d]);
-        acc[r][0] = _mm512_fmadd_ps(q, k0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(q, k1, acc[r][1]);
-        acc[r][2] = _mm512_fmadd_ps(q, k2, acc[r][2]);
-        acc[r][3] = _mm512_fmadd_ps(q, k3, acc[r][3]);
+        const __m512 k = _mm512_set1_ps(rows[r][d]);
+        acc[r][0] = _mm512_fmadd_ps(k, q0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(k, q1, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(k, q2, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(k, q3, acc[r][3]);
       }
     }
     const __m512 s = _mm512_set1_ps(scale);
     for (int r = 0; r < 4; ++r)
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(S + (i0 + r) * BLOCK + c * 16, _mm512_mul_ps(acc[r][c], s));
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(ST + (j0 + r) * BLOCK + c * 16, _mm512_mul_ps(acc[r][c], s));
   }
 }
 
-// O[:, c0 : c0 + 16·NC] += P (64, keys) · V (keys, ...) for one chunk of the head dimension.
+// O[:, c0 : c0 + 16·NC] += P (64 queries, keys) · V (keys, ...) for one chunk of the head dimension, P given
+// transposed (PT: a row per key).
 template <int NC>
-void accumulate(const float* P, const float* V, int64_t v_stride, int64_t keys, int64_t c0, int64_t D, float* O) {
+void accumulate(const float* PT, const float* V, int64_t v_stride, int64_t keys, int64_t c0, int64_t D, float* O) {
   for (int64_t i0 = 0; i0 < BLOCK; i0 += 4) {
     __m512 acc[4][NC];
     for (int r = 0; r < 4; ++r)
@@ -73,7 +78,7 @@ void accumulate(const float* P, const float* V, int64_t v_stride, int64_t keys, 
       __m512 v[NC];
       for (int c = 0; c < NC; ++c) v[c] = _mm512_loadu_ps(V + j * v_stride + c0 + c * 16);
       for (int r = 0; r < 4; ++r) {
-        const __m512 p = _mm512_set1_ps(P[(i0 + r) * BLOCK + j]);
+        const __m512 p = _mm512_set1_ps(PT[j * BLOCK + i0 + r]);
         for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(p, v[c], acc[r][c]);
       }
     }
@@ -82,58 +87,58 @@ void accumulate(const float* P, const float* V, int64_t v_stride, int64_t keys, 
   }
 }
 
-// One task: queries [q0, q0 + nq) of one head over keys [0, q0 + nq). q: the head's rows (stride q_stride),
-// KT: the KV head's packed keys (blocks of (D, 64)), V: its value rows (stride v_stride); out rows (stride
-// out_stride) get softmax · V.
-void attend_rows(const float* q, int64_t q_stride, const float* KT, const float* V, int64_t v_stride, int64_t D,
-                 int64_t q0, int64_t nq, float scale, float* out, int64_t out_stride) {
-  std::vector<float> Qb(BLOCK * D, 0.f), S(BLOCK * BLOCK), O(BLOCK * D, 0.f);
-  std::vector<float> top(BLOCK, -std::numeric_limits<float>::infinity()), total(BLOCK, 0.f);
-  for (int64_t i = 0; i < nq; ++i) std::copy_n(q + (q0 + i) * q_stride, D, Qb.data() + i * D);
-  const int64_t last = (q0 + nq - 1) / BLOCK;
-  for (int64_t kb = 0; kb <= last; ++kb) {
-    const int64_t k0 = kb * BLOCK, keys = std::min(BLOCK, q0 + nq - k0);  // keys of this block anyone attends to
-    scores(Qb.data(), KT + kb * D * BLOCK, D, scale, S.data());
-    for (int64_t i = 0; i < BLOCK; ++i) {
-      float* s = S.data() + i * BLOCK;
-      const int64_t seen = std::clamp<int64_t>(q0 + i - k0 + 1, 0, BLOCK);  // keys of the block query i attends to
-      const __mmask16 mask[4] = {first(seen), first(seen - 16), first(seen - 32), first(seen - 48)};
-      if (seen == 0) {  // (a padding row of the block, or a row before this block: nothing to add)
-        std::fill_n(s, BLOCK, 0.f);
-        continue;
+// One task: queries [q0, q0 + nq) of one head over keys [0, q0 + nq). q, K, V: the head's query rows and its KV
+// head's key and value rows (each with its row stride); out rows (stride out_stride) get softmax · V. The softmax
+// runs down the transposed scores, 16 queries to a register: a running maximum and sum per query.
+void attend_rows(const float* q, int64_t q_stride, const float* K, int64_t k_stride, const float* V,
+                 int64_t v_stride, int64_t D, int64_t q0, int64_t nq, float scale, float* out, int64_t out_stride) {
+  std::vector<float> QT(D * BLOCK, 0.f), ST(BLOCK * BLOCK), O(BLOCK * D, 0.f), zeros(D, 0.f), factor(BLOCK);
+  for (int64_t i = 0; i < nq; ++i)
+    for (int64_t d = 0; d < D; ++d) QT[d * BLOCK + i] = q[(q0 + i) * q_stride + d];
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 top[4] = {ninf, ninf, ninf, ninf}, total[4];
+  for (auto& t : total) t = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < q0 + nq; k0 += BLOCK) {
+    const int64_t keys = std::min(BLOCK, q0 + nq - k0), ahead = q0 - k0;  // query i sees keys j <= i + ahead
+    scores(K + k0 * k_stride, k_stride, keys, QT.data(), D, scale, zeros.data(), ST.data());
+    for (int c = 0; c < 4; ++c) {
+      __m512 next = top[c];
+      for (int64_t j = 0; j < keys; ++j) {  // lanes (queries c·16 + l) that see key j: l >= j - ahead - c·16
+        const __mmask16 seen = static_cast<__mmask16>(~first(j - ahead - c * 16));
+        next = _mm512_mask_max_ps(next, seen, next, _mm512_loadu_ps(ST.data() + j * BLOCK + c * 16));
       }
-      const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      __m512 mx = ninf;
-      for (int c = 0; c < 4; ++c) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(ninf, mask[c], s + c * 16));
-      const float rowmax = _mm512_reduce_max_ps(mx), next = std::max(top[i], rowmax);
-      const float correction = std::exp(top[i] - next);  // 0 for the first block (top = -inf)
-      const __m512 shift = _mm512_set1_ps(next);
+      const __m512 correction = exp_nonpositive(_mm512_sub_ps(top[c], next));  // ~0 on the first block
       __m512 sum = _mm512_setzero_ps();
-      for (int c = 0; c < 4; ++c) {
-        const __m512 x = _mm512_sub_ps(_mm512_loadu_ps(s + c * 16), shift);
-        const __m512 p = _mm512_maskz_mov_ps(mask[c], exp_nonpositive(x));
-        _mm512_storeu_ps(s + c * 16, p);
+      for (int64_t j = 0; j < keys; ++j) {
+        const __mmask16 seen = static_cast<__mmask16>(~first(j - ahead - c * 16));
+        float* st = ST.data() + j * BLOCK + c * 16;
+        const __m512 p = _mm512_maskz_mov_ps(seen, exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(st), next)));
+        _mm512_storeu_ps(st, p);
         sum = _mm512_add_ps(sum, p);
       }
-      total[i] = total[i] * correction + _mm512_reduce_add_ps(sum);
-      top[i] = next;
-      if (correction != 1.f) {
-        float* o = O.data() + i * D;
-        for (int64_t d = 0; d < D; ++d) o[d] *= correction;
-      }
+      total[c] = _mm512_fmadd_ps(total[c], correction, sum);
+      top[c] = next;
+      _mm512_storeu_ps(factor.data() + c * 16, correction);
     }
+    if (k0 > 0)
+      for (int64_t i = 0; i < BLOCK; ++i) {
+        float* o = O.data() + i * D;
+        for (int64_t d = 0; d < D; ++d) o[d] *= factor[i];
+      }
     const float* Vb = V + k0 * v_stride;
     for (int64_t c0 = 0; c0 < D; c0 += 64) {
       switch (std::min<int64_t>(4, (D - c0) / 16)) {
-        case 4: accumulate<4>(S.data(), Vb, v_stride, keys, c0, D, O.data()); break;
-        case 3: accumulate<3>(S.data(), Vb, v_stride, keys, c0, D, O.data()); break;
-        case 2: accumulate<2>(S.data(), Vb, v_stride, keys, c0, D, O.data()); break;
-        default: accumulate<1>(S.data(), Vb, v_stride, keys, c0, D, O.data()); break;
+        case 4: accumulate<4>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
+        case 3: accumulate<3>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
+        case 2: accumulate<2>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
+        default: accumulate<1>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
       }
     }
   }
+  float sums[BLOCK];
+  for (int c = 0; c < 4; ++c) _mm512_storeu_ps(sums + c * 16, total[c]);
   for (int64_t i = 0; i < nq; ++i) {
-    const float inv = 1.f / total[i];
+    const float inv = 1.f / sums[i];
     float* o = out + (q0 + i) * out_stride;
     for (int64_t d = 0; d < D; ++d) o[d] = O[i * D + d] * inv;
   }
@@ -163,28 +168,19 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
   auto out = torch::empty({B, L, H, D}, torch::kFloat32);
 #ifdef __AVX512F__
   const int64_t blocks = (L + BLOCK - 1) / BLOCK;
-  auto packed = torch::zeros({B, Hkv, blocks, D, BLOCK}, torch::kFloat32);  // keys transposed per block of 64
-  const float* kp = k.data_ptr<float>();
-  float* pk = packed.data_ptr<float>();
-  at::parallel_for(0, B * Hkv * blocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (Hkv * blocks), g = (t / blocks) % Hkv, kb = t % blocks;
-      float* dst = pk + t * D * BLOCK;
-      for (int64_t j = 0; j < BLOCK && kb * BLOCK + j < L; ++j) {
-        const float* row = kp + b * k.stride(0) + g * k.stride(1) + (kb * BLOCK + j) * k.stride(2);
-        for (int64_t d = 0; d < D; ++d) dst[d * BLOCK + j] = row[d];
-      }
-    }
-  });
   const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
   const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t group = H / Hkv;
+  // Tasks (sequence, head, query block); a head's blocks in the order 0, last, 1, last - 1, ... so that the
+  // contiguous share of each thread holds as many cheap early blocks as costly late ones.
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (H * blocks), h = (t / blocks) % H, qb = t % blocks, g = h / group;
-      attend_rows(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), pk + (b * Hkv + g) * blocks * D * BLOCK,
-                  vp + b * v.stride(0) + g * v.stride(1), v.stride(2), D, qb * BLOCK,
+      const int64_t b = t / (H * blocks), h = (t / blocks) % H, i = t % blocks, g = h / group;
+      const int64_t qb = i % 2 == 0 ? i / 2 : blocks - 1 - i / 2;
+      attend_rows(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + g * k.stride(1),
+                  k.stride(2), vp + b * v.stride(0) + g * v.stride(1), v.stride(2), D, qb * BLOCK,
                   std::min(BLOCK, L - qb * BLOCK), static_cast<float>(scale), op + b * L * H * D + h * D, H * D);
     }
   });
