@@ -1,8 +1,8 @@
-// lowbit causal attention over whole sequences (prefill, evaluation, calibration passes): softmax(Q Kᵀ · scale with
-// the causal mask) V for every query head, grouped KV heads, in fp32 — 64 queries × 64 keys at a time with an online
-// softmax (FlashAttention-2's order of work) in AVX-512 registers. torch's CPU flash kernel runs this at 10-60
-// GFLOP/s on 2 cores; lowbit/nn/attention.py sends transformers' attention
-// here where it applies and to torch's SDPA otherwise.
+// lowbit causal attention over whole sequences (prompts, evaluation windows): softmax(Q Kᵀ · scale with the causal
+// mask) V for every query head, grouped KV heads, in fp32 — 64 queries × 64 keys at a time with an online softmax
+// (FlashAttention-2's order of work) in AVX-512 registers, where torch's CPU flash kernel reaches 10-60 GFLOP/s on
+// this 2-core machine. lowbit/nn/attention.py sends transformers' attention here where it applies and to torch's
+// SDPA otherwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
