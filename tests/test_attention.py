@@ -50,8 +50,9 @@ def test_bf16_inputs_are_computed_in_fp32_and_returned_in_bf16():
 
 
 def test_calls_it_does_not_compute_go_to_transformers_sdpa():
-    """A padding mask, a query shorter than its keys (a cached decode step), a sliding window shorter than the
-    sequence, autograd or another kernel choice: transformers' SDPA function, and no ``cpu-attention`` call."""
+    """A padding mask, a query shorter than its keys (a cached decode step), values narrower than the keys, a
+    sliding window shorter than the sequence, autograd or another kernel choice: transformers' SDPA function, and
+    no ``cpu-attention`` call."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module = torch.nn.Module()
@@ -59,8 +60,11 @@ def test_calls_it_does_not_compute_go_to_transformers_sdpa():
     q, k, v = _qkv(1, 4, 2, 40, 32)
     mask = torch.ones(1, 1, 40, 40, dtype=torch.bool).tril()
     grad_q = q.detach().clone().requires_grad_()
-    cases = [((q, k, v, mask), {}, "auto"), ((q[:, :, -1:], k, v, None), {}, "auto"),
-             ((q, k, v, None), {"sliding_window": 8}, "auto"), ((grad_q, k, v, None), {}, "auto"),
+    cases = [((q, k, v, mask), {}, "auto"),
+             ((q[:, :, -1:], k, v, None), {}, "auto"),
+             ((q, k, v[..., :16], None), {}, "auto"),
+             ((q, k, v, None), {"sliding_window": 8}, "auto"),
+             ((grad_q, k, v, None), {}, "auto"),
              ((q, k, v, None), {}, "exact")]
     for args, kwargs, choice in cases:
         before = calls["cpu-attention"]

@@ -31,11 +31,13 @@ def _sdpa():
     return sdpa_attention_forward
 
 
-def _applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask, dropout: float,
-             is_causal: bool | None, kwargs: dict) -> bool:
+def _applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+             dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
     """Whether the call is a whole causal sequence the C++ kernel computes (see the module docstring)."""
     if attention_mask is not None or query.device.type != "cpu" or query.shape[2] != key.shape[2] or query.shape[2] < 2:
         return False
+    if value.shape != key.shape or key.shape[-1] != query.shape[-1] or query.shape[1] % key.shape[1]:
+        return False  # (values of another width than the keys, as multi-head latent attention has)
     if (is_causal if is_causal is not None else getattr(module, "is_causal", True)) is not True or dropout:
         return False
     length = query.shape[2]
@@ -54,7 +56,7 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
                   is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: ``query (B, H, L, D)``, ``key``/``value (B, Hkv, S, D)`` ->
     ``((B, L, H, D), None)``; the C++ kernel where :func:`_applies`, else transformers' SDPA function."""
-    if not _applies(module, query, key, attention_mask, dropout, is_causal, kwargs):
+    if not _applies(module, query, key, value, attention_mask, dropout, is_causal, kwargs):
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     calls["cpu-attention"] += 1
