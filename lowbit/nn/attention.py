@@ -2,8 +2,8 @@
 
 A prompt, an evaluation window or a calibration pass attends over its own tokens with the causal mask and no
 padding; there ``csrc/attention.cpp`` (64 × 64 blocks, online softmax, AVX-512, fp32 — bf16 inputs are computed in
-fp32 and returned in bf16) replaces torch's CPU flash kernel: on SmolLM2's 9 heads of 64 over 512 tokens 5.3 ms
-against 13.9 ms at one thread, over 2,048 tokens 94 against 117 ms (BENCHMARKS.md). Everything else — a decode
+fp32 and returned in bf16) replaces torch's CPU flash kernel: on SmolLM2's 9 heads of 64 over 512 tokens 3.1 ms
+against 5.0 ms at 2 threads, over 2,048 tokens 38 against 49 ms (BENCHMARKS.md, eleventh pass). Everything else — a decode
 step against a cache, a padding mask, a sliding window, dropout, autograd, torch.compile, another device or head
 size, ``LOWBIT_KERNEL`` other than ``auto`` — goes to transformers' own SDPA function unchanged.
 
