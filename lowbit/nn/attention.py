@@ -1,11 +1,11 @@
 """lowbit's CPU attention for whole causal sequences, as a transformers attention function (``lowbit_cpu``).
 
-A prompt, an evaluation window or a calibration pass attends over its own tokens with the causal mask and no
+A prompt or an evaluation window attends over its own tokens with the causal mask and no
 padding; there ``csrc/attention.cpp`` (64 × 64 blocks, online softmax, AVX-512, fp32 — bf16 inputs are computed in
 fp32 and returned in bf16) replaces torch's CPU flash kernel: on SmolLM2's 9 heads of 64 over 512 tokens 3.1 ms
-against 5.0 ms at 2 threads, over 2,048 tokens 38 against 49 ms (BENCHMARKS.md, eleventh pass). Everything else — a decode
-step against a cache, a padding mask, a sliding window, dropout, autograd, torch.compile, another device or head
-size, ``LOWBIT_KERNEL`` other than ``auto`` — goes to transformers' own SDPA function unchanged.
+against 5.0 ms at 2 threads, over 2,048 tokens 38 against 49 ms (BENCHMARKS.md, eleventh pass). Everything else —
+a decode step against a cache, a padding mask, a shorter sliding window, dropout, autograd, torch.compile, another
+device or head size, ``LOWBIT_KERNEL`` other than ``auto`` — goes to transformers' own SDPA function unchanged.
 
 :func:`use_cpu_attention` switches a model that runs ``sdpa`` to it (:func:`lowbit.io.load` and
 :func:`lowbit.recipe.apply_recipe` do, for packed models); the saved ``config.json`` never records it.
@@ -76,10 +76,15 @@ def _register() -> None:
 
 def use_cpu_attention(model: nn.Module) -> bool:
     """Switch ``model`` (and its sub-configs) from ``sdpa`` to :data:`NAME`; True if it now runs it. Models with
-    another attention implementation (eager, flash, flex) are left as they are."""
+    another attention implementation (eager, flash, flex), or whose class refuses a registered one, are left as
+    they are."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) not in ("sdpa", NAME):
         return False
     _register()
-    model.set_attn_implementation(NAME)
+    try:
+        model.set_attn_implementation(NAME)
+    except ValueError:  # a model class that takes no registered attention function keeps its SDPA
+        model.set_attn_implementation("sdpa")
+        return False
     return True
