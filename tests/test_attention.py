@@ -65,6 +65,7 @@ def test_calls_it_does_not_compute_go_to_transformers_sdpa():
              ((q, k, v[..., :16], None), {}, "auto"),
              ((q, k, v, None), {"sliding_window": 8}, "auto"),
              ((grad_q, k, v, None), {}, "auto"),
+             ((q, k, v.detach().clone().requires_grad_(), None), {}, "auto"),  # adapters on v_proj alone
              ((q, k, v, None), {}, "exact")]
     for args, kwargs, choice in cases:
         before = calls["cpu-attention"]

@@ -335,3 +335,23 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if bias is not None:
         y = y + bias
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def attention_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """True for fp32 or bf16 CPU ``query (B, H, L, D)`` over ``key``/``value (B, Hkv, L, D)`` of the same length
+    and width (H a multiple of Hkv, L >= 2), without autograd, where the AVX-512 build takes that head width:
+    :func:`causal_attention` applies. Whether the call is causal and unmasked is the caller's to know."""
+    if query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16) or query.shape[2] < 2:
+        return False
+    if value.shape != key.shape or key.shape[2:] != query.shape[2:] or query.shape[1] % key.shape[1]:
+        return False  # (also values of another width than the keys, as multi-head latent attention has)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        return False
+    ext = extension()
+    return ext is not None and ext.causal_attention_applies(query.shape[-1])
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention of :func:`attention_supports` inputs in fp32 (``csrc/attention.cpp``): ``(B, L, H,
+    D)`` in the query's dtype."""
+    return extension().causal_attention(query.float(), key.float(), value.float(), float(scale)).to(query.dtype)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..kernels import _choice, calls
-from ..kernels.cpu import extension
+from ..kernels.cpu import attention_supports, causal_attention
 
 NAME = "lowbit_cpu"
 UNSUPPORTED = ("softcap", "position_bias", "cache", "sinks", "s_aux")  # keyword arguments that send a call to SDPA
@@ -33,22 +33,16 @@ def _sdpa():
 
 def _applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
              dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
-    """Whether the call is a whole causal sequence the C++ kernel computes (see the module docstring)."""
-    if attention_mask is not None or query.device.type != "cpu" or query.shape[2] != key.shape[2] or query.shape[2] < 2:
+    """Whether the call is a whole causal sequence the C++ kernel computes (see the module docstring): transformers'
+    side of the contract here, the tensors' in :func:`lowbit.kernels.cpu.attention_supports`."""
+    if attention_mask is not None or dropout or torch.compiler.is_compiling() or _choice() != "auto":
         return False
-    if value.shape != key.shape or key.shape[-1] != query.shape[-1] or query.shape[1] % key.shape[1]:
-        return False  # (values of another width than the keys, as multi-head latent attention has)
-    if (is_causal if is_causal is not None else getattr(module, "is_causal", True)) is not True or dropout:
+    if (is_causal if is_causal is not None else getattr(module, "is_causal", True)) is not True:
         return False
     length = query.shape[2]
     if any(kwargs.get(k) is not None for k in UNSUPPORTED) or (kwargs.get("sliding_window") or length) < length:
         return False  # (a sliding window at least as long as the sequence hides nothing)
-    if query.dtype not in (torch.float32, torch.bfloat16) or torch.compiler.is_compiling() or _choice() != "auto":
-        return False
-    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
-        return False
-    ext = extension()
-    return ext is not None and ext.causal_attention_applies(query.shape[-1])
+    return attention_supports(query, key, value)
 
 
 def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -60,9 +54,7 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     calls["cpu-attention"] += 1
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = extension().causal_attention(query.float(), key.float(), value.float(), float(scale))
-    return out.to(query.dtype), None
+    return causal_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
 
 
 @functools.cache
