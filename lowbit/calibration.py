@@ -26,9 +26,10 @@ from .device import to_device
 from .errors import LowbitError
 from .fileio import read_text
 from .hessian import LayerStats
-from .kernels import force, native_bf16
+from .kernels import _choice, force, native_bf16
 from .memory import release_free_memory, trim_heap
 from .models import decoder_blocks
+from .nn.attention import calibration_attention
 from .nn.experts import EXPERT_INPUT
 from .protocol import CALIB_SEQ_LEN, CALIB_WINDOWS
 from .state import state_of
@@ -246,9 +247,9 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
     ``device``: where the work runs (a GPU; None = where the model is): the windows' activations move there once,
     each block moves there for its work and back to the CPU before ``done`` — the model stays in CPU memory.
     ``precision``: of the calibration passes (``collect`` and the next block's inputs; not ``work``): ``fp32``,
-    or ``bf16``/``auto`` where the device multiplies bf16 natively (autocast matmuls; the residual stream and the
-    Hessians stay fp32). GPTQ w4g128 on SmolLM2: 130 s fp32, 90 s bf16, perplexity equal within its run-to-run
-    spread (24.58 vs 24.46-24.68, BENCHMARKS.md).
+    or ``bf16``/``auto`` where the device multiplies bf16 natively (autocast matmuls, attention and Hessians from
+    bf16 products with fp32 sums; the residual stream stays fp32). Under ``LOWBIT_KERNEL=auto`` the model attends
+    through lowbit's CPU kernel (:func:`~lowbit.nn.attention.calibration_attention`).
     """
     prefix, blocks = decoder_blocks(model)
     hidden, kwargs = inputs if inputs is not None else (None, {})
@@ -264,7 +265,8 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
     def passes():  # the calibration forward passes' precision
         return torch.autocast(kind, dtype=torch.bfloat16) if low else contextlib.nullcontext()
 
-    with force("exact"):  # statistics and next inputs from fp32 activations (bf16 training keeps bf16)
+    attention = calibration_attention(model) if _choice() == "auto" else contextlib.nullcontext()
+    with force("exact"), attention:  # statistics and next inputs from fp32 activations (bf16 training keeps bf16)
         for i in tqdm(range(len(blocks)), desc=desc, unit="block", leave=False):
             here = f"{prefix}.{i}."
             if load is not None:
@@ -284,7 +286,7 @@ def for_each_block(model: nn.Module, inputs: tuple[list[torch.Tensor], dict] | N
 
             collect.block, collect.hidden, collect.kwargs = block, hidden, kwargs  # for steps that run the block
             work(here, collect)
-            if hidden is not None:
+            if hidden is not None and i + 1 < len(blocks):  # (the last block's outputs feed nothing)
                 with passes():  # in place: one copy of the activations (file-backed ones stay so), plus one output
                     for h in hidden:
                         h.copy_(block_output(block, h, kwargs))

@@ -83,32 +83,33 @@ def superblock_scales(s: torch.Tensor, group_size: int, steps: int) -> torch.Ten
 
 
 def fit_scales(w: torch.Tensor, fmt: Format, granularity: str, group_size: int, search: str = "minmax",
-               col_weight: torch.Tensor | None = None, scale_steps: int = 0):
+               col_weight: torch.Tensor | None = None, scale_steps: int = 0, fit=fit_searched):
     """Scales/zeros ``(rows, groups)`` for ``w (out, in)``; a short last group is fitted on its own columns.
 
     ``search`` and ``col_weight`` (``(in,)`` importance of each input column, e.g. diag(H)) are passed to
-    :func:`lowbit.formats.fit_searched`. ``scale_steps > 0``: the scales are K-quant super-block scales
-    (:func:`superblock_scales`; zero-free formats only).
+    ``fit``: :func:`lowbit.formats.fit_searched`, or an equivalent (:func:`lowbit.kernels.scales.fit_searched`).
+    ``scale_steps > 0``: the scales are K-quant super-block scales (:func:`superblock_scales`; zero-free formats
+    only).
     """
     if scale_steps:
-        s, z = fit_scales(w, fmt, granularity, group_size, search, col_weight)
+        s, z = fit_scales(w, fmt, granularity, group_size, search, col_weight, fit=fit)
         if z is not None or granularity != "group":
             raise LowbitError("super-block scales (scale_steps) need a symmetric grid in groups")
         return superblock_scales(s, group_size, scale_steps), None
     out_f, in_f = w.shape
     if granularity == "tensor":
         cw = None if col_weight is None else col_weight.repeat(out_f)
-        s, z = fit_searched(fmt, w.reshape(1, -1), search, cw)
+        s, z = fit(fmt, w.reshape(1, -1), search, cw)
         return s.view(1, 1), None if z is None else z.view(1, 1)
     g = in_f if granularity == "channel" else group_size
     full = (in_f // g) * g
     parts = []
     if full:
         cw = None if col_weight is None else col_weight[:full].reshape(full // g, g)
-        parts.append(fit_searched(fmt, w[:, :full].reshape(out_f, full // g, g), search, cw))
+        parts.append(fit(fmt, w[:, :full].reshape(out_f, full // g, g), search, cw))
     if full < in_f:
         cw = None if col_weight is None else col_weight[full:].reshape(1, in_f - full)
-        parts.append(fit_searched(fmt, w[:, full:].reshape(out_f, 1, in_f - full), search, cw))
+        parts.append(fit(fmt, w[:, full:].reshape(out_f, 1, in_f - full), search, cw))
     s = torch.cat([p[0] for p in parts], dim=1)
     z = None if parts[0][1] is None else torch.cat([p[1] for p in parts], dim=1)
     return s, z

@@ -1,7 +1,7 @@
 """lowbit's CPU attention over whole causal sequences (csrc/attention.cpp, lowbit.nn.attention): torch's SDPA
-within fp32 rounding on shapes that are not multiples of its 64 × 64 blocks, grouped KV heads, strided and bf16
-inputs; every call it does not compute goes to transformers' SDPA function; models switch to it where they ran
-sdpa, and the saved config never records it."""
+within fp32 rounding on shapes that are not multiples of its 64 × 64 blocks, grouped KV heads, strided inputs; bf16
+products for bf16 inputs and under bf16 autocast; every call it does not compute goes to transformers' SDPA
+function; models switch to it where they ran sdpa (calibration passes too), and the saved config never records it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
+from tolerances import BF16_ATTENTION_REL
 
 import lowbit
 from lowbit.kernels import calls, force
-from lowbit.nn.attention import NAME, cpu_attention, use_cpu_attention
+from lowbit.kernels.cpu import causal_attention
+from lowbit.nn.attention import NAME, calibration_attention, cpu_attention, use_cpu_attention
 
 ext = lowbit.kernels.cpu.extension()
 pytestmark = pytest.mark.skipif(ext is None or not ext.causal_attention_applies(64),
@@ -38,15 +40,52 @@ def test_the_kernel_equals_torchs_causal_sdpa(batch, heads, kv_heads, length, di
     assert ((out - reference).abs().max() / reference.abs().max()) < 2e-6
 
 
-def test_bf16_inputs_are_computed_in_fp32_and_returned_in_bf16():
-    q, k, v = _qkv(1, 4, 2, 200, 64, dtype=torch.bfloat16)
+@pytest.mark.parametrize("batch,heads,kv_heads,length,dim", [
+    (1, 9, 3, 512, 64), (2, 4, 2, 101, 32), (1, 2, 1, 2, 16), (1, 4, 4, 65, 128), (1, 2, 2, 131, 80),
+    (3, 6, 3, 257, 48)])
+def test_bf16_products_give_the_attention_of_the_rounded_inputs(batch, heads, kv_heads, length, dim):
+    """bf16 q, k, v: Q Kᵀ and P V as bf16 pairs into fp32 sums, the probabilities rounded to bf16 (as FlashAttention
+    does on GPUs): the fp64 attention of the same bf16 values within that rounding; odd lengths (a key pairs with
+    zeros at a block's end), head widths of 16 × odd, grouped heads."""
+    q, k, v = _qkv(batch, heads, kv_heads, length, dim, dtype=torch.bfloat16)
+    reference = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True,
+                                               enable_gqa=True).transpose(1, 2)
+    out = ext.causal_attention(q, k, v, dim ** -0.5)
+    assert out.dtype == torch.float32 and out.shape == (batch, length, heads, dim)
+    assert ((out - reference).abs().max() / reference.abs().max()) < BF16_ATTENTION_REL
+
+
+def test_bf16_inputs_and_bf16_autocast_multiply_bf16_and_fp32_inputs_stay_fp32():
+    q, k, v = _qkv(1, 4, 2, 200, 64)
     module = torch.nn.Module()
     module.is_causal = True
+    low = causal_attention(q, k, v, 0.125, bf16=True)
     with force("auto"):
-        out, _ = cpu_attention(module, q, k, v, None, scaling=0.125)
-    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, enable_gqa=True,
-                                               scale=0.125).transpose(1, 2)
-    assert out.dtype == torch.bfloat16 and torch.allclose(out.float(), reference, atol=2e-2, rtol=1e-2)
+        plain, _ = cpu_attention(module, q, k, v, None, scaling=0.125)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast, _ = cpu_attention(module, q, k, v, None, scaling=0.125)
+        rounded, _ = cpu_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None, scaling=0.125)
+    assert torch.equal(plain, causal_attention(q, k, v, 0.125)) and plain.dtype == torch.float32
+    assert torch.equal(autocast, low) and autocast.dtype == torch.float32
+    assert torch.equal(rounded, low.bfloat16()) and rounded.dtype == torch.bfloat16
+    assert not torch.equal(plain, low)
+
+
+def test_calibration_attention_runs_the_kernel_whatever_the_linears_are_forced_to_and_restores_sdpa():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        reference = model(ids).logits
+        before = calls["cpu-attention"]
+        with calibration_attention(model) as switched, force("exact"):
+            assert switched and model.config._attn_implementation == NAME
+            out = model(ids).logits
+        assert calls["cpu-attention"] == before + model.config.num_hidden_layers
+    assert model.config._attn_implementation == "sdpa"
+    assert ((out - reference).abs().max() / reference.abs().max()) < 1e-5
+    model.set_attn_implementation("eager")
+    with calibration_attention(model) as switched:
+        assert not switched and model.config._attn_implementation == "eager"
 
 
 def test_calls_it_does_not_compute_go_to_transformers_sdpa():

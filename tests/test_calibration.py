@@ -19,7 +19,8 @@ from lowbit.calibration import (
     read_calibration_text,
     run_blockwise,
 )
-from lowbit.models import find_linears
+from lowbit.kernels.cpu import extension as lowbit_ext
+from lowbit.models import decoder_blocks, find_linears
 from lowbit.sensitivity import input_power, output_sensitivity
 from lowbit.streamed import offload_hidden
 
@@ -194,3 +195,28 @@ def test_layer_stats_fold_the_upper_panels_into_the_full_hessian_when_read():
         assert torch.equal(stats.hessian, stats.hessian.T)
     stats.hessian = torch.eye(width)  # a replaced Hessian (MoE shrinkage) drops nothing pending
     assert torch.equal(stats.hessian, torch.eye(width))
+
+
+@pytest.mark.parametrize("choice", ["auto", "exact"])
+def test_calibration_passes_attend_through_lowbits_kernel_under_auto_only_and_skip_the_last_blocks_outputs(choice):
+    """Under ``LOWBIT_KERNEL=auto`` the passes run lowbit's attention (the Linears still forced exact); under
+    ``exact`` torch's SDPA. Either way the model is back on ``sdpa`` afterwards, and the last block runs once per
+    window (its outputs would feed nothing)."""
+    from lowbit.kernels import calls, force
+
+    if lowbit_ext() is None or not lowbit_ext().causal_attention_applies(16):
+        pytest.skip("the C++ extension did not build here, or no AVX-512")
+    model = tiny_model("llama")
+    _, blocks = decoder_blocks(model)
+    runs = [0] * len(blocks)
+    handles = [b.register_forward_hook(lambda m, a, o, i=i: runs.__setitem__(i, runs[i] + 1))
+               for i, b in enumerate(blocks)]
+    windows = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    before = calls["cpu-attention"]
+    with force(choice):
+        for_each_block(model, block_inputs(model, windows), lambda prefix, collect: collect([]), precision="auto")
+    for h in handles:
+        h.remove()
+    assert runs == [6] * (len(blocks) - 1) + [3]  # collect and next inputs; the last block collects only
+    assert calls["cpu-attention"] - before == (3 * (2 * len(blocks) - 1) if choice == "auto" else 0)
+    assert model.config._attn_implementation == "sdpa"

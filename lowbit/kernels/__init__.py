@@ -194,9 +194,8 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> 
             return qmatmul_cpu_rows(x, qweight)
         low = _autocast_dtype(x) == torch.bfloat16 or (choice == "auto" and inference)
         if low and tiled_supports(x, qweight):
-            calls["cpu-tiled-bf16"] += 1
-            y = qmatmul_cpu_tiled(x, qweight)
-            return y if _autocast_dtype(x) == torch.float32 else y.to(_autocast_dtype(x))
+            calls["cpu-tiled-bf16"] += 1  # under autocast, y in its dtype (no round trip through x's)
+            return qmatmul_cpu_tiled(x, qweight, None if _autocast_dtype(x) == torch.float32 else _autocast_dtype(x))
     elif choice != "reference" and triton_supports(x, qweight):  # CUDA (auto), or forced
         calls["triton"] += 1
         return qmatmul_triton(x, qweight)

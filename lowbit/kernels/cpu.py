@@ -28,7 +28,8 @@ from ..qtensor import PackedWeight, QuantizedWeight
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("int_gemm.cpp"), SOURCE.with_name("gptq.cpp"), SOURCE.with_name("decode.cpp"),
-           SOURCE.with_name("attention.cpp"))
+           SOURCE.with_name("attention.cpp"), SOURCE.with_name("gram.cpp"),
+           SOURCE.with_name("scales.cpp"))
 
 
 @functools.cache
@@ -255,16 +256,18 @@ def _dequantized_tiles(qweight: QuantizedWeight | MixedCodebookWeight):
         yield r0, r1, tile
 
 
-def qmatmul_cpu_tiled(x: torch.Tensor, qweight: QuantizedWeight | MixedCodebookWeight) -> torch.Tensor:
+def qmatmul_cpu_tiled(x: torch.Tensor, qweight: QuantizedWeight | MixedCodebookWeight,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x (..., in)`` -> ``(..., out)`` multiplied in bf16, one dequantized tile of output rows at a time (oneDNN's
-    bf16 GEMM, AVX512-BF16); returned in ``x.dtype``. Equal to the reference run under bf16 autocast up to
-    summation order: the weight and the input are each rounded once to bf16, the output once."""
+    bf16 GEMM, AVX512-BF16); returned in ``out_dtype`` (default ``x.dtype``). Equal to the reference run under bf16
+    autocast up to summation order: the weight and the input are each rounded once to bf16, the output once."""
     xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    out_dtype = out_dtype or x.dtype
     tiles = _dequantized_tiles(qweight)
     if _single_tile(qweight):  # the whole weight in one tile: the product is y
-        y = torch.mm(xb, next(tiles)[2].t()).to(x.dtype)
+        y = torch.mm(xb, next(tiles)[2].t()).to(out_dtype)
     else:
-        y = torch.empty(xb.shape[0], qweight.out_features, dtype=x.dtype)
+        y = torch.empty(xb.shape[0], qweight.out_features, dtype=out_dtype)
         for r0, r1, tile in tiles:  # each tile's columns of y: whole-row copies, no transpose
             y[:, r0:r1] = torch.mm(xb, tile.t())
     order = qweight.stored_rows()
@@ -351,7 +354,26 @@ def attention_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     return ext is not None and ext.causal_attention_applies(query.shape[-1])
 
 
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention of :func:`attention_supports` inputs in fp32 (``csrc/attention.cpp``): ``(B, L, H,
-    D)`` in the query's dtype."""
-    return extension().causal_attention(query.float(), key.float(), value.float(), float(scale)).to(query.dtype)
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                     bf16: bool = False) -> torch.Tensor:
+    """Causal softmax attention of :func:`attention_supports` inputs (``csrc/attention.cpp``): ``(B, L, H, D)`` in
+    the query's dtype. ``bf16``: Q Kᵀ and P V multiply bf16-rounded values into fp32 sums (twice the fp32 rate, the
+    probabilities rounded to bf16 as FlashAttention does on GPUs) where the build has AVX512-BF16; else fp32."""
+    ext = extension()
+    kind = torch.bfloat16 if bf16 and ext.bf16_attention_applies() else torch.float32
+    q, k, v = (t.to(kind) for t in (query, key, value))
+    return ext.causal_attention(q, k, v, float(scale)).to(query.dtype)
+
+
+def gram_bf16_supports(x: torch.Tensor) -> bool:
+    """True for a CPU ``x`` where the build has AVX512-BF16: :func:`gram_upper_bf16` applies."""
+    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return False
+    ext = extension()
+    return ext is not None and ext.gram_bf16_applies()
+
+
+def gram_upper_bf16(x: torch.Tensor, upper: torch.Tensor) -> None:
+    """``upper (d, d)`` fp32 += ``xᵀx`` of ``x (N, d)`` rounded to bf16, products and sums in fp32 (``csrc/gram.cpp``);
+    valid on and above the diagonal."""
+    extension().gram_upper_bf16(x if x.stride(-1) == 1 else x.contiguous(), upper)

@@ -1,18 +1,21 @@
 """lowbit's CPU attention for whole causal sequences, as a transformers attention function (``lowbit_cpu``).
 
 A prompt or an evaluation window attends over its own tokens with the causal mask and no
-padding; there ``csrc/attention.cpp`` (64 × 64 blocks, online softmax, AVX-512, fp32 — bf16 inputs are computed in
-fp32 and returned in bf16) replaces torch's CPU flash kernel: on SmolLM2's 9 heads of 64 over 512 tokens 3.1 ms
-against 5.0 ms at 2 threads, over 2,048 tokens 38 against 49 ms (BENCHMARKS.md, eleventh pass). Everything else —
-a decode step against a cache, a padding mask, a shorter sliding window, dropout, autograd, torch.compile, another
-device or head size, ``LOWBIT_KERNEL`` other than ``auto`` — goes to transformers' own SDPA function unchanged.
+padding; there ``csrc/attention.cpp`` (64 × 64 blocks, online softmax, AVX-512; fp32, or bf16 products into fp32
+sums for bf16 inputs and under bf16 autocast) replaces torch's CPU flash kernel: on SmolLM2's 9 heads of 64 over 512
+tokens 3.1 ms against 5.0 ms at 2 threads, over 2,048 tokens 38 (bf16: 22) against 40-49 ms (BENCHMARKS.md). Everything
+else — a decode step against a cache, a padding mask, a shorter sliding window, dropout, autograd, torch.compile,
+another device or head size, ``LOWBIT_KERNEL`` other than ``auto`` outside :func:`calibration_attention` — goes to
+transformers' own SDPA function unchanged.
 
 :func:`use_cpu_attention` switches a model that runs ``sdpa`` to it (:func:`lowbit.io.load` and
-:func:`lowbit.recipe.apply_recipe` do, for packed models); the saved ``config.json`` never records it.
+:func:`lowbit.recipe.apply_recipe` do, for packed models; :func:`calibration_attention` for the calibration passes
+of a float model); the saved ``config.json`` never records it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -22,6 +25,7 @@ from ..kernels import _choice, calls
 from ..kernels.cpu import attention_supports, causal_attention
 
 NAME = "lowbit_cpu"
+_passes: list[bool] = []  # inside calibration_attention: the kernel runs whatever kernel the Linears are forced to
 UNSUPPORTED = ("softcap", "position_bias", "cache", "sinks", "s_aux")  # keyword arguments that send a call to SDPA
 
 
@@ -35,7 +39,9 @@ def _applies(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: t
              dropout: float, is_causal: bool | None, kwargs: dict) -> bool:
     """Whether the call is a whole causal sequence the C++ kernel computes (see the module docstring): transformers'
     side of the contract here, the tensors' in :func:`lowbit.kernels.cpu.attention_supports`."""
-    if attention_mask is not None or dropout or torch.compiler.is_compiling() or _choice() != "auto":
+    if attention_mask is not None or dropout or torch.compiler.is_compiling():
+        return False
+    if _choice() != "auto" and not (_passes and _passes[-1]):
         return False
     if (is_causal if is_causal is not None else getattr(module, "is_causal", True)) is not True:
         return False
@@ -54,7 +60,11 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     calls["cpu-attention"] += 1
-    return causal_attention(query, key, value, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+    kind = query.device.type
+    bf16 = query.dtype == torch.bfloat16 or (torch.is_autocast_enabled(kind) and
+                                             torch.get_autocast_dtype(kind) == torch.bfloat16)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return causal_attention(query, key, value, scale, bf16=bf16), None
 
 
 @functools.cache
@@ -80,3 +90,21 @@ def use_cpu_attention(model: nn.Module) -> bool:
         model.set_attn_implementation("sdpa")
         return False
     return True
+
+
+@contextlib.contextmanager
+def calibration_attention(model: nn.Module):
+    """Inside the block, ``model`` (a float model that runs ``sdpa``) attends through :data:`NAME` — the calibration
+    passes (:func:`lowbit.calibration.for_each_block`), which force the exact kernels on their Linears but need the
+    attention only to reach the next inputs. Under bf16 autocast it multiplies bf16 (1.85× torch's kernel over
+    2,048 tokens of SmolLM2's heads). The model's attention implementation is restored on exit; yields whether the
+    kernel is in use."""
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    switched = use_cpu_attention(model)
+    _passes.append(switched)
+    try:
+        yield switched
+    finally:
+        _passes.pop()
+        if switched and before != NAME:
+            model.set_attn_implementation(before)

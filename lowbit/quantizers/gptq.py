@@ -10,9 +10,10 @@ import torch
 
 from ..calibration import Calibration, LayerStats, block_inputs, for_each_block
 from ..errors import LowbitError
-from ..formats import Format, fit_searched
+from ..formats import Format
 from ..formats.int import IntFormat
 from ..kernels.cpu import extension
+from ..kernels.scales import fit_searched
 from ..qtensor import QuantizedWeight, fit_scales
 from ..registry import register
 from .base import Quantizer, QuantizerConfig, install, select_targets
@@ -120,7 +121,7 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity:
     col_weight = torch.diag(H)
     static = static_groups or act_order or granularity == "tensor" or scale_steps > 0  # fitted up front on w
     if static:
-        s, z = fit_scales(W, fmt, granularity, g, search, col_weight, scale_steps)
+        s, z = fit_scales(W, fmt, granularity, g, search, col_weight, scale_steps, fit=fit_searched)
         scales.copy_(s)
         if zeros is not None:
             zeros.copy_(z)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import Format
+from ..kernels.scales import fit_searched
 from ..qtensor import QuantizedWeight, fit_scales, padded_groups
 from ..registry import register
 from .base import Quantizer, QuantizerConfig
@@ -27,7 +28,7 @@ def rtn_quantize(w: torch.Tensor, fmt: Format, granularity: str = "group", group
     w = w.float()
     out_f, in_f = w.shape
     g = group_size if granularity == "group" else in_f
-    s, z = fit_scales(w, fmt, granularity, g, search, scale_steps=scale_steps)  # (rows, groups)
+    s, z = fit_scales(w, fmt, granularity, g, search, scale_steps=scale_steps, fit=fit_searched)  # (rows, groups)
     grouped = padded_groups(w, g)  # (out, groups, g)
     codes = fmt.encode(grouped, s.unsqueeze(-1), None if z is None else z.unsqueeze(-1))
     codes = codes.reshape(out_f, -1)[:, :in_f]

@@ -1,8 +1,10 @@
 // lowbit causal attention over whole sequences (prompts, evaluation windows): softmax(Q Kᵀ · scale with the causal
-// mask) V for every query head, grouped KV heads, in fp32 — 64 queries × 64 keys at a time with an online softmax
+// mask) V for every query head, grouped KV heads — 64 queries × 64 keys at a time with an online softmax
 // (FlashAttention-2's order of work) in AVX-512 registers, where torch's CPU flash kernel reaches 10-60 GFLOP/s on
-// this 2-core machine. lowbit/nn/attention.py sends transformers' attention here where it applies and to torch's
-// SDPA otherwise.
+// this 2-core machine. fp32 inputs compute in fp32; bf16 inputs multiply as bf16 pairs into fp32 sums (AVX512-BF16's
+// vdpbf16ps, twice the fp32 rate) for Q Kᵀ and for P V, with the probabilities P rounded to bf16 as FlashAttention
+// does on GPUs; the softmax stays fp32. lowbit/nn/attention.py sends transformers' attention here where it applies
+// and to torch's SDPA otherwise.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -87,20 +89,95 @@ void accumulate(const float* PT, const float* V, int64_t v_stride, int64_t keys,
   }
 }
 
+#ifdef __AVX512BF16__
+inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
+
+// scores() for bf16: K32 holds the key rows as 32-bit pairs of bf16 (k_stride pairs apart), QP (D/2, 64) the block's
+// queries as pairs (QP[p][i] = q[i][2p], q[i][2p + 1]).
+void scores_bf16(const uint32_t* K32, int64_t k_stride, int64_t keys, const uint32_t* QP, int64_t D, float scale,
+                 const uint32_t* zeros, float* ST) {
+  for (int64_t j0 = 0; j0 < keys; j0 += 4) {
+    const uint32_t* rows[4];
+    for (int r = 0; r < 4; ++r) rows[r] = j0 + r < keys ? K32 + (j0 + r) * k_stride : zeros;
+    __m512 acc[4][4];
+    for (auto& row : acc)
+      for (auto& a : row) a = _mm512_setzero_ps();
+    for (int64_t p = 0; p < D / 2; ++p) {
+      const uint32_t* qp = QP + p * BLOCK;
+      const __m512bh q0 = as_bh(_mm512_loadu_si512(qp)), q1 = as_bh(_mm512_loadu_si512(qp + 16)),
+                     q2 = as_bh(_mm512_loadu_si512(qp + 32)), q3 = as_bh(_mm512_loadu_si512(qp + 48));
+      for (int r = 0; r < 4; ++r) {
+        const __m512bh k = as_bh(_mm512_set1_epi32(static_cast<int>(rows[r][p])));
+        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], k, q0);
+        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], k, q1);
+        acc[r][2] = _mm512_dpbf16_ps(acc[r][2], k, q2);
+        acc[r][3] = _mm512_dpbf16_ps(acc[r][3], k, q3);
+      }
+    }
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(ST + (j0 + r) * BLOCK + c * 16, _mm512_mul_ps(acc[r][c], s));
+  }
+}
+
+// accumulate() for bf16: PP (pairs of keys, 64) the probabilities as pairs (PP[p][i] = P[i][2p], P[i][2p + 1]), VP the
+// value rows as pairs (VP[p][d] = V[2p][d], V[2p + 1][d]; D pairs a row).
+template <int NC>
+void accumulate_bf16(const uint32_t* PP, const uint32_t* VP, int64_t pairs, int64_t c0, int64_t D, float* O) {
+  for (int64_t i0 = 0; i0 < BLOCK; i0 += 4) {
+    __m512 acc[4][NC];
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_loadu_ps(O + (i0 + r) * D + c0 + c * 16);
+    for (int64_t p = 0; p < pairs; ++p) {
+      __m512bh v[NC];
+      for (int c = 0; c < NC; ++c) v[c] = as_bh(_mm512_loadu_si512(VP + p * D + c0 + c * 16));
+      for (int r = 0; r < 4; ++r) {
+        const __m512bh w = as_bh(_mm512_set1_epi32(static_cast<int>(PP[p * BLOCK + i0 + r])));
+        for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w, v[c]);
+      }
+    }
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(O + (i0 + r) * D + c0 + c * 16, acc[r][c]);
+  }
+}
+
+// 16 fp32 lanes rounded to bf16 bits in the low half of 32-bit lanes.
+inline __m512i bf16_bits(__m512 x) {
+  return _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+}
+#endif
+
 // One task: queries [q0, q0 + nq) of one head over keys [0, q0 + nq). q, K, V: the head's query rows and its KV
-// head's key and value rows (each with its row stride); out rows (stride out_stride) get softmax · V. The softmax
-// runs down the transposed scores, 16 queries to a register: a running maximum and sum per query.
-void attend_rows(const float* q, int64_t q_stride, const float* K, int64_t k_stride, const float* V,
-                 int64_t v_stride, int64_t D, int64_t q0, int64_t nq, float scale, float* out, int64_t out_stride) {
-  std::vector<float> QT(D * BLOCK, 0.f), ST(BLOCK * BLOCK), O(BLOCK * D, 0.f), zeros(D, 0.f), factor(BLOCK);
+// head's key and value rows (each with its row stride, in elements); out rows (stride out_stride) get softmax · V.
+// The softmax runs down the transposed scores, 16 queries to a register: a running maximum and sum per query.
+// BF16: q and K are bf16 rows (read as pairs), V holds pairs of value rows (VP above; v_stride = D).
+template <bool BF16>
+void attend_rows(const void* q, int64_t q_stride, const void* K, int64_t k_stride, const void* V, int64_t v_stride,
+                 int64_t D, int64_t q0, int64_t nq, float scale, float* out, int64_t out_stride) {
+  std::vector<float> QT(BF16 ? 0 : D * BLOCK, 0.f), ST(BLOCK * BLOCK), O(BLOCK * D, 0.f), zeros(D, 0.f),
+      factor(BLOCK);
+  std::vector<uint32_t> QP(BF16 ? D / 2 * BLOCK : 0, 0u), PP(BF16 ? BLOCK / 2 * BLOCK : 0);
   for (int64_t i = 0; i < nq; ++i)
-    for (int64_t d = 0; d < D; ++d) QT[d * BLOCK + i] = q[(q0 + i) * q_stride + d];
+    if constexpr (BF16) {
+      const uint32_t* row = static_cast<const uint32_t*>(q) + (q0 + i) * q_stride / 2;
+      for (int64_t p = 0; p < D / 2; ++p) QP[p * BLOCK + i] = row[p];
+    } else {
+      for (int64_t d = 0; d < D; ++d) QT[d * BLOCK + i] = static_cast<const float*>(q)[(q0 + i) * q_stride + d];
+    }
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 top[4] = {ninf, ninf, ninf, ninf}, total[4];
   for (auto& t : total) t = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < q0 + nq; k0 += BLOCK) {
     const int64_t keys = std::min(BLOCK, q0 + nq - k0), ahead = q0 - k0;  // query i sees keys j <= i + ahead
-    scores(K + k0 * k_stride, k_stride, keys, QT.data(), D, scale, zeros.data(), ST.data());
+    if constexpr (BF16) {
+#ifdef __AVX512BF16__
+      scores_bf16(static_cast<const uint32_t*>(K) + k0 * k_stride / 2, k_stride / 2, keys, QP.data(), D, scale,
+                  reinterpret_cast<const uint32_t*>(zeros.data()), ST.data());
+#endif
+    } else {
+      scores(static_cast<const float*>(K) + k0 * k_stride, k_stride, keys, QT.data(), D, scale, zeros.data(),
+             ST.data());
+    }
     for (int c = 0; c < 4; ++c) {
       __m512 next = top[c];
       for (int64_t j = 0; j < keys; ++j) {  // lanes (queries c·16 + l) that see key j: l >= j - ahead - c·16
@@ -125,13 +202,35 @@ void attend_rows(const float* q, int64_t q_stride, const float* K, int64_t k_str
         float* o = O.data() + i * D;
         for (int64_t d = 0; d < D; ++d) o[d] *= factor[i];
       }
-    const float* Vb = V + k0 * v_stride;
-    for (int64_t c0 = 0; c0 < D; c0 += 64) {
-      switch (std::min<int64_t>(4, (D - c0) / 16)) {
-        case 4: accumulate<4>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
-        case 3: accumulate<3>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
-        case 2: accumulate<2>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
-        default: accumulate<1>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
+    if constexpr (BF16) {
+#ifdef __AVX512BF16__
+      const int64_t pairs = (keys + 1) / 2;
+      for (int64_t p = 0; p < pairs; ++p)  // a key past the block's end pairs with zeros
+        for (int c = 0; c < 4; ++c) {
+          const __m512i even = bf16_bits(_mm512_loadu_ps(ST.data() + 2 * p * BLOCK + c * 16));
+          const __m512i odd = 2 * p + 1 < keys ? bf16_bits(_mm512_loadu_ps(ST.data() + (2 * p + 1) * BLOCK + c * 16))
+                                               : _mm512_setzero_si512();
+          _mm512_storeu_si512(PP.data() + p * BLOCK + c * 16, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+        }
+      const uint32_t* Vb = static_cast<const uint32_t*>(V) + k0 / 2 * v_stride;
+      for (int64_t c0 = 0; c0 < D; c0 += 64) {
+        switch (std::min<int64_t>(4, (D - c0) / 16)) {
+          case 4: accumulate_bf16<4>(PP.data(), Vb, pairs, c0, D, O.data()); break;
+          case 3: accumulate_bf16<3>(PP.data(), Vb, pairs, c0, D, O.data()); break;
+          case 2: accumulate_bf16<2>(PP.data(), Vb, pairs, c0, D, O.data()); break;
+          default: accumulate_bf16<1>(PP.data(), Vb, pairs, c0, D, O.data()); break;
+        }
+      }
+#endif
+    } else {
+      const float* Vb = static_cast<const float*>(V) + k0 * v_stride;
+      for (int64_t c0 = 0; c0 < D; c0 += 64) {
+        switch (std::min<int64_t>(4, (D - c0) / 16)) {
+          case 4: accumulate<4>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
+          case 3: accumulate<3>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
+          case 2: accumulate<2>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
+          default: accumulate<1>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
+        }
       }
     }
   }
@@ -153,35 +252,69 @@ bool causal_attention_applies(int64_t head_dim) {
 #endif
 }
 
-// q (B, H, L, D), k and v (B, Hkv, L, D) fp32, each with a contiguous last dimension (other strides free: the
-// transposed views transformers makes need no copy); H a multiple of Hkv. Returns (B, L, H, D) fp32: the layout
-// transformers' attention functions return.
+bool bf16_attention_applies() {
+#ifdef __AVX512BF16__
+  return true;
+#else
+  return false;
+#endif
+}
+
+// q (B, H, L, D), k and v (B, Hkv, L, D), all fp32 or all bf16 (then with even strides), each with a contiguous last
+// dimension (other strides free: the transposed views transformers makes need no copy); H a multiple of Hkv. Returns
+// (B, L, H, D) fp32: the layout transformers' attention functions return.
 torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, double scale) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "q, k and v must be (batch, heads, length, head_dim)");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
-                  v.scalar_type() == torch::kFloat32, "q, k and v must be fp32");
+  const auto dtype = q.scalar_type();
+  const bool bf16 = dtype == torch::kBFloat16;
+  TORCH_CHECK((dtype == torch::kFloat32 || bf16) && k.scalar_type() == dtype && v.scalar_type() == dtype,
+              "q, k and v must be all fp32 or all bf16");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "head_dim must be contiguous");
   const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3), Hkv = k.size(1);
   TORCH_CHECK(k.size(0) == B && v.sizes() == k.sizes() && k.size(2) == L && k.size(3) == D && H % Hkv == 0,
               "k and v must be (batch, kv_heads, length, head_dim) with length and head_dim of q");
   TORCH_CHECK(causal_attention_applies(D), "causal_attention needs AVX-512 and a head_dim multiple of 16");
+  TORCH_CHECK(!bf16 || bf16_attention_applies(), "bf16 causal_attention needs a build with AVX512-BF16");
+  for (const auto* t : {&q, &k})
+    TORCH_CHECK(!bf16 || (t->stride(0) % 2 == 0 && t->stride(1) % 2 == 0 && t->stride(2) % 2 == 0),
+                "bf16 q and k need even strides");
   auto out = torch::empty({B, L, H, D}, torch::kFloat32);
 #ifdef __AVX512F__
-  const int64_t blocks = (L + BLOCK - 1) / BLOCK;
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
+  const int64_t blocks = (L + BLOCK - 1) / BLOCK, group = H / Hkv, half = (L + 1) / 2;
   float* op = out.data_ptr<float>();
-  const int64_t group = H / Hkv;
+  // bf16: the value rows as pairs, VP[b][g][p][d] = V[2p][d] | V[2p + 1][d] << 16 (a zero row past an odd end).
+  std::vector<uint32_t> pairs(bf16 ? B * Hkv * half * D : 0);
+  if (bf16) {
+    const uint16_t* vb = reinterpret_cast<const uint16_t*>(v.data_ptr<at::BFloat16>());
+    at::parallel_for(0, B * Hkv * half, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / (Hkv * half), g = (r / half) % Hkv, p = r % half;
+        const uint16_t* even = vb + b * v.stride(0) + g * v.stride(1) + 2 * p * v.stride(2);
+        const uint16_t* odd = 2 * p + 1 < L ? even + v.stride(2) : nullptr;
+        uint32_t* dst = pairs.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = even[d] | (odd != nullptr ? uint32_t(odd[d]) << 16 : 0u);
+      }
+    });
+  }
+  const char* qp = static_cast<const char*>(q.data_ptr());
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const int64_t size = bf16 ? 2 : 4;  // bytes per element
   // Tasks (sequence, head, query block); a head's blocks in the order 0, last, 1, last - 1, ... so that the
   // contiguous share of each thread holds as many cheap early blocks as costly late ones.
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (H * blocks), h = (t / blocks) % H, i = t % blocks, g = h / group;
-      const int64_t qb = i % 2 == 0 ? i / 2 : blocks - 1 - i / 2;
-      attend_rows(qp + b * q.stride(0) + h * q.stride(1), q.stride(2), kp + b * k.stride(0) + g * k.stride(1),
-                  k.stride(2), vp + b * v.stride(0) + g * v.stride(1), v.stride(2), D, qb * BLOCK,
-                  std::min(BLOCK, L - qb * BLOCK), static_cast<float>(scale), op + b * L * H * D + h * D, H * D);
+      const int64_t qb = i % 2 == 0 ? i / 2 : blocks - 1 - i / 2, nq = std::min(BLOCK, L - qb * BLOCK);
+      const void* qh = qp + (b * q.stride(0) + h * q.stride(1)) * size;
+      const void* kh = kp + (b * k.stride(0) + g * k.stride(1)) * size;
+      float* oh = op + b * L * H * D + h * D;
+      if (bf16)
+        attend_rows<true>(qh, q.stride(2), kh, k.stride(2), pairs.data() + (b * Hkv + g) * half * D, D, D,
+                          qb * BLOCK, nq, static_cast<float>(scale), oh, H * D);
+      else
+        attend_rows<false>(qh, q.stride(2), kh, k.stride(2), vp + (b * v.stride(0) + g * v.stride(1)) * size,
+                           v.stride(2), D, qb * BLOCK, nq, static_cast<float>(scale), oh, H * D);
     }
   });
 #endif
@@ -191,7 +324,9 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
 }  // namespace
 
 void bind_attention(pybind11::module& m) {
-  m.def("causal_attention", &causal_attention, "causal softmax attention over whole sequences (fp32, grouped KV)",
+  m.def("causal_attention", &causal_attention, "causal softmax attention over whole sequences (fp32 or bf16 "
+        "products, grouped KV)",
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("causal_attention_applies", &causal_attention_applies, "whether causal_attention runs this head_dim here");
+  m.def("bf16_attention_applies", &bf16_attention_applies, "whether causal_attention takes bf16 (AVX512-BF16)");
 }

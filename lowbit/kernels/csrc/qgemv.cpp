@@ -891,6 +891,8 @@ torch::Tensor qgemv_mixed_kernel(torch::Tensor x, std::vector<int64_t> widths, s
 // csrc/decode.cpp: the native decode step (NativeDecoder) and its Linears.
 void bind_decode(pybind11::module& m);
 void bind_attention(pybind11::module& m);
+void bind_gram(pybind11::module& m);
+void bind_scales(pybind11::module& m);
 // csrc/gptq.cpp: GPTQ's column loop over one lazy block.
 void gptq_block(torch::Tensor w, torch::Tensor u, torch::Tensor s, torch::Tensor z, int64_t qmax, torch::Tensor codes,
                 torch::Tensor err);
@@ -915,6 +917,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gptq_block", &gptq_block, "GPTQ's column loop over one lazy block, integer grid with fixed scales");
   bind_decode(m);
   bind_attention(m);
+  bind_gram(m);
+  bind_scales(m);
 }
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
