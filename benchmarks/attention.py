@@ -4,11 +4,12 @@ what it changes in a packed model's prefill and perplexity.
     python benchmarks/attention.py [--threads 1,2] [--rounds 15] [--checkpoint CK --windows 16] [--json OUT.json]
 
 Kernel table: SmolLM2-135M's attention shape (9 query heads over 3 KV heads of 64) and a 1B LLaMA's (32 over 8,
-64 wide) at 512 and 2,048 tokens, fp32, inputs laid out as transformers makes them (transposed views). The two
-kernels alternate within every round, so a drifting VM moves both; printed: median milliseconds [min-max] over the
-rounds and the ratio flash / lowbit. With ``--checkpoint``: the checkpoint's 512-token prefill (medians of
-``--rounds`` forwards, the two attention implementations alternating) and its WikiText-2 test perplexity over
-``--windows`` windows under each. Run it alone.
+64 wide) at 512 and 2,048 tokens, fp32, inputs laid out as transformers makes them (transposed views). The kernels
+alternate within every round, so a drifting VM moves all; printed: median milliseconds [min-max] over the rounds
+and the ratio flash / lowbit, also for lowbit's bf16 products (the fp32 inputs rounded first, as the calibration
+passes under bf16 autocast run it) where the CPU has AVX512-BF16. With ``--checkpoint``: the checkpoint's
+512-token prefill (medians of ``--rounds`` forwards, the two attention implementations alternating) and its
+WikiText-2 test perplexity over ``--windows`` windows under each. Run it alone.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _spread(times: list[float]) -> dict:
 
 
 def kernel_table(threads: int, rounds: int) -> list[dict]:
-    from lowbit.kernels.cpu import extension
+    from lowbit.kernels.cpu import causal_attention, extension
 
     ext = extension()
     torch.set_num_threads(threads)
@@ -44,6 +45,8 @@ def kernel_table(threads: int, rounds: int) -> list[dict]:
             runs = {"flash": functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True,
                                                enable_gqa=True),
                     "lowbit": functools.partial(ext.causal_attention, q, k, v, dim ** -0.5)}
+            if ext.bf16_attention_applies():  # fp32 inputs rounded to bf16 first, as under bf16 autocast
+                runs["lowbit_bf16"] = functools.partial(causal_attention, q, k, v, dim ** -0.5, bf16=True)
             times = {key: [] for key in runs}
             for fn in runs.values():
                 fn()  # warm-up
@@ -54,11 +57,17 @@ def kernel_table(threads: int, rounds: int) -> list[dict]:
                     times[key].append(time.perf_counter() - start)
             row = {"shape": name, "tokens": length, "threads": threads, **{k: _spread(t) for k, t in times.items()}}
             row["ratio"] = row["flash"]["median_ms"] / row["lowbit"]["median_ms"]
+            low = ""
+            if "lowbit_bf16" in row:
+                row["ratio_bf16"] = row["flash"]["median_ms"] / row["lowbit_bf16"]["median_ms"]
+                b = row["lowbit_bf16"]
+                low = (f"; bf16 products {b['median_ms']:7.2f} ms [{b['min_ms']:.2f}-{b['max_ms']:.2f}]: "
+                       f"{row['ratio_bf16']:.2f}x")
             rows.append(row)
             flash, ours = row["flash"], row["lowbit"]
             print(f"{name:13s} {length:5d} tokens, {threads} thread(s): flash {flash['median_ms']:7.2f} ms "
                   f"[{flash['min_ms']:.2f}-{flash['max_ms']:.2f}], lowbit {ours['median_ms']:7.2f} ms "
-                  f"[{ours['min_ms']:.2f}-{ours['max_ms']:.2f}]: {row['ratio']:.2f}x", flush=True)
+                  f"[{ours['min_ms']:.2f}-{ours['max_ms']:.2f}]: {row['ratio']:.2f}x{low}", flush=True)
     return rows
 
 

@@ -137,7 +137,8 @@ def gptq_round(w: torch.Tensor, hessian: torch.Tensor, fmt: Format, granularity:
         grp = col // g
         if not fitted[grp]:  # first column of a group (columns in order): fit on the updated weights
             width = min(g, in_f - i)
-            s, z = fit_searched(fmt, ahead(width), search, col_weight[i:i + width])
+            s, z = fit_searched(fmt, ahead(width).unsqueeze(1), search, col_weight[i:i + width].unsqueeze(0))
+            s, z = s[:, 0], None if z is None else z[:, 0]  # (one group of each row)
             scales[:, grp] = s
             if zeros is not None:
                 zeros[:, grp] = z
