@@ -49,8 +49,8 @@ class LayerStats:
     def add(self, x: torch.Tensor) -> None:
         """Fold a batch of inputs ``x (..., in)`` into the statistics (accumulated in fp32). Where the Linear
         multiplies bf16 — ``x`` is bf16, or bf16 autocast is on (the calibration passes) — the statistics are those
-        of the bf16-rounded inputs it sees, through ``csrc/gram.cpp`` on CPUs with AVX512-BF16 (fp32 products and
-        sums, 1.9× the fp32 panels' rate at width 1536)."""
+        of the bf16-rounded inputs it sees, through ``csrc/gram.cpp`` on CPUs with AVX512-BF16 (exact products, fp32
+        sums)."""
         x = x.detach().reshape(-1, x.shape[-1])
         width, kind = x.shape[1], x.device.type
         if self._upper is None:

@@ -69,6 +69,9 @@ def test_bf16_inputs_and_bf16_autocast_multiply_bf16_and_fp32_inputs_stay_fp32()
     assert torch.equal(autocast, low) and autocast.dtype == torch.float32
     assert torch.equal(rounded, low.bfloat16()) and rounded.dtype == torch.bfloat16
     assert not torch.equal(plain, low)
+    odd = torch.randn(1, 200, 4, 65).bfloat16()[..., :64].transpose(1, 2)  # rows 65 apart: odd strides, read as pairs
+    assert torch.equal(causal_attention(odd, k, v, 0.125, bf16=True),
+                       causal_attention(odd.contiguous(), k, v, 0.125, bf16=True))
 
 
 def test_calibration_attention_runs_the_kernel_whatever_the_linears_are_forced_to_and_restores_sdpa():

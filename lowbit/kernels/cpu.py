@@ -362,6 +362,8 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     ext = extension()
     kind = torch.bfloat16 if bf16 and ext.bf16_attention_applies() else torch.float32
     q, k, v = (t.to(kind) for t in (query, key, value))
+    if kind == torch.bfloat16 and any(s % 2 for t in (q, k) for s in t.stride()[:3]):
+        q, k = q.contiguous(), k.contiguous()  # (the bf16 kernel reads q and k rows as pairs)
     return ext.causal_attention(q, k, v, float(scale)).to(query.dtype)
 
 
