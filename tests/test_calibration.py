@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import ByteTokenizer, tiny_model
+from conftest import FAMILIES, ByteTokenizer, tiny_model
 
 from lowbit import LowbitError
 from lowbit.calibration import (
@@ -220,3 +220,28 @@ def test_calibration_passes_attend_through_lowbits_kernel_under_auto_only_and_sk
     assert runs == [6] * (len(blocks) - 1) + [3]  # collect and next inputs; the last block collects only
     assert calls["cpu-attention"] - before == (3 * (2 * len(blocks) - 1) if choice == "auto" else 0)
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_familys_calibration_runs_under_auto_kernels(family):
+    """Under ``LOWBIT_KERNEL=auto`` GPTQ's bf16 passes attend through lowbit's kernel wherever a call fits it (and
+    through SDPA where it does not: sliding windows, soft-capping, sinks): every family quantizes, lands within
+    the coverage matrix's GPTQ bound, and is back on its own attention implementation afterwards."""
+    from test_composition import SMALL, STEPS, TEXT
+    from tolerances import FAMILY_STEP_REL_ERROR
+
+    import lowbit
+    from lowbit.kernels import force
+
+    model = tiny_model(family, **{**SMALL, "hidden_size": 64, "num_attention_heads": 2})  # heads of 32: the kernel's
+    before = model.config._attn_implementation
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(ids).logits.float()
+    calib = lowbit.Calibration(tokenizer=ByteTokenizer(), n=2, seq_len=48, text=TEXT)
+    with force("auto"):
+        lowbit.quantize(model, lowbit.Recipe([STEPS["gptq"]], name="gptq"), calib=calib)
+        with torch.no_grad():
+            out = model(ids).logits.float()
+    assert float((out - reference).norm() / reference.norm()) <= FAMILY_STEP_REL_ERROR["gptq"]
+    assert model.config._attn_implementation in (before, "lowbit_cpu")  # apply_recipe may switch a packed model
