@@ -40,26 +40,54 @@ inline __m512 exp_nonpositive(__m512 x) {
 // The lowest min(max(n, 0), 16) lanes.
 inline __mmask16 first(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
+// How the products multiply: fp32 lanes, or (AVX512-BF16) bf16 pairs summed into fp32 lanes by vdpbf16ps. An Elem
+// holds PER consecutive values of a row along the sum (one fp32 value, or a pair of bf16 values in 32 bits).
+struct Fp32 {
+  using Elem = float;
+  using Vec = __m512;
+  static constexpr int64_t PER = 1;
+  static Vec load(const Elem* p) { return _mm512_loadu_ps(p); }
+  static Vec broadcast(Elem x) { return _mm512_set1_ps(x); }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_fmadd_ps(a, b, acc); }
+};
+
+#ifdef __AVX512BF16__
+struct Bf16 {
+  using Elem = uint32_t;
+  using Vec = __m512bh;
+  static constexpr int64_t PER = 2;
+  static Vec load(const Elem* p) { return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p)); }
+  static Vec broadcast(Elem x) { return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x))); }
+  static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
+
+// 16 fp32 lanes rounded to bf16 bits in the low half of 32-bit lanes.
+inline __m512i bf16_bits(__m512 x) {
+  return _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
+}
+#endif
+
 // ST (keys, 64) = scale · K (keys, D) · QT (D, 64): the scores transposed, a row per key and a column per query of
-// the block (QT: the block's queries transposed, zero columns past its end). Key rows past `keys` read as zeros.
-void scores(const float* K, int64_t k_stride, int64_t keys, const float* QT, int64_t D, float scale,
-            const float* zeros, float* ST) {
+// the block. QT: the block's queries transposed (Bf16: QT[p][i] = the pair q[i][2p], q[i][2p + 1]), zero columns past
+// its end; K: key rows k_stride Elems apart. Key rows past `keys` read as zeros.
+template <typename M>
+void scores(const typename M::Elem* K, int64_t k_stride, int64_t keys, const typename M::Elem* QT, int64_t D,
+            float scale, const typename M::Elem* zeros, float* ST) {
   for (int64_t j0 = 0; j0 < keys; j0 += 4) {
-    const float* rows[4];
+    const typename M::Elem* rows[4];
     for (int r = 0; r < 4; ++r) rows[r] = j0 + r < keys ? K + (j0 + r) * k_stride : zeros;
     __m512 acc[4][4];
     for (auto& row : acc)
       for (auto& a : row) a = _mm512_setzero_ps();
-    for (int64_t d = 0; d < D; ++d) {
-      const float* qt = QT + d * BLOCK;
-      const __m512 q0 = _mm512_loadu_ps(qt), q1 = _mm512_loadu_ps(qt + 16), q2 = _mm512_loadu_ps(qt + 32),
-                   q3 = _mm512_loadu_ps(qt + 48);
+    for (int64_t d = 0; d < D / M::PER; ++d) {
+      const typename M::Elem* qt = QT + d * BLOCK;
+      const typename M::Vec q0 = M::load(qt), q1 = M::load(qt + 16), q2 = M::load(qt + 32), q3 = M::load(qt + 48);
       for (int r = 0; r < 4; ++r) {
-        const __m512 k = _mm512_set1_ps(rows[r][d]);
-        acc[r][0] = _mm512_fmadd_ps(k, q0, acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(k, q1, acc[r][1]);
-        acc[r][2] = _mm512_fmadd_ps(k, q2, acc[r][2]);
-        acc[r][3] = _mm512_fmadd_ps(k, q3, acc[r][3]);
+        const typename M::Vec k = M::broadcast(rows[r][d]);
+        acc[r][0] = M::madd(acc[r][0], k, q0);
+        acc[r][1] = M::madd(acc[r][1], k, q1);
+        acc[r][2] = M::madd(acc[r][2], k, q2);
+        acc[r][3] = M::madd(acc[r][3], k, q3);
       }
     }
     const __m512 s = _mm512_set1_ps(scale);
@@ -69,115 +97,48 @@ void scores(const float* K, int64_t k_stride, int64_t keys, const float* QT, int
 }
 
 // O[:, c0 : c0 + 16·NC] += P (64 queries, keys) · V (keys, ...) for one chunk of the head dimension, P given
-// transposed (PT: a row per key).
-template <int NC>
-void accumulate(const float* PT, const float* V, int64_t v_stride, int64_t keys, int64_t c0, int64_t D, float* O) {
+// transposed (PT: a row per key; Bf16: a row per pair of keys, each Elem a query's pair) and V's rows v_stride Elems
+// apart (Bf16: a row per pair of keys, each Elem the pair of one column); `rows` rows of each.
+template <typename M, int NC>
+void accumulate(const typename M::Elem* PT, const typename M::Elem* V, int64_t v_stride, int64_t rows, int64_t c0,
+                int64_t D, float* O) {
   for (int64_t i0 = 0; i0 < BLOCK; i0 += 4) {
     __m512 acc[4][NC];
     for (int r = 0; r < 4; ++r)
       for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_loadu_ps(O + (i0 + r) * D + c0 + c * 16);
-    for (int64_t j = 0; j < keys; ++j) {
-      __m512 v[NC];
-      for (int c = 0; c < NC; ++c) v[c] = _mm512_loadu_ps(V + j * v_stride + c0 + c * 16);
+    for (int64_t j = 0; j < rows; ++j) {
+      typename M::Vec v[NC];
+      for (int c = 0; c < NC; ++c) v[c] = M::load(V + j * v_stride + c0 + c * 16);
       for (int r = 0; r < 4; ++r) {
-        const __m512 p = _mm512_set1_ps(PT[j * BLOCK + i0 + r]);
-        for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_fmadd_ps(p, v[c], acc[r][c]);
+        const typename M::Vec p = M::broadcast(PT[j * BLOCK + i0 + r]);
+        for (int c = 0; c < NC; ++c) acc[r][c] = M::madd(acc[r][c], p, v[c]);
       }
     }
     for (int r = 0; r < 4; ++r)
       for (int c = 0; c < NC; ++c) _mm512_storeu_ps(O + (i0 + r) * D + c0 + c * 16, acc[r][c]);
   }
 }
-
-#ifdef __AVX512BF16__
-inline __m512bh as_bh(__m512i v) { return reinterpret_cast<__m512bh>(v); }
-
-// scores() for bf16: K32 holds the key rows as 32-bit pairs of bf16 (k_stride pairs apart), QP (D/2, 64) the block's
-// queries as pairs (QP[p][i] = q[i][2p], q[i][2p + 1]).
-void scores_bf16(const uint32_t* K32, int64_t k_stride, int64_t keys, const uint32_t* QP, int64_t D, float scale,
-                 const uint32_t* zeros, float* ST) {
-  for (int64_t j0 = 0; j0 < keys; j0 += 4) {
-    const uint32_t* rows[4];
-    for (int r = 0; r < 4; ++r) rows[r] = j0 + r < keys ? K32 + (j0 + r) * k_stride : zeros;
-    __m512 acc[4][4];
-    for (auto& row : acc)
-      for (auto& a : row) a = _mm512_setzero_ps();
-    for (int64_t p = 0; p < D / 2; ++p) {
-      const uint32_t* qp = QP + p * BLOCK;
-      const __m512bh q0 = as_bh(_mm512_loadu_si512(qp)), q1 = as_bh(_mm512_loadu_si512(qp + 16)),
-                     q2 = as_bh(_mm512_loadu_si512(qp + 32)), q3 = as_bh(_mm512_loadu_si512(qp + 48));
-      for (int r = 0; r < 4; ++r) {
-        const __m512bh k = as_bh(_mm512_set1_epi32(static_cast<int>(rows[r][p])));
-        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], k, q0);
-        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], k, q1);
-        acc[r][2] = _mm512_dpbf16_ps(acc[r][2], k, q2);
-        acc[r][3] = _mm512_dpbf16_ps(acc[r][3], k, q3);
-      }
-    }
-    const __m512 s = _mm512_set1_ps(scale);
-    for (int r = 0; r < 4; ++r)
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(ST + (j0 + r) * BLOCK + c * 16, _mm512_mul_ps(acc[r][c], s));
-  }
-}
-
-// accumulate() for bf16: PP (pairs of keys, 64) the probabilities as pairs (PP[p][i] = P[i][2p], P[i][2p + 1]), VP the
-// value rows as pairs (VP[p][d] = V[2p][d], V[2p + 1][d]; D pairs a row).
-template <int NC>
-void accumulate_bf16(const uint32_t* PP, const uint32_t* VP, int64_t pairs, int64_t c0, int64_t D, float* O) {
-  for (int64_t i0 = 0; i0 < BLOCK; i0 += 4) {
-    __m512 acc[4][NC];
-    for (int r = 0; r < 4; ++r)
-      for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_loadu_ps(O + (i0 + r) * D + c0 + c * 16);
-    for (int64_t p = 0; p < pairs; ++p) {
-      __m512bh v[NC];
-      for (int c = 0; c < NC; ++c) v[c] = as_bh(_mm512_loadu_si512(VP + p * D + c0 + c * 16));
-      for (int r = 0; r < 4; ++r) {
-        const __m512bh w = as_bh(_mm512_set1_epi32(static_cast<int>(PP[p * BLOCK + i0 + r])));
-        for (int c = 0; c < NC; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], w, v[c]);
-      }
-    }
-    for (int r = 0; r < 4; ++r)
-      for (int c = 0; c < NC; ++c) _mm512_storeu_ps(O + (i0 + r) * D + c0 + c * 16, acc[r][c]);
-  }
-}
-
-// 16 fp32 lanes rounded to bf16 bits in the low half of 32-bit lanes.
-inline __m512i bf16_bits(__m512 x) {
-  return _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)));
-}
-#endif
 
 // One task: queries [q0, q0 + nq) of one head over keys [0, q0 + nq). q, K, V: the head's query rows and its KV
-// head's key and value rows (each with its row stride, in elements); out rows (stride out_stride) get softmax · V.
-// The softmax runs down the transposed scores, 16 queries to a register: a running maximum and sum per query.
-// BF16: q and K are bf16 rows (read as pairs), V holds pairs of value rows (VP above; v_stride = D).
-template <bool BF16>
-void attend_rows(const void* q, int64_t q_stride, const void* K, int64_t k_stride, const void* V, int64_t v_stride,
-                 int64_t D, int64_t q0, int64_t nq, float scale, float* out, int64_t out_stride) {
-  std::vector<float> QT(BF16 ? 0 : D * BLOCK, 0.f), ST(BLOCK * BLOCK), O(BLOCK * D, 0.f), zeros(D, 0.f),
-      factor(BLOCK);
-  std::vector<uint32_t> QP(BF16 ? D / 2 * BLOCK : 0, 0u), PP(BF16 ? BLOCK / 2 * BLOCK : 0);
+// head's key and value rows, each with its row stride in Elems (Bf16: q and K are bf16 rows read as pairs, V the
+// value rows as pairs, VP below, D Elems a row); out rows (stride out_stride) get softmax · V. The softmax runs down
+// the transposed scores, 16 queries to a register: a running maximum and sum per query.
+template <typename M>
+void attend_rows(const typename M::Elem* q, int64_t q_stride, const typename M::Elem* K, int64_t k_stride,
+                 const typename M::Elem* V, int64_t v_stride, int64_t D, int64_t q0, int64_t nq, float scale,
+                 float* out, int64_t out_stride) {
+  using Elem = typename M::Elem;
+  constexpr bool pairs = M::PER == 2;
+  std::vector<Elem> QT(D / M::PER * BLOCK, Elem(0)), zeros(D, Elem(0)), PP(pairs ? BLOCK / 2 * BLOCK : 0);
+  std::vector<float> ST(BLOCK * BLOCK), O(BLOCK * D, 0.f), factor(BLOCK);
   for (int64_t i = 0; i < nq; ++i)
-    if constexpr (BF16) {
-      const uint32_t* row = static_cast<const uint32_t*>(q) + (q0 + i) * q_stride / 2;
-      for (int64_t p = 0; p < D / 2; ++p) QP[p * BLOCK + i] = row[p];
-    } else {
-      for (int64_t d = 0; d < D; ++d) QT[d * BLOCK + i] = static_cast<const float*>(q)[(q0 + i) * q_stride + d];
-    }
+    for (int64_t d = 0; d < D / M::PER; ++d) QT[d * BLOCK + i] = q[(q0 + i) * q_stride + d];
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 top[4] = {ninf, ninf, ninf, ninf}, total[4];
   for (auto& t : total) t = _mm512_setzero_ps();
   for (int64_t k0 = 0; k0 < q0 + nq; k0 += BLOCK) {
     const int64_t keys = std::min(BLOCK, q0 + nq - k0), ahead = q0 - k0;  // query i sees keys j <= i + ahead
-    if constexpr (BF16) {
-#ifdef __AVX512BF16__
-      scores_bf16(static_cast<const uint32_t*>(K) + k0 * k_stride / 2, k_stride / 2, keys, QP.data(), D, scale,
-                  reinterpret_cast<const uint32_t*>(zeros.data()), ST.data());
-#endif
-    } else {
-      scores(static_cast<const float*>(K) + k0 * k_stride, k_stride, keys, QT.data(), D, scale, zeros.data(),
-             ST.data());
-    }
+    scores<M>(K + k0 * k_stride, k_stride, keys, QT.data(), D, scale, zeros.data(), ST.data());
     for (int c = 0; c < 4; ++c) {
       __m512 next = top[c];
       for (int64_t j = 0; j < keys; ++j) {  // lanes (queries c·16 + l) that see key j: l >= j - ahead - c·16
@@ -202,35 +163,28 @@ void attend_rows(const void* q, int64_t q_stride, const void* K, int64_t k_strid
         float* o = O.data() + i * D;
         for (int64_t d = 0; d < D; ++d) o[d] *= factor[i];
       }
-    if constexpr (BF16) {
+    const Elem* probs = reinterpret_cast<const Elem*>(ST.data());
+    int64_t rows = keys;
 #ifdef __AVX512BF16__
-      const int64_t pairs = (keys + 1) / 2;
-      for (int64_t p = 0; p < pairs; ++p)  // a key past the block's end pairs with zeros
+    if constexpr (pairs) {  // the probabilities as bf16 pairs of keys; a key past the block's end pairs with zeros
+      rows = (keys + 1) / 2;
+      for (int64_t p = 0; p < rows; ++p)
         for (int c = 0; c < 4; ++c) {
           const __m512i even = bf16_bits(_mm512_loadu_ps(ST.data() + 2 * p * BLOCK + c * 16));
           const __m512i odd = 2 * p + 1 < keys ? bf16_bits(_mm512_loadu_ps(ST.data() + (2 * p + 1) * BLOCK + c * 16))
                                                : _mm512_setzero_si512();
           _mm512_storeu_si512(PP.data() + p * BLOCK + c * 16, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
         }
-      const uint32_t* Vb = static_cast<const uint32_t*>(V) + k0 / 2 * v_stride;
-      for (int64_t c0 = 0; c0 < D; c0 += 64) {
-        switch (std::min<int64_t>(4, (D - c0) / 16)) {
-          case 4: accumulate_bf16<4>(PP.data(), Vb, pairs, c0, D, O.data()); break;
-          case 3: accumulate_bf16<3>(PP.data(), Vb, pairs, c0, D, O.data()); break;
-          case 2: accumulate_bf16<2>(PP.data(), Vb, pairs, c0, D, O.data()); break;
-          default: accumulate_bf16<1>(PP.data(), Vb, pairs, c0, D, O.data()); break;
-        }
-      }
+      probs = PP.data();
+    }
 #endif
-    } else {
-      const float* Vb = static_cast<const float*>(V) + k0 * v_stride;
-      for (int64_t c0 = 0; c0 < D; c0 += 64) {
-        switch (std::min<int64_t>(4, (D - c0) / 16)) {
-          case 4: accumulate<4>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
-          case 3: accumulate<3>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
-          case 2: accumulate<2>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
-          default: accumulate<1>(ST.data(), Vb, v_stride, keys, c0, D, O.data()); break;
-        }
+    const Elem* Vb = V + k0 / M::PER * v_stride;
+    for (int64_t c0 = 0; c0 < D; c0 += 64) {
+      switch (std::min<int64_t>(4, (D - c0) / 16)) {
+        case 4: accumulate<M, 4>(probs, Vb, v_stride, rows, c0, D, O.data()); break;
+        case 3: accumulate<M, 3>(probs, Vb, v_stride, rows, c0, D, O.data()); break;
+        case 2: accumulate<M, 2>(probs, Vb, v_stride, rows, c0, D, O.data()); break;
+        default: accumulate<M, 1>(probs, Vb, v_stride, rows, c0, D, O.data()); break;
       }
     }
   }
@@ -306,15 +260,20 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / (H * blocks), h = (t / blocks) % H, i = t % blocks, g = h / group;
       const int64_t qb = i % 2 == 0 ? i / 2 : blocks - 1 - i / 2, nq = std::min(BLOCK, L - qb * BLOCK);
-      const void* qh = qp + (b * q.stride(0) + h * q.stride(1)) * size;
-      const void* kh = kp + (b * k.stride(0) + g * k.stride(1)) * size;
+      const char* qh = qp + (b * q.stride(0) + h * q.stride(1)) * size;
+      const char* kh = kp + (b * k.stride(0) + g * k.stride(1)) * size;
       float* oh = op + b * L * H * D + h * D;
-      if (bf16)
-        attend_rows<true>(qh, q.stride(2), kh, k.stride(2), pairs.data() + (b * Hkv + g) * half * D, D, D,
-                          qb * BLOCK, nq, static_cast<float>(scale), oh, H * D);
-      else
-        attend_rows<false>(qh, q.stride(2), kh, k.stride(2), vp + (b * v.stride(0) + g * v.stride(1)) * size,
-                           v.stride(2), D, qb * BLOCK, nq, static_cast<float>(scale), oh, H * D);
+      if (bf16) {
+#ifdef __AVX512BF16__
+        attend_rows<Bf16>(reinterpret_cast<const uint32_t*>(qh), q.stride(2) / 2, reinterpret_cast<const uint32_t*>(kh),
+                          k.stride(2) / 2, pairs.data() + (b * Hkv + g) * half * D, D, D, qb * BLOCK, nq,
+                          static_cast<float>(scale), oh, H * D);
+#endif
+      } else {
+        attend_rows<Fp32>(reinterpret_cast<const float*>(qh), q.stride(2), reinterpret_cast<const float*>(kh),
+                          k.stride(2), reinterpret_cast<const float*>(vp + (b * v.stride(0) + g * v.stride(1)) * size),
+                          v.stride(2), D, qb * BLOCK, nq, static_cast<float>(scale), oh, H * D);
+      }
     }
   });
 #endif
