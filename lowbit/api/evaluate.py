@@ -26,7 +26,8 @@ def _load_with_tokenizer(source: str):
 @dataclass(frozen=True)
 class EvalConfig:
     """``lowbit eval``: WikiText-2 test perplexity over the first ``windows`` windows (None = all) of ``seq_len``
-    tokens, or with ``tasks`` zero-shot accuracy on those tasks (``limit``: the first N examples of each).
+    tokens, or with ``tasks`` zero-shot accuracy on those tasks (``limit``: the first N examples of each;
+    ``batch_tokens``: :func:`lowbit.eval.tasks.evaluate_examples`).
     ``kv_cache``: the perplexity's keys and values held as ``float`` (the model's own cache), ``int8`` / ``int4``
     (Hadamard-rotated keys) or ``int8-norot`` / ``int4-norot`` (:mod:`lowbit.nn.kv_cache`)."""
 
@@ -36,6 +37,7 @@ class EvalConfig:
     tasks: tuple[str, ...] = ()
     limit: int | None = None
     kv_cache: str = "float"
+    batch_tokens: int = 0  # zero-shot examples batched up to this many padded tokens per forward (0: one each)
 
 
 @dataclass
@@ -66,12 +68,15 @@ def evaluate(config: EvalConfig) -> EvalResult:
             raise LowbitError("--limit applies only with --tasks (e.g. --tasks piqa,arc_easy,boolq)")
         if config.limit is not None and config.limit < 1:
             raise LowbitError(f"--limit must be a positive number of examples, got {config.limit}")
+        if config.batch_tokens < 0:
+            raise LowbitError(f"--batch-tokens must be 0 (one example per forward) or a positive number of tokens, "
+                              f"got {config.batch_tokens}")
         names = resolve_tasks(list(config.tasks))
         for name in names:
             load_task(name, config.limit)  # a missing or malformed file fails here, before the model loads
         model, tokenizer = _load_with_tokenizer(config.model)
         start = time.perf_counter()
-        results = evaluate_tasks(model, tokenizer, names, limit=config.limit)
+        results = evaluate_tasks(model, tokenizer, names, limit=config.limit, batch_tokens=config.batch_tokens)
         return EvalResult(None, results, time.perf_counter() - start)
     check_windows(config.windows, allow_skip=False)
     check_data(test=True)

@@ -101,6 +101,9 @@ def evaluate(
     tasks: str = typer.Option("", help="Comma-separated zero-shot tasks (piqa, arc_easy, boolq): report their "
                                        "acc and acc_norm instead of perplexity."),
     limit: int | None = typer.Option(None, help="With --tasks: only the first N examples of each."),
+    batch_tokens: int = typer.Option(0, help="With --tasks: batch examples up to this many padded tokens per "
+                                             "forward (e.g. 4096; faster; 0 = one example per forward, the "
+                                             "recorded protocol: batching moves some log-likelihoods slightly)."),
     kv_cache: str = typer.Option("float", "--kv-cache", help=KV_CACHE_HELP),
     data: Path | None = DATA_OPTION,
     as_json: bool = JSON_OPTION,
@@ -113,7 +116,8 @@ def evaluate(
     def job():
         names = tuple(tasks.split(",")) if tasks else ()  # blanks reach the API, which names the problem
         return evaluate(EvalConfig(model=model, windows=parse_windows(windows), seq_len=seq_len,
-                                             tasks=names, limit=limit, kv_cache=kv_cache))
+                                             tasks=names, limit=limit, kv_cache=kv_cache,
+                                             batch_tokens=batch_tokens))
 
     result = run_job(verbose, job, data)
     if result.tasks is None or as_json:

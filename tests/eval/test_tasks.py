@@ -209,6 +209,32 @@ def test_long_inputs_are_truncated_on_the_left():
         T.pair_logliks(model, [(ctx, cont)], max_length=2)
 
 
+def test_batches_of_examples_keep_the_budgets_and_score_as_one_example_per_forward():
+    """Examples grouped by length within the padded-token and scored-position budgets (each exactly once; one over
+    a budget alone); left-padded rows of several examples give each answer its unpadded log-likelihood (fp32
+    model: within summation order), and the accuracies of one example per forward."""
+    pairs = [[(list(range(n)), [7] * k) for k in (1, 3)] for n in (5, 40, 12, 90, 3, 25)]
+    groups = T.batches(pairs, tokens=150, positions=8)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    for group in groups:
+        rows = sum(len(pairs[i]) for i in group)
+        width = max(len(c) + len(k) - 1 for i in group for c, k in pairs[i])
+        assert len(group) == 1 or (rows * width <= 150 and rows * 3 <= 8)
+    assert [3] in groups  # 2 rows × 92 tokens: over the budget alone
+
+    model = tiny_model("llama")
+    tok = ByteTokenizer()
+    examples = [T.Example(f"Question {i}: what goes in the kettle{'?' * i}\nAnswer:", ["water", "tea", "a cat"], i % 3)
+                for i in range(7)]
+    flat = [p for ex in examples for p in T.example_pairs(tok, ex)]
+    batched = T.pair_logliks(model, flat, left=True)
+    assert batched == pytest.approx([_reference_loglik(model, c, k) for c, k in flat], abs=1e-4)
+    one_each = T.evaluate_examples(model, tok, examples, progress=False)
+    assert T.evaluate_examples(model, tok, examples, progress=False, batch_tokens=300) == one_each
+    with pytest.raises(LowbitError, match="batch_tokens must be 0"):
+        T.evaluate_examples(model, tok, examples, progress=False, batch_tokens=-5)
+
+
 # ---- command line ---------------------------------------------------------------------------------------------
 
 
@@ -225,6 +251,7 @@ def test_cli_tasks_json(ckpt):
     (["--tasks", " , "], "no task given"),
     (["--tasks", "piqa", "--limit", "0"], "--limit must be a positive number of examples, got 0"),
     (["--limit", "3"], "--limit applies only with --tasks"),
+    (["--tasks", "piqa", "--batch-tokens", "-1"], "--batch-tokens must be 0 (one example per forward) or a positive"),
 ])
 def test_cli_bad_tasks_fail_before_loading(ckpt, no_loading, args, expected):  # noqa: F811
     line = one_error_line(invoke("eval", ckpt, *args, "--json"))
