@@ -323,7 +323,7 @@ def evaluate_examples(model, tokenizer, examples: list[Example], desc: str = "ta
                       max_length: int = MAX_LENGTH, batch_tokens: int = 0) -> dict:
     """``{"acc", "acc_norm", "n"}`` over ``examples``: one example per forward (``batch_tokens=0``, the protocol
     every figure in BENCHMARKS.md used), or :func:`batches` of up to ``batch_tokens`` padded tokens, left-padded.
-    Batches are faster (SmolLM2 packed, 2 cores: 1.2-1.9×), but a log-likelihood depends on the padding and on its
+    Batches are faster (SmolLM2 packed, 2 cores: 1.4-2.1×), but a log-likelihood depends on the padding and on its
     neighbours through floating-point summation order — and through each bf16 rounding of a packed model's tiled
     products, which moved some by up to 1e-2 relative and flipped about 1 pick in 100 on SmolLM2 (acc within ±1
     point on 300 examples)."""
