@@ -22,14 +22,9 @@ from lowbit.eval import tasks as T
 
 
 def logliks(model, tok, examples, batch_tokens: int) -> list[list[float]]:
-    pairs = [T.example_pairs(tok, ex) for ex in examples]
-    groups = T.batches(pairs, tokens=batch_tokens) if batch_tokens else [[i] for i in range(len(pairs))]
     out: list[list[float]] = [[] for _ in examples]
-    for group in groups:
-        flat = T.pair_logliks(model, [p for i in group for p in pairs[i]], pad_id=T._pad_id(tok),
-                              left=bool(batch_tokens))
-        for i in group:
-            out[i], flat = flat[:len(pairs[i])], flat[len(pairs[i]):]
+    for i, lls in T.scored(model, tok, examples, batch_tokens=batch_tokens):
+        out[i] = lls
     return out
 
 

@@ -319,32 +319,40 @@ def batches(pairs: list[list[tuple[list[int], list[int]]]], max_length: int = MA
     return groups
 
 
+def scored(model, tokenizer, examples: list[Example], max_length: int = MAX_LENGTH, batch_tokens: int = 0):
+    """Yield ``(index, log-likelihoods of its answers)`` for every example, one forward per example
+    (``batch_tokens=0``, right-padded) or per :func:`batches` group of up to ``batch_tokens`` padded tokens
+    (left-padded); see :func:`evaluate_examples` for what batching changes."""
+    if batch_tokens < 0:
+        raise LowbitError(f"batch_tokens must be 0 (one example per forward) or a positive count, got {batch_tokens}")
+    pairs = [example_pairs(tokenizer, ex) for ex in examples]
+    groups = batches(pairs, max_length, tokens=batch_tokens) if batch_tokens else [[i] for i in range(len(pairs))]
+    for group in groups:
+        flat = pair_logliks(model, [p for i in group for p in pairs[i]], max_length, _pad_id(tokenizer),
+                            left=bool(batch_tokens))
+        for i in group:
+            yield i, flat[:len(pairs[i])]
+            flat = flat[len(pairs[i]):]
+
+
 def evaluate_examples(model, tokenizer, examples: list[Example], desc: str = "tasks", progress: bool = True,
                       max_length: int = MAX_LENGTH, batch_tokens: int = 0) -> dict:
     """``{"acc", "acc_norm", "n"}`` over ``examples``: one example per forward (``batch_tokens=0``, the protocol
     every figure in BENCHMARKS.md used), or :func:`batches` of up to ``batch_tokens`` padded tokens, left-padded.
     Batches are faster (SmolLM2 packed, 2 cores: 1.4-2.1×), but a log-likelihood depends on the padding and on its
     neighbours through floating-point summation order — and through each bf16 rounding of a packed model's tiled
-    products, which moved some by up to 1e-2 relative and flipped about 1 pick in 100 on SmolLM2 (acc within ±1
+    products, which moved some by up to 1e-1 relative and flipped up to 2 picks in 100 on SmolLM2 (acc within ±1
     point on 300 examples)."""
     if not examples:
         raise LowbitError(f"{desc}: no examples to evaluate")
-    if batch_tokens < 0:
-        raise LowbitError(f"batch_tokens must be 0 (one example per forward) or a positive count, got {batch_tokens}")
-    pairs = [example_pairs(tokenizer, ex) for ex in examples]
-    groups = batches(pairs, max_length, tokens=batch_tokens) if batch_tokens else [[i] for i in range(len(pairs))]
     hits = hits_norm = done = 0
     bar = tqdm(total=len(examples), desc=desc, unit="q", disable=not progress, leave=False)
-    for group in groups:
-        flat = pair_logliks(model, [p for i in group for p in pairs[i]], max_length, _pad_id(tokenizer),
-                            left=bool(batch_tokens))
-        for i in group:
-            lls, flat = flat[:len(pairs[i])], flat[len(pairs[i]):]
-            pick, pick_norm = predictions(examples[i], lls)
-            hits += pick == examples[i].gold
-            hits_norm += pick_norm == examples[i].gold
-        done += len(group)
-        bar.update(len(group))
+    for i, lls in scored(model, tokenizer, examples, max_length, batch_tokens):
+        pick, pick_norm = predictions(examples[i], lls)
+        hits += pick == examples[i].gold
+        hits_norm += pick_norm == examples[i].gold
+        done += 1
+        bar.update(1)
         bar.set_postfix(acc=f"{hits / done:.3f}", acc_norm=f"{hits_norm / done:.3f}")
     bar.close()
     return {"acc": hits / len(examples), "acc_norm": hits_norm / len(examples), "n": len(examples)}
