@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import multiplies_bf16
 from .kernels.cpu import gram_bf16_supports, gram_upper_bf16
 
 PANEL = 256  # columns per panel of the upper-triangle update
@@ -57,8 +58,7 @@ class LayerStats:
             self._upper = torch.zeros(width, width, device=x.device)
         self._pending += x.shape[0]
         self.tokens += x.shape[0]
-        rounded = x.dtype == torch.bfloat16 or (torch.is_autocast_enabled(kind) and
-                                                torch.get_autocast_dtype(kind) == torch.bfloat16)
+        rounded = multiplies_bf16(x)
         if rounded and gram_bf16_supports(x):
             gram_upper_bf16(x, self._upper)
             return

@@ -228,6 +228,12 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
+def multiplies_bf16(x: torch.Tensor) -> bool:
+    """Whether a matmul here multiplies ``x`` as bf16: ``x`` is bf16, or a bf16 autocast region is on for its
+    device (what lowbit's attention and the calibration Hessians follow)."""
+    return x.dtype == torch.bfloat16 or _autocast_dtype(x) == torch.bfloat16
+
+
 def native_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether ``device`` multiplies bf16 natively (CPUs with AVX512-BF16 or AMX; CUDA with bf16 support): where
     the trainer's ``precision="auto"`` runs matmuls in bf16."""

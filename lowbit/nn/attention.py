@@ -21,7 +21,7 @@ import functools
 import torch
 from torch import nn
 
-from ..kernels import _choice, calls
+from ..kernels import _choice, calls, multiplies_bf16
 from ..kernels.cpu import attention_supports, causal_attention
 
 NAME = "lowbit_cpu"
@@ -60,11 +60,8 @@ def cpu_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, val
         return _sdpa()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                        is_causal=is_causal, **kwargs)
     calls["cpu-attention"] += 1
-    kind = query.device.type
-    bf16 = query.dtype == torch.bfloat16 or (torch.is_autocast_enabled(kind) and
-                                             torch.get_autocast_dtype(kind) == torch.bfloat16)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    return causal_attention(query, key, value, scale, bf16=bf16), None
+    return causal_attention(query, key, value, scale, bf16=multiplies_bf16(query)), None
 
 
 @functools.cache

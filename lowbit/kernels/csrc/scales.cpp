@@ -41,17 +41,17 @@ inline Grid fit(float lo, float hi, int qmax, bool symmetric, int offset) {
 #ifdef __AVX512F__
 inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
-// Σ weight·(w − ŵ)² over n values (weight null: 1). Codes: round(w / s) + z clamped to [0, qmax] (symmetric: round(w
-// / s) clamped to [−offset, offset − 1], plus offset), ŵ = (q − z)·s.
-float error(const float* w, const float* weight, int64_t n, Grid g, float lo_q, float hi_q) {
-  const __m512 s = _mm512_set1_ps(g.scale), z = _mm512_set1_ps(g.zero), lo = _mm512_set1_ps(lo_q),
-               hi = _mm512_set1_ps(hi_q);
+// Σ weight·(w − ŵ)² over n values (weight null: 1). Codes q = round(w / s) + z clamped to [0, qmax], ŵ = (q − z)·s.
+// Symmetric grids (z = offset, qmax = 2·offset − 1): the same as IntFormat's clamp of round(w / s) to [−offset,
+// offset − 1] with the offset added after.
+float error(const float* w, const float* weight, int64_t n, Grid g, int qmax) {
+  const __m512 s = _mm512_set1_ps(g.scale), z = _mm512_set1_ps(g.zero), top = _mm512_set1_ps(static_cast<float>(qmax));
   __m512 total = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = first(n - i);
     const __m512 x = _mm512_maskz_loadu_ps(m, w + i);
     __m512 q = _mm512_roundscale_ps(_mm512_div_ps(x, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, lo), _mm512_setzero_ps()), hi);  // (see the caller)
+    q = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(q, z), _mm512_setzero_ps()), top);
     const __m512 d = _mm512_sub_ps(_mm512_mul_ps(_mm512_sub_ps(q, z), s), x);
     __m512 e = _mm512_mul_ps(d, d);
     if (weight != nullptr) e = _mm512_mul_ps(e, _mm512_maskz_loadu_ps(m, weight + i));
@@ -87,8 +87,6 @@ std::vector<torch::Tensor> int_mse_scales(torch::Tensor w, torch::Tensor weight,
   auto zeros = symmetric ? torch::empty({0}, torch::kFloat32) : torch::empty({R, G}, torch::kFloat32);
 #ifdef __AVX512F__
   const int qmax = (1 << bits) - 1, offset = 1 << (bits - 1);
-  // The code's clamp in the error loop, on round(w / s) + lo_q: asymmetric z, then [0, qmax]; symmetric: the offset
-  // added before the clamp to [0, 2·offset − 1], the same as clamping to [−offset, offset − 1] and adding it after.
   std::vector<float> shrink;
   for (double p : grid)
     if (p < 1.0) shrink.push_back(static_cast<float>(p));
@@ -106,12 +104,12 @@ std::vector<torch::Tensor> int_mse_scales(torch::Tensor w, torch::Tensor weight,
         hi = std::max(hi, x[i]);
       }
       Grid best = fit(lo, hi, qmax, symmetric, offset);
-      float least = error(x, wt, n, best, best.zero, static_cast<float>(qmax));
+      float least = error(x, wt, n, best, qmax);
       for (float p : shrink) {
         const float lo_p = lo * p, hi_p = hi * p;  // the clipped values' least and greatest
         const Grid g = fit(std::min(std::max(lo, lo_p), hi_p), std::min(std::max(hi, lo_p), hi_p), qmax, symmetric,
                            offset);
-        const float e = error(x, wt, n, g, g.zero, static_cast<float>(qmax));
+        const float e = error(x, wt, n, g, qmax);
         if (e < least) least = e, best = g;
       }
       sp[t] = best.scale;
