@@ -18,12 +18,11 @@ def fit_searched(fmt, w: torch.Tensor, search: str = "minmax", weight: torch.Ten
                  grid: tuple[float, ...] = CLIP_GRID) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`lowbit.formats.fit_searched` (same arguments and result) through the C++ search where it applies:
     ``search="mse"`` over an integer grid, ``w (rows, groups, g)`` on the CPU, ``weight`` None or ``(groups, g)``."""
-    if search != "mse" or not isinstance(fmt, IntFormat) or w.dim() != 3 or w.device.type != "cpu" or not w.numel():
-        return fit_searched_reference(fmt, w, search, weight, grid)
-    if weight is not None and (weight.shape != w.shape[1:] or weight.device.type != "cpu"):
-        return fit_searched_reference(fmt, w, search, weight, grid)
-    ext = extension()
-    if ext is None or not ext.mse_scales_applies():
+    applies = (search == "mse" and isinstance(fmt, IntFormat) and w.dim() == 3 and w.device.type == "cpu"
+               and w.numel() > 0
+               and (weight is None or (weight.shape == w.shape[1:] and weight.device.type == "cpu"))
+               and (ext := extension()) is not None and ext.mse_scales_applies())  # built only when it would run
+    if not applies:
         return fit_searched_reference(fmt, w, search, weight, grid)
     cw = torch.empty(0) if weight is None else weight.float().contiguous()
     s, z = ext.int_mse_scales(w.float().contiguous(), cw, fmt.bits, fmt.symmetric, list(grid))
