@@ -171,8 +171,9 @@ def export_peft(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
         peft_model = get_peft_model(base, peft_config)
         for name, adapter in layers.items():
             target = peft_model.base_model.model.get_submodule(name)
-            target.lora_A["default"].weight.copy_(adapter.A)
-            target.lora_B["default"].weight.copy_(adapter.B)
+            A, B = adapter.factors()  # int8-stored factors dequantized
+            target.lora_A["default"].weight.copy_(A)
+            target.lora_B["default"].weight.copy_(B)
         peft_model.save_pretrained(tmp)
         # PEFT records the temp folder it saw; point it at the final base folder.
         cfg_path = tmp / "adapter_config.json"
@@ -194,7 +195,7 @@ def export_native(model: nn.Module, path: str | Path, tokenizer=None, force: boo
         raise LowbitError("the model has no adapters to export; fine-tune one first (lowbit finetune)")
     tensors = {f"{name}.{key}.{p}": t.detach().contiguous().cpu()
                for name, layer in layers.items() for key, a in layer.adapters.items()
-               for p, t in a.named_parameters()}
+               for p, t in a.float_tensors().items()}  # int8-stored LoRA dequantized
     merged = merged_float_model(model)
     path = Path(path)
     with staged_folder(path, force) as tmp:

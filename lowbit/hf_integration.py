@@ -170,8 +170,10 @@ else:
                         for key, entry in manifest.get("adapters", {}).items()}
             with torch.device("meta"):
                 attach_from_manifest(model, adapters)
-            # adapters load in the dtype they were stored in (bf16 by default), as lowbit.load keeps them
-            self.packed_names.update(n for n, _ in model.named_parameters() if ".adapters." in n)
+            # adapters load in the dtype they were stored in (bf16 by default; int8 codes and their fp32 scales), as
+            # lowbit.load keeps them
+            self.packed_names.update(n for n, _ in [*model.named_parameters(), *model.named_buffers()]
+                                     if ".adapters." in n)
 
         def get_new_dtype(self, converter, param, dtype):
             # The packed tensors load exactly as stored (uint8 codes and zero points, fp16 scales).

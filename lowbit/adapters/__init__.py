@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Adapter", "AdapterConfig", "LoRA", "LoRAConfig", "LoRMA", "LoRMAConfig", "attach", "remove", "freeze",
            "parameters", "adapted_layers", "find_qlinears", "config_from_dict", "manifest_entry",
-           "attach_from_manifest", "train_outliers", "store_adapters", "adapter_dtype"]
+           "attach_from_manifest", "train_outliers", "store_adapter", "store_adapters", "adapter_dtype"]
 
 
 def config_from_dict(data: dict) -> AdapterConfig:
@@ -100,10 +100,14 @@ def parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
 
 def freeze(model: nn.Module, trainable: str | None = None) -> list[nn.Parameter]:
     """Make only adapter ``trainable`` (every adapter when None) require gradients, in fp32 (adapters stored in
-    bf16 train from an fp32 copy of their values: :func:`store_adapters` rounds them back); returns those
+    bf16 or int8 train from an fp32 copy of their values: :func:`store_adapters` rounds them back); returns those
     parameters."""
     for p in model.parameters():
         p.requires_grad_(False)
+    for layer in adapted_layers(model).values():  # int8-stored LoRA trains from float values again
+        for key, a in layer.adapters.items():
+            if (trainable is None or key == trainable) and isinstance(a, LoRA):
+                a.unpack()
     params = parameters(model, trainable)
     for p in params:
         p.data = p.data.float()
@@ -111,27 +115,48 @@ def freeze(model: nn.Module, trainable: str | None = None) -> list[nn.Parameter]
     return params
 
 
-ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 
 
 def adapter_dtype(name: str) -> torch.dtype:
-    """The torch dtype of an ``adapter_dtype`` setting (``bfloat16`` | ``float32``), or a one-line error."""
+    """The torch dtype of an ``adapter_dtype`` setting (``bfloat16`` | ``float32`` | ``int8``), or a one-line
+    error."""
     if name not in ADAPTER_DTYPES:
         raise LowbitError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {name!r}")
     return ADAPTER_DTYPES[name]
 
 
-def store_adapters(model: nn.Module, dtype: str = "bfloat16") -> int:
-    """Round every adapter parameter of ``model`` to ``dtype`` (``bfloat16``: half the bytes of fp32, so +0.74
-    bits/weight instead of +1.47 at rank 16 on SmolLM2), in place: the model in memory is then exactly what a
-    checkpoint stores. The forward runs in the adapters' dtype; merges are computed in fp32. Returns the
-    number of parameters."""
+def store_adapter(adapter: Adapter, dtype: str = "bfloat16") -> None:
+    """Store one adapter as a checkpoint holds it, in place: float parameters rounded to ``dtype`` and frozen;
+    ``int8`` (LoRA only): int8 codes with a scale per rank component (:meth:`LoRA.store_int8`). An adapter already
+    in int8 stays as it is (rounding it again to a float type would gain nothing)."""
     target = adapter_dtype(dtype)
-    params = parameters(model)
-    for p in params:
+    if isinstance(adapter, LoRA) and adapter.int8:
+        return
+    if target == torch.int8:
+        if not isinstance(adapter, LoRA):
+            raise LowbitError(f"adapter_dtype int8 stores LoRA adapters; {adapter.kind} keeps bfloat16 or float32")
+        adapter.store_int8()
+        return
+    for p in adapter.parameters():
         p.requires_grad_(False)
         p.data = p.data.to(target)
-    return sum(p.numel() for p in params)
+
+
+def store_adapters(model: nn.Module, dtype: str = "bfloat16") -> int:
+    """Store every adapter of ``model`` in ``dtype`` (:func:`store_adapter`; ``bfloat16``: half the bytes of
+    fp32, so +0.74 bits/weight instead of +1.47 at rank 16 on SmolLM2; ``int8``: a quarter, +0.37), in place: the
+    model in memory is then exactly what a checkpoint stores. The forward runs in the adapters' dtype (int8:
+    dequantized to fp32); merges are computed in fp32. Checks every adapter before changing any. Returns the
+    number of adapter weights."""
+    adapters = [a for layer in adapted_layers(model).values() for a in layer.adapters.values()]
+    if adapter_dtype(dtype) == torch.int8:
+        other = next((a for a in adapters if not isinstance(a, LoRA)), None)
+        if other is not None:
+            raise LowbitError(f"adapter_dtype int8 stores LoRA adapters; {other.kind} keeps bfloat16 or float32")
+    for a in adapters:
+        store_adapter(a, dtype)
+    return sum(p.numel() for a in adapters for p in a.parameters())
 
 
 def has_row_scales(layer: QLinear) -> bool:
@@ -190,20 +215,35 @@ def train_outliers(model: nn.Module, scales: bool = True) -> int:
 
 
 def manifest_entry(model: nn.Module) -> dict:
-    """``{adapter name: {"config": ..., "layers": [...]}}`` for the checkpoint manifest."""
+    """``{adapter name: {"config": ..., "layers": [...]}}`` for the checkpoint manifest, plus ``"storage":
+    "int8"`` for LoRA stored as int8 codes (:meth:`LoRA.store_int8`), which the loaders' skeletons must hold."""
     out: dict[str, dict] = {}
     for layer_name, layer in adapted_layers(model).items():
         for key, adapter in layer.adapters.items():
-            out.setdefault(key, {"config": adapter.config.to_dict(), "layers": []})["layers"].append(layer_name)
+            entry = out.setdefault(key, {"config": adapter.config.to_dict(), "layers": []})
+            entry["layers"].append(layer_name)
+            int8 = isinstance(adapter, LoRA) and adapter.int8
+            if len(entry["layers"]) == 1 and int8:
+                entry["storage"] = "int8"
+            elif int8 != (entry.get("storage") == "int8"):
+                raise LowbitError(f"adapter {key!r} is stored in int8 on some layers and in float on others; store "
+                                  "them alike (lowbit.adapters.store_adapters) before saving")
     return out
 
 
 def attach_from_manifest(model: nn.Module, adapters: dict) -> None:
-    """Rebuild the adapters a manifest lists (uninitialised values; ``load_state_dict`` fills them)."""
+    """Rebuild the adapters a manifest lists (uninitialised values; ``load_state_dict`` fills them), int8 ones
+    with their codes and scales."""
     for key, entry in adapters.items():
         config = config_from_dict(entry["config"])
+        storage = entry.get("storage", "float")
+        if storage not in ("float", "int8"):
+            raise LowbitError(f"adapter {key!r} has storage {storage!r}; this lowbit reads float and int8")
         for layer_name in entry["layers"]:
             layer = model.get_submodule(layer_name)
             if "adapters" not in layer._modules:
                 layer.adapters = nn.ModuleDict()
-            layer.adapters[key] = get("adapter", config.step)(config, layer.in_features, layer.out_features)
+            adapter = get("adapter", config.step)(config, layer.in_features, layer.out_features)
+            if storage == "int8":
+                store_adapter(adapter, "int8")
+            layer.adapters[key] = adapter

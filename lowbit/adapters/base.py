@@ -82,6 +82,10 @@ class Adapter(nn.Module, ABC):
     def merge(self, w: torch.Tensor) -> torch.Tensor:
         """This adapter's part of the effective weight applied to float ``w (out, in)``; returns a new tensor."""
 
+    def float_tensors(self) -> dict[str, torch.Tensor]:
+        """``{name: tensor}`` of the adapter's factors as float values (for exports that store floats)."""
+        return dict(self.named_parameters())
+
     def check_rank(self, width: int) -> None:
         if self.config.rank >= width:
             raise LowbitError(f"{self.kind} rank {self.config.rank} is not below the width it adapts ({width}); "

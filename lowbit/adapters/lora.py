@@ -1,5 +1,10 @@
 """LoRA: ``h += s * B (A x)`` with ``A (r, in)`` Kaiming-initialised and ``B (out, r)`` zero, so training starts
-from the base. ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``rslora``). Dropout acts on the adapter's input."""
+from the base. ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``rslora``). Dropout acts on the adapter's input.
+
+A trained LoRA can be stored in int8 (:meth:`LoRA.store_int8`): ``A`` and ``B`` become int8 codes with one fp32
+scale per rank component (``A_scale (r, 1)``: a row of ``A``; ``B_scale (1, r)``: a column of ``B``; symmetric,
+absmax / 127), half the bytes of bf16, so rank 16 costs what rank 8 costs in bf16. The forward multiplies the
+dequantized factors (:meth:`LoRA.factors`); :meth:`LoRA.unpack` turns them back into trainable float parameters."""
 
 from __future__ import annotations
 
@@ -45,11 +50,52 @@ class LoRA(Adapter):
         r = self.config.rank
         return self.config.lora_alpha / (math.sqrt(r) if self.config.rslora else r)
 
+    @property
+    def int8(self) -> bool:
+        """Whether ``A`` and ``B`` hold int8 codes (:meth:`store_int8`) rather than float values."""
+        return self.A.dtype == torch.int8
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A (r, in), B (out, r))`` as the forward multiplies them: the float parameters, or the int8 codes times
+        their scales (fp32: a 7-bit code times an fp32 scale is exact)."""
+        if not self.int8:
+            return self.A, self.B
+        return self.A.float() * self.A_scale, self.B.float() * self.B_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.factors()
         x = self.dropout(x)
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmuls cast (to bf16) themselves
-            x = x.to(self.A.dtype)
-        return (x @ self.A.t()) @ (self.B.t() * self.scale)  # the scale on B (out x r), not on the output
+            x = x.to(A.dtype)
+        return (x @ A.t()) @ (B.t() * self.scale)  # the scale on B (out x r), not on the output
 
     def merge(self, w: torch.Tensor) -> torch.Tensor:
-        return w + self.scale * (self.B.float() @ self.A.float()).to(w.dtype)
+        A, B = self.factors()
+        return w + self.scale * (B.float() @ A.float()).to(w.dtype)
+
+    def float_tensors(self) -> dict[str, torch.Tensor]:
+        A, B = self.factors()
+        return {"A": A, "B": B}
+
+    @torch.no_grad()
+    def store_int8(self) -> None:
+        """In place: ``A`` and ``B`` become frozen int8 codes, symmetric round-to-nearest with one absmax / 127 scale
+        per rank component (buffers ``A_scale (r, 1)``, ``B_scale (1, r)``, fp32). Works on the meta device (a
+        checkpoint's skeleton). Already int8: unchanged."""
+        if self.int8:
+            return
+        for name, reduce in (("A", 1), ("B", 0)):  # A: a scale per row; B: a scale per column
+            w = getattr(self, name).detach().float()
+            scale = w.abs().amax(dim=reduce, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
+            codes = (w / scale).round().clamp(-127, 127).to(torch.int8)
+            setattr(self, name, nn.Parameter(codes, requires_grad=False))
+            self.register_buffer(f"{name}_scale", scale)
+
+    @torch.no_grad()
+    def unpack(self) -> None:
+        """In place: int8 factors back to fp32 parameters (their dequantized values), the scales dropped."""
+        if not self.int8:
+            return
+        A, B = self.factors()
+        del self.A_scale, self.B_scale
+        self.A, self.B = nn.Parameter(A), nn.Parameter(B)

@@ -58,7 +58,7 @@ class FinetuneConfig:
     lorma_variant: str = "rri"
     lorma_mode: str = "pre"
     train_outliers: bool = False
-    adapter_dtype: str = "bfloat16"  # stored adapters: bfloat16 (half fp32's bits) | float32; trained in fp32
+    adapter_dtype: str = "bfloat16"  # stored: bfloat16 (half fp32's bits) | float32 | int8 (LoRA); trained in fp32
     recipe: str = ""  # quantize a float model with this recipe first
     train: TrainConfig = field(default_factory=lambda: TrainConfig(checkpoint_every=25))
     seq_len: int = 256
@@ -153,6 +153,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                     config.model, ", ".join(existing))
     elif adapter_config is not None:
         attach(model, adapter_config)
+    if config.adapter_dtype == "int8" and adapter == "lorma":
+        raise LowbitError(f"adapter_dtype int8 stores LoRA adapters; {adapter} keeps bfloat16 or float32")
     freeze(model)
     outlier_weights = train_outliers(model) if config.train_outliers else 0
     if outlier_weights:

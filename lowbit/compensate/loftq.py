@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import LoRA, LoRAConfig, adapter_dtype
+from ..adapters import LoRA, LoRAConfig, adapter_dtype, store_adapter
 from ..config import StepConfig
 from ..errors import LowbitError
 from ..models import decoder_blocks, find_linears
@@ -49,7 +49,7 @@ class LoftQConfig(StepConfig):
     alpha: float = 0.0  # 0 means 2 * rank, as LoRAConfig
     iterations: int = 1  # alternations; the paper uses up to 5
     adapter: str = "default"  # adapter name on every layer
-    adapter_dtype: str = "bfloat16"  # stored adapters: bfloat16 (half fp32's bits) | float32; fitted in fp32
+    adapter_dtype: str = "bfloat16"  # stored adapters: bfloat16 (half fp32's bits) | float32 | int8; fitted in fp32
 
     def __post_init__(self):
         super().__post_init__()
@@ -134,7 +134,7 @@ class LoftQ(Step):
             lora = LoRA(lora_config, t.layer.in_features, t.layer.out_features)
             float_columns = t.layer.in_features - t.columns
             qweight, before, after = loftq_layer(t.layer.weight.detach(), quantizer, lora, c.iterations, float_columns)
-            lora.to(adapter_dtype(c.adapter_dtype))
+            store_adapter(lora, c.adapter_dtype)
             install(model, t, qweight, adapters=nn.ModuleDict({c.adapter: lora}))
             self._errors[t.name] = (before, after)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -236,3 +237,61 @@ def test_adapters_stored_in_bf16_count_half_the_bytes_and_train_again_in_fp32(tm
     assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
     with pytest.raises(LowbitError, match="adapter_dtype must be one of"):
         ad.store_adapters(loaded, "float16")
+
+
+def test_lora_stored_in_int8_counts_a_byte_per_weight_round_trips_and_trains_again_in_fp32(tmp_path):
+    from lowbit.summary import bits_summary
+
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
+    ad.attach(model, ad.LoRAConfig(rank=4))
+    _perturb(model)
+    weights = sum(p.numel() for p in ad.parameters(model))
+    floats = {n: t.detach().clone() for n, t in model.state_dict().items() if ".adapters." in n}
+    with torch.no_grad():
+        before = model(IDS).logits
+    assert ad.store_adapters(model, "int8") == weights
+    loras = [a for layer in ad.adapted_layers(model).values() for a in layer.adapters.values()]
+    scales = sum(a.A_scale.numel() + a.B_scale.numel() for a in loras)
+    assert scales == sum(2 * a.config.rank for a in loras)  # one per rank component of A and of B
+    assert bits_summary(model)["adapter_bytes"] == weights + 4 * scales
+    for a in loras:
+        assert a.A.dtype == a.B.dtype == torch.int8 and not a.A.requires_grad
+        assert a.A.abs().amax(dim=1).eq(127).all() and a.B.abs().amax(dim=0).eq(127).all()  # absmax scales
+    for name, w in floats.items():  # round-to-nearest: within half a step of every stored value
+        owner, leaf = name.rsplit(".", 1)
+        A, B = model.get_submodule(owner).factors()
+        got, step = (A, model.get_submodule(owner).A_scale) if leaf == "A" else (B, model.get_submodule(owner).B_scale)
+        assert ((got - w).abs() <= step / 2 * (1 + 1e-6)).all()
+    with torch.no_grad():
+        after = model(IDS).logits
+    assert 0 < float((after - before).norm() / before.norm()) < 2e-2  # rounded, not lost
+    ad.store_adapters(model, "bfloat16")  # already stored: int8 stays
+    assert all(a.A.dtype == torch.int8 for a in loras)
+    lowbit.save(model, tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / "lowbit.json").read_text())
+    assert manifest["adapters"]["default"]["storage"] == "int8"
+    loaded, _ = lowbit.load(tmp_path / "ck")
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, after)
+    assert bits_summary(loaded)["adapter_bytes"] == weights + 4 * scales
+    params = ad.freeze(loaded)  # the stored values, as fp32 parameters that train
+    assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
+    with torch.no_grad():
+        assert torch.allclose(loaded(IDS).logits, after, rtol=0, atol=1e-5)
+    assert not any(".A_scale" in n for n, _ in loaded.named_buffers())
+
+
+def test_int8_storage_is_for_lora_and_refused_for_lorma_before_anything_changes():
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
+    ad.attach(model, ad.LoRAConfig(rank=4))
+    ad.attach(model, ad.LoRMAConfig(rank=3, targets=("*.mlp.*",)), name="mul")
+    with pytest.raises(LowbitError, match="int8 stores LoRA adapters; lorma keeps bfloat16 or float32"):
+        ad.store_adapters(model, "int8")
+    assert all(p.dtype == torch.float32 for p in ad.parameters(model))  # nothing was converted
+
+
+def test_a_manifest_with_an_unknown_adapter_storage_is_refused(tmp_path):
+    model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
+    with pytest.raises(LowbitError, match="storage 'int4'; this lowbit reads float and int8"):
+        ad.attach_from_manifest(model, {"default": {"config": ad.LoRAConfig(rank=2).to_dict(),
+                                                    "layers": ["model.layers.0.mlp.up_proj"], "storage": "int4"}})

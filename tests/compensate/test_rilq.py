@@ -132,17 +132,18 @@ def test_group_scales_train_and_are_folded_into_the_packed_scales_when_training_
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
-def test_adapters_train_after_a_scale_refinement_in_one_recipe(tok):
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+def test_adapters_train_after_a_scale_refinement_in_one_recipe(tok, storage):
     """best-w2-lora's shape: LowRA, its block scales refined (rank 0), then fresh adapters over the refined base
-    (the refinement attached none, so the adapters are new, not continued)."""
+    (the refinement attached none, so the adapters are new, not continued), stored as the preset stores them."""
     refine = RILQConfig(**{**SMALL, "rank": 0, **_KL_ONLY}, scales="group")
-    adapters = RILQConfig(**{**SMALL, "lr": 3e-4, **_KL_ONLY})
+    adapters = RILQConfig(**{**SMALL, "lr": 3e-4, **_KL_ONLY}, adapter_dtype=storage)
     recipe = Recipe([LowRAConfig(budget=2.0), refine, adapters])
     model = lowbit.quantize(tiny_model("llama", max_position_embeddings=2048), recipe,
                             calib=lowbit.Calibration(tokenizer=tok))
     layer = model.model.layers[0].mlp.down_proj
     assert layer.group_scale is None and set(layer.adapters) == {"default"}
-    assert layer.adapters["default"].A.dtype == torch.bfloat16  # stored as the checkpoint holds them
+    assert layer.adapters["default"].A.dtype == getattr(torch, storage)  # stored as the checkpoint holds them
     assert state_of(model).history["rilq"]["best_val"] < state_of(model).history["rilq"]["val"][0]
 
 
