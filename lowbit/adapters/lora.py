@@ -1,10 +1,12 @@
 """LoRA: ``h += s * B (A x)`` with ``A (r, in)`` Kaiming-initialised and ``B (out, r)`` zero, so training starts
 from the base. ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``rslora``). Dropout acts on the adapter's input.
 
-A trained LoRA can be stored in int8 (:meth:`LoRA.store_int8`): ``A`` and ``B`` become int8 codes with one fp32
-scale per rank component (``A_scale (r, 1)``: a row of ``A``; ``B_scale (1, r)``: a column of ``B``; symmetric,
-absmax / 127), half the bytes of bf16, so rank 16 costs what rank 8 costs in bf16. The forward multiplies the
-dequantized factors (:meth:`LoRA.factors`); :meth:`LoRA.unpack` turns them back into trainable float parameters."""
+A trained LoRA can be stored in int8 (:meth:`LoRA.store_int8`): ``A`` and ``B`` become int8 codes, each row of
+``A`` and each column of ``B`` rounded on its own absmax / 127 grid, and one fp32 scale per rank component
+(``rank_scale (r, 1)``, the product of the two grids' steps: ``B A = Σ_k b_k a_k`` does not change when a factor
+moves from ``a_k`` to ``b_k``). A quarter of fp32's bytes, so rank 8 in int8 costs half what it costs in bf16. The
+forward multiplies the dequantized factors (:meth:`LoRA.factors`); :meth:`LoRA.unpack` turns them back into
+trainable float parameters."""
 
 from __future__ import annotations
 
@@ -56,11 +58,11 @@ class LoRA(Adapter):
         return self.A.dtype == torch.int8
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A (r, in), B (out, r))`` as the forward multiplies them: the float parameters, or the int8 codes times
-        their scales (fp32: a 7-bit code times an fp32 scale is exact)."""
+        """``(A (r, in), B (out, r))`` as the forward multiplies them: the float parameters, or the int8 codes, ``A``'s
+        times the rank components' scales (fp32: a 7-bit code times an fp32 scale is exact)."""
         if not self.int8:
             return self.A, self.B
-        return self.A.float() * self.A_scale, self.B.float() * self.B_scale
+        return self.A.float() * self.rank_scale, self.B.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.factors()
@@ -79,17 +81,19 @@ class LoRA(Adapter):
 
     @torch.no_grad()
     def store_int8(self) -> None:
-        """In place: ``A`` and ``B`` become frozen int8 codes, symmetric round-to-nearest with one absmax / 127 scale
-        per rank component (buffers ``A_scale (r, 1)``, ``B_scale (1, r)``, fp32). Works on the meta device (a
-        checkpoint's skeleton). Already int8: unchanged."""
+        """In place: ``A`` and ``B`` become frozen int8 codes, symmetric round-to-nearest on an absmax / 127 grid per
+        rank component (a row of ``A``, a column of ``B``), and one fp32 buffer ``rank_scale (r, 1)`` holding the
+        product of each component's two steps. Works on the meta device (a checkpoint's skeleton). Already int8:
+        unchanged."""
         if self.int8:
             return
-        for name, reduce in (("A", 1), ("B", 0)):  # A: a scale per row; B: a scale per column
-            w = getattr(self, name).detach().float()
-            scale = w.abs().amax(dim=reduce, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / 127
-            codes = (w / scale).round().clamp(-127, 127).to(torch.int8)
-            setattr(self, name, nn.Parameter(codes, requires_grad=False))
-            self.register_buffer(f"{name}_scale", scale)
+        tiny = torch.finfo(torch.float32).tiny
+        A, B = self.A.detach().float(), self.B.detach().float()
+        step_a = A.abs().amax(dim=1, keepdim=True).clamp_min(tiny) / 127  # (r, 1)
+        step_b = B.abs().amax(dim=0, keepdim=True).clamp_min(tiny) / 127  # (1, r)
+        self.A = nn.Parameter((A / step_a).round().clamp(-127, 127).to(torch.int8), requires_grad=False)
+        self.B = nn.Parameter((B / step_b).round().clamp(-127, 127).to(torch.int8), requires_grad=False)
+        self.register_buffer("rank_scale", step_a * step_b.t())
 
     @torch.no_grad()
     def unpack(self) -> None:
@@ -97,5 +101,5 @@ class LoRA(Adapter):
         if not self.int8:
             return
         A, B = self.factors()
-        del self.A_scale, self.B_scale
+        del self.rank_scale
         self.A, self.B = nn.Parameter(A), nn.Parameter(B)
