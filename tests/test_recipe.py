@@ -181,8 +181,11 @@ def test_registry_rejects_a_second_object_under_one_name(monkeypatch):
 
 def test_best_w2_lora_distils_the_float_model():
     """The 2-bit adapters train on the float model's next-token distributions only (a signal that transfers
-    beyond the calibration text), rank 8, stored in bf16 so the preset stays within 2.75 bits/weight."""
+    beyond the calibration text), rank 8, stored in int8 so that the base can be wider (2.18 code bits) and the
+    preset still stays within 2.75 bits/weight; the base is refined as best-w2's is."""
     rilq = PRESETS["best-w2-lora"][-1]
-    assert (rilq.step, rilq.rank, rilq.adapter_dtype) == ("rilq", 8, "bfloat16")
+    assert (rilq.step, rilq.rank, rilq.adapter_dtype) == ("rilq", 8, "int8")
     assert (rilq.lambda_model, rilq.lambda_gt, rilq.lambda_kl) == (0.0, 0.0, 1.0)
-    assert PRESETS["best-w2-lora"][:-1] == PRESETS["best-w2"]
+    base, refine = PRESETS["best-w2-lora"][:-1]
+    assert (base.step, base.budget) == ("lowra-gptq", 2.18)
+    assert dataclasses.replace(base, budget=2.0) == PRESETS["best-w2"][0] and refine == PRESETS["best-w2"][1]
