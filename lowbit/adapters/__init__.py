@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Adapter", "AdapterConfig", "LoRA", "LoRAConfig", "LoRMA", "LoRMAConfig", "attach", "remove", "freeze",
            "parameters", "adapted_layers", "find_qlinears", "config_from_dict", "manifest_entry",
-           "attach_from_manifest", "train_outliers", "store_adapter", "store_adapters", "adapter_dtype"]
+           "attach_from_manifest", "train_outliers", "store_adapter", "store_adapters", "adapter_dtype",
+           "check_storage"]
 
 
 def config_from_dict(data: dict) -> AdapterConfig:
@@ -126,16 +127,23 @@ def adapter_dtype(name: str) -> torch.dtype:
     return ADAPTER_DTYPES[name]
 
 
+def check_storage(kind: str, dtype: str) -> torch.dtype:
+    """The torch dtype of ``adapter_dtype`` setting ``dtype`` for an adapter of ``kind`` (``lora`` | ``lorma``):
+    int8 stores LoRA only; anything else is a one-line error."""
+    target = adapter_dtype(dtype)
+    if target == torch.int8 and kind != "lora":
+        raise LowbitError(f"adapter_dtype int8 stores LoRA adapters; {kind} keeps bfloat16 or float32")
+    return target
+
+
 def store_adapter(adapter: Adapter, dtype: str = "bfloat16") -> None:
     """Store one adapter as a checkpoint holds it, in place: float parameters rounded to ``dtype`` and frozen;
     ``int8`` (LoRA only): int8 codes with a scale per rank component (:meth:`LoRA.store_int8`). An adapter already
     in int8 stays as it is (rounding it again to a float type would gain nothing)."""
-    target = adapter_dtype(dtype)
+    target = check_storage(adapter.kind, dtype)
     if isinstance(adapter, LoRA) and adapter.int8:
         return
     if target == torch.int8:
-        if not isinstance(adapter, LoRA):
-            raise LowbitError(f"adapter_dtype int8 stores LoRA adapters; {adapter.kind} keeps bfloat16 or float32")
         adapter.store_int8()
         return
     for p in adapter.parameters():
@@ -150,10 +158,8 @@ def store_adapters(model: nn.Module, dtype: str = "bfloat16") -> int:
     dequantized to fp32); merges are computed in fp32. Checks every adapter before changing any. Returns the
     number of adapter weights."""
     adapters = [a for layer in adapted_layers(model).values() for a in layer.adapters.values()]
-    if adapter_dtype(dtype) == torch.int8:
-        other = next((a for a in adapters if not isinstance(a, LoRA)), None)
-        if other is not None:
-            raise LowbitError(f"adapter_dtype int8 stores LoRA adapters; {other.kind} keeps bfloat16 or float32")
+    for a in adapters:
+        check_storage(a.kind, dtype)
     for a in adapters:
         store_adapter(a, dtype)
     return sum(p.numel() for a in adapters for p in a.parameters())

@@ -14,6 +14,7 @@ from ..adapters import (
     LoRMAConfig,
     adapter_dtype,
     attach,
+    check_storage,
     freeze,
     manifest_entry,
     store_adapters,
@@ -153,8 +154,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                     config.model, ", ".join(existing))
     elif adapter_config is not None:
         attach(model, adapter_config)
-    if config.adapter_dtype == "int8" and adapter == "lorma":
-        raise LowbitError(f"adapter_dtype int8 stores LoRA adapters; {adapter} keeps bfloat16 or float32")
+    if adapter != "none":  # checked before training, not when storing after it
+        check_storage(adapter, config.adapter_dtype)
     freeze(model)
     outlier_weights = train_outliers(model) if config.train_outliers else 0
     if outlier_weights:
