@@ -171,7 +171,7 @@ def export_peft(model: nn.Module, path: str | Path, tokenizer=None, force: bool 
         peft_model = get_peft_model(base, peft_config)
         for name, adapter in layers.items():
             target = peft_model.base_model.model.get_submodule(name)
-            A, B = adapter.factors()  # int8-stored factors dequantized
+            A, B = adapter.factors()  # integer-coded factors dequantized
             target.lora_A["default"].weight.copy_(A)
             target.lora_B["default"].weight.copy_(B)
         peft_model.save_pretrained(tmp)
@@ -195,7 +195,7 @@ def export_native(model: nn.Module, path: str | Path, tokenizer=None, force: boo
         raise LowbitError("the model has no adapters to export; fine-tune one first (lowbit finetune)")
     tensors = {f"{name}.{key}.{p}": t.detach().contiguous().cpu()
                for name, layer in layers.items() for key, a in layer.adapters.items()
-               for p, t in a.float_tensors().items()}  # int8-stored LoRA dequantized
+               for p, t in a.float_tensors().items()}  # integer-coded LoRA dequantized
     merged = merged_float_model(model)
     path = Path(path)
     with staged_folder(path, force) as tmp:

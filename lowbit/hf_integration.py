@@ -170,8 +170,8 @@ else:
                         for key, entry in manifest.get("adapters", {}).items()}
             with torch.device("meta"):
                 attach_from_manifest(model, adapters)
-            # adapters load in the dtype they were stored in (bf16 by default; int8 codes and their fp32 scales), as
-            # lowbit.load keeps them
+            # adapters load in the dtype they were stored in (bf16 by default; int8 or packed int4 codes and fp32
+            # scales), as lowbit.load keeps them
             self.packed_names.update(n for n, _ in [*model.named_parameters(), *model.named_buffers()]
                                      if ".adapters." in n)
 

@@ -105,17 +105,16 @@ BEST: dict[str, tuple[list[StepConfig], str]] = {
                 "every block scale distilled from the float model's next-token distribution; 2.37 bits/weight"),
     # The adapters are distilled (_DISTIL): RILQ's own loss reached 30.71 on WikiText-2 but cost ARC-Easy 6 points
     # against the untrained start; distillation 33.68, PIQA +3.7 and ARC-Easy +3.0 over RILQ's loss; over the
-    # refined best-w2 33.46 (BENCHMARKS.md). Stored in int8, rank-8 adapters cost 0.185 bits/weight instead of
-    # bf16's 0.37 (the same perplexity: 33.47 both); the bits saved widen the base from 2.0 to 2.18 code bits
-    # (refined 33.74 instead of 38.27; with the adapters 30.61 instead of 33.47), the
-    # widest LowRA budget whose checkpoint stays within 2.75 bits/weight with its adapters on SmolLM2 (LowRA's
-    # per-row codebooks cost less on wider rows, so larger models land lower). Rank 16 in bf16 gained nothing
-    # over rank 8 (33.61 against 33.46).
-    "best-w2-lora": ([LowRAGPTQConfig(budget=2.18)] + PRESETS["refine-kl"]
-                     + [RILQConfig(rank=8, adapter_dtype="int8", **_DISTIL)],
-                     "LowRA mixed 1-4-bit codebooks at 2.18 code bits rounded by GPTQ, every block scale distilled "
-                     "from the float model, then rank-8 LoRA adapters distilled from it, stored in int8; 2.565 + "
-                     "0.185 = 2.75 bits/weight"),
+    # refined best-w2 33.46 (BENCHMARKS.md). Stored as int4 codes, rank-8 adapters cost 0.093 bits/weight instead
+    # of bf16's 0.37 (rounding trained adapters: bf16 33.47, int8 33.471, int4 33.55); the bits saved widen the base
+    # from 2.0 to 2.26 code bits, the widest LowRA budget whose checkpoint stays within 2.75 bits/weight with its
+    # adapters on SmolLM2 (chosen by that arithmetic; LowRA's per-row codebooks cost less on wider rows, so larger
+    # models land lower). Rank 16 in bf16 gained nothing over rank 8 (33.61 against 33.46).
+    "best-w2-lora": ([LowRAGPTQConfig(budget=2.26)] + PRESETS["refine-kl"]
+                     + [RILQConfig(rank=8, adapter_dtype="int4", **_DISTIL)],
+                     "LowRA mixed 1-4-bit codebooks at 2.26 code bits rounded by GPTQ, every block scale distilled "
+                     "from the float model, then rank-8 LoRA adapters distilled from it, stored in int4; about "
+                     "2.65 + 0.09 = 2.75 bits/weight"),
     # the same refinement at 1.5 code bits: 126.48 -> 68.45 (BENCHMARKS.md)
     "best-w1.5": (PRESETS["lowra-gptq-b1.5"] + PRESETS["refine-kl"],
                   "LowRA mixed 1/2-bit codebooks rounded by GPTQ, Fisher-weighted assignment, then every block "

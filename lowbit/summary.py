@@ -51,7 +51,7 @@ def bits_summary(model: nn.Module) -> dict:
     packed = sum(m.qweight.nbytes for m in layers.values())
     outliers = sum(m.outlier.numel() * 2 for m in layers.values()
                    if getattr(m, "outlier", None) is not None)  # QUAD's float columns, stored in fp16
-    adapter_bytes = sum(t.numel() * t.element_size() for m in layers.values()  # stored as they are (int8 codes
+    adapter_bytes = sum(t.numel() * t.element_size() for m in layers.values()  # stored as they are (int codes
                         for t in (m._modules.get("adapters") or nn.ModuleDict()).state_dict().values())  # + scales)
     code_bits = sum(m.qweight.code_bits for m in layers.values())
     float_params = sum(p.numel() for p in model.parameters())  # quantized weights are buffers, not parameters

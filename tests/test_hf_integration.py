@@ -113,7 +113,7 @@ def test_missing_manifest_is_a_clear_error(checkpoint, tmp_path):
         AutoModelForCausalLM.from_pretrained(broken)
 
 
-@pytest.mark.parametrize("adapter", ["lora", "lorma", "lora-int8"])
+@pytest.mark.parametrize("adapter", ["lora", "lorma", "lora-int8", "lora-int4"])
 def test_adapters_load_through_transformers_too(tmp_path, adapter):
     """A checkpoint with trained adapters (a fine-tune's, RILQ's, LoftQ's) computes the same function through
     from_pretrained as through lowbit.load: the adapters are built and filled, not dropped as unexpected keys."""
@@ -127,8 +127,8 @@ def test_adapters_load_through_transformers_too(tmp_path, adapter):
     with torch.no_grad():
         for p in (p for n, p in model.named_parameters() if ".adapters." in n):
             p.normal_(0, 0.05)  # trained, non-zero factors: dropping them would change the logits
-    if adapter == "lora-int8":
-        ad.store_adapters(model, "int8")  # int8 codes and fp32 scales, filled by transformers' loader as stored
+    if adapter.startswith("lora-"):
+        ad.store_adapters(model, adapter[5:])  # integer codes and fp32 scales, filled by transformers' loader as stored
     path = lowbit.save(model, tmp_path / "ck")
     ids = torch.randint(0, 256, (2, 16))
     loaded = AutoModelForCausalLM.from_pretrained(path)
@@ -138,5 +138,6 @@ def test_adapters_load_through_transformers_too(tmp_path, adapter):
     stored = {n: t.dtype for n, t in ours.state_dict().items() if ".adapters." in n}
     assert {n: t.dtype for n, t in loaded.state_dict().items() if ".adapters." in n} == stored
     assert (torch.int8 in stored.values()) == (adapter == "lora-int8")
+    assert (torch.uint8 in stored.values()) == (adapter == "lora-int4")  # two codes per byte
     assert torch.equal(_logits(loaded, ids), _logits(ours, ids))
     assert not torch.equal(_logits(loaded, ids), _logits(lowbit.quantize(tiny_model("llama"), "rtn-w4g64"), ids))

@@ -184,8 +184,8 @@ def test_best_w2_lora_distils_the_float_model():
     beyond the calibration text), rank 8, stored in int8 so that the base can be wider (2.18 code bits) and the
     preset still stays within 2.75 bits/weight; the base is refined as best-w2's is."""
     rilq = PRESETS["best-w2-lora"][-1]
-    assert (rilq.step, rilq.rank, rilq.adapter_dtype) == ("rilq", 8, "int8")
+    assert (rilq.step, rilq.rank, rilq.adapter_dtype) == ("rilq", 8, "int4")
     assert (rilq.lambda_model, rilq.lambda_gt, rilq.lambda_kl) == (0.0, 0.0, 1.0)
     base, refine = PRESETS["best-w2-lora"][:-1]
-    assert (base.step, base.budget) == ("lowra-gptq", 2.18)
+    assert (base.step, base.budget) == ("lowra-gptq", 2.26)
     assert dataclasses.replace(base, budget=2.0) == PRESETS["best-w2"][0] and refine == PRESETS["best-w2"][1]

@@ -101,11 +101,11 @@ def parameters(model: nn.Module, name: str | None = None) -> list[nn.Parameter]:
 
 def freeze(model: nn.Module, trainable: str | None = None) -> list[nn.Parameter]:
     """Make only adapter ``trainable`` (every adapter when None) require gradients, in fp32 (adapters stored in
-    bf16 or int8 train from an fp32 copy of their values: :func:`store_adapters` rounds them back); returns those
-    parameters."""
+    bf16, int8 or int4 train from an fp32 copy of their values: :func:`store_adapters` rounds them back); returns
+    those parameters."""
     for p in model.parameters():
         p.requires_grad_(False)
-    for layer in adapted_layers(model).values():  # int8-stored LoRA trains from float values again
+    for layer in adapted_layers(model).values():  # LoRA stored as codes trains from float values again
         for key, a in layer.adapters.items():
             if (trainable is None or key == trainable) and isinstance(a, LoRA):
                 a.unpack()
@@ -116,53 +116,59 @@ def freeze(model: nn.Module, trainable: str | None = None) -> list[nn.Parameter]
     return params
 
 
-ADAPTER_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
+FLOAT_STORAGE = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+CODE_STORAGE = {"int8": 8, "int4": 4}  # LoRA only: integer codes, :meth:`LoRA.store_codes`
+ADAPTER_DTYPES = (*FLOAT_STORAGE, *CODE_STORAGE)
 
 
-def adapter_dtype(name: str) -> torch.dtype:
-    """The torch dtype of an ``adapter_dtype`` setting (``bfloat16`` | ``float32`` | ``int8``), or a one-line
-    error."""
+def adapter_dtype(name: str) -> str:
+    """``name`` if it is an ``adapter_dtype`` setting (``bfloat16`` | ``float32`` | ``int8`` | ``int4``), else a
+    one-line error."""
     if name not in ADAPTER_DTYPES:
         raise LowbitError(f"adapter_dtype must be one of {', '.join(ADAPTER_DTYPES)}, got {name!r}")
-    return ADAPTER_DTYPES[name]
+    return name
 
 
-def check_storage(kind: str, dtype: str) -> torch.dtype:
-    """The torch dtype of ``adapter_dtype`` setting ``dtype`` for an adapter of ``kind`` (``lora`` | ``lorma``):
-    int8 stores LoRA only; anything else is a one-line error."""
-    target = adapter_dtype(dtype)
-    if target == torch.int8 and kind != "lora":
-        raise LowbitError(f"adapter_dtype int8 stores LoRA adapters; {kind} keeps bfloat16 or float32")
-    return target
+def check_storage(kind: str, dtype: str) -> None:
+    """A one-line error unless an adapter of ``kind`` (``lora`` | ``lorma``) can be stored as ``dtype``: integer
+    codes (int8, int4) store LoRA only."""
+    if adapter_dtype(dtype) in CODE_STORAGE and kind != "lora":
+        raise LowbitError(f"adapter_dtype {dtype} stores LoRA adapters; {kind} keeps bfloat16 or float32")
+
+
+def stored_codes(adapter: Adapter) -> str | None:
+    """``int8`` or ``int4`` for a LoRA stored as integer codes, None for float values."""
+    bits = adapter.code_bits if isinstance(adapter, LoRA) else None
+    return None if bits is None else f"int{bits}"
 
 
 def store_adapter(adapter: Adapter, dtype: str = "bfloat16") -> None:
     """Store one adapter as a checkpoint holds it, in place: float parameters rounded to ``dtype`` and frozen;
-    ``int8`` (LoRA only): int8 codes with a scale per rank component (:meth:`LoRA.store_int8`). An adapter already
-    in int8 stays as it is (rounding it again to a float type would gain nothing)."""
-    target = check_storage(adapter.kind, dtype)
-    if isinstance(adapter, LoRA) and adapter.int8:
+    ``int8`` / ``int4`` (LoRA only): integer codes with a scale per rank component (:meth:`LoRA.store_codes`). An
+    adapter already stored as codes stays as it is (rounding it again would only lose)."""
+    check_storage(adapter.kind, dtype)
+    if stored_codes(adapter) is not None:
         return
-    if target == torch.int8:
-        adapter.store_int8()
+    if dtype in CODE_STORAGE:
+        adapter.store_codes(CODE_STORAGE[dtype])
         return
     for p in adapter.parameters():
         p.requires_grad_(False)
-        p.data = p.data.to(target)
+        p.data = p.data.to(FLOAT_STORAGE[dtype])
 
 
 def store_adapters(model: nn.Module, dtype: str = "bfloat16") -> int:
     """Store every adapter of ``model`` in ``dtype`` (:func:`store_adapter`; ``bfloat16``: half the bytes of
-    fp32, so +0.74 bits/weight instead of +1.47 at rank 16 on SmolLM2; ``int8``: a quarter, +0.37), in place: the
-    model in memory is then exactly what a checkpoint stores. The forward runs in the adapters' dtype (int8:
-    dequantized to fp32); merges are computed in fp32. Checks every adapter before changing any. Returns the
-    number of adapter weights."""
+    fp32, so +0.74 bits/weight instead of +1.47 at rank 16 on SmolLM2; ``int8``: a quarter, +0.37; ``int4``: an
+    eighth, +0.19), in place: the model in memory is then exactly what a checkpoint stores. The forward runs in the
+    adapters' dtype (codes: dequantized to fp32); merges are computed in fp32. Checks every adapter before changing
+    any. Returns the number of adapter weights (factor entries, not bytes: int4 packs two in one)."""
     adapters = [a for layer in adapted_layers(model).values() for a in layer.adapters.values()]
     for a in adapters:
         check_storage(a.kind, dtype)
     for a in adapters:
         store_adapter(a, dtype)
-    return sum(p.numel() for a in adapters for p in a.parameters())
+    return sum(t.numel() for a in adapters for t in a.float_tensors().values())
 
 
 def has_row_scales(layer: QLinear) -> bool:
@@ -221,35 +227,38 @@ def train_outliers(model: nn.Module, scales: bool = True) -> int:
 
 
 def manifest_entry(model: nn.Module) -> dict:
-    """``{adapter name: {"config": ..., "layers": [...]}}`` for the checkpoint manifest, plus ``"storage":
-    "int8"`` for LoRA stored as int8 codes (:meth:`LoRA.store_int8`), which the loaders' skeletons must hold."""
+    """``{adapter name: {"config": ..., "layers": [...]}}`` for the checkpoint manifest, plus ``"storage": "int8"``
+    or ``"int4"`` for LoRA stored as integer codes (:meth:`LoRA.store_codes`), which the loaders' skeletons must
+    hold."""
     out: dict[str, dict] = {}
     for layer_name, layer in adapted_layers(model).items():
         for key, adapter in layer.adapters.items():
             entry = out.setdefault(key, {"config": adapter.config.to_dict(), "layers": []})
             entry["layers"].append(layer_name)
-            int8 = isinstance(adapter, LoRA) and adapter.int8
-            if len(entry["layers"]) == 1 and int8:
-                entry["storage"] = "int8"
-            elif int8 != (entry.get("storage") == "int8"):
-                raise LowbitError(f"adapter {key!r} is stored in int8 on some layers and in float on others; store "
-                                  "them alike (lowbit.adapters.store_adapters) before saving")
+            codes = stored_codes(adapter)
+            if len(entry["layers"]) == 1 and codes:
+                entry["storage"] = codes
+            elif codes != entry.get("storage"):
+                raise LowbitError(f"adapter {key!r} is stored as {codes or 'float'} on some layers and as "
+                                  f"{entry.get('storage', 'float')} on others; store them alike "
+                                  "(lowbit.adapters.store_adapters) before saving")
     return out
 
 
 def attach_from_manifest(model: nn.Module, adapters: dict) -> None:
-    """Rebuild the adapters a manifest lists (uninitialised values; ``load_state_dict`` fills them), int8 ones
-    with their codes and scales."""
+    """Rebuild the adapters a manifest lists (uninitialised values; ``load_state_dict`` fills them), integer-coded
+    ones with their codes and scales."""
     for key, entry in adapters.items():
         config = config_from_dict(entry["config"])
         storage = entry.get("storage", "float")
-        if storage not in ("float", "int8"):
-            raise LowbitError(f"adapter {key!r} has storage {storage!r}; this lowbit reads float and int8")
+        if storage != "float" and storage not in CODE_STORAGE:
+            raise LowbitError(f"adapter {key!r} has storage {storage!r}; this lowbit reads float, "
+                              f"{' and '.join(CODE_STORAGE)}")
         for layer_name in entry["layers"]:
             layer = model.get_submodule(layer_name)
             if "adapters" not in layer._modules:
                 layer.adapters = nn.ModuleDict()
             adapter = get("adapter", config.step)(config, layer.in_features, layer.out_features)
-            if storage == "int8":
-                store_adapter(adapter, "int8")
+            if storage != "float":
+                store_adapter(adapter, storage)
             layer.adapters[key] = adapter

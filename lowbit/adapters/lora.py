@@ -1,12 +1,14 @@
 """LoRA: ``h += s * B (A x)`` with ``A (r, in)`` Kaiming-initialised and ``B (out, r)`` zero, so training starts
 from the base. ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``rslora``). Dropout acts on the adapter's input.
 
-A trained LoRA can be stored in int8 (:meth:`LoRA.store_int8`): ``A`` and ``B`` become int8 codes, each row of
-``A`` and each column of ``B`` rounded on its own absmax / 127 grid, and one fp32 scale per rank component
-(``rank_scale (r, 1)``, the product of the two grids' steps: ``B A = Σ_k b_k a_k`` does not change when a factor
-moves from ``a_k`` to ``b_k``). A quarter of fp32's bytes, so rank 8 in int8 costs half what it costs in bf16. The
-forward multiplies the dequantized factors (:meth:`LoRA.factors`); :meth:`LoRA.unpack` turns them back into
-trainable float parameters."""
+A trained LoRA can be stored as integer codes (:meth:`LoRA.store_codes`, 8 or 4 bits): each row of ``A`` and each
+column of ``B`` rounded on its own symmetric absmax grid (absmax / 127 in int8, absmax / 7 in int4), and one fp32
+scale per rank component (``rank_scale (r, 1)``, the product of the two grids' steps: ``B A = Σ_k b_k a_k`` does not
+change when a factor moves from ``a_k`` to ``b_k``). int8 keeps ``A (r, in)`` and ``B (out, r)`` as int8 tensors (a
+quarter of fp32's bytes); int4 packs two codes per byte (:mod:`lowbit.formats.packing`, low nibble first, code + 8
+stored so 0 is 8): ``A`` becomes uint8 ``(r, ceil(in / 2))`` and ``B`` holds ``Bᵀ``'s rows, uint8
+``(r, ceil(out / 2))`` (an eighth of fp32's bytes). The forward multiplies the dequantized factors
+(:meth:`LoRA.factors`); :meth:`LoRA.unpack` turns them back into trainable float parameters."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from ..formats.packing import pack, unpack
 from ..registry import register
 from .base import Adapter, AdapterConfig, kaiming_
 
@@ -53,16 +56,22 @@ class LoRA(Adapter):
         return self.config.lora_alpha / (math.sqrt(r) if self.config.rslora else r)
 
     @property
-    def int8(self) -> bool:
-        """Whether ``A`` and ``B`` hold int8 codes (:meth:`store_int8`) rather than float values."""
-        return self.A.dtype == torch.int8
+    def code_bits(self) -> int | None:
+        """8 or 4 when ``A`` and ``B`` hold integer codes (:meth:`store_codes`), None for float values."""
+        return {torch.int8: 8, torch.uint8: 4}.get(self.A.dtype)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A (r, in), B (out, r))`` as the forward multiplies them: the float parameters, or the int8 codes, ``A``'s
-        times the rank components' scales (fp32: a 7-bit code times an fp32 scale is exact)."""
-        if not self.int8:
+        """``(A (r, in), B (out, r))`` as the forward multiplies them: the float parameters, or the integer codes,
+        ``A``'s times the rank components' scales (fp32: a 7-bit code times an fp32 scale is exact)."""
+        bits = self.code_bits
+        if bits is None:
             return self.A, self.B
-        return self.A.float() * self.rank_scale, self.B.float()
+        if bits == 8:
+            qa, qb = self.A.float(), self.B.float()
+        else:
+            qa = unpack(self.A, 4, self.in_features).float() - 8
+            qb = (unpack(self.B, 4, self.out_features).float() - 8).t()
+        return qa * self.rank_scale, qb
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.factors()
@@ -80,25 +89,33 @@ class LoRA(Adapter):
         return {"A": A, "B": B}
 
     @torch.no_grad()
-    def store_int8(self) -> None:
-        """In place: ``A`` and ``B`` become frozen int8 codes, symmetric round-to-nearest on an absmax / 127 grid per
-        rank component (a row of ``A``, a column of ``B``), and one fp32 buffer ``rank_scale (r, 1)`` holding the
-        product of each component's two steps. Works on the meta device (a checkpoint's skeleton). Already int8:
-        unchanged."""
-        if self.int8:
+    def store_codes(self, bits: int) -> None:
+        """In place: ``A`` and ``B`` become frozen integer codes of ``bits`` (8 or 4), symmetric round-to-nearest on
+        an absmax / (2^(bits-1) - 1) grid per rank component (a row of ``A``, a column of ``B``), and one fp32 buffer
+        ``rank_scale (r, 1)`` holding the product of each component's two steps (layouts: the module docstring).
+        Works on the meta device (a checkpoint's skeleton). Already stored as codes: unchanged."""
+        if bits not in (8, 4):
+            raise LowbitError(f"LoRA codes are 8 or 4 bits, got {bits!r}")
+        if self.code_bits is not None:
             return
-        tiny = torch.finfo(torch.float32).tiny
+        qmax, tiny = 2 ** (bits - 1) - 1, torch.finfo(torch.float32).tiny
         A, B = self.A.detach().float(), self.B.detach().float()
-        step_a = A.abs().amax(dim=1, keepdim=True).clamp_min(tiny) / 127  # (r, 1)
-        step_b = B.abs().amax(dim=0, keepdim=True).clamp_min(tiny) / 127  # (1, r)
-        self.A = nn.Parameter((A / step_a).round().clamp(-127, 127).to(torch.int8), requires_grad=False)
-        self.B = nn.Parameter((B / step_b).round().clamp(-127, 127).to(torch.int8), requires_grad=False)
+        step_a = A.abs().amax(dim=1, keepdim=True).clamp_min(tiny) / qmax  # (r, 1)
+        step_b = B.abs().amax(dim=0, keepdim=True).clamp_min(tiny) / qmax  # (1, r)
+        qa = (A / step_a).round().clamp(-qmax, qmax)
+        qb = (B / step_b).round().clamp(-qmax, qmax)
+        if bits == 8:
+            qa, qb = qa.to(torch.int8), qb.to(torch.int8)
+        else:  # code + 8 in [1, 15], two per byte; B packed along its output dimension (Bᵀ's rows)
+            qa, qb = pack((qa + 8).to(torch.uint8), 4), pack((qb.t() + 8).to(torch.uint8), 4)
+        self.A = nn.Parameter(qa, requires_grad=False)
+        self.B = nn.Parameter(qb, requires_grad=False)
         self.register_buffer("rank_scale", step_a * step_b.t())
 
     @torch.no_grad()
     def unpack(self) -> None:
-        """In place: int8 factors back to fp32 parameters (their dequantized values), the scales dropped."""
-        if not self.int8:
+        """In place: integer-coded factors back to fp32 parameters (their dequantized values), the scales dropped."""
+        if self.code_bits is None:
             return
         A, B = self.factors()
         del self.rank_scale

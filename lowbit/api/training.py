@@ -59,7 +59,7 @@ class FinetuneConfig:
     lorma_variant: str = "rri"
     lorma_mode: str = "pre"
     train_outliers: bool = False
-    adapter_dtype: str = "bfloat16"  # stored: bfloat16 (half fp32's bits) | float32 | int8 (LoRA); trained in fp32
+    adapter_dtype: str = "bfloat16"  # stored: bf16 (half fp32's bits) | float32 | int8 | int4 (LoRA); trained in fp32
     recipe: str = ""  # quantize a float model with this recipe first
     train: TrainConfig = field(default_factory=lambda: TrainConfig(checkpoint_every=25))
     seq_len: int = 256

@@ -49,7 +49,7 @@ class LoftQConfig(StepConfig):
     alpha: float = 0.0  # 0 means 2 * rank, as LoRAConfig
     iterations: int = 1  # alternations; the paper uses up to 5
     adapter: str = "default"  # adapter name on every layer
-    adapter_dtype: str = "bfloat16"  # stored adapters: bfloat16 (half fp32's bits) | float32 | int8; fitted in fp32
+    adapter_dtype: str = "bfloat16"  # stored: bfloat16 (half fp32's bits) | float32 | int8 | int4; fitted in fp32
 
     def __post_init__(self):
         super().__post_init__()

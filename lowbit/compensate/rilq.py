@@ -113,7 +113,7 @@ class RILQConfig(StepConfig):
     codes: bool = False
     gradient_checkpointing: bool = False  # 256-token windows of a small model: memory is not the limit, time is
     precision: str = "auto"  # matmul precision of the student: auto (bf16 where the CPU/GPU has it) | bf16 | fp32
-    adapter_dtype: str = "bfloat16"  # stored adapters: bfloat16 (half fp32's bits) | float32 | int8; trained in fp32
+    adapter_dtype: str = "bfloat16"  # stored: bf16 (half fp32's bits) | float32 | int8 | int4 (LoRA); trained in fp32
     targets: tuple[str, ...] = (DECODER,)
     ignore: tuple[str, ...] = ()
 

@@ -15,6 +15,7 @@ from lowbit import LowbitError, QLinear
 from lowbit import adapters as ad
 from lowbit.adapters.lorma import shifted_product
 from lowbit.formats import get_format
+from lowbit.formats.packing import unpack
 from lowbit.quantizers.rtn import rtn_quantize
 from lowbit.state import state_of
 
@@ -239,9 +240,19 @@ def test_adapters_stored_in_bf16_count_half_the_bytes_and_train_again_in_fp32(tm
         ad.store_adapters(loaded, "float16")
 
 
-def test_lora_stored_in_int8_counts_a_byte_per_weight_round_trips_and_trains_again_in_fp32(tmp_path):
+def _codes(a) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed integer codes ``(A (r, in), B (out, r))`` of a LoRA stored as int8 or packed int4."""
+    if a.code_bits == 8:
+        return a.A.float(), a.B.float()
+    return (unpack(a.A, 4, a.in_features).float() - 8, (unpack(a.B, 4, a.out_features).float() - 8).t())
+
+
+@pytest.mark.parametrize("storage", ["int8", "int4"])
+def test_lora_stored_as_codes_counts_its_bytes_round_trips_and_trains_again_in_fp32(tmp_path, storage):
     from lowbit.summary import bits_summary
 
+    bits = int(storage[3:])
+    qmax = 2 ** (bits - 1) - 1
     model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
     ad.attach(model, ad.LoRAConfig(rank=4))
     _perturb(model)
@@ -249,36 +260,41 @@ def test_lora_stored_in_int8_counts_a_byte_per_weight_round_trips_and_trains_aga
     floats = {n: t.detach().clone() for n, t in model.state_dict().items() if ".adapters." in n}
     with torch.no_grad():
         before = model(IDS).logits
-    assert ad.store_adapters(model, "int8") == weights
+    assert ad.store_adapters(model, storage) == weights
     loras = [a for layer in ad.adapted_layers(model).values() for a in layer.adapters.values()]
     scales = sum(a.rank_scale.numel() for a in loras)
     assert scales == sum(a.config.rank for a in loras)  # one per rank component
-    assert bits_summary(model)["adapter_bytes"] == weights + 4 * scales
+    code_bytes = weights if bits == 8 else sum(  # two codes per byte, rows padded to whole bytes
+        a.config.rank * (math.ceil(a.in_features / 2) + math.ceil(a.out_features / 2)) for a in loras)
+    assert bits_summary(model)["adapter_bytes"] == code_bytes + 4 * scales
     for a in loras:
-        assert a.A.dtype == a.B.dtype == torch.int8 and not a.A.requires_grad
-        assert a.A.abs().amax(dim=1).eq(127).all() and a.B.abs().amax(dim=0).eq(127).all()  # absmax grids
+        assert a.code_bits == bits and a.A.dtype == {8: torch.int8, 4: torch.uint8}[bits] and not a.A.requires_grad
+        qa, qb = _codes(a)
+        assert qa.abs().amax(dim=1).eq(qmax).all() and qb.abs().amax(dim=0).eq(qmax).all()  # absmax grids
     for owner in {n.rsplit(".", 1)[0] for n in floats}:
         a = model.get_submodule(owner)
         A0, B0 = floats[owner + ".A"], floats[owner + ".B"]
-        step_a = A0.abs().amax(dim=1, keepdim=True) / 127  # each factor on its own grid, within half a step
-        step_b = B0.abs().amax(dim=0, keepdim=True) / 127
-        A_hat, B_hat = a.A.float() * step_a, a.B.float() * step_b
+        step_a = A0.abs().amax(dim=1, keepdim=True) / qmax  # each factor on its own grid, within half a step
+        step_b = B0.abs().amax(dim=0, keepdim=True) / qmax
+        qa, qb = _codes(a)
+        A_hat, B_hat = qa * step_a, qb * step_b
         assert ((A_hat - A0).abs() <= step_a / 2 * (1 + 1e-6)).all()
         assert ((B_hat - B0).abs() <= step_b / 2 * (1 + 1e-6)).all()
         A, B = a.factors()  # one scale per rank component: the product of the two steps
+        assert A.shape == A0.shape and B.shape == B0.shape
         assert torch.allclose(B @ A, B_hat @ A_hat, rtol=1e-5, atol=1e-8)
     with torch.no_grad():
         after = model(IDS).logits
-    assert 0 < float((after - before).norm() / before.norm()) < 2e-2  # rounded, not lost
-    ad.store_adapters(model, "bfloat16")  # already stored: int8 stays
-    assert all(a.A.dtype == torch.int8 for a in loras)
+    assert 0 < float((after - before).norm() / before.norm()) < {8: 2e-2, 4: 0.6}[bits]  # rounded, not lost
+    ad.store_adapters(model, "bfloat16")  # already stored as codes: they stay
+    assert all(a.code_bits == bits for a in loras)
     lowbit.save(model, tmp_path / "ck")
     manifest = json.loads((tmp_path / "ck" / "lowbit.json").read_text())
-    assert manifest["adapters"]["default"]["storage"] == "int8"
+    assert manifest["adapters"]["default"]["storage"] == storage
     loaded, _ = lowbit.load(tmp_path / "ck")
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, after)
-    assert bits_summary(loaded)["adapter_bytes"] == weights + 4 * scales
+    assert bits_summary(loaded)["adapter_bytes"] == code_bytes + 4 * scales
     params = ad.freeze(loaded)  # the stored values, as fp32 parameters that train
     assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
     with torch.no_grad():
@@ -286,17 +302,35 @@ def test_lora_stored_in_int8_counts_a_byte_per_weight_round_trips_and_trains_aga
     assert not any("rank_scale" in n for n, _ in loaded.named_buffers())
 
 
-def test_int8_storage_is_for_lora_and_refused_for_lorma_before_anything_changes():
+def test_int4_lora_packs_odd_widths_and_its_meta_skeleton_has_the_stored_shapes():
+    lora = ad.LoRA(ad.LoRAConfig(rank=3), 7, 5)
+    with torch.no_grad():
+        lora.B.normal_()
+    merged = lora.merge(torch.zeros(5, 7))
+    lora.store_codes(4)
+    assert lora.A.shape == (3, 4) and lora.B.shape == (3, 3)  # ceil(7 / 2), ceil(5 / 2) bytes per component
+    assert torch.allclose(lora.merge(torch.zeros(5, 7)), merged, atol=0.2 * float(merged.abs().max()))
+    with torch.device("meta"):
+        skeleton = ad.LoRA(ad.LoRAConfig(rank=3), 7, 5)
+        skeleton.store_codes(4)
+    assert {n: (t.shape, t.dtype) for n, t in skeleton.state_dict().items()} == \
+        {n: (t.shape, t.dtype) for n, t in lora.state_dict().items()}
+    with pytest.raises(LowbitError, match="LoRA codes are 8 or 4 bits, got 2"):
+        ad.LoRA(ad.LoRAConfig(rank=3), 7, 5).store_codes(2)
+
+
+@pytest.mark.parametrize("storage", ["int8", "int4"])
+def test_integer_storage_is_for_lora_and_refused_for_lorma_before_anything_changes(storage):
     model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
     ad.attach(model, ad.LoRAConfig(rank=4))
     ad.attach(model, ad.LoRMAConfig(rank=3, targets=("*.mlp.*",)), name="mul")
-    with pytest.raises(LowbitError, match="int8 stores LoRA adapters; lorma keeps bfloat16 or float32"):
-        ad.store_adapters(model, "int8")
+    with pytest.raises(LowbitError, match=f"adapter_dtype {storage} stores LoRA adapters; lorma keeps bfloat16"):
+        ad.store_adapters(model, storage)
     assert all(p.dtype == torch.float32 for p in ad.parameters(model))  # nothing was converted
 
 
 def test_a_manifest_with_an_unknown_adapter_storage_is_refused(tmp_path):
     model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
-    with pytest.raises(LowbitError, match="storage 'int4'; this lowbit reads float and int8"):
+    with pytest.raises(LowbitError, match="storage 'int2'; this lowbit reads float, int8 and int4"):
         ad.attach_from_manifest(model, {"default": {"config": ad.LoRAConfig(rank=2).to_dict(),
-                                                    "layers": ["model.layers.0.mlp.up_proj"], "storage": "int4"}})
+                                                    "layers": ["model.layers.0.mlp.up_proj"], "storage": "int2"}})

@@ -49,13 +49,13 @@ def test_merged_float_model_equals_the_adapter_forward(lorma):
     assert isinstance(model.model.layers[0].mlp.up_proj, QLinear)  # the source model is not changed
 
 
-@pytest.mark.parametrize("storage", ["float32", "int8"])
+@pytest.mark.parametrize("storage", ["float32", "int8", "int4"])
 def test_peft_reproduces_lowbit_logits(tmp_path, storage):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = _trained()
-    ad.store_adapters(model, storage)  # PEFT gets int8-stored factors dequantized
+    ad.store_adapters(model, storage)  # PEFT gets integer-coded factors dequantized
     ref = _logits(model)
     out = export.export_peft(model, tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())

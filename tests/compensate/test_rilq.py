@@ -132,7 +132,7 @@ def test_group_scales_train_and_are_folded_into_the_packed_scales_when_training_
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+@pytest.mark.parametrize("storage", ["bfloat16", "int4"])
 def test_adapters_train_after_a_scale_refinement_in_one_recipe(tok, storage):
     """best-w2-lora's shape: LowRA, its block scales refined (rank 0), then fresh adapters over the refined base
     (the refinement attached none, so the adapters are new, not continued), stored as the preset stores them."""
@@ -143,7 +143,8 @@ def test_adapters_train_after_a_scale_refinement_in_one_recipe(tok, storage):
                             calib=lowbit.Calibration(tokenizer=tok))
     layer = model.model.layers[0].mlp.down_proj
     assert layer.group_scale is None and set(layer.adapters) == {"default"}
-    assert layer.adapters["default"].A.dtype == getattr(torch, storage)  # stored as the checkpoint holds them
+    stored = {"bfloat16": torch.bfloat16, "int4": torch.uint8}[storage]  # int4: two codes per byte
+    assert layer.adapters["default"].A.dtype == stored  # stored as the checkpoint holds them
     assert state_of(model).history["rilq"]["best_val"] < state_of(model).history["rilq"]["val"][0]
 
 
