@@ -109,7 +109,8 @@ BEST: dict[str, tuple[list[StepConfig], str]] = {
     # of bf16's 0.37 (rounding trained adapters: bf16 33.47, int8 33.471, int4 33.55); the bits saved widen the base
     # from 2.0 to 2.26 code bits, the widest LowRA budget whose checkpoint stays within 2.75 bits/weight with its
     # adapters on SmolLM2 (chosen by that arithmetic; LowRA's per-row codebooks cost less on wider rows, so larger
-    # models land lower). Rank 16 in bf16 gained nothing over rank 8 (33.61 against 33.46).
+    # models land lower): 29.59 at 2.7437 (int8 over b2.18: 30.61). Rank 16 in bf16 gained nothing over rank 8
+    # (33.61 against 33.46).
     "best-w2-lora": ([LowRAGPTQConfig(budget=2.26)] + PRESETS["refine-kl"]
                      + [RILQConfig(rank=8, adapter_dtype="int4", **_DISTIL)],
                      "LowRA mixed 1-4-bit codebooks at 2.26 code bits rounded by GPTQ, every block scale distilled "
