@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
-from ..formats.packing import pack, unpack
+from ..formats import packing
 from ..registry import register
 from .base import Adapter, AdapterConfig, kaiming_
 
@@ -69,8 +69,8 @@ class LoRA(Adapter):
         if bits == 8:
             qa, qb = self.A.float(), self.B.float()
         else:
-            qa = unpack(self.A, 4, self.in_features).float() - 8
-            qb = (unpack(self.B, 4, self.out_features).float() - 8).t()
+            qa = packing.unpack(self.A, 4, self.in_features).float() - 8
+            qb = (packing.unpack(self.B, 4, self.out_features).float() - 8).t()
         return qa * self.rank_scale, qb
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ class LoRA(Adapter):
         if bits == 8:
             qa, qb = qa.to(torch.int8), qb.to(torch.int8)
         else:  # code + 8 in [1, 15], two per byte; B packed along its output dimension (Bᵀ's rows)
-            qa, qb = pack((qa + 8).to(torch.uint8), 4), pack((qb.t() + 8).to(torch.uint8), 4)
+            qa, qb = packing.pack((qa + 8).to(torch.uint8), 4), packing.pack((qb.t() + 8).to(torch.uint8), 4)
         self.A = nn.Parameter(qa, requires_grad=False)
         self.B = nn.Parameter(qb, requires_grad=False)
         self.register_buffer("rank_scale", step_a * step_b.t())
