@@ -30,7 +30,8 @@ demo: $(STAMP)
 	$(BIN)/lowbit generate $(OUT) --prompt "What is the capital of France?" --max-new-tokens 48
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	# Unbuffered: a run stopped from outside still shows how far it got.
+	PYTHONUNBUFFERED=1 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py --windows $(WINDOWS)

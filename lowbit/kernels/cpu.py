@@ -7,8 +7,9 @@ Prefill and batches (more than one row) go to the reference path, where the dequ
 The same extension holds an fp32 GEMV for the float LM head a packed model keeps (:func:`linear_cpu`): torch's
 fp32 matrix-vector product reaches about a third of this CPU's read bandwidth on it.
 
-The build takes about half a minute once per machine (cached under ``$TORCH_EXTENSIONS_DIR``); if no C++
-compiler is available the reference path is used and a warning says why.
+The build takes a minute or a few once per machine (cached under ``$TORCH_EXTENSIONS_DIR``; :mod:`.build` keeps
+concurrent and killed builds safe); if no C++ compiler is available the reference path is used and a warning
+says why.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ..formats import format_from_name
 from ..formats.codebook import CodebookFormat
 from ..qmixed import MixedCodebookWeight
 from ..qtensor import PackedWeight, QuantizedWeight
+from . import build
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
@@ -35,11 +37,8 @@ SOURCES = (SOURCE, SOURCE.with_name("int_gemm.cpp"), SOURCE.with_name("gptq.cpp"
 @functools.cache
 def extension():
     """The compiled extension module, or None if it cannot be built here (with a warning naming the cause)."""
-    from torch.utils.cpp_extension import load
-
     try:
-        return load(name="lowbit_qgemv", sources=[str(p) for p in SOURCES],
-                    extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
+        return build.load("lowbit_qgemv", SOURCES, cflags=["-O3", "-march=native", "-fopenmp"], ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no headers: the reference path still works
         warnings.warn(f"lowbit's CPU decode kernel could not be built ({e}); using the slower reference path. "
                       "Install a C++ compiler (g++) to enable it.", RuntimeWarning, stacklevel=2)
