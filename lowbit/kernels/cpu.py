@@ -25,7 +25,7 @@ from ..formats import format_from_name
 from ..formats.codebook import CodebookFormat
 from ..qmixed import MixedCodebookWeight
 from ..qtensor import PackedWeight, QuantizedWeight
-from . import build
+from .build import load as load_extension
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
@@ -38,7 +38,8 @@ SOURCES = (SOURCE, SOURCE.with_name("int_gemm.cpp"), SOURCE.with_name("gptq.cpp"
 def extension():
     """The compiled extension module, or None if it cannot be built here (with a warning naming the cause)."""
     try:
-        return build.load("lowbit_qgemv", SOURCES, cflags=["-O3", "-march=native", "-fopenmp"], ldflags=["-fopenmp"])
+        return load_extension("lowbit_qgemv", SOURCES, cflags=["-O3", "-march=native", "-fopenmp"],
+                              ldflags=["-fopenmp"])
     except Exception as e:  # no compiler, no headers: the reference path still works
         warnings.warn(f"lowbit's CPU decode kernel could not be built ({e}); using the slower reference path. "
                       "Install a C++ compiler (g++) to enable it.", RuntimeWarning, stacklevel=2)
