@@ -62,10 +62,26 @@ class LoRA(Adapter):
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A (r, in), B (out, r))`` as the forward multiplies them: the float parameters, or the integer codes,
-        ``A``'s times the rank components' scales (fp32: a 7-bit code times an fp32 scale is exact)."""
+        ``A``'s times the rank components' scales (fp32: a 7-bit code times an fp32 scale is exact). Codes are
+        frozen, so their fp32 values are computed once and kept (rank x (in + out) x 4 bytes: 10 MB for rank 8 on
+        SmolLM2) until a code or scale tensor is replaced or written in place; a decode step would otherwise unpack
+        every adapter once per token."""
         bits = self.code_bits
         if bits is None:
             return self.A, self.B
+        tensors = (self.A, self.B, self.rank_scale)
+        if any(t.is_inference() for t in tensors):  # no version counter to tell an in-place write: not kept
+            with torch.inference_mode(False), torch.no_grad():
+                return self._dequantize(bits)
+        key = tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+        cached = self.__dict__.get("_dequantized")
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # normal tensors: autograd may save them later
+                cached = (key, self._dequantize(bits))
+            self.__dict__["_dequantized"] = cached
+        return cached[1]
+
+    def _dequantize(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         if bits == 8:
             qa, qb = self.A.float(), self.B.float()
         else:
@@ -111,12 +127,14 @@ class LoRA(Adapter):
         self.A = nn.Parameter(qa, requires_grad=False)
         self.B = nn.Parameter(qb, requires_grad=False)
         self.register_buffer("rank_scale", step_a * step_b.t())
+        self.__dict__.pop("_dequantized", None)
 
     @torch.no_grad()
     def unpack(self) -> None:
         """In place: integer-coded factors back to fp32 parameters (their dequantized values), the scales dropped."""
         if self.code_bits is None:
             return
-        A, B = self.factors()
+        A, B = self._dequantize(self.code_bits)
         del self.rank_scale
+        self.__dict__.pop("_dequantized", None)
         self.A, self.B = nn.Parameter(A), nn.Parameter(B)

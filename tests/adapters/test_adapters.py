@@ -319,6 +319,36 @@ def test_int4_lora_packs_odd_widths_and_its_meta_skeleton_has_the_stored_shapes(
         ad.LoRA(ad.LoRAConfig(rank=3), 7, 5).store_codes(2)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_coded_lora_dequantizes_once_and_again_only_when_its_tensors_change(bits):
+    """A decode step runs every adapter once per token: the fp32 factors of frozen codes are kept, not unpacked
+    each time, and recomputed when a code or scale tensor is written in place or replaced."""
+    lora = ad.LoRA(ad.LoRAConfig(rank=3), 7, 5)
+    with torch.no_grad():
+        lora.B.normal_()
+    lora.store_codes(bits)
+    first = lora.factors()
+    assert all(a is b for a, b in zip(lora.factors(), first, strict=True))  # kept
+    assert all(torch.equal(a, b) for a, b in zip(first, lora._dequantize(bits), strict=True))
+    assert set(lora.state_dict()) == {"A", "B", "rank_scale"}  # the kept values are not state
+    with torch.no_grad():
+        lora.rank_scale.mul_(2)  # written in place (load_state_dict copies so)
+    assert torch.equal(lora.factors()[0], 2 * first[0])
+    lora.rank_scale = lora.rank_scale / 2  # replaced
+    assert torch.equal(lora.factors()[0], first[0])
+    lora.rank_scale = lora.rank_scale.clone()
+    with torch.inference_mode():  # kept under inference mode (evaluation), then differentiated through (training)
+        y0 = lora(torch.ones(2, 7))
+    x = torch.ones(2, 7, requires_grad=True)
+    lora(x).sum().backward()
+    assert x.grad is not None and torch.equal(lora(x).detach(), y0)
+    with torch.inference_mode():  # a scale replaced under inference mode has no version counter: never kept
+        lora.rank_scale = lora.rank_scale.clone()
+    assert torch.equal(lora.factors()[0], first[0]) and lora.factors()[0] is not lora.factors()[0]
+    lora.unpack()  # back to fp32 parameters: nothing kept is used any more
+    assert "_dequantized" not in lora.__dict__ and torch.equal(lora.A, first[0])
+
+
 @pytest.mark.parametrize("storage", ["int8", "int4"])
 def test_integer_storage_is_for_lora_and_refused_for_lorma_before_anything_changes(storage):
     model = lowbit.quantize(tiny_model("llama"), "rtn-w4g64")
