@@ -70,6 +70,8 @@ class LoRA(Adapter):
         if bits is None:
             return self.A, self.B
         tensors = (self.A, self.B, self.rank_scale)
+        if torch.compiler.is_compiling():  # traced into the graph (torch.compile folds or fuses it), as before
+            return self._dequantize(bits)
         if any(t.is_inference() for t in tensors):  # no version counter to tell an in-place write: not kept
             with torch.inference_mode(False), torch.no_grad():
                 return self._dequantize(bits)

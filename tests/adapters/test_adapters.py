@@ -345,6 +345,8 @@ def test_coded_lora_dequantizes_once_and_again_only_when_its_tensors_change(bits
     with torch.inference_mode():  # a scale replaced under inference mode has no version counter: never kept
         lora.rank_scale = lora.rank_scale.clone()
     assert torch.equal(lora.factors()[0], first[0]) and lora.factors()[0] is not lora.factors()[0]
+    compiled = torch.compile(lora, fullgraph=True)  # torch.compile traces the unpacking itself: no graph break
+    assert torch.allclose(compiled(torch.ones(2, 7)), y0)
     lora.unpack()  # back to fp32 parameters: nothing kept is used any more
     assert "_dequantized" not in lora.__dict__ and torch.equal(lora.A, first[0])
 
