@@ -72,15 +72,15 @@ class LoRA(Adapter):
         tensors = (self.A, self.B, self.rank_scale)
         if torch.compiler.is_compiling():  # traced into the graph (torch.compile folds or fuses it), as before
             return self._dequantize(bits)
-        if any(t.is_inference() for t in tensors):  # no version counter to tell an in-place write: not kept
-            with torch.inference_mode(False), torch.no_grad():
-                return self._dequantize(bits)
-        key = tuple((t.device, t.data_ptr(), t._version) for t in tensors)
+        # an inference tensor has no version counter to tell an in-place write: its values are never kept
+        key = None if any(t.is_inference() for t in tensors) else \
+            tuple((t.device, t.data_ptr(), t._version) for t in tensors)
         cached = self.__dict__.get("_dequantized")
-        if cached is None or cached[0] != key:
+        if key is None or cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # normal tensors: autograd may save them later
                 cached = (key, self._dequantize(bits))
-            self.__dict__["_dequantized"] = cached
+            if key is not None:
+                self.__dict__["_dequantized"] = cached
         return cached[1]
 
     def _dequantize(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
