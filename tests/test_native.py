@@ -16,10 +16,10 @@ from lowbit.bench import tensor_bytes, weight_bytes_per_token
 from lowbit.native import _layer_cache, native_decoder, native_reason
 
 pytestmark = pytest.mark.skipif(lowbit.kernels.cpu.extension() is None, reason="the C++ extension did not build")
-# A batch runs the small-batch int8 kernel, which needs AVX512-VNNI (every packed layer of a batch takes it).
-needs_vnni = pytest.mark.skipif(lowbit.kernels.cpu.extension() is None or
-                                not lowbit.kernels.cpu.extension().vnni_applies(4, 32, False),
-                                reason="no AVX512-VNNI: the native step decodes one sequence at a time")
+# A batch runs the small-batch int8 kernel, which needs AVX512-VNNI or AVX2 (every packed layer of a batch takes it).
+needs_int8 = pytest.mark.skipif(lowbit.kernels.cpu.extension() is None or
+                                not lowbit.kernels.cpu.extension().int8_x_applies(4, 32, False),
+                                reason="no int8 GEMV (AVX512-VNNI or AVX2): the native step runs one sequence")
 
 
 def _packed(arch: str, bits: int = 4, group_size: int = 32):
@@ -83,7 +83,7 @@ def test_weights_sharing_an_input_in_one_call_equal_one_call_each(bits, group_si
     _, _, levels, offset, _ = row_plan(layers[0].weight_meta["fmt"], group_size, "exact")
     x = torch.randn(layers[0].in_features)
     args = ([m.codes for m in layers], [m.scales for m in layers], [m._buffers.get("zeros") for m in layers])
-    for int8 in (False, bool(ext.vnni_applies(bits, group_size, levels is not None))):
+    for int8 in (False, bool(ext.int8_x_applies(bits, group_size, levels is not None))):
         fused = ext.qgemv_multi(x, *args, levels, bits, group_size, offset, int8)
         single = [ext.qgemv(x, c, s, z, levels, bits, group_size, offset, int8) for c, s, z in zip(*args, strict=True)]
         assert [y.shape for y in fused] == [y.shape for y in single]
@@ -202,7 +202,7 @@ def test_generate_cli_runs_native_where_it_applies_and_says_which_engine_ran(ckp
     assert "keeps a float KV cache" in line
 
 
-@needs_vnni
+@needs_int8
 @pytest.mark.parametrize("arch,bits,group_size", [("llama", 4, 32), ("llama", 2, 64), ("qwen2", 4, 32)])
 def test_a_batch_decodes_as_transformers_and_as_each_sequence_alone(arch, bits, group_size):
     """Four different prompts of one length in one native batch: the tokens transformers' batched ``generate``
@@ -229,7 +229,7 @@ def test_a_batch_decodes_as_transformers_and_as_each_sequence_alone(arch, bits, 
     assert ((batch - alone).abs() / alone.abs().amax(dim=-1, keepdim=True)).max() < 1e-5
 
 
-@needs_vnni
+@needs_int8
 def test_a_batch_pads_sequences_that_ended_and_stops_when_all_have():
     """A sequence that emits the end-of-sequence id gets ``pad_token_id`` after it, as in transformers'
     ``generate``; the batch ends when every sequence has ended."""
@@ -246,7 +246,7 @@ def test_a_batch_pads_sequences_that_ended_and_stops_when_all_have():
     assert every.shape == (3, 6)  # each sequence's first new token ends it: one step in all
 
 
-@needs_vnni
+@needs_int8
 def test_batches_the_native_step_has_no_kernel_for_are_named():
     mixed = tiny_model("llama")
     lowbit.quantize(mixed, "lowra-b2.0")
@@ -262,7 +262,7 @@ def test_batches_the_native_step_has_no_kernel_for_are_named():
             decoder._decoder.reset(8, 2)
 
 
-@needs_vnni
+@needs_int8
 def test_decode_speed_runs_a_batch_through_the_native_step_where_it_applies():
     from conftest import ByteTokenizer
 
@@ -277,7 +277,7 @@ def test_decode_speed_runs_a_batch_through_the_native_step_where_it_applies():
         assert three.engine == "transformers"
 
 
-@needs_vnni
+@needs_int8
 def test_a_batch_over_a_packed_table_and_head_decodes_as_transformers():
     """``+emb8``: a batch's rows are looked up by the packed table and its logits come from the packed head."""
     model = tiny_model("llama", tie_word_embeddings=True)
@@ -299,7 +299,7 @@ def _left_padded_prompts(lengths: list[int], seed: int) -> tuple[list[torch.Tens
     return rows, ids, mask
 
 
-@needs_vnni
+@needs_int8
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_left_padded_batch_decodes_as_transformers_and_as_each_prompt_alone(arch):
     """Prompts of 2, 5 and 3 tokens, left-padded with an attention mask: the tokens transformers' batched
@@ -333,7 +333,7 @@ def test_an_attention_mask_the_native_step_cannot_take_is_refused():
             decoder.generate(ids, 4, attention_mask=bad)
 
 
-@needs_vnni
+@needs_int8
 def test_generate_cli_decodes_several_prompts_as_one_batch(ckpt):
     """``--prompt`` repeated: one native batch whose texts are each prompt's own generation (alone, and in
     transformers' padded batch); the JSON holds lists in the prompts' order."""

@@ -52,7 +52,7 @@ def _row_plan(fmt: str, group_size: int, choice: str):
     if choice not in FASTEST or extension() is None:
         return None
     bits, levels, offset = _format_args(fmt)
-    int8 = choice == "auto" and bool(extension().vnni_applies(bits, group_size, levels is not None))
+    int8 = choice == "auto" and bool(extension().int8_x_applies(bits, group_size, levels is not None))
     return ("cpu-gemv-i8" if int8 else "cpu-gemv"), bits, levels, offset, int8
 
 

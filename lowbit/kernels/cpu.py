@@ -70,11 +70,16 @@ def supports(x: torch.Tensor, qweight: PackedWeight) -> bool:
 
 def int8_applies(qweight: PackedWeight) -> bool:
     """Whether :func:`qmatmul_cpu` with ``int8_x=True`` rounds the activations to int8 for this weight (integer
-    codes of 1, 2, 4 or 8 bits, groups of whole 4-byte lanes, a CPU with AVX512-VNNI): see ``csrc/qgemv.cpp``."""
+    codes in groups of whole 4-byte lanes: of 1, 2, 4 or 8 bits on a CPU with AVX512-VNNI, of 1, 2 or 4 bits with
+    AVX2): see ``csrc/qgemv.cpp``."""
+    return _int8_rule(qweight, "int8_x_applies")
+
+
+def _int8_rule(qweight: PackedWeight, rule: str) -> bool:
     if not isinstance(qweight, QuantizedWeight):
         return False
     bits, levels, _ = _format_args(qweight.fmt)
-    return bool(extension().vnni_applies(bits, qweight.group_size, levels is not None))
+    return bool(getattr(extension(), rule)(bits, qweight.group_size, levels is not None))
 
 
 def gemv_function(qweight: PackedWeight, int8_x: bool = False):
@@ -134,13 +139,13 @@ def qmatmul_cpu_rows_i8(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tens
 
 def act_gemm_applies(x: torch.Tensor, qweight: PackedWeight) -> bool:
     """Whether :func:`qmatmul_cpu_act` runs ``x`` against ``qweight``: CPU tensors without autograd and a weight
-    the int8 kernels take (:func:`int8_applies`; any activation width of :class:`~lowbit.formats.act.ActQuantConfig`,
-    2-8 bits, fits their int8 codes)."""
+    the integer GEMMs take (integer codes in whole 4-byte lanes on a CPU with AVX512-VNNI; any activation width of
+    :class:`~lowbit.formats.act.ActQuantConfig`, 2-8 bits, fits their int8 codes)."""
     if x.device.type != "cpu" or not isinstance(qweight, QuantizedWeight) or qweight.codes.device.type != "cpu":
         return False
     if x.requires_grad and torch.is_grad_enabled():
         return False
-    return extension() is not None and int8_applies(qweight)
+    return extension() is not None and _int8_rule(qweight, "vnni_applies")
 
 
 def qmatmul_cpu_act(x: torch.Tensor, qweight: QuantizedWeight, act_bits: int, clip_ratio: float) -> torch.Tensor:

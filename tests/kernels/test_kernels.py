@@ -396,22 +396,24 @@ def _int8_error_bound(x: torch.Tensor, qw) -> torch.Tensor:
                                                       (6, 1096, 256)])
 @pytest.mark.parametrize("bits,symmetric", [(1, False), (2, False), (2, True), (4, False), (4, True), (8, False)])
 def test_int8_activation_gemv_is_within_its_rounding_bound(auto, out_f, in_f, group_size, bits, symmetric):
-    """Under ``auto`` a decode row of integer codes runs the VNNI kernel where its groups hold whole 4-byte lanes
-    (group_size a multiple of 32 / bits); its error against the exact reference stays inside the bound the
-    int8 rounding of the activations allows, for group and per-channel scales, ragged groups and row tails —
-    through both of its loops: a lane table per 64-byte chunk, and one scale per chunk where a group spans whole
-    chunks (int4 g128 / g256, int8 g64+, int2 g256)."""
+    """Under ``auto`` a decode row of integer codes runs the int8-activation kernel (AVX512-VNNI, or AVX2 for
+    codes of up to 4 bits) where its groups hold whole 4-byte lanes (group_size a multiple of 32 / bits); its error
+    against the exact reference stays inside the bound the int8 rounding of the activations allows, for group and
+    per-channel scales, ragged groups and row tails — through both of its loops: a lane table per chunk (64 bytes
+    with VNNI, 32 with AVX2), and one scale per chunk where a group spans whole chunks (int4 g128 / g256, int8 g64+,
+    int2 g256)."""
     from lowbit.kernels.cpu import extension, int8_applies
 
-    if not extension().vnni_applies(4, 128, False):
-        pytest.skip("this CPU build has no AVX512-VNNI")
+    if not extension().int8_x_applies(4, 128, False):
+        pytest.skip("this CPU build has neither AVX512-VNNI nor AVX2")
+    vnni = bool(extension().vnni_applies(4, 128, False))
     w = torch.randn(out_f, in_f)
     for granularity, g in (("group", group_size), ("channel", in_f)):
         qw = rtn_quantize(w, get_format("int", bits, symmetric), granularity, g)
         x = torch.randn(1, in_f) * torch.linspace(0.1, 3, in_f)  # groups of unequal range
         kernels.reset_counts()
         y = kernels.qmatmul(x, qw)
-        applies = g % (32 // bits) == 0
+        applies = g % (32 // bits) == 0 and (bits != 8 or vnni)  # AVX2: 8-bit codes would saturate vpmaddubsw
         assert int8_applies(qw) == applies
         assert kernels.calls == {"cpu-gemv-i8" if applies else "cpu-gemv": 1}
         error = (y - qmatmul_reference(x, qw)).abs().reshape(-1)
@@ -446,12 +448,13 @@ def test_int8_activation_gemv_skips_codebooks_and_three_bits(auto):
                                               for g in (32, 128, 256) if g <= shape[-1]])  # 128, 256: four chunks
 @pytest.mark.parametrize("bits,symmetric", [(1, False), (2, False), (4, False), (4, True), (8, False)])
 def test_small_batches_round_each_row_like_the_decode_kernel(auto, shape, bits, symmetric, group_size):
-    """Up to 16 rows of integer codes under ``auto`` (batched decode) run the int8-activation kernel that reads the
-    weight once per four rows; every row stays inside its own int8 rounding bound, as a single row would."""
-    from lowbit.kernels.cpu import extension
+    """Up to 16 rows of integer codes under ``auto`` (batched decode) run the int8-activation kernel (with VNNI the
+    weight read once per four rows; with AVX2 the one-row kernel per row); every row stays inside its own int8
+    rounding bound, as a single row would."""
+    from lowbit.kernels.cpu import extension, tiled_supports
 
-    if not extension().vnni_applies(4, 128, False):
-        pytest.skip("this CPU build has no AVX512-VNNI")
+    if not extension().int8_x_applies(bits, group_size, False):
+        pytest.skip("this CPU build has no int8 GEMV for these codes (AVX512-VNNI; AVX2 up to 4 bits)")
     qw = rtn_quantize(torch.randn(37, shape[-1]), get_format("int", bits, symmetric), "group", group_size)
     x = torch.randn(*shape) * torch.linspace(0.1, 3, shape[-1])
     y = kernels.qmatmul(x, qw)
@@ -460,8 +463,9 @@ def test_small_batches_round_each_row_like_the_decode_kernel(auto, shape, bits, 
     for row, (yr, rr) in enumerate(zip(y.reshape(-1, 37), ref.reshape(-1, 37), strict=True)):
         bound = _int8_error_bound(x.reshape(-1, shape[-1])[row], qw)
         assert ((yr - rr).abs() <= bound).all(), row
-    kernels.qmatmul(torch.randn(17, shape[-1]), qw)  # more rows than a small batch: the bf16 tiles
-    assert kernels.calls["cpu-tiled-bf16"] == 1
+    more = torch.randn(17, shape[-1])  # more rows than a small batch: the bf16 tiles (AVX512-BF16), or the reference
+    kernels.qmatmul(more, qw)
+    assert kernels.calls["cpu-tiled-bf16" if tiled_supports(more, qw) else "reference"] == 1
 
 
 def test_small_batch_fast_path_runs_the_kernel_the_dispatcher_picks(auto):
@@ -469,8 +473,8 @@ def test_small_batch_fast_path_runs_the_kernel_the_dispatcher_picks(auto):
     ``qmatmul_cpu_rows_i8`` gives, strided rows included; inside a bf16 autocast region rows never take it."""
     from lowbit.kernels.cpu import extension, qmatmul_cpu_rows_i8
 
-    if not extension().vnni_applies(4, 128, False):
-        pytest.skip("this CPU build has no AVX512-VNNI")
+    if not extension().int8_x_applies(4, 128, False):
+        pytest.skip("this CPU build has no int8 GEMV (AVX512-VNNI or AVX2)")
     qw = rtn_quantize(torch.randn(37, 256), get_format("int", 4, False), "group", 128)
     x = torch.randn(6, 2, 256)[:, 1]  # rows 512 floats apart
     y = kernels.qmatmul(x, qw)
@@ -576,7 +580,7 @@ def test_a_packed_model_decodes_under_auto_close_to_exact(auto):
         out = model.generate(ids, **kwargs)
         with kernels.force("exact"):
             exact = model(ids).logits
-    if int8_applies(model.model.layers[0].mlp.down_proj.qweight):  # AVX512-VNNI: 12-row prompt, then rows
+    if int8_applies(model.model.layers[0].mlp.down_proj.qweight):  # VNNI or AVX2: 12-row prompt, then rows
         assert kernels.calls["cpu-gemm-i8"] > 0 and kernels.calls["cpu-gemv-i8"] > 0
     else:  # fp32 activations: the same kernels as exact's
         assert kernels.calls["cpu-gemm-i8"] == kernels.calls["cpu-gemv-i8"] == 0 and kernels.calls["cpu-gemv"] > 0
@@ -592,7 +596,7 @@ def test_a_packed_model_decodes_under_auto_close_to_exact(auto):
 def test_integer_gemm_of_quantized_activations_matches_the_simulated_path(auto, shape, bits, symmetric, granularity,
                                                                          group_size, act_bits):
     from lowbit.formats.act import ActQuantConfig, fake_quantize, quantize_per_token
-    from lowbit.kernels.cpu import extension, int8_applies
+    from lowbit.kernels.cpu import extension
 
     out_f, in_f, rows = shape
     qw = rtn_quantize(torch.randn(out_f, in_f), get_format("int", bits, symmetric), granularity, group_size)
@@ -600,7 +604,7 @@ def test_integer_gemm_of_quantized_activations_matches_the_simulated_path(auto, 
     x = 3 * torch.randn(rows, in_f)
     simulated = qmatmul_reference(fake_quantize(x, act), qw)
     y = kernels.qmatmul_act(x, qw, act)
-    applies = extension() is not None and int8_applies(qw)
+    applies = extension() is not None and bool(extension().vnni_applies(bits, qw.group_size, False))  # AVX512-VNNI
     assert kernels.calls["cpu-int-gemm"] == int(applies)
     if applies:
         codes, scale = extension().act_codes(x, act_bits, 0.9)

@@ -230,6 +230,7 @@ void gemv_mixed_rows_simd(const float* x, const uint8_t* codes, int64_t row_byte
 
 #if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
 #define LOWBIT_VNNI 1
+constexpr int64_t kChunkBytes = 64;  // bytes of a row per chunk (one zmm)
 // ---- int8-activation path (VNNI): 64 codes x 64 int8 activations per instruction ---------------------------
 // x is rounded to int8 per weight group (symmetric, s_x[g] = max|x_g| / 127), as llama.cpp's Q8 dot products
 // round it, and laid out for the packed bytes: a row is read in chunks of 64 bytes (64 * PER codes, PER = 8 /
@@ -360,7 +361,7 @@ void gemv_rows_vnni_with(const QuantizedX& xq, const uint8_t* codes, int64_t row
 // hoisted lane table and software prefetch (0.87-1.05x on the 1B shape, int1 up to 1.16x slower), and 2 or 4
 // rows per pass (faster in L2, 1.25-1.4x slower from DRAM).
 template <int BITS>
-void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
+void gemv_rows_i8(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
                     const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t gs,
                     int64_t chunks, int64_t n0, int64_t n1, float* y) {
   constexpr int64_t CODES = 64 * (8 / BITS);
@@ -382,13 +383,273 @@ void gemv_rows_vnni(const QuantizedX& xq, const uint8_t* codes, int64_t row_byte
 }
 #endif  // VNNI
 
+#if !defined(LOWBIT_AVX512) && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#include <cstring>
+#define LOWBIT_AVX2 1
+
+// ---- AVX2 path (CPUs without AVX-512: most Intel client CPUs, AMD before Zen 4): 8 weights per step -----------
+// The same kernels as the AVX-512 block above at half the width, under the same names, so that gemv_into and
+// qgemv_mixed dispatch to whichever block was compiled.
+inline float hsum8(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// An AVX2 lane mask of the first min(n, 8) lanes (n >= 0), for _mm256_maskload_ps.
+inline __m256i lanes8(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(std::min<int64_t>(n, 8))),
+                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// 8 codes of BITS bits starting at byte p (byte aligned: 8 codes are BITS whole bytes), as int32 lanes. `avail` =
+// readable bytes from p; near the end of the codes tensor only those are read.
+template <int BITS>
+inline __m256i codes8(const uint8_t* p, int64_t avail) {
+  if constexpr (BITS == 8) {
+    uint64_t v = 0;
+    if (avail >= 8) std::memcpy(&v, p, 8);
+    else if (avail > 0) std::memcpy(&v, p, avail);
+    return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(v)));
+  } else {  // 1-4 bits: the 8 codes lie in one 32-bit word, code i at bit i * BITS
+    static_assert(BITS >= 1 && BITS <= 4, "1, 2, 3, 4 or 8 bits");
+    uint32_t v = 0;
+    if (avail >= BITS) std::memcpy(&v, p, BITS);  // exactly the bytes needed: one load
+    else if (avail > 0) std::memcpy(&v, p, avail);
+    const __m256i shifts = _mm256_setr_epi32(0, BITS, 2 * BITS, 3 * BITS, 4 * BITS, 5 * BITS, 6 * BITS, 7 * BITS);
+    const __m256i c = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(v)), shifts);
+    return _mm256_and_si256(c, _mm256_set1_epi32((1 << BITS) - 1));
+  }
+}
+
+// How codes become values: integers, a table of <= 16 levels in two registers, or a larger table (gather).
+enum class Decode { Int, Table16, Gather };
+struct Table { __m256 lo, hi; };
+
+template <Decode D>
+inline __m256 decode8(__m256i q, const Table& t, const float* lut) {
+  if constexpr (D == Decode::Int) {
+    return _mm256_cvtepi32_ps(q);
+  } else if constexpr (D == Decode::Table16) {  // levels 0-7 from lo, 8-15 from hi (bit 3 moved to the sign bit)
+    return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, q), _mm256_permutevar8x32_ps(t.hi, q),
+                            _mm256_castsi256_ps(_mm256_slli_epi32(q, 28)));
+  } else {
+    return _mm256_i32gather_ps(lut, q, 4);
+  }
+}
+
+inline Table load_table(const float* lut, int levels) {
+  alignas(32) float t[16] = {0};
+  std::memcpy(t, lut, sizeof(float) * std::min(16, levels));
+  return Table{_mm256_load_ps(t), _mm256_load_ps(t + 8)};
+}
+
+// sum_g scale_g * sum_{k in g} value(q_k) x_k for one packed row; groups of `gs` codes (a multiple of 8).
+template <int BITS, Decode D>
+inline float row_dot(const uint8_t* row, int64_t avail, const float* x, int64_t K, int64_t gs,
+                     const at::Half* scales, const Table& table, const float* lut) {
+  __m256 acc_row = _mm256_setzero_ps();
+  for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
+    const int64_t len = std::min(gs, K - k0);
+    __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();  // two chains hide the FMA latency
+    int64_t k = 0;
+    for (; k + 16 <= len; k += 16) {
+      const int64_t b = (k0 + k) * BITS / 8, b2 = b + BITS;
+      acc = _mm256_fmadd_ps(decode8<D>(codes8<BITS>(row + b, avail - b), table, lut), _mm256_loadu_ps(x + k0 + k), acc);
+      acc2 = _mm256_fmadd_ps(decode8<D>(codes8<BITS>(row + b2, avail - b2), table, lut),
+                             _mm256_loadu_ps(x + k0 + k + 8), acc2);
+    }
+    for (; k < len; k += 8) {  // the last 8, or 1-7 at the row's end (x masked to zero beyond it)
+      const int64_t b = (k0 + k) * BITS / 8;
+      const __m256 xv = len - k >= 8 ? _mm256_loadu_ps(x + k0 + k) : _mm256_maskload_ps(x + k0 + k, lanes8(len - k));
+      acc = _mm256_fmadd_ps(decode8<D>(codes8<BITS>(row + b, avail - b), table, lut), xv, acc);
+    }
+    acc_row = _mm256_fmadd_ps(_mm256_set1_ps(float(scales[g])), _mm256_add_ps(acc, acc2), acc_row);
+  }
+  return hsum8(acc_row);
+}
+
+// 8 fp16 values from p (all 8 readable) as fp32.
+inline __m256 half8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// The zero point's share of one output, sum_g s_g * z_g * xsum_g (z_g = offset for symmetric codes).
+inline float zero_point_share(const at::Half* scales, const uint8_t* zeros, float offset, const float* xsum,
+                              int64_t groups) {
+  __m256 corr = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 8 <= groups; g += 8) {
+    uint64_t zb = 0;
+    if (zeros) std::memcpy(&zb, zeros + g, 8);
+    const __m256 z = zeros ? _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(zb))))
+                           : _mm256_set1_ps(offset);
+    corr = _mm256_fmadd_ps(_mm256_mul_ps(half8(scales + g), z), _mm256_loadu_ps(xsum + g), corr);
+  }
+  float out = hsum8(corr);
+  for (; g < groups; ++g) out += float(scales[g]) * (zeros ? float(zeros[g]) : offset) * xsum[g];
+  return out;
+}
+
+template <int BITS, Decode D>
+void gemv_rows_simd(const float* x, const float* xsum, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
+                    const at::Half* scales, const uint8_t* zeros, bool shared_scales, const float* lut, float offset,
+                    int64_t K, int64_t group_size, int64_t groups, int64_t n0, int64_t n1, float* y) {
+  const Table table = D == Decode::Table16 ? load_table(lut, 1 << BITS) : Table{_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t srow = shared_scales ? 0 : n * groups;
+    const int64_t start = n * row_bytes;
+    float out = row_dot<BITS, D>(codes + start, total_bytes - start, x, K, group_size, scales + srow, table, lut);
+    if constexpr (D == Decode::Int) out -= zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xsum, groups);
+    y[n] = out;
+  }
+}
+
+// Mixed-codebook rows (see gemv_mixed_rows): each row's levels in two registers.
+template <int BITS>
+void gemv_mixed_rows_simd(const float* x, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
+                          const at::Half* books, const at::Half* absmax, const int32_t* perm, int64_t K,
+                          int64_t block, int64_t blocks, int64_t r0, int64_t n0, int64_t n1, float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float t[16] = {0};
+    for (int i = 0; i < (1 << BITS); ++i) t[i] = float(books[n * (1 << BITS) + i]);
+    const int64_t start = n * row_bytes;
+    y[perm[r0 + n]] = row_dot<BITS, Decode::Table16>(codes + start, total_bytes - start, x, K, block,
+                                                     absmax + (r0 + n) * blocks, load_table(t, 16), nullptr);
+  }
+}
+
+// ---- int8-activation path (AVX2): 32 code bytes x 32 int8 activations per vpmaddubsw ----------------------------
+// x is rounded per weight group as the VNNI path rounds it (same scale, same round-to-nearest-even), laid out for
+// 32-byte chunks of a row: xq[(c * PER + p) * 32 + j] = round(x[k] / s_x) for k = c * 32 * PER + j * PER + p.
+// vpmaddubsw sums adjacent byte pairs into int16 (|sum| <= 2 * 15 * 127: no saturation for codes of up to 4 bits;
+// 8-bit codes would saturate and stay on the fp32 path), the PER phases add in int16 (<= 7,620), and vpmaddwd
+// with ones gives lane l the sum over bytes 4l..4l+3, i.e. codes [c * 32 * PER + 4 * PER * l, + 4 * PER): one
+// weight group when group_size % (4 * PER) == 0, as on the VNNI path.
+constexpr int64_t kChunkBytes = 32;
+
+struct QuantizedX {
+  std::vector<int8_t> q;      // (chunks * PER * 32,)
+  std::vector<float> scale;   // (groups + 16,) s_x per group, zero padded
+  std::vector<float> sum;     // (groups + 16,) s_x * sum of the group's rounded values (the zero point's share)
+  std::vector<int32_t> lane;  // (chunks * 8,) each lane's group, relative to the chunk's first group
+  std::vector<int32_t> first; // (chunks,) the chunk's first group
+};
+
+template <int BITS>
+const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t groups, int64_t chunks) {
+  constexpr int PER = 8 / BITS, CODES = kChunkBytes * PER;
+  static thread_local QuantizedX r;
+  static thread_local std::vector<int8_t> lin;  // (chunks * CODES,) the rounded x in k order, zero padded
+  r.q.resize(chunks * CODES);
+  lin.assign(chunks * CODES, 0);
+  r.scale.assign(groups + 16, 0.f);
+  r.sum.assign(groups + 16, 0.f);
+  r.lane.resize(chunks * 8);
+  r.first.resize(chunks);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * gs, len = std::min(K, k0 + gs) - k0;
+    float top = 0.f;
+    for (int64_t i = 0; i < len; ++i) top = std::max(top, std::fabs(x[k0 + i]));
+    r.scale[g] = top / 127.f;
+    const float inv = top > 0.f ? 127.f / top : 0.f;
+    int32_t total = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const int v = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(x[k0 + i] * inv))));
+      lin[k0 + i] = static_cast<int8_t>(v);
+      total += v;
+    }
+    r.sum[g] = static_cast<float>(total) * r.scale[g];
+  }
+  for (int64_t c = 0; c < chunks; ++c)  // phase p of chunk c: the p-th code of each of its 32 bytes
+    for (int p = 0; p < PER; ++p)
+      for (int j = 0; j < kChunkBytes; ++j) r.q[(c * PER + p) * kChunkBytes + j] = lin[c * CODES + j * PER + p];
+  for (int64_t c = 0; c < chunks; ++c) {
+    r.first[c] = static_cast<int32_t>(c * CODES / gs);
+    for (int l = 0; l < 8; ++l) {
+      const int64_t g = std::min<int64_t>((c * CODES + 4 * PER * l) / gs, groups - 1);
+      r.lane[c * 8 + l] = static_cast<int32_t>(g - r.first[c]);
+    }
+  }
+  return r;
+}
+
+// The 8 lanes' int32 sums of one 32-byte chunk of codes `b` times the chunk's int8 activations `xc`.
+template <int BITS>
+inline __m256i chunk_dot(__m256i b, const int8_t* xc) {
+  constexpr int PER = 8 / BITS;
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  __m256i pairs = _mm256_setzero_si256();
+  for (int p = 0; p < PER; ++p) {
+    const __m256i v = _mm256_and_si256(p ? _mm256_srli_epi16(b, p * BITS) : b, mask);
+    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * 32))));
+  }
+  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+}
+
+// The rows [n0, n1) of y = W x with int8 x (see the VNNI path's gemv_rows_i8): the 8 lanes of each chunk meet
+// their groups' combined scales s_w[n, g] * s_x[g] — one broadcast per chunk where a group spans whole chunks,
+// else a permute of the chunk's lane table.
+template <int BITS>
+void gemv_rows_i8(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
+                  const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t gs,
+                  int64_t chunks, int64_t n0, int64_t n1, float* y) {
+  constexpr int PER = 8 / BITS;
+  constexpr int64_t CODES = kChunkBytes * PER;
+  static thread_local std::vector<float> cs_buf;
+  cs_buf.assign(groups + 16, 0.f);
+  float* cs = cs_buf.data();
+  const int64_t chunks_per_group = gs % CODES == 0 ? gs / CODES : 0;
+  const int64_t tail = row_bytes - (chunks - 1) * kChunkBytes;
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t srow = shared_scales ? 0 : n * groups;
+    for (int64_t g = 0; g < groups; ++g) cs[g] = float(scales[srow + g]) * xq.scale[g];
+    const uint8_t* row = codes + n * row_bytes;
+    __m256 acc = _mm256_setzero_ps();
+    auto chunk = [&](int64_t c, __m256i b) __attribute__((always_inline)) {
+      const __m256i dot = chunk_dot<BITS>(b, xq.q.data() + c * PER * kChunkBytes);
+      const __m256 s = chunks_per_group
+          ? _mm256_set1_ps(cs[c / chunks_per_group])
+          : _mm256_permutevar8x32_ps(_mm256_loadu_ps(cs + xq.first[c]),
+                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.lane.data() + c * 8)));
+      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc);
+    };
+    for (int64_t c = 0; c + 1 < chunks; ++c) chunk(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * kChunkBytes)));
+    alignas(32) uint8_t last[kChunkBytes] = {0};  // the row's last chunk, zero padded (no masked byte loads here)
+    std::memcpy(last, row + (chunks - 1) * kChunkBytes, tail);
+    chunk(chunks - 1, _mm256_load_si256(reinterpret_cast<const __m256i*>(last)));
+    y[n] = hsum8(acc) - zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xq.sum.data(), groups);
+  }
+}
+#endif  // AVX2
+
+#if defined(LOWBIT_AVX512) || defined(LOWBIT_AVX2)
+#define LOWBIT_FLOAT_SIMD 1  // gemv_rows_simd and gemv_mixed_rows_simd exist
+#endif
+#if defined(LOWBIT_VNNI) || defined(LOWBIT_AVX2)
+#define LOWBIT_INT8_X 1  // quantize_x and gemv_rows_i8 exist (8-bit codes on VNNI only)
+#endif
+
 }  // namespace
 
-// Whether the int8-activation kernels take a weight (this GEMV's int8 path and csrc/int_gemm.cpp): integer codes of
-// 1, 2, 4 or 8 bits whose groups hold whole vpdpbusd lanes (4 bytes), on a CPU build with AVX512-VNNI.
+// Whether csrc/int_gemm.cpp's integer GEMMs take a weight: integer codes of 1, 2, 4 or 8 bits whose groups hold
+// whole vpdpbusd lanes (4 bytes), on a CPU build with AVX512-VNNI.
 bool vnni_applies(int64_t bits, int64_t group_size, bool table) {
 #ifdef LOWBIT_VNNI
   if (table || (bits != 1 && bits != 2 && bits != 4 && bits != 8)) return false;
+  return group_size % (4 * (8 / bits)) == 0;
+#else
+  return false;
+#endif
+}
+
+// Whether the GEMV's int8-activation path takes a weight (one row here, or each row of a small batch in
+// qgemm_i8): as vnni_applies on an AVX512-VNNI build; on an AVX2 build integer codes of 1, 2 or 4 bits (8-bit codes
+// would saturate vpmaddubsw's int16 pair sums) whose groups hold whole 4-byte lanes.
+bool int8_x_applies(int64_t bits, int64_t group_size, bool table) {
+#if defined(LOWBIT_VNNI)
+  return vnni_applies(bits, group_size, table);
+#elif defined(LOWBIT_AVX2)
+  if (table || (bits != 1 && bits != 2 && bits != 4)) return false;
   return group_size % (4 * (8 / bits)) == 0;
 #else
   return false;
@@ -455,23 +716,26 @@ void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::o
       start += w.N;
     }
   };
-#ifdef LOWBIT_VNNI
-  if (int8_x && K > 0 && vnni_applies(bits, group_size, levels.has_value())) {  // K > 0: a row has a last chunk
-    const int64_t chunks = (row_bytes + 63) / 64;
+#ifdef LOWBIT_INT8_X
+  if (int8_x && K > 0 && int8_x_applies(bits, group_size, levels.has_value())) {  // K > 0: a row has a last chunk
+    const int64_t chunks = (row_bytes + kChunkBytes - 1) / kChunkBytes;
     switch (bits) {
-#define LOWBIT_VNNI_CASE(B)                                                                                    \
+#define LOWBIT_I8_CASE(B)                                                                                    \
   case B: {                                                                                                  \
     const QuantizedX& xq = quantize_x<B>(xp, K, group_size, groups, chunks);                                  \
     at::parallel_for(0, total_rows, 8, [&](int64_t n0, int64_t n1) {                                         \
       each(n0, n1, [&](const Rows& w, int64_t r0, int64_t r1) {                                              \
-        gemv_rows_vnni<B>(xq, w.codes, row_bytes, w.scales, w.zeros, w.shared, float(offset), groups,       \
+        gemv_rows_i8<B>(xq, w.codes, row_bytes, w.scales, w.zeros, w.shared, float(offset), groups,       \
                           group_size, chunks, r0, r1, w.y);                                                 \
       });                                                                                                    \
     });                                                                                                      \
     return;                                                                                                  \
   }
-      LOWBIT_VNNI_CASE(1) LOWBIT_VNNI_CASE(2) LOWBIT_VNNI_CASE(4) LOWBIT_VNNI_CASE(8)
-#undef LOWBIT_VNNI_CASE
+      LOWBIT_I8_CASE(1) LOWBIT_I8_CASE(2) LOWBIT_I8_CASE(4)
+#ifdef LOWBIT_VNNI
+      LOWBIT_I8_CASE(8)
+#endif
+#undef LOWBIT_I8_CASE
     }
   }
 #endif
@@ -481,7 +745,7 @@ void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::o
   at::parallel_for(0, total_rows, 8, [&](int64_t n0, int64_t n1) {
     each(n0, n1, [&](const Rows& w, int64_t r0, int64_t r1) {
       const int64_t total = w.N * row_bytes;
-#ifdef LOWBIT_AVX512
+#ifdef LOWBIT_FLOAT_SIMD
       switch (bits) {
 #define LOWBIT_SIMD(B)                                                                                          \
   case B:                                                                                                     \
@@ -495,7 +759,7 @@ void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::o
     return;
         LOWBIT_SIMD(1) LOWBIT_SIMD(2) LOWBIT_SIMD(3) LOWBIT_SIMD(4) LOWBIT_SIMD(8)
 #undef LOWBIT_SIMD
-        default: break;  // 5-7 bits: 16 codes do not fit one 64-bit load; the portable loop below
+        default: break;  // 5-7 bits: the portable loop below
       }
 #endif
       switch (bits) {
@@ -583,7 +847,7 @@ torch::Tensor qgemv_mixed(torch::Tensor x, std::vector<int64_t> widths, std::vec
     const uint8_t* cp = codes[s].data_ptr<uint8_t>();
     const at::Half* bp = books[s].data_ptr<at::Half>();
     at::parallel_for(0, rows, 8, [&](int64_t n0, int64_t n1) {
-#ifdef LOWBIT_AVX512
+#ifdef LOWBIT_FLOAT_SIMD
       switch (bits) {
 #define LOWBIT_SIMD(B) case B: gemv_mixed_rows_simd<B>(xp, cp, row_bytes, rows * row_bytes, bp, absmax.data_ptr<at::Half>(), perm.data_ptr<int32_t>(), K, block, blocks, r0, n0, n1, yp); return;
         LOWBIT_SIMD(1) LOWBIT_SIMD(2) LOWBIT_SIMD(3) LOWBIT_SIMD(4)
@@ -738,6 +1002,12 @@ inline __m512 load16(const at::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_m
 inline __m512 load16(const at::BFloat16* p, __mmask16 m) {  // bf16 is the top half of an fp32: shift into place
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
+#elif defined(LOWBIT_AVX2)
+inline __m256 load8(const at::Half* p) { return half8(p); }
+inline __m256 load8(const at::BFloat16* p) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
 #endif
 
 template <typename W>
@@ -793,6 +1063,23 @@ torch::Tensor gemv_float(const torch::Tensor& x, const torch::Tensor& w) {
         yp[n + 1] = _mm512_reduce_add_ps(a1);
         yp[n + 2] = _mm512_reduce_add_ps(a2);
         yp[n + 3] = _mm512_reduce_add_ps(a3);
+      }
+    }
+#elif defined(LOWBIT_AVX2)
+    if constexpr (sizeof(W) == 2) {  // fp16 / bf16: one row at a time, 32 weights a step, the tail below
+      for (; n < n1; ++n) {
+        const W* r = wp + n * K;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k + 32 <= K; k += 32) {
+          a0 = _mm256_fmadd_ps(load8(r + k), _mm256_loadu_ps(xp + k), a0);
+          a1 = _mm256_fmadd_ps(load8(r + k + 8), _mm256_loadu_ps(xp + k + 8), a1);
+          a2 = _mm256_fmadd_ps(load8(r + k + 16), _mm256_loadu_ps(xp + k + 16), a2);
+          a3 = _mm256_fmadd_ps(load8(r + k + 24), _mm256_loadu_ps(xp + k + 24), a3);
+        }
+        float acc = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        for (; k < K; ++k) acc += static_cast<float>(r[k]) * xp[k];
+        yp[n] = acc;
       }
     }
 #endif
@@ -904,7 +1191,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv_f32", &gemv_f32, "fp32 GEMV (one input row) for the float layers a packed model keeps");
   m.def("gemv_f16", &gemv_f16, "fp16-weight GEMV (one fp32 input row): a float head read at half the bytes");
   m.def("gemv_bf16", &gemv_bf16, "bf16-weight GEMV (one fp32 input row): a float head of bf16 values, half the bytes");
-  m.def("vnni_applies", &vnni_applies, "whether the int8-activation kernels take (bits, group_size, table)");
+  m.def("vnni_applies", &vnni_applies, "whether the integer GEMMs (qgemm_act, AVX512-VNNI) take (bits, group_size, table)");
+  m.def("int8_x_applies", &int8_x_applies, "whether the GEMV's int8-activation path (qgemv int8_x, qgemm_i8) takes "
+        "(bits, group_size, table)");
   m.def("qgemm_i8", &qgemm_i8, "a few rows through the int8-activation kernel (small batches)");
   m.def("dequant_bf16", &dequant_bf16, "rows of a uniform packed weight dequantized into a bf16 tile");
   m.def("dequant_mixed_bf16", &dequant_mixed_bf16, "rows of one width segment of a mixed-codebook weight (LowRA) "
