@@ -99,6 +99,10 @@ def kernel_call(ext, x: torch.Tensor, weight, bits: int, group: int) -> torch.Te
 def time_set(exts: dict, rounds: int, rows_m: int = 1) -> list[dict]:
     revs, rows = list(exts), []
     for bits, group in FORMATS:
+        applies = [getattr(e, "int8_x_applies", e.vnni_applies)(bits, group, False) for e in exts.values()]
+        if rows_m > 1 and not all(applies):
+            print(f"int{bits} g{group}: no small-batch int8 kernel in every revision on this CPU (AVX2: up to 4 bits)")
+            continue
         for n, k, calls in SHAPES if rows_m == 1 else BATCH_SHAPES:
             # several copies of a weight larger than the caches, so that every call reads from memory
             weights = [random_weight(n, k, bits, group) for _ in range(1 if n * k < 1e6 else 6)]

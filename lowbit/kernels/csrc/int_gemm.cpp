@@ -361,9 +361,9 @@ void gemm(const Problem& P, const ChunkPlan& plan) {
 
 bool vnni_applies(int64_t bits, int64_t group_size, bool table);  // csrc/qgemv.cpp: the one rule for both files
 bool int8_x_applies(int64_t bits, int64_t group_size, bool table);
-torch::Tensor qgemv_kernel(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
-                           c10::optional<torch::Tensor> zeros, c10::optional<torch::Tensor> levels, int64_t bits,
-                           int64_t group_size, int64_t offset, bool int8_x);
+torch::Tensor qgemm_i8_avx2(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                            const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
+                            int64_t offset);
 
 // Codes and scales of quantize_per_token (symmetric): x (M, K) fp32 (rows may be strided) -> (codes int8 (M, K),
 // scale (M, 1)). The many-row GEMM of kernels/cpu.py multiplies these codes with oneDNN's int8 GEMM.
@@ -485,11 +485,8 @@ torch::Tensor qgemm_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scale
   TORCH_CHECK(int8_x_applies(bits, group_size, false), "qgemm_i8 needs integer codes in whole lanes the int8 GEMV takes (int8_x_applies)");
 #ifdef LOWBIT_INT_GEMM
   return run(x, codes, scales, zeros, bits, group_size, offset, 0, 1.0);
-#else  // an AVX2 build: the one-row int8 GEMV per row (the weight read once per row, each row rounded alike)
-  auto y = torch::empty({x.size(0), codes.size(0)}, x.options());
-  for (int64_t m = 0; m < x.size(0); ++m)
-    y[m].copy_(qgemv_kernel(x[m].contiguous(), codes, scales, zeros, c10::nullopt, bits, group_size, offset, true));
-  return y;
+#else  // an AVX2 build (csrc/qgemv.cpp): each row rounded alike, tiles of the weight meet 4 rows at a time
+  return qgemm_i8_avx2(x, codes, scales, zeros, bits, group_size, offset);
 #endif
 }
 

@@ -535,10 +535,10 @@ struct QuantizedX {
   std::vector<int32_t> first; // (chunks,) the chunk's first group
 };
 
+// Rounds x (K,) into r (its buffers reused: a decode step calls this ~200 times per token).
 template <int BITS>
-const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t groups, int64_t chunks) {
+void quantize_x_into(QuantizedX& r, const float* x, int64_t K, int64_t gs, int64_t groups, int64_t chunks) {
   constexpr int PER = 8 / BITS, CODES = kChunkBytes * PER;
-  static thread_local QuantizedX r;
   static thread_local std::vector<int8_t> lin;  // (chunks * CODES,) the rounded x in k order, zero padded
   r.q.resize(chunks * CODES);
   lin.assign(chunks * CODES, 0);
@@ -570,55 +570,105 @@ const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t grou
       r.lane[c * 8 + l] = static_cast<int32_t>(g - r.first[c]);
     }
   }
+}
+
+template <int BITS>
+const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t groups, int64_t chunks) {
+  static thread_local QuantizedX r;
+  quantize_x_into<BITS>(r, x, K, gs, groups, chunks);
   return r;
 }
 
-// The 8 lanes' int32 sums of one 32-byte chunk of codes `b` times the chunk's int8 activations `xc`.
-template <int BITS>
-inline __m256i chunk_dot(__m256i b, const int8_t* xc) {
-  constexpr int PER = 8 / BITS;
-  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1));
-  __m256i pairs = _mm256_setzero_si256();
-  for (int p = 0; p < PER; ++p) {
-    const __m256i v = _mm256_and_si256(p ? _mm256_srli_epi16(b, p * BITS) : b, mask);
-    pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * 32))));
-  }
-  return _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-}
-
-// The rows [n0, n1) of y = W x with int8 x (see the VNNI path's gemv_rows_i8): the 8 lanes of each chunk meet
-// their groups' combined scales s_w[n, g] * s_x[g] — one broadcast per chunk where a group spans whole chunks,
-// else a permute of the chunk's lane table.
-template <int BITS>
-void gemv_rows_i8(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
-                  const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t gs,
-                  int64_t chunks, int64_t n0, int64_t n1, float* y) {
+// The weight rows [n0, n1) times M int8 activation rows xq[0..M) (a decode row, or up to 4 rows of a small batch)
+// into y[m][n]: each 32-byte chunk of codes is loaded and split into its PER phases once, then vpmaddubsw meets
+// every row's activations. The 8 lanes of a chunk meet their groups' combined scales s_w[n, g] * s_x[m, g] — one
+// broadcast per chunk where a group spans whole chunks, else a permute of the chunk's lane table (the same for
+// every row: it depends on K and the group size only).
+template <int BITS, int M>
+void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
+                    const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t gs,
+                    int64_t chunks, int64_t n0, int64_t n1, float* const* y) {
   constexpr int PER = 8 / BITS;
   constexpr int64_t CODES = kChunkBytes * PER;
-  static thread_local std::vector<float> cs_buf;
-  cs_buf.assign(groups + 16, 0.f);
-  float* cs = cs_buf.data();
+  const int64_t stride = groups + 16;
+  static thread_local std::vector<float> cs_buf;  // (M, groups + 16) combined scales, zero padded
+  cs_buf.assign(M * stride, 0.f);
+  float* cs = cs_buf.data();  // a plain pointer in the loops: a thread_local name costs a TLS lookup per use
   const int64_t chunks_per_group = gs % CODES == 0 ? gs / CODES : 0;
   const int64_t tail = row_bytes - (chunks - 1) * kChunkBytes;
+  const int32_t* lane = xq[0]->lane.data();
+  const int32_t* first = xq[0]->first.data();
+  const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1)), ones = _mm256_set1_epi16(1);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t srow = shared_scales ? 0 : n * groups;
-    for (int64_t g = 0; g < groups; ++g) cs[g] = float(scales[srow + g]) * xq.scale[g];
+    for (int m = 0; m < M; ++m)
+      for (int64_t g = 0; g < groups; ++g) cs[m * stride + g] = float(scales[srow + g]) * xq[m]->scale[g];
     const uint8_t* row = codes + n * row_bytes;
-    __m256 acc = _mm256_setzero_ps();
+    __m256 acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
     auto chunk = [&](int64_t c, __m256i b) __attribute__((always_inline)) {
-      const __m256i dot = chunk_dot<BITS>(b, xq.q.data() + c * PER * kChunkBytes);
-      const __m256 s = chunks_per_group
-          ? _mm256_set1_ps(cs[c / chunks_per_group])
-          : _mm256_permutevar8x32_ps(_mm256_loadu_ps(cs + xq.first[c]),
-                                     _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq.lane.data() + c * 8)));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc);
+      __m256i v[PER];
+      for (int p = 0; p < PER; ++p) v[p] = _mm256_and_si256(p ? _mm256_srli_epi16(b, p * BITS) : b, mask);
+      const __m256i idx = chunks_per_group ? ones : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane + c * 8));
+      for (int m = 0; m < M; ++m) {
+        const int8_t* xc = xq[m]->q.data() + c * PER * kChunkBytes;
+        __m256i pairs = _mm256_setzero_si256();  // int16 pair sums of the PER phases (<= 7,620: no saturation)
+        for (int p = 0; p < PER; ++p)
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v[p], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * kChunkBytes))));
+        const float* csm = cs + m * stride;
+        const __m256 s = chunks_per_group ? _mm256_set1_ps(csm[c / chunks_per_group])
+                                          : _mm256_permutevar8x32_ps(_mm256_loadu_ps(csm + first[c]), idx);
+        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), s, acc[m]);
+      }
     };
     for (int64_t c = 0; c + 1 < chunks; ++c) chunk(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * kChunkBytes)));
     alignas(32) uint8_t last[kChunkBytes] = {0};  // the row's last chunk, zero padded (no masked byte loads here)
     std::memcpy(last, row + (chunks - 1) * kChunkBytes, tail);
     chunk(chunks - 1, _mm256_load_si256(reinterpret_cast<const __m256i*>(last)));
-    y[n] = hsum8(acc) - zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xq.sum.data(), groups);
+    for (int m = 0; m < M; ++m)
+      y[m][n] = hsum8(acc[m]) - zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset,
+                                                 xq[m]->sum.data(), groups);
   }
+}
+
+// One activation row (the decode GEMV), as the VNNI path's gemv_rows_i8.
+template <int BITS>
+void gemv_rows_i8(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
+                  const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t gs,
+                  int64_t chunks, int64_t n0, int64_t n1, float* y) {
+  const QuantizedX* xs[1] = {&xq};
+  float* ys[1] = {y};
+  gemv_rows_i8_m<BITS, 1>(xs, codes, row_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks, n0, n1, ys);
+}
+
+// A small batch x (M, K) (qgemm_i8 on an AVX2 build): every row rounded as the one-row kernel rounds it; tiles of
+// 16 weight rows (in L1/L2) meet 4 activation rows at a time, so the weight is read from memory once.
+template <int BITS>
+void gemm_rows_i8(const float* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
+                  int64_t row_bytes, const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset,
+                  int64_t groups, int64_t gs, float* y) {
+  const int64_t chunks = (row_bytes + kChunkBytes - 1) / kChunkBytes;
+  std::vector<QuantizedX> xs(M);
+  for (int64_t m = 0; m < M; ++m) quantize_x_into<BITS>(xs[m], x + m * x_stride, K, gs, groups, chunks);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t t = n0; t < n1; t += 16) {
+      const int64_t t1 = std::min(n1, t + 16);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const QuantizedX* xq[4];
+        float* ys[4];
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        for (int64_t i = 0; i < rows; ++i) xq[i] = &xs[m0 + i], ys[i] = y + (m0 + i) * N;
+#define LOWBIT_TILE(R) gemv_rows_i8_m<BITS, R>(xq, codes, row_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks, t, t1, ys)
+        switch (rows) {
+          case 4: LOWBIT_TILE(4); break;
+          case 3: LOWBIT_TILE(3); break;
+          case 2: LOWBIT_TILE(2); break;
+          default: LOWBIT_TILE(1);
+        }
+#undef LOWBIT_TILE
+      }
+    }
+  });
 }
 #endif  // AVX2
 
@@ -771,6 +821,33 @@ void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::o
     });
   });
 }
+
+}  // namespace
+
+// qgemm_i8 on a build without AVX512-VNNI (csrc/int_gemm.cpp checked the arguments): x (M, K) fp32 rows with unit
+// column stride, each rounded to int8 per weight group as the one-row kernel rounds it -> (M, N).
+torch::Tensor qgemm_i8_avx2(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                            const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
+                            int64_t offset) {
+  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
+  auto y = torch::zeros({M, N}, x.options());
+  TORCH_CHECK(int8_x_applies(bits, group_size, false), "qgemm_i8 needs integer codes the int8 GEMV takes");
+#ifdef LOWBIT_AVX2
+  if (K == 0 || M == 0) return y;
+  const uint8_t* zp = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
+  const bool shared = scales.size(0) == 1 && N != 1;
+  switch (bits) {
+#define LOWBIT_CASE(B) case B: gemm_rows_i8<B>(x.data_ptr<float>(), x.stride(0), M, K, codes.data_ptr<uint8_t>(), N, \
+                                         codes.size(1), scales.data_ptr<at::Half>(), zp, shared, float(offset),   \
+                                         scales.size(1), group_size, y.data_ptr<float>()); break;
+    LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(4)
+#undef LOWBIT_CASE
+  }
+#endif
+  return y;
+}
+
+namespace {
 
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                     c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset,
