@@ -84,7 +84,8 @@ def _int8_rule(qweight: PackedWeight, rule: str) -> bool:
 
 def gemv_function(qweight: PackedWeight, int8_x: bool = False):
     """``fn(x (in,) fp32 contiguous) -> (out,) fp32``: :func:`qmatmul_cpu` for one row with the weight's arguments
-    bound once (the decode step's fast path)."""
+    bound once (the decode step's fast path). A mixed-codebook weight's function also takes ``(M, in) -> (M, out)``
+    (:func:`qmatmul_cpu_rows`)."""
     ext = extension()
     if isinstance(qweight, MixedCodebookWeight):
         widths = list(qweight.rows)
@@ -115,7 +116,7 @@ def qmatmul_cpu(x: torch.Tensor, qweight: PackedWeight, int8_x: bool = False) ->
 
 
 SMALL_BATCH = 16  # at most this many rows run the int8-activation kernel (small batches); more: bf16 tiles
-# LowRA's mixed rows: at most this many rows run the decode GEMV once per row (more: bf16 tiles where they build);
+# LowRA's mixed rows: at most this many rows run the decode GEMV (more: bf16 tiles where they build);
 # per SmolLM2 layer, 1 thread, the tiles took 0.7x the GEMV's time at 4 rows, 0.25x at 16, 2.7x at 1.
 MIXED_GEMV_ROWS = 2
 
@@ -187,12 +188,12 @@ def _int_mm_tiled(x2: torch.Tensor, qweight: QuantizedWeight, act_bits: int, cli
 
 
 def qmatmul_cpu_rows(x: torch.Tensor, qweight: MixedCodebookWeight) -> torch.Tensor:
-    """``x (..., in)`` with a few rows (``<= MIXED_GEMV_ROWS``, or ``SMALL_BATCH`` under ``exact``) of a
-    mixed-codebook weight (LowRA) -> ``(..., out)``: the fp32 decode GEMV once per row (the weight read once per
-    row, never dequantized). Equal to the reference up to summation order."""
-    gemv = gemv_function(qweight)
-    rows = x.reshape(-1, x.shape[-1]).float()
-    y = torch.stack([gemv(row.contiguous()) for row in rows])
+    """``x (..., in)`` with a few rows (``<= MIXED_GEMV_ROWS``, or ``SMALL_BATCH`` without the bf16 tiles) of a
+    mixed-codebook weight (LowRA) -> ``(..., out)``: the fp32 decode GEMV over all rows in one call (on AVX2 each
+    decoded code meets four rows; elsewhere the weight is read once per row), never dequantized. Equal to the
+    reference up to summation order."""
+    rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = gemv_function(qweight)(rows)
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
 
 

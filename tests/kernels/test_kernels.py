@@ -348,6 +348,21 @@ def _mixed_weight(out_f: int = 12, in_f: int = 40, block_size: int = 16):
     return MixedCodebookWeight.from_rows(codes, widths, books, absmax, block_size)
 
 
+@pytest.mark.parametrize("rows", [2, 3, 5, 16])
+@pytest.mark.parametrize("in_f", [37, 200])
+def test_a_small_batch_of_mixed_codebook_rows_runs_one_gemv_call(exact, rows, in_f):
+    """A few rows of a LowRA weight run one GEMV call over all of them (on AVX2 tiles of 2-4 rows share each
+    decoded code, a last single row runs alone): equal to the reference and to one call per row, ragged columns
+    (37: a last block of 5, a tail short of 8 codes) included."""
+    qw = _mixed_weight(12, in_f, 8)
+    x = torch.randn(rows, in_f)
+    y = kernels.qmatmul(x, qw)
+    assert kernels.calls == {"cpu-gemv-rows": 1}
+    torch.testing.assert_close(y, qmatmul_reference(x, qw), atol=FP32_ATOL, rtol=FP32_RTOL)
+    one_by_one = torch.cat([kernels.qmatmul(row[None], qw) for row in x])
+    torch.testing.assert_close(y, one_by_one, atol=FP32_ATOL, rtol=FP32_RTOL)
+
+
 def test_group_scaled_qmatmul_on_lowra_weights_trains_the_block_absmax():
     """LowRA's block absmax are row-wise scales too: the multiplier is one per row and block (original row
     order), its gradient matches autograd through the dense weight, and folding it into the stored (permuted)

@@ -518,6 +518,42 @@ void gemv_mixed_rows_simd(const float* x, const uint8_t* codes, int64_t row_byte
   }
 }
 
+// M activation rows (x + m * K, outputs y + m * N) against the same mixed-codebook rows: each 8 codes are decoded
+// once and meet all M rows (a small batch of a LowRA layer; one row per call would decode every code M times).
+template <int BITS, int M>
+void gemv_mixed_rows_simd_m(const float* x, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
+                            const at::Half* books, const at::Half* absmax, const int32_t* perm, int64_t K,
+                            int64_t block, int64_t blocks, int64_t r0, int64_t n0, int64_t n1, float* y, int64_t N) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float t[16] = {0};
+    for (int i = 0; i < (1 << BITS); ++i) t[i] = float(books[n * (1 << BITS) + i]);
+    const Table table = load_table(t, 16);
+    const uint8_t* row = codes + n * row_bytes;
+    const int64_t avail = total_bytes - n * row_bytes;
+    const at::Half* a = absmax + (r0 + n) * blocks;
+    __m256 acc_row[M];
+    for (int m = 0; m < M; ++m) acc_row[m] = _mm256_setzero_ps();
+    for (int64_t k0 = 0, g = 0; k0 < K; k0 += block, ++g) {
+      const int64_t len = std::min(block, K - k0);
+      __m256 acc[M];
+      for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < len; k += 8) {
+        const int64_t b = (k0 + k) * BITS / 8;
+        const __m256 v = decode8<Decode::Table16>(codes8<BITS>(row + b, avail - b), table, nullptr);
+        if (len - k >= 8) {
+          for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + m * K + k0 + k), acc[m]);
+        } else {  // the row's last 1-7 columns: x masked to zero beyond them
+          const __m256i mask = lanes8(len - k);
+          for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(v, _mm256_maskload_ps(x + m * K + k0 + k, mask), acc[m]);
+        }
+      }
+      const __m256 s = _mm256_set1_ps(float(a[g]));
+      for (int m = 0; m < M; ++m) acc_row[m] = _mm256_fmadd_ps(s, acc[m], acc_row[m]);
+    }
+    for (int m = 0; m < M; ++m) y[m * N + perm[r0 + n]] = hsum8(acc_row[m]);
+  }
+}
+
 // ---- int8-activation path (AVX2): 32 code bytes x 32 int8 activations per vpmaddubsw ----------------------------
 // x is rounded per weight group as the VNNI path rounds it (same scale, same round-to-nearest-even), laid out for
 // 32-byte chunks of a row: xq[(c * PER + p) * 32 + j] = round(x[k] / s_x) for k = c * 32 * PER + j * PER + p.
@@ -903,16 +939,17 @@ void gemv_mixed_rows(const float* x, const uint8_t* codes, int64_t row_bytes, co
   }
 }
 
+// x (K,) -> (N,), or a few rows x (M, K) -> (M, N) (a small batch: on AVX2 four rows share each decoded code).
 torch::Tensor qgemv_mixed(torch::Tensor x, std::vector<int64_t> widths, std::vector<torch::Tensor> codes,
                           std::vector<torch::Tensor> books, torch::Tensor absmax, torch::Tensor perm, int64_t block) {
-  TORCH_CHECK(x.dim() == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,)");
+  TORCH_CHECK((x.dim() == 1 || x.dim() == 2) && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x must be contiguous fp32 (K,) or (M, K)");
   TORCH_CHECK(widths.size() == codes.size() && codes.size() == books.size(), "one codes and codebook tensor per width");
   TORCH_CHECK(absmax.scalar_type() == torch::kFloat16 && absmax.is_contiguous() && absmax.dim() == 2, "absmax must be fp16 (out, blocks)");
   TORCH_CHECK(perm.scalar_type() == torch::kInt32 && perm.is_contiguous(), "perm must be int32");
   TORCH_CHECK(block > 0 && block % 8 == 0, "block_size must be a positive multiple of 8");
-  const int64_t K = x.size(0), N = absmax.size(0), blocks = absmax.size(1);
+  const int64_t M = x.dim() == 2 ? x.size(0) : 1, K = x.size(-1), N = absmax.size(0), blocks = absmax.size(1);
   TORCH_CHECK(blocks == (K + block - 1) / block && perm.numel() == N, "absmax/perm do not match the weight");
-  auto y = torch::empty({N}, x.options());
+  auto y = x.dim() == 2 ? torch::empty({M, N}, x.options()) : torch::empty({N}, x.options());
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   int64_t r0 = 0;
@@ -923,19 +960,39 @@ torch::Tensor qgemv_mixed(torch::Tensor x, std::vector<int64_t> widths, std::vec
     TORCH_CHECK(r0 + rows <= N, "segments hold more rows than absmax");
     const uint8_t* cp = codes[s].data_ptr<uint8_t>();
     const at::Half* bp = books[s].data_ptr<at::Half>();
+    const at::Half* ap = absmax.data_ptr<at::Half>();
+    const int32_t* pp = perm.data_ptr<int32_t>();
     at::parallel_for(0, rows, 8, [&](int64_t n0, int64_t n1) {
-#ifdef LOWBIT_FLOAT_SIMD
-      switch (bits) {
-#define LOWBIT_SIMD(B) case B: gemv_mixed_rows_simd<B>(xp, cp, row_bytes, rows * row_bytes, bp, absmax.data_ptr<at::Half>(), perm.data_ptr<int32_t>(), K, block, blocks, r0, n0, n1, yp); return;
-        LOWBIT_SIMD(1) LOWBIT_SIMD(2) LOWBIT_SIMD(3) LOWBIT_SIMD(4)
-#undef LOWBIT_SIMD
+      int64_t m = 0;
+#ifdef LOWBIT_AVX2
+      for (; m + 1 < M; m += 4) {  // tiles of 2-4 rows; a last single row takes the one-row kernel below
+        const int64_t tile = std::min<int64_t>(4, M - m);
+        switch (bits * 8 + tile) {
+#define LOWBIT_TILE(B, R) case B * 8 + R: gemv_mixed_rows_simd_m<B, R>(xp + m * K, cp, row_bytes, rows * row_bytes, bp, ap, pp, K, block, blocks, r0, n0, n1, yp + m * N, N); break;
+#define LOWBIT_TILES(B) LOWBIT_TILE(B, 2) LOWBIT_TILE(B, 3) LOWBIT_TILE(B, 4)
+          LOWBIT_TILES(1) LOWBIT_TILES(2) LOWBIT_TILES(3) LOWBIT_TILES(4)
+#undef LOWBIT_TILES
+#undef LOWBIT_TILE
+          default: TORCH_CHECK(false, "mixed rows must be 1..4 bits");
+        }
       }
 #endif
-      switch (bits) {
-#define LOWBIT_CASE(B) case B: gemv_mixed_rows<B>(xp, cp, row_bytes, bp, absmax.data_ptr<at::Half>(), perm.data_ptr<int32_t>(), K, block, blocks, r0, n0, n1, yp); break;
-        LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
+      for (; m < M; ++m) {
+        const float* xm = xp + m * K;
+        float* ym = yp + m * N;
+#ifdef LOWBIT_FLOAT_SIMD
+        switch (bits) {
+#define LOWBIT_SIMD(B) case B: gemv_mixed_rows_simd<B>(xm, cp, row_bytes, rows * row_bytes, bp, ap, pp, K, block, blocks, r0, n0, n1, ym); continue;
+          LOWBIT_SIMD(1) LOWBIT_SIMD(2) LOWBIT_SIMD(3) LOWBIT_SIMD(4)
+#undef LOWBIT_SIMD
+        }
+#endif
+        switch (bits) {
+#define LOWBIT_CASE(B) case B: gemv_mixed_rows<B>(xm, cp, row_bytes, bp, ap, pp, K, block, blocks, r0, n0, n1, ym); break;
+          LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
 #undef LOWBIT_CASE
-        default: TORCH_CHECK(false, "mixed rows must be 1..4 bits");
+          default: TORCH_CHECK(false, "mixed rows must be 1..4 bits");
+        }
       }
     });
     r0 += rows;
