@@ -360,8 +360,8 @@ void gemv_rows_vnni_with(const QuantizedX& xq, const uint8_t* codes, int64_t row
 // int8 g128 0.75-0.97x. Also tried and not kept: the uniform-lane layouts (int2 g64) with a
 // hoisted lane table and software prefetch (0.87-1.05x on the 1B shape, int1 up to 1.16x slower), and 2 or 4
 // rows per pass (faster in L2, 1.25-1.4x slower from DRAM).
-template <int BITS>
-void gemv_rows_i8(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
+template <int BITS>  // (total_bytes: unused, the masked loads stay inside the row)
+void gemv_rows_i8(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, int64_t /*total_bytes*/, const at::Half* scales,
                     const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t gs,
                     int64_t chunks, int64_t n0, int64_t n1, float* y) {
   constexpr int64_t CODES = 64 * (8 / BITS);
@@ -620,10 +620,13 @@ const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t grou
 // every row's activations. The 8 lanes of a chunk meet their groups' combined scales s_w[n, g] * s_x[m, g] — one
 // broadcast per chunk where a group spans whole chunks, else a permute of the chunk's lane table (the same for
 // every row: it depends on K and the group size only).
+// The row's last chunk is loaded whole where the codes tensor (`total_bytes`) holds 32 bytes from its start: bytes
+// past the row's end (the next row's codes) meet the zero padding of every row's activations and add nothing; only
+// the tensor's last row, when short, is copied into a zero-padded buffer.
 template <int BITS, int M>
-void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
-                    const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t gs,
-                    int64_t chunks, int64_t n0, int64_t n1, float* const* y) {
+void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
+                    const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset, int64_t groups,
+                    int64_t gs, int64_t chunks, int64_t n0, int64_t n1, float* const* y) {
   constexpr int PER = 8 / BITS;
   constexpr int64_t CODES = kChunkBytes * PER;
   const int64_t stride = groups + 16;
@@ -658,9 +661,14 @@ void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t r
       }
     };
     for (int64_t c = 0; c + 1 < chunks; ++c) chunk(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * kChunkBytes)));
-    alignas(32) uint8_t last[kChunkBytes] = {0};  // the row's last chunk, zero padded (no masked byte loads here)
-    std::memcpy(last, row + (chunks - 1) * kChunkBytes, tail);
-    chunk(chunks - 1, _mm256_load_si256(reinterpret_cast<const __m256i*>(last)));
+    const int64_t last_start = n * row_bytes + (chunks - 1) * kChunkBytes;
+    if (last_start + kChunkBytes <= total_bytes) {
+      chunk(chunks - 1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + last_start)));
+    } else {
+      alignas(32) uint8_t last[kChunkBytes] = {0};
+      std::memcpy(last, codes + last_start, tail);
+      chunk(chunks - 1, _mm256_load_si256(reinterpret_cast<const __m256i*>(last)));
+    }
     for (int m = 0; m < M; ++m)
       y[m][n] = hsum8(acc[m]) - zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset,
                                                  xq[m]->sum.data(), groups);
@@ -669,12 +677,13 @@ void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t r
 
 // One activation row (the decode GEMV), as the VNNI path's gemv_rows_i8.
 template <int BITS>
-void gemv_rows_i8(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
+void gemv_rows_i8(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes, const at::Half* scales,
                   const uint8_t* zeros, bool shared_scales, float offset, int64_t groups, int64_t gs,
                   int64_t chunks, int64_t n0, int64_t n1, float* y) {
   const QuantizedX* xs[1] = {&xq};
   float* ys[1] = {y};
-  gemv_rows_i8_m<BITS, 1>(xs, codes, row_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks, n0, n1, ys);
+  gemv_rows_i8_m<BITS, 1>(xs, codes, row_bytes, total_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks,
+                          n0, n1, ys);
 }
 
 // A small batch x (M, K) (qgemm_i8 on an AVX2 build): every row rounded as the one-row kernel rounds it; tiles of
@@ -694,7 +703,7 @@ void gemm_rows_i8(const float* x, int64_t x_stride, int64_t M, int64_t K, const 
         float* ys[4];
         const int64_t rows = std::min<int64_t>(4, M - m0);
         for (int64_t i = 0; i < rows; ++i) xq[i] = &xs[m0 + i], ys[i] = y + (m0 + i) * N;
-#define LOWBIT_TILE(R) gemv_rows_i8_m<BITS, R>(xq, codes, row_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks, t, t1, ys)
+#define LOWBIT_TILE(R) gemv_rows_i8_m<BITS, R>(xq, codes, row_bytes, N * row_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks, t, t1, ys)
         switch (rows) {
           case 4: LOWBIT_TILE(4); break;
           case 3: LOWBIT_TILE(3); break;
@@ -811,8 +820,8 @@ void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::o
     const QuantizedX& xq = quantize_x<B>(xp, K, group_size, groups, chunks);                                  \
     at::parallel_for(0, total_rows, 8, [&](int64_t n0, int64_t n1) {                                         \
       each(n0, n1, [&](const Rows& w, int64_t r0, int64_t r1) {                                              \
-        gemv_rows_i8<B>(xq, w.codes, row_bytes, w.scales, w.zeros, w.shared, float(offset), groups,       \
-                          group_size, chunks, r0, r1, w.y);                                                 \
+        gemv_rows_i8<B>(xq, w.codes, row_bytes, w.N * row_bytes, w.scales, w.zeros, w.shared, float(offset),  \
+                        groups, group_size, chunks, r0, r1, w.y);                                            \
       });                                                                                                    \
     });                                                                                                      \
     return;                                                                                                  \
