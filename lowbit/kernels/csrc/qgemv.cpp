@@ -633,7 +633,7 @@ void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t r
   static thread_local std::vector<float> cs_buf;  // (M, groups + 16) combined scales, zero padded
   cs_buf.assign(M * stride, 0.f);
   float* cs = cs_buf.data();  // a plain pointer in the loops: a thread_local name costs a TLS lookup per use
-  const int64_t chunks_per_group = gs % CODES == 0 ? gs / CODES : 0;
+  const bool whole_groups = gs % CODES == 0;  // every chunk inside one group: one broadcast per chunk
   const int64_t tail = row_bytes - (chunks - 1) * kChunkBytes;
   const int32_t* lane = xq[0]->lane.data();
   const int32_t* first = xq[0]->first.data();
@@ -648,15 +648,15 @@ void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t r
     auto chunk = [&](int64_t c, __m256i b) __attribute__((always_inline)) {
       __m256i v[PER];
       for (int p = 0; p < PER; ++p) v[p] = _mm256_and_si256(p ? _mm256_srli_epi16(b, p * BITS) : b, mask);
-      const __m256i idx = chunks_per_group ? ones : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane + c * 8));
+      const __m256i idx = whole_groups ? ones : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane + c * 8));
       for (int m = 0; m < M; ++m) {
         const int8_t* xc = xq[m]->q.data() + c * PER * kChunkBytes;
         __m256i pairs = _mm256_setzero_si256();  // int16 pair sums of the PER phases (<= 7,620: no saturation)
         for (int p = 0; p < PER; ++p)
           pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v[p], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * kChunkBytes))));
         const float* csm = cs + m * stride;
-        const __m256 s = chunks_per_group ? _mm256_set1_ps(csm[c / chunks_per_group])
-                                          : _mm256_permutevar8x32_ps(_mm256_loadu_ps(csm + first[c]), idx);
+        const __m256 s = whole_groups ? _mm256_set1_ps(csm[first[c]])  // the chunk's one group
+                                     : _mm256_permutevar8x32_ps(_mm256_loadu_ps(csm + first[c]), idx);
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), s, acc[m]);
       }
     };
