@@ -622,8 +622,9 @@ const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t grou
 // every row: it depends on K and the group size only).
 // The row's last chunk is loaded whole where the codes tensor (`total_bytes`) holds 32 bytes from its start: bytes
 // past the row's end (the next row's codes) meet the zero padding of every row's activations and add nothing; only
-// the tensor's last row, when short, is copied into a zero-padded buffer.
-template <int BITS, int M>
+// the tensor's last row, when short, is copied into a zero-padded buffer. WHOLE: every chunk lies inside one group
+// (gs a multiple of a chunk's codes), a compile-time choice so that neither loop pays for the other's scales.
+template <int BITS, int M, bool WHOLE>
 void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
                     const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset, int64_t groups,
                     int64_t gs, int64_t chunks, int64_t n0, int64_t n1, float* const* y) {
@@ -633,7 +634,6 @@ void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t r
   static thread_local std::vector<float> cs_buf;  // (M, groups + 16) combined scales, zero padded
   cs_buf.assign(M * stride, 0.f);
   float* cs = cs_buf.data();  // a plain pointer in the loops: a thread_local name costs a TLS lookup per use
-  const bool whole_groups = gs % CODES == 0;  // every chunk inside one group: one broadcast per chunk
   const int64_t tail = row_bytes - (chunks - 1) * kChunkBytes;
   const int32_t* lane = xq[0]->lane.data();
   const int32_t* first = xq[0]->first.data();
@@ -648,15 +648,15 @@ void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t r
     auto chunk = [&](int64_t c, __m256i b) __attribute__((always_inline)) {
       __m256i v[PER];
       for (int p = 0; p < PER; ++p) v[p] = _mm256_and_si256(p ? _mm256_srli_epi16(b, p * BITS) : b, mask);
-      const __m256i idx = whole_groups ? ones : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane + c * 8));
+      const __m256i idx = WHOLE ? ones : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(lane + c * 8));
       for (int m = 0; m < M; ++m) {
         const int8_t* xc = xq[m]->q.data() + c * PER * kChunkBytes;
         __m256i pairs = _mm256_setzero_si256();  // int16 pair sums of the PER phases (<= 7,620: no saturation)
         for (int p = 0; p < PER; ++p)
           pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(v[p], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xc + p * kChunkBytes))));
         const float* csm = cs + m * stride;
-        const __m256 s = whole_groups ? _mm256_set1_ps(csm[first[c]])  // the chunk's one group
-                                     : _mm256_permutevar8x32_ps(_mm256_loadu_ps(csm + first[c]), idx);
+        const __m256 s = WHOLE ? _mm256_set1_ps(csm[first[c]])  // the chunk's one group
+                               : _mm256_permutevar8x32_ps(_mm256_loadu_ps(csm + first[c]), idx);
         acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones)), s, acc[m]);
       }
     };
@@ -682,8 +682,12 @@ void gemv_rows_i8(const QuantizedX& xq, const uint8_t* codes, int64_t row_bytes,
                   int64_t chunks, int64_t n0, int64_t n1, float* y) {
   const QuantizedX* xs[1] = {&xq};
   float* ys[1] = {y};
-  gemv_rows_i8_m<BITS, 1>(xs, codes, row_bytes, total_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks,
-                          n0, n1, ys);
+  if (gs % (kChunkBytes * (8 / BITS)) == 0)
+    gemv_rows_i8_m<BITS, 1, true>(xs, codes, row_bytes, total_bytes, scales, zeros, shared_scales, offset, groups, gs,
+                                  chunks, n0, n1, ys);
+  else
+    gemv_rows_i8_m<BITS, 1, false>(xs, codes, row_bytes, total_bytes, scales, zeros, shared_scales, offset, groups, gs,
+                                   chunks, n0, n1, ys);
 }
 
 // A small batch x (M, K) (qgemm_i8 on an AVX2 build): every row rounded as the one-row kernel rounds it; tiles of
@@ -693,6 +697,7 @@ void gemm_rows_i8(const float* x, int64_t x_stride, int64_t M, int64_t K, const 
                   int64_t row_bytes, const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset,
                   int64_t groups, int64_t gs, float* y) {
   const int64_t chunks = (row_bytes + kChunkBytes - 1) / kChunkBytes;
+  const bool whole = gs % (kChunkBytes * (8 / BITS)) == 0;
   std::vector<QuantizedX> xs(M);
   for (int64_t m = 0; m < M; ++m) quantize_x_into<BITS>(xs[m], x + m * x_stride, K, gs, groups, chunks);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -703,7 +708,8 @@ void gemm_rows_i8(const float* x, int64_t x_stride, int64_t M, int64_t K, const 
         float* ys[4];
         const int64_t rows = std::min<int64_t>(4, M - m0);
         for (int64_t i = 0; i < rows; ++i) xq[i] = &xs[m0 + i], ys[i] = y + (m0 + i) * N;
-#define LOWBIT_TILE(R) gemv_rows_i8_m<BITS, R>(xq, codes, row_bytes, N * row_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks, t, t1, ys)
+#define LOWBIT_TILE(R) (whole ? gemv_rows_i8_m<BITS, R, true>(xq, codes, row_bytes, N * row_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks, t, t1, ys) \
+                            : gemv_rows_i8_m<BITS, R, false>(xq, codes, row_bytes, N * row_bytes, scales, zeros, shared_scales, offset, groups, gs, chunks, t, t1, ys))
         switch (rows) {
           case 4: LOWBIT_TILE(4); break;
           case 3: LOWBIT_TILE(3); break;
