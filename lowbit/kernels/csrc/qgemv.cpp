@@ -136,6 +136,14 @@ inline __m512i codes16(const uint8_t* p, int64_t avail) {
 // How codes become values: integers, a table of <= 16 levels in one register, or a larger table (gather).
 enum class Decode { Int, Table16, Gather };
 
+using Table = __m512;  // <= 16 levels in one register
+
+inline Table load_table(const float* lut, int levels) {
+  alignas(64) float t[16] = {0};
+  std::memcpy(t, lut, sizeof(float) * std::min(16, levels));
+  return _mm512_load_ps(t);
+}
+
 template <Decode D>
 inline __m512 decode16(__m512i q, __m512 table, const float* lut) {
   if constexpr (D == Decode::Int) return _mm512_cvtepi32_ps(q);
@@ -145,8 +153,8 @@ inline __m512 decode16(__m512i q, __m512 table, const float* lut) {
 
 // sum_g scale_g * sum_{k in g} value(q_k) x_k for one packed row; groups of `gs` codes (a multiple of 8).
 template <int BITS, Decode D>
-inline __m512 row_dot(const uint8_t* row, int64_t avail, const float* x, int64_t K, int64_t gs,
-                      const at::Half* scales, __m512 table, const float* lut) {
+inline float row_dot(const uint8_t* row, int64_t avail, const float* x, int64_t K, int64_t gs,
+                     const at::Half* scales, Table table, const float* lut) {
   __m512 acc_row = _mm512_setzero_ps();
   for (int64_t k0 = 0, g = 0; k0 < K; k0 += gs, ++g) {
     const int64_t len = std::min(gs, K - k0);
@@ -173,7 +181,7 @@ inline __m512 row_dot(const uint8_t* row, int64_t avail, const float* x, int64_t
     }
     acc_row = _mm512_fmadd_ps(_mm512_set1_ps(float(scales[g])), acc, acc_row);
   }
-  return acc_row;
+  return _mm512_reduce_add_ps(acc_row);
 }
 
 // The zero point's share of one output, sum_g s_g * z_g * xsum_g (z_g = offset for symmetric codes), 16 groups
@@ -191,41 +199,6 @@ inline float zero_point_share(const at::Half* scales, const uint8_t* zeros, floa
   return _mm512_reduce_add_ps(corr);
 }
 
-template <int BITS, Decode D>
-void gemv_rows_simd(const float* x, const float* xsum, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
-                    const at::Half* scales, const uint8_t* zeros, bool shared_scales, const float* lut, float offset,
-                    int64_t K, int64_t group_size, int64_t groups, int64_t n0, int64_t n1, float* y) {
-  __m512 table = _mm512_setzero_ps();
-  if constexpr (D == Decode::Table16) {
-    alignas(64) float t[16] = {0};
-    std::memcpy(t, lut, sizeof(float) * std::min(16, 1 << BITS));
-    table = _mm512_load_ps(t);
-  }
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t srow = shared_scales ? 0 : n * groups;
-    const int64_t start = n * row_bytes;
-    float out = _mm512_reduce_add_ps(row_dot<BITS, D>(codes + start, total_bytes - start, x, K, group_size,
-                                                      scales + srow, table, lut));
-    if constexpr (D == Decode::Int) {  // the zero point's share: sum_g s_g z_g sum_{k in g} x_k, 16 groups a step
-      out -= zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xsum, groups);
-    }
-    y[n] = out;
-  }
-}
-
-// Mixed-codebook rows (see gemv_mixed_rows): each row's levels in one register.
-template <int BITS>
-void gemv_mixed_rows_simd(const float* x, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
-                          const at::Half* books, const at::Half* absmax, const int32_t* perm, int64_t K,
-                          int64_t block, int64_t blocks, int64_t r0, int64_t n0, int64_t n1, float* y) {
-  for (int64_t n = n0; n < n1; ++n) {
-    alignas(64) float t[16] = {0};
-    for (int i = 0; i < (1 << BITS); ++i) t[i] = float(books[n * (1 << BITS) + i]);
-    const int64_t start = n * row_bytes;
-    y[perm[r0 + n]] = _mm512_reduce_add_ps(row_dot<BITS, Decode::Table16>(
-        codes + start, total_bytes - start, x, K, block, absmax + (r0 + n) * blocks, _mm512_load_ps(t), nullptr));
-  }
-}
 #endif  // AVX-512
 
 #if defined(LOWBIT_AVX512) && defined(__AVX512VNNI__)
@@ -490,34 +463,6 @@ inline float zero_point_share(const at::Half* scales, const uint8_t* zeros, floa
   return out;
 }
 
-template <int BITS, Decode D>
-void gemv_rows_simd(const float* x, const float* xsum, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
-                    const at::Half* scales, const uint8_t* zeros, bool shared_scales, const float* lut, float offset,
-                    int64_t K, int64_t group_size, int64_t groups, int64_t n0, int64_t n1, float* y) {
-  const Table table = D == Decode::Table16 ? load_table(lut, 1 << BITS) : Table{_mm256_setzero_ps(), _mm256_setzero_ps()};
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t srow = shared_scales ? 0 : n * groups;
-    const int64_t start = n * row_bytes;
-    float out = row_dot<BITS, D>(codes + start, total_bytes - start, x, K, group_size, scales + srow, table, lut);
-    if constexpr (D == Decode::Int) out -= zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xsum, groups);
-    y[n] = out;
-  }
-}
-
-// Mixed-codebook rows (see gemv_mixed_rows): each row's levels in two registers.
-template <int BITS>
-void gemv_mixed_rows_simd(const float* x, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
-                          const at::Half* books, const at::Half* absmax, const int32_t* perm, int64_t K,
-                          int64_t block, int64_t blocks, int64_t r0, int64_t n0, int64_t n1, float* y) {
-  for (int64_t n = n0; n < n1; ++n) {
-    float t[16] = {0};
-    for (int i = 0; i < (1 << BITS); ++i) t[i] = float(books[n * (1 << BITS) + i]);
-    const int64_t start = n * row_bytes;
-    y[perm[r0 + n]] = row_dot<BITS, Decode::Table16>(codes + start, total_bytes - start, x, K, block,
-                                                     absmax + (r0 + n) * blocks, load_table(t, 16), nullptr);
-  }
-}
-
 // M activation rows (x + m * K, outputs y + m * N) against the same mixed-codebook rows: each 8 codes are decoded
 // once and meet all M rows (a small batch of a LowRA layer; one row per call would decode every code M times).
 template <int BITS, int M>
@@ -725,6 +670,37 @@ void gemm_rows_i8(const float* x, int64_t x_stride, int64_t M, int64_t K, const 
 
 #if defined(LOWBIT_AVX512) || defined(LOWBIT_AVX2)
 #define LOWBIT_FLOAT_SIMD 1  // gemv_rows_simd and gemv_mixed_rows_simd exist
+
+// The fp32 SIMD GEMV's row loops, one for both blocks (row_dot, zero_point_share and load_table are the block's).
+template <int BITS, Decode D>
+void gemv_rows_simd(const float* x, const float* xsum, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
+                    const at::Half* scales, const uint8_t* zeros, bool shared_scales, const float* lut, float offset,
+                    int64_t K, int64_t group_size, int64_t groups, int64_t n0, int64_t n1, float* y) {
+  Table table{};
+  if constexpr (D == Decode::Table16) table = load_table(lut, 1 << BITS);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t srow = shared_scales ? 0 : n * groups;
+    const int64_t start = n * row_bytes;
+    float out = row_dot<BITS, D>(codes + start, total_bytes - start, x, K, group_size, scales + srow, table, lut);
+    if constexpr (D == Decode::Int)  // the zero point's share: sum_g s_g z_g sum_{k in g} x_k
+      out -= zero_point_share(scales + srow, zeros ? zeros + srow : nullptr, offset, xsum, groups);
+    y[n] = out;
+  }
+}
+
+// Mixed-codebook rows (see gemv_mixed_rows): each row's levels in the block's table registers.
+template <int BITS>
+void gemv_mixed_rows_simd(const float* x, const uint8_t* codes, int64_t row_bytes, int64_t total_bytes,
+                          const at::Half* books, const at::Half* absmax, const int32_t* perm, int64_t K,
+                          int64_t block, int64_t blocks, int64_t r0, int64_t n0, int64_t n1, float* y) {
+  for (int64_t n = n0; n < n1; ++n) {
+    float t[16] = {0};
+    for (int i = 0; i < (1 << BITS); ++i) t[i] = float(books[n * (1 << BITS) + i]);
+    const int64_t start = n * row_bytes;
+    y[perm[r0 + n]] = row_dot<BITS, Decode::Table16>(codes + start, total_bytes - start, x, K, block,
+                                                     absmax + (r0 + n) * blocks, load_table(t, 16), nullptr);
+  }
+}
 #endif
 #if defined(LOWBIT_VNNI) || defined(LOWBIT_AVX2)
 #define LOWBIT_INT8_X 1  // quantize_x and gemv_rows_i8 exist (8-bit codes on VNNI only)
