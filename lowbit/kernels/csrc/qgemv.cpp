@@ -71,6 +71,15 @@ void gemv_rows(const float* x, const float* xsum, const uint8_t* codes, int64_t 
   }
 }
 
+// One activation row rounded to int8 for the int8-activation GEMV (the VNNI and AVX2 blocks below fill it; a chunk
+// is kChunkBytes of a packed row: 64 with VNNI, 32 with AVX2, one lane per 4 bytes).
+struct QuantizedX {
+  std::vector<int8_t> q;      // (chunks * PER * kChunkBytes,) the rounded x laid out by phase
+  std::vector<float> scale;   // (groups + 16,) s_x per group, zero padded
+  std::vector<float> sum;     // (groups + 16,) s_x * sum of the group's rounded values (the zero point's share)
+  std::vector<int32_t> lane;  // (chunks * kChunkBytes / 4,) each lane's group, relative to the chunk's first group
+  std::vector<int32_t> first; // (chunks,) the chunk's first group
+};
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -212,13 +221,6 @@ constexpr int64_t kChunkBytes = 64;  // bytes of a row per chunk (one zmm)
 // [c * 64 * PER + 4 * PER * l, + 4 * PER): one weight group when group_size % (4 * PER) == 0, whose combined scale
 // s_w[g] * s_x[g] the lane takes through a permute. The zero point's share uses the same rounded x, so the
 // result is sum_g s_w[g] * sum_k (q_k - z_g) * s_x[g] * xq_k up to fp32 rounding.
-struct QuantizedX {
-  std::vector<int8_t> q;      // (chunks * PER * 64,)
-  std::vector<float> scale;   // (groups + 16,) s_x per group, zero padded
-  std::vector<float> sum;     // (groups + 16,) s_x * sum of the group's rounded values (the zero point's share)
-  std::vector<int32_t> lane;  // (chunks * 16,) each lane's group, relative to the chunk's first group
-  std::vector<int32_t> first; // (chunks,) the chunk's first group
-};
 
 // Fills the calling thread's reusable buffers (a decode step calls this ~200 times per token: no allocations). It
 // runs before the rows split across threads, so it is vectorized: each group's rounding 16 values a step into a
@@ -508,13 +510,6 @@ void gemv_mixed_rows_simd_m(const float* x, const uint8_t* codes, int64_t row_by
 // weight group when group_size % (4 * PER) == 0, as on the VNNI path.
 constexpr int64_t kChunkBytes = 32;
 
-struct QuantizedX {
-  std::vector<int8_t> q;      // (chunks * PER * 32,)
-  std::vector<float> scale;   // (groups + 16,) s_x per group, zero padded
-  std::vector<float> sum;     // (groups + 16,) s_x * sum of the group's rounded values (the zero point's share)
-  std::vector<int32_t> lane;  // (chunks * 8,) each lane's group, relative to the chunk's first group
-  std::vector<int32_t> first; // (chunks,) the chunk's first group
-};
 
 // Rounds x (K,) into r (its buffers reused: a decode step calls this ~200 times per token).
 template <int BITS>
