@@ -101,17 +101,7 @@ def qmatmul_cpu(x: torch.Tensor, qweight: PackedWeight, int8_x: bool = False) ->
     ``int8_x`` (where :func:`int8_applies`) up to the rounding of each activation group to int8 (symmetric,
     ``max|x_g| / 127``), as llama.cpp's Q8 dot products round it: the error of output ``n`` is at most
     ``Σ_g s_ng · (max|x_g| / 254) · Σ_{k∈g} |q_nk − z_ng|``."""
-    xv = x.reshape(-1).float().contiguous()
-    if isinstance(qweight, MixedCodebookWeight):
-        widths = list(qweight.rows)
-        y = extension().qgemv_mixed(xv, widths, [qweight.codes[b] for b in widths],
-                                    [qweight.codebooks[b] for b in widths], qweight.absmax, qweight.perm,
-                                    qweight.block_size)
-    else:
-        assert isinstance(qweight, QuantizedWeight)
-        bits, levels, offset = _format_args(qweight.fmt)
-        y = extension().qgemv(xv, qweight.codes, qweight.scales, qweight.zeros, levels, bits, qweight.group_size,
-                              offset, int8_x)
+    y = gemv_function(qweight, int8_x)(x.reshape(-1).float().contiguous())
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
 
 

@@ -81,6 +81,25 @@ struct QuantizedX {
   std::vector<int32_t> first; // (chunks,) the chunk's first group
 };
 
+// The ISA-independent half of rounding a row: the rounded values `lin` (k order, zero padded to whole chunks) laid
+// out by phase (phase p of chunk c holds the p-th code of each of its CHUNK bytes), and each lane's group.
+template <int BITS, int CHUNK>
+void lay_out_by_phase(QuantizedX& r, const int8_t* lin, int64_t gs, int64_t groups, int64_t chunks) {
+  constexpr int PER = 8 / BITS, CODES = CHUNK * PER, LANES = CHUNK / 4;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int p = 0; p < PER; ++p) {
+      int8_t* dst = r.q.data() + (c * PER + p) * CHUNK;
+      for (int j = 0; j < CHUNK; ++j) dst[j] = lin[c * CODES + j * PER + p];
+    }
+  for (int64_t c = 0; c < chunks; ++c) {
+    r.first[c] = static_cast<int32_t>(c * CODES / gs);
+    for (int l = 0; l < LANES; ++l) {
+      const int64_t g = std::min<int64_t>((c * CODES + 4 * PER * l) / gs, groups - 1);
+      r.lane[c * LANES + l] = static_cast<int32_t>(g - r.first[c]);
+    }
+  }
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #include <cstring>
@@ -258,19 +277,7 @@ const QuantizedX& quantize_x(const float* x, int64_t K, int64_t gs, int64_t grou
     }
     r.sum[g] = static_cast<float>(_mm512_reduce_add_epi32(total)) * r.scale[g];
   }
-  const int8_t* src = lin.data();
-  for (int64_t c = 0; c < chunks; ++c)  // phase p of chunk c: the p-th code of each of its 64 bytes
-    for (int p = 0; p < PER; ++p) {
-      int8_t* dst = r.q.data() + (c * PER + p) * 64;
-      for (int j = 0; j < 64; ++j) dst[j] = src[c * CODES + j * PER + p];
-    }
-  for (int64_t c = 0; c < chunks; ++c) {
-    r.first[c] = static_cast<int32_t>(c * CODES / gs);
-    for (int l = 0; l < 16; ++l) {
-      const int64_t g = std::min<int64_t>((c * CODES + 4 * PER * l) / gs, groups - 1);
-      r.lane[c * 16 + l] = static_cast<int32_t>(g - r.first[c]);
-    }
-  }
+  lay_out_by_phase<BITS, kChunkBytes>(r, lin.data(), gs, groups, chunks);
   return r;
 }
 
@@ -536,16 +543,7 @@ void quantize_x_into(QuantizedX& r, const float* x, int64_t K, int64_t gs, int64
     }
     r.sum[g] = static_cast<float>(total) * r.scale[g];
   }
-  for (int64_t c = 0; c < chunks; ++c)  // phase p of chunk c: the p-th code of each of its 32 bytes
-    for (int p = 0; p < PER; ++p)
-      for (int j = 0; j < kChunkBytes; ++j) r.q[(c * PER + p) * kChunkBytes + j] = lin[c * CODES + j * PER + p];
-  for (int64_t c = 0; c < chunks; ++c) {
-    r.first[c] = static_cast<int32_t>(c * CODES / gs);
-    for (int l = 0; l < 8; ++l) {
-      const int64_t g = std::min<int64_t>((c * CODES + 4 * PER * l) / gs, groups - 1);
-      r.lane[c * 8 + l] = static_cast<int32_t>(g - r.first[c]);
-    }
-  }
+  lay_out_by_phase<BITS, kChunkBytes>(r, lin.data(), gs, groups, chunks);
 }
 
 template <int BITS>
@@ -569,7 +567,6 @@ void gemv_rows_i8_m(const QuantizedX* const* xq, const uint8_t* codes, int64_t r
                     const at::Half* scales, const uint8_t* zeros, bool shared_scales, float offset, int64_t groups,
                     int64_t gs, int64_t chunks, int64_t n0, int64_t n1, float* const* y) {
   constexpr int PER = 8 / BITS;
-  constexpr int64_t CODES = kChunkBytes * PER;
   const int64_t stride = groups + 16;
   static thread_local std::vector<float> cs_buf;  // (M, groups + 16) combined scales, zero padded
   cs_buf.assign(M * stride, 0.f);
@@ -851,11 +848,11 @@ void gemv_into(const torch::Tensor& x, const std::vector<Rows>& ws, const c10::o
 torch::Tensor qgemm_i8_avx2(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                             const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
                             int64_t offset) {
-  const int64_t M = x.size(0), K = x.size(1), N = codes.size(0);
-  auto y = torch::zeros({M, N}, x.options());
-  TORCH_CHECK(int8_x_applies(bits, group_size, false), "qgemm_i8 needs integer codes the int8 GEMV takes");
+  const int64_t M = x.size(0), N = codes.size(0);
+  auto y = torch::empty({M, N}, x.options());
 #ifdef LOWBIT_AVX2
-  if (K == 0 || M == 0) return y;
+  const int64_t K = x.size(1);
+  if (K == 0 || M == 0) return y.zero_();
   const uint8_t* zp = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
   const bool shared = scales.size(0) == 1 && N != 1;
   switch (bits) {
