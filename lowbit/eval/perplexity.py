@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..data import wikitext2_text
 from ..errors import LowbitError
+from ..kernels import fp32_activations
 from ..models import check_seq_len
 from ..nn.kv_cache import KVCacheConfig, make_kv_cache
 from ..protocol import EVAL_SEQ_LEN, EVAL_WINDOWS, LOGITS_CHUNK
@@ -45,6 +46,7 @@ def _tokenized(tokenizer, split: str) -> torch.Tensor:
 
 
 @torch.inference_mode()
+@fp32_activations()
 def window_nll(model, input_ids: torch.Tensor, kv_cache: KVCacheConfig | None = None) -> float:
     """Mean next-token NLL of one window ``input_ids (1, L)``; logits are computed in chunks to bound memory.
     ``kv_cache``: run the forward with a fresh quantized KV cache of this config (None: the model's own)."""

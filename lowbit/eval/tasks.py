@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from ..data import SETS, hub_rows, local_path
 from ..errors import LowbitError
 from ..fileio import read_text
+from ..kernels import fp32_activations
 
 MAX_LENGTH = 2048  # tokens of context + continuation the model sees (left truncation beyond it)
 BATCH_TOKENS = 4096  # padded input tokens per forward (rows × longest row) where batches are asked for
@@ -224,6 +225,7 @@ def _accepts(model, name: str) -> bool:
 
 
 @torch.inference_mode()
+@fp32_activations()
 def pair_logliks(model, pairs: list[tuple[list[int], list[int]]], max_length: int = MAX_LENGTH,
                  pad_id: int = 0, left: bool = False) -> list[float]:
     """Log-likelihood (natural log, summed over tokens) of each ``(context_ids, continuation_ids)`` pair, all

@@ -4,7 +4,8 @@ Implementations:
 ``reference`` (dequantize + F.linear; ground truth and fallback); on CPU (:mod:`.cpu`) ``cpu-gemv`` (C++ decode
 GEMV, one row), ``cpu-gemv-i8`` (the same with each activation group rounded to int8 for VNNI dot products, as
 llama.cpp's Q8 dot products do, where the format allows), ``cpu-gemm-i8`` (the same for small batches, up to 16
-rows; ``cpu-gemv-rows``: LowRA's, the GEMV once per row), ``cpu-int-gemm`` (:func:`qmatmul_act`:
+rows, and on AVX2 CPUs without AVX-512 for any number of rows: prefill and batches too; ``cpu-gemv-rows``: LowRA's,
+the GEMV once per row), ``cpu-int-gemm`` (:func:`qmatmul_act`:
 activation-quantized layers, W4A8 and W4A4, as a real integer GEMM: the C++ VNNI kernel, or oneDNN's int8 GEMM over
 int8 weight tiles for prefill), ``cpu-tiled-bf16`` (prefill, batches and bf16 training of uniform and LowRA weights:
 the weight dequantized one cache-sized tile at a time and multiplied in bf16), ``cpu-gemv-f32`` (the fp32 GEMV of a
@@ -42,6 +43,7 @@ from .cpu import (
     int8_applies,
     linear_cpu,
     linear_onednn,
+    many_rows_i8_applies,
     onednn_supports,
     qmatmul_cpu,
     qmatmul_cpu_act,
@@ -63,6 +65,7 @@ IMPLEMENTATIONS = ("auto", "exact", "reference", "triton")
 FASTEST = ("auto", "exact")  # the choices that pick the fastest implementation that applies
 calls: collections.Counter = collections.Counter()
 _forced: list[str] = []
+_fp32_activations: list[bool] = []
 
 
 def _choice() -> str:
@@ -83,6 +86,24 @@ def force(name: str):
         yield
     finally:
         _forced.pop()
+
+
+@contextlib.contextmanager
+def fp32_activations():
+    """Inside the block ``auto`` never rounds activations to int8 (decode rows, small batches and AVX2's many rows
+    run fp32 activations; bf16 tiles and every other choice unchanged): what perplexity and task scoring run under,
+    so that a score measures the weights, not the serving kernel's activation rounding. On SmolLM2 rtn-w4g128 (16
+    windows, AVX2) int8 rows moved perplexity +0.67% (27.834 -> 28.020); bf16 tiles -0.02% (BENCHMARKS.md)."""
+    _fp32_activations.append(True)
+    try:
+        yield
+    finally:
+        _fp32_activations.pop()
+
+
+def _rounds_int8(choice: str) -> bool:
+    """Whether ``choice`` lets a kernel round activations to int8 here (``auto``, outside :func:`fp32_activations`)."""
+    return choice == "auto" and not _fp32_activations
 
 
 class _QMatmul(torch.autograd.Function):
@@ -111,16 +132,17 @@ def _gemv_plan(qweight: PackedWeight, choice: str):
     apply); None where no GEMV applies. Cached on the weight object (a layer rebuilds that object when its buffers
     change): a decode step calls this 210 times per token on SmolLM2, and deciding again each time cost about as much
     as a small layer's kernel (a batch-16 step: a third of the small layers' kernel time)."""
+    key = (choice, _rounds_int8(choice))
     cached = qweight.__dict__.get("_gemv_plan")
-    if cached is not None and cached[0] == choice:
+    if cached is not None and cached[0] == key:
         return cached[1]
     plan = None
     probe = torch.empty(qweight.in_features)
     if choice in FASTEST and cpu_supports(probe, qweight):
-        int8 = choice == "auto" and int8_applies(qweight)
+        int8 = key[1] and int8_applies(qweight)
         rows_fn = rows_i8_function(qweight) if int8 else None
         plan = ("cpu-gemv-i8" if int8 else "cpu-gemv", gemv_function(qweight, int8), rows_fn)
-    qweight.__dict__["_gemv_plan"] = (choice, plan)
+    qweight.__dict__["_gemv_plan"] = (key, plan)
     return plan
 
 
@@ -170,22 +192,23 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> 
     """One packed matmul. On CPU: one row (decode) runs the GEMV (:mod:`.cpu`; activations rounded to int8 per group
     under ``auto`` where the format allows). Under ``auto``, ``inference`` calls (prefill, batches, evaluation)
     of up to :data:`~.cpu.SMALL_BATCH` rows run the int8 small-batch kernel where the format allows, more rows the
-    tiled bf16 GEMM; LowRA's mixed rows run the fp32 GEMV per row up to :data:`~.cpu.MIXED_GEMV_ROWS` rows (up to
-    ``SMALL_BATCH`` under ``exact``), more rows the tiled bf16 GEMM. Inside a bf16 autocast region (training) the
-    tiled bf16 GEMM too; otherwise the reference. A training forward outside autocast (``inference=False``) stays
-    fp32."""
+    tiled bf16 GEMM (on AVX2 builds, which have no bf16 tiles, the int8 kernel again; never inside
+    :func:`fp32_activations`, which scoring runs under); LowRA's mixed rows run the fp32 GEMV per row up to
+    :data:`~.cpu.MIXED_GEMV_ROWS` rows (up to ``SMALL_BATCH`` under ``exact``), more rows the tiled bf16 GEMM.
+    Inside a bf16 autocast region (training) the tiled bf16 GEMM too; otherwise the reference. A training forward
+    outside autocast (``inference=False``) stays fp32."""
     choice = _choice()
     if choice in FASTEST and x.device.type == "cpu":
         if cpu_supports(x, qweight):
-            if choice == "auto" and int8_applies(qweight):
+            if _rounds_int8(choice) and int8_applies(qweight):
                 calls["cpu-gemv-i8"] += 1
                 return qmatmul_cpu(x, qweight, int8_x=True)
             calls["cpu-gemv"] += 1
             return qmatmul_cpu(x, qweight)
-        inferring = choice == "auto" and inference and _autocast_dtype(x) == torch.float32
-        if inferring and x.numel() <= SMALL_BATCH * x.shape[-1] and int8_applies(qweight) \
-                and qweight.codes.device.type == "cpu":
-            calls["cpu-gemm-i8"] += 1  # a small batch: int8 activations, the weight read once per 4 rows
+        inferring = _rounds_int8(choice) and inference and _autocast_dtype(x) == torch.float32
+        if inferring and int8_applies(qweight) and qweight.codes.device.type == "cpu" \
+                and (x.numel() <= SMALL_BATCH * x.shape[-1] or many_rows_i8_applies(qweight)):
+            calls["cpu-gemm-i8"] += 1  # a small batch, or AVX2's many rows: int8 activations, the weight read once
             return qmatmul_cpu_rows_i8(x, qweight)
         rows_limit = MIXED_GEMV_ROWS if choice == "auto" and tiled_supports(x, qweight) else SMALL_BATCH
         if isinstance(qweight, MixedCodebookWeight) and inference and _autocast_dtype(x) == torch.float32 \

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("int_gemm.cpp"), SOURCE.with_name("gptq.cpp"), SOURCE.with_name("decode.cpp"),
            SOURCE.with_name("attention.cpp"), SOURCE.with_name("gram.cpp"),
-           SOURCE.with_name("scales.cpp"))
+           SOURCE.with_name("scales.cpp"), SOURCE.with_name("gemm_i8.cpp"))
 
 
 @functools.cache
@@ -105,7 +105,8 @@ def qmatmul_cpu(x: torch.Tensor, qweight: PackedWeight, int8_x: bool = False) ->
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
 
 
-SMALL_BATCH = 16  # at most this many rows run the int8-activation kernel (small batches); more: bf16 tiles
+SMALL_BATCH = 16  # at most this many rows run the int8-activation kernel (small batches); more: bf16 tiles, or
+# where the build has no bf16 tiles but the AVX2 int8 tile GEMM (:func:`many_rows_i8_applies`), that GEMM
 # LowRA's mixed rows: at most this many rows run the decode GEMV (more: bf16 tiles where they build);
 # per SmolLM2 layer, 1 thread, the tiles took 0.7x the GEMV's time at 4 rows, 0.25x at 16, 2.7x at 1.
 MIXED_GEMV_ROWS = 2
@@ -120,10 +121,18 @@ def rows_i8_function(qweight: QuantizedWeight):
     return lambda x: ext.qgemm_i8(x if x.is_contiguous() else x.contiguous(), *args)
 
 
+def many_rows_i8_applies(qweight: PackedWeight) -> bool:
+    """Whether rows beyond :data:`SMALL_BATCH` (prefill, evaluation, large batches) run
+    :func:`qmatmul_cpu_rows_i8` too: :func:`int8_applies` on a build with ``csrc/gemm_i8.cpp``'s tile GEMM (AVX2
+    without AVX-512, so no bf16 tiles; per SmolLM2 layer it takes 0.5-0.7x the time of fp32 ``F.linear`` at 512
+    rows, BENCHMARKS.md)."""
+    return int8_applies(qweight) and bool(extension().gemm_i8_tiles_built())
+
+
 def qmatmul_cpu_rows_i8(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tensor:
-    """``x (..., in)`` with a few rows (``<= SMALL_BATCH``) -> ``(..., out)``, each row's activation groups
-    rounded to int8 as in the one-row kernel (same bound per row), the packed weight read once for every four
-    rows. Only where :func:`int8_applies`."""
+    """``x (..., in)`` with a few rows (``<= SMALL_BATCH``, or any number where :func:`many_rows_i8_applies`) ->
+    ``(..., out)``, each row's activation groups rounded to int8 as in the one-row kernel (same bound per row), the
+    packed weight read once per call. Only where :func:`int8_applies`."""
     y = rows_i8_function(qweight)(x.reshape(-1, x.shape[-1]).float())
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
 

@@ -466,7 +466,7 @@ def test_small_batches_round_each_row_like_the_decode_kernel(auto, shape, bits, 
     """Up to 16 rows of integer codes under ``auto`` (batched decode) run the int8-activation kernel (with VNNI the
     weight read once per four rows; with AVX2 the one-row kernel per row); every row stays inside its own int8
     rounding bound, as a single row would."""
-    from lowbit.kernels.cpu import extension, tiled_supports
+    from lowbit.kernels.cpu import extension, many_rows_i8_applies, tiled_supports
 
     if not extension().int8_x_applies(bits, group_size, False):
         pytest.skip("this CPU build has no int8 GEMV for these codes (AVX512-VNNI; AVX2 up to 4 bits)")
@@ -478,9 +478,52 @@ def test_small_batches_round_each_row_like_the_decode_kernel(auto, shape, bits, 
     for row, (yr, rr) in enumerate(zip(y.reshape(-1, 37), ref.reshape(-1, 37), strict=True)):
         bound = _int8_error_bound(x.reshape(-1, shape[-1])[row], qw)
         assert ((yr - rr).abs() <= bound).all(), row
-    more = torch.randn(17, shape[-1])  # more rows than a small batch: the bf16 tiles (AVX512-BF16), or the reference
-    kernels.qmatmul(more, qw)
-    assert kernels.calls["cpu-tiled-bf16" if tiled_supports(more, qw) else "reference"] == 1
+    more = torch.randn(17, shape[-1])  # more rows than a small batch: the bf16 tiles (AVX512-BF16), the AVX2 int8
+    kernels.reset_counts()  # tile GEMM (each row still within its bound), or the reference
+    y = kernels.qmatmul(more, qw)
+    if tiled_supports(more, qw):
+        assert kernels.calls == {"cpu-tiled-bf16": 1}
+    elif many_rows_i8_applies(qw):
+        assert kernels.calls == {"cpu-gemm-i8": 1}
+        for yr, rr, xr in zip(y, qmatmul_reference(more, qw), more, strict=True):
+            assert ((yr - rr).abs() <= _int8_error_bound(xr, qw)).all()
+    else:
+        assert kernels.calls == {"reference": 1}
+
+
+@pytest.mark.parametrize("bits,symmetric,granularity", [(1, False, "group"), (2, False, "group"), (4, False, "group"),
+                                                        (4, True, "group"), (2, False, "tensor")])
+def test_the_avx2_tile_gemm_equals_the_decode_kernel_row_by_row(auto, bits, symmetric, granularity):
+    """csrc/gemm_i8.cpp (AVX2 builds: qgemm_i8 from 4 rows, prefill and evaluation under ``auto``) rounds each row
+    as the int8 decode GEMV rounds one row: equal to that GEMV run row by row up to fp32 summation order, on shapes
+    that are not multiples of its 16-column and 4-row tiles, its 4-code units, its 8-unit blocks or the group."""
+    from lowbit.kernels.cpu import extension, many_rows_i8_applies
+
+    ext = extension()
+    if not ext.gemm_i8_tiles_built():
+        pytest.skip("this CPU build has no AVX2 int8 tile GEMM (AVX-512 builds use bf16 tiles or VNNI)")
+    bits_fmt, ran = get_format("int", bits, symmetric), 0
+    for out_f, in_f, group_size, rows in ((37, 200, 32, 5), (16, 37, 32, 4), (5, 1000, 128, 17), (50, 64, 64, 33),
+                                          (3, 8, 32, 6)):
+        group_size = in_f if granularity == "tensor" else group_size
+        qw = rtn_quantize(torch.randn(out_f, in_f), bits_fmt, granularity, group_size)
+        if not ext.int8_x_applies(bits, qw.group_size, False):
+            continue
+        assert many_rows_i8_applies(qw)
+        ran += 1
+        x = torch.randn(rows, in_f) * torch.linspace(0.1, 3, in_f)
+        args = (qw.codes, qw.scales, qw.zeros, bits, qw.group_size, qw.format.offset)
+        tiles = ext.qgemm_i8_tiles(x, *args)
+        one_by_one = torch.stack([ext.qgemv(r.contiguous(), qw.codes, qw.scales, qw.zeros, None, bits, qw.group_size,
+                                            qw.format.offset, True) for r in x])
+        atol = KERNEL_ATOL_PER_SQRT_K * in_f ** 0.5
+        torch.testing.assert_close(tiles, one_by_one, atol=atol, rtol=FP32_RTOL)
+        torch.testing.assert_close(ext.qgemm_i8(x, *args), tiles, atol=0, rtol=0)  # 4+ rows: the tile GEMM
+        kernels.reset_counts()
+        y = kernels.qmatmul(torch.cat([x] * 4), qw)  # 4 x rows > 16: the dispatcher's many-row path
+        assert kernels.calls == {"cpu-gemm-i8": 1}
+        torch.testing.assert_close(y, torch.cat([tiles] * 4), atol=atol, rtol=FP32_RTOL)
+    assert ran >= 1
 
 
 def test_small_batch_fast_path_runs_the_kernel_the_dispatcher_picks(auto):
@@ -641,3 +684,31 @@ def test_integer_gemm_is_left_to_the_simulated_path_for_training_and_asymmetric_
     with torch.no_grad():
         kernels.qmatmul_act(x, qw, ActQuantConfig(bits=8, symmetric=False))
     assert kernels.calls["cpu-int-gemm"] == 0
+
+
+def test_scoring_never_rounds_activations_to_int8(auto):
+    """Perplexity windows and task scoring run under ``fp32_activations``: under ``auto`` no int8-activation kernel
+    runs there (small batches, AVX2's many rows), so a score measures the weights; the same forward outside scoring
+    does round where the format allows."""
+    from conftest import tiny_model
+
+    import lowbit
+    from lowbit import Recipe, RTNConfig
+    from lowbit.eval.perplexity import window_nll
+    from lowbit.eval.tasks import pair_logliks
+    from lowbit.kernels.cpu import int8_applies
+
+    model = tiny_model("llama")
+    lowbit.quantize(model, Recipe([RTNConfig(group_size=32)]))
+    ids = torch.randint(0, 256, (1, 40))
+    nll = window_nll(model, ids)
+    pair_logliks(model, [([1, 2, 3], [4, 5]), ([1, 2], [7])])  # a few rows: the small-batch size
+    assert kernels.calls["reference"] + kernels.calls["cpu-tiled-bf16"] > 0
+    assert not [name for name in kernels.calls if name.endswith("-i8")], kernels.calls
+    with kernels.force("exact"):
+        assert window_nll(model, ids) == pytest.approx(nll, rel=1e-5)
+    kernels.reset_counts()
+    with torch.no_grad():
+        model(ids)
+    if int8_applies(model.model.layers[0].mlp.down_proj.qweight):  # VNNI (16 rows or fewer) or AVX2 (any number)
+        assert kernels.calls["cpu-gemm-i8"] + kernels.calls["cpu-tiled-bf16"] > 0

@@ -364,6 +364,16 @@ bool int8_x_applies(int64_t bits, int64_t group_size, bool table);
 torch::Tensor qgemm_i8_avx2(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                             const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
                             int64_t offset);
+torch::Tensor qgemm_i8_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                             const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
+                             int64_t offset);  // csrc/gemm_i8.cpp
+bool gemm_i8_tiles_built();
+
+// From this many rows an AVX2 build's qgemm_i8 runs csrc/gemm_i8.cpp's tile GEMM (the weight unpacked once into
+// int8 tiles), below it the decode kernel's 4-row tiles. The tile GEMM's time over theirs (2 threads, int4 g128
+// and int2 g64): at 4 rows 0.4-0.7x on SmolLM2's layers, 0.9-1.06x on a 1B shape's 8192 x 2048; at 2-3 rows
+// 0.5-1.1x on SmolLM2's, 1.4-1.6x on the 1B shape's (unpacking the weight into tiles is not yet paid back).
+constexpr int64_t kTileGemmRows = 4;
 
 // Codes and scales of quantize_per_token (symmetric): x (M, K) fp32 (rows may be strided) -> (codes int8 (M, K),
 // scale (M, 1)). The many-row GEMM of kernels/cpu.py multiplies these codes with oneDNN's int8 GEMM.
@@ -477,15 +487,19 @@ torch::Tensor qgemm_act(torch::Tensor x, torch::Tensor codes, torch::Tensor scal
   return run(x, codes, scales, zeros, bits, group_size, offset, act_bits, clip_ratio);
 }
 
-// y = x W^T for a few fp32 rows of a weight-only layer (small batches): each row rounded to int8 per weight group
-// exactly as the int8 decode GEMV rounds one row, so every row keeps that kernel's error bound.
+// y = x W^T for fp32 rows of a weight-only layer (small batches; on AVX2 builds any number of rows): each row
+// rounded to int8 per weight group exactly as the int8 decode GEMV rounds one row, so every row keeps that
+// kernel's error bound.
 torch::Tensor qgemm_i8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                        int64_t bits, int64_t group_size, int64_t offset) {
   check_weight(x, codes, scales, zeros, bits, group_size);
   TORCH_CHECK(int8_x_applies(bits, group_size, false), "qgemm_i8 needs integer codes in whole lanes the int8 GEMV takes (int8_x_applies)");
 #ifdef LOWBIT_INT_GEMM
   return run(x, codes, scales, zeros, bits, group_size, offset, 0, 1.0);
-#else  // an AVX2 build (csrc/qgemv.cpp): each row rounded alike, tiles of the weight meet 4 rows at a time
+#else  // an AVX2 build: each row rounded alike; a few rows meet tiles of the packed weight 4 at a time
+  // (csrc/qgemv.cpp), more rows an int8 copy of each 16-column tile of it (csrc/gemm_i8.cpp)
+  if (gemm_i8_tiles_built() && x.size(0) >= kTileGemmRows)
+    return qgemm_i8_tiles(x, codes, scales, zeros, bits, group_size, offset);
   return qgemm_i8_avx2(x, codes, scales, zeros, bits, group_size, offset);
 #endif
 }
