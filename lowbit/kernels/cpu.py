@@ -137,15 +137,22 @@ def qmatmul_cpu_rows_i8(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tens
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
 
 
+ACT_TILE_ROWS = 4  # csrc/int_gemm.cpp's kTileGemmRows: fewer rows of an AVX2 build's W4A8 layer run simulated
+
+
 def act_gemm_applies(x: torch.Tensor, qweight: PackedWeight) -> bool:
     """Whether :func:`qmatmul_cpu_act` runs ``x`` against ``qweight``: CPU tensors without autograd and a weight
-    the integer GEMMs take (integer codes in whole 4-byte lanes on a CPU with AVX512-VNNI; any activation width of
-    :class:`~lowbit.formats.act.ActQuantConfig`, 2-8 bits, fits their int8 codes)."""
+    the integer GEMMs take — integer codes in whole 4-byte lanes on a CPU with AVX512-VNNI, or codes of 1, 2 or 4
+    bits and at least :data:`ACT_TILE_ROWS` rows on an AVX2 build (``csrc/gemm_i8.cpp``; a decode row runs the
+    simulated path's int8-free GEMV, faster than unpacking tiles for one row). Any activation width of
+    :class:`~lowbit.formats.act.ActQuantConfig`, 2-8 bits, fits their int8 codes."""
     if x.device.type != "cpu" or not isinstance(qweight, QuantizedWeight) or qweight.codes.device.type != "cpu":
         return False
-    if x.requires_grad and torch.is_grad_enabled():
+    if x.requires_grad and torch.is_grad_enabled() or extension() is None:
         return False
-    return extension() is not None and _int8_rule(qweight, "vnni_applies")
+    if _int8_rule(qweight, "vnni_applies"):
+        return True
+    return x.numel() >= ACT_TILE_ROWS * x.shape[-1] and many_rows_i8_applies(qweight)
 
 
 def qmatmul_cpu_act(x: torch.Tensor, qweight: QuantizedWeight, act_bits: int, clip_ratio: float) -> torch.Tensor:
@@ -154,12 +161,14 @@ def qmatmul_cpu_act(x: torch.Tensor, qweight: QuantizedWeight, act_bits: int, cl
     with the packed codes (int8 x int8 products summed in int32, scales applied once per group): up to
     :data:`SMALL_BATCH` rows (decode, batches) or group-wise scales in the C++ VNNI kernel, which reads the packed
     weight directly; more rows of a weight with one scale per row (QUAD's and QuaRot's per-channel weights) in
-    oneDNN's int8 GEMM over int8 tiles of ``q - z`` (:func:`_int_mm_tiled`). Equal to the simulated path
+    oneDNN's int8 GEMM over int8 tiles of ``q - z`` (:func:`_int_mm_tiled`); on an AVX2 build every row count in
+    ``csrc/gemm_i8.cpp``'s tile GEMM. Equal to the simulated path
     (fake-quantized ``x`` times the dequantized weight) up to fp32 rounding. Only where :func:`act_gemm_applies`."""
     bits, _, offset = _format_args(qweight.fmt)
     x2 = x.reshape(-1, x.shape[-1]).float()
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()  # rows may be strided (QUAD: the columns after the outliers)
-    if x2.shape[0] > SMALL_BATCH and qweight.scales.shape[-1] == 1 and (bits <= 4 or offset):
+    vnni = _int8_rule(qweight, "vnni_applies")  # else AVX2: qgemm_act runs csrc/gemm_i8.cpp's tiles, any rows
+    if vnni and x2.shape[0] > SMALL_BATCH and qweight.scales.shape[-1] == 1 and (bits <= 4 or offset):
         y = _int_mm_tiled(x2, qweight, act_bits, clip_ratio, bits, offset)
     else:
         y = extension().qgemm_act(x2, qweight.codes, qweight.scales, qweight.zeros, bits, qweight.group_size,

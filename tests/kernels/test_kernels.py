@@ -662,10 +662,13 @@ def test_integer_gemm_of_quantized_activations_matches_the_simulated_path(auto, 
     x = 3 * torch.randn(rows, in_f)
     simulated = qmatmul_reference(fake_quantize(x, act), qw)
     y = kernels.qmatmul_act(x, qw, act)
-    applies = extension() is not None and bool(extension().vnni_applies(bits, qw.group_size, False))  # AVX512-VNNI
+    ext = extension()
+    applies = ext is not None and (bool(ext.vnni_applies(bits, qw.group_size, False))  # AVX512-VNNI, any rows
+                                   or (ext.gemm_i8_tiles_built() and rows >= 4  # AVX2: csrc/gemm_i8.cpp's tiles
+                                       and bool(ext.int8_x_applies(bits, qw.group_size, False))))
     assert kernels.calls["cpu-int-gemm"] == int(applies)
-    if applies:
-        codes, scale = extension().act_codes(x, act_bits, 0.9)
+    if ext is not None:
+        codes, scale = ext.act_codes(x, act_bits, 0.9)
         expected = quantize_per_token(x, act)
         assert torch.equal(codes, expected.codes) and torch.equal(scale, expected.scale)  # the same rounding
     assert (y - simulated).abs().max() <= INT_GEMM_RTOL * simulated.abs().max()  # else: the simulated path itself

@@ -10,7 +10,7 @@
 // Layout: a tile of NR = 16 weight columns is unpacked once into units of 4 consecutive codes, one byte each,
 // B[u][c] = q[c, 4u .. 4u + 3] (u8, a 32-bit lane per column), so one ymm holds 8 columns x 4 codes and
 // vpmaddubsw(B, broadcast of 4 int8 activations) gives 16 int16 pair sums. Pair sums grow by at most
-// 2 * (2^BITS - 1) * 127 per unit, so int16 holds kFlushUnits<BITS> units (8 for 4-bit codes, 43 for 2-bit, 129
+// 2 * (2^BITS - 1) * 128 per unit, so int16 holds kFlushUnits<BITS> units (8 for 4-bit codes, 42 for 2-bit, 127
 // for 1-bit) before vpmaddwd widens them into int32; each group's int32 sums then meet their fp32 scales once.
 // A micro tile of MR = 4 rows x 16 columns keeps its 8 int16 sums in registers; the activation rows stream from
 // L2 while the tile (K x 16 bytes) stays in L1/L2. The tiles are split across torch's intra-op threads.
@@ -32,8 +32,8 @@ namespace {
 constexpr int kColumns = 16;  // NR: weight columns per tile (two ymm of 8 lanes)
 constexpr int kRows = 4;      // MR: activation rows per micro tile
 
-template <int BITS>
-constexpr int kFlushUnits = 32767 / (2 * ((1 << BITS) - 1) * 127);
+template <int BITS>  // activations in [-128, 127]: the rounded rows (+-127) and 8-bit activation codes alike
+constexpr int kFlushUnits = 32767 / (2 * ((1 << BITS) - 1) * 128);
 
 // Codes 4u .. 4u + 3 of a packed row (PER = 8 / BITS codes per byte, code p of a byte in bits p * BITS) as one
 // byte each; bytes past the row read as zero codes (they meet zero activations).
@@ -114,6 +114,32 @@ RoundedRows round_rows(const float* x, int64_t x_stride, int64_t M, int64_t K, i
     for (int64_t m = m0; m < m1; ++m)
       round_row(x + m * x_stride, K, gs, r.groups, r.a.data() + m * r.Kp, r.scale.data() + m * r.groups,
                 r.sum.data() + m * r.groups);
+  });
+  return r;
+}
+
+// Activation codes already quantized per token (csrc/int_gemm.cpp's act_codes: q (M, K) int8, s (M, 1)) as
+// RoundedRows: every group of a row has the row's scale.
+RoundedRows coded_rows(const torch::Tensor& q, const torch::Tensor& s, int64_t gs) {
+  const int64_t M = q.size(0), K = q.size(1);
+  RoundedRows r;
+  r.groups = (K + gs - 1) / gs;
+  r.Kp = (K + 3) / 4 * 4;
+  r.a.assign(M * r.Kp, 0);
+  r.scale.resize(M * r.groups);
+  r.sum.resize(M * r.groups);
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = s.data_ptr<float>();
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      std::memcpy(r.a.data() + m * r.Kp, qp + m * K, K);
+      for (int64_t g = 0; g < r.groups; ++g) {
+        int32_t total = 0;
+        for (int64_t k = g * gs; k < std::min(K, (g + 1) * gs); ++k) total += qp[m * K + k];
+        r.scale[m * r.groups + g] = sp[m];
+        r.sum[m * r.groups + g] = static_cast<float>(total) * sp[m];
+      }
+    }
   });
   return r;
 }
@@ -248,11 +274,10 @@ void micro_tile(const int8_t* a, int64_t lda, const float* sx, const float* sum,
     for (int j = 0; j < NRV; ++j) _mm256_storeu_ps(y + m * ldy + 8 * j, out[m][j]);
 }
 
+// The rows r (M of them) times the packed weight into y (M, N).
 template <int BITS>
-void gemm_tiles(const float* x, int64_t x_stride, int64_t M, int64_t K, const uint8_t* codes, int64_t N,
-                int64_t row_bytes, const at::Half* scales, const uint8_t* zeros, bool shared, float offset, int64_t gs,
-                float* y) {
-  const RoundedRows r = round_rows(x, x_stride, M, K, gs);
+void gemm_tiles(const RoundedRows& r, int64_t M, const uint8_t* codes, int64_t N, int64_t row_bytes,
+                const at::Half* scales, const uint8_t* zeros, bool shared, float offset, int64_t gs, float* y) {
   const int64_t U = r.Kp / 4, upg = gs / 4, tiles = (N + kColumns - 1) / kColumns;
   at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
     Tile tile;
@@ -291,27 +316,61 @@ bool gemm_i8_tiles_built() {
 #endif
 }
 
-// x (M, K) fp32 rows with unit column stride times a packed weight of 1, 2 or 4-bit integer codes whose groups hold
-// whole 4-code units (csrc/int_gemm.cpp's qgemm_i8 checked the arguments) -> (M, N) fp32.
-torch::Tensor qgemm_i8_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                             const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
-                             int64_t offset) {
-  const int64_t M = x.size(0), N = codes.size(0);
-  auto y = torch::empty({M, N}, x.options());
-  TORCH_CHECK(gemm_i8_tiles_built(), "qgemm_i8_tiles needs an AVX2 build without AVX-512");
+std::vector<torch::Tensor> act_codes(torch::Tensor x, int64_t act_bits, double clip_ratio);  // csrc/int_gemm.cpp
+
+namespace {
+
+// The checks both entry points share (csrc/int_gemm.cpp checked the tensors against x); y (M, N) fp32.
+torch::Tensor output_for(const torch::Tensor& x, const torch::Tensor& codes, int64_t bits, int64_t group_size) {
+  TORCH_CHECK(gemm_i8_tiles_built(), "the int8 tile GEMM needs an AVX2 build without AVX-512");
+  TORCH_CHECK(group_size % 4 == 0 && (bits == 1 || bits == 2 || bits == 4), "the int8 tile GEMM takes 1, 2 or 4-bit codes in groups of whole 4-code units");
+  return torch::empty({x.size(0), codes.size(0)}, x.options());
+}
+
 #ifdef LOWBIT_GEMM_I8
-  TORCH_CHECK(group_size % 4 == 0 && (bits == 1 || bits == 2 || bits == 4), "qgemm_i8_tiles takes 1, 2 or 4-bit codes in groups of whole 4-code units");
-  const int64_t K = x.size(1);
-  if (K == 0 || M == 0) return y.zero_();
+void run_tiles(const RoundedRows& r, int64_t M, const torch::Tensor& codes, const torch::Tensor& scales,
+               const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size, int64_t offset,
+               torch::Tensor& y) {
+  const int64_t N = codes.size(0);
   const uint8_t* zp = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
   const bool shared = scales.size(0) == 1 && N != 1;
   switch (bits) {
-#define LOWBIT_CASE(B) case B: gemm_tiles<B>(x.data_ptr<float>(), x.stride(0), M, K, codes.data_ptr<uint8_t>(), N, \
-                                             codes.size(1), scales.data_ptr<at::Half>(), zp, shared, float(offset),  \
-                                             group_size, y.data_ptr<float>()); break;
+#define LOWBIT_CASE(B) case B: gemm_tiles<B>(r, M, codes.data_ptr<uint8_t>(), N, codes.size(1), scales.data_ptr<at::Half>(), \
+                                             zp, shared, float(offset), group_size, y.data_ptr<float>()); break;
     LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(4)
 #undef LOWBIT_CASE
   }
+}
+#endif
+
+}  // namespace
+
+// x (M, K) fp32 rows with unit column stride times a packed weight of 1, 2 or 4-bit integer codes whose groups hold
+// whole 4-code units (csrc/int_gemm.cpp's qgemm_i8 checked the arguments) -> (M, N) fp32: each row rounded to int8
+// per weight group as the int8 decode GEMV rounds one row.
+torch::Tensor qgemm_i8_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                             const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
+                             int64_t offset) {
+  auto y = output_for(x, codes, bits, group_size);
+#ifdef LOWBIT_GEMM_I8
+  const int64_t M = x.size(0), K = x.size(1);
+  if (K == 0 || M == 0) return y.zero_();
+  run_tiles(round_rows(x.data_ptr<float>(), x.stride(0), M, K, group_size), M, codes, scales, zeros, bits, group_size,
+            offset, y);
+#endif
+  return y;
+}
+
+// The same GEMM with the activations quantized per token instead (csrc/int_gemm.cpp's qgemm_act on an AVX2 build:
+// W4A8 and W4A4 layers): the codes of act_codes, the same codes the simulated path rounds to.
+torch::Tensor qgemm_act_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                              const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
+                              int64_t offset, int64_t act_bits, double clip_ratio) {
+  auto y = output_for(x, codes, bits, group_size);
+#ifdef LOWBIT_GEMM_I8
+  if (x.size(1) == 0 || x.size(0) == 0) return y.zero_();
+  const auto qs = act_codes(x, act_bits, clip_ratio);
+  run_tiles(coded_rows(qs[0], qs[1], group_size), x.size(0), codes, scales, zeros, bits, group_size, offset, y);
 #endif
   return y;
 }

@@ -20,6 +20,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define LOWBIT_INT_GEMM 1
+#elif defined(__AVX2__)
+#include <immintrin.h>
+#define LOWBIT_ACT_AVX2 1  // act_codes rounds 8 values a step (csrc/gemm_i8.cpp multiplies the codes)
 #endif
 
 namespace {
@@ -33,6 +36,12 @@ float quantize_row(const float* x, int64_t K, int qmax, float clip, int8_t* q) {
   __m512 vm = _mm512_setzero_ps();
   for (; k + 16 <= K; k += 16) vm = _mm512_max_ps(vm, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
   m = _mm512_reduce_max_ps(vm);
+#elif defined(LOWBIT_ACT_AVX2)
+  __m256 vm = _mm256_setzero_ps();
+  for (; k + 8 <= K; k += 8) vm = _mm256_max_ps(vm, _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(x + k)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vm);
+  for (float v : lanes) m = std::max(m, v);
 #endif
   for (; k < K; ++k) m = std::max(m, std::fabs(x[k]));
   const float s = std::max(clip * m / float(qmax), FLT_MIN);
@@ -43,6 +52,14 @@ float quantize_row(const float* x, int64_t K, int qmax, float clip, int8_t* q) {
     __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+#elif defined(LOWBIT_ACT_AVX2)
+  const __m256 vs = _mm256_set1_ps(s), lo = _mm256_set1_ps(float(-qmax - 1)), hi = _mm256_set1_ps(float(qmax));
+  for (; k + 8 <= K; k += 8) {
+    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i i32 = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+    const __m128i i16 = _mm_packs_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + k), _mm_packs_epi16(i16, i16));
   }
 #endif
   for (; k < K; ++k)
@@ -368,6 +385,9 @@ torch::Tensor qgemm_i8_tiles(const torch::Tensor& x, const torch::Tensor& codes,
                              const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
                              int64_t offset);  // csrc/gemm_i8.cpp
 bool gemm_i8_tiles_built();
+torch::Tensor qgemm_act_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                              const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
+                              int64_t offset, int64_t act_bits, double clip_ratio);
 
 // From this many rows an AVX2 build's qgemm_i8 runs csrc/gemm_i8.cpp's tile GEMM (the weight unpacked once into
 // int8 tiles), below it the decode kernel's 4-row tiles. The tile GEMM's time over theirs (2 threads, int4 g128
@@ -480,11 +500,19 @@ torch::Tensor run(const torch::Tensor& x, const torch::Tensor& codes, const torc
 }  // namespace
 
 // y = Q(x) W^T (see the top of this file) for x (M, K) fp32, any M: activations quantized per token.
+// On an AVX2 build (no VNNI): csrc/gemm_i8.cpp's tile GEMM, codes of 1, 2 or 4 bits.
 torch::Tensor qgemm_act(torch::Tensor x, torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
                         int64_t bits, int64_t group_size, int64_t offset, int64_t act_bits, double clip_ratio) {
   check_weight(x, codes, scales, zeros, bits, group_size);
-  TORCH_CHECK(vnni_applies(bits, group_size, false) && act_bits >= 2 && act_bits <= 8, "qgemm_act needs 1, 2, 4 or 8-bit integer codes in whole lanes, 2-8 bit activations and AVX512-VNNI");
+  TORCH_CHECK(act_bits >= 2 && act_bits <= 8, "qgemm_act takes 2-8 bit activations");
+#ifdef LOWBIT_INT_GEMM
+  TORCH_CHECK(vnni_applies(bits, group_size, false), "qgemm_act needs 1, 2, 4 or 8-bit integer codes in whole lanes");
   return run(x, codes, scales, zeros, bits, group_size, offset, act_bits, clip_ratio);
+#else
+  TORCH_CHECK(gemm_i8_tiles_built() && int8_x_applies(bits, group_size, false), "qgemm_act needs AVX512-VNNI, or "
+              "AVX2 and 1, 2 or 4-bit integer codes in whole lanes");
+  return qgemm_act_tiles(x, codes, scales, zeros, bits, group_size, offset, act_bits, clip_ratio);
+#endif
 }
 
 // y = x W^T for fp32 rows of a weight-only layer (small batches; on AVX2 builds any number of rows): each row
