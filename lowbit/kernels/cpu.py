@@ -137,22 +137,17 @@ def qmatmul_cpu_rows_i8(x: torch.Tensor, qweight: QuantizedWeight) -> torch.Tens
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
 
 
-ACT_TILE_ROWS = 4  # csrc/int_gemm.cpp's kTileGemmRows: fewer rows of an AVX2 build's W4A8 layer run simulated
-
-
 def act_gemm_applies(x: torch.Tensor, qweight: PackedWeight) -> bool:
     """Whether :func:`qmatmul_cpu_act` runs ``x`` against ``qweight``: CPU tensors without autograd and a weight
     the integer GEMMs take — integer codes in whole 4-byte lanes on a CPU with AVX512-VNNI, or codes of 1, 2 or 4
-    bits and at least :data:`ACT_TILE_ROWS` rows on an AVX2 build (``csrc/gemm_i8.cpp``; a decode row runs the
-    simulated path's int8-free GEMV, faster than unpacking tiles for one row). Any activation width of
-    :class:`~lowbit.formats.act.ActQuantConfig`, 2-8 bits, fits their int8 codes."""
+    bits on an AVX2 build (``csrc/gemm_i8.cpp``'s tiles, any rows: even one decode row took 0.1-0.2x the simulated
+    path's time on SmolLM2's layers). Any activation width of :class:`~lowbit.formats.act.ActQuantConfig`, 2-8 bits,
+    fits their int8 codes."""
     if x.device.type != "cpu" or not isinstance(qweight, QuantizedWeight) or qweight.codes.device.type != "cpu":
         return False
     if x.requires_grad and torch.is_grad_enabled() or extension() is None:
         return False
-    if _int8_rule(qweight, "vnni_applies"):
-        return True
-    return x.numel() >= ACT_TILE_ROWS * x.shape[-1] and many_rows_i8_applies(qweight)
+    return _int8_rule(qweight, "vnni_applies") or many_rows_i8_applies(qweight)
 
 
 def qmatmul_cpu_act(x: torch.Tensor, qweight: QuantizedWeight, act_bits: int, clip_ratio: float) -> torch.Tensor:

@@ -362,7 +362,7 @@ torch::Tensor qgemm_i8_tiles(const torch::Tensor& x, const torch::Tensor& codes,
 }
 
 // The same GEMM with the activations quantized per token instead (csrc/int_gemm.cpp's qgemm_act on an AVX2 build:
-// W4A8 and W4A4 layers): the codes of act_codes, the same codes the simulated path rounds to.
+// W4A8 and W4A4 layers, any number of rows): the codes of act_codes, the same codes the simulated path rounds to.
 torch::Tensor qgemm_act_tiles(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                               const c10::optional<torch::Tensor>& zeros, int64_t bits, int64_t group_size,
                               int64_t offset, int64_t act_bits, double clip_ratio) {
