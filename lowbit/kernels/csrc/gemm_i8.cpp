@@ -1,5 +1,5 @@
-// Many rows of fp32 activations times a packed integer-code weight on AVX2 CPUs without AVX512-VNNI (prefill,
-// batches, evaluation): qgemm_i8's kernel from kTileRowsFrom rows up (csrc/int_gemm.cpp picks it).
+// Many rows of fp32 activations times a packed integer-code weight on AVX2 CPUs without AVX-512 (prefill, batches):
+// qgemm_i8's kernel from kTileGemmRows rows up, and qgemm_act's (W4A8, W4A4) for any rows (csrc/int_gemm.cpp).
 //
 // Each activation row is rounded to int8 per weight group exactly as the int8 decode GEMV rounds one row (csrc/
 // qgemv.cpp's quantize_x_into: s_x = max|x_g| / 127, round half to even, clamp to +-127), so every row keeps that
