@@ -55,9 +55,12 @@ inline uint32_t unit_of(const uint8_t* row, int64_t row_bytes, int64_t u) {
 // The activations rounded per group: a (M, Kp) int8 rows (zero padded to whole units), s_x and s_x * sum(a) per
 // (row, group).
 struct RoundedRows {
+  int64_t Kp, groups;
   std::vector<int8_t> a;
   std::vector<float> scale, sum;
-  int64_t Kp = 0, groups = 0;
+
+  RoundedRows(int64_t M, int64_t K, int64_t gs)
+      : Kp((K + 3) / 4 * 4), groups((K + gs - 1) / gs), a(M * Kp, 0), scale(M * groups), sum(M * groups) {}
 };
 
 inline float hmax8(__m256 v) {
@@ -104,12 +107,7 @@ void round_row(const float* x, int64_t K, int64_t gs, int64_t groups, int8_t* a,
 }
 
 RoundedRows round_rows(const float* x, int64_t x_stride, int64_t M, int64_t K, int64_t gs) {
-  RoundedRows r;
-  r.groups = (K + gs - 1) / gs;
-  r.Kp = (K + 3) / 4 * 4;
-  r.a.assign(M * r.Kp, 0);
-  r.scale.resize(M * r.groups);
-  r.sum.resize(M * r.groups);
+  RoundedRows r(M, K, gs);
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
       round_row(x + m * x_stride, K, gs, r.groups, r.a.data() + m * r.Kp, r.scale.data() + m * r.groups,
@@ -122,12 +120,7 @@ RoundedRows round_rows(const float* x, int64_t x_stride, int64_t M, int64_t K, i
 // RoundedRows: every group of a row has the row's scale.
 RoundedRows coded_rows(const torch::Tensor& q, const torch::Tensor& s, int64_t gs) {
   const int64_t M = q.size(0), K = q.size(1);
-  RoundedRows r;
-  r.groups = (K + gs - 1) / gs;
-  r.Kp = (K + 3) / 4 * 4;
-  r.a.assign(M * r.Kp, 0);
-  r.scale.resize(M * r.groups);
-  r.sum.resize(M * r.groups);
+  RoundedRows r(M, K, gs);
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = s.data_ptr<float>();
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
