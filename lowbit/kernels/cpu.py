@@ -76,7 +76,7 @@ def int8_applies(qweight: PackedWeight) -> bool:
 
 
 def _int8_rule(qweight: PackedWeight, rule: str) -> bool:
-    if not isinstance(qweight, QuantizedWeight):
+    if not isinstance(qweight, QuantizedWeight) or extension() is None:
         return False
     bits, levels, _ = _format_args(qweight.fmt)
     return bool(getattr(extension(), rule)(bits, qweight.group_size, levels is not None))
@@ -122,7 +122,7 @@ def rows_i8_function(qweight: QuantizedWeight):
 
 
 def many_rows_i8_applies(qweight: PackedWeight) -> bool:
-    """Whether rows beyond :data:`SMALL_BATCH` (prefill, evaluation, large batches) run
+    """Whether rows beyond :data:`SMALL_BATCH` (prefill, large batches; not scoring, see ``fp32_activations``) run
     :func:`qmatmul_cpu_rows_i8` too: :func:`int8_applies` on a build with ``csrc/gemm_i8.cpp``'s tile GEMM (AVX2
     without AVX-512, so no bf16 tiles; per SmolLM2 layer it takes 0.5-0.7x the time of fp32 ``F.linear`` at 512
     rows, BENCHMARKS.md)."""
@@ -157,8 +157,8 @@ def qmatmul_cpu_act(x: torch.Tensor, qweight: QuantizedWeight, act_bits: int, cl
     :data:`SMALL_BATCH` rows (decode, batches) or group-wise scales in the C++ VNNI kernel, which reads the packed
     weight directly; more rows of a weight with one scale per row (QUAD's and QuaRot's per-channel weights) in
     oneDNN's int8 GEMM over int8 tiles of ``q - z`` (:func:`_int_mm_tiled`); on an AVX2 build every row count in
-    ``csrc/gemm_i8.cpp``'s tile GEMM. Equal to the simulated path
-    (fake-quantized ``x`` times the dequantized weight) up to fp32 rounding. Only where :func:`act_gemm_applies`."""
+    ``csrc/gemm_i8.cpp``'s tile GEMM. Equal to the simulated path (fake-quantized ``x`` times the dequantized
+    weight) up to fp32 rounding. Only where :func:`act_gemm_applies`."""
     bits, _, offset = _format_args(qweight.fmt)
     x2 = x.reshape(-1, x.shape[-1]).float()
     x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()  # rows may be strided (QUAD: the columns after the outliers)

@@ -396,7 +396,8 @@ torch::Tensor qgemm_act_tiles(const torch::Tensor& x, const torch::Tensor& codes
 constexpr int64_t kTileGemmRows = 4;
 
 // Codes and scales of quantize_per_token (symmetric): x (M, K) fp32 (rows may be strided) -> (codes int8 (M, K),
-// scale (M, 1)). The many-row GEMM of kernels/cpu.py multiplies these codes with oneDNN's int8 GEMM.
+// scale (M, 1)). The many-row GEMM of kernels/cpu.py multiplies these codes with oneDNN's int8 GEMM, an AVX2
+// build's qgemm_act with csrc/gemm_i8.cpp's tiles.
 std::vector<torch::Tensor> act_codes(torch::Tensor x, int64_t act_bits, double clip_ratio) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.stride(1) == 1 && x.stride(0) >= x.size(1),
               "x must be fp32 (M, K) with contiguous rows");
