@@ -75,9 +75,13 @@ inline int32_t hsum8_epi32(__m256i v) {
   return _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32(t, 0xb1)));
 }
 
-// One row x (K,) into a (Kp,) and its groups' scale and sum, 8 values a step (the same rounding as the scalar
-// loop of qgemv.cpp: x * (127 / top) rounded half to even under the default MXCSR, clamped to +-127).
-void round_row(const float* x, int64_t K, int64_t gs, int64_t groups, int8_t* a, float* scale, float* sum) {
+}  // namespace
+
+// One row x (K,) rounded to int8 per group of gs values, 8 values a step: a[k] (k < K), scale[g] = s_x =
+// max|x_g| / 127 and sum[g] = s_x * sum of the group's rounded values. x * (127 / top) rounded half to even under
+// the default MXCSR, clamped to +-127: the int8 decode GEMV's rounding (csrc/qgemv.cpp's AVX2 quantize_x_into calls
+// this too, so the decode rows and these tiles round alike).
+void round_groups_int8(const float* x, int64_t K, int64_t gs, int64_t groups, int8_t* a, float* scale, float* sum) {
   const __m256 sign = _mm256_set1_ps(-0.f), hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t k0 = g * gs, len = std::min(K, k0 + gs) - k0, vec = len & ~int64_t(7);
@@ -106,12 +110,14 @@ void round_row(const float* x, int64_t K, int64_t gs, int64_t groups, int8_t* a,
   }
 }
 
+namespace {
+
 RoundedRows round_rows(const float* x, int64_t x_stride, int64_t M, int64_t K, int64_t gs) {
   RoundedRows r(M, K, gs);
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m)
-      round_row(x + m * x_stride, K, gs, r.groups, r.a.data() + m * r.Kp, r.scale.data() + m * r.groups,
-                r.sum.data() + m * r.groups);
+      round_groups_int8(x + m * x_stride, K, gs, r.groups, r.a.data() + m * r.Kp, r.scale.data() + m * r.groups,
+                        r.sum.data() + m * r.groups);
   });
   return r;
 }

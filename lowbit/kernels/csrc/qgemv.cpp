@@ -517,6 +517,12 @@ void gemv_mixed_rows_simd_m(const float* x, const uint8_t* codes, int64_t row_by
 // weight group when group_size % (4 * PER) == 0, as on the VNNI path.
 constexpr int64_t kChunkBytes = 32;
 
+}  // namespace
+
+// csrc/gemm_i8.cpp (built under the same condition as this block): x's groups rounded to int8, 8 values a step.
+void round_groups_int8(const float* x, int64_t K, int64_t gs, int64_t groups, int8_t* a, float* scale, float* sum);
+
+namespace {
 
 // Rounds x (K,) into r (its buffers reused: a decode step calls this ~200 times per token).
 template <int BITS>
@@ -529,20 +535,7 @@ void quantize_x_into(QuantizedX& r, const float* x, int64_t K, int64_t gs, int64
   r.sum.assign(groups + 16, 0.f);
   r.lane.resize(chunks * 8);
   r.first.resize(chunks);
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t k0 = g * gs, len = std::min(K, k0 + gs) - k0;
-    float top = 0.f;
-    for (int64_t i = 0; i < len; ++i) top = std::max(top, std::fabs(x[k0 + i]));
-    r.scale[g] = top / 127.f;
-    const float inv = top > 0.f ? 127.f / top : 0.f;
-    int32_t total = 0;
-    for (int64_t i = 0; i < len; ++i) {
-      const int v = std::max(-127, std::min(127, static_cast<int>(std::nearbyint(x[k0 + i] * inv))));
-      lin[k0 + i] = static_cast<int8_t>(v);
-      total += v;
-    }
-    r.sum[g] = static_cast<float>(total) * r.scale[g];
-  }
+  round_groups_int8(x, K, gs, groups, lin.data(), r.scale.data(), r.sum.data());
   lay_out_by_phase<BITS, kChunkBytes>(r, lin.data(), gs, groups, chunks);
 }
 
