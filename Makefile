@@ -8,6 +8,7 @@ STAMP   := $(VENV)/.installed
 MODEL   ?= smollm2-135m
 RECIPE  ?= rtn-w4g128+emb8
 WINDOWS ?= 16
+TEST_WORKERS ?= $(shell $(PY) -c "import os; print(min(2, os.cpu_count() or 1))")
 OUT     ?= out/$(MODEL)-$(RECIPE)
 
 .PHONY: install demo test bench clean
@@ -30,8 +31,10 @@ demo: $(STAMP)
 	$(BIN)/lowbit generate $(OUT) --prompt "What is the capital of France?" --max-new-tokens 48
 
 test: $(STAMP)
-	# Unbuffered: a run stopped from outside still shows how far it got.
-	PYTHONUNBUFFERED=1 $(BIN)/python -m pytest -q
+	# Unbuffered: a run stopped from outside still shows how far it got. TEST_WORKERS pytest-xdist workers (by
+	# default one per core, at most 2), each test file on one worker so its module fixtures are built once; each
+	# worker's torch takes its share of the cores (tests/conftest.py). TEST_WORKERS=0 runs in this process.
+	PYTHONUNBUFFERED=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/foundation.py --windows $(WINDOWS)

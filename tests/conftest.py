@@ -12,6 +12,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # users get (``auto``: int8 decode activations, bf16 prefill tiles) has its own tests with its own bounds
 # (tests/kernels/test_kernels.py, the ``auto`` fixture).
 os.environ.setdefault("LOWBIT_KERNEL", "exact")
+# Under pytest-xdist (``make test`` runs one worker per core, up to TEST_WORKERS) each worker gets its share of
+# the cores, so workers do not oversubscribe them: torch's and OpenMP's thread counts are read when torch loads,
+# and the CLI subprocesses a test starts inherit the same share.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
