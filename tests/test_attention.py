@@ -13,12 +13,14 @@ from tolerances import BF16_ATTENTION_REL
 
 import lowbit
 from lowbit.kernels import calls, force
-from lowbit.kernels.cpu import causal_attention
+from lowbit.kernels.cpu import attention_supports, causal_attention
 from lowbit.nn.attention import NAME, calibration_attention, cpu_attention, use_cpu_attention
 
 ext = lowbit.kernels.cpu.extension()
 pytestmark = pytest.mark.skipif(ext is None or not ext.causal_attention_applies(64),
-                                reason="the C++ extension did not build, or no AVX-512 here")
+                                reason="the C++ extension did not build, or no AVX-512 or AVX2 here")
+needs_bf16 = pytest.mark.skipif(ext is None or not ext.bf16_attention_applies(),
+                                reason="this CPU build has no AVX512-BF16: bf16 attention inputs run in fp32")
 
 
 def _qkv(batch, heads, kv_heads, length, dim, seed=0, dtype=torch.float32):
@@ -40,9 +42,31 @@ def test_the_kernel_equals_torchs_causal_sdpa(batch, heads, kv_heads, length, di
     assert ((out - reference).abs().max() / reference.abs().max()) < 2e-6
 
 
+@pytest.mark.skipif(ext is not None and ext.bf16_attention_applies(), reason="this build multiplies bf16 as bf16")
+def test_without_avx512_bf16_bf16_inputs_attend_in_fp32_and_come_back_bf16():
+    q, k, v = _qkv(1, 4, 2, 130, 32, dtype=torch.bfloat16)
+    out = causal_attention(q, k, v, 0.2, bf16=True)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ext.causal_attention(q.float(), k.float(), v.float(), 0.2).bfloat16())
+
+
+def test_sequences_longer_than_the_build_takes_go_to_sdpa():
+    """An AVX2 build sends sequences past ``causal_attention_longest`` (768 tokens) to torch's kernel, which measured
+    faster there; an AVX-512 build takes every length. The kernel itself computes any length."""
+    longest = ext.causal_attention_longest()
+    assert longest >= 512
+    short, long = (_qkv(1, 2, 1, n, 16) for n in (min(longest, 700), min(longest + 1, 1500)))
+    assert attention_supports(*short)
+    assert attention_supports(*long) == (longest >= 1500)
+    q, k, v = long
+    reference = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).transpose(1, 2)
+    assert ((ext.causal_attention(q, k, v, 0.25) - reference).abs().max() / reference.abs().max()) < 2e-6
+
+
 @pytest.mark.parametrize("batch,heads,kv_heads,length,dim", [
     (1, 9, 3, 512, 64), (2, 4, 2, 101, 32), (1, 2, 1, 2, 16), (1, 4, 4, 65, 128), (1, 2, 2, 131, 80),
     (3, 6, 3, 257, 48)])
+@needs_bf16
 def test_bf16_products_give_the_attention_of_the_rounded_inputs(batch, heads, kv_heads, length, dim):
     """bf16 q, k, v: Q Kᵀ and P V as bf16 pairs into fp32 sums, the probabilities rounded to bf16 (as FlashAttention
     does on GPUs): the fp64 attention of the same bf16 values within that rounding; odd lengths (a key pairs with
@@ -55,6 +79,7 @@ def test_bf16_products_give_the_attention_of_the_rounded_inputs(batch, heads, kv
     assert ((out - reference).abs().max() / reference.abs().max()) < BF16_ATTENTION_REL
 
 
+@needs_bf16
 def test_bf16_inputs_and_bf16_autocast_multiply_bf16_and_fp32_inputs_stay_fp32():
     q, k, v = _qkv(1, 4, 2, 200, 64)
     module = torch.nn.Module()

@@ -205,7 +205,7 @@ def test_calibration_passes_attend_through_lowbits_kernel_under_auto_only_and_sk
     from lowbit.kernels import calls, force
 
     if lowbit_ext() is None or not lowbit_ext().causal_attention_applies(16):
-        pytest.skip("the C++ extension did not build here, or no AVX-512")
+        pytest.skip("the C++ extension did not build here, or no AVX-512 or AVX2")
     model = tiny_model("llama")
     _, blocks = decoder_blocks(model)
     runs = [0] * len(blocks)

@@ -351,8 +351,9 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
 def attention_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """True for fp32 or bf16 CPU ``query (B, H, L, D)`` over ``key``/``value (B, Hkv, L, D)`` of the same length
-    and width (H a multiple of Hkv, L >= 2), without autograd, where the AVX-512 build takes that head width:
-    :func:`causal_attention` applies. Whether the call is causal and unmasked is the caller's to know."""
+    and width (H a multiple of Hkv, L >= 2), without autograd, where the build takes that head width (AVX-512, or
+    AVX2 + FMA up to 768 tokens, beyond which torch's kernel measured faster there): :func:`causal_attention`
+    applies. Whether the call is causal and unmasked is the caller's to know."""
     if query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16) or query.shape[2] < 2:
         return False
     if value.shape != key.shape or key.shape[2:] != query.shape[2:] or query.shape[1] % key.shape[1]:
@@ -360,7 +361,8 @@ def attention_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
         return False
     ext = extension()
-    return ext is not None and ext.causal_attention_applies(query.shape[-1])
+    return (ext is not None and ext.causal_attention_applies(query.shape[-1])
+            and query.shape[2] <= ext.causal_attention_longest())
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
