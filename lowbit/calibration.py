@@ -165,33 +165,45 @@ def _collect_stats(block: nn.Module, hidden: list[torch.Tensor], kwargs: dict, l
     the block's output ``(1, L, d)`` on each window appended (what a step that trains the block matches).
 
     Linears that read the very same input tensor (q/k/v, gate/up) share one :class:`LayerStats`, so its
-    ``XᵀX`` is computed once (the sharing is found on the first window by tensor identity).
+    ``XᵀX`` is computed once (the sharing is found on the first window by tensor identity). Without ``outputs``,
+    a window's pass stops as soon as every listed Linear has read its input: the last one (``down_proj`` for a
+    whole block) and what follows it would compute an output nothing reads.
     """
     stats: dict[str, LayerStats] = {}
     owner: dict[str, str] = {}  # layer name -> name of the layer whose statistics it shares
     # inputs met in the current window: (data_ptr, shape) -> (first reader, the tensor). Holding the tensor keeps
     # its memory from being reused by a later, different input of the same shape.
     seen: dict[tuple, tuple[str, torch.Tensor]] = {}
+    reached: set[str] = set()  # the listed Linears that have read their input in the current window
+
+    def add(name: str, module: nn.Module, x: torch.Tensor) -> None:
+        if name not in owner:
+            owner[name] = seen.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), (name, x))[0]
+        if owner[name] != name:
+            return
+        if hasattr(module, "calibration_input"):  # rotated / QUAD-split input: what the packed weight sees
+            x = module.calibration_input(x)
+        if name not in stats:
+            stats[name] = LayerStats(torch.zeros(x.shape[-1], x.shape[-1], device=x.device))
+        stats[name].add(x)
 
     def hook(name):
-        def fn(module, args, out):
-            x = args[0]
-            if name not in owner:
-                owner[name] = seen.setdefault((x.data_ptr(), tuple(x.shape), x.stride()), (name, x))[0]
-            if owner[name] != name:
-                return
-            if hasattr(module, "calibration_input"):  # rotated / QUAD-split input: what the packed weight sees
-                x = module.calibration_input(x)
-            if name not in stats:
-                stats[name] = LayerStats(torch.zeros(x.shape[-1], x.shape[-1], device=x.device))
-            stats[name].add(x)
+        def fn(module, args):
+            add(name, module, args[0])
+            reached.add(name)
+            if outputs is None and len(reached) == len(linears):
+                raise StopForward  # nothing left in this window's pass that anything reads
         return fn
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     try:
         for h in hidden:
             seen.clear()
-            out = block_output(block, h, kwargs)
+            reached.clear()
+            try:
+                out = block_output(block, h, kwargs)
+            except StopForward:
+                continue
             if outputs is not None:
                 outputs.append(out)
     finally:

@@ -245,3 +245,36 @@ def test_every_familys_calibration_runs_under_auto_kernels(family):
             out = model(ids).logits.float()
     assert float((out - reference).norm() / reference.norm()) <= FAMILY_STEP_REL_ERROR["gptq"]
     assert model.config._attn_implementation in (before, "lowbit_cpu")  # apply_recipe may switch a packed model
+
+
+def test_a_pass_whose_outputs_nothing_reads_stops_once_every_listed_linear_has_read_its_input():
+    """Without ``outputs`` each window's pass ends at the last listed Linear's input: ``down_proj`` never runs for a
+    whole block, the MLP never runs when only attention layers are listed, and the statistics equal those of the
+    full pass; with ``outputs`` the block runs to its end."""
+    from torch import nn
+
+
+    model = tiny_model("llama")
+    windows = torch.randint(0, 256, (3, 24), generator=torch.Generator().manual_seed(2))
+    hidden, kwargs = block_inputs(model, windows)
+    block = decoder_blocks(model)[1][0]
+    linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    ran = {"down": 0, "up": 0}
+    handles = [block.mlp.down_proj.register_forward_hook(lambda *a: ran.__setitem__("down", ran["down"] + 1)),
+               block.mlp.up_proj.register_forward_hook(lambda *a: ran.__setitem__("up", ran["up"] + 1))]
+    with torch.inference_mode():
+        outputs: list[torch.Tensor] = []
+        full = _collect_stats(block, hidden, kwargs, linears, outputs)
+        assert len(outputs) == 3 and ran == {"down": 3, "up": 3}
+        early = _collect_stats(block, hidden, kwargs, linears)
+        assert ran == {"down": 3, "up": 6}  # down_proj read its input, then the pass stopped
+        attention = {n: m for n, m in linears.items() if n.startswith("self_attn.")}
+        only = _collect_stats(block, hidden, kwargs, attention)
+        assert ran == {"down": 3, "up": 6}
+        for name in linears:
+            assert early[name].tokens == full[name].tokens == 72
+            assert torch.equal(early[name].hessian, full[name].hessian)
+        for name in attention:
+            assert torch.equal(only[name].hessian, full[name].hessian)
+    for h in handles:
+        h.remove()
