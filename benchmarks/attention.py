@@ -1,12 +1,13 @@
 """lowbit's CPU attention (``csrc/attention.cpp``) against torch's CPU flash kernel, side by side in one process, and
 what it changes in a packed model's prefill and perplexity.
 
-    python benchmarks/attention.py [--threads 1,2] [--rounds 15] [--checkpoint CK --windows 16] [--json OUT.json]
+    python benchmarks/attention.py [--threads 1,2] [--lengths 512,2048] [--rounds 15] [--checkpoint CK --windows 16]
+                                   [--json OUT.json]
 
 Kernel table: SmolLM2-135M's attention shape (9 query heads over 3 KV heads of 64) and a 1B LLaMA's (32 over 8,
-64 wide) at 512 and 2,048 tokens, fp32, inputs laid out as transformers makes them (transposed views). The kernels
-alternate within every round, so a drifting VM moves all; printed: median milliseconds [min-max] over the rounds
-and the ratio flash / lowbit, also for lowbit's bf16 products (the fp32 inputs rounded first, as the calibration
+64 wide) at each of ``--lengths`` tokens, fp32, inputs laid out as transformers makes them (transposed views). The
+kernels alternate within every round, so a drifting VM moves all; printed: median milliseconds [min-max] over the
+rounds and the ratio flash / lowbit, also for lowbit's bf16 products (the fp32 inputs rounded first, as the calibration
 passes under bf16 autocast run it) where the CPU has AVX512-BF16. With ``--checkpoint``: the checkpoint's
 512-token prefill (medians of ``--rounds`` forwards, the two attention implementations alternating) and its
 WikiText-2 test perplexity over ``--windows`` windows under each. Run it alone.
@@ -31,14 +32,14 @@ def _spread(times: list[float]) -> dict:
     return {"median_ms": statistics.median(ms), "min_ms": min(ms), "max_ms": max(ms)}
 
 
-def kernel_table(threads: int, rounds: int) -> list[dict]:
+def kernel_table(threads: int, rounds: int, lengths: tuple[int, ...] = (512, 2048)) -> list[dict]:
     from lowbit.kernels.cpu import causal_attention, extension
 
     ext = extension()
     torch.set_num_threads(threads)
     rows = []
     for name, heads, kv_heads, dim in SHAPES:
-        for length in (512, 2048):
+        for length in lengths:
             gen = torch.Generator().manual_seed(0)
             q, k, v = (torch.randn(1, length, n, dim, generator=gen).transpose(1, 2)
                        for n in (heads, kv_heads, kv_heads))
@@ -107,12 +108,14 @@ def checkpoint_rows(path: str, rounds: int, windows: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", default="1,2")
+    parser.add_argument("--lengths", default="512,2048")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--windows", type=int, default=0)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    result = {"kernels": [row for t in args.threads.split(",") for row in kernel_table(int(t), args.rounds)]}
+    lengths = tuple(int(n) for n in args.lengths.split(","))
+    result = {"kernels": [row for t in args.threads.split(",") for row in kernel_table(int(t), args.rounds, lengths)]}
     if args.checkpoint:
         torch.set_num_threads(max(int(t) for t in args.threads.split(",")))
         result["checkpoint"] = checkpoint_rows(args.checkpoint, args.rounds, args.windows)
