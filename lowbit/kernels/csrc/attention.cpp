@@ -80,6 +80,9 @@ struct Simd {
 };
 #endif
 
+static_assert(BLOCK % Simd::ROWS == 0 && BLOCK % Simd::PV_ROWS == 0 && BLOCK % (Simd::COLS * Simd::W) == 0,
+              "register blocks must tile the 64 x 64 block");
+
 inline Simd::V exp_nonpositive(Simd::V x) {
   x = Simd::max(x, Simd::set1(-87.0f));
   const Simd::V n = Simd::round(Simd::mul(x, Simd::set1(1.44269504088896341f)));
@@ -189,7 +192,7 @@ void attend_rows(const typename M::Elem* q, int64_t q_stride, const typename M::
   constexpr bool pairs = M::PER == 2;
   constexpr int64_t W = Simd::W, NV = BLOCK / W;  // registers per row of the block
   std::vector<Elem> QT(D / M::PER * BLOCK, Elem(0)), zeros(D, Elem(0)), PP(pairs ? BLOCK / 2 * BLOCK : 0);
-  std::vector<float> ST((BLOCK + Simd::ROWS) * BLOCK), O(BLOCK * D, 0.f), factor(BLOCK);  // (score rows past the end)
+  std::vector<float> ST(BLOCK * BLOCK), O(BLOCK * D, 0.f), factor(BLOCK);
   for (int64_t i = 0; i < nq; ++i)
     for (int64_t d = 0; d < D / M::PER; ++d) QT[d * BLOCK + i] = q[(q0 + i) * q_stride + d];
   Simd::V top[NV], total[NV];
