@@ -8,7 +8,10 @@ rows, and on AVX2 CPUs without AVX-512 for any number of rows: prefill and batch
 the GEMV once per row), ``cpu-int-gemm`` (:func:`qmatmul_act`:
 activation-quantized layers, W4A8 and W4A4, as a real integer GEMM: the C++ VNNI kernel, or oneDNN's int8 GEMM over
 int8 weight tiles for prefill), ``cpu-tiled-bf16`` (prefill, batches and bf16 training of uniform and LowRA weights:
-the weight dequantized one cache-sized tile at a time and multiplied in bf16), ``cpu-gemv-f32`` (the fp32 GEMV of a
+the weight dequantized one cache-sized tile at a time and multiplied in bf16), ``cpu-tiled-f32`` (the same tiles in
+fp32, wherever the extension builds: fp32 training's forward and input gradient, scoring under :func:`fp32_activations`
+or ``exact``, and the prefill of formats no int8 kernel takes; equal to the reference up to summation order),
+``cpu-gemv-f32`` (the fp32 GEMV of a
 packed model's float LM head, :func:`linear`) and ``cpu-onednn-f32`` (oneDNN's fp32 GEMM for that head's batches and
 prefill); ``triton`` (dequant-fused matmul for CUDA tensors, :mod:`.triton_gpu`, needs the ``gpu`` extra). Not a
 matmul but counted here: ``cpu-attention`` (:mod:`lowbit.nn.attention`, causal attention over whole sequences,
@@ -119,9 +122,11 @@ class _QMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         qweight = ctx.qweight
-        if grad_y.dtype == torch.bfloat16 and _choice() in FASTEST and tiled_supports(grad_y, qweight):
-            calls["cpu-tiled-bf16"] += 1
-            return input_grad_cpu_tiled(grad_y, qweight), None
+        if _choice() in FASTEST and grad_y.dtype in (torch.bfloat16, torch.float32):
+            dtype = grad_y.dtype
+            if tiled_supports(grad_y, qweight, dtype):
+                calls["cpu-tiled-bf16" if dtype == torch.bfloat16 else "cpu-tiled-f32"] += 1
+                return input_grad_cpu_tiled(grad_y, qweight), None
         return input_grad_reference(grad_y, qweight), None
 
 
@@ -195,8 +200,8 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> 
     tiled bf16 GEMM (on AVX2 builds, which have no bf16 tiles, the int8 kernel again; never inside
     :func:`fp32_activations`, which scoring runs under); LowRA's mixed rows run the fp32 GEMV per row up to
     :data:`~.cpu.MIXED_GEMV_ROWS` rows (up to ``SMALL_BATCH`` under ``exact``), more rows the tiled bf16 GEMM.
-    Inside a bf16 autocast region (training) the tiled bf16 GEMM too; otherwise the reference. A training forward
-    outside autocast (``inference=False``) stays fp32."""
+    Inside a bf16 autocast region (training) the tiled bf16 GEMM too. Any other fp32 CPU call (a training forward
+    outside autocast, ``inference=False``; scoring; ``exact``) runs fp32 tiles; what remains, the reference."""
     choice = _choice()
     if choice in FASTEST and x.device.type == "cpu":
         if cpu_supports(x, qweight):
@@ -219,6 +224,9 @@ def _qmatmul(x: torch.Tensor, qweight: PackedWeight, inference: bool = True) -> 
         if low and tiled_supports(x, qweight):
             calls["cpu-tiled-bf16"] += 1  # under autocast, y in its dtype (no round trip through x's)
             return qmatmul_cpu_tiled(x, qweight, None if _autocast_dtype(x) == torch.float32 else _autocast_dtype(x))
+        if _autocast_dtype(x) == torch.float32 and tiled_supports(x, qweight, torch.float32):
+            calls["cpu-tiled-f32"] += 1  # fp32 training, exact and fp32-activation scoring, AVX2's prefill
+            return qmatmul_cpu_tiled(x, qweight, dtype=torch.float32)
     elif choice != "reference" and triton_supports(x, qweight):  # CUDA (auto), or forced
         calls["triton"] += 1
         return qmatmul_triton(x, qweight)

@@ -200,22 +200,22 @@ def qmatmul_cpu_rows(x: torch.Tensor, qweight: MixedCodebookWeight) -> torch.Ten
     return y.reshape(*x.shape[:-1], qweight.out_features).to(x.dtype)
 
 
-TILE_ELEMENTS = 1 << 20  # weights per bf16 tile (2 MiB): training 17% and prefill 3% faster than 1 MiB here
+TILE_ELEMENTS = 1 << 20  # weights per tile (2 MiB bf16): bf16 training 17% and prefill 3% faster than 1 MiB here
 
 
-def tiled_supports(x: torch.Tensor, qweight: PackedWeight) -> bool:
-    """True for CPU inputs of a uniform or mixed-codebook (LowRA) packed weight (any number of rows) where the
-    kernel builds with AVX512-BF16: :func:`qmatmul_cpu_tiled` applies. Whether it should run (prefill, batches, a
-    bf16 autocast region) is the caller's choice."""
+def tiled_supports(x: torch.Tensor, qweight: PackedWeight, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """True for CPU inputs of a uniform or mixed-codebook (LowRA) packed weight (any number of rows) where
+    :func:`qmatmul_cpu_tiled` multiplies in ``dtype``: fp32 wherever the extension builds, bf16 where it builds with
+    AVX512-BF16. Whether it should run (prefill, batches, training) is the caller's choice."""
     if x.device.type != "cpu":
         return False
-    if isinstance(qweight, QuantizedWeight):
-        on_cpu = qweight.codes.device.type == "cpu"
+    if isinstance(qweight, QuantizedWeight):  # groups start on whole bytes (per-channel: any row length)
+        on_cpu = qweight.codes.device.type == "cpu" and qweight.group_size % 8 == 0
     elif isinstance(qweight, MixedCodebookWeight):
         on_cpu = qweight.absmax.device.type == "cpu"
     else:
         return False
-    return on_cpu and extension() is not None and _bf16()
+    return on_cpu and extension() is not None and (dtype == torch.float32 or _bf16())
 
 
 @functools.cache
@@ -233,14 +233,14 @@ def _single_tile(qweight: PackedWeight) -> bool:
     return _tile_rows(qweight) == qweight.shape[0]
 
 
-def _dequantized_tiles(qweight: QuantizedWeight | MixedCodebookWeight):
-    """``(r0, r1, bf16 (r1 - r0, in))`` tiles of :data:`TILE_ELEMENTS` weights covering the *stored* rows
-    ``[r0, r1)``, dequantized by the C++ kernel into one reused buffer (never a float copy of the whole layer). A
+def _dequantized_tiles(qweight: QuantizedWeight | MixedCodebookWeight, dtype: torch.dtype):
+    """``(r0, r1, (r1 - r0, in) dtype)`` tiles (bf16 or fp32) of :data:`TILE_ELEMENTS` weights covering the *stored*
+    rows ``[r0, r1)``, dequantized by the C++ kernel into one reused buffer (never a float copy of the whole layer). A
     mixed-codebook weight stores its rows permuted (:meth:`~lowbit.qtensor.PackedWeight.stored_rows`), one width
     segment after another: a tile's rows are filled segment by segment."""
     out_f, in_f = qweight.shape
     rows = _tile_rows(qweight)
-    buf = torch.empty(rows, in_f, dtype=torch.bfloat16)
+    buf = torch.empty(rows, in_f, dtype=dtype)
     if isinstance(qweight, MixedCodebookWeight):
         segments, total = [], 0  # (width, first stored row, rows)
         for b, n in qweight.rows.items():
@@ -251,7 +251,7 @@ def _dequantized_tiles(qweight: QuantizedWeight | MixedCodebookWeight):
             for b, first, n in segments:
                 s0, s1 = max(r0, first), min(r1, first + n)
                 if s0 < s1:
-                    extension().dequant_mixed_bf16(qweight.codes[b], qweight.codebooks[b], qweight.absmax, b,
+                    extension().dequant_mixed_rows(qweight.codes[b], qweight.codebooks[b], qweight.absmax, b,
                                                    qweight.block_size, first, s0 - first, s1 - first,
                                                    buf[s0 - r0:s1 - r0])
             yield r0, r1, buf[: r1 - r0]
@@ -260,19 +260,20 @@ def _dequantized_tiles(qweight: QuantizedWeight | MixedCodebookWeight):
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
         tile = buf[: r1 - r0]
-        extension().dequant_bf16(qweight.codes, qweight.scales, qweight.zeros, levels, bits, qweight.group_size,
+        extension().dequant_rows(qweight.codes, qweight.scales, qweight.zeros, levels, bits, qweight.group_size,
                                  offset, r0, r1, tile)
         yield r0, r1, tile
 
 
 def qmatmul_cpu_tiled(x: torch.Tensor, qweight: QuantizedWeight | MixedCodebookWeight,
-                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``x (..., in)`` -> ``(..., out)`` multiplied in bf16, one dequantized tile of output rows at a time (oneDNN's
-    bf16 GEMM, AVX512-BF16); returned in ``out_dtype`` (default ``x.dtype``). Equal to the reference run under bf16
-    autocast up to summation order: the weight and the input are each rounded once to bf16, the output once."""
-    xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+                      out_dtype: torch.dtype | None = None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """``x (..., in)`` -> ``(..., out)`` multiplied in ``dtype`` (bf16: AVX512-BF16; fp32: anywhere), one dequantized
+    tile of output rows at a time (oneDNN's / MKL's GEMM); returned in ``out_dtype`` (default ``x.dtype``). Equal to
+    the reference (run under bf16 autocast for bf16) up to summation order: in bf16 the weight and the input are each
+    rounded once, the output once; in fp32 the tiles hold exactly the reference's weights."""
+    xb = x.reshape(-1, x.shape[-1]).to(dtype)
     out_dtype = out_dtype or x.dtype
-    tiles = _dequantized_tiles(qweight)
+    tiles = _dequantized_tiles(qweight, dtype)
     if _single_tile(qweight):  # the whole weight in one tile: the product is y
         y = torch.mm(xb, next(tiles)[2].t()).to(out_dtype)
     else:
@@ -286,13 +287,14 @@ def qmatmul_cpu_tiled(x: torch.Tensor, qweight: QuantizedWeight | MixedCodebookW
 
 
 def input_grad_cpu_tiled(grad_y: torch.Tensor, qweight: QuantizedWeight | MixedCodebookWeight) -> torch.Tensor:
-    """``grad_y (..., out)`` -> ``(..., in)`` = ``grad_y @ W`` in bf16 tiles (the backward of
-    :func:`qmatmul_cpu_tiled`), returned in ``grad_y.dtype``."""
-    g = grad_y.reshape(-1, grad_y.shape[-1]).to(torch.bfloat16)
+    """``grad_y (..., out)`` -> ``(..., in)`` = ``grad_y @ W`` in tiles (the backward of :func:`qmatmul_cpu_tiled`):
+    bf16 tiles for a bf16 ``grad_y``, fp32 tiles otherwise; returned in ``grad_y.dtype``."""
+    dtype = torch.bfloat16 if grad_y.dtype == torch.bfloat16 else torch.float32
+    g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
     order = qweight.stored_rows()
     if not isinstance(order, slice):  # stored rows permuted: grad_y's columns in stored order
         g = g.index_select(1, order)
-    tiles = _dequantized_tiles(qweight)
+    tiles = _dequantized_tiles(qweight, dtype)
     if _single_tile(qweight):  # one product, rounded once
         out = torch.mm(g, next(tiles)[2])
     else:

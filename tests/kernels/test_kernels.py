@@ -94,11 +94,13 @@ def test_under_autocast_multi_row_inputs_multiply_in_the_autocast_dtype_as_linea
 
 
 @pytest.mark.parametrize("shape", [(2, IN), (3, 5, IN), (4, 1, IN)])
-def test_multi_row_inputs_use_reference_when_exact(exact, shape):
+def test_multi_row_inputs_run_fp32_tiles_when_exact(exact, shape):
+    """Several rows under ``exact``: the fp32 tiles hold the reference's weights bit for bit, and a weight that fits
+    one tile is one GEMM, so the product is the reference's exactly."""
     qw = _qweight()
     x = torch.randn(*shape)
     y = kernels.qmatmul(x, qw)
-    assert kernels.calls == {"reference": 1}
+    assert kernels.calls == {"cpu-tiled-f32": 1}
     assert y.shape == (*shape[:-1], OUT)
     assert torch.equal(y, torch.nn.functional.linear(x, qw.dequantize()))
 
@@ -194,7 +196,7 @@ def test_cpu_gemv_matches_reference_on_mixed_codebook_rows(exact, budget):
     torch.testing.assert_close(kernels.qmatmul(batch, qw), qmatmul_reference(batch, qw), atol=FP32_ATOL,
                                rtol=FP32_RTOL)
     assert kernels.calls["cpu-gemv-rows"] == 1
-    assert kernels.qmatmul(torch.randn(17, IN), qw).shape == (17, OUT) and kernels.calls["reference"] == 1  # exact
+    assert kernels.qmatmul(torch.randn(17, IN), qw).shape == (17, OUT) and kernels.calls["cpu-tiled-f32"] == 1
 
 
 @pytest.mark.parametrize("out_f,in_f,group_size", [(7, 72, 24), (33, 200, 8), (16, 1000, 64), (5, 136, 128)])
@@ -479,7 +481,7 @@ def test_small_batches_round_each_row_like_the_decode_kernel(auto, shape, bits, 
         bound = _int8_error_bound(x.reshape(-1, shape[-1])[row], qw)
         assert ((yr - rr).abs() <= bound).all(), row
     more = torch.randn(17, shape[-1])  # more rows than a small batch: the bf16 tiles (AVX512-BF16), the AVX2 int8
-    kernels.reset_counts()  # tile GEMM (each row still within its bound), or the reference
+    kernels.reset_counts()  # tile GEMM (each row still within its bound), or fp32 tiles
     y = kernels.qmatmul(more, qw)
     if tiled_supports(more, qw):
         assert kernels.calls == {"cpu-tiled-bf16": 1}
@@ -488,7 +490,7 @@ def test_small_batches_round_each_row_like_the_decode_kernel(auto, shape, bits, 
         for yr, rr, xr in zip(y, qmatmul_reference(more, qw), more, strict=True):
             assert ((yr - rr).abs() <= _int8_error_bound(xr, qw)).all()
     else:
-        assert kernels.calls == {"reference": 1}
+        assert kernels.calls == {"cpu-tiled-f32": 1}
 
 
 @pytest.mark.parametrize("bits,symmetric,granularity", [(1, False, "group"), (2, False, "group"), (4, False, "group"),
@@ -561,8 +563,10 @@ def test_tiled_bf16_gemm_matches_the_bf16_reference(auto, monkeypatch, shape, fa
     assert kernels.calls == {"cpu-tiled-bf16": 1} and y.dtype == torch.float32 and y.shape == (*shape[:-1], out_f)
     expected = torch.nn.functional.linear(x.bfloat16().float(), qw.dequantize().bfloat16().float())
     torch.testing.assert_close(y, expected, atol=LOWP_ATOL, rtol=LOWP_RTOL)
-    with kernels.force("exact"):  # the exact choice keeps the fp32 reference
-        assert torch.equal(kernels.qmatmul(x, qw), qmatmul_reference(x, qw))
+    kernels.reset_counts()
+    with kernels.force("exact"):  # the exact choice keeps fp32: fp32 tiles, the reference's weights
+        torch.testing.assert_close(kernels.qmatmul(x, qw), qmatmul_reference(x, qw), atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert kernels.calls == {"cpu-tiled-f32": 1}
 
 
 @pytest.mark.parametrize("out_f,in_f,block_size", [(12, 40, 16), (36, 200, 8), (20, 1000, 64)])
@@ -598,15 +602,69 @@ def test_tiled_bf16_gemm_on_lowra_rows_matches_the_bf16_reference(auto, monkeypa
     torch.testing.assert_close(dx, dy.float() @ w, atol=5 * LOWP_ATOL, rtol=LOWP_RTOL)
 
 
-def test_training_uses_the_tiled_gemm_only_under_bf16_autocast(auto):
-    """A differentiable forward outside autocast stays fp32 (the reference, exact gradients); inside bf16 autocast
-    the forward and the input gradient both run in bf16 tiles, close to autograd through the dense weight."""
+@pytest.mark.parametrize("shape", [(17, 40), (3, 6, 200), (64, 1000)])
+@pytest.mark.parametrize("family,bits", [("int", 1), ("int", 2), ("int", 3), ("int", 4), ("int", 5), ("nf", 4),
+                                         ("fp4", 4), ("int", 8)])
+@pytest.mark.parametrize("granularity", ["group", "channel"])
+def test_fp32_tiles_hold_the_reference_weights(exact, monkeypatch, shape, family, bits, granularity):
+    """fp32 tiles (every build; tiles forced to 16 rows, so several run and the last is short): each tile is exactly
+    the reference's dequantized rows, so the forward and the input gradient equal the reference's up to fp32
+    summation order (the vector decode on 8 / 16 codes a step, 5 bits on the scalar one, rows off every width)."""
+    from lowbit.kernels import cpu
+
+    in_f = shape[-1]
+    qw = rtn_quantize(torch.randn(37, in_f), get_format(family, bits, False), granularity,
+                      8 if granularity == "group" else in_f)
+    assert cpu.tiled_supports(torch.randn(2, in_f), qw, torch.float32)
+    tiles = list(cpu._dequantized_tiles(qw, torch.float32))
+    assert torch.equal(tiles[0][2], qw.dequantize()[tiles[0][0]:tiles[0][1]])
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 16 * in_f + 8)  # 16 rows a tile: 37 rows in 16 + 16 + 5
+    w = qw.dequantize()
+    assert torch.equal(torch.cat([t.clone() for _, _, t in cpu._dequantized_tiles(qw, torch.float32)]), w)
+    x = torch.randn(*shape, requires_grad=True)
+    y = kernels.qmatmul(x, qw)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert kernels.calls == {"cpu-tiled-f32": 2} and y.shape == (*shape[:-1], 37)
+    atol = KERNEL_ATOL_PER_SQRT_K * in_f ** 0.5
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.detach(), w), atol=atol, rtol=FP32_RTOL)
+    torch.testing.assert_close(dx, dy @ w, atol=KERNEL_ATOL_PER_SQRT_K * 37 ** 0.5, rtol=FP32_RTOL)
+
+
+@pytest.mark.parametrize("tile_rows", [7, 1 << 10])
+def test_fp32_tiles_on_lowra_rows_match_the_reference(exact, monkeypatch, tile_rows):
+    """LowRA's mixed rows in fp32 tiles of stored rows (segments split across tiles of 7 rows, or one tile), the
+    columns scattered back to the original order: forward (more rows than the per-row GEMV takes) and input
+    gradient against the dense reference."""
+    from lowbit.kernels import cpu
+
+    out_f, in_f = 36, 200
+    qw = _mixed_weight(out_f, in_f, 8)
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", tile_rows * in_f)
+    w = qw.dequantize()
+    x = torch.randn(3, 7, in_f, requires_grad=True)
+    y = kernels.qmatmul(x, qw)
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert kernels.calls == {"cpu-tiled-f32": 2}
+    atol = KERNEL_ATOL_PER_SQRT_K * in_f ** 0.5
+    torch.testing.assert_close(y, torch.nn.functional.linear(x.detach(), w), atol=atol, rtol=FP32_RTOL)
+    torch.testing.assert_close(dx, dy @ w, atol=KERNEL_ATOL_PER_SQRT_K * out_f ** 0.5, rtol=FP32_RTOL)
+
+
+def test_training_multiplies_in_bf16_tiles_only_under_bf16_autocast(auto):
+    """A differentiable forward outside autocast stays fp32: fp32 tiles forward and backward, the reference's weights
+    bit for bit (one tile: the reference's products exactly); inside bf16 autocast the forward and the input gradient
+    both run in bf16 tiles, close to autograd through the dense weight."""
     from lowbit.kernels.cpu import tiled_supports
 
     qw = _qweight("int", 4)
     x = torch.randn(6, IN, requires_grad=True)
     y = kernels.qmatmul(x, qw)
-    assert kernels.calls == {"reference": 1} and torch.equal(y, torch.nn.functional.linear(x, qw.dequantize()))
+    dy = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    assert kernels.calls == {"cpu-tiled-f32": 2} and torch.equal(y, torch.nn.functional.linear(x, qw.dequantize()))
+    assert torch.equal(dx, dy @ qw.dequantize())
     kernels.reset_counts()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y16 = kernels.qmatmul(x, qw)
@@ -706,7 +764,7 @@ def test_scoring_never_rounds_activations_to_int8(auto):
     ids = torch.randint(0, 256, (1, 40))
     nll = window_nll(model, ids)
     pair_logliks(model, [([1, 2, 3], [4, 5]), ([1, 2], [7])])  # a few rows: the small-batch size
-    assert kernels.calls["reference"] + kernels.calls["cpu-tiled-bf16"] > 0
+    assert kernels.calls["cpu-tiled-f32"] + kernels.calls["cpu-tiled-bf16"] > 0
     assert not [name for name in kernels.calls if name.endswith("-i8")], kernels.calls
     with kernels.force("exact"):
         assert window_nll(model, ids) == pytest.approx(nll, rel=1e-5)

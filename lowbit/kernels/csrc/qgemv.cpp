@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -978,42 +980,51 @@ torch::Tensor qgemv_mixed(torch::Tensor x, std::vector<int64_t> widths, std::vec
 }
 
 
-// Dequantize rows [r0, r1) of a uniform packed weight into `out` ((r1 - r0, K) bf16, contiguous): the tile a
-// prefill or batch multiplies in bf16 (kernels/cpu.py, qmatmul_cpu_tiled). w = (q - z) * s for integer codes,
-// levels[q] * s for a codebook; computed in fp32, rounded once to bf16.
-void dequant_bf16(torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
-                  c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset, int64_t r0,
-                  int64_t r1, torch::Tensor out) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (N, row_bytes)");
-  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales must be fp16 (rows, groups)");
-  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == r1 - r0, "out must be contiguous bf16 (r1 - r0, K)");
-  TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && bits >= 1 && bits <= 8, "group_size must be a multiple of 8, bits 1..8");
-  const int64_t N = codes.size(0), row_bytes = codes.size(1), K = out.size(1), groups = scales.size(1);
-  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N && row_bytes == (K * bits + 7) / 8 && groups == (K + group_size - 1) / group_size, "rows, codes and scales do not match");
-  const uint8_t* zp = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
-  const float* lut = levels.has_value() ? levels->data_ptr<float>() : nullptr;
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const at::Half* sp = scales.data_ptr<at::Half>();
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const bool shared = scales.size(0) == 1 && N != 1;
-  const int64_t lut_size = levels.has_value() ? levels->numel() : 0;
-#if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
+// Store 16 / 8 dequantized fp32 lanes at `dst` (the first `n` lanes, n >= 1) as the tile's element type: bf16
+// (rounded once, AVX512-BF16) or fp32 as is.
+#if defined(LOWBIT_AVX512)
+inline void store16(float* dst, __mmask16 m, __m512 w) { _mm512_mask_storeu_ps(dst, m, w); }
+#if defined(__AVX512BF16__)
+inline void store16(at::BFloat16* dst, __mmask16 m, __m512 w) { _mm256_mask_storeu_epi16(dst, m, (__m256i)_mm512_cvtneps_pbh(w)); }
+#endif
+// Whether the 16-lane decode writes tiles of T: fp32 always, bf16 where AVX512-BF16 rounds them.
+template <typename T>
+constexpr bool kVectorTile = std::is_same_v<T, float>
+#if defined(__AVX512BF16__)
+    || std::is_same_v<T, at::BFloat16>
+#endif
+    ;
+#elif defined(LOWBIT_AVX2)
+inline void store8(float* dst, int64_t n, __m256 w) {
+  if (n >= 8) _mm256_storeu_ps(dst, w);
+  else _mm256_maskstore_ps(dst, lanes8(n), w);
+}
+#endif
+
+// Rows [r0, r1) of a uniform packed weight dequantized into `out` ((r1 - r0, K), T = bf16 or fp32): see dequant_rows.
+template <typename T>
+void dequant_rows_as(const uint8_t* cp, int64_t row_bytes, const at::Half* sp, const uint8_t* zp, const float* lut,
+                     int64_t lut_size, int64_t bits, int64_t group_size, int64_t offset, int64_t groups, bool shared,
+                     int64_t K, int64_t r0, int64_t r1, T* op) {
+#if defined(LOWBIT_AVX512)
   alignas(64) float t[16] = {0};
   if (lut) std::memcpy(t, lut, sizeof(float) * std::min<int64_t>(16, lut_size));
   const __m512 table = _mm512_load_ps(t);
+#elif defined(LOWBIT_AVX2)
+  const Table table = lut ? load_table(lut, static_cast<int>(std::min<int64_t>(16, lut_size))) : Table{};
 #endif
   at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> buf(group_size + 16);
     for (int64_t n = n0; n < n1; ++n) {
       const int64_t srow = shared ? 0 : n * groups;
       const uint8_t* row = cp + n * row_bytes;
-      at::BFloat16* dst = op + (n - r0) * K;
+      T* dst = op + (n - r0) * K;
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t k0 = g * group_size, len = std::min(group_size, K - k0), b0 = (k0 * bits) / 8;
         const float s = float(sp[srow + g]);
         const float z = lut ? 0.f : (zp ? float(zp[srow + g]) : float(offset));
-#if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
-        if (bits <= 4 || bits == 8) {  // 16 codes a step straight from the packed bytes
+#if defined(LOWBIT_AVX512)
+        if (kVectorTile<T> && (bits <= 4 || bits == 8)) {  // 16 codes a step straight from the packed bytes
           const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z);
           for (int64_t i = 0; i < len; i += 16) {
             const __mmask16 m = lanes16(len - i);
@@ -1025,8 +1036,23 @@ void dequant_bf16(torch::Tensor codes, torch::Tensor scales, c10::optional<torch
 #undef LOWBIT_DECODE
               default: v = _mm512_setzero_ps();
             }
-            const __m512 w = _mm512_mul_ps(_mm512_sub_ps(v, vz), vs);
-            _mm256_mask_storeu_epi16(dst + k0 + i, m, (__m256i)_mm512_cvtneps_pbh(w));
+            if constexpr (kVectorTile<T>) store16(dst + k0 + i, m, _mm512_mul_ps(_mm512_sub_ps(v, vz), vs));
+          }
+          continue;
+        }
+#elif defined(LOWBIT_AVX2)
+        if (std::is_same_v<T, float> && (bits <= 4 || bits == 8)) {  // 8 codes a step straight from the packed bytes
+          const __m256 vs = _mm256_set1_ps(s), vz = _mm256_set1_ps(z);
+          for (int64_t i = 0; i < len; i += 8) {
+            const int64_t b = ((k0 + i) * bits) / 8;
+            __m256 v;
+            switch (bits) {
+#define LOWBIT_DECODE(B) case B: v = lut ? (lut_size <= 16 && B <= 4 ? decode8<Decode::Table16>(codes8<B>(row + b, row_bytes - b), table, lut) : decode8<Decode::Gather>(codes8<B>(row + b, row_bytes - b), table, lut)) : decode8<Decode::Int>(codes8<B>(row + b, row_bytes - b), table, lut); break;
+              LOWBIT_DECODE(1) LOWBIT_DECODE(2) LOWBIT_DECODE(3) LOWBIT_DECODE(4) LOWBIT_DECODE(8)
+#undef LOWBIT_DECODE
+              default: v = _mm256_setzero_ps();
+            }
+            if constexpr (std::is_same_v<T, float>) store8(dst + k0 + i, len - i, _mm256_mul_ps(_mm256_sub_ps(v, vz), vs));
           }
           continue;
         }
@@ -1036,29 +1062,42 @@ void dequant_bf16(torch::Tensor codes, torch::Tensor scales, c10::optional<torch
           LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4) LOWBIT_CASE(5) LOWBIT_CASE(6) LOWBIT_CASE(7) LOWBIT_CASE(8)
 #undef LOWBIT_CASE
         }
-        for (int64_t i = 0; i < len; ++i) dst[k0 + i] = at::BFloat16((buf[i] - z) * s);
+        for (int64_t i = 0; i < len; ++i) dst[k0 + i] = T((buf[i] - z) * s);
       }
     }
   });
 }
 
-// Dequantize stored rows [r0, r1) of one width segment of a mixed-codebook weight (LowRA, lowbit/qmixed.py) into
-// `out` ((r1 - r0, K) bf16, contiguous): w = book_r[q] * a_{r,blk}, computed in fp32, rounded once to bf16. `codes`
-// and `books` are the segment's (rows are segment-relative); `absmax` (N, blocks) is the whole weight's, whose stored
-// row of segment row r is `first + r`. The tile a LowRA prefill or batch multiplies in bf16 (kernels/cpu.py).
-void dequant_mixed_bf16(torch::Tensor codes, torch::Tensor books, torch::Tensor absmax, int64_t bits, int64_t block,
-                        int64_t first, int64_t r0, int64_t r1, torch::Tensor out) {
-  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (rows, row_bytes)");
-  TORCH_CHECK(bits >= 1 && bits <= 4 && block > 0 && block % 8 == 0, "mixed rows are 1..4 bits, block_size a multiple of 8");
-  TORCH_CHECK(books.scalar_type() == torch::kFloat16 && books.is_contiguous() && books.dim() == 2 && books.size(0) == codes.size(0) && books.size(1) == (1 << bits), "codebooks must be fp16 (rows, 2^bits)");
-  TORCH_CHECK(absmax.scalar_type() == torch::kFloat16 && absmax.is_contiguous() && absmax.dim() == 2, "absmax must be fp16 (out, blocks)");
-  TORCH_CHECK(out.scalar_type() == torch::kBFloat16 && out.is_contiguous() && out.dim() == 2 && out.size(0) == r1 - r0, "out must be contiguous bf16 (r1 - r0, K)");
-  const int64_t rows = codes.size(0), row_bytes = codes.size(1), K = out.size(1), blocks = absmax.size(1);
-  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= rows && row_bytes == (K * bits + 7) / 8 && blocks == (K + block - 1) / block && first >= 0 && first + rows <= absmax.size(0), "rows, codes and absmax do not match");
-  const uint8_t* cp = codes.data_ptr<uint8_t>();
-  const at::Half* bp = books.data_ptr<at::Half>();
-  const at::Half* ap = absmax.data_ptr<at::Half>();
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+// Dequantize rows [r0, r1) of a uniform packed weight into `out` ((r1 - r0, K) bf16 or fp32, contiguous): the tile a
+// prefill, batch or training step multiplies (kernels/cpu.py, qmatmul_cpu_tiled). w = (q - z) * s for integer codes,
+// levels[q] * s for a codebook; computed in fp32, rounded once to bf16 for a bf16 tile.
+void dequant_rows(torch::Tensor codes, torch::Tensor scales, c10::optional<torch::Tensor> zeros,
+                  c10::optional<torch::Tensor> levels, int64_t bits, int64_t group_size, int64_t offset, int64_t r0,
+                  int64_t r1, torch::Tensor out) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (N, row_bytes)");
+  TORCH_CHECK(scales.dim() == 2 && scales.scalar_type() == torch::kFloat16 && scales.is_contiguous(), "scales must be fp16 (rows, groups)");
+  TORCH_CHECK((out.scalar_type() == torch::kBFloat16 || out.scalar_type() == torch::kFloat) && out.is_contiguous() && out.dim() == 2 && out.size(0) == r1 - r0, "out must be contiguous bf16 or fp32 (r1 - r0, K)");
+  TORCH_CHECK(group_size > 0 && group_size % 8 == 0 && bits >= 1 && bits <= 8, "group_size must be a multiple of 8, bits 1..8");
+  const int64_t N = codes.size(0), row_bytes = codes.size(1), K = out.size(1), groups = scales.size(1);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= N && row_bytes == (K * bits + 7) / 8 && groups == (K + group_size - 1) / group_size, "rows, codes and scales do not match");
+  TORCH_CHECK(!levels.has_value() || (levels->scalar_type() == torch::kFloat && levels->is_contiguous()), "levels must be contiguous fp32");
+  const uint8_t* zp = zeros.has_value() ? zeros->data_ptr<uint8_t>() : nullptr;
+  const float* lut = levels.has_value() ? levels->data_ptr<float>() : nullptr;
+  const int64_t lut_size = levels.has_value() ? levels->numel() : 0;
+  const bool shared = scales.size(0) == 1 && N != 1;
+  if (out.scalar_type() == torch::kFloat)
+    dequant_rows_as(codes.data_ptr<uint8_t>(), row_bytes, scales.data_ptr<at::Half>(), zp, lut, lut_size, bits,
+                    group_size, offset, groups, shared, K, r0, r1, out.data_ptr<float>());
+  else
+    dequant_rows_as(codes.data_ptr<uint8_t>(), row_bytes, scales.data_ptr<at::Half>(), zp, lut, lut_size, bits,
+                    group_size, offset, groups, shared, K, r0, r1, out.data_ptr<at::BFloat16>());
+}
+
+// Stored rows [r0, r1) of one width segment of a mixed-codebook weight into `out` (T = bf16 or fp32): see
+// dequant_mixed_rows.
+template <typename T>
+void dequant_mixed_rows_as(const uint8_t* cp, int64_t row_bytes, const at::Half* bp, const at::Half* ap, int64_t bits,
+                           int64_t block, int64_t blocks, int64_t first, int64_t K, int64_t r0, int64_t r1, T* op) {
   at::parallel_for(r0, r1, 16, [&](int64_t n0, int64_t n1) {
     std::vector<float> buf(block + 16);
     float lut[16] = {0};
@@ -1066,39 +1105,80 @@ void dequant_mixed_bf16(torch::Tensor codes, torch::Tensor books, torch::Tensor 
       for (int i = 0; i < (1 << bits); ++i) lut[i] = float(bp[n * (1 << bits) + i]);
       const uint8_t* row = cp + n * row_bytes;
       const at::Half* a = ap + (first + n) * blocks;
-      at::BFloat16* dst = op + (n - r0) * K;
-#if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
+      T* dst = op + (n - r0) * K;
+#if defined(LOWBIT_AVX512)
       const __m512 table = _mm512_loadu_ps(lut);
+#elif defined(LOWBIT_AVX2)
+      const Table table = load_table(lut, 1 << bits);
 #endif
       for (int64_t g = 0; g < blocks; ++g) {
         const int64_t k0 = g * block, len = std::min(block, K - k0), b0 = (k0 * bits) / 8;
         const float s = float(a[g]);
-#if defined(LOWBIT_AVX512) && defined(__AVX512BF16__)
-        const __m512 vs = _mm512_set1_ps(s);
-        for (int64_t i = 0; i < len; i += 16) {  // 16 codes a step straight from the packed bytes
-          const __mmask16 m = lanes16(len - i);
-          const int64_t b = ((k0 + i) * bits) / 8;
-          __m512i q;
-          switch (bits) {
-            case 1: q = codes16<1>(row + b, row_bytes - b); break;
-            case 2: q = codes16<2>(row + b, row_bytes - b); break;
-            case 3: q = codes16<3>(row + b, row_bytes - b); break;
-            default: q = codes16<4>(row + b, row_bytes - b);
+#if defined(LOWBIT_AVX512)
+        if constexpr (kVectorTile<T>) {
+          const __m512 vs = _mm512_set1_ps(s);
+          for (int64_t i = 0; i < len; i += 16) {  // 16 codes a step straight from the packed bytes
+            const __mmask16 m = lanes16(len - i);
+            const int64_t b = ((k0 + i) * bits) / 8;
+            __m512i q;
+            switch (bits) {
+              case 1: q = codes16<1>(row + b, row_bytes - b); break;
+              case 2: q = codes16<2>(row + b, row_bytes - b); break;
+              case 3: q = codes16<3>(row + b, row_bytes - b); break;
+              default: q = codes16<4>(row + b, row_bytes - b);
+            }
+            store16(dst + k0 + i, m, _mm512_mul_ps(decode16<Decode::Table16>(q, table, lut), vs));
           }
-          const __m512 w = _mm512_mul_ps(decode16<Decode::Table16>(q, table, lut), vs);
-          _mm256_mask_storeu_epi16(dst + k0 + i, m, (__m256i)_mm512_cvtneps_pbh(w));
+          continue;
         }
-        continue;
+#elif defined(LOWBIT_AVX2)
+        if constexpr (std::is_same_v<T, float>) {
+          const __m256 vs = _mm256_set1_ps(s);
+          for (int64_t i = 0; i < len; i += 8) {  // 8 codes a step straight from the packed bytes
+            const int64_t b = ((k0 + i) * bits) / 8;
+            __m256i q;
+            switch (bits) {
+              case 1: q = codes8<1>(row + b, row_bytes - b); break;
+              case 2: q = codes8<2>(row + b, row_bytes - b); break;
+              case 3: q = codes8<3>(row + b, row_bytes - b); break;
+              default: q = codes8<4>(row + b, row_bytes - b);
+            }
+            store8(dst + k0 + i, len - i, _mm256_mul_ps(decode8<Decode::Table16>(q, table, lut), vs));
+          }
+          continue;
+        }
 #endif
         switch (bits) {
 #define LOWBIT_CASE(B) case B: unpack_group<B>(row + b0, len, row_bytes - b0, lut, buf.data()); break;
           LOWBIT_CASE(1) LOWBIT_CASE(2) LOWBIT_CASE(3) LOWBIT_CASE(4)
 #undef LOWBIT_CASE
         }
-        for (int64_t i = 0; i < len; ++i) dst[k0 + i] = at::BFloat16(buf[i] * s);
+        for (int64_t i = 0; i < len; ++i) dst[k0 + i] = T(buf[i] * s);
       }
     }
   });
+}
+
+// Dequantize stored rows [r0, r1) of one width segment of a mixed-codebook weight (LowRA, lowbit/qmixed.py) into
+// `out` ((r1 - r0, K) bf16 or fp32, contiguous): w = book_r[q] * a_{r,blk}, computed in fp32, rounded once to bf16
+// for a bf16 tile. `codes` and `books` are the segment's (rows are segment-relative); `absmax` (N, blocks) is the
+// whole weight's, whose stored row of segment row r is `first + r`. The tile a LowRA prefill, batch or training step
+// multiplies (kernels/cpu.py).
+void dequant_mixed_rows(torch::Tensor codes, torch::Tensor books, torch::Tensor absmax, int64_t bits, int64_t block,
+                        int64_t first, int64_t r0, int64_t r1, torch::Tensor out) {
+  TORCH_CHECK(codes.dim() == 2 && codes.scalar_type() == torch::kUInt8 && codes.is_contiguous(), "codes must be uint8 (rows, row_bytes)");
+  TORCH_CHECK(bits >= 1 && bits <= 4 && block > 0 && block % 8 == 0, "mixed rows are 1..4 bits, block_size a multiple of 8");
+  TORCH_CHECK(books.scalar_type() == torch::kFloat16 && books.is_contiguous() && books.dim() == 2 && books.size(0) == codes.size(0) && books.size(1) == (1 << bits), "codebooks must be fp16 (rows, 2^bits)");
+  TORCH_CHECK(absmax.scalar_type() == torch::kFloat16 && absmax.is_contiguous() && absmax.dim() == 2, "absmax must be fp16 (out, blocks)");
+  TORCH_CHECK((out.scalar_type() == torch::kBFloat16 || out.scalar_type() == torch::kFloat) && out.is_contiguous() && out.dim() == 2 && out.size(0) == r1 - r0, "out must be contiguous bf16 or fp32 (r1 - r0, K)");
+  const int64_t rows = codes.size(0), row_bytes = codes.size(1), K = out.size(1), blocks = absmax.size(1);
+  TORCH_CHECK(0 <= r0 && r0 <= r1 && r1 <= rows && row_bytes == (K * bits + 7) / 8 && blocks == (K + block - 1) / block && first >= 0 && first + rows <= absmax.size(0), "rows, codes and absmax do not match");
+  if (out.scalar_type() == torch::kFloat)
+    dequant_mixed_rows_as(codes.data_ptr<uint8_t>(), row_bytes, books.data_ptr<at::Half>(), absmax.data_ptr<at::Half>(),
+                          bits, block, blocks, first, K, r0, r1, out.data_ptr<float>());
+  else
+    dequant_mixed_rows_as(codes.data_ptr<uint8_t>(), row_bytes, books.data_ptr<at::Half>(), absmax.data_ptr<at::Half>(),
+                          bits, block, blocks, first, K, r0, r1, out.data_ptr<at::BFloat16>());
 }
 
 // Float GEMV y = W x for one fp32 input row and a row-major float W (N, K): the float LM head a packed model keeps,
@@ -1306,10 +1386,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_x_applies", &int8_x_applies, "whether the GEMV's int8-activation path (qgemv int8_x, qgemm_i8) takes "
         "(bits, group_size, table)");
   m.def("qgemm_i8", &qgemm_i8, "a few rows through the int8-activation kernel (small batches)");
-  m.def("dequant_bf16", &dequant_bf16, "rows of a uniform packed weight dequantized into a bf16 tile");
-  m.def("dequant_mixed_bf16", &dequant_mixed_bf16, "rows of one width segment of a mixed-codebook weight (LowRA) "
-        "dequantized into a bf16 tile");
-  m.def("bf16", &bf16, "whether dequant_bf16's AVX512-BF16 path was compiled in");
+  m.def("dequant_rows", &dequant_rows, "rows of a uniform packed weight dequantized into a bf16 or fp32 tile");
+  m.def("dequant_mixed_rows", &dequant_mixed_rows, "rows of one width segment of a mixed-codebook weight (LowRA) "
+        "dequantized into a bf16 or fp32 tile");
+  m.def("bf16", &bf16, "whether dequant_rows's AVX512-BF16 path was compiled in");
   m.def("simd", &simd, "whether the AVX-512 paths were compiled in");
   m.def("act_codes", &act_codes, "per-token symmetric activation codes and scales (as qgemm_act rounds them)");
   m.def("qgemm_act", &qgemm_act, "integer GEMM of per-token quantized activations and a packed weight");
