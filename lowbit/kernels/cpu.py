@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "qgemv.cpp"
 SOURCES = (SOURCE, SOURCE.with_name("int_gemm.cpp"), SOURCE.with_name("gptq.cpp"), SOURCE.with_name("decode.cpp"),
            SOURCE.with_name("attention.cpp"), SOURCE.with_name("gram.cpp"),
-           SOURCE.with_name("scales.cpp"), SOURCE.with_name("gemm_i8.cpp"))
+           SOURCE.with_name("scales.cpp"), SOURCE.with_name("gemm_i8.cpp"), SOURCE.with_name("hadamard.cpp"))
 
 
 @functools.cache

@@ -151,9 +151,16 @@ def hadamard_transform(x: Tensor) -> Tensor:
 
     ``H_{2^k} = H_{p_1} ⊗ … ⊗ H_{p_j}`` with blocks ``p_i <= SYLVESTER_BLOCK``: the input is viewed as
     ``(rows, m, p_1, …, p_j)`` and each axis multiplied by its block (a GEMM, ``p_i`` multiply-adds per element;
-    on CPU 2-4x faster than ``log2(n)`` butterfly passes over memory), then the m-axis by ``H_mᵀ``."""
+    on CPU 2-4x faster than ``log2(n)`` butterfly passes over memory), then the m-axis by ``H_mᵀ``. fp32 CPU rows
+    without autograd (inference: QUAD's and QuaRot's online rotations) go to the C++ kernel instead, which rotates
+    each row in cache (``csrc/hadamard.cpp``; equal up to fp32 summation order)."""
     n = x.shape[-1]
     m, p = factorize(n)
+    if _compiled_applies(x):
+        from .cpu import extension
+
+        hm = _base_fp32(m)
+        return extension().hadamard_rows(x.reshape(-1, n).contiguous(), hm).reshape(x.shape)
     blocks = []
     while p > SYLVESTER_BLOCK:
         blocks.append(SYLVESTER_BLOCK)
@@ -166,6 +173,23 @@ def hadamard_transform(x: Tensor) -> Tensor:
     if m > 1:
         y = _base(m).T.to(dtype=y.dtype, device=y.device) @ y.reshape(-1, m, n // m)  # H_mᵀ @ (rows, m, 2^k)
     return y.reshape(x.shape).to(x.dtype) if x.is_floating_point() else y.reshape(x.shape)
+
+
+def _compiled_applies(x: Tensor) -> bool:
+    """Whether :func:`hadamard_transform` runs ``x`` through the C++ kernel: fp32 CPU rows nothing differentiates,
+    the extension built, a kernel choice other than ``reference`` (:mod:`lowbit.kernels`)."""
+    if x.dtype != torch.float32 or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    from . import FASTEST, _choice
+    from .cpu import extension
+
+    return _choice() in FASTEST and extension() is not None
+
+
+@functools.cache
+def _base_fp32(m: int) -> Tensor:
+    """:func:`_base` as a contiguous fp32 CPU tensor, for the C++ kernel (never written)."""
+    return _base(m).float().contiguous()
 
 
 @functools.lru_cache(maxsize=4)  # few entries: an (n, n) fp64 matrix is n²·8 bytes (1.6 GB at n = 14336)

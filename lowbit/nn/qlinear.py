@@ -92,8 +92,10 @@ class QLinear(PackedModule):
         if x_out is None:
             return y
         if y.dtype == x_out.dtype and y.dim() >= 2:  # one pass: y + x_out W_outᵀ
-            return torch.addmm(y.reshape(-1, y.shape[-1]), x_out.reshape(-1, x_out.shape[-1]),
-                               self.outlier.to(x_out.dtype).t()).reshape(y.shape)
+            y2, x2, w_out = y.reshape(-1, y.shape[-1]), x_out.reshape(-1, x_out.shape[-1]), self.outlier.to(x_out.dtype)
+            if torch.is_grad_enabled() and (y.requires_grad or x_out.requires_grad):
+                return torch.addmm(y2, x2, w_out.t()).reshape(y.shape)
+            return y2.addmm_(x2, w_out.t()).reshape(y.shape)  # y is this call's own product: added in place
         return y + F.linear(x_out, self.outlier.to(x_out.dtype)).to(y.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

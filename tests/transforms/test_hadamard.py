@@ -149,3 +149,32 @@ def test_non_positive_width(n):
 def test_fwht_rejects_non_power_of_two():
     with pytest.raises(LowbitError, match="power-of-two.*hadamard_transform"):
         fwht(torch.zeros(2, 12))
+
+
+@pytest.mark.parametrize("n", [12, 20, 40, 128, 576, 1536, 4096])
+@pytest.mark.parametrize("rows", [1, 7, 8, 9, 37])
+def test_the_compiled_rotation_equals_the_torch_one(monkeypatch, n, rows):
+    """fp32 CPU rows without autograd take the C++ kernel (csrc/hadamard.cpp: 8 rows per vector, a register
+    transpose where 8 whole rows and 8 columns are left, scalar otherwise): equal to the matrix product and to the
+    torch path (``reference``) up to fp32 summation order, for widths m · 2^k with and without a base order, row
+    counts off its 8-row groups and leading dims; inputs that need a gradient keep the torch path."""
+    from lowbit import kernels
+    from lowbit.kernels import hadamard
+    from lowbit.kernels.cpu import extension
+
+    monkeypatch.delenv("LOWBIT_KERNEL", raising=False)
+    if extension() is None:
+        pytest.skip("no C++ compiler here: the torch path runs everywhere")
+    x = torch.randn(rows, 3, n)
+    assert hadamard._compiled_applies(x)
+    y = hadamard_transform(x)
+    with kernels.force("reference"):
+        assert not hadamard._compiled_applies(x)
+        torch_path = hadamard_transform(x)
+    exact = (x.double() @ hadamard_matrix(n)).float()
+    torch.testing.assert_close(y, exact, atol=2e-6 * math.log2(n), rtol=0)
+    torch.testing.assert_close(y, torch_path, atol=4e-6 * math.log2(n), rtol=0)
+    xg = x.clone().requires_grad_(True)
+    assert not hadamard._compiled_applies(xg)
+    (g,) = torch.autograd.grad(hadamard_transform(xg).sum(), xg)
+    torch.testing.assert_close(g, torch.ones_like(x) @ hadamard_matrix(n, torch.float32).T, atol=1e-4, rtol=1e-5)

@@ -1371,6 +1371,7 @@ void bind_attention(pybind11::module& m);
 void bind_gram(pybind11::module& m);
 void bind_scales(pybind11::module& m);
 void bind_gemm_i8(pybind11::module& m);
+void bind_hadamard(pybind11::module& m);
 // csrc/gptq.cpp: GPTQ's column loop over one lazy block.
 void gptq_block(torch::Tensor w, torch::Tensor u, torch::Tensor s, torch::Tensor z, int64_t qmax, torch::Tensor codes,
                 torch::Tensor err);
@@ -1400,6 +1401,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   bind_gram(m);
   bind_scales(m);
   bind_gemm_i8(m);
+  bind_hadamard(m);
 }
 
 TORCH_LIBRARY_FRAGMENT(lowbit, m) {
