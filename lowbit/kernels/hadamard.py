@@ -177,8 +177,11 @@ def hadamard_transform(x: Tensor) -> Tensor:
 
 def _compiled_applies(x: Tensor) -> bool:
     """Whether :func:`hadamard_transform` runs ``x`` through the C++ kernel: fp32 CPU rows nothing differentiates,
-    the extension built, a kernel choice other than ``reference`` (:mod:`lowbit.kernels`)."""
+    the extension built, a kernel choice other than ``reference`` (:mod:`lowbit.kernels`), outside ``torch.compile``
+    tracing (the kernel is no torch op: torch's path stays traceable)."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return False
+    if torch.compiler.is_compiling():
         return False
     from . import FASTEST, _choice
     from .cpu import extension
