@@ -3,7 +3,8 @@
 Decode (one token at a time) is memory-bound: the float path reads 4 bytes per weight, this one reads the
 packed codes (0.5 bytes per weight at 4 bits) plus the scales, unpacks one group at a time into a buffer that
 stays in L1, and never writes a dequantized copy of the weight. Rows are split across torch's intra-op threads.
-Prefill and batches (more than one row) go to the reference path, where the dequantization is amortised.
+Prefill, batches and training (more than one row) run tile GEMMs: int8 tiles (AVX2), or the weight dequantized one
+cache-sized tile at a time and multiplied in bf16 (AVX512-BF16) or fp32 (:func:`qmatmul_cpu_tiled`).
 The same extension holds an fp32 GEMV for the float LM head a packed model keeps (:func:`linear_cpu`): torch's
 fp32 matrix-vector product reaches about a third of this CPU's read bandwidth on it.
 
