@@ -1,11 +1,11 @@
 // The online Hadamard rotation of activation rows (lowbit/kernels/hadamard.py, hadamard_transform): x (rows, n)
 // fp32, n = m · q with q a power of two, out = x @ (H_m ⊗ H_q), H_q Sylvester's orthonormal matrix and `hm` (m, m)
-// the orthonormal base matrix (m = 1: none). Each row is rotated in a buffer that stays in L1: an in-place fast
+// the orthonormal base matrix (m = 1: none). Each row is rotated in a buffer that stays in cache: an in-place fast
 // Walsh–Hadamard transform of each of its m blocks of q values (log2 q butterfly passes), then output block
 // i = Σ_k hm[k, i] · block k (H_mᵀ mixing the blocks), scaled by 1 / sqrt(q). Eight rows at a time, transposed so
-// that each vector lane holds one row: every butterfly stage and the mixing run 8 rows per instruction. torch's path
-// (a GEMM per Sylvester factor and a broadcast batched GEMM for H_m) reads and writes the activations once per
-// factor. Groups of 8 rows run in parallel.
+// that each vector lane holds one row (8 · n floats a buffer: 48 KiB at n = 1,536, in L2): every butterfly stage and
+// the mixing run 8 rows per instruction. torch's path (a GEMM per Sylvester factor and a broadcast batched GEMM for
+// H_m) reads and writes the activations once per factor. Groups of 8 rows run in parallel.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #if defined(__AVX2__)
