@@ -355,7 +355,7 @@ def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 def attention_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """True for fp32 or bf16 CPU ``query (B, H, L, D)`` over ``key``/``value (B, Hkv, L, D)`` of the same length
     and width (H a multiple of Hkv, L >= 2), without autograd, where the build takes that head width (AVX-512, or
-    AVX2 + FMA up to 768 tokens, beyond which torch's kernel measured faster there): :func:`causal_attention`
+    AVX2 + FMA up to 1,536 tokens, beyond which torch's kernel measured as fast there): :func:`causal_attention`
     applies. Whether the call is causal and unmasked is the caller's to know."""
     if query.device.type != "cpu" or query.dtype not in (torch.float32, torch.bfloat16) or query.shape[2] < 2:
         return False

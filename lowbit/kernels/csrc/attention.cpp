@@ -50,6 +50,7 @@ struct Simd {
   }
   static V max_where(V a, Lanes m, V b) { return _mm512_mask_max_ps(a, m, a, b); }
   static V keep(Lanes m, V x) { return _mm512_maskz_mov_ps(m, x); }
+  static void pin(V&) {}
 };
 #else
 struct Simd {
@@ -77,6 +78,10 @@ struct Simd {
   }
   static V max_where(V a, Lanes m, V b) { return _mm256_blendv_ps(a, _mm256_max_ps(a, b), m); }
   static V keep(Lanes m, V x) { return _mm256_and_ps(m, x); }
+  // Keeps a loaded vector in its register: without it GCC folds the load into every FMA that reads it (a second
+  // load per FMA), and the score and P V loops ran on the load ports at 0.65x the speed (43 against 66 GFLOP/s,
+  // one thread, 2,048 tokens).
+  static void pin(V& x) { __asm__("" : "+x"(x)); }
 };
 #endif
 
@@ -107,6 +112,7 @@ struct Fp32 {
   static Vec load(const Elem* p) { return Simd::load(p); }
   static Vec broadcast(Elem x) { return Simd::set1(x); }
   static Simd::V madd(Simd::V acc, Vec a, Vec b) { return Simd::fmadd(a, b, acc); }
+  static void pin(Vec& v) { Simd::pin(v); }
 };
 
 #ifdef __AVX512BF16__
@@ -117,6 +123,7 @@ struct Bf16 {
   static Vec load(const Elem* p) { return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p)); }
   static Vec broadcast(Elem x) { return reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(x))); }
   static __m512 madd(__m512 acc, Vec a, Vec b) { return _mm512_dpbf16_ps(acc, a, b); }
+  static void pin(Vec&) {}
 };
 
 // 16 fp32 lanes rounded to bf16 bits in the low half of 32-bit lanes.
@@ -144,7 +151,10 @@ void scores(const typename M::Elem* K, int64_t k_stride, int64_t keys, const typ
       for (int64_t d = 0; d < D / M::PER; ++d) {
         const typename M::Elem* qt = QT + d * BLOCK + i0;
         typename M::Vec q[C];
-        for (int64_t c = 0; c < C; ++c) q[c] = M::load(qt + c * W);
+        for (int64_t c = 0; c < C; ++c) {
+          q[c] = M::load(qt + c * W);
+          M::pin(q[c]);
+        }
         for (int64_t r = 0; r < R; ++r) {
           const typename M::Vec k = M::broadcast(rows[r][d]);
           for (int64_t c = 0; c < C; ++c) acc[r][c] = M::madd(acc[r][c], k, q[c]);
@@ -169,7 +179,10 @@ void accumulate(const typename M::Elem* PT, const typename M::Elem* V, int64_t v
       for (int c = 0; c < NC; ++c) acc[r][c] = Simd::load(O + (i0 + r) * D + c0 + c * W);
     for (int64_t j = 0; j < rows; ++j) {
       typename M::Vec v[NC];
-      for (int c = 0; c < NC; ++c) v[c] = M::load(V + j * v_stride + c0 + c * W);
+      for (int c = 0; c < NC; ++c) {
+        v[c] = M::load(V + j * v_stride + c0 + c * W);
+        M::pin(v[c]);
+      }
       for (int64_t r = 0; r < R; ++r) {
         const typename M::Vec p = M::broadcast(PT[j * BLOCK + i0 + r]);
         for (int c = 0; c < NC; ++c) acc[r][c] = M::madd(acc[r][c], p, v[c]);
@@ -266,13 +279,14 @@ bool causal_attention_applies(int64_t head_dim) {
 }
 
 // The longest sequence worth sending here: AVX2's 16 registers hold a quarter of AVX-512's sums, and against torch's
-// flash kernel (SmolLM2's and a 1B LLaMA's head shapes, 2 threads) this kernel measured 1.3-1.5x its speed at 256-512
-// tokens, even at 1,024 and 0.8-0.9x at 1,536-2,048 on an AVX2 CPU; on AVX-512 it led at every length measured.
+// flash kernel (SmolLM2's and a 1B LLaMA's head shapes, 2 threads, benchmarks/attention.py) this kernel measured
+// 1.75-1.96x its speed at 512 tokens, 1.22-1.30x at 1,024, 1.09-1.14x at 1,536 and 0.92-1.11x at 2,048 on an AVX2
+// CPU (0.86-1.09x at 3,072-4,096); on AVX-512 it led at every length measured.
 int64_t causal_attention_longest() {
 #ifdef __AVX512F__
   return std::numeric_limits<int64_t>::max();
 #else
-  return 768;
+  return 1536;
 #endif
 }
 
