@@ -2,6 +2,7 @@
 
     python benchmarks/kernel_ab.py --revs HEAD~1,WORKTREE [--threads 1] [--rounds 41] [--sets 2] [--json OUT.json]
     python benchmarks/kernel_ab.py --revs HEAD~1,WORKTREE --rows 16   # the small-batch GEMM (qgemm_i8) instead
+    python benchmarks/kernel_ab.py --revs HEAD~1,WORKTREE --attention 512,2048   # and whole-sequence attention
 
 Each revision's ``lowbit/kernels/csrc/*.cpp`` is built as its own extension (``lbab_<i>``, under ``--work``) with
 the flags ``lowbit/kernels/cpu.py`` uses; its ``TORCH_LIBRARY`` blocks are compiled out (``-DLB_NO_LIB``) so that
@@ -11,7 +12,9 @@ small-batch integer GEMM ``qgemm_i8`` on ``M`` rows, on SmolLM2's and a 1B LLaMA
 round robin within every round, so a VM whose memory bandwidth drifts (this one: 28-54 GB/s within a minute) moves all
 of them together. Printed per shape: the median microseconds over the rounds and GB/s of codes + scales + zero points;
 the ratio of each revision to the first; the largest output difference relative to the first revision's largest output
-(0 when the sums are the same). ``--sets N`` repeats the whole table, the only honest spread here: single shapes moved
+(0 when the sums are the same). With ``--attention L1,L2,...`` each set also times ``causal_attention`` (fp32, inputs
+laid out as transformers makes them) on SmolLM2's heads (9 over 3 KV heads of 64) and a 1B LLaMA's (32 over 8) at
+those lengths. ``--sets N`` repeats the whole table, the only honest spread here: single shapes moved
 ±30% between sets in the seventh and eighth passes (BENCHMARKS.md). Run it alone.
 """
 
@@ -129,6 +132,33 @@ def time_set(exts: dict, rounds: int, rows_m: int = 1) -> list[dict]:
     return rows
 
 
+ATTENTION_SHAPES = (("smollm2-135m", 9, 3, 64), ("llama-1b", 32, 8, 64))  # (name, heads, kv heads, head dim)
+
+
+def time_attention(exts: dict, rounds: int, lengths: list[int]) -> list[dict]:
+    """``causal_attention`` of every revision on :data:`ATTENTION_SHAPES` at each length, round robin."""
+    revs, rows = list(exts), []
+    for name, heads, kv_heads, dim in ATTENTION_SHAPES:
+        for length in lengths:
+            q, k, v = (torch.randn(1, length, h, dim).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
+            ys = {r: exts[r].causal_attention(q, k, v, dim ** -0.5) for r in revs}
+            ref = ys[revs[0]]
+            diff = max((ys[r] - ref).abs().max().item() for r in revs) / ref.abs().max().item()
+            seconds = {r: [] for r in revs}
+            for _ in range(rounds):
+                for r in revs:
+                    start = time.perf_counter()
+                    exts[r].causal_attention(q, k, v, dim ** -0.5)
+                    seconds[r].append(time.perf_counter() - start)
+            median = {r: statistics.median(seconds[r]) for r in revs}
+            rows.append({"attention": name, "tokens": length, "max_rel_diff": diff,
+                         "ms": {r: median[r] * 1e3 for r in revs},
+                         "ratio_to_first": {r: median[r] / median[revs[0]] for r in revs}})
+            print(f"attention {name} {length} tokens (max rel diff {diff:.1e}): " + "  ".join(
+                f"{r} {median[r] * 1e3:.2f} ms ({rows[-1]['ratio_to_first'][r]:.2f}x)" for r in revs), flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--revs", default="HEAD,WORKTREE", help="comma-separated git revisions; WORKTREE = files on disk")
@@ -136,6 +166,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1, help="activation rows: 1 = the GEMV, more = the small-batch GEMM")
     ap.add_argument("--rounds", type=int, default=41)
     ap.add_argument("--sets", type=int, default=2)
+    ap.add_argument("--attention", default="", help="comma-separated lengths: also time causal_attention")
     ap.add_argument("--work", type=Path, default=None, help="build folder (default: a new temporary folder)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -147,7 +178,10 @@ def main() -> None:
     sets = []
     for s in range(args.sets):
         print(f"set {s + 1} of {args.sets}, {args.threads} thread(s), {args.rounds} rounds", flush=True)
-        sets.append(time_set(exts, args.rounds, args.rows))
+        rows = time_set(exts, args.rounds, args.rows)
+        if args.attention:
+            rows += time_attention(exts, args.rounds, [int(n) for n in args.attention.split(",")])
+        sets.append(rows)
     if args.json:
         args.json.write_text(json.dumps({"revs": revs, "threads": args.threads, "rows": args.rows,
                                          "rounds": args.rounds, "sets": sets}, indent=1))
