@@ -4,7 +4,7 @@ A prompt or an evaluation window attends over its own tokens with the causal mas
 padding; there ``csrc/attention.cpp`` (64 × 64 blocks, online softmax; fp32, or bf16 products into fp32 sums for
 bf16 inputs and under bf16 autocast where the CPU has AVX512-BF16) replaces torch's CPU flash kernel: with AVX-512, on
 SmolLM2's 9 heads of 64 over 512 tokens 3.1 ms against 5.0 ms at 2 threads, over 2,048 tokens 38 (bf16: 22) against
-40-49 ms; with AVX2 (8 lanes) 1.75-1.96x torch's speed at 512 tokens and 1.1x at 1,536, and sequences past 1,536
+40-49 ms; with AVX2 (8 lanes) 1.6-2.0x torch's speed at 512 tokens and 1.1-1.3x at 1,536, and sequences past 1,536
 stay on torch's kernel, which is as fast there (BENCHMARKS.md). Everything
 else — a decode step against a cache, a padding mask, a shorter sliding window, dropout, autograd, torch.compile,
 another device or head size, ``LOWBIT_KERNEL`` other than ``auto`` outside :func:`calibration_attention` — goes to

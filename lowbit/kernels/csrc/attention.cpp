@@ -79,8 +79,8 @@ struct Simd {
   static V max_where(V a, Lanes m, V b) { return _mm256_blendv_ps(a, _mm256_max_ps(a, b), m); }
   static V keep(Lanes m, V x) { return _mm256_and_ps(m, x); }
   // Keeps a loaded vector in its register: without it GCC folds the load into every FMA that reads it (a second
-  // load per FMA), and the score and P V loops ran on the load ports at 0.65x the speed (43 against 66 GFLOP/s,
-  // one thread, 2,048 tokens).
+  // load per FMA), and the score and P V loops ran on the load ports: 43 against 66 GFLOP/s on one thread at 2,048
+  // tokens; at two threads 0.89x the time (BENCHMARKS.md, session 56).
   static void pin(V& x) { __asm__("" : "+x"(x)); }
 };
 #endif
@@ -280,7 +280,7 @@ bool causal_attention_applies(int64_t head_dim) {
 
 // The longest sequence worth sending here: AVX2's 16 registers hold a quarter of AVX-512's sums, and against torch's
 // flash kernel (SmolLM2's and a 1B LLaMA's head shapes, 2 threads, benchmarks/attention.py) this kernel measured
-// 1.75-1.96x its speed at 512 tokens, 1.22-1.30x at 1,024, 1.09-1.14x at 1,536 and 0.92-1.11x at 2,048 on an AVX2
+// 1.58-1.96x its speed at 512 tokens, 1.18-1.42x at 1,024, 1.09-1.28x at 1,536 and 0.92-1.11x at 2,048 on an AVX2
 // CPU (0.86-1.09x at 3,072-4,096); on AVX-512 it led at every length measured.
 int64_t causal_attention_longest() {
 #ifdef __AVX512F__

@@ -236,7 +236,7 @@ void micro_tile(const int8_t* a, int64_t lda, const float* sx, const float* sum,
     __m256i w[NRV];
     for (int j = 0; j < NRV; ++j) {  // kept in registers: GCC otherwise reloads them for the later rows
       w[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(B + u * kColumns + 8 * j));
-      __asm__("" : "+x"(w[j]));  // (4-14% faster: BENCHMARKS.md, session 56)
+      __asm__("" : "+x"(w[j]));  // (0.94x the time at 512 rows: BENCHMARKS.md, session 56)
     }
     for (int m = 0; m < MR; ++m) {
       int32_t four;
