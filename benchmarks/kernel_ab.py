@@ -21,6 +21,7 @@ those lengths. ``--sets N`` repeats the whole table, the only honest spread here
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -99,6 +100,32 @@ def kernel_call(ext, x: torch.Tensor, weight, bits: int, group: int) -> torch.Te
     return ext.qgemm_i8(x, *weight, bits, group, 0)
 
 
+def side_by_side(exts: dict, rounds: int, call, calls: int = 1) -> tuple[float, dict]:
+    """``call(ext, i)`` in every revision: the largest difference of its output (``i = 0``) from the first
+    revision's, relative to the first's largest output, and each revision's median seconds per call over ``rounds``
+    round-robin rounds of ``calls`` calls (``i = 0 .. calls - 1``)."""
+    revs = list(exts)
+    ys = {r: call(exts[r], 0) for r in revs}
+    ref = ys[revs[0]]
+    diff = max((ys[r] - ref).abs().max().item() for r in revs) / ref.abs().max().item()
+    seconds = {r: [] for r in revs}
+    for _ in range(rounds):
+        for r in revs:
+            start = time.perf_counter()
+            for i in range(calls):
+                call(exts[r], i)
+            seconds[r].append((time.perf_counter() - start) / calls)
+    return diff, {r: statistics.median(seconds[r]) for r in revs}
+
+
+def _weight_call(ext, i: int, x: torch.Tensor, weights: list, bits: int, group: int) -> torch.Tensor:
+    return kernel_call(ext, x, weights[i % len(weights)], bits, group)
+
+
+def _attention_call(ext, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return ext.causal_attention(q, k, v, q.shape[-1] ** -0.5)
+
+
 def time_set(exts: dict, rounds: int, rows_m: int = 1) -> list[dict]:
     revs, rows = list(exts), []
     for bits, group in FORMATS:
@@ -110,18 +137,9 @@ def time_set(exts: dict, rounds: int, rows_m: int = 1) -> list[dict]:
             # several copies of a weight larger than the caches, so that every call reads from memory
             weights = [random_weight(n, k, bits, group) for _ in range(1 if n * k < 1e6 else 6)]
             x = torch.randn(k) if rows_m == 1 else torch.randn(rows_m, k)
-            ys = {r: kernel_call(exts[r], x, weights[0], bits, group) for r in revs}
-            ref = ys[revs[0]]
-            diff = max((ys[r] - ref).abs().max().item() for r in revs) / ref.abs().max().item()
-            seconds = {r: [] for r in revs}
-            for _ in range(rounds):
-                for r in revs:
-                    start = time.perf_counter()
-                    for i in range(calls):
-                        kernel_call(exts[r], x, weights[i % len(weights)], bits, group)
-                    seconds[r].append((time.perf_counter() - start) / calls)
+            diff, median = side_by_side(exts, rounds, functools.partial(_weight_call, x=x, weights=weights, bits=bits,
+                                                                        group=group), calls)
             nbytes = weights[0][0].numel() + weights[0][1].numel() * 3
-            median = {r: statistics.median(seconds[r]) for r in revs}
             rows.append({"bits": bits, "group_size": group, "out": n, "in": k, "rows": rows_m, "max_rel_diff": diff,
                          "us": {r: median[r] * 1e6 for r in revs},
                          "gb_per_s": {r: nbytes / median[r] / 1e9 for r in revs},
@@ -141,16 +159,7 @@ def time_attention(exts: dict, rounds: int, lengths: list[int]) -> list[dict]:
     for name, heads, kv_heads, dim in ATTENTION_SHAPES:
         for length in lengths:
             q, k, v = (torch.randn(1, length, h, dim).transpose(1, 2) for h in (heads, kv_heads, kv_heads))
-            ys = {r: exts[r].causal_attention(q, k, v, dim ** -0.5) for r in revs}
-            ref = ys[revs[0]]
-            diff = max((ys[r] - ref).abs().max().item() for r in revs) / ref.abs().max().item()
-            seconds = {r: [] for r in revs}
-            for _ in range(rounds):
-                for r in revs:
-                    start = time.perf_counter()
-                    exts[r].causal_attention(q, k, v, dim ** -0.5)
-                    seconds[r].append(time.perf_counter() - start)
-            median = {r: statistics.median(seconds[r]) for r in revs}
+            diff, median = side_by_side(exts, rounds, functools.partial(_attention_call, q=q, k=k, v=v))
             rows.append({"attention": name, "tokens": length, "max_rel_diff": diff,
                          "ms": {r: median[r] * 1e3 for r in revs},
                          "ratio_to_first": {r: median[r] / median[revs[0]] for r in revs}})
