@@ -8,9 +8,10 @@ checkpoint that is already quantized gets its teacher from the manifest's source
 before training. The student is the real packed model (gradients flow through the packed base) with LoRA
 (Gaussian init, ``B = 0``, so training starts at the base) or LoRMA adapters on every decoder layer.
 
-Calibration: WikiText-2 valid windows (or the recipe's calibration text); the first ``val_ratio`` of them
-validate. Adam; early stopping on the validation loss (every ``eval_every`` optimizer steps, ``patience``
-evaluations without improvement); the best adapters are restored. Adapters a previous step attached under the
+Calibration: WikiText-2 valid windows (or the recipe's calibration text; ``data`` "self": text the float model
+samples itself, "mixed": half each); the first ``val_ratio`` of them validate. Adam; early stopping on the
+validation loss (every ``eval_every`` optimizer steps, ``patience`` evaluations without improvement); the best
+adapters are restored. Adapters a previous step attached under the
 same name (``[loftq(...), rilq]``: LoftQ's SVD of the residual) are trained from where they are instead of new
 Gaussian ones. Beyond the paper, ``scales`` also trains the packed base's scales of every weight with row-wise
 scales (uniform channel- or group-wise, LowRA's block absmax): ``"channel"`` (or ``True``) one multiplier per output row
@@ -65,6 +66,7 @@ from ..adapters import (
     train_channel_scales,
     train_group_scales,
 )
+from ..calibration import generated_windows
 from ..config import StepConfig
 from ..device import CPU
 from ..errors import LowbitError
@@ -94,6 +96,10 @@ class RILQConfig(StepConfig):
     samples: int = 640  # calibration windows (train + validation); the paper uses 320 of 512 tokens
     seq_len: int = 256
     val_ratio: float = 0.2
+    # beyond the paper: what the windows hold. recipe: the recipe's calibration (WikiText-2 valid, --calib-file or
+    # --calib-self); self: text the float model samples itself, whatever the recipe calibrates on; mixed: half each,
+    # shuffled together (training and validation both see both)
+    data: str = "recipe"
     micro_batch: int = 4  # windows per forward pass (one batch, no padding: 35% faster than one at a time)
     grad_accum: int = 1  # micro-batches per optimizer step (an optimizer step sees micro_batch × grad_accum windows)
     max_steps: int = 400  # optimizer steps
@@ -139,6 +145,8 @@ class RILQConfig(StepConfig):
             raise LowbitError(f"RILQ lr must be a positive finite number (or None for the default), got {self.lr!r}")
         if self.scales not in (False, True, "none", "channel", "group"):
             raise LowbitError(f"RILQ scales must be false, channel or group, got {self.scales!r}")
+        if self.data not in ("recipe", "self", "mixed"):
+            raise LowbitError(f"RILQ data must be recipe, self or mixed, got {self.data!r}")
         if self.schedule not in ("constant", "cosine"):
             raise LowbitError(f"RILQ schedule must be constant or cosine, got {self.schedule!r}")
         if self.rank == 0 and self.scales in (False, "none") and not self.codes:
@@ -199,13 +207,20 @@ class RILQ(Step):
         self.teacher_map: tuple | None = None  # the model's residual_map when the teacher was taken
 
     def _windows(self, calib, model: nn.Module) -> torch.Tensor:
-        """``samples`` windows of ``seq_len`` from the recipe's calibration source (``model``: the float model,
-        which samples them itself under ``--calib-self``)."""
+        """``(samples, seq_len)`` token ids from the source ``data`` names (``model``: the float model, which samples
+        them itself for ``self`` / ``mixed`` and under ``--calib-self``)."""
         c = self.config
         if getattr(calib, "tokenizer", None) is None:
             raise LowbitError("RILQ needs calibration text: pass calib=lowbit.Calibration(tokenizer=tok) "
                               "(WikiText-2 valid by default)")
-        return calib.draw(c.samples, c.seq_len, c.seed, model)
+        own = {"recipe": 0, "self": c.samples, "mixed": c.samples // 2}[c.data]
+        parts = [calib.draw(c.samples - own, c.seq_len, c.seed, model)] if own < c.samples else []
+        if own:
+            parts.append(generated_windows(model, calib.tokenizer, own, c.seq_len, c.seed))
+        windows = torch.cat(parts)
+        if len(parts) > 1:  # shuffled together, so the first val_ratio (validation) holds both sources
+            windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(c.seed))]
+        return windows
 
     def prepare(self, model: nn.Module, calib=None) -> None:
         """Cache the teacher's final hidden states from the float model, before any step quantizes it."""

@@ -237,6 +237,28 @@ def test_self_generated_calibration_reaches_rilq(tok):
     assert not torch.equal(step.windows, wikitext)
 
 
+
+def test_data_self_and_mixed_draw_from_the_float_model_whatever_the_recipe_calibrates_on(tok):
+    """data="self": the float model's own text over a WikiText recipe; "mixed": half each, shuffled together."""
+    from lowbit.calibration import generated_windows
+
+    config = RILQConfig(**{**SMALL, "samples": 6, "seq_len": 32, "max_steps": 1, "data": "self"})
+    float_model = tiny_model("llama", max_position_embeddings=2048)
+    calib = lowbit.Calibration(tokenizer=tok)  # WikiText-2 valid
+    step = RILQ(config)
+    step.prepare(float_model, calib)
+    own = generated_windows(float_model, tok, 6, 32, config.seed)
+    assert torch.equal(step.windows, own)
+    mixed = RILQ(RILQConfig(**{**SMALL, "samples": 6, "seq_len": 32, "max_steps": 1, "data": "mixed"}))
+    mixed.prepare(float_model, calib)
+    wikitext = calib.draw(3, 32, config.seed)
+    own = generated_windows(float_model, tok, 3, 32, config.seed)
+    rows = {tuple(w.tolist()) for w in mixed.windows}
+    assert len(mixed.windows) == 6 and rows == {tuple(w.tolist()) for w in torch.cat([wikitext, own])}
+    assert not torch.equal(mixed.windows[:3], wikitext)  # shuffled: validation (the first rows) sees both
+    with pytest.raises(LowbitError, match="data must be recipe, self or mixed"):
+        RILQConfig(data="web")
+
 def test_default_lr_is_5e_4_for_new_adapters_and_2e_3_for_loftq_initialised_ones(tok):
     from lowbit.compensate import LoftQConfig
 
