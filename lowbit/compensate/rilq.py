@@ -11,14 +11,13 @@ before training. The student is the real packed model (gradients flow through th
 Calibration: WikiText-2 valid windows (or the recipe's calibration text; ``data`` "self": text the float model
 samples itself, "mixed": half each); the first ``val_ratio`` of them validate. Adam; early stopping on the
 validation loss (every ``eval_every`` optimizer steps, ``patience`` evaluations without improvement); the best
-adapters are restored. Adapters a previous step attached under the
-same name (``[loftq(...), rilq]``: LoftQ's SVD of the residual) are trained from where they are instead of new
-Gaussian ones. Beyond the paper, ``scales`` also trains the packed base's scales of every weight with row-wise
-scales (uniform channel- or group-wise, LowRA's block absmax): ``"channel"`` (or ``True``) one multiplier per output row
-(:func:`lowbit.adapters.train_channel_scales`, nearly free), ``"group"`` one per quantization group
-(:func:`lowbit.adapters.train_group_scales`: capacity that does not depend on the rank, one more GEMM per layer
-in the backward, folded into the packed scales when training ends); either is stored folded into the packed fp16
-scales (LowRA: its absmax), so it adds no bits.
+adapters are restored. Adapters a previous step attached under the same name (``[loftq(...), rilq]``: LoftQ's SVD
+of the residual) are trained from where they are instead of new Gaussian ones. Beyond the paper, ``scales`` also
+trains the packed base's scales of every weight with row-wise scales (uniform channel- or group-wise, LowRA's
+block absmax): ``"channel"`` (or ``True``) one multiplier per output row (:func:`lowbit.adapters.train_channel_scales`,
+nearly free), ``"group"`` one per quantization group (:func:`lowbit.adapters.train_group_scales`: capacity that
+does not depend on the rank, one more GEMM per layer in the backward, folded into the packed scales when training
+ends); either is stored folded into the packed fp16 scales (LowRA: its absmax), so it adds no bits.
 
 Beyond the paper, the same trainer refines the packed model without adapters (``rank=0``): ``lambda_kl`` adds
 the KL divergence from the float model's next-token distribution (the teacher's logits are the cached final
@@ -214,6 +213,8 @@ class RILQ(Step):
             raise LowbitError("RILQ needs calibration text: pass calib=lowbit.Calibration(tokenizer=tok) "
                               "(WikiText-2 valid by default)")
         own = {"recipe": 0, "self": c.samples, "mixed": c.samples // 2}[c.data]
+        if getattr(calib, "self_generated", False):
+            own = 0  # --calib-self: the recipe's windows are the model's own text already (drawn once, no repeats)
         parts = [calib.draw(c.samples - own, c.seq_len, c.seed, model)] if own < c.samples else []
         if own:
             parts.append(generated_windows(model, calib.tokenizer, own, c.seq_len, c.seed))

@@ -237,7 +237,6 @@ def test_self_generated_calibration_reaches_rilq(tok):
     assert not torch.equal(step.windows, wikitext)
 
 
-
 def test_data_self_and_mixed_draw_from_the_float_model_whatever_the_recipe_calibrates_on(tok):
     """data="self": the float model's own text over a WikiText recipe; "mixed": half each, shuffled together."""
     from lowbit.calibration import generated_windows
@@ -258,6 +257,10 @@ def test_data_self_and_mixed_draw_from_the_float_model_whatever_the_recipe_calib
     assert not torch.equal(mixed.windows[:3], wikitext)  # shuffled: validation (the first rows) sees both
     with pytest.raises(LowbitError, match="data must be recipe, self or mixed"):
         RILQConfig(data="web")
+    under_calib_self = RILQ(RILQConfig(**{**SMALL, "samples": 6, "seq_len": 32, "max_steps": 1, "data": "mixed"}))
+    under_calib_self.prepare(float_model, lowbit.Calibration(tokenizer=tok, self_generated=True))
+    assert torch.equal(under_calib_self.windows, generated_windows(float_model, tok, 6, 32, config.seed))  # no repeats
+
 
 def test_default_lr_is_5e_4_for_new_adapters_and_2e_3_for_loftq_initialised_ones(tok):
     from lowbit.compensate import LoftQConfig
