@@ -370,16 +370,24 @@ class Calibration:
             self.windows = self.draw(self.n, self.seq_len, self.seed, model)
         return self.windows
 
-    def draw(self, n: int, seq_len: int, seed: int, model: nn.Module | None = None) -> torch.Tensor:
+    def draw(self, n: int, seq_len: int, seed: int, model: nn.Module | None = None,
+             own_share: float = 0.0) -> torch.Tensor:
         """``(n, seq_len)`` token ids from this calibration's source, for a step that sizes its own windows (RILQ,
         QUAD): WikiText-2 valid or the given text, or text the float ``model`` samples itself. The one source of
-        calibration windows every step reads, so ``--calib-file`` and ``--calib-self`` reach all of them."""
+        calibration windows every step reads, so ``--calib-file`` and ``--calib-self`` reach all of them.
+        ``own_share``: this fraction of the windows (rounded down) is the model's own text whatever the source,
+        shuffled in with the rest (seeded), so any leading slice holds both."""
         if self.tokenizer is None:
             raise LowbitError("this recipe needs calibration data: pass calib=lowbit.Calibration(tokenizer=tok) "
                               "(WikiText-2 valid by default) or token windows")
-        if self.self_generated:
-            if model is None:
-                raise LowbitError("self-generated calibration needs the float model: call get_windows(model) "
-                                  "before quantizing")
-            return generated_windows(model, self.tokenizer, n, seq_len, seed)
-        return calibration_windows(self.tokenizer, n, seq_len, seed, self.text)
+        own = n if self.self_generated else int(n * own_share)
+        if own and model is None:
+            raise LowbitError("self-generated calibration needs the float model: call get_windows(model) "
+                              "before quantizing")
+        parts = [calibration_windows(self.tokenizer, n - own, seq_len, seed, self.text)] if own < n else []
+        if own:
+            parts.append(generated_windows(model, self.tokenizer, own, seq_len, seed))
+        if len(parts) == 1:
+            return parts[0]
+        windows = torch.cat(parts)
+        return windows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]

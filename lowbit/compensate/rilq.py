@@ -65,7 +65,6 @@ from ..adapters import (
     train_channel_scales,
     train_group_scales,
 )
-from ..calibration import generated_windows
 from ..config import StepConfig
 from ..device import CPU
 from ..errors import LowbitError
@@ -212,16 +211,8 @@ class RILQ(Step):
         if getattr(calib, "tokenizer", None) is None:
             raise LowbitError("RILQ needs calibration text: pass calib=lowbit.Calibration(tokenizer=tok) "
                               "(WikiText-2 valid by default)")
-        own = {"recipe": 0, "self": c.samples, "mixed": c.samples // 2}[c.data]
-        if getattr(calib, "self_generated", False):
-            own = 0  # --calib-self: the recipe's windows are the model's own text already (drawn once, no repeats)
-        parts = [calib.draw(c.samples - own, c.seq_len, c.seed, model)] if own < c.samples else []
-        if own:
-            parts.append(generated_windows(model, calib.tokenizer, own, c.seq_len, c.seed))
-        windows = torch.cat(parts)
-        if len(parts) > 1:  # shuffled together, so the first val_ratio (validation) holds both sources
-            windows = windows[torch.randperm(len(windows), generator=torch.Generator().manual_seed(c.seed))]
-        return windows
+        share = {"recipe": 0.0, "self": 1.0, "mixed": 0.5}[c.data]  # mixed: the first val_ratio holds both
+        return calib.draw(c.samples, c.seq_len, c.seed, model, own_share=share)
 
     def prepare(self, model: nn.Module, calib=None) -> None:
         """Cache the teacher's final hidden states from the float model, before any step quantizes it."""
