@@ -32,6 +32,7 @@ from .models import decoder_blocks
 from .nn.attention import calibration_attention
 from .nn.experts import EXPERT_INPUT
 from .protocol import CALIB_SEQ_LEN, CALIB_WINDOWS
+from .sampling import generated_windows
 from .state import state_of
 
 log = logging.getLogger(__name__)
@@ -52,45 +53,6 @@ def calibration_windows(tokenizer, n: int = CALIB_WINDOWS, seq_len: int = CALIB_
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len, (n,), generator=gen)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
-
-
-def generated_windows(model: nn.Module, tokenizer, n: int = CALIB_WINDOWS, seq_len: int = CALIB_SEQ_LEN, seed: int = 0,
-                      tokens_per_sequence: int = 512, batch: int = 64) -> torch.Tensor:
-    """``(n, seq_len)`` token ids the float ``model`` samples itself: data-free calibration.
-
-    Sequences start at the tokenizer's BOS token and are sampled at temperature 1 (no top-k/top-p, so they
-    follow the model's own distribution), ``tokens_per_sequence`` new tokens each, ``batch`` at a time, in bf16
-    where the CPU has it; they are laid end to end and cut into the windows, so no token repeats. Short
-    sequences keep generation cheap (the KV cache makes each step's cost grow with the length): 64 × 512 tokens
-    take ~3.5 minutes for SmolLM2-135M on 2 cores. Seeded; the global RNG is left as it was."""
-    from .kernels import native_bf16
-
-    start = getattr(tokenizer, "bos_token_id", None)
-    start = getattr(tokenizer, "eos_token_id", None) if start is None else start
-    if start is None:
-        raise LowbitError("self-generated calibration needs a tokenizer with a BOS or EOS token to start from; "
-                          "pass calibration text instead")
-    total = n * seq_len
-    sequences = -(-total // (tokens_per_sequence + 1))
-    device = next(model.parameters()).device
-    out = []
-    with torch.random.fork_rng(devices=[]), torch.inference_mode(), \
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=native_bf16(device)):
-        torch.manual_seed(seed)
-        bar = tqdm(total=sequences * tokens_per_sequence, desc="self-generated calibration", unit="token",
-                   leave=False)
-        for first in range(0, sequences, batch):
-            ids = torch.full((min(batch, sequences - first), 1), start, device=device)
-            seqs = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                                  top_k=0, top_p=1.0, max_new_tokens=tokens_per_sequence,
-                                  min_new_tokens=tokens_per_sequence, pad_token_id=start)
-            out.append(seqs.cpu())
-            bar.update(seqs.shape[0] * tokens_per_sequence)
-        bar.close()
-    release_free_memory()  # the KV cache
-    flat = torch.cat([s.reshape(-1) for s in out])[:total]
-    log.info("calibration: %d windows of %d tokens sampled from the model itself", n, seq_len)
-    return flat.view(n, seq_len)
 
 
 def read_calibration_text(path: str | Path) -> str:

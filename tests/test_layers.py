@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("nn", ("nn",)),
     ("models", ("models", "architectures", "hub", "sharded_source", "summary", "state", "random_models",
                 "native")),
-    ("data", ("data", "hessian", "calibration", "sensitivity", "adapters", "train", "eval")),
+    ("data", ("data", "hessian", "calibration", "sampling", "sensitivity", "adapters", "train", "eval")),
     ("steps", ("steps", "quantizers", "transforms", "compensate")),
     ("recipe", ("presets", "recipe", "targets")),
     ("checkpoints", ("manifest", "io", "streamed", "hf_integration", "export", "export_ct", "export_gguf")),
