@@ -107,7 +107,8 @@ BEST: dict[str, tuple[list[StepConfig], str]] = {
                 "int3 g128 over Hadamard-rotated weights (untied head), GPTQ, block-wise trained group scales, then "
                 "every group scale distilled from the float model (WikiText-2 valid and its own text); "
                 "3.20 bits/weight"),
-    # refine-kl trains LowRA's block absmax as it trains uniform group scales: 53.06 -> 38.27 (BENCHMARKS.md)
+    # refine-kl trains LowRA's block absmax as it trains uniform group scales: 53.06 -> 39.59 on mixed text
+    # (38.27 on WikiText-2 alone; BENCHMARKS.md)
     "best-w2": (PRESETS["lowra-gptq-b2.0"] + PRESETS["refine-kl"],
                 "LowRA mixed 1-4-bit codebooks (2.0 code bits) rounded by GPTQ, Fisher-weighted assignment, then "
                 "every block scale distilled from the float model's next-token distribution (WikiText-2 valid and "
