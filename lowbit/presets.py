@@ -80,13 +80,15 @@ _DISTIL = dict(lambda_model=0.0, lambda_gt=0.0, lambda_kl=1.0)
 # the float model's next-token distributions (KL from the teacher's logits) on 320 windows of 256 tokens (32 held
 # out), 100 steps of 4 windows, then folded into the packed fp16 scales: no bits added. lr 1e-3 (relative change
 # of a scale per Adam step) is a first choice, not scanned. On SmolLM2: GPTQ w4g128 24.58 -> 22.30 (held-out KL
-# 0.213 -> 0.118), LowRA-GPTQ b2.0 53.06 -> 38.27 (1.021 -> 0.709) (BENCHMARKS.md). data="mixed": half the
-# windows are text the float model samples itself, so neither the training nor its held-out choice sees WikiText-2
-# alone. Distilling on WikiText-2 only cost BoolQ 4.5 points against the untrained start at 4 bits and 2.9 at 2;
-# mixed kept it (0.449 against 0.449; 0.602 against 0.590) at a WikiText-2 cost of 0.0 and +1.1 perplexity
-# (21.53 against 21.55-21.62; 39.59 against 38.47), PIQA and ARC-Easy within one standard error (BENCHMARKS.md).
+# 0.213 -> 0.118), LowRA-GPTQ b2.0 53.06 -> 38.27 (1.021 -> 0.709) (BENCHMARKS.md).
 PRESETS["refine-kl"] = [RILQConfig(rank=0, scales="group", **_DISTIL, lr=1e-3, samples=320, val_ratio=0.1,
-                                   max_steps=100, eval_every=20, data="mixed")]
+                                   max_steps=100, eval_every=20)]
+# The same on mixed text: half the windows are text the float model samples itself, so neither the training nor
+# its held-out choice sees WikiText-2 alone. On SmolLM2, against the untrained start's BoolQ, WikiText-2 alone lost
+# 4.5 points at 4 bits and 2.9 at 2 bits, mixed text 0.0 and gained 1.2 (at a WikiText-2 perplexity of 21.53
+# against 21.55-21.62, and 39.59 against 38.47); at 3 bits it lost 7.3 where WikiText-2 alone lost 1.1. best-w4
+# and best-w2 use it; best-w3 does not, nor best-w1.5 (not measured on it) (BENCHMARKS.md "Mixed text at 4 bits").
+PRESETS["refine-kl-mixed"] = [replace(PRESETS["refine-kl"][0], data="mixed")]
 
 # Quantization-aware training (issue 23) after any uniform-int quantizer (gptq-w2g64+qat-kl): the packed codes
 # train through the straight-through estimator, with every group scale, on the same KL distillation as refine-kl
@@ -98,18 +100,17 @@ PRESETS["qat-kl"] = [RILQConfig(rank=0, codes=True, scales="group", **_DISTIL, l
 # One recommended recipe per budget (issue 23). BEST says what each holds and costs; BENCHMARKS.md "Closer to the
 # accuracy limit" has the measured figures.
 BEST: dict[str, tuple[list[StepConfig], str]] = {
-    "best-w4": (PRESETS["rotate"] + PRESETS["blockwise-gptq-w4g128"] + PRESETS["refine-kl"],
+    "best-w4": (PRESETS["rotate"] + PRESETS["blockwise-gptq-w4g128"] + PRESETS["refine-kl-mixed"],
                 "int4 g128 over Hadamard-rotated weights (QuaRot's rotation, no activation quantization; the head "
                 "is untied: one more float table stored), GPTQ, block-wise trained group scales, then every group "
                 "scale distilled from the float model's next-token distribution (on WikiText-2 valid and the "
                 "model's own text); 4.20 bits/weight"),
     "best-w3": (PRESETS["rotate"] + PRESETS["blockwise-gptq-w3g128"] + PRESETS["refine-kl"],
                 "int3 g128 over Hadamard-rotated weights (untied head), GPTQ, block-wise trained group scales, then "
-                "every group scale distilled from the float model (WikiText-2 valid and its own text); "
-                "3.20 bits/weight"),
-    # refine-kl trains LowRA's block absmax as it trains uniform group scales: 53.06 -> 39.59 on mixed text
+                "every group scale distilled from the float model; 3.20 bits/weight"),
+    # the refinement trains LowRA's block absmax as it trains uniform group scales: 53.06 -> 39.59 on mixed text
     # (38.27 on WikiText-2 alone; BENCHMARKS.md)
-    "best-w2": (PRESETS["lowra-gptq-b2.0"] + PRESETS["refine-kl"],
+    "best-w2": (PRESETS["lowra-gptq-b2.0"] + PRESETS["refine-kl-mixed"],
                 "LowRA mixed 1-4-bit codebooks (2.0 code bits) rounded by GPTQ, Fisher-weighted assignment, then "
                 "every block scale distilled from the float model's next-token distribution (WikiText-2 valid and "
                 "the model's own text); 2.37 bits/weight"),
@@ -122,8 +123,8 @@ BEST: dict[str, tuple[list[StepConfig], str]] = {
     # models land lower): 29.59 at 2.7437 (int8 over b2.18: 30.61). Rank 16 in bf16 gained nothing over rank 8
     # (33.61 against 33.46).
     # Its refinement stays on the recipe's text (WikiText-2 valid): with it the adapters met <= 30 (29.59) and lost
-    # no zero-shot accuracy against the start (BoolQ +1.6); refine-kl's mixed text was not measured under adapters.
-    "best-w2-lora": ([LowRAGPTQConfig(budget=2.26), replace(PRESETS["refine-kl"][0], data="recipe")]
+    # no zero-shot accuracy against the start (BoolQ +1.6); mixed text was not measured under adapters.
+    "best-w2-lora": ([LowRAGPTQConfig(budget=2.26)] + PRESETS["refine-kl"]
                      + [RILQConfig(rank=8, adapter_dtype="int4", **_DISTIL)],
                      "LowRA mixed 1-4-bit codebooks at 2.26 code bits rounded by GPTQ, every block scale distilled "
                      "from the float model, then rank-8 LoRA adapters distilled from it, stored in int4; about "
@@ -131,7 +132,7 @@ BEST: dict[str, tuple[list[StepConfig], str]] = {
     # the same refinement at 1.5 code bits: 126.48 -> 68.45 (BENCHMARKS.md)
     "best-w1.5": (PRESETS["lowra-gptq-b1.5"] + PRESETS["refine-kl"],
                   "LowRA mixed 1/2-bit codebooks rounded by GPTQ, Fisher-weighted assignment, then every block "
-                  "scale distilled from the float model (WikiText-2 valid and its own text); 1.84 bits/weight"),
+                  "scale distilled from the float model; 1.84 bits/weight"),
 }
 for _name, (_steps, _) in BEST.items():
     PRESETS[_name] = _steps
