@@ -85,10 +85,10 @@ PRESETS["refine-kl"] = [RILQConfig(rank=0, scales="group", **_DISTIL, lr=1e-3, s
                                    max_steps=100, eval_every=20)]
 # The same on mixed text: half the windows are text the float model samples itself, so neither the training nor
 # its held-out choice sees WikiText-2 alone. On SmolLM2, against an untrained start's BoolQ, WikiText-2 alone lost
-# 4.5 points at 4 bits and 2.9 at 2 bits; mixed text kept it at 4 bits and gained 8.5 over its own start at 2 (at
-# a WikiText-2 perplexity of 21.53 against 21.55-21.62, and 39.59 against 38.47); at 3 bits it lost 7.3 where
-# WikiText-2 alone lost 1.1. BoolQ moves ~7 points between runs of one recipe on this model, so this is thin
-# evidence. best-w4 and best-w2 use it; best-w3 does not, nor best-w1.5 (not measured) (BENCHMARKS.md).
+# 4.5 points at 4 bits and mixed text none (21.53 against 21.55-21.62 perplexity); over one 2-bit start mixed gained
+# 8.5 and WikiText-2 alone 6.3 (39.59 against 38.47); at 3 bits mixed lost 7.3 where WikiText-2 alone lost 1.1.
+# BoolQ moves ~7 points between runs of one recipe on this model, so this is thin evidence. best-w4 and best-w2 use
+# it; best-w3 does not, nor best-w1.5 (not measured) (BENCHMARKS.md "Mixed text at 4 bits").
 PRESETS["refine-kl-mixed"] = [replace(PRESETS["refine-kl"][0], data="mixed")]
 
 # Quantization-aware training (issue 23) after any uniform-int quantizer (gptq-w2g64+qat-kl): the packed codes
