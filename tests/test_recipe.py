@@ -189,8 +189,11 @@ def test_best_w2_lora_distils_the_float_model():
     base, refine = PRESETS["best-w2-lora"][:-1]
     assert (base.step, base.budget) == ("lowra-gptq", 2.26)
     assert dataclasses.replace(base, budget=2.0) == PRESETS["best-w2"][0] and refine == PRESETS["refine-kl"][0]
-    # best-w4 and best-w2 refine on WikiText-2 valid and the float model's own text, half each (measured to keep
-    # BoolQ there); best-w3, best-w1.5 and the adapters' base on the recipe's text
+
+
+def test_best_presets_refine_on_the_text_they_were_measured_on():
+    """best-w4 and best-w2 refine on WikiText-2 valid and the float model's own text, half each (measured to keep
+    BoolQ there); best-w3, best-w1.5 and best-w2-lora's base on the recipe's text (BENCHMARKS.md)."""
     mixed = PRESETS["refine-kl-mixed"][0]
     assert mixed == dataclasses.replace(PRESETS["refine-kl"][0], data="mixed")
     assert PRESETS["refine-kl"][0].data == "recipe"
